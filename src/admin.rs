@@ -1,0 +1,74 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, on a port of their own so that a
+//! backend never reaches them through the proxy port.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use prometheus::{Encoder, Registry, TextEncoder};
+
+/// What the admin endpoints report.
+pub struct Admin {
+    registry: Registry,
+    ready: AtomicBool,
+}
+
+impl Admin {
+    /// Admin endpoints over `registry`; not ready until [`Admin::set_ready`].
+    pub fn new(registry: Registry) -> Admin {
+        Admin {
+            registry,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// `/readyz` answers 200 while `ready`, 503 otherwise (before serving, and while draining,
+    /// so that a load balancer stops sending).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Answers one admin request.
+    pub async fn handle<B>(self: Arc<Self>, request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
+        }
+        Ok(match request.uri().path() {
+            "/metrics" => {
+                let mut body = Vec::with_capacity(16 * 1024);
+                let encoder = TextEncoder::new();
+                match encoder.encode(&self.registry.gather(), &mut body) {
+                    Ok(()) => {
+                        let mut response = Response::new(Full::new(Bytes::from(body)));
+                        response.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            HeaderValue::from_static(prometheus::TEXT_FORMAT),
+                        );
+                        response
+                    }
+                    Err(error) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("metrics could not be encoded: {error}\n"),
+                    ),
+                }
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz\n"),
+        })
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,409 @@
+//! Code exchanges made safe to repeat: identical exchanges in flight share one upstream call,
+//! and definitive answers are remembered for a code's lifetime.
+//!
+//! *Identical* means the same API, appid, credential (`secret`, or `component_appid` +
+//! `component_access_token`) and `js_code`. The key is a 128-bit keyed hash of those with a
+//! random per-process salt: no credential, code or session is ever a map key, and a caller
+//! with another credential has another key, so it goes upstream and gets WeChat's own answer.
+//!
+//! The upstream call runs in a task of its own: the first caller going away does not cancel
+//! it, and its answer is still remembered. Only while the call waits for quota, before
+//! anything is sent, does it stop when every caller has gone.
+//!
+//! Remembered answers live in one map beside the calls in flight, so a lookup is one probe.
+//! Every entry has the same lifetime, so insertion order is expiry order: a FIFO of
+//! (expiry, key) expires entries on time and evicts the oldest when `max_entries` is reached,
+//! with no per-entry timers and no LRU bookkeeping on the read path.
+
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use http::{HeaderValue, StatusCode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::api::Api;
+use crate::config::CodeCacheConfig;
+use crate::dispatch::{Call, CallOutcome, Dispatcher};
+use crate::metrics::Metrics;
+use crate::upstream::UpstreamResponse;
+use crate::wechat::Errcode;
+
+/// Where an exchange's answer came from: the `X-Wxgate-Cache` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// This request made the upstream call.
+    Miss,
+    /// This request waited for an identical call in flight.
+    Coalesced,
+    /// This request got a remembered answer.
+    Hit,
+}
+
+impl CacheStatus {
+    /// The header value.
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheStatus::Miss => "miss",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Hit => "hit",
+        })
+    }
+}
+
+/// The answer of an exchange, shared by everyone who asked.
+#[derive(Debug, Clone)]
+pub enum ExchangeAnswer {
+    /// WeChat's answer (all headers for the caller and its coalesced followers).
+    Upstream(Arc<UpstreamResponse>, Errcode),
+    /// A remembered answer: status, Content-Type and body, byte for byte.
+    Remembered(Remembered),
+    /// The call ended without a WeChat answer.
+    NoAnswer(CallOutcome),
+}
+
+/// The parts of an answer a replay needs, in one allocation: Content-Type then body.
+#[derive(Debug, Clone)]
+pub struct Remembered {
+    status: StatusCode,
+    content_type_len: u16,
+    /// Content-Type bytes followed by the body; copied out of the connection's read buffer
+    /// so that a remembered answer keeps nothing else alive.
+    data: Bytes,
+    expires: Instant,
+}
+
+impl Remembered {
+    fn new(response: &UpstreamResponse, expires: Instant) -> Option<Remembered> {
+        let content_type = response
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map_or(&[][..], |v| v.as_bytes());
+        let content_type_len = u16::try_from(content_type.len()).ok()?;
+        let mut data = Vec::with_capacity(content_type.len() + response.body.len());
+        data.extend_from_slice(content_type);
+        data.extend_from_slice(&response.body);
+        Some(Remembered {
+            status: response.status,
+            content_type_len,
+            data: Bytes::from(data),
+            expires,
+        })
+    }
+
+    /// The upstream status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The upstream Content-Type, if it had one.
+    pub fn content_type(&self) -> Option<HeaderValue> {
+        if self.content_type_len == 0 {
+            return None;
+        }
+        HeaderValue::from_maybe_shared(self.data.slice(..usize::from(self.content_type_len))).ok()
+    }
+
+    /// The upstream body.
+    pub fn body(&self) -> Bytes {
+        self.data.slice(usize::from(self.content_type_len)..)
+    }
+}
+
+/// The credential of an exchange, hashed into its key and never stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// `/sns/jscode2session`: the app secret.
+    Secret(&'a str),
+    /// `/sns/component/jscode2session`: the platform's appid and access token.
+    Component {
+        /// `component_appid`.
+        appid: &'a str,
+        /// `component_access_token`.
+        access_token: &'a str,
+    },
+}
+
+/// A 128-bit keyed hash of (API, appid, credential, js_code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CodeKey(u128);
+
+struct Flight {
+    answer: watch::Sender<Option<ExchangeAnswer>>,
+}
+
+enum Slot {
+    InFlight(Arc<Flight>),
+    Ready(Remembered),
+}
+
+/// The code-exchange coalescer and its remembered answers.
+pub struct CodeExchange {
+    slots: DashMap<CodeKey, Slot>,
+    /// (expiry, key) of every remembered answer, oldest first.
+    expiry: Mutex<VecDeque<(Instant, CodeKey)>>,
+    remembered: AtomicUsize,
+    ttl: Duration,
+    max_entries: usize,
+    salt: (RandomState, RandomState),
+    metrics: Metrics,
+}
+
+impl CodeExchange {
+    /// An empty exchange with `[code_cache]` settings.
+    pub fn new(config: &CodeCacheConfig, metrics: Metrics) -> CodeExchange {
+        CodeExchange {
+            slots: DashMap::new(),
+            expiry: Mutex::new(VecDeque::new()),
+            remembered: AtomicUsize::new(0),
+            ttl: config.ttl,
+            max_entries: config.max_entries,
+            // std's RandomState is SipHash-1-3 with random 128-bit keys, drawn per process.
+            salt: (RandomState::new(), RandomState::new()),
+            metrics,
+        }
+    }
+
+    /// The key of an exchange.
+    pub fn key(&self, api: Api, appid: &str, credential: Credential<'_>, js_code: &str) -> CodeKey {
+        let fields = match credential {
+            Credential::Secret(secret) => (api.index(), appid, secret, "", js_code),
+            Credential::Component {
+                appid: component,
+                access_token,
+            } => (api.index(), appid, component, access_token, js_code),
+        };
+        let high = self.salt.0.hash_one(fields);
+        let low = self.salt.1.hash_one(fields);
+        CodeKey((u128::from(high) << 64) | u128::from(low))
+    }
+
+    /// Answers an exchange: from memory, by joining an identical call in flight, or by
+    /// starting the call in a task of its own.
+    pub async fn exchange(
+        self: &Arc<Self>,
+        key: CodeKey,
+        call: Call,
+        dispatcher: &Arc<Dispatcher>,
+    ) -> (ExchangeAnswer, CacheStatus) {
+        let now = Instant::now();
+        // Read lock first: hits and followers are the common case under duplicates.
+        let existing = match self.slots.get(&key).as_deref() {
+            Some(Slot::Ready(remembered)) if remembered.expires > now => {
+                return (ExchangeAnswer::Remembered(remembered.clone()), CacheStatus::Hit)
+            }
+            Some(Slot::InFlight(flight)) => Some(flight.answer.subscribe()),
+            _ => None,
+        };
+        if let Some(receiver) = existing {
+            return (wait(receiver).await, CacheStatus::Coalesced);
+        }
+        let receiver = match self.slots.entry(key) {
+            Entry::Occupied(mut occupied) => match occupied.get() {
+                Slot::Ready(remembered) if remembered.expires > now => {
+                    return (ExchangeAnswer::Remembered(remembered.clone()), CacheStatus::Hit)
+                }
+                Slot::InFlight(flight) => {
+                    let receiver = flight.answer.subscribe();
+                    drop(occupied);
+                    return (wait(receiver).await, CacheStatus::Coalesced);
+                }
+                Slot::Ready(_) => {
+                    // Expired and not yet swept: the expiry queue's record will find the key
+                    // holding something else and leave it alone.
+                    self.remembered.fetch_sub(1, Ordering::Relaxed);
+                    let (flight, receiver) = Flight::new();
+                    occupied.insert(Slot::InFlight(flight.clone()));
+                    self.spawn_call(key, flight, call, dispatcher.clone());
+                    receiver
+                }
+            },
+            Entry::Vacant(vacant) => {
+                let (flight, receiver) = Flight::new();
+                vacant.insert(Slot::InFlight(flight.clone()));
+                self.spawn_call(key, flight, call, dispatcher.clone());
+                receiver
+            }
+        };
+        self.update_gauge();
+        (wait(receiver).await, CacheStatus::Miss)
+    }
+
+    fn spawn_call(self: &Arc<Self>, key: CodeKey, flight: Arc<Flight>, call: Call, dispatcher: Arc<Dispatcher>) {
+        let exchange = self.clone();
+        tokio::spawn(async move {
+            let gone = || exchange.everyone_gone(key, &flight);
+            let outcome = dispatcher.call(&call, gone).await;
+            let answer = match outcome {
+                CallOutcome::Abandoned => return,
+                CallOutcome::Answered(response, errcode) => {
+                    exchange.settle(key, &flight, &response, errcode);
+                    ExchangeAnswer::Upstream(Arc::new(response), errcode)
+                }
+                other => {
+                    exchange.forget_flight(key, &flight);
+                    ExchangeAnswer::NoAnswer(other)
+                }
+            };
+            // The slot is settled before the answer is published, so a caller that replays
+            // right after receiving it finds the remembered answer.
+            flight.answer.send_replace(Some(answer));
+        });
+    }
+
+    /// Completes when no caller waits for `flight` any more and its slot has been removed.
+    async fn everyone_gone(&self, key: CodeKey, flight: &Arc<Flight>) {
+        loop {
+            flight.answer.closed().await;
+            // A follower subscribes under the shard's read lock; this removal takes the write
+            // lock, so either the follower is counted here or it finds no flight.
+            let removed = self.slots.remove_if(&key, |_, slot| {
+                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.answer.receiver_count() == 0)
+            });
+            if removed.is_some() {
+                self.update_gauge();
+                return;
+            }
+            // Somebody joined meanwhile; wait for them to go too.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    fn settle(&self, key: CodeKey, flight: &Arc<Flight>, response: &UpstreamResponse, errcode: Errcode) {
+        let remembered = is_definitive(response.status, errcode)
+            .then(|| Remembered::new(response, Instant::now() + self.ttl))
+            .flatten();
+        match remembered {
+            Some(remembered) => {
+                let expires = remembered.expires;
+                self.slots.insert(key, Slot::Ready(remembered));
+                self.remembered.fetch_add(1, Ordering::Relaxed);
+                let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+                expiry.push_back((expires, key));
+                self.evict(&mut expiry, Instant::now());
+            }
+            None => self.forget_flight(key, flight),
+        }
+        self.update_gauge();
+    }
+
+    fn forget_flight(&self, key: CodeKey, flight: &Arc<Flight>) {
+        self.slots
+            .remove_if(&key, |_, slot| matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)));
+        self.update_gauge();
+    }
+
+    /// Drops expired answers, and the oldest ones while there are more than `max_entries`.
+    fn evict(&self, expiry: &mut VecDeque<(Instant, CodeKey)>, now: Instant) {
+        while let Some(&(expires, key)) = expiry.front() {
+            let over = self.remembered.load(Ordering::Relaxed) > self.max_entries;
+            if !over && expires > now {
+                break;
+            }
+            expiry.pop_front();
+            let removed = self.slots.remove_if(&key, |_, slot| {
+                matches!(slot, Slot::Ready(r) if r.expires == expires)
+            });
+            if removed.is_some() {
+                self.remembered.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops expired answers; run on a timer so that answers nobody reads again still go.
+    pub fn expire(&self) {
+        let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
+        self.evict(&mut expiry, Instant::now());
+        drop(expiry);
+        self.update_gauge();
+    }
+
+    /// Answers remembered right now.
+    pub fn remembered(&self) -> usize {
+        self.remembered.load(Ordering::Relaxed)
+    }
+
+    fn update_gauge(&self) {
+        self.metrics
+            .code_cache_entries
+            .set(self.remembered() as i64);
+    }
+}
+
+impl Flight {
+    fn new() -> (Arc<Flight>, watch::Receiver<Option<ExchangeAnswer>>) {
+        let (answer, receiver) = watch::channel(None);
+        (Arc::new(Flight { answer }), receiver)
+    }
+}
+
+async fn wait(mut receiver: watch::Receiver<Option<ExchangeAnswer>>) -> ExchangeAnswer {
+    match receiver.wait_for(Option::is_some).await {
+        Ok(answer) => answer.clone().unwrap_or(ExchangeAnswer::NoAnswer(CallOutcome::Abandoned)),
+        // The task ended without an answer: only possible if it panicked.
+        Err(_) => ExchangeAnswer::NoAnswer(CallOutcome::Abandoned),
+    }
+}
+
+/// Answers the same code will always get: success, invalid code, code used, risky user.
+/// Transient ones (-1, 45011, 45009, 5xx, no answer) are never remembered.
+pub fn is_definitive(status: StatusCode, errcode: Errcode) -> bool {
+    status == StatusCode::OK
+        && matches!(
+            errcode,
+            Errcode::Success | Errcode::Code(40029) | Errcode::Code(40163) | Errcode::Code(40226)
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_by_every_field_and_are_stable() {
+        let registry = prometheus::Registry::new();
+        let exchange = CodeExchange::new(
+            &crate::Config::default().code_cache,
+            Metrics::new(&registry).unwrap(),
+        );
+        let base = exchange.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code");
+        assert_eq!(
+            base,
+            exchange.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code")
+        );
+        for other in [
+            exchange.key(Api::JsCode2Session, "wxb", Credential::Secret("s"), "code"),
+            exchange.key(Api::JsCode2Session, "wxa", Credential::Secret("t"), "code"),
+            exchange.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code2"),
+            exchange.key(Api::JsCode2Session, "wxas", Credential::Secret(""), "code"),
+            exchange.key(
+                Api::ComponentJsCode2Session,
+                "wxa",
+                Credential::Component {
+                    appid: "s",
+                    access_token: "",
+                },
+                "code",
+            ),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
+
+    #[test]
+    fn definitive_answers() {
+        assert!(is_definitive(StatusCode::OK, Errcode::Success));
+        assert!(is_definitive(StatusCode::OK, Errcode::Code(40163)));
+        assert!(!is_definitive(StatusCode::OK, Errcode::Code(-1)));
+        assert!(!is_definitive(StatusCode::OK, Errcode::Code(45011)));
+        assert!(!is_definitive(StatusCode::OK, Errcode::Code(45009)));
+        assert!(!is_definitive(StatusCode::BAD_GATEWAY, Errcode::Success));
+        assert!(!is_definitive(StatusCode::OK, Errcode::NotJson));
+    }
+}

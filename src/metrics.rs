@@ -1,0 +1,342 @@
+//! wxgate's Prometheus metrics: one struct of handles registered against a registry that is
+//! passed in (no global registry, so several proxies in one test process do not collide).
+//!
+//! Every label value comes from a bounded set ([`Api`], [`Outcome`], the errcode labels of
+//! [`crate::wechat`], [`RetryReason`], [`TransportError`]), and every series is created at
+//! start-up, so a dashboard sees zeros rather than gaps and the hot path indexes an array
+//! instead of hashing label values.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
+};
+
+use crate::api::Api;
+use crate::upstream::TransportError;
+use crate::wechat::{errcode_labels, Errcode};
+
+/// How a client request was answered: the `outcome` label of `wxgate_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Upstream answered (any status, any errcode).
+    Forwarded,
+    /// A remembered code-exchange answer was replayed.
+    CacheHit,
+    /// The request waited for an identical exchange in flight and got its answer.
+    Coalesced,
+    /// wxgate answered 45011 itself: the request could not get its quota turn in time.
+    LocalLimit,
+    /// wxgate refused the request itself (bad parameters, oversize body, unroutable target).
+    Rejected,
+    /// Upstream gave no answer: wxgate answered 502 or 504.
+    UpstreamError,
+}
+
+impl Outcome {
+    /// Every value, in label order.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Forwarded,
+        Outcome::CacheHit,
+        Outcome::Coalesced,
+        Outcome::LocalLimit,
+        Outcome::Rejected,
+        Outcome::UpstreamError,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Coalesced => "coalesced",
+            Outcome::LocalLimit => "local_limit",
+            Outcome::Rejected => "rejected",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+/// Why an upstream call was sent again: the `reason` label of `wxgate_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// Upstream answered 45011; the call was held to the next window.
+    MinuteQuota,
+    /// Upstream answered -1.
+    SystemBusy,
+    /// The connection could not be opened (nothing was sent).
+    Transport,
+}
+
+impl RetryReason {
+    /// Every value, in label order.
+    pub const ALL: [RetryReason; 3] = [
+        RetryReason::MinuteQuota,
+        RetryReason::SystemBusy,
+        RetryReason::Transport,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryReason::MinuteQuota => "minute_quota",
+            RetryReason::SystemBusy => "system_busy",
+            RetryReason::Transport => "transport",
+        }
+    }
+}
+
+/// Latency buckets in seconds. The low end resolves the sub-millisecond cost of a cache hit
+/// or a loopback upstream; the high end covers requests held across a 45011 into the next
+/// minute (`retry.max_hold_ms`, 65 s by default).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+/// Quota-wait buckets in seconds: most requests never wait (they are not observed at all);
+/// those that do wait anything from a token's spacing (milliseconds) to `max_wait_ms`.
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// The handles of every wxgate metric.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: Vec<IntCounter>,
+    upstream_requests: Vec<Vec<IntCounter>>,
+    transport_errors: Vec<IntCounter>,
+    request_duration: Vec<Histogram>,
+    upstream_duration: Vec<Histogram>,
+    quota_wait: Vec<Histogram>,
+    quota_exceeded: Vec<IntCounter>,
+    retries: Vec<IntCounter>,
+    /// Client requests being answered right now.
+    pub inflight: IntGauge,
+    /// Code-exchange answers remembered right now.
+    pub code_cache_entries: IntGauge,
+    /// (appid, API) pairs with quota state right now.
+    pub quota_keys: IntGauge,
+}
+
+impl Metrics {
+    /// Creates every series and registers it with `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<Metrics> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "wxgate_requests_total",
+                "Client requests answered, by API and by how they were answered.",
+            ),
+            &["api", "outcome"],
+        )?;
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "wxgate_upstream_requests_total",
+                "Calls sent to WeChat that got an answer, retries included, by the errcode of the answer.",
+            ),
+            &["api", "errcode"],
+        )?;
+        let transport_errors = IntCounterVec::new(
+            Opts::new(
+                "wxgate_upstream_transport_errors_total",
+                "Calls sent to WeChat that got no answer, by reason.",
+            ),
+            &["api", "reason"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "wxgate_request_duration_seconds",
+                "Time from a client request's arrival to its answer.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        )?;
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "wxgate_upstream_duration_seconds",
+                "Time of one call to WeChat, from sending to the whole answer.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["api"],
+        )?;
+        let quota_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "wxgate_quota_wait_seconds",
+                "Time a call waited for its turn in the quota (calls that did not wait are not observed).",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+            &["api"],
+        )?;
+        let quota_exceeded = IntCounterVec::new(
+            Opts::new(
+                "wxgate_upstream_quota_exceeded_total",
+                "45011 answers received from WeChat.",
+            ),
+            &["api"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "wxgate_retries_total",
+                "Calls sent to WeChat again, by reason.",
+            ),
+            &["api", "reason"],
+        )?;
+        let inflight = IntGauge::new(
+            "wxgate_inflight_requests",
+            "Client requests being answered right now.",
+        )?;
+        let code_cache_entries = IntGauge::new(
+            "wxgate_code_cache_entries",
+            "Code-exchange answers remembered right now.",
+        )?;
+        let quota_keys = IntGauge::new(
+            "wxgate_quota_keys",
+            "(appid, API) pairs that have quota state right now.",
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new("wxgate_build_info", "Always 1; the version label says which wxgate runs."),
+            &["version"],
+        )?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(upstream_requests.clone()))?;
+        registry.register(Box::new(transport_errors.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(upstream_duration.clone()))?;
+        registry.register(Box::new(quota_wait.clone()))?;
+        registry.register(Box::new(quota_exceeded.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(code_cache_entries.clone()))?;
+        registry.register(Box::new(quota_keys.clone()))?;
+        registry.register(Box::new(build_info))?;
+
+        let per_api = |f: &dyn Fn(&'static str) -> Vec<IntCounter>| -> Vec<Vec<IntCounter>> {
+            Api::ALL.iter().map(|api| f(api.label())).collect()
+        };
+        Ok(Metrics {
+            requests: per_api(&|api| {
+                Outcome::ALL
+                    .iter()
+                    .map(|o| requests.with_label_values(&[api, o.label()]))
+                    .collect()
+            })
+            .concat(),
+            upstream_requests: per_api(&|api| {
+                errcode_labels()
+                    .map(|code| upstream_requests.with_label_values(&[api, code]))
+                    .collect()
+            }),
+            transport_errors: per_api(&|api| {
+                TransportError::ALL
+                    .iter()
+                    .map(|e| transport_errors.with_label_values(&[api, e.label()]))
+                    .collect()
+            })
+            .concat(),
+            request_duration: Api::ALL
+                .iter()
+                .map(|api| request_duration.with_label_values(&[api.label()]))
+                .collect(),
+            upstream_duration: Api::ALL
+                .iter()
+                .map(|api| upstream_duration.with_label_values(&[api.label()]))
+                .collect(),
+            quota_wait: Api::ALL
+                .iter()
+                .map(|api| quota_wait.with_label_values(&[api.label()]))
+                .collect(),
+            quota_exceeded: Api::ALL
+                .iter()
+                .map(|api| quota_exceeded.with_label_values(&[api.label()]))
+                .collect(),
+            retries: per_api(&|api| {
+                RetryReason::ALL
+                    .iter()
+                    .map(|r| retries.with_label_values(&[api, r.label()]))
+                    .collect()
+            })
+            .concat(),
+            inflight,
+            code_cache_entries,
+            quota_keys,
+        })
+    }
+
+    /// A client request was answered.
+    pub fn request(&self, api: Api, outcome: Outcome, seconds: f64) {
+        let index = api.index() * Outcome::ALL.len() + outcome as usize;
+        self.requests[index].inc();
+        self.request_duration[api.index()].observe(seconds);
+    }
+
+    /// An upstream call got an answer.
+    pub fn upstream_answer(&self, api: Api, errcode: Errcode, seconds: f64) {
+        let label = errcode.label();
+        let position = errcode_labels()
+            .position(|known| known == label)
+            .unwrap_or(2);
+        self.upstream_requests[api.index()][position].inc();
+        self.upstream_duration[api.index()].observe(seconds);
+        if errcode == Errcode::Code(crate::wechat::MINUTE_QUOTA) {
+            self.quota_exceeded[api.index()].inc();
+        }
+    }
+
+    /// An upstream call got no answer.
+    pub fn upstream_failure(&self, api: Api, error: TransportError, seconds: f64) {
+        let index = api.index() * TransportError::ALL.len() + error as usize;
+        self.transport_errors[index].inc();
+        self.upstream_duration[api.index()].observe(seconds);
+    }
+
+    /// A call waited this long for its quota turn.
+    pub fn quota_wait(&self, api: Api, seconds: f64) {
+        self.quota_wait[api.index()].observe(seconds);
+    }
+
+    /// A call is sent upstream again.
+    pub fn retry(&self, api: Api, reason: RetryReason) {
+        let index = api.index() * RetryReason::ALL.len() + reason as usize;
+        self.retries[index].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Encoder;
+
+    #[test]
+    fn series_exist_from_the_start_and_count() {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        metrics.request(Api::JsCode2Session, Outcome::CacheHit, 0.001);
+        metrics.upstream_answer(Api::Token, Errcode::Code(45011), 0.01);
+        metrics.upstream_answer(Api::Token, Errcode::Code(99999), 0.01);
+        metrics.retry(Api::Token, RetryReason::MinuteQuota);
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.contains(
+            "wxgate_requests_total{api=\"/sns/jscode2session\",outcome=\"cache_hit\"} 1"
+        ));
+        assert!(text.contains("wxgate_requests_total{api=\"other\",outcome=\"forwarded\"} 0"));
+        assert!(text.contains(
+            "wxgate_upstream_requests_total{api=\"/cgi-bin/token\",errcode=\"45011\"} 1"
+        ));
+        assert!(text.contains(
+            "wxgate_upstream_requests_total{api=\"/cgi-bin/token\",errcode=\"other\"} 1"
+        ));
+        assert!(text.contains("wxgate_upstream_quota_exceeded_total{api=\"/cgi-bin/token\"} 1"));
+        assert!(text.contains(
+            "wxgate_retries_total{api=\"/cgi-bin/token\",reason=\"minute_quota\"} 1"
+        ));
+        // Two proxies in one process do not collide.
+        Metrics::new(&Registry::new()).unwrap();
+    }
+}

@@ -1,0 +1,469 @@
+//! Per-(appid, API) minute quotas: governor's keyed GCRA limiter behind a first-come,
+//! first-served wait queue, and a pause that follows WeChat's own 45011.
+//!
+//! # The bound
+//! governor's GCRA with emission interval `T` and burst `b` admits at most `b + L/T − 1`
+//! calls in any half-open span of length `L` (`b` at once, then one every `T`). wxgate picks
+//! `T = window / (per_window − b + 1)` (rounded up to the nanosecond), so any span of one
+//! window, calendar-aligned or not, admits at most `per_window` calls: retries go through the
+//! same limiter, so they are included. (`Quota::per_minute(N)` alone would admit `2N − 1`.)
+//! Under sustained overload a window admits `per_window − b + 1` calls, 91 % of the quota with
+//! the default burst of 10 %.
+//!
+//! # The queue
+//! A call that finds no token joins its key's *lane*, a fair (FIFO) `tokio::sync::Mutex`:
+//! only the lane's head sleeps until governor's next token, so a returning token wakes one
+//! waiter, not all of them. A waiter whose client goes away is dropped from the lane by
+//! tokio and never reaches upstream. While a key has a lane, newcomers queue behind it
+//! rather than overtaking the waiters.
+//!
+//! # The pause
+//! When WeChat answers 45011 anyway, the key is paused until the start of WeChat's next
+//! window (see [`next_window_start`]); the lane's head sleeps through the pause, so the calls
+//! behind it do not reach upstream either.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::{Quota, RateLimiter};
+use tokio::time::Instant;
+
+use crate::api::Api;
+use crate::config::{QuotaConfig, QuotaLimit};
+
+/// What a quota is kept for: one API of one appid.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuotaKey {
+    /// The API called.
+    pub api: Api,
+    /// The mini program (or platform) whose quota it spends.
+    pub appid: Box<str>,
+}
+
+impl QuotaKey {
+    /// A key for `appid` calling `api`.
+    pub fn new(api: Api, appid: &str) -> QuotaKey {
+        QuotaKey {
+            api,
+            appid: appid.into(),
+        }
+    }
+}
+
+/// A call could not get its turn before its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// When trying again has a chance: the `Retry-After` of the local 45011.
+    pub retry_after: Duration,
+}
+
+type KeyedLimiter<C> =
+    RateLimiter<QuotaKey, DashMapStateStore<QuotaKey>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// All (appid, API) pairs that share one [`QuotaLimit`] share one keyed limiter.
+struct LimitClass<C: Clock> {
+    limit: QuotaLimit,
+    interval: Duration,
+    limiter: KeyedLimiter<C>,
+}
+
+/// The waiters of one key, and the pause WeChat asked for. Exists only while a key has
+/// waiters or a pause, so the fast path of an uncontended key is one map miss.
+#[derive(Default)]
+struct Lane {
+    turn: tokio::sync::Mutex<()>,
+    waiting: AtomicUsize,
+    paused_until: Mutex<Option<Instant>>,
+}
+
+impl Lane {
+    fn pause_end(&self) -> Option<Instant> {
+        *self.paused_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The quota of every (appid, API) pair.
+pub struct QuotaGate<C: Clock = TokioClock> {
+    window: Duration,
+    classes: Vec<LimitClass<C>>,
+    class_of_api: [usize; Api::COUNT],
+    class_of_appid: HashMap<Box<str>, usize>,
+    lanes: DashMap<QuotaKey, Arc<Lane>>,
+    clock: C,
+}
+
+/// governor's clock read from tokio's, so that the limiter and the sleeps of the queue agree
+/// (and tests that pause tokio's clock pause the limiter's too).
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start: Instant,
+}
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        TokioClock {
+            start: Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+impl QuotaGate<TokioClock> {
+    /// A gate on tokio's clock.
+    pub fn new(config: &QuotaConfig) -> QuotaGate<TokioClock> {
+        QuotaGate::with_clock(config, TokioClock::default())
+    }
+}
+
+impl<C: Clock + Clone> QuotaGate<C> {
+    /// A gate on any governor clock (tests use `FakeRelativeClock`).
+    pub fn with_clock(config: &QuotaConfig, clock: C) -> QuotaGate<C> {
+        let mut classes: Vec<LimitClass<C>> = Vec::new();
+        let mut class_for = |limit: QuotaLimit| -> usize {
+            if let Some(i) = classes.iter().position(|c| c.limit == limit) {
+                return i;
+            }
+            let interval = emission_interval(config.window, limit);
+            let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+            let quota = Quota::with_period(interval)
+                .expect("the interval is at least one nanosecond")
+                .allow_burst(burst);
+            classes.push(LimitClass {
+                limit,
+                interval,
+                limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
+            });
+            classes.len() - 1
+        };
+        let default_class = class_for(config.default);
+        let mut class_of_api = [default_class; Api::COUNT];
+        for (api, limit) in &config.apis {
+            class_of_api[api.index()] = class_for(*limit);
+        }
+        let class_of_appid = config
+            .appids
+            .iter()
+            .map(|(appid, limit)| (appid.as_str().into(), class_for(*limit)))
+            .collect();
+        QuotaGate {
+            window: config.window,
+            classes,
+            class_of_api,
+            class_of_appid,
+            lanes: DashMap::new(),
+            clock,
+        }
+    }
+
+    fn class(&self, key: &QuotaKey) -> &LimitClass<C> {
+        let index = self
+            .class_of_appid
+            .get(&key.appid)
+            .copied()
+            .unwrap_or(self.class_of_api[key.api.index()]);
+        &self.classes[index]
+    }
+
+    /// The quota that applies to `key`.
+    pub fn limit(&self, key: &QuotaKey) -> QuotaLimit {
+        self.class(key).limit
+    }
+
+    /// Takes a token if one is there now; otherwise says how long until the next one.
+    /// Ignores the queue and the pause: [`QuotaGate::acquire`] is what calls use.
+    pub fn try_take(&self, key: &QuotaKey) -> Result<(), Duration> {
+        self.class(key)
+            .limiter
+            .check_key(key)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.
+    ///
+    /// Cancel-safe: dropping the future leaves the queue and spends no token.
+    pub async fn acquire(&self, key: &QuotaKey, deadline: Instant) -> Result<Duration, Refused> {
+        // Fast path: nobody waiting, no pause, a token at hand.
+        if !self.lanes.contains_key(key) && self.try_take(key).is_ok() {
+            return Ok(Duration::ZERO);
+        }
+        let started = Instant::now();
+        let lane = self.lanes.entry(key.clone()).or_default().clone();
+        lane.waiting.fetch_add(1, Ordering::Relaxed);
+        let result = self.wait_in_lane(key, &lane, deadline).await;
+        lane.waiting.fetch_sub(1, Ordering::Relaxed);
+        drop(lane);
+        self.forget_lane_if_idle(key);
+        result.map(|()| started.elapsed())
+    }
+
+    async fn wait_in_lane(&self, key: &QuotaKey, lane: &Lane, deadline: Instant) -> Result<(), Refused> {
+        let refused = || Refused {
+            retry_after: self.retry_after(key, lane),
+        };
+        let Ok(_turn) = tokio::time::timeout_at(deadline, lane.turn.lock()).await else {
+            return Err(refused());
+        };
+        // This call is the head of the lane now.
+        loop {
+            if let Some(until) = lane.pause_end() {
+                if until > Instant::now() {
+                    if until > deadline {
+                        return Err(refused());
+                    }
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                }
+            }
+            match self.try_take(key) {
+                Ok(()) => return Ok(()),
+                Err(wait) => {
+                    let ready_at = Instant::now() + wait;
+                    if ready_at > deadline {
+                        return Err(refused());
+                    }
+                    tokio::time::sleep_until(ready_at).await;
+                }
+            }
+        }
+    }
+
+    /// A guess for `Retry-After`: the time for everyone queued ahead to get a token, or the
+    /// pause, whichever is later; at least a second, at most a window.
+    fn retry_after(&self, key: &QuotaKey, lane: &Lane) -> Duration {
+        let queued = lane.waiting.load(Ordering::Relaxed) as u32;
+        let mut wait = self.class(key).interval.saturating_mul(queued.max(1));
+        if let Some(until) = lane.pause_end() {
+            wait = wait.max(until.saturating_duration_since(Instant::now()));
+        }
+        wait.clamp(Duration::from_secs(1), self.window.max(Duration::from_secs(1)))
+    }
+
+    /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
+    pub fn pause(&self, key: &QuotaKey, until: Instant) {
+        let lane = self.lanes.entry(key.clone()).or_default().clone();
+        let mut paused = lane.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.is_none_or(|current| current < until) {
+            *paused = Some(until);
+        }
+    }
+
+    fn forget_lane_if_idle(&self, key: &QuotaKey) {
+        let now = Instant::now();
+        // The map holds one reference; any other belongs to a call still using the lane. The
+        // check runs under the shard's write lock, so no call can pick the lane up meanwhile.
+        self.lanes.remove_if(key, |_, lane| {
+            Arc::strong_count(lane) == 1 && lane.pause_end().is_none_or(|until| until <= now)
+        });
+    }
+
+    /// Drops the state of keys that have been idle long enough to have a full bucket again,
+    /// and lanes whose pause is over; run on a timer so that many appids stay cheap.
+    pub fn retain_recent(&self) {
+        for class in &self.classes {
+            class.limiter.retain_recent();
+            class.limiter.shrink_to_fit();
+        }
+        let now = Instant::now();
+        self.lanes.retain(|_, lane| {
+            Arc::strong_count(lane) > 1 || lane.pause_end().is_some_and(|until| until > now)
+        });
+    }
+
+    /// Keys with quota state (an estimate while calls are running).
+    pub fn len(&self) -> usize {
+        self.classes.iter().map(|c| c.limiter.len()).sum()
+    }
+
+    /// Whether no key has quota state.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The window length.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+}
+
+/// `window / (per_window − burst + 1)`, rounded up to the nanosecond so that a window never
+/// holds one call too many.
+pub fn emission_interval(window: Duration, limit: QuotaLimit) -> Duration {
+    let spaced = u128::from(limit.per_window.saturating_sub(limit.burst)) + 1;
+    let nanos = window.as_nanos().div_ceil(spaced).max(1);
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// How long until WeChat's next window begins: windows are aligned to multiples of the
+/// window length since the UNIX epoch, as WeChat counts calendar minutes.
+pub fn next_window_start(window: Duration) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let window = window.as_nanos().max(1);
+    let next = (now / window + 1) * window;
+    Duration::from_nanos(u64::try_from(next - now).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn config(window_secs: u64, per_window: u32, burst: u32) -> QuotaConfig {
+        let text = format!(
+            "[quota]\nwindow_secs = {window_secs}\nper_window = {per_window}\nburst = {burst}\n"
+        );
+        crate::Config::from_toml_str(&text).unwrap().quota
+    }
+
+    /// Most calls admitted in any half-open span `[t, t + window)`, by a sliding scan.
+    fn max_in_any_window(admitted_ms: &[u64], window_ms: u64) -> usize {
+        let mut best = 0;
+        let mut start = 0;
+        for end in 0..admitted_ms.len() {
+            while admitted_ms[end] - admitted_ms[start] >= window_ms {
+                start += 1;
+            }
+            best = best.max(end - start + 1);
+        }
+        best
+    }
+
+    /// The bound, proved on a fake clock: a client that tries every millisecond for several
+    /// windows never gets more than `per_window` into any window, and still gets at least
+    /// 90 % of the quota of every whole window.
+    #[test]
+    fn no_window_ever_holds_more_than_per_window() {
+        for (per_window, burst) in [(100, 10), (100, 1), (100, 100), (7, 3), (60, 6), (1, 1)] {
+            let window_ms = 60_000;
+            let clock = FakeRelativeClock::default();
+            let gate = QuotaGate::with_clock(&config(60, per_window, burst), clock.clone());
+            let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1");
+            let mut admitted = Vec::new();
+            for ms in 0..(5 * window_ms) {
+                if gate.try_take(&key).is_ok() {
+                    admitted.push(ms);
+                }
+                clock.advance(Duration::from_millis(1));
+            }
+            let most = max_in_any_window(&admitted, window_ms);
+            assert!(
+                most <= per_window as usize,
+                "per_window {per_window} burst {burst}: {most} calls in one window"
+            );
+            // Every aligned window after the first uses the quota.
+            for w in 1..5 {
+                let in_window = admitted
+                    .iter()
+                    .filter(|&&ms| ms >= w * window_ms && ms < (w + 1) * window_ms)
+                    .count();
+                let expected = per_window - burst + 1;
+                assert!(
+                    in_window + 1 >= expected as usize,
+                    "per_window {per_window} burst {burst}: window {w} admitted {in_window}"
+                );
+            }
+            if burst * 10 <= per_window {
+                let steady = (per_window - burst + 1) as f64 / per_window as f64;
+                assert!(steady >= 0.9, "{steady}");
+            }
+        }
+    }
+
+    #[test]
+    fn keys_are_independent_and_overrides_apply() {
+        let mut quota = config(60, 10, 10);
+        quota.appids.insert(
+            "wx00000000000000b2".into(),
+            QuotaLimit {
+                per_window: 2,
+                burst: 2,
+            },
+        );
+        let gate = QuotaGate::with_clock(&quota, FakeRelativeClock::default());
+        let a = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1");
+        let a_token = QuotaKey::new(Api::Token, "wx00000000000000a1");
+        let b = QuotaKey::new(Api::JsCode2Session, "wx00000000000000b2");
+        for _ in 0..10 {
+            assert!(gate.try_take(&a).is_ok());
+        }
+        assert!(gate.try_take(&a).is_err());
+        assert!(gate.try_take(&a_token).is_ok());
+        assert!(gate.try_take(&b).is_ok());
+        assert!(gate.try_take(&b).is_ok());
+        assert!(gate.try_take(&b).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_are_served_in_order_and_refused_after_their_deadline() {
+        // 2 per 2 s, no burst: one token every second.
+        let gate = Arc::new(QuotaGate::new(&config(2, 2, 1)));
+        let key = QuotaKey::new(Api::Token, "wx00000000000000a1");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        assert_eq!(gate.acquire(&key, deadline).await, Ok(Duration::ZERO));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 0..3 {
+            let gate = gate.clone();
+            let key = key.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                gate.acquire(&key, deadline).await.unwrap();
+                tx.send(i).unwrap();
+            });
+            tokio::task::yield_now().await;
+        }
+        for expected in 0..3 {
+            assert_eq!(rx.recv().await, Some(expected));
+        }
+        let refused = gate
+            .acquire(&key, Instant::now() + Duration::from_millis(10))
+            .await
+            .unwrap_err();
+        assert!(refused.retry_after >= Duration::from_secs(1));
+        gate.retain_recent();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_holds_the_key() {
+        let gate = QuotaGate::new(&config(60, 100, 10));
+        let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1");
+        let until = Instant::now() + Duration::from_secs(5);
+        gate.pause(&key, until);
+        let waited = gate
+            .acquire(&key, Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(waited >= Duration::from_secs(5), "{waited:?}");
+        assert!(gate
+            .acquire(&key, Instant::now() + Duration::from_secs(1))
+            .await
+            .is_ok());
+        gate.pause(&key, Instant::now() + Duration::from_secs(30));
+        assert!(gate
+            .acquire(&key, Instant::now() + Duration::from_secs(1))
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn next_window_start_is_within_a_window() {
+        let until = next_window_start(Duration::from_secs(60));
+        assert!(until > Duration::ZERO && until <= Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,222 @@
+//! WeChat's answer format: reading the `errcode` of an upstream body and writing wxgate's own
+//! answers in the shape WeChat clients parse.
+//!
+//! WeChat answers errors with HTTP 200 and `{"errcode":N,"errmsg":"…"}`; successes carry no
+//! `errcode` (or `0`). Some documentation shows `errcode` as a string, so it is read leniently.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use serde::Deserialize;
+
+/// The Content-Type WeChat uses for JSON, and that wxgate uses for its own answers.
+pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
+
+/// `-1`: system busy; worth another try.
+pub const SYSTEM_BUSY: i64 = -1;
+/// `45011`: minute quota reached; the call was not executed.
+pub const MINUTE_QUOTA: i64 = 45011;
+/// `45009`: daily quota reached; not worth retrying today.
+pub const DAILY_QUOTA: i64 = 45009;
+
+/// `40097`: invalid arguments; wxgate's answer to a request it cannot read.
+pub const INVALID_ARGS: i64 = 40097;
+/// `47001`: data format error; wxgate's answer to a body it will not forward.
+pub const DATA_FORMAT_ERROR: i64 = 47001;
+
+/// The errmsg of wxgate's own 45011, worded like WeChat's so SDKs that match it still do.
+pub const LOCAL_QUOTA_ERRMSG: &str =
+    "api minute-quota reach limit, must slower, retry next minute (wxgate: local quota)";
+
+/// What an upstream body says about the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Errcode {
+    /// A JSON object without `errcode`, or with `errcode` 0.
+    Success,
+    /// A JSON object with a non-zero `errcode`.
+    Code(i64),
+    /// Not a JSON object (or an `errcode` that is not a number).
+    NotJson,
+}
+
+impl Errcode {
+    /// Reads the `errcode` of a body; a success body has none.
+    pub fn of(body: &[u8]) -> Errcode {
+        #[derive(Deserialize)]
+        struct Probe {
+            #[serde(default)]
+            errcode: Option<Lenient>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Lenient {
+            Number(i64),
+            Text(String),
+        }
+        // A success body is `{"session_key":…}` and most error bodies begin with `{"errcode"`,
+        // so anything that does not start like an object is not parsed at all.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Errcode::NotJson;
+        }
+        match serde_json::from_slice::<Probe>(body) {
+            Ok(Probe { errcode: None }) => Errcode::Success,
+            Ok(Probe {
+                errcode: Some(Lenient::Number(0)),
+            }) => Errcode::Success,
+            Ok(Probe {
+                errcode: Some(Lenient::Number(code)),
+            }) => Errcode::Code(code),
+            Ok(Probe {
+                errcode: Some(Lenient::Text(text)),
+            }) => match text.trim().parse::<i64>() {
+                Ok(0) => Errcode::Success,
+                Ok(code) => Errcode::Code(code),
+                Err(_) => Errcode::NotJson,
+            },
+            Err(_) => Errcode::NotJson,
+        }
+    }
+
+    /// The numeric code, 0 for success, `None` for a body that is not JSON.
+    pub fn code(self) -> Option<i64> {
+        match self {
+            Errcode::Success => Some(0),
+            Errcode::Code(code) => Some(code),
+            Errcode::NotJson => None,
+        }
+    }
+
+    /// The bounded metric label: `0`, `none`, a code from [`KNOWN_ERRCODES`], or `other`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Errcode::Success => "0",
+            Errcode::NotJson => "none",
+            Errcode::Code(code) => KNOWN_ERRCODES
+                .iter()
+                .find(|(known, _)| *known == code)
+                .map_or("other", |(_, label)| label),
+        }
+    }
+}
+
+/// The errcodes that get a label of their own; any other folds into `other`.
+pub const KNOWN_ERRCODES: [(i64, &str); 20] = [
+    (-1, "-1"),
+    (40001, "40001"),
+    (40002, "40002"),
+    (40013, "40013"),
+    (40029, "40029"),
+    (40097, "40097"),
+    (40125, "40125"),
+    (40163, "40163"),
+    (40226, "40226"),
+    (41002, "41002"),
+    (41004, "41004"),
+    (41008, "41008"),
+    (41021, "41021"),
+    (42001, "42001"),
+    (45009, "45009"),
+    (45011, "45011"),
+    (47001, "47001"),
+    (48001, "48001"),
+    (61003, "61003"),
+    (76022, "76022"),
+];
+
+/// Every value [`Errcode::label`] can return, for pre-registering metric series.
+pub fn errcode_labels() -> impl Iterator<Item = &'static str> {
+    ["0", "none", "other"]
+        .into_iter()
+        .chain(KNOWN_ERRCODES.iter().map(|(_, label)| *label))
+}
+
+/// A WeChat-shaped body, `{"errcode":N,"errmsg":"…"}`.
+pub fn error_body(errcode: i64, errmsg: &str) -> Bytes {
+    let body = serde_json::json!({ "errcode": errcode, "errmsg": errmsg });
+    Bytes::from(body.to_string())
+}
+
+/// wxgate's own answer: a WeChat-shaped body with WeChat's JSON Content-Type.
+pub fn error_response(status: StatusCode, errcode: i64, errmsg: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(error_body(errcode, errmsg)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(JSON_CONTENT_TYPE),
+    );
+    response
+}
+
+/// Whether `appid` looks like something WeChat issues: `wx` and 16 hex digits in practice;
+/// wxgate accepts up to 64 ASCII letters, digits and `_` so that test and future ids pass,
+/// and refuses the rest before it reaches upstream or a metric.
+pub fn is_plausible_appid(appid: &str) -> bool {
+    (1..=64).contains(&appid.len())
+        && appid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether `js_code` looks like a `wx.login()` code: 32 URL-safe characters in practice;
+/// wxgate accepts up to 128 of `[A-Za-z0-9_-]`.
+pub fn is_plausible_js_code(code: &str) -> bool {
+    (1..=128).contains(&code.len())
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errcode_is_read_leniently() {
+        assert_eq!(
+            Errcode::of(br#"{"session_key":"k","openid":"o"}"#),
+            Errcode::Success
+        );
+        assert_eq!(Errcode::of(br#"{"errcode":0,"errmsg":"ok"}"#), Errcode::Success);
+        assert_eq!(
+            Errcode::of(br#"{"errcode":45011,"errmsg":"x rid: 1"}"#),
+            Errcode::Code(45011)
+        );
+        assert_eq!(
+            Errcode::of(br#" {"errcode":"40029","errmsg":"invalid code"}"#),
+            Errcode::Code(40029)
+        );
+        assert_eq!(Errcode::of(br#"{"errcode":-1}"#), Errcode::Code(-1));
+        assert_eq!(Errcode::of(b"<html>502</html>"), Errcode::NotJson);
+        assert_eq!(Errcode::of(b"{not json"), Errcode::NotJson);
+        assert_eq!(Errcode::of(b""), Errcode::NotJson);
+    }
+
+    #[test]
+    fn labels_are_bounded() {
+        assert_eq!(Errcode::Code(45011).label(), "45011");
+        assert_eq!(Errcode::Code(12345678).label(), "other");
+        assert_eq!(Errcode::Success.label(), "0");
+        assert_eq!(Errcode::NotJson.label(), "none");
+        assert_eq!(errcode_labels().count(), KNOWN_ERRCODES.len() + 3);
+    }
+
+    #[test]
+    fn error_body_escapes() {
+        let body = error_body(-1, "system error (wxgate: \"quoted\")");
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["errcode"], -1);
+        assert_eq!(value["errmsg"], "system error (wxgate: \"quoted\")");
+    }
+
+    #[test]
+    fn plausibility_checks() {
+        assert!(is_plausible_appid("wx1234567890abcdef"));
+        assert!(!is_plausible_appid(""));
+        assert!(!is_plausible_appid("wx 1"));
+        assert!(!is_plausible_appid(&"a".repeat(65)));
+        assert!(is_plausible_js_code("081Xyz0w3GRiTZ2r1I1w3Qw1mA1Xyz0K"));
+        assert!(!is_plausible_js_code(&"a".repeat(129)));
+        assert!(!is_plausible_js_code("abc\u{0}def"));
+        assert!(!is_plausible_js_code("abc def"));
+    }
+}
