@@ -110,6 +110,10 @@ pub async fn run(
         })
     };
 
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     let admin_loop = {
         let admin = admin.clone();
         let stop = stop_rx.clone();
@@ -124,6 +128,7 @@ pub async fn run(
 
     tracing::info!(
         proxy = %listeners.proxy.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+        admin = %admin_addr,
         upstream = %mask(&config.upstream.base_url),
         "wxgate serving"
     );

@@ -1,0 +1,151 @@
+//! Shared by the integration tests: a wxgate started in-process on `127.0.0.1:0` in front of
+//! a WeChat stand-in, and small helpers to read its metrics.
+#![allow(dead_code, unused_imports)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wxgate::stand_in::{StandIn, StandInConfig};
+use wxgate::{Config, Listeners};
+
+pub use wxgate::stand_in::{
+    DEFAULT_APPID as APPID, DEFAULT_APP_SECRET as SECRET,
+    DEFAULT_COMPONENT_ACCESS_TOKEN as COMPONENT_TOKEN, DEFAULT_COMPONENT_APPID as COMPONENT_APPID,
+};
+
+/// A wxgate serving on loopback; stopped when dropped.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestProxy {
+    /// `http://127.0.0.1:PORT` of the proxy port.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.addr, path_and_query)
+    }
+
+    /// The admin port's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .expect("admin answers")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// Stops accepting, drains, and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("run returns");
+        }
+    }
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The configuration tests start from: everything at its default but the upstream, short
+/// timeouts, and quotas too high to bind unless a test sets them.
+pub fn config_text(upstream: &str, extra: &str) -> String {
+    format!(
+        "[upstream]\nbase_url = \"{upstream}\"\nconnect_timeout_ms = 500\ntimeout_ms = 2000\n{extra}"
+    )
+}
+
+/// Parses `text` (panicking with every problem if invalid).
+pub fn config(text: &str) -> Config {
+    Config::from_toml_str(text).unwrap_or_else(|errors| panic!("{errors}"))
+}
+
+/// Starts wxgate with `config` on two free loopback ports.
+pub async fn spawn_proxy(config: Config) -> TestProxy {
+    let listeners = Listeners::bind_local().await.expect("bind loopback");
+    let addr = listeners.proxy_addr();
+    let admin = listeners.admin_addr();
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        wxgate::run(listeners, config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("wxgate runs");
+    });
+    TestProxy {
+        addr,
+        admin,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// A stand-in with the default apps and `configure` applied.
+pub async fn stand_in(configure: impl FnOnce(&mut StandInConfig)) -> StandIn {
+    let mut config = StandInConfig::default();
+    configure(&mut config);
+    StandIn::start(config).await.expect("stand-in starts")
+}
+
+/// A stand-in and a wxgate in front of it, with `extra` TOML appended to the config.
+pub async fn setup(extra: &str) -> (StandIn, TestProxy) {
+    let upstream = stand_in(|_| {}).await;
+    let proxy = spawn_proxy(config(&config_text(&upstream.base_url(), extra))).await;
+    (upstream, proxy)
+}
+
+/// A client that keeps connections alive, with no proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+/// The value of one series in Prometheus text, e.g.
+/// `metric(&text, "wxgate_requests_total", &[("api", "other"), ("outcome", "forwarded")])`;
+/// 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.find('{') {
+                Some(brace) => (&series[..brace], &series[brace..]),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(key, val)| rest.contains(&format!("{key}=\"{val}\"")));
+            all.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// A `/sns/jscode2session` path and query.
+pub fn jscode2session(appid: &str, secret: &str, code: &str) -> String {
+    format!("/sns/jscode2session?appid={appid}&secret={secret}&js_code={code}&grant_type=authorization_code")
+}
+
+/// A `/sns/component/jscode2session` path and query.
+pub fn component_jscode2session(appid: &str, component_appid: &str, token: &str, code: &str) -> String {
+    format!(
+        "/sns/component/jscode2session?appid={appid}&js_code={code}&grant_type=authorization_code&component_appid={component_appid}&component_access_token={token}"
+    )
+}
