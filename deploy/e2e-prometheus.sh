@@ -160,8 +160,15 @@ case "$mode" in
         ;;
 esac
 
-wait_for 60 "http://$admin/metrics" curl -fsS --max-time 2 "http://$admin/metrics"
-[ -z "$target_pid" ] || alive "$target_pid" "the wxgate target"
+target_answers() {
+    [ -z "$target_pid" ] || alive "$target_pid" "the wxgate target"
+    curl -fsS --max-time 2 "http://$admin/metrics" >/dev/null 2>&1
+}
+deadline=$((SECONDS + 60))
+until target_answers; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "timed out waiting for http://$admin/metrics"
+    sleep 0.5
+done
 log "http://$admin/metrics answers"
 
 # --- Prometheus -------------------------------------------------------------

@@ -111,11 +111,11 @@ impl Proxy {
         tracing::info!(
             target: "wxgate::access",
             method = %method,
-            api = api.label(),
+            api = %api.label(),
             status,
-            errcode = answer.errcode.map_or("-", Errcode::label),
+            errcode = %answer.errcode.map_or("-", Errcode::label),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
-            outcome = answer.outcome.label(),
+            outcome = %answer.outcome.label(),
         );
         Ok(answer.response)
     }

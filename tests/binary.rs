@@ -1,0 +1,243 @@
+//! The `wxgate` binary as an operator runs it: `check-config` and its exit codes, serving
+//! from a config file, logs that never hold a secret, and SIGTERM draining to exit 0.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use wxgate::stand_in::Fault;
+
+const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
+
+fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wxgate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn check_config_names_every_problem_and_exits_64() {
+    let path = temp_config(
+        "bad.toml",
+        r#"
+[server]
+listen = "nowhere"
+max_body_bytes = 0
+[upstream]
+base_url = "ftp://x"
+timout_ms = 5
+[quota]
+per_window = 10
+burst = 11
+[surprise]
+"#,
+    );
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "server.listen",
+        "server.max_body_bytes",
+        "upstream.base_url",
+        "upstream.timout_ms: unknown key",
+        "quota.burst",
+        "surprise: unknown key",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
+    }
+
+    // Serving with the same file fails the same way, before binding anything.
+    let output = Command::new(WXGATE).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(64));
+
+    // A missing file is an invalid configuration too.
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config", "/nonexistent/wxgate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration_masked() {
+    let path = temp_config(
+        "good.toml",
+        "[upstream]\nbase_url = \"https://ops:s3cr3t-pass@wechat.internal\"\n",
+    );
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("listen = \"127.0.0.1:8080\""), "{stdout}");
+    assert!(stdout.contains("per_window = "), "{stdout}");
+    assert!(stdout.contains("ops:***@wechat.internal"), "{stdout}");
+    assert!(!stdout.contains("s3cr3t-pass"), "{stdout}");
+}
+
+#[test]
+fn the_shipped_config_is_valid() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config", shipped])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A full run of the binary: traffic carrying every kind of secret, upstream failures,
+/// local refusals; then SIGTERM with a request in flight. The captured logs (at debug level,
+/// for every crate) hold none of the secrets, one line per request, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
+    let upstream = stand_in(|_| {}).await;
+    let path = temp_config(
+        "serve.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n{}",
+            config_text(&upstream.base_url(), "")
+        ),
+    );
+    let mut child = Command::new(WXGATE)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (serving_tx, serving_rx) = std::sync::mpsc::channel::<String>();
+    let reader = {
+        let lines = lines.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("wxgate serving") {
+                    let _ = serving_tx.send(line.clone());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        })
+    };
+    let serving = serving_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("wxgate says where it serves");
+    let field = |name: &str| -> String {
+        let start = serving.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        serving[start..].split_whitespace().next().unwrap().to_owned()
+    };
+    let base = format!("http://{}", field("proxy"));
+    let admin = format!("http://{}", field("admin"));
+    let client = client();
+
+    let secrets = [
+        SECRET,
+        "code-with-secret-value-1",
+        "wrong-secret-value-xyz",
+        "access-token-value-abc",
+        COMPONENT_TOKEN,
+        "component-token-wrong-qrs",
+    ];
+    let mut requests = 0;
+    // Successful exchanges; their session_keys must not be logged either.
+    let mut session_keys = Vec::new();
+    for path in [
+        jscode2session(APPID, SECRET, "code-with-secret-value-1"),
+        format!("{}&access_token=access-token-value-abc", jscode2session(APPID, SECRET, "code-with-secret-value-2")),
+        component_jscode2session(APPID, COMPONENT_APPID, COMPONENT_TOKEN, "code-with-secret-value-3"),
+    ] {
+        let body: serde_json::Value = client.get(format!("{base}{path}")).send().await.unwrap().json().await.unwrap();
+        session_keys.push(body["session_key"].as_str().expect("a session").to_owned());
+        requests += 1;
+    }
+    // A replay (cache hit), a wrong secret, a wrong component token, a token fetch.
+    for path in [
+        jscode2session(APPID, SECRET, "code-with-secret-value-1"),
+        jscode2session(APPID, "wrong-secret-value-xyz", "code-with-secret-value-4"),
+        component_jscode2session(APPID, COMPONENT_APPID, "component-token-wrong-qrs", "code-with-secret-value-5"),
+        format!("/cgi-bin/token?grant_type=client_credential&appid={APPID}&secret={SECRET}"),
+    ] {
+        let answer = client.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(answer.status(), 200);
+        requests += 1;
+    }
+    // Local refusals and upstream failures, whose error paths must not leak either.
+    let answer = client
+        .get(format!("{base}/sns/jscode2session?appid={APPID}&secret={SECRET}&grant_type=authorization_code"))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(body["errcode"], 41008);
+    requests += 1;
+    upstream.push_faults([Fault::Reset]);
+    let answer = client
+        .get(format!("{base}{}", jscode2session(APPID, SECRET, "code-with-secret-value-6")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 502);
+    let body = answer.text().await.unwrap();
+    assert!(!body.contains(SECRET) && !body.contains("code-with-secret-value-6"), "{body}");
+    requests += 1;
+
+    // One request in flight when SIGTERM arrives: it still gets its answer.
+    upstream.push_faults([Fault::Delay(Duration::from_millis(800))]);
+    let slow = {
+        let client = client.clone();
+        let url = format!("{base}{}", jscode2session(APPID, SECRET, "code-with-secret-value-7"));
+        tokio::spawn(async move { client.get(url).send().await })
+    };
+    while upstream.code_calls("code-with-secret-value-7") == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    requests += 1;
+    let metrics = client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let answer = slow.await.unwrap().expect("the in-flight request is answered");
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    session_keys.push(body["session_key"].as_str().unwrap().to_owned());
+
+    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(exit.code(), Some(0), "SIGTERM drains and exits 0");
+    reader.join().unwrap();
+
+    let log = lines.lock().unwrap().join("\n");
+    for secret in secrets.iter().map(|s| s.to_string()).chain(session_keys) {
+        assert!(!log.contains(&secret), "the log holds {secret}:\n{log}");
+        assert!(!metrics.contains(&secret), "the metrics hold {secret}");
+    }
+    let access_lines = log.lines().filter(|l| l.contains("wxgate::access")).count();
+    assert_eq!(access_lines, requests, "one line per request:\n{log}");
+    let hit = log
+        .lines()
+        .find(|l| l.contains("outcome=cache_hit"))
+        .unwrap_or_else(|| panic!("the replay is logged as a cache hit:\n{log}"));
+    for field in ["method=GET", "api=/sns/jscode2session", "status=200", "duration_ms="] {
+        assert!(hit.contains(field), "{field} missing from {hit}");
+    }
+    assert!(log.contains("errcode=40125"), "the wrong secret's errcode is logged");
+    assert!(log.contains("SIGTERM"), "{log}");
+}
