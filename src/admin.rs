@@ -32,7 +32,10 @@ impl Admin {
     }
 
     /// Answers one admin request.
-    pub async fn handle<B>(self: Arc<Self>, request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        request: Request<B>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
         }
@@ -58,7 +61,10 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" if self.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-            _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz, /readyz\n"),
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /healthz, /readyz\n",
+            ),
         })
     }
 }

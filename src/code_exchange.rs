@@ -196,7 +196,10 @@ impl CodeExchange {
         // Read lock first: hits and followers are the common case under duplicates.
         let existing = match self.slots.get(&key).as_deref() {
             Some(Slot::Ready(remembered)) if remembered.expires > now => {
-                return (ExchangeAnswer::Remembered(remembered.clone()), CacheStatus::Hit)
+                return (
+                    ExchangeAnswer::Remembered(remembered.clone()),
+                    CacheStatus::Hit,
+                )
             }
             Some(Slot::InFlight(flight)) => Some(flight.answer.subscribe()),
             _ => None,
@@ -207,7 +210,10 @@ impl CodeExchange {
         let receiver = match self.slots.entry(key) {
             Entry::Occupied(mut occupied) => match occupied.get() {
                 Slot::Ready(remembered) if remembered.expires > now => {
-                    return (ExchangeAnswer::Remembered(remembered.clone()), CacheStatus::Hit)
+                    return (
+                        ExchangeAnswer::Remembered(remembered.clone()),
+                        CacheStatus::Hit,
+                    )
                 }
                 Slot::InFlight(flight) => {
                     let receiver = flight.answer.subscribe();
@@ -235,7 +241,13 @@ impl CodeExchange {
         (wait(receiver).await, CacheStatus::Miss)
     }
 
-    fn spawn_call(self: &Arc<Self>, key: CodeKey, flight: Arc<Flight>, call: Call, dispatcher: Arc<Dispatcher>) {
+    fn spawn_call(
+        self: &Arc<Self>,
+        key: CodeKey,
+        flight: Arc<Flight>,
+        call: Call,
+        dispatcher: Arc<Dispatcher>,
+    ) {
         let exchange = self.clone();
         tokio::spawn(async move {
             let gone = || exchange.everyone_gone(key, &flight);
@@ -275,7 +287,13 @@ impl CodeExchange {
         }
     }
 
-    fn settle(&self, key: CodeKey, flight: &Arc<Flight>, response: &UpstreamResponse, errcode: Errcode) {
+    fn settle(
+        &self,
+        key: CodeKey,
+        flight: &Arc<Flight>,
+        response: &UpstreamResponse,
+        errcode: Errcode,
+    ) {
         let remembered = is_definitive(response.status, errcode)
             .then(|| Remembered::new(response, Instant::now() + self.ttl))
             .flatten();
@@ -294,8 +312,10 @@ impl CodeExchange {
     }
 
     fn forget_flight(&self, key: CodeKey, flight: &Arc<Flight>) {
-        self.slots
-            .remove_if(&key, |_, slot| matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)));
+        self.slots.remove_if(
+            &key,
+            |_, slot| matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)),
+        );
         self.update_gauge();
     }
 
@@ -307,9 +327,10 @@ impl CodeExchange {
                 break;
             }
             expiry.pop_front();
-            let removed = self.slots.remove_if(&key, |_, slot| {
-                matches!(slot, Slot::Ready(r) if r.expires == expires)
-            });
+            let removed = self.slots.remove_if(
+                &key,
+                |_, slot| matches!(slot, Slot::Ready(r) if r.expires == expires),
+            );
             if removed.is_some() {
                 self.remembered.fetch_sub(1, Ordering::Relaxed);
             }
@@ -345,7 +366,9 @@ impl Flight {
 
 async fn wait(mut receiver: watch::Receiver<Option<ExchangeAnswer>>) -> ExchangeAnswer {
     match receiver.wait_for(Option::is_some).await {
-        Ok(answer) => answer.clone().unwrap_or(ExchangeAnswer::NoAnswer(CallOutcome::Abandoned)),
+        Ok(answer) => answer
+            .clone()
+            .unwrap_or(ExchangeAnswer::NoAnswer(CallOutcome::Abandoned)),
         // The task ended without an answer: only possible if it panicked.
         Err(_) => ExchangeAnswer::NoAnswer(CallOutcome::Abandoned),
     }

@@ -304,10 +304,7 @@ impl Config {
         ));
         let u = &self.upstream;
         out.push_str("\n[upstream]\n");
-        out.push_str(&format!(
-            "base_url = \"{}\"\n",
-            mask_userinfo(&u.base_url)
-        ));
+        out.push_str(&format!("base_url = \"{}\"\n", mask_userinfo(&u.base_url)));
         out.push_str(&format!(
             "connect_timeout_ms = {}\n",
             u.connect_timeout.as_millis()
@@ -351,11 +348,7 @@ impl Config {
 /// operator would not want in a CI log.
 fn syntax_error(error: &toml::de::Error) -> String {
     match error.span() {
-        Some(span) => format!(
-            "not valid TOML at byte {}: {}",
-            span.start,
-            error.message()
-        ),
+        Some(span) => format!("not valid TOML at byte {}: {}", span.start, error.message()),
         None => format!("not valid TOML: {}", error.message()),
     }
 }
@@ -376,7 +369,10 @@ fn sub_table(name: &str, value: &toml::Value, errors: &mut Vec<String>) -> Optio
     match value {
         toml::Value::Table(table) => Some(table.clone()),
         other => {
-            errors.push(format!("{name}: expected a table, found {}", other.type_str()));
+            errors.push(format!(
+                "{name}: expected a table, found {}",
+                other.type_str()
+            ));
             None
         }
     }
@@ -420,8 +416,10 @@ impl<'a> Section<'a> {
             Some(toml::Value::Table(table)) => table.clone(),
             Some(other) => {
                 let path = self.path(key);
-                self.errors
-                    .push(format!("{path}: expected a table, found {}", other.type_str()));
+                self.errors.push(format!(
+                    "{path}: expected a table, found {}",
+                    other.type_str()
+                ));
                 toml::Table::new()
             }
         }
@@ -430,7 +428,9 @@ impl<'a> Section<'a> {
     fn int(&mut self, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
         match self.get(key) {
             None => default,
-            Some(toml::Value::Integer(n)) if (min as i128..=max as i128).contains(&(*n as i128)) => {
+            Some(toml::Value::Integer(n))
+                if (min as i128..=max as i128).contains(&(*n as i128)) =>
+            {
                 *n as u64
             }
             Some(toml::Value::Integer(n)) => {
@@ -504,8 +504,7 @@ impl<'a> Section<'a> {
                 default.to_owned()
             }
             Err(error) => {
-                self.errors
-                    .push(format!("{path}: not a URL ({error})"));
+                self.errors.push(format!("{path}: not a URL ({error})"));
                 default.to_owned()
             }
         }
@@ -557,12 +556,18 @@ mod tests {
     fn empty_file_gives_documented_defaults() {
         let config = Config::from_toml_str("").unwrap();
         assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
-        assert_eq!(config.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(
+            config.server.admin_listen,
+            "127.0.0.1:9090".parse().unwrap()
+        );
         assert_eq!(config.server.max_body_bytes, 1 << 20);
         assert_eq!(config.upstream.base_url, "https://api.weixin.qq.com");
         assert_eq!(config.code_cache.ttl, Duration::from_secs(300));
         assert_eq!(config.quota.window, Duration::from_secs(60));
-        assert_eq!(config.quota.default.burst, config.quota.default.per_window / 10);
+        assert_eq!(
+            config.quota.default.burst,
+            config.quota.default.per_window / 10
+        );
         assert!(config.retry.max_hold > config.quota.window);
     }
 
@@ -616,10 +621,24 @@ mod tests {
         "#;
         let config = Config::from_toml_str(text).unwrap();
         let q = &config.quota;
-        assert_eq!(q.limit_for("wx00000000000000a1", Api::JsCode2Session).per_window, 20);
-        assert_eq!(q.limit_for("wx00000000000000b2", Api::JsCode2Session).per_window, 50);
-        assert_eq!(q.limit_for("wx00000000000000b2", Api::JsCode2Session).burst, 5);
-        assert_eq!(q.limit_for("wx00000000000000b2", Api::Token).per_window, 100);
+        assert_eq!(
+            q.limit_for("wx00000000000000a1", Api::JsCode2Session)
+                .per_window,
+            20
+        );
+        assert_eq!(
+            q.limit_for("wx00000000000000b2", Api::JsCode2Session)
+                .per_window,
+            50
+        );
+        assert_eq!(
+            q.limit_for("wx00000000000000b2", Api::JsCode2Session).burst,
+            5
+        );
+        assert_eq!(
+            q.limit_for("wx00000000000000b2", Api::Token).per_window,
+            100
+        );
     }
 
     #[test]

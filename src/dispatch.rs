@@ -127,7 +127,8 @@ impl Dispatcher {
                     self.metrics.upstream_answer(call.api, errcode, seconds);
                     match errcode {
                         Errcode::Code(MINUTE_QUOTA) => {
-                            let next = Instant::now() + next_window_start(self.quota.window())
+                            let next = Instant::now()
+                                + next_window_start(self.quota.window())
                                 + window_jitter(self.quota.window());
                             if next > hold_deadline {
                                 return CallOutcome::Answered(response, errcode);

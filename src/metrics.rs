@@ -7,8 +7,8 @@
 //! instead of hashing label values.
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::api::Api;
@@ -193,7 +193,10 @@ impl Metrics {
             "(appid, API) pairs that have quota state right now.",
         )?;
         let build_info = IntGaugeVec::new(
-            Opts::new("wxgate_build_info", "Always 1; the version label says which wxgate runs."),
+            Opts::new(
+                "wxgate_build_info",
+                "Always 1; the version label says which wxgate runs.",
+            ),
             &["version"],
         )?;
         build_info
@@ -333,9 +336,9 @@ mod tests {
             "wxgate_upstream_requests_total{api=\"/cgi-bin/token\",errcode=\"other\"} 1"
         ));
         assert!(text.contains("wxgate_upstream_quota_exceeded_total{api=\"/cgi-bin/token\"} 1"));
-        assert!(text.contains(
-            "wxgate_retries_total{api=\"/cgi-bin/token\",reason=\"minute_quota\"} 1"
-        ));
+        assert!(
+            text.contains("wxgate_retries_total{api=\"/cgi-bin/token\",reason=\"minute_quota\"} 1")
+        );
         // Two proxies in one process do not collide.
         Metrics::new(&Registry::new()).unwrap();
     }

@@ -44,6 +44,7 @@ pub struct Proxy {
 }
 
 /// How a request was answered, for the response, the log line and the metrics.
+#[derive(Debug)]
 struct Answer {
     response: Response<Full<Bytes>>,
     outcome: Outcome,
@@ -95,7 +96,10 @@ impl Proxy {
     }
 
     /// Answers one client request. Never fails: every problem becomes a response.
-    pub async fn handle<B>(self: Arc<Self>, request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
+    pub async fn handle<B>(
+        self: Arc<Self>,
+        request: Request<B>,
+    ) -> Result<Response<Full<Bytes>>, Infallible>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -106,7 +110,8 @@ impl Proxy {
         let method = request.method().clone();
         let (api, answer) = self.answer(request).await;
         let elapsed = started.elapsed();
-        self.metrics.request(api, answer.outcome, elapsed.as_secs_f64());
+        self.metrics
+            .request(api, answer.outcome, elapsed.as_secs_f64());
         let status = answer.response.status().as_u16();
         tracing::info!(
             target: "wxgate::access",
@@ -165,7 +170,9 @@ impl Proxy {
             .get(MAX_WAIT_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(self.max_wait, |ms| self.max_wait.min(Duration::from_millis(ms)));
+            .map_or(self.max_wait, |ms| {
+                self.max_wait.min(Duration::from_millis(ms))
+            });
         let mut headers = parts.headers;
         prepare_upstream_headers(&mut headers);
         let request = UpstreamRequest {
@@ -179,7 +186,7 @@ impl Proxy {
         if api.is_code_exchange() && request.method == Method::GET {
             let exchange = match self.validate_exchange(api, query) {
                 Ok(exchange) => exchange,
-                Err(answer) => return (api, answer),
+                Err(answer) => return (api, *answer),
             };
             let call = Call {
                 api,
@@ -187,7 +194,10 @@ impl Proxy {
                 request,
                 max_wait,
             };
-            let (answer, status) = self.codes.exchange(exchange.key, call, &self.dispatcher).await;
+            let (answer, status) = self
+                .codes
+                .exchange(exchange.key, call, &self.dispatcher)
+                .await;
             return (api, exchange_answer(answer, status));
         }
 
@@ -219,9 +229,11 @@ impl Proxy {
 
     /// Checks a code exchange's parameters as WeChat would, so that a request that cannot
     /// succeed spends neither quota nor a call.
-    fn validate_exchange(&self, api: Api, query: &str) -> Result<ValidExchange, Answer> {
+    fn validate_exchange(&self, api: Api, query: &str) -> Result<ValidExchange, Box<Answer>> {
         let params = ExchangeParams::parse(query)?;
-        let refuse = |errcode: i64, errmsg: &str| Err(Answer::rejected(StatusCode::OK, errcode, errmsg));
+        let refuse = |errcode: i64, errmsg: &str| {
+            Err(Box::new(Answer::rejected(StatusCode::OK, errcode, errmsg)))
+        };
         let component = api == Api::ComponentJsCode2Session;
         if component && params.component_access_token.is_none() {
             return refuse(41021, "missing component_access_token (wxgate)");
@@ -239,7 +251,10 @@ impl Proxy {
             return refuse(41008, "missing code (wxgate)");
         };
         if params.grant_type.as_deref() != Some("authorization_code") {
-            return refuse(40002, "invalid grant_type (wxgate: must be authorization_code)");
+            return refuse(
+                40002,
+                "invalid grant_type (wxgate: must be authorization_code)",
+            );
         }
         if !is_plausible_appid(appid) {
             return refuse(40013, "invalid appid (wxgate: not an appid WeChat issues)");
@@ -247,7 +262,11 @@ impl Proxy {
         if !is_plausible_js_code(js_code) {
             return refuse(40029, "invalid code (wxgate: not a code WeChat issues)");
         }
-        let credential = match (&params.secret, &params.component_appid, &params.component_access_token) {
+        let credential = match (
+            &params.secret,
+            &params.component_appid,
+            &params.component_access_token,
+        ) {
             (_, Some(component_appid), Some(token)) if component => Credential::Component {
                 appid: component_appid,
                 access_token: token,
@@ -282,7 +301,7 @@ impl<'a> ExchangeParams<'a> {
     /// Reads the query; a parameter given twice is refused, because WeChat and wxgate could
     /// read different copies. Other parameters (wechatpy adds `access_token`) are ignored
     /// here and forwarded as they are.
-    fn parse(query: &'a str) -> Result<ExchangeParams<'a>, Answer> {
+    fn parse(query: &'a str) -> Result<ExchangeParams<'a>, Box<Answer>> {
         let mut params = ExchangeParams::default();
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
             let slot = match name.as_ref() {
@@ -295,11 +314,11 @@ impl<'a> ExchangeParams<'a> {
                 _ => continue,
             };
             if slot.is_some() {
-                return Err(Answer::rejected(
+                return Err(Box::new(Answer::rejected(
                     StatusCode::OK,
                     wechat::INVALID_ARGS,
                     &format!("invalid args (wxgate: parameter {name} given twice)"),
-                ));
+                )));
             }
             // An empty value is as good as none (WeChat answers "missing" for `js_code=`).
             if !value.is_empty() {
@@ -334,7 +353,10 @@ fn prepare_upstream_headers(headers: &mut HeaderMap) {
 fn has_dot_segment(path: &str) -> bool {
     path.split('/').any(|segment| {
         let lower = segment.to_ascii_lowercase();
-        matches!(lower.as_str(), "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e.")
+        matches!(
+            lower.as_str(),
+            "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
+        )
     })
 }
 
@@ -361,7 +383,12 @@ fn call_answer(outcome: CallOutcome) -> Answer {
             errcode: Some(errcode),
         },
         CallOutcome::LocalLimit { retry_after } => {
-            let mut answer = Answer::local(StatusCode::OK, MINUTE_QUOTA, LOCAL_QUOTA_ERRMSG, Outcome::LocalLimit);
+            let mut answer = Answer::local(
+                StatusCode::OK,
+                MINUTE_QUOTA,
+                LOCAL_QUOTA_ERRMSG,
+                Outcome::LocalLimit,
+            );
             let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             answer
                 .response
@@ -395,7 +422,9 @@ fn exchange_answer(answer: ExchangeAnswer, status: CacheStatus) -> Answer {
             let mut response = Response::new(Full::new(remembered.body()));
             *response.status_mut() = remembered.status();
             if let Some(content_type) = remembered.content_type() {
-                response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
             }
             Answer {
                 response,
@@ -439,7 +468,8 @@ mod tests {
     #[test]
     fn duplicate_parameters_are_refused() {
         assert!(ExchangeParams::parse("appid=a&appid=b").is_err());
-        let params = ExchangeParams::parse("appid=a&js_code=&access_token=x&access_token=y").unwrap();
+        let params =
+            ExchangeParams::parse("appid=a&js_code=&access_token=x&access_token=y").unwrap();
         assert_eq!(params.appid.as_deref(), Some("a"));
         assert!(params.js_code.is_none());
     }

@@ -211,7 +211,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
         result.map(|()| started.elapsed())
     }
 
-    async fn wait_in_lane(&self, key: &QuotaKey, lane: &Lane, deadline: Instant) -> Result<(), Refused> {
+    async fn wait_in_lane(
+        &self,
+        key: &QuotaKey,
+        lane: &Lane,
+        deadline: Instant,
+    ) -> Result<(), Refused> {
         let refused = || Refused {
             retry_after: self.retry_after(key, lane),
         };
@@ -250,7 +255,10 @@ impl<C: Clock + Clone> QuotaGate<C> {
         if let Some(until) = lane.pause_end() {
             wait = wait.max(until.saturating_duration_since(Instant::now()));
         }
-        wait.clamp(Duration::from_secs(1), self.window.max(Duration::from_secs(1)))
+        wait.clamp(
+            Duration::from_secs(1),
+            self.window.max(Duration::from_secs(1)),
+        )
     }
 
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
@@ -459,6 +467,27 @@ mod tests {
             .acquire(&key, Instant::now() + Duration::from_secs(1))
             .await
             .is_err());
+    }
+
+    #[test]
+    fn idle_keys_are_dropped() {
+        let clock = FakeRelativeClock::default();
+        let gate = QuotaGate::with_clock(&config(60, 100, 10), clock.clone());
+        for i in 0..100_000 {
+            let key = QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}"));
+            assert!(gate.try_take(&key).is_ok());
+        }
+        assert_eq!(gate.len(), 100_000);
+        gate.retain_recent();
+        assert_eq!(gate.len(), 100_000, "recently used keys stay");
+        // A few emission intervals later every bucket is full again: the state is redundant.
+        let interval = emission_interval(
+            Duration::from_secs(60),
+            gate.limit(&QuotaKey::new(Api::Token, "wx")),
+        );
+        clock.advance(interval * 3);
+        gate.retain_recent();
+        assert!(gate.is_empty(), "{} keys left", gate.len());
     }
 
     #[test]

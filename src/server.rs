@@ -56,12 +56,16 @@ impl Listeners {
 
     /// The proxy port's address.
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy.local_addr().expect("a bound listener has an address")
+        self.proxy
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The admin port's address.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().expect("a bound listener has an address")
+        self.admin
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 }
 
@@ -120,7 +124,10 @@ pub async fn run(
         let listener = listeners.admin;
         tokio::spawn(async move {
             let graceful = GracefulShutdown::new();
-            accept_loop(listener, stop, &graceful, move |request| admin.clone().handle(request)).await;
+            accept_loop(listener, stop, &graceful, move |request| {
+                admin.clone().handle(request)
+            })
+            .await;
             // Scrapes are short; the admin port does not hold the exit up.
             let _ = tokio::time::timeout(Duration::from_millis(100), graceful.shutdown()).await;
         })
@@ -164,8 +171,12 @@ async fn accept_loop<H, F>(
     handle: H,
 ) where
     H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible>>
-        + Send
+    F: Future<
+            Output = Result<
+                http::Response<http_body_util::Full<bytes::Bytes>>,
+                std::convert::Infallible,
+            >,
+        > + Send
         + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -192,7 +203,7 @@ async fn accept_loop<H, F>(
         let _ = stream.set_nodelay(true);
         let handle = handle.clone();
         let connection = builder
-            .serve_connection(TokioIo::new(stream), service_fn(move |request| handle(request)))
+            .serve_connection(TokioIo::new(stream), service_fn(handle))
             .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -205,7 +216,9 @@ async fn accept_loop<H, F>(
 /// The base URL without userinfo, for logs.
 fn mask(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}***{}", &url[..scheme + 3], &url[at..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
         _ => url.to_owned(),
     }
 }

@@ -176,7 +176,10 @@ mod tests {
             Errcode::of(br#"{"session_key":"k","openid":"o"}"#),
             Errcode::Success
         );
-        assert_eq!(Errcode::of(br#"{"errcode":0,"errmsg":"ok"}"#), Errcode::Success);
+        assert_eq!(
+            Errcode::of(br#"{"errcode":0,"errmsg":"ok"}"#),
+            Errcode::Success
+        );
         assert_eq!(
             Errcode::of(br#"{"errcode":45011,"errmsg":"x rid: 1"}"#),
             Errcode::Code(45011)

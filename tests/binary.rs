@@ -57,7 +57,11 @@ burst = 11
     }
 
     // Serving with the same file fails the same way, before binding anything.
-    let output = Command::new(WXGATE).arg("--config").arg(&path).output().unwrap();
+    let output = Command::new(WXGATE)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(output.status.code(), Some(64));
 
     // A missing file is an invalid configuration too.
@@ -141,7 +145,11 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
         .expect("wxgate says where it serves");
     let field = |name: &str| -> String {
         let start = serving.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        serving[start..].split_whitespace().next().unwrap().to_owned()
+        serving[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
     };
     let base = format!("http://{}", field("proxy"));
     let admin = format!("http://{}", field("admin"));
@@ -160,10 +168,25 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
     let mut session_keys = Vec::new();
     for path in [
         jscode2session(APPID, SECRET, "code-with-secret-value-1"),
-        format!("{}&access_token=access-token-value-abc", jscode2session(APPID, SECRET, "code-with-secret-value-2")),
-        component_jscode2session(APPID, COMPONENT_APPID, COMPONENT_TOKEN, "code-with-secret-value-3"),
+        format!(
+            "{}&access_token=access-token-value-abc",
+            jscode2session(APPID, SECRET, "code-with-secret-value-2")
+        ),
+        component_jscode2session(
+            APPID,
+            COMPONENT_APPID,
+            COMPONENT_TOKEN,
+            "code-with-secret-value-3",
+        ),
     ] {
-        let body: serde_json::Value = client.get(format!("{base}{path}")).send().await.unwrap().json().await.unwrap();
+        let body: serde_json::Value = client
+            .get(format!("{base}{path}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         session_keys.push(body["session_key"].as_str().expect("a session").to_owned());
         requests += 1;
     }
@@ -171,7 +194,12 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
     for path in [
         jscode2session(APPID, SECRET, "code-with-secret-value-1"),
         jscode2session(APPID, "wrong-secret-value-xyz", "code-with-secret-value-4"),
-        component_jscode2session(APPID, COMPONENT_APPID, "component-token-wrong-qrs", "code-with-secret-value-5"),
+        component_jscode2session(
+            APPID,
+            COMPONENT_APPID,
+            "component-token-wrong-qrs",
+            "code-with-secret-value-5",
+        ),
         format!("/cgi-bin/token?grant_type=client_credential&appid={APPID}&secret={SECRET}"),
     ] {
         let answer = client.get(format!("{base}{path}")).send().await.unwrap();
@@ -180,7 +208,9 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
     }
     // Local refusals and upstream failures, whose error paths must not leak either.
     let answer = client
-        .get(format!("{base}/sns/jscode2session?appid={APPID}&secret={SECRET}&grant_type=authorization_code"))
+        .get(format!(
+            "{base}/sns/jscode2session?appid={APPID}&secret={SECRET}&grant_type=authorization_code"
+        ))
         .send()
         .await
         .unwrap();
@@ -189,38 +219,60 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
     requests += 1;
     upstream.push_faults([Fault::Reset]);
     let answer = client
-        .get(format!("{base}{}", jscode2session(APPID, SECRET, "code-with-secret-value-6")))
+        .get(format!(
+            "{base}{}",
+            jscode2session(APPID, SECRET, "code-with-secret-value-6")
+        ))
         .send()
         .await
         .unwrap();
     assert_eq!(answer.status(), 502);
     let body = answer.text().await.unwrap();
-    assert!(!body.contains(SECRET) && !body.contains("code-with-secret-value-6"), "{body}");
+    assert!(
+        !body.contains(SECRET) && !body.contains("code-with-secret-value-6"),
+        "{body}"
+    );
     requests += 1;
 
     // One request in flight when SIGTERM arrives: it still gets its answer.
     upstream.push_faults([Fault::Delay(Duration::from_millis(800))]);
     let slow = {
         let client = client.clone();
-        let url = format!("{base}{}", jscode2session(APPID, SECRET, "code-with-secret-value-7"));
+        let url = format!(
+            "{base}{}",
+            jscode2session(APPID, SECRET, "code-with-secret-value-7")
+        );
         tokio::spawn(async move { client.get(url).send().await })
     };
     while upstream.code_calls("code-with-secret-value-7") == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     requests += 1;
-    let metrics = client.get(format!("{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let answer = slow.await.unwrap().expect("the in-flight request is answered");
+    let answer = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
     assert_eq!(answer.status(), 200);
     let body: serde_json::Value = answer.json().await.unwrap();
     session_keys.push(body["session_key"].as_str().unwrap().to_owned());
 
-    let exit = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(exit.code(), Some(0), "SIGTERM drains and exits 0");
     reader.join().unwrap();
 
@@ -235,9 +287,17 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
         .lines()
         .find(|l| l.contains("outcome=cache_hit"))
         .unwrap_or_else(|| panic!("the replay is logged as a cache hit:\n{log}"));
-    for field in ["method=GET", "api=/sns/jscode2session", "status=200", "duration_ms="] {
+    for field in [
+        "method=GET",
+        "api=/sns/jscode2session",
+        "status=200",
+        "duration_ms=",
+    ] {
         assert!(hit.contains(field), "{field} missing from {hit}");
     }
-    assert!(log.contains("errcode=40125"), "the wrong secret's errcode is logged");
+    assert!(
+        log.contains("errcode=40125"),
+        "the wrong secret's errcode is logged"
+    );
     assert!(log.contains("SIGTERM"), "{log}");
 }

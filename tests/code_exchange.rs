@@ -51,7 +51,10 @@ async fn get(client: &reqwest::Client, url: String) -> Got {
             .get("x-wxgate-cache")
             .map(|v| v.to_str().unwrap().to_owned())
             .unwrap_or_default(),
-        content_type: answer.headers()["content-type"].to_str().unwrap().to_owned(),
+        content_type: answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned(),
         body: answer.bytes().await.unwrap(),
     }
 }
@@ -68,10 +71,16 @@ async fn fifty_identical_exchanges_make_one_upstream_call_and_replays_hit() {
     let client = client();
     for (api, path, _, _) in endpoints("code-fifty") {
         let answers = join_all((0..50).map(|_| get(&client, proxy.url(&path)))).await;
-        assert_eq!(upstream.calls(api), 1, "{api}: one upstream call for 50 requests");
+        assert_eq!(
+            upstream.calls(api),
+            1,
+            "{api}: one upstream call for 50 requests"
+        );
         let first = &answers[0];
         assert_eq!(first.status, 200);
-        assert!(std::str::from_utf8(&first.body).unwrap().contains("session_key"));
+        assert!(std::str::from_utf8(&first.body)
+            .unwrap()
+            .contains("session_key"));
         for answer in &answers {
             assert_eq!(answer.body, first.body, "{api}: identical bodies");
             assert_eq!(answer.content_type, JSON);
@@ -79,7 +88,10 @@ async fn fifty_identical_exchanges_make_one_upstream_call_and_replays_hit() {
         let count = |label: &str| answers.iter().filter(|a| a.cache == label).count();
         assert_eq!(count("miss"), 1, "{api}");
         assert_eq!(count("coalesced") + count("hit"), 49, "{api}");
-        assert!(count("coalesced") >= 1, "{api}: requests overlapped the call");
+        assert!(
+            count("coalesced") >= 1,
+            "{api}: requests overlapped the call"
+        );
 
         // A replay after completion: a hit, the same bytes, no upstream call.
         let replay = get(&client, proxy.url(&path)).await;
@@ -104,9 +116,18 @@ async fn another_credential_never_gets_the_remembered_session() {
         let first = get(&client, proxy.url(&right)).await;
         assert_eq!(errcode(&first.body), 0);
         let other = get(&client, proxy.url(&wrong)).await;
-        assert_eq!(other.cache, "miss", "{api}: a wrong credential goes upstream");
-        assert_eq!(errcode(&other.body), wrong_errcode, "{api}: WeChat's own answer");
-        assert!(!std::str::from_utf8(&other.body).unwrap().contains("session_key"));
+        assert_eq!(
+            other.cache, "miss",
+            "{api}: a wrong credential goes upstream"
+        );
+        assert_eq!(
+            errcode(&other.body),
+            wrong_errcode,
+            "{api}: WeChat's own answer"
+        );
+        assert!(!std::str::from_utf8(&other.body)
+            .unwrap()
+            .contains("session_key"));
         assert_eq!(upstream.calls(api), 2);
     }
 
@@ -243,23 +264,42 @@ async fn the_bound_evicts_the_oldest_and_entries_expire() {
     );
     // The newest is remembered; the oldest was evicted, so its replay reaches WeChat, which
     // says the code was used.
-    let newest = get(&client, proxy.url(&jscode2session(APPID, SECRET, &codes[4]))).await;
+    let newest = get(
+        &client,
+        proxy.url(&jscode2session(APPID, SECRET, &codes[4])),
+    )
+    .await;
     assert_eq!(newest.cache, "hit");
-    let oldest = get(&client, proxy.url(&jscode2session(APPID, SECRET, &codes[0]))).await;
+    let oldest = get(
+        &client,
+        proxy.url(&jscode2session(APPID, SECRET, &codes[0])),
+    )
+    .await;
     assert_eq!(oldest.cache, "miss");
     assert_eq!(errcode(&oldest.body), 40163);
     // The 40163 is definitive and remembered too.
-    let again = get(&client, proxy.url(&jscode2session(APPID, SECRET, &codes[0]))).await;
+    let again = get(
+        &client,
+        proxy.url(&jscode2session(APPID, SECRET, &codes[0])),
+    )
+    .await;
     assert_eq!(again.cache, "hit");
     assert_eq!(errcode(&again.body), 40163);
 
     // Entries expire on time even when never read again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while metric(&proxy.metrics().await, "wxgate_code_cache_entries", &[]) > 0.0 {
-        assert!(tokio::time::Instant::now() < deadline, "entries never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "entries never expired"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let expired = get(&client, proxy.url(&jscode2session(APPID, SECRET, &codes[4]))).await;
+    let expired = get(
+        &client,
+        proxy.url(&jscode2session(APPID, SECRET, &codes[4])),
+    )
+    .await;
     assert_eq!(expired.cache, "miss");
     assert_eq!(errcode(&expired.body), 40163);
     assert_eq!(upstream.code_calls(&codes[4]), 2);

@@ -61,7 +61,9 @@ async fn get_and_post_pass_through_byte_for_byte() {
             .body(body.clone())
             .send()
     };
-    let through = send(proxy.url("/cgi-bin/message/custom/send?access_token=AT")).await.unwrap();
+    let through = send(proxy.url("/cgi-bin/message/custom/send?access_token=AT"))
+        .await
+        .unwrap();
     assert_eq!(through.status(), 200);
     assert_eq!(through.headers()["content-type"], JSON);
     let through: serde_json::Value = through.json().await.unwrap();
@@ -78,7 +80,10 @@ async fn get_and_post_pass_through_byte_for_byte() {
     assert_eq!(through["body_len"], 10_000);
     assert_eq!(through["body"], direct["body"]);
     assert_eq!(through["headers"]["content-length"], "10000");
-    assert_eq!(through["headers"]["content-type"], "application/octet-stream");
+    assert_eq!(
+        through["headers"]["content-type"],
+        "application/octet-stream"
+    );
 
     // Byte for byte, also for a body that is not JSON at all.
     let stand_in_body = client
@@ -139,7 +144,11 @@ async fn the_proxy_is_no_open_relay() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert_eq!(upstream.total_calls(), before, "nothing refused went upstream");
+    assert_eq!(
+        upstream.total_calls(),
+        before,
+        "nothing refused went upstream"
+    );
 }
 
 #[tokio::test]
@@ -178,7 +187,11 @@ async fn bodies_over_the_limit_get_413() {
         .await
         .unwrap();
     assert_eq!(answer.status(), 200);
-    assert_eq!(upstream.total_calls(), 1, "oversize bodies never went upstream");
+    assert_eq!(
+        upstream.total_calls(),
+        1,
+        "oversize bodies never went upstream"
+    );
 }
 
 async fn wechat_error(answer: reqwest::Response, status: u16, reason: &str) {
@@ -229,14 +242,22 @@ async fn upstream_faults_get_the_documented_answers() {
     let proxy_to_nowhere =
         spawn_proxy(config(&config_text(&dead, "[retry]\nbusy_attempts = 1\n"))).await;
     wechat_error(
-        client.get(proxy_to_nowhere.url("/any")).send().await.unwrap(),
+        client
+            .get(proxy_to_nowhere.url("/any"))
+            .send()
+            .await
+            .unwrap(),
         502,
         "upstream connection failed",
     )
     .await;
     let text = proxy_to_nowhere.metrics().await;
     assert_eq!(
-        metric(&text, "wxgate_upstream_transport_errors_total", &[("reason", "connect")]),
+        metric(
+            &text,
+            "wxgate_upstream_transport_errors_total",
+            &[("reason", "connect")]
+        ),
         2.0,
         "one retry of a connection that could not be opened"
     );
@@ -251,7 +272,11 @@ async fn admin_endpoints_and_metrics_match_the_traffic() {
     let (upstream, proxy) = setup("").await;
     let client = client();
     for _ in 0..3 {
-        let answer = client.get(proxy.url("/some/other/api")).send().await.unwrap();
+        let answer = client
+            .get(proxy.url("/some/other/api"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(answer.status(), 200);
     }
     for code in ["c1", "c2"] {
@@ -296,12 +321,20 @@ async fn admin_endpoints_and_metrics_match_the_traffic() {
 
     let text = proxy.metrics().await;
     // Every sample line parses as `series value`.
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (_, value) = line.rsplit_once(' ').expect("series and value");
-        value.parse::<f64>().unwrap_or_else(|_| panic!("bad sample {line}"));
+        value
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("bad sample {line}"));
     }
     let other_forwarded = [("api", "other"), ("outcome", "forwarded")];
-    assert_eq!(metric(&text, "wxgate_requests_total", &other_forwarded), 4.0);
+    assert_eq!(
+        metric(&text, "wxgate_requests_total", &other_forwarded),
+        4.0
+    );
     assert_eq!(
         metric(
             &text,
@@ -314,24 +347,46 @@ async fn admin_endpoints_and_metrics_match_the_traffic() {
     assert_eq!(metric(&text, "wxgate_requests_total", &exchanges), 3.0);
     let api = [("api", "/sns/jscode2session")];
     assert_eq!(
-        metric(&text, "wxgate_upstream_requests_total", &[api[0], ("errcode", "0")]),
+        metric(
+            &text,
+            "wxgate_upstream_requests_total",
+            &[api[0], ("errcode", "0")]
+        ),
         2.0
     );
     assert_eq!(
-        metric(&text, "wxgate_upstream_requests_total", &[api[0], ("errcode", "40029")]),
+        metric(
+            &text,
+            "wxgate_upstream_requests_total",
+            &[api[0], ("errcode", "40029")]
+        ),
         1.0
     );
     assert_eq!(
-        metric(&text, "wxgate_upstream_requests_total", &[("api", "other"), ("errcode", "none")]),
+        metric(
+            &text,
+            "wxgate_upstream_requests_total",
+            &[("api", "other"), ("errcode", "none")]
+        ),
         0.0,
         "the echo answers JSON"
     );
     assert_eq!(
-        metric(&text, "wxgate_upstream_transport_errors_total", &[("reason", "reset")]),
+        metric(
+            &text,
+            "wxgate_upstream_transport_errors_total",
+            &[("reason", "reset")]
+        ),
         1.0
     );
-    assert_eq!(metric(&text, "wxgate_request_duration_seconds_count", &api), 3.0);
-    assert_eq!(metric(&text, "wxgate_upstream_duration_seconds_count", &api), 3.0);
+    assert_eq!(
+        metric(&text, "wxgate_request_duration_seconds_count", &api),
+        3.0
+    );
+    assert_eq!(
+        metric(&text, "wxgate_upstream_duration_seconds_count", &api),
+        3.0
+    );
     assert_eq!(metric(&text, "wxgate_inflight_requests", &[]), 0.0);
     assert_eq!(metric(&text, "wxgate_build_info", &[]), 1.0);
     // No raw path ever becomes a label value.
@@ -371,7 +426,10 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let shutdown = tokio::spawn(proxy.shutdown());
-    let answer = in_flight.await.unwrap().expect("the in-flight request is answered");
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
     assert_eq!(answer.status(), 200);
     assert!(answer.text().await.unwrap().contains("/slow"));
     shutdown.await.unwrap();

@@ -144,7 +144,12 @@ pub fn jscode2session(appid: &str, secret: &str, code: &str) -> String {
 }
 
 /// A `/sns/component/jscode2session` path and query.
-pub fn component_jscode2session(appid: &str, component_appid: &str, token: &str, code: &str) -> String {
+pub fn component_jscode2session(
+    appid: &str,
+    component_appid: &str,
+    token: &str,
+    code: &str,
+) -> String {
     format!(
         "/sns/component/jscode2session?appid={appid}&js_code={code}&grant_type=authorization_code&component_appid={component_appid}&component_access_token={token}"
     )
