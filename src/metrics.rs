@@ -215,6 +215,12 @@ impl Metrics {
         registry.register(Box::new(code_cache_entries.clone()))?;
         registry.register(Box::new(quota_keys.clone()))?;
         registry.register(Box::new(build_info))?;
+        // process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total...: the
+        // standard process metrics, for memory and file-descriptor panels and alerts.
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
 
         let per_api = |f: &dyn Fn(&'static str) -> Vec<IntCounter>| -> Vec<Vec<IntCounter>> {
             Api::ALL.iter().map(|api| f(api.label())).collect()

@@ -389,6 +389,7 @@ async fn admin_endpoints_and_metrics_match_the_traffic() {
     );
     assert_eq!(metric(&text, "wxgate_inflight_requests", &[]), 0.0);
     assert_eq!(metric(&text, "wxgate_build_info", &[]), 1.0);
+    assert!(metric(&text, "process_resident_memory_bytes", &[]) > 0.0);
     // No raw path ever becomes a label value.
     assert!(!text.contains("/some/other/api"));
     assert_eq!(upstream.calls("/some/other/api"), 3);
