@@ -283,11 +283,7 @@ impl Metrics {
 
     /// An upstream call got an answer.
     pub fn upstream_answer(&self, api: Api, errcode: Errcode, seconds: f64) {
-        let label = errcode.label();
-        let position = errcode_labels()
-            .position(|known| known == label)
-            .unwrap_or(2);
-        self.upstream_requests[api.index()][position].inc();
+        self.upstream_requests[api.index()][errcode.label_index()].inc();
         self.upstream_duration[api.index()].observe(seconds);
         if errcode == Errcode::Code(crate::wechat::MINUTE_QUOTA) {
             self.quota_exceeded[api.index()].inc();

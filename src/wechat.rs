@@ -88,18 +88,27 @@ impl Errcode {
 
     /// The bounded metric label: `0`, `none`, a code from [`KNOWN_ERRCODES`], or `other`.
     pub fn label(self) -> &'static str {
+        match self.label_index() {
+            0 => "0",
+            1 => "none",
+            2 => "other",
+            known => KNOWN_ERRCODES[known - 3].1,
+        }
+    }
+
+    /// Position of [`Errcode::label`] in [`errcode_labels`], for per-label tables.
+    pub fn label_index(self) -> usize {
         match self {
-            Errcode::Success => "0",
-            Errcode::NotJson => "none",
+            Errcode::Success => 0,
+            Errcode::NotJson => 1,
             Errcode::Code(code) => KNOWN_ERRCODES
-                .iter()
-                .find(|(known, _)| *known == code)
-                .map_or("other", |(_, label)| label),
+                .binary_search_by_key(&code, |(known, _)| *known)
+                .map_or(2, |position| position + 3),
         }
     }
 }
 
-/// The errcodes that get a label of their own; any other folds into `other`.
+/// The errcodes that get a label of their own, sorted; any other folds into `other`.
 pub const KNOWN_ERRCODES: [(i64, &str); 20] = [
     (-1, "-1"),
     (40001, "40001"),
@@ -201,6 +210,17 @@ mod tests {
         assert_eq!(Errcode::Success.label(), "0");
         assert_eq!(Errcode::NotJson.label(), "none");
         assert_eq!(errcode_labels().count(), KNOWN_ERRCODES.len() + 3);
+        assert!(KNOWN_ERRCODES.windows(2).all(|w| w[0].0 < w[1].0), "sorted");
+        for (index, label) in errcode_labels().enumerate() {
+            let errcode = match label {
+                "0" => Errcode::Success,
+                "none" => Errcode::NotJson,
+                "other" => Errcode::Code(99_999_999),
+                code => Errcode::Code(code.parse().unwrap()),
+            };
+            assert_eq!(errcode.label_index(), index);
+            assert_eq!(errcode.label(), label);
+        }
     }
 
     #[test]

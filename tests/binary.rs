@@ -256,8 +256,9 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
         .text()
         .await
         .unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+    // The shell's builtin `kill`, so no procps package is needed.
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
         .status()
         .unwrap();
     assert!(status.success());
