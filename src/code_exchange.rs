@@ -184,6 +184,21 @@ impl CodeExchange {
         CodeKey((u128::from(high) << 64) | u128::from(low))
     }
 
+    /// The remembered answer of `key`, if there is one and it has not expired.
+    pub fn remembered(&self, key: CodeKey) -> Option<Remembered> {
+        match self.slots.get(&key).as_deref() {
+            Some(Slot::Ready(remembered)) if remembered.expires > Instant::now() => {
+                Some(remembered.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether no answer is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Answers an exchange: from memory, by joining an identical call in flight, or by
     /// starting the call in a task of its own.
     pub async fn exchange(
@@ -346,14 +361,12 @@ impl CodeExchange {
     }
 
     /// Answers remembered right now.
-    pub fn remembered(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.remembered.load(Ordering::Relaxed)
     }
 
     fn update_gauge(&self) {
-        self.metrics
-            .code_cache_entries
-            .set(self.remembered() as i64);
+        self.metrics.code_cache_entries.set(self.len() as i64);
     }
 }
 

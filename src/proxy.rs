@@ -148,21 +148,41 @@ impl Proxy {
         if declared.is_some_and(|length| length > self.max_body_bytes as u64) {
             return (api, self.too_large());
         }
-        let body = match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return (api, self.too_large())
+        // A GET without a body (every code exchange) skips the collecting machinery.
+        let body = if body.is_end_stream() {
+            Bytes::new()
+        } else {
+            match Limited::new(body, self.max_body_bytes).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                    return (api, self.too_large())
+                }
+                Err(_) => {
+                    return (
+                        api,
+                        Answer::rejected(
+                            StatusCode::BAD_REQUEST,
+                            wechat::DATA_FORMAT_ERROR,
+                            "data format error (wxgate: the request body could not be read)",
+                        ),
+                    )
+                }
             }
-            Err(_) => {
-                return (
-                    api,
-                    Answer::rejected(
-                        StatusCode::BAD_REQUEST,
-                        wechat::DATA_FORMAT_ERROR,
-                        "data format error (wxgate: the request body could not be read)",
-                    ),
-                )
+        };
+        let query = path_and_query.query().unwrap_or("");
+        let exchange = if api.is_code_exchange() && parts.method == Method::GET {
+            let exchange = match self.validate_exchange(api, query) {
+                Ok(exchange) => exchange,
+                Err(answer) => return (api, *answer),
+            };
+            // The hot path of replays: nothing below (headers, the upstream request) is needed.
+            if let Some(remembered) = self.codes.remembered(exchange.key) {
+                let answer = ExchangeAnswer::Remembered(remembered);
+                return (api, exchange_answer(answer, CacheStatus::Hit));
             }
+            Some(exchange)
+        } else {
+            None
         };
 
         let max_wait = parts
@@ -181,13 +201,8 @@ impl Proxy {
             headers,
             body,
         };
-        let query = path_and_query.query().unwrap_or("");
 
-        if api.is_code_exchange() && request.method == Method::GET {
-            let exchange = match self.validate_exchange(api, query) {
-                Ok(exchange) => exchange,
-                Err(answer) => return (api, *answer),
-            };
+        if let Some(exchange) = exchange {
             let call = Call {
                 api,
                 quota_key: Some(exchange.quota_key),
