@@ -220,7 +220,7 @@ impl Proxy {
             .then(|| first_param(query, "appid"))
             .flatten()
             .filter(|appid| is_plausible_appid(appid))
-            .map(|appid| QuotaKey::new(api, &appid));
+            .and_then(|appid| QuotaKey::new(api, &appid));
         let call = Call {
             api,
             quota_key,
@@ -271,9 +271,10 @@ impl Proxy {
                 "invalid grant_type (wxgate: must be authorization_code)",
             );
         }
-        if !is_plausible_appid(appid) {
-            return refuse(40013, "invalid appid (wxgate: not an appid WeChat issues)");
-        }
+        let quota_key = match QuotaKey::new(api, appid) {
+            Some(key) if is_plausible_appid(appid) => key,
+            _ => return refuse(40013, "invalid appid (wxgate: not an appid WeChat issues)"),
+        };
         if !is_plausible_js_code(js_code) {
             return refuse(40029, "invalid code (wxgate: not a code WeChat issues)");
         }
@@ -291,7 +292,7 @@ impl Proxy {
         };
         Ok(ValidExchange {
             key: self.codes.key(api, appid, credential, js_code),
-            quota_key: QuotaKey::new(api, appid),
+            quota_key,
         })
     }
 }

@@ -38,23 +38,45 @@ use tokio::time::Instant;
 
 use crate::api::Api;
 use crate::config::{QuotaConfig, QuotaLimit};
+use crate::wechat::MAX_APPID_LEN;
 
-/// What a quota is kept for: one API of one appid.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// What a quota is kept for: one API of one appid. `Copy`, with the appid inline, so that
+/// the limiter's map, which clones its key on every check, never allocates.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuotaKey {
-    /// The API called.
-    pub api: Api,
-    /// The mini program (or platform) whose quota it spends.
-    pub appid: Box<str>,
+    api: Api,
+    len: u8,
+    appid: [u8; MAX_APPID_LEN],
 }
 
 impl QuotaKey {
-    /// A key for `appid` calling `api`.
-    pub fn new(api: Api, appid: &str) -> QuotaKey {
-        QuotaKey {
+    /// A key for `appid` calling `api`; `None` for an appid longer than WeChat's
+    /// ([`MAX_APPID_LEN`] bytes), which [`crate::wechat::is_plausible_appid`] refuses anyway.
+    pub fn new(api: Api, appid: &str) -> Option<QuotaKey> {
+        let bytes = appid.as_bytes();
+        let mut inline = [0; MAX_APPID_LEN];
+        inline.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        Some(QuotaKey {
             api,
-            appid: appid.into(),
-        }
+            len: bytes.len() as u8,
+            appid: inline,
+        })
+    }
+
+    /// The API.
+    pub fn api(&self) -> Api {
+        self.api
+    }
+
+    /// The appid.
+    pub fn appid(&self) -> &str {
+        std::str::from_utf8(&self.appid[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for QuotaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuotaKey({}, {})", self.api.label(), self.appid())
     }
 }
 
@@ -173,7 +195,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
     fn class(&self, key: &QuotaKey) -> &LimitClass<C> {
         let index = self
             .class_of_appid
-            .get(&key.appid)
+            .get(key.appid())
             .copied()
             .unwrap_or(self.class_of_api[key.api.index()]);
         &self.classes[index]
@@ -202,7 +224,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             return Ok(Duration::ZERO);
         }
         let started = Instant::now();
-        let lane = self.lanes.entry(key.clone()).or_default().clone();
+        let lane = self.lanes.entry(*key).or_default().clone();
         lane.waiting.fetch_add(1, Ordering::Relaxed);
         let result = self.wait_in_lane(key, &lane, deadline).await;
         lane.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -263,7 +285,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
     pub fn pause(&self, key: &QuotaKey, until: Instant) {
-        let lane = self.lanes.entry(key.clone()).or_default().clone();
+        let lane = self.lanes.entry(*key).or_default().clone();
         let mut paused = lane.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
@@ -362,7 +384,7 @@ mod tests {
             let window_ms = 60_000;
             let clock = FakeRelativeClock::default();
             let gate = QuotaGate::with_clock(&config(60, per_window, burst), clock.clone());
-            let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1");
+            let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
             let mut admitted = Vec::new();
             for ms in 0..(5 * window_ms) {
                 if gate.try_take(&key).is_ok() {
@@ -405,9 +427,9 @@ mod tests {
             },
         );
         let gate = QuotaGate::with_clock(&quota, FakeRelativeClock::default());
-        let a = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1");
-        let a_token = QuotaKey::new(Api::Token, "wx00000000000000a1");
-        let b = QuotaKey::new(Api::JsCode2Session, "wx00000000000000b2");
+        let a = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+        let a_token = QuotaKey::new(Api::Token, "wx00000000000000a1").unwrap();
+        let b = QuotaKey::new(Api::JsCode2Session, "wx00000000000000b2").unwrap();
         for _ in 0..10 {
             assert!(gate.try_take(&a).is_ok());
         }
@@ -422,13 +444,12 @@ mod tests {
     async fn waiters_are_served_in_order_and_refused_after_their_deadline() {
         // 2 per 2 s, no burst: one token every second.
         let gate = Arc::new(QuotaGate::new(&config(2, 2, 1)));
-        let key = QuotaKey::new(Api::Token, "wx00000000000000a1");
+        let key = QuotaKey::new(Api::Token, "wx00000000000000a1").unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         assert_eq!(gate.acquire(&key, deadline).await, Ok(Duration::ZERO));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 0..3 {
             let gate = gate.clone();
-            let key = key.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 gate.acquire(&key, deadline).await.unwrap();
@@ -450,7 +471,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pause_holds_the_key() {
         let gate = QuotaGate::new(&config(60, 100, 10));
-        let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1");
+        let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
         let until = Instant::now() + Duration::from_secs(5);
         gate.pause(&key, until);
         let waited = gate
@@ -474,7 +495,7 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let gate = QuotaGate::with_clock(&config(60, 100, 10), clock.clone());
         for i in 0..100_000 {
-            let key = QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}"));
+            let key = QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}")).unwrap();
             assert!(gate.try_take(&key).is_ok());
         }
         assert_eq!(gate.len(), 100_000);
@@ -483,7 +504,7 @@ mod tests {
         // A few emission intervals later every bucket is full again: the state is redundant.
         let interval = emission_interval(
             Duration::from_secs(60),
-            gate.limit(&QuotaKey::new(Api::Token, "wx")),
+            gate.limit(&QuotaKey::new(Api::Token, "wx").unwrap()),
         );
         clock.advance(interval * 3);
         gate.retain_recent();

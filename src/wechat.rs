@@ -156,11 +156,14 @@ pub fn error_response(status: StatusCode, errcode: i64, errmsg: &str) -> Respons
     response
 }
 
+/// The longest appid wxgate accepts (WeChat's are 18 bytes).
+pub const MAX_APPID_LEN: usize = 32;
+
 /// Whether `appid` looks like something WeChat issues: `wx` and 16 hex digits in practice;
-/// wxgate accepts up to 64 ASCII letters, digits and `_` so that test and future ids pass,
-/// and refuses the rest before it reaches upstream or a metric.
+/// wxgate accepts up to [`MAX_APPID_LEN`] ASCII letters, digits and `_` so that test and
+/// future ids pass, and refuses the rest before it reaches upstream or a quota key.
 pub fn is_plausible_appid(appid: &str) -> bool {
-    (1..=64).contains(&appid.len())
+    (1..=MAX_APPID_LEN).contains(&appid.len())
         && appid
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
@@ -236,7 +239,7 @@ mod tests {
         assert!(is_plausible_appid("wx1234567890abcdef"));
         assert!(!is_plausible_appid(""));
         assert!(!is_plausible_appid("wx 1"));
-        assert!(!is_plausible_appid(&"a".repeat(65)));
+        assert!(!is_plausible_appid(&"a".repeat(33)));
         assert!(is_plausible_js_code("081Xyz0w3GRiTZ2r1I1w3Qw1mA1Xyz0K"));
         assert!(!is_plausible_js_code(&"a".repeat(129)));
         assert!(!is_plausible_js_code("abc\u{0}def"));
