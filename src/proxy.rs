@@ -23,8 +23,8 @@ use crate::metrics::{Metrics, Outcome};
 use crate::quota::{QuotaGate, QuotaKey};
 use crate::upstream::{strip_hop_by_hop, UpstreamClient, UpstreamRequest, UpstreamResponse};
 use crate::wechat::{
-    self, error_response, is_plausible_appid, is_plausible_js_code, Errcode, LOCAL_QUOTA_ERRMSG,
-    MINUTE_QUOTA,
+    self, error_response, is_plausible_appid, is_plausible_js_code, Errcode, WechatParams,
+    LOCAL_QUOTA_ERRMSG, MINUTE_QUOTA,
 };
 
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed
@@ -245,7 +245,16 @@ impl Proxy {
     /// Checks a code exchange's parameters as WeChat would, so that a request that cannot
     /// succeed spends neither quota nor a call.
     fn validate_exchange(&self, api: Api, query: &str) -> Result<ValidExchange, Box<Answer>> {
-        let params = ExchangeParams::parse(query)?;
+        // A parameter given twice is refused: WeChat and wxgate could read different copies.
+        // Others (wechatpy adds `access_token`) are not read here and are forwarded as they are.
+        let params = WechatParams::parse(query);
+        if let Some(name) = params.repeated {
+            return Err(Box::new(Answer::rejected(
+                StatusCode::OK,
+                wechat::INVALID_ARGS,
+                &format!("invalid args (wxgate: parameter {name} given twice)"),
+            )));
+        }
         let refuse = |errcode: i64, errmsg: &str| {
             Err(Box::new(Answer::rejected(StatusCode::OK, errcode, errmsg)))
         };
@@ -300,49 +309,6 @@ impl Proxy {
 struct ValidExchange {
     key: CodeKey,
     quota_key: QuotaKey,
-}
-
-/// The parameters of a code exchange, each at most once.
-#[derive(Default)]
-struct ExchangeParams<'a> {
-    appid: Option<Cow<'a, str>>,
-    secret: Option<Cow<'a, str>>,
-    js_code: Option<Cow<'a, str>>,
-    grant_type: Option<Cow<'a, str>>,
-    component_appid: Option<Cow<'a, str>>,
-    component_access_token: Option<Cow<'a, str>>,
-}
-
-impl<'a> ExchangeParams<'a> {
-    /// Reads the query; a parameter given twice is refused, because WeChat and wxgate could
-    /// read different copies. Other parameters (wechatpy adds `access_token`) are ignored
-    /// here and forwarded as they are.
-    fn parse(query: &'a str) -> Result<ExchangeParams<'a>, Box<Answer>> {
-        let mut params = ExchangeParams::default();
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let slot = match name.as_ref() {
-                "appid" => &mut params.appid,
-                "secret" => &mut params.secret,
-                "js_code" => &mut params.js_code,
-                "grant_type" => &mut params.grant_type,
-                "component_appid" => &mut params.component_appid,
-                "component_access_token" => &mut params.component_access_token,
-                _ => continue,
-            };
-            if slot.is_some() {
-                return Err(Box::new(Answer::rejected(
-                    StatusCode::OK,
-                    wechat::INVALID_ARGS,
-                    &format!("invalid args (wxgate: parameter {name} given twice)"),
-                )));
-            }
-            // An empty value is as good as none (WeChat answers "missing" for `js_code=`).
-            if !value.is_empty() {
-                *slot = Some(value);
-            }
-        }
-        Ok(params)
-    }
 }
 
 /// The first value of `name` in a query.
@@ -482,11 +448,14 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_parameters_are_refused() {
-        assert!(ExchangeParams::parse("appid=a&appid=b").is_err());
-        let params =
-            ExchangeParams::parse("appid=a&js_code=&access_token=x&access_token=y").unwrap();
-        assert_eq!(params.appid.as_deref(), Some("a"));
-        assert!(params.js_code.is_none());
+    fn hop_by_hop_and_wxgate_headers_stay_local() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "wxgate".parse().unwrap());
+        headers.insert(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
+        headers.insert(MAX_WAIT_HEADER, "10".parse().unwrap());
+        headers.insert("x-custom", "kept".parse().unwrap());
+        prepare_upstream_headers(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers["x-custom"], "kept");
     }
 }

@@ -57,6 +57,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
 
+use crate::wechat::WechatParams;
+
 /// The mini program registered by [`StandInConfig::default`].
 pub const DEFAULT_APPID: &str = "wx00000000000000a1";
 /// The app secret of [`DEFAULT_APPID`].
@@ -744,59 +746,30 @@ impl Route {
     }
 }
 
-/// The parameters WeChat's endpoints read. An empty value counts as missing, as it does for
-/// WeChat; for a repeated parameter the first one wins.
-#[derive(Default)]
-struct Params<'a> {
-    appid: Option<Cow<'a, str>>,
-    secret: Option<Cow<'a, str>>,
-    js_code: Option<Cow<'a, str>>,
-    grant_type: Option<Cow<'a, str>>,
-    component_appid: Option<Cow<'a, str>>,
-    component_access_token: Option<Cow<'a, str>>,
-}
+/// The parameters WeChat's endpoints read ([`WechatParams`]: an empty value counts as
+/// missing, and of a repeated parameter the first one wins, as for WeChat).
+type Params<'a> = WechatParams<'a>;
 
-impl<'a> Params<'a> {
-    fn from_query(query: Option<&'a str>) -> Self {
-        let mut params = Params::default();
-        for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-            let slot = match name.as_ref() {
-                "appid" => &mut params.appid,
-                "secret" => &mut params.secret,
-                "js_code" => &mut params.js_code,
-                "grant_type" => &mut params.grant_type,
-                "component_appid" => &mut params.component_appid,
-                "component_access_token" => &mut params.component_access_token,
-                _ => continue,
-            };
-            if slot.is_none() && !value.is_empty() {
-                *slot = Some(value);
-            }
-        }
-        params
+/// The JSON body of `/cgi-bin/stable_token`; `Err(errcode)` when WeChat would refuse it
+/// before looking at the fields.
+fn stable_token_params<'a>(body: &'a [u8]) -> Result<Params<'a>, i64> {
+    #[derive(serde::Deserialize)]
+    struct StableTokenBody<'b> {
+        #[serde(borrow)]
+        grant_type: Option<Cow<'b, str>>,
+        #[serde(borrow)]
+        appid: Option<Cow<'b, str>>,
+        #[serde(borrow)]
+        secret: Option<Cow<'b, str>>,
     }
-
-    /// The JSON body of `/cgi-bin/stable_token`; `Err(errcode)` when WeChat would refuse it
-    /// before looking at the fields.
-    fn from_stable_token_body(body: &'a [u8]) -> Result<Self, i64> {
-        #[derive(serde::Deserialize)]
-        struct StableTokenBody<'b> {
-            #[serde(borrow)]
-            grant_type: Option<Cow<'b, str>>,
-            #[serde(borrow)]
-            appid: Option<Cow<'b, str>>,
-            #[serde(borrow)]
-            secret: Option<Cow<'b, str>>,
-        }
-        let parsed: StableTokenBody<'a> = serde_json::from_slice(body).map_err(|_| 47001_i64)?;
-        let present = |value: Option<Cow<'a, str>>| value.filter(|value| !value.is_empty());
-        Ok(Params {
-            grant_type: present(parsed.grant_type),
-            appid: present(parsed.appid),
-            secret: present(parsed.secret),
-            ..Params::default()
-        })
-    }
+    let parsed: StableTokenBody<'a> = serde_json::from_slice(body).map_err(|_| 47001_i64)?;
+    let present = |value: Option<Cow<'a, str>>| value.filter(|value| !value.is_empty());
+    Ok(Params {
+        grant_type: present(parsed.grant_type),
+        appid: present(parsed.appid),
+        secret: present(parsed.secret),
+        ..Params::default()
+    })
 }
 
 /// One call as received, before the stand-in decides what to do with it.
@@ -941,8 +914,8 @@ async fn handle(
     let route = Route::of(path);
     let params = match route {
         Route::StableToken if parts.method != Method::POST => Err(43002),
-        Route::StableToken => Params::from_stable_token_body(&body),
-        _ => Ok(Params::from_query(parts.uri.query())),
+        Route::StableToken => stable_token_params(&body),
+        _ => Ok(WechatParams::parse(parts.uri.query().unwrap_or_default())),
     };
     let call = ReceivedCall {
         at,

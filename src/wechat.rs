@@ -4,6 +4,8 @@
 //! WeChat answers errors with HTTP 200 and `{"errcode":N,"errmsg":"…"}`; successes carry no
 //! `errcode` (or `0`). Some documentation shows `errcode` as a string, so it is read leniently.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
@@ -178,6 +180,53 @@ pub fn is_plausible_js_code(code: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The parameters WeChat's code-exchange and token endpoints read from a query. An empty
+/// value counts as missing, as it does for WeChat; of a repeated parameter the first value is
+/// kept and the name noted in `repeated`. Other parameters are not kept.
+#[derive(Debug, Default)]
+pub struct WechatParams<'a> {
+    /// `appid`.
+    pub appid: Option<Cow<'a, str>>,
+    /// `secret`.
+    pub secret: Option<Cow<'a, str>>,
+    /// `js_code`.
+    pub js_code: Option<Cow<'a, str>>,
+    /// `grant_type`.
+    pub grant_type: Option<Cow<'a, str>>,
+    /// `component_appid`.
+    pub component_appid: Option<Cow<'a, str>>,
+    /// `component_access_token`.
+    pub component_access_token: Option<Cow<'a, str>>,
+    /// The first parameter found more than once, if any.
+    pub repeated: Option<&'static str>,
+}
+
+impl<'a> WechatParams<'a> {
+    /// Reads a query string (without the `?`).
+    pub fn parse(query: &'a str) -> WechatParams<'a> {
+        let mut params = WechatParams::default();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let (name, slot): (&'static str, _) = match name.as_ref() {
+                "appid" => ("appid", &mut params.appid),
+                "secret" => ("secret", &mut params.secret),
+                "js_code" => ("js_code", &mut params.js_code),
+                "grant_type" => ("grant_type", &mut params.grant_type),
+                "component_appid" => ("component_appid", &mut params.component_appid),
+                "component_access_token" => {
+                    ("component_access_token", &mut params.component_access_token)
+                }
+                _ => continue,
+            };
+            if slot.is_some() {
+                params.repeated.get_or_insert(name);
+            } else if !value.is_empty() {
+                *slot = Some(value);
+            }
+        }
+        params
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +281,19 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["errcode"], -1);
         assert_eq!(value["errmsg"], "system error (wxgate: \"quoted\")");
+    }
+
+    #[test]
+    fn params_keep_the_first_value_and_note_repeats() {
+        let params = WechatParams::parse("appid=a&js_code=&x=1&appid=b&secret=s%20t");
+        assert_eq!(params.appid.as_deref(), Some("a"));
+        assert_eq!(params.secret.as_deref(), Some("s t"));
+        assert!(params.js_code.is_none());
+        assert_eq!(params.repeated, Some("appid"));
+        assert_eq!(
+            WechatParams::parse("appid=a&access_token=x&access_token=y").repeated,
+            None
+        );
     }
 
     #[test]
