@@ -94,7 +94,11 @@ impl Dispatcher {
         let hold_deadline = started + self.retry.max_hold;
         let mut quota_deadline = started + call.max_wait;
         let mut busy_retries = 0;
-        let mut held_answer: Option<(UpstreamResponse, Errcode)> = None;
+        // What the client gets if a retry finds no quota turn in time: WeChat's last answer
+        // (the 45011 held as long as allowed, or the -1), or the last failure.
+        let mut last: Option<CallOutcome> = None;
+        // Counted when the retry is sent: a hold that runs out sends nothing.
+        let mut retrying: Option<RetryReason> = None;
         loop {
             if let Some(key) = &call.quota_key {
                 let turn = tokio::select! {
@@ -107,21 +111,20 @@ impl Dispatcher {
                     }
                     Ok(_) => {}
                     Err(refused) => {
-                        return match held_answer {
-                            // Held as long as allowed: WeChat's own 45011 goes back as it is.
-                            Some((response, errcode)) => CallOutcome::Answered(response, errcode),
-                            None => CallOutcome::LocalLimit {
-                                retry_after: refused.retry_after,
-                            },
-                        };
+                        return last.unwrap_or(CallOutcome::LocalLimit {
+                            retry_after: refused.retry_after,
+                        });
                     }
                 }
             }
 
+            if let Some(reason) = retrying.take() {
+                self.metrics.retry(call.api, reason);
+            }
             let sent = Instant::now();
             let result = self.upstream.send(&call.request).await;
             let seconds = sent.elapsed().as_secs_f64();
-            let retry = match result {
+            retrying = Some(match result {
                 Ok(response) => {
                     let errcode = Errcode::of(&response.body);
                     self.metrics.upstream_answer(call.api, errcode, seconds);
@@ -140,13 +143,13 @@ impl Dispatcher {
                             }
                             // The held call may wait for its turn until the hold ends.
                             quota_deadline = hold_deadline;
-                            held_answer = Some((response, errcode));
+                            last = Some(CallOutcome::Answered(response, errcode));
                             RetryReason::MinuteQuota
                         }
                         Errcode::Code(SYSTEM_BUSY) if busy_retries < self.retry.busy_attempts => {
                             busy_retries += 1;
                             tokio::time::sleep(busy_backoff(busy_retries)).await;
-                            held_answer = None;
+                            last = Some(CallOutcome::Answered(response, errcode));
                             RetryReason::SystemBusy
                         }
                         _ => return CallOutcome::Answered(response, errcode),
@@ -159,10 +162,10 @@ impl Dispatcher {
                     }
                     busy_retries += 1;
                     tokio::time::sleep(busy_backoff(busy_retries)).await;
+                    last = Some(CallOutcome::Failed(error));
                     RetryReason::Transport
                 }
-            };
-            self.metrics.retry(call.api, retry);
+            });
         }
     }
 }

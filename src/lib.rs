@@ -25,7 +25,7 @@ pub mod admin;
 pub mod api;
 pub mod code_exchange;
 pub mod config;
-
+pub mod demo;
 pub mod dispatch;
 pub mod metrics;
 pub mod proxy;
