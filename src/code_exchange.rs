@@ -147,7 +147,7 @@ enum Slot {
 pub struct CodeExchange {
     slots: DashMap<CodeKey, Slot>,
     /// (expiry, key) of every remembered answer, oldest first.
-    expiry: Mutex<VecDeque<(Instant, CodeKey)>>,
+    expiry: Mutex<ExpiryQueue>,
     remembered: AtomicUsize,
     ttl: Duration,
     max_entries: usize,
@@ -159,8 +159,10 @@ impl CodeExchange {
     /// An empty exchange with `[code_cache]` settings.
     pub fn new(config: &CodeCacheConfig, metrics: Metrics) -> CodeExchange {
         CodeExchange {
-            slots: DashMap::new(),
-            expiry: Mutex::new(VecDeque::new()),
+            // Many small shards: a shard's table is rehashed whole when it grows, and with a
+            // million answers in four shards that stalls the runtime for milliseconds.
+            slots: DashMap::with_shard_amount(SHARDS),
+            expiry: Mutex::new(ExpiryQueue::default()),
             remembered: AtomicUsize::new(0),
             ttl: config.ttl,
             max_entries: config.max_entries,
@@ -335,8 +337,8 @@ impl CodeExchange {
     }
 
     /// Drops expired answers, and the oldest ones while there are more than `max_entries`.
-    fn evict(&self, expiry: &mut VecDeque<(Instant, CodeKey)>, now: Instant) {
-        while let Some(&(expires, key)) = expiry.front() {
+    fn evict(&self, expiry: &mut ExpiryQueue, now: Instant) {
+        while let Some((expires, key)) = expiry.front() {
             let over = self.remembered.load(Ordering::Relaxed) > self.max_entries;
             if !over && expires > now {
                 break;
@@ -367,6 +369,61 @@ impl CodeExchange {
 
     fn update_gauge(&self) {
         self.metrics.code_cache_entries.set(self.len() as i64);
+    }
+}
+
+/// Shards of the map of slots (a power of two).
+const SHARDS: usize = 256;
+
+/// Records of the expiry queue per block.
+const EXPIRY_BLOCK: usize = 4096;
+
+/// A FIFO of (expiry, key) kept in fixed-size blocks: it grows and shrinks a block at a
+/// time, so no push copies the whole queue (a `VecDeque` of a million records doubling
+/// would stall the runtime for milliseconds).
+#[derive(Default)]
+struct ExpiryQueue {
+    blocks: VecDeque<Vec<(Instant, CodeKey)>>,
+    /// Records of the first block already popped.
+    head: usize,
+}
+
+impl ExpiryQueue {
+    fn push_back(&mut self, record: (Instant, CodeKey)) {
+        match self.blocks.back_mut() {
+            Some(block) if block.len() < EXPIRY_BLOCK => block.push(record),
+            _ => {
+                let mut block = Vec::with_capacity(EXPIRY_BLOCK);
+                block.push(record);
+                self.blocks.push_back(block);
+            }
+        }
+    }
+
+    fn front(&self) -> Option<(Instant, CodeKey)> {
+        self.blocks.front()?.get(self.head).copied()
+    }
+
+    fn pop_front(&mut self) {
+        let only_block = self.blocks.len() == 1;
+        let Some(first) = self.blocks.front_mut() else {
+            return;
+        };
+        self.head += 1;
+        if self.head >= first.len() {
+            if only_block && first.len() < EXPIRY_BLOCK {
+                // The only block, not full yet: reuse it.
+                first.clear();
+            } else {
+                self.blocks.pop_front();
+            }
+            self.head = 0;
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.blocks.iter().map(Vec::len).sum::<usize>() - self.head
     }
 }
 
@@ -430,6 +487,34 @@ mod tests {
         ] {
             assert_ne!(base, other);
         }
+    }
+
+    #[test]
+    fn the_expiry_queue_is_first_in_first_out_across_blocks() {
+        let mut queue = ExpiryQueue::default();
+        let now = Instant::now();
+        let total = EXPIRY_BLOCK * 2 + 10;
+        for i in 0..total {
+            queue.push_back((now, CodeKey(i as u128)));
+        }
+        assert_eq!(queue.len(), total);
+        for i in 0..total - 5 {
+            assert_eq!(queue.front(), Some((now, CodeKey(i as u128))));
+            queue.pop_front();
+        }
+        assert_eq!(queue.len(), 5);
+        queue.push_back((now, CodeKey(u128::MAX)));
+        for i in total - 5..total {
+            assert_eq!(queue.front(), Some((now, CodeKey(i as u128))));
+            queue.pop_front();
+        }
+        assert_eq!(queue.front(), Some((now, CodeKey(u128::MAX))));
+        queue.pop_front();
+        assert_eq!(queue.front(), None);
+        assert_eq!(queue.len(), 0);
+        queue.pop_front();
+        queue.push_back((now, CodeKey(7)));
+        assert_eq!(queue.front(), Some((now, CodeKey(7))));
     }
 
     #[test]
