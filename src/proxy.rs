@@ -21,7 +21,9 @@ use crate::config::Config;
 use crate::dispatch::{Call, CallOutcome, Dispatcher};
 use crate::metrics::{Metrics, Outcome};
 use crate::quota::{QuotaGate, QuotaKey};
-use crate::upstream::{strip_hop_by_hop, UpstreamClient, UpstreamRequest, UpstreamResponse};
+use crate::upstream::{
+    strip_hop_by_hop, InvalidBaseUrl, UpstreamClient, UpstreamRequest, UpstreamResponse,
+};
 use crate::wechat::{
     self, error_response, is_plausible_appid, is_plausible_js_code, Errcode, WechatParams,
     LOCAL_QUOTA_ERRMSG, MINUTE_QUOTA,
@@ -67,7 +69,7 @@ impl Answer {
 
 impl Proxy {
     /// Builds the proxy and its upstream client from the configuration.
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, reqwest::Error> {
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, InvalidBaseUrl> {
         let upstream = UpstreamClient::new(&config.upstream)?;
         let quota = QuotaGate::new(&config.quota);
         let dispatcher = Arc::new(Dispatcher::new(

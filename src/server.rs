@@ -78,9 +78,9 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Why wxgate could not start serving.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The upstream client could not be built (e.g. no TLS roots).
+    /// The upstream client could not be built.
     #[error("cannot build the upstream client: {0}")]
-    Upstream(#[from] reqwest::Error),
+    Upstream(#[from] crate::upstream::InvalidBaseUrl),
     /// The metrics could not be registered.
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
