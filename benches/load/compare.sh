@@ -1,0 +1,531 @@
+#!/usr/bin/env bash
+# A load comparison anyone can rerun: wxgate against nginx doing the same job, on loopback.
+#
+#   bash benches/load/compare.sh
+#
+# From a fresh clone: installs what is missing (Debian's nginx, wrk, curl; the nginx system
+# service is kept from starting), builds wxgate in release mode, then measures, with the same
+# load generator (wrk + workload.lua), connection count, duration and CPU set for everyone:
+#
+#   direct       wrk against the upstream itself: an nginx answering every
+#                /sns/jscode2session with one fixed success body (the ceiling);
+#   wxgate       wxgate in front of that upstream (quota too high to bind, big code cache);
+#   nginx        nginx as the equivalent proxy: proxy_pass with upstream keep-alive,
+#                limit_req keyed on $arg_appid (too high to bind), proxy_cache keyed on
+#                $arg_appid$arg_secret$arg_js_code with proxy_cache_lock, cache on tmpfs;
+#   nginx-plain  nginx doing nothing but proxy_pass with upstream keep-alive;
+#
+# each under three workloads (workload.lua): unique codes, duplicate codes (a set of 100) and
+# mixed (80 % unique, 20 % from the set). Pinning, on a 2-core machine: the proxy under test
+# alone on CPU 1 (nginx: worker_processes 1; wxgate: taskset, so tokio sees one core), the
+# upstream and wrk on CPU 0. Every proxy is started fresh for every cell, so its peak RSS
+# (VmHWM) is that cell's. Only 127.0.0.1 is used. Everything started here is stopped on exit.
+#
+# Settings (environment): DURATION (s per cell, default 8), WARMUP (s, default 2),
+# CONNECTIONS (default 64), DUP_CODES (default 100), PROXY_CPU (1), LOAD_CPU (0),
+# CONTENDERS and WORKLOADS (space-separated subsets, default all), WXGATE_BIN (measure this
+# wxgate executable instead of building the repository's).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+
+DURATION="${DURATION:-8}"
+WARMUP="${WARMUP:-2}"
+CONNECTIONS="${CONNECTIONS:-64}"
+DUP_CODES="${DUP_CODES:-100}"
+PROXY_CPU="${PROXY_CPU:-1}"
+LOAD_CPU="${LOAD_CPU:-0}"
+# One wrk thread: it shares CPU 0 with the upstream, a second thread would only fight it.
+WRK_THREADS=1
+
+# A subset can be chosen for a quick look, e.g. CONTENDERS="wxgate nginx" WORKLOADS=unique.
+read -r -a CONTENDERS <<<"${CONTENDERS:-direct wxgate nginx nginx-plain}"
+read -r -a WORKLOADS <<<"${WORKLOADS:-unique duplicate mixed}"
+
+# The upstream's answer: a realistic code2Session success, WeChat's Content-Type.
+BODY='{"session_key":"k3Vq9xTw2LmR8yBn5cZp1A==","openid":"oQx7Kd2Lm9Np4Rs6Tu8Vw0Yz1Ab3"}'
+CONTENT_TYPE='application/json; encoding=utf-8'
+
+log() { printf '==> %s\n' "$*" >&2; }
+fail() {
+    printf 'FAIL: %s\n' "$*" >&2
+    exit 1
+}
+
+# --- cleanup: everything this script starts is in `pids`; temp dirs in `dirs` ----------------
+pids=()
+dirs=()
+cleanup() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${#dirs[@]}" -gt 0 ]; then
+        rm -rf "${dirs[@]}"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- 1. what is missing gets installed ----------------------------------------------------
+PATH="$PATH:/usr/sbin:/sbin"
+missing=()
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing ${missing[*]} (Debian packages)"
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || fail "${missing[*]} missing, not root and no sudo"
+        sudo=(sudo -n)
+    fi
+    command -v apt-get >/dev/null 2>&1 || fail "${missing[*]} missing and no apt-get"
+    # Debian's nginx postinst starts the nginx service (port 80). A policy-rc.d that exits
+    # 101 tells invoke-rc.d / deb-systemd-invoke to start nothing; made only if there is none,
+    # and removed again, also when the install fails.
+    policy=/usr/sbin/policy-rc.d
+    created_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# temporary, from wxgate benches/load/compare.sh\nexit 101\n' |
+            "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 0755 "$policy"
+        created_policy=1
+    fi
+    install_status=0
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+            "${missing[@]}" </dev/null >/dev/null || install_status=$?
+    if [ "$created_policy" = 1 ]; then
+        "${sudo[@]}" rm -f "$policy"
+    fi
+    [ "$install_status" = 0 ] || fail "apt-get install ${missing[*]} failed ($install_status)"
+    # Belt and braces: the package enables its service even when it was not started.
+    for m in "${missing[@]}"; do
+        [ "$m" = nginx ] || continue
+        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+            "${sudo[@]}" systemctl disable --now nginx.service >/dev/null 2>&1 || true
+        else
+            "${sudo[@]}" update-rc.d nginx disable >/dev/null 2>&1 || true
+            if [ -s /run/nginx.pid ]; then
+                "${sudo[@]}" nginx -s stop >/dev/null 2>&1 || true
+            fi
+        fi
+    done
+fi
+for tool in nginx wrk curl taskset; do
+    command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH"
+done
+
+cpus="$(nproc)"
+if [ "$cpus" -le "$PROXY_CPU" ] || [ "$cpus" -le "$LOAD_CPU" ]; then
+    fail "needs CPUs $LOAD_CPU and $PROXY_CPU; this machine has $cpus"
+fi
+
+# --- 2. wxgate in release mode --------------------------------------------------------------
+if [ -n "${WXGATE_BIN:-}" ]; then
+    # Another build to compare (e.g. a patched copy of the repository).
+    wxgate_bin="$WXGATE_BIN"
+else
+    log "cargo build --release --bin wxgate"
+    wxgate_bin="$(cd "$repo" && cargo build --release --bin wxgate --message-format=json-render-diagnostics |
+        sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+fi
+[ -x "$wxgate_bin" ] || fail "no wxgate executable (${wxgate_bin:-cargo reported none})"
+
+# --- 3. scratch space -------------------------------------------------------------------------
+work="$(mktemp -d "${TMPDIR:-/tmp}/wxgate-load.XXXXXX")"
+dirs+=("$work")
+shm="$(mktemp -d /dev/shm/wxgate-load.XXXXXX)"
+dirs+=("$shm")
+# nginx workers run unprivileged when nginx is started as root; they must reach their temp
+# and cache directories.
+worker_user=""
+if [ "$(id -u)" -eq 0 ]; then
+    worker_user="user nobody nogroup;"
+    getent group nogroup >/dev/null 2>&1 || worker_user="user nobody;"
+    chmod 0711 "$work"
+    chmod 0711 "$shm"
+fi
+
+# A free loopback port (nothing listens on it now) in `found_port`; never the same twice.
+used_ports=" "
+free_port() {
+    while :; do
+        found_port=$((20000 + RANDOM % 40000))
+        case "$used_ports" in *" $found_port "*) continue ;; esac
+        if [ -z "$(ss -Htln "sport = :$found_port" 2>/dev/null)" ]; then
+            used_ports+="$found_port "
+            return
+        fi
+    done
+}
+free_port
+upstream_port="$found_port"
+free_port
+proxy_port="$found_port"
+free_port
+admin_port="$found_port"
+
+request_path() {
+    printf '/sns/jscode2session?appid=wx00000000000000a1&secret=stand-in-secret-a1&grant_type=authorization_code&js_code=%s' "$1"
+}
+
+# Waits until `port` answers an exchange with 200.
+wait_ready() {
+    local port="$1" i
+    for i in $(seq 1 100); do
+        if curl -sf -o /dev/null "http://127.0.0.1:$port$(request_path "ready$i")"; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    fail "nothing answers on 127.0.0.1:$port"
+}
+
+# nginx's settings shared by the upstream and the proxies: own prefix and temp paths, no
+# access log, keep-alive connections that are never closed for their request count.
+nginx_common() {
+    local dir="$1"
+    mkdir -p "$dir/tmp"
+    [ -z "$worker_user" ] || chown nobody "$dir/tmp"
+    cat <<EOF
+$worker_user
+worker_processes 1;
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+
+nginx_http_common() {
+    local dir="$1"
+    cat <<EOF
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+EOF
+}
+
+write_upstream_conf() {
+    local dir="$work/upstream"
+    mkdir -p "$dir"
+    {
+        nginx_common "$dir"
+        echo "http {"
+        nginx_http_common "$dir"
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$upstream_port backlog=4096;
+        location / {
+            default_type "$CONTENT_TYPE";
+            return 200 '$BODY';
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    echo "$dir/nginx.conf"
+}
+
+# The proxy configuration; `cache` = 1 adds limit_req and proxy_cache.
+write_proxy_conf() {
+    local name="$1" cache="$2"
+    local dir="$work/$name"
+    rm -rf "${dir:?}" "${shm:?}/${name:?}"
+    mkdir -p "$dir" "$shm/$name"
+    [ -z "$worker_user" ] || chown nobody "$shm/$name"
+    {
+        nginx_common "$dir"
+        echo "http {"
+        nginx_http_common "$dir"
+        cat <<EOF
+    upstream wechat {
+        server 127.0.0.1:$upstream_port;
+        keepalive 256;
+        keepalive_requests 100000000;
+    }
+EOF
+        if [ "$cache" = 1 ]; then
+            cat <<EOF
+    # wxgate's quota: per appid, never binding here (100,000,000 a minute, like per_window).
+    limit_req_zone \$arg_appid zone=per_appid:10m rate=100000000r/m;
+    # wxgate's code cache: answers remembered by (appid, secret, js_code), identical
+    # requests in flight coalesced (proxy_cache_lock); on tmpfs, so no disk is involved.
+    proxy_cache_path $shm/$name levels=1:2 keys_zone=codes:256m max_size=4g inactive=10m use_temp_path=off;
+EOF
+        fi
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$proxy_port backlog=4096;
+        location / {
+EOF
+        if [ "$cache" = 1 ]; then
+            cat <<EOF
+            limit_req zone=per_appid burst=1000 nodelay;
+            proxy_cache codes;
+            proxy_cache_key \$arg_appid\$arg_secret\$arg_js_code;
+            proxy_cache_valid 200 5m;
+            proxy_cache_lock on;
+EOF
+        fi
+        cat <<EOF
+            proxy_pass http://wechat;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    echo "$dir/nginx.conf"
+}
+
+write_wxgate_conf() {
+    cat >"$work/wxgate.toml" <<EOF
+[server]
+listen = "127.0.0.1:$proxy_port"
+admin_listen = "127.0.0.1:$admin_port"
+shutdown_grace_ms = 1000
+
+[upstream]
+base_url = "http://127.0.0.1:$upstream_port"
+
+[code_cache]
+ttl_secs = 300
+# Every code of a run fits: nothing is evicted early.
+max_entries = 10000000
+
+[quota]
+# Never binds: 100,000,000 calls a minute for the one appid of the workloads.
+window_secs = 60
+per_window = 100000000
+EOF
+    echo "$work/wxgate.toml"
+}
+
+# Starts `cmd...` on CPU `cpu` in the background; its pid is in `started`.
+start_on() {
+    local cpu="$1"
+    shift
+    taskset -c "$cpu" "$@" >>"$work/processes.log" 2>&1 &
+    started=$!
+    pids+=("$started")
+}
+
+stop() {
+    local pid="$1"
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# The nginx worker (the process that serves requests) of master `pid`.
+nginx_worker() {
+    local master="$1" child i
+    for i in $(seq 1 50); do
+        for child in $(pgrep -P "$master" 2>/dev/null); do
+            if tr '\0' ' ' <"/proc/$child/cmdline" 2>/dev/null | grep -q 'worker process'; then
+                echo "$child"
+                return
+            fi
+        done
+        sleep 0.1
+    done
+    fail "no nginx worker under pid $master"
+}
+
+# utime + stime of a process, in clock ticks.
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# busy and total jiffies of one CPU.
+cpu_jiffies() {
+    awk -v cpu="cpu$1" '$1 == cpu { busy = $2 + $3 + $4 + $7 + $8 + $9; total = busy + $5 + $6; print busy, total }' /proc/stat
+}
+
+# `part` of `whole` in per cent.
+percent() {
+    awk -v p="$1" -v w="$2" 'BEGIN { if (w > 0) printf "%.0f%%", 100 * p / w; else printf "-" }'
+}
+
+peak_rss_mib() {
+    awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "-"
+}
+
+# Runs wrk for `seconds` against `port` with `workload`; prints its RESULT fields.
+run_wrk() {
+    local port="$1" workload="$2" prefix="$3" seconds="$4" out
+    out="$(taskset -c "$LOAD_CPU" wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "${seconds}s" \
+        --timeout 5s -s "$here/workload.lua" "http://127.0.0.1:$port" \
+        -- "$workload" "$prefix" "$DUP_CODES" 2>&1)" || fail "wrk failed: $out"
+    printf '%s\n' "$out" | sed -n 's/^RESULT //p'
+}
+
+# A value of wxgate's /metrics, summed over the series whose labels contain `match`.
+wxgate_metric() {
+    local name="$1" match="$2"
+    curl -sf "http://127.0.0.1:$admin_port/metrics" |
+        awk -v name="$name" -v match_="$match" \
+            'index($0, name "{") == 1 && index($0, match_) { sum += $NF } END { printf "%d", sum }'
+}
+
+# --- 4. the upstream --------------------------------------------------------------------------
+tick_hz="$(getconf CLK_TCK)"
+log "upstream: nginx on CPU $LOAD_CPU, 127.0.0.1:$upstream_port"
+upstream_conf="$(write_upstream_conf)"
+start_on "$LOAD_CPU" nginx -p "$work/upstream" -c "$upstream_conf"
+upstream_pid="$started"
+wait_ready "$upstream_port"
+answer="$(curl -sf -D "$work/headers" "http://127.0.0.1:$upstream_port$(request_path probe)")"
+[ "$answer" = "$BODY" ] || fail "the upstream answers $answer"
+grep -qi "^content-type: $CONTENT_TYPE" "$work/headers" || fail "the upstream's Content-Type is wrong"
+wxgate_conf="$(write_wxgate_conf)"
+
+# Starts contender `name`; sets `proxy_pid` (the serving process, for RSS and CPU) and
+# `stop_pid` (what to stop).
+start_contender() {
+    local name="$1" conf
+    case "$name" in
+    wxgate)
+        # RUST_LOG=warn: no per-request access line (nginx's access_log is off likewise).
+        start_on "$PROXY_CPU" env RUST_LOG=warn "$wxgate_bin" --config "$wxgate_conf"
+        stop_pid="$started"
+        proxy_pid="$started"
+        ;;
+    nginx | nginx-plain)
+        conf="$(write_proxy_conf "$name" "$([ "$name" = nginx ] && echo 1 || echo 0)")"
+        start_on "$PROXY_CPU" nginx -p "$work/$name" -c "$conf"
+        stop_pid="$started"
+        proxy_pid="$(nginx_worker "$started")"
+        ;;
+    esac
+    wait_ready "$proxy_port"
+    # Every contender passes the upstream's answer through unchanged.
+    local got
+    got="$(curl -sf -D "$work/headers" "http://127.0.0.1:$proxy_port$(request_path "probe$name")")"
+    [ "$got" = "$BODY" ] || fail "$name answers $got"
+    grep -qi "^content-type: $CONTENT_TYPE" "$work/headers" || fail "$name changed the Content-Type"
+}
+
+# How busy the machine is before anything is measured: other work on these CPUs makes every
+# number below worse, and the p99s most of all.
+read -r quiet_busy_before quiet_total_before < <(cpu_jiffies "$PROXY_CPU")
+read -r quiet_load_before quiet_load_total_before < <(cpu_jiffies "$LOAD_CPU")
+sleep 1
+read -r quiet_busy_after quiet_total_after < <(cpu_jiffies "$PROXY_CPU")
+read -r quiet_load_after quiet_load_total_after < <(cpu_jiffies "$LOAD_CPU")
+idle_busy="CPU$PROXY_CPU $(percent "$((quiet_busy_after - quiet_busy_before))" "$((quiet_total_after - quiet_total_before))"), CPU$LOAD_CPU $(percent "$((quiet_load_after - quiet_load_before))" "$((quiet_load_total_after - quiet_load_total_before))")"
+
+# --- 5. the measurements ------------------------------------------------------------------------
+printf '\nwxgate load comparison: %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+printf 'machine: %s CPUs, %s\n' "$cpus" "$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
+printf 'wrk %s: %d thread, %d connections, %ss per cell after a %ss warm-up; %d duplicate codes\n' \
+    "$(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" "$WRK_THREADS" "$CONNECTIONS" "$DURATION" "$WARMUP" "$DUP_CODES"
+printf 'pinning: proxy under test alone on CPU %s; upstream nginx and wrk on CPU %s\n' "$PROXY_CPU" "$LOAD_CPU"
+printf 'logging: wxgate RUST_LOG=warn (no access line); every nginx access_log off\n'
+printf 'busy before the run (other processes): %s\n' "$idle_busy"
+printf '%s\n' "$(nginx -v 2>&1)"
+printf 'wxgate: %s (%s)\n\n' "$wxgate_bin" "$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo '+local changes')"
+
+declare -A rps p99
+rows=()
+proxy_pid=""
+stop_pid=""
+for workload in "${WORKLOADS[@]}"; do
+    for name in "${CONTENDERS[@]}"; do
+        log "$workload / $name"
+        if [ "$name" = direct ]; then
+            port="$upstream_port"
+            proxy_pid=""
+        else
+            start_contender "$name"
+            port="$proxy_port"
+        fi
+        warmup="$(run_wrk "$port" "$workload" "w${name//-/}" "$WARMUP")"
+        [ -n "$warmup" ] || fail "no result from the warm-up"
+        if [ -n "$proxy_pid" ]; then
+            ticks_before="$(cpu_ticks "$proxy_pid")"
+        fi
+        read -r load_busy_before load_total_before < <(cpu_jiffies "$LOAD_CPU")
+        read -r proxy_busy_before proxy_total_before < <(cpu_jiffies "$PROXY_CPU")
+        result="$(run_wrk "$port" "$workload" "m${name//-/}" "$DURATION")"
+        read -r requests duration_us non2xx socket_errors p50_us p99_us <<<"$result"
+        [ -n "$p99_us" ] || fail "no result from wrk: $result"
+        read -r load_busy_after load_total_after < <(cpu_jiffies "$LOAD_CPU")
+        read -r proxy_busy_after proxy_total_after < <(cpu_jiffies "$PROXY_CPU")
+        rate="$(awk -v r="$requests" -v d="$duration_us" 'BEGIN { printf "%.0f", r / (d / 1e6) }')"
+        load_cpu="$(percent "$((load_busy_after - load_busy_before))" "$((load_total_after - load_total_before))")"
+        proxy_cpu_busy="$(percent "$((proxy_busy_after - proxy_busy_before))" "$((proxy_total_after - proxy_total_before))")"
+        rss="-" proxy_cpu="-" notes=""
+        if [ -n "$proxy_pid" ]; then
+            ticks_after="$(cpu_ticks "$proxy_pid")"
+            proxy_cpu="$(awk -v t="$((ticks_after - ticks_before))" -v hz="$tick_hz" -v d="$duration_us" \
+                'BEGIN { printf "%.0f%%", 100 * (t / hz) / (d / 1e6) }')"
+            rss="$(peak_rss_mib "$proxy_pid")"
+        fi
+        case "$name" in
+        wxgate)
+            # What wxgate says it did: anything but forwarded/hit/coalesced would be a
+            # local answer counted as a success by wrk (e.g. a local 45011 is HTTP 200).
+            other=$(($(wxgate_metric wxgate_requests_total 'outcome="local_limit"') +
+                $(wxgate_metric wxgate_requests_total 'outcome="rejected"') +
+                $(wxgate_metric wxgate_requests_total 'outcome="upstream_error"')))
+            [ "$other" = 0 ] || notes="$other local answers!"
+            hits="$(wxgate_metric wxgate_requests_total 'outcome="cache_hit"')"
+            coalesced="$(wxgate_metric wxgate_requests_total 'outcome="coalesced"')"
+            notes="${notes:+$notes }hit $hits, coalesced $coalesced"
+            ;;
+        nginx)
+            notes="tmpfs cache $(du -sm "$shm/nginx" | awk '{ print $1 }') MiB (not in RSS)"
+            ;;
+        esac
+        if [ -n "$proxy_pid" ]; then
+            # CPU time on the proxy's CPU that the proxy did not use: someone else's work.
+            foreign="$(awk -v busy="${proxy_cpu_busy%\%}" -v own="${proxy_cpu%\%}" 'BEGIN { printf "%d", busy - own }')"
+            [ "$foreign" -le 10 ] || notes="other load on CPU$PROXY_CPU: ${foreign}%! $notes"
+        fi
+        [ "$non2xx" = 0 ] || notes="$non2xx non-2xx! $notes"
+        [ "$socket_errors" = 0 ] || notes="$socket_errors socket errors! $notes"
+        [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
+        stop_pid=""
+        rps[$workload/$name]="$rate"
+        p99[$workload/$name]="$p99_us"
+        rows+=("$(printf '%-10s %-12s %8s %8.2f %8.2f %8s %6s %6s %6s  %s' \
+            "$workload" "$name" "$rate" "$(awk -v u="$p50_us" 'BEGIN { print u / 1000 }')" \
+            "$(awk -v u="$p99_us" 'BEGIN { print u / 1000 }')" "$rss" "$proxy_cpu" \
+            "$proxy_cpu_busy" "$load_cpu" "$notes")")
+    done
+done
+stop "$upstream_pid"
+
+printf '\n%-10s %-12s %8s %8s %8s %8s %6s %6s %6s  %s\n' \
+    workload contender "req/s" "p50 ms" "p99 ms" "RSS MiB" proxy "CPU$PROXY_CPU" "CPU$LOAD_CPU" notes
+printf '%s\n' "${rows[@]}"
+printf '\nRSS MiB: peak RSS (VmHWM) of the proxy process (nginx: its worker). proxy: the proxy\n'
+printf 'process'"'"'s CPU time / wall time; CPU%s, CPU%s: how busy each CPU was (all processes),\n' "$PROXY_CPU" "$LOAD_CPU"
+printf 'so CPU%s well above proxy means something else ran there, and CPU%s at 100%% means the\n' "$PROXY_CPU" "$LOAD_CPU"
+printf 'load side (wrk + upstream), not the proxy, set the pace.\n\n'
+
+printf '%-10s %13s %19s %14s %13s\n' workload "wxgate/nginx" "wxgate/nginx-plain" "p99 wxgate ms" "p99 nginx ms"
+for workload in "${WORKLOADS[@]}"; do
+    awk -v w="$workload" -v a="${rps[$workload/wxgate]:-0}" -v n="${rps[$workload/nginx]:-0}" \
+        -v p="${rps[$workload/nginx-plain]:-0}" -v pa="${p99[$workload/wxgate]:-0}" \
+        -v pn="${p99[$workload/nginx]:-0}" '
+        function ratio(x, y) { return (x > 0 && y > 0) ? sprintf("%.2fx", x / y) : "-" }
+        BEGIN { printf "%-10s %13s %19s %14.2f %13.2f\n", w, ratio(a, n), ratio(a, p), pa / 1000, pn / 1000 }'
+done

@@ -1,0 +1,98 @@
+//! How much memory the quota state takes for 100,000 appids.
+//!
+//! Every appid (18 characters, as WeChat issues them) takes one token of
+//! `/sns/jscode2session` through [`QuotaGate::acquire`], the path a request takes, so that
+//! the gate holds the state of every one of them. The resident set size is read from
+//! `/proc/self/status` before and after.
+//!
+//! Run: `cargo run --release --example quota_memory [-- APPIDS]` (default 100,000; the
+//! target is at most 64 MB resident).
+
+use std::time::{Duration, Instant};
+
+use wxgate::api::Api;
+use wxgate::quota::{QuotaGate, QuotaKey};
+use wxgate::Config;
+
+/// The target: at most this many MB (10^6 bytes) resident.
+const TARGET_MB: f64 = 64.0;
+
+/// `VmRSS` and `VmHWM` of this process, in KiB.
+fn memory_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn mb(kib: u64) -> f64 {
+    kib as f64 * 1024.0 / 1e6
+}
+
+fn main() {
+    let appids: usize = match std::env::args().nth(1).map(|arg| arg.parse()) {
+        None => 100_000,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            eprintln!("usage: quota_memory [APPIDS]");
+            std::process::exit(64);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(appids));
+}
+
+async fn run(appids: usize) {
+    // The defaults (5,000 a minute, burst 500): one call per appid never waits.
+    let config = Config::default();
+    let gate = QuotaGate::new(&config.quota);
+    let (rss_before, _) = memory_kib();
+
+    let started = Instant::now();
+    for i in 0..appids {
+        let key = QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}")).expect("an appid");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        let waited = gate.acquire(&key, deadline).await.expect("a token at hand");
+        assert_eq!(waited, Duration::ZERO);
+    }
+    let elapsed = started.elapsed();
+    let (rss_after, hwm) = memory_kib();
+    assert_eq!(gate.len(), appids, "every appid has quota state");
+
+    let grown = rss_after.saturating_sub(rss_before);
+    println!(
+        "quota memory: {appids} appids through QuotaGate::acquire in {elapsed:.1?} ({:.0}/s)",
+        appids as f64 / elapsed.as_secs_f64()
+    );
+    println!("  keys with state:     {}", gate.len());
+    println!("  RSS before:          {:8.1} MiB", mib(rss_before));
+    println!(
+        "  RSS after:           {:8.1} MiB = {:.1} MB (VmRSS)",
+        mib(rss_after),
+        mb(rss_after)
+    );
+    println!("  peak RSS:            {:8.1} MiB (VmHWM)", mib(hwm));
+    println!(
+        "  grown by:            {:8.1} MiB, {:.0} bytes per appid",
+        mib(grown),
+        grown as f64 * 1024.0 / appids as f64
+    );
+    let verdict = if mb(rss_after) <= TARGET_MB {
+        "met"
+    } else {
+        "NOT met"
+    };
+    println!("  target:              RSS <= {TARGET_MB} MB: {verdict}");
+}
