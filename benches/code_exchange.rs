@@ -268,6 +268,8 @@ fn fan_in(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default()
+        // No HTML plots: drawing them took longer than measuring.
+        .without_plots()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     targets = hit, fan_in

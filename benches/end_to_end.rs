@@ -231,6 +231,8 @@ fn concurrent(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default()
+        // No HTML plots: drawing them took longer than measuring.
+        .without_plots()
         .sample_size(50)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));

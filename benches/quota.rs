@@ -148,6 +148,8 @@ fn acquire(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default()
+        // No HTML plots: drawing them took longer than measuring.
+        .without_plots()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_millis(1500));
     targets = try_take, acquire
