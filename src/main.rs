@@ -153,18 +153,22 @@ fn socket_addr(flag: &str, text: &str) -> Result<std::net::SocketAddr, String> {
         .map_err(|_| format!("{flag}: {text:?} is not an address such as 127.0.0.1:8080"))
 }
 
-fn demo(options: DemoOptions) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// Runs `future` on a multi-threaded runtime (one worker per core the process may use).
+fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => runtime.block_on(future),
         Err(error) => {
             eprintln!("wxgate: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(async move {
+    }
+}
+
+fn demo(options: DemoOptions) -> ExitCode {
+    block_on(async move {
         match wxgate::demo::run(options, shutdown_signal()).await {
             Ok(report) if report.adds_up() && report.disagreements().is_empty() => {
                 ExitCode::SUCCESS
@@ -182,17 +186,7 @@ fn demo(options: DemoOptions) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("wxgate: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let listeners = match wxgate::Listeners::bind(&config.server).await {
             Ok(listeners) => listeners,
             Err(error) => {
