@@ -68,35 +68,65 @@ pub enum ExchangeAnswer {
     NoAnswer(CallOutcome),
 }
 
-/// The parts of an answer a replay needs, in one allocation: Content-Type then body.
+const JSON: &str = "application/json; encoding=utf-8";
+
+/// A remembered answer as a replay hands it out.
 #[derive(Debug, Clone)]
 pub struct Remembered {
     status: StatusCode,
-    content_type_len: u16,
-    /// Content-Type bytes followed by the body; copied out of the connection's read buffer
-    /// so that a remembered answer keeps nothing else alive.
-    data: Bytes,
-    expires: Instant,
+    content_type: Option<HeaderValue>,
+    body: Bytes,
 }
 
-impl Remembered {
-    fn new(response: &UpstreamResponse, expires: Instant) -> Option<Remembered> {
-        let content_type = response
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .map_or(&[][..], |v| v.as_bytes());
-        let content_type_len = u16::try_from(content_type.len()).ok()?;
-        let mut data = Vec::with_capacity(content_type.len() + response.body.len());
-        data.extend_from_slice(content_type);
+/// A remembered answer as it is kept: 24 bytes plus one allocation of the body (and of an
+/// unusual Content-Type), WeChat's usual Content-Type shared by all.
+#[derive(Debug)]
+struct Stored {
+    /// Content-Type bytes (unless `JSON` or none) followed by the body.
+    data: Box<[u8]>,
+    /// Seconds since the exchange's `base`.
+    expires: u32,
+    status: u16,
+    /// 0: none, 1: `JSON`, 2: the first `content_type_len` bytes of `data`.
+    content_type: u8,
+    content_type_len: u8,
+}
+
+impl Stored {
+    fn new(response: &UpstreamResponse, expires: u32) -> Option<Stored> {
+        let (tag, prefix) = match response.headers.get(http::header::CONTENT_TYPE) {
+            None => (0, &[][..]),
+            Some(v) if v.as_bytes() == JSON.as_bytes() => (1, &[][..]),
+            Some(v) => (2, v.as_bytes()),
+        };
+        let content_type_len = u8::try_from(prefix.len()).ok()?;
+        let mut data = Vec::with_capacity(prefix.len() + response.body.len());
+        data.extend_from_slice(prefix);
         data.extend_from_slice(&response.body);
-        Some(Remembered {
-            status: response.status,
-            content_type_len,
-            data: Bytes::from(data),
+        Some(Stored {
+            data: data.into_boxed_slice(),
             expires,
+            status: response.status.as_u16(),
+            content_type: tag,
+            content_type_len,
         })
     }
 
+    fn remembered(&self) -> Remembered {
+        let split = usize::from(self.content_type_len);
+        Remembered {
+            status: StatusCode::from_u16(self.status).unwrap_or(StatusCode::OK),
+            content_type: match self.content_type {
+                0 => None,
+                1 => Some(HeaderValue::from_static(JSON)),
+                _ => HeaderValue::from_bytes(&self.data[..split]).ok(),
+            },
+            body: Bytes::copy_from_slice(&self.data[split..]),
+        }
+    }
+}
+
+impl Remembered {
     /// The upstream status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -104,15 +134,12 @@ impl Remembered {
 
     /// The upstream Content-Type, if it had one.
     pub fn content_type(&self) -> Option<HeaderValue> {
-        if self.content_type_len == 0 {
-            return None;
-        }
-        HeaderValue::from_maybe_shared(self.data.slice(..usize::from(self.content_type_len))).ok()
+        self.content_type.clone()
     }
 
     /// The upstream body.
     pub fn body(&self) -> Bytes {
-        self.data.slice(usize::from(self.content_type_len)..)
+        self.body.clone()
     }
 }
 
@@ -132,7 +159,7 @@ pub enum Credential<'a> {
 
 /// A 128-bit keyed hash of (API, appid, credential, js_code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CodeKey(u128);
+pub struct CodeKey(u64, u64);
 
 struct Flight {
     answer: watch::Sender<Option<ExchangeAnswer>>,
@@ -140,7 +167,7 @@ struct Flight {
 
 enum Slot {
     InFlight(Arc<Flight>),
-    Ready(Remembered),
+    Ready(Stored),
 }
 
 /// The code-exchange coalescer and its remembered answers.
@@ -148,6 +175,7 @@ pub struct CodeExchange {
     slots: DashMap<CodeKey, Slot>,
     /// (expiry, key) of every remembered answer, oldest first.
     expiry: Mutex<ExpiryQueue>,
+    base: Instant,
     remembered: AtomicUsize,
     ttl: Duration,
     max_entries: usize,
@@ -163,6 +191,7 @@ impl CodeExchange {
             // million answers in four shards that stalls the runtime for milliseconds.
             slots: DashMap::with_shard_amount(SHARDS),
             expiry: Mutex::new(ExpiryQueue::default()),
+            base: Instant::now(),
             remembered: AtomicUsize::new(0),
             ttl: config.ttl,
             max_entries: config.max_entries,
@@ -183,14 +212,14 @@ impl CodeExchange {
         };
         let high = self.salt.0.hash_one(fields);
         let low = self.salt.1.hash_one(fields);
-        CodeKey((u128::from(high) << 64) | u128::from(low))
+        CodeKey(high, low)
     }
 
     /// The remembered answer of `key`, if there is one and it has not expired.
     pub fn remembered(&self, key: CodeKey) -> Option<Remembered> {
         match self.slots.get(&key).as_deref() {
-            Some(Slot::Ready(remembered)) if remembered.expires > Instant::now() => {
-                Some(remembered.clone())
+            Some(Slot::Ready(stored)) if stored.expires > self.seconds(Instant::now()) => {
+                Some(stored.remembered())
             }
             _ => None,
         }
@@ -209,12 +238,12 @@ impl CodeExchange {
         call: Call,
         dispatcher: &Arc<Dispatcher>,
     ) -> (ExchangeAnswer, CacheStatus) {
-        let now = Instant::now();
+        let now = self.seconds(Instant::now());
         // Read lock first: hits and followers are the common case under duplicates.
         let existing = match self.slots.get(&key).as_deref() {
-            Some(Slot::Ready(remembered)) if remembered.expires > now => {
+            Some(Slot::Ready(stored)) if stored.expires > now => {
                 return (
-                    ExchangeAnswer::Remembered(remembered.clone()),
+                    ExchangeAnswer::Remembered(stored.remembered()),
                     CacheStatus::Hit,
                 )
             }
@@ -226,9 +255,9 @@ impl CodeExchange {
         }
         let receiver = match self.slots.entry(key) {
             Entry::Occupied(mut occupied) => match occupied.get() {
-                Slot::Ready(remembered) if remembered.expires > now => {
+                Slot::Ready(stored) if stored.expires > now => {
                     return (
-                        ExchangeAnswer::Remembered(remembered.clone()),
+                        ExchangeAnswer::Remembered(stored.remembered()),
                         CacheStatus::Hit,
                     )
                 }
@@ -311,8 +340,10 @@ impl CodeExchange {
         response: &UpstreamResponse,
         errcode: Errcode,
     ) {
+        // Rounded up to the second: an answer is never forgotten early.
+        let expires = self.seconds(Instant::now()) + self.ttl.as_secs() as u32 + 1;
         let remembered = is_definitive(response.status, errcode)
-            .then(|| Remembered::new(response, Instant::now() + self.ttl))
+            .then(|| Stored::new(response, expires))
             .flatten();
         match remembered {
             Some(remembered) => {
@@ -321,7 +352,7 @@ impl CodeExchange {
                 self.remembered.fetch_add(1, Ordering::Relaxed);
                 let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
                 expiry.push_back((expires, key));
-                self.evict(&mut expiry, Instant::now());
+                self.evict(&mut expiry, self.seconds(Instant::now()));
             }
             None => self.forget_flight(key, flight),
         }
@@ -337,7 +368,11 @@ impl CodeExchange {
     }
 
     /// Drops expired answers, and the oldest ones while there are more than `max_entries`.
-    fn evict(&self, expiry: &mut ExpiryQueue, now: Instant) {
+    fn seconds(&self, at: Instant) -> u32 {
+        at.saturating_duration_since(self.base).as_secs() as u32
+    }
+
+    fn evict(&self, expiry: &mut ExpiryQueue, now: u32) {
         while let Some((expires, key)) = expiry.front() {
             let over = self.remembered.load(Ordering::Relaxed) > self.max_entries;
             if !over && expires > now {
@@ -357,7 +392,7 @@ impl CodeExchange {
     /// Drops expired answers; run on a timer so that answers nobody reads again still go.
     pub fn expire(&self) {
         let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
-        self.evict(&mut expiry, Instant::now());
+        self.evict(&mut expiry, self.seconds(Instant::now()));
         drop(expiry);
         self.update_gauge();
     }
@@ -383,13 +418,13 @@ const EXPIRY_BLOCK: usize = 4096;
 /// would stall the runtime for milliseconds).
 #[derive(Default)]
 struct ExpiryQueue {
-    blocks: VecDeque<Vec<(Instant, CodeKey)>>,
+    blocks: VecDeque<Vec<(u32, CodeKey)>>,
     /// Records of the first block already popped.
     head: usize,
 }
 
 impl ExpiryQueue {
-    fn push_back(&mut self, record: (Instant, CodeKey)) {
+    fn push_back(&mut self, record: (u32, CodeKey)) {
         match self.blocks.back_mut() {
             Some(block) if block.len() < EXPIRY_BLOCK => block.push(record),
             _ => {
@@ -400,7 +435,7 @@ impl ExpiryQueue {
         }
     }
 
-    fn front(&self) -> Option<(Instant, CodeKey)> {
+    fn front(&self) -> Option<(u32, CodeKey)> {
         self.blocks.front()?.get(self.head).copied()
     }
 
@@ -492,29 +527,29 @@ mod tests {
     #[test]
     fn the_expiry_queue_is_first_in_first_out_across_blocks() {
         let mut queue = ExpiryQueue::default();
-        let now = Instant::now();
+        let now = 1u32;
         let total = EXPIRY_BLOCK * 2 + 10;
         for i in 0..total {
-            queue.push_back((now, CodeKey(i as u128)));
+            queue.push_back((now, CodeKey(0, i as u64)));
         }
         assert_eq!(queue.len(), total);
         for i in 0..total - 5 {
-            assert_eq!(queue.front(), Some((now, CodeKey(i as u128))));
+            assert_eq!(queue.front(), Some((now, CodeKey(0, i as u64))));
             queue.pop_front();
         }
         assert_eq!(queue.len(), 5);
-        queue.push_back((now, CodeKey(u128::MAX)));
+        queue.push_back((now, CodeKey(u64::MAX, u64::MAX)));
         for i in total - 5..total {
-            assert_eq!(queue.front(), Some((now, CodeKey(i as u128))));
+            assert_eq!(queue.front(), Some((now, CodeKey(0, i as u64))));
             queue.pop_front();
         }
-        assert_eq!(queue.front(), Some((now, CodeKey(u128::MAX))));
+        assert_eq!(queue.front(), Some((now, CodeKey(u64::MAX, u64::MAX))));
         queue.pop_front();
         assert_eq!(queue.front(), None);
         assert_eq!(queue.len(), 0);
         queue.pop_front();
-        queue.push_back((now, CodeKey(7)));
-        assert_eq!(queue.front(), Some((now, CodeKey(7))));
+        queue.push_back((now, CodeKey(0, 7)));
+        assert_eq!(queue.front(), Some((now, CodeKey(0, 7))));
     }
 
     #[test]

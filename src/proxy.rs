@@ -335,12 +335,15 @@ fn prepare_upstream_headers(headers: &mut HeaderMap) {
 /// Whether a path has `.` or `..` segments, which an HTTP client would resolve and so send
 /// somewhere other than the path the request named.
 fn has_dot_segment(path: &str) -> bool {
+    // Most paths have neither '.' nor '%': one scan, no allocation.
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
     path.split('/').any(|segment| {
-        let lower = segment.to_ascii_lowercase();
-        matches!(
-            lower.as_str(),
-            "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."
-        )
+        segment.len() <= 6
+            && [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."]
+                .iter()
+                .any(|dots| segment.eq_ignore_ascii_case(dots))
     })
 }
 

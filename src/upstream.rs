@@ -289,6 +289,21 @@ fn percent_decode(text: &str) -> Vec<u8> {
 /// Headers that describe one connection rather than the message (RFC 9110 §7.6.1), plus
 /// those named in `Connection`: a proxy consumes them and never forwards them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (few) headers usually shows there is nothing to remove.
+    let hop = |name: &HeaderName| {
+        name == header::CONNECTION
+            || name == header::TE
+            || name == header::TRAILER
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::PROXY_AUTHORIZATION
+            || name == header::PROXY_AUTHENTICATE
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

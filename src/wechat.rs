@@ -205,7 +205,7 @@ impl<'a> WechatParams<'a> {
     /// Reads a query string (without the `?`).
     pub fn parse(query: &'a str) -> WechatParams<'a> {
         let mut params = WechatParams::default();
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        for (name, value) in query_pairs(query) {
             let (name, slot): (&'static str, _) = match name.as_ref() {
                 "appid" => ("appid", &mut params.appid),
                 "secret" => ("secret", &mut params.secret),
@@ -225,6 +225,28 @@ impl<'a> WechatParams<'a> {
         }
         params
     }
+}
+
+/// The pairs of a query as `form_urlencoded::parse` reads them, without decoding (or
+/// allocating) the pairs that have nothing to decode.
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            if pair.bytes().any(|b| b == b'%' || b == b'+') {
+                let (name, value) = form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .unwrap_or_default();
+                (
+                    Cow::Owned(name.into_owned()),
+                    Cow::Owned(value.into_owned()),
+                )
+            } else {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (Cow::Borrowed(name), Cow::Borrowed(value))
+            }
+        })
 }
 
 #[cfg(test)]
