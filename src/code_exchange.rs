@@ -33,7 +33,7 @@ use crate::config::CodeCacheConfig;
 use crate::dispatch::{Call, CallOutcome, Dispatcher};
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamResponse;
-use crate::wechat::Errcode;
+use crate::wechat::{Errcode, JSON_CONTENT_TYPE as JSON};
 
 /// Where an exchange's answer came from: the `X-Wxgate-Cache` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +67,6 @@ pub enum ExchangeAnswer {
     /// The call ended without a WeChat answer.
     NoAnswer(CallOutcome),
 }
-
-const JSON: &str = "application/json; encoding=utf-8";
 
 /// A remembered answer as a replay hands it out.
 #[derive(Debug, Clone)]
