@@ -10,6 +10,9 @@
 //! Run: `cargo run --release --example code_cache_memory [-- ANSWERS]` (default 1,000,000;
 //! the target is at most 400 MB resident).
 
+#[path = "support/rss.rs"]
+mod rss;
+use rss::{mb, memory_kib, mib};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -30,27 +33,6 @@ const CONCURRENCY: usize = 256;
 
 /// The stand-in forgets the codes it has seen every this many exchanges.
 const FORGET_EVERY: usize = 10_000;
-
-/// `VmRSS` and `VmHWM` of this process, in KiB.
-fn memory_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-fn mb(kib: u64) -> f64 {
-    kib as f64 * 1024.0 / 1e6
-}
 
 fn request(js_code: &str) -> Request<Full<Bytes>> {
     Request::get(format!(

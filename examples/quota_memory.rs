@@ -8,6 +8,9 @@
 //! Run: `cargo run --release --example quota_memory [-- APPIDS]` (default 100,000; the
 //! target is at most 64 MB resident).
 
+#[path = "support/rss.rs"]
+mod rss;
+use rss::{mb, memory_kib, mib};
 use std::time::{Duration, Instant};
 
 use wxgate::api::Api;
@@ -16,27 +19,6 @@ use wxgate::Config;
 
 /// The target: at most this many MB (10^6 bytes) resident.
 const TARGET_MB: f64 = 64.0;
-
-/// `VmRSS` and `VmHWM` of this process, in KiB.
-fn memory_kib() -> (u64, u64) {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
-}
-
-fn mb(kib: u64) -> f64 {
-    kib as f64 * 1024.0 / 1e6
-}
 
 fn main() {
     let appids: usize = match std::env::args().nth(1).map(|arg| arg.parse()) {

@@ -353,8 +353,8 @@ fn syntax_error(error: &toml::de::Error) -> String {
     }
 }
 
-/// `https://user:pass@host` → `https://user:***@host`.
-fn mask_userinfo(url: &str) -> String {
+/// `https://user:pass@host` → `https://user:***@host`, for `check-config` and logs.
+pub fn mask_userinfo(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             let userinfo = &url[scheme_end + 3..at];

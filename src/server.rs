@@ -136,7 +136,7 @@ pub async fn run(
     tracing::info!(
         proxy = %listeners.proxy.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         admin = %admin_addr,
-        upstream = %mask(&config.upstream.base_url),
+        upstream = %crate::config::mask_userinfo(&config.upstream.base_url),
         "wxgate serving"
     );
     admin.set_ready(true);
@@ -210,15 +210,5 @@ async fn accept_loop<H, F>(
             // Errors here are clients going away mid-request; nothing to do about them.
             let _ = connection.await;
         });
-    }
-}
-
-/// The base URL without userinfo, for logs.
-fn mask(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
     }
 }
