@@ -6,9 +6,11 @@
 //! random per-process salt: no credential, code or session is ever a map key, and a caller
 //! with another credential has another key, so it goes upstream and gets WeChat's own answer.
 //!
-//! The upstream call runs in a task of its own: the first caller going away does not cancel
-//! it, and its answer is still remembered. Only while the call waits for quota, before
-//! anything is sent, does it stop when every caller has gone.
+//! The first caller drives the upstream call itself (no task, no hand-over on the common
+//! path), but the call does not belong to it: if that caller goes away, the call moves to a
+//! task of its own and carries on, so its answer is still remembered and given to anyone
+//! waiting. Only while the call waits for quota, before anything is sent, does it stop when
+//! every caller has gone.
 //!
 //! Remembered answers live in one map beside the calls in flight, so a lookup is one probe.
 //! Every entry has the same lifetime, so insertion order is expiry order: a FIFO of
@@ -16,9 +18,12 @@
 //! with no per-entry timers and no LRU bookkeeping on the read path.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher, RandomState};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -156,11 +161,103 @@ pub enum Credential<'a> {
 }
 
 /// A 128-bit keyed hash of (API, appid, credential, js_code).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CodeKey(u64, u64);
+
+impl Hash for CodeKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: half of it places the key in the map, both halves compare.
+        state.write_u64(self.0);
+    }
+}
+
+/// The map's hasher: a [`CodeKey`] is the output of a keyed SipHash with a per-process
+/// secret, so it is used as it is (hashing it again would buy no protection against
+/// chosen keys, only cost).
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `CodeKey`; any input still hashes consistently.
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// What the map holds for a key, as a caller about to make the call finds it.
+pub enum Lookup {
+    /// A remembered answer.
+    Remembered(Remembered),
+    /// An identical call is in flight: wait for its answer.
+    InFlight(Waiter),
+    /// Nothing: the call is to be made.
+    Absent,
+}
+
+/// A caller waiting for an identical call in flight.
+pub struct Waiter(watch::Receiver<Option<ExchangeAnswer>>);
+
+impl Waiter {
+    /// The call's answer.
+    pub async fn answer(self) -> ExchangeAnswer {
+        wait(self.0).await
+    }
+}
 
 struct Flight {
     answer: watch::Sender<Option<ExchangeAnswer>>,
+    /// Set when the leader went away and the call moved to a task of its own.
+    leader_gone: AtomicBool,
+}
+
+/// The first caller's side of a call: it polls the call itself and counts as one of its
+/// waiters. Dropped before the call ends (the caller went away), it moves the call to a task
+/// of its own, which finishes it for the followers and for the code's next caller.
+struct Leader {
+    call: Option<Pin<Box<dyn Future<Output = ExchangeAnswer> + Send>>>,
+    flight: Arc<Flight>,
+    receiver: Option<watch::Receiver<Option<ExchangeAnswer>>>,
+}
+
+impl Future for Leader {
+    type Output = ExchangeAnswer;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ExchangeAnswer> {
+        let Some(call) = self.call.as_mut() else {
+            return Poll::Ready(ExchangeAnswer::NoAnswer(CallOutcome::Abandoned));
+        };
+        let answer = ready!(call.as_mut().poll(cx));
+        self.call = None;
+        Poll::Ready(answer)
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        let Some(call) = self.call.take() else {
+            return;
+        };
+        // From now on only followers wait (see `lead`); and if there are none, a call still
+        // waiting for quota sees everyone gone.
+        self.flight.leader_gone.store(true, Ordering::Release);
+        self.receiver = None;
+        // Without a runtime (it is shutting down) the call goes with it.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                call.await;
+            });
+        }
+    }
 }
 
 enum Slot {
@@ -170,7 +267,7 @@ enum Slot {
 
 /// The code-exchange coalescer and its remembered answers.
 pub struct CodeExchange {
-    slots: DashMap<CodeKey, Slot>,
+    slots: DashMap<CodeKey, Slot, BuildHasherDefault<KeyHasher>>,
     /// (expiry, key) of every remembered answer, oldest first.
     expiry: Mutex<ExpiryQueue>,
     base: Instant,
@@ -187,7 +284,7 @@ impl CodeExchange {
         CodeExchange {
             // Many small shards: a shard's table is rehashed whole when it grows, and with a
             // million answers in four shards that stalls the runtime for milliseconds.
-            slots: DashMap::with_shard_amount(SHARDS),
+            slots: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
             expiry: Mutex::new(ExpiryQueue::default()),
             base: Instant::now(),
             remembered: AtomicUsize::new(0),
@@ -213,13 +310,14 @@ impl CodeExchange {
         CodeKey(high, low)
     }
 
-    /// The remembered answer of `key`, if there is one and it has not expired.
-    pub fn remembered(&self, key: CodeKey) -> Option<Remembered> {
+    /// What the map holds for `key`: one probe under a shard's read lock.
+    pub fn lookup(&self, key: CodeKey) -> Lookup {
         match self.slots.get(&key).as_deref() {
             Some(Slot::Ready(stored)) if stored.expires > self.seconds(Instant::now()) => {
-                Some(stored.remembered())
+                Lookup::Remembered(stored.remembered())
             }
-            _ => None,
+            Some(Slot::InFlight(flight)) => Lookup::InFlight(Waiter(flight.answer.subscribe())),
+            _ => Lookup::Absent,
         }
     }
 
@@ -229,7 +327,7 @@ impl CodeExchange {
     }
 
     /// Answers an exchange: from memory, by joining an identical call in flight, or by
-    /// starting the call in a task of its own.
+    /// making the call (see the module documentation for who drives it).
     pub async fn exchange(
         self: &Arc<Self>,
         key: CodeKey,
@@ -237,21 +335,7 @@ impl CodeExchange {
         dispatcher: &Arc<Dispatcher>,
     ) -> (ExchangeAnswer, CacheStatus) {
         let now = self.seconds(Instant::now());
-        // Read lock first: hits and followers are the common case under duplicates.
-        let existing = match self.slots.get(&key).as_deref() {
-            Some(Slot::Ready(stored)) if stored.expires > now => {
-                return (
-                    ExchangeAnswer::Remembered(stored.remembered()),
-                    CacheStatus::Hit,
-                )
-            }
-            Some(Slot::InFlight(flight)) => Some(flight.answer.subscribe()),
-            _ => None,
-        };
-        if let Some(receiver) = existing {
-            return (wait(receiver).await, CacheStatus::Coalesced);
-        }
-        let receiver = match self.slots.entry(key) {
+        let (flight, receiver) = match self.slots.entry(key) {
             Entry::Occupied(mut occupied) => match occupied.get() {
                 Slot::Ready(stored) if stored.expires > now => {
                     return (
@@ -270,47 +354,60 @@ impl CodeExchange {
                     self.remembered.fetch_sub(1, Ordering::Relaxed);
                     let (flight, receiver) = Flight::new();
                     occupied.insert(Slot::InFlight(flight.clone()));
-                    self.spawn_call(key, flight, call, dispatcher.clone());
-                    receiver
+                    (flight, receiver)
                 }
             },
             Entry::Vacant(vacant) => {
                 let (flight, receiver) = Flight::new();
                 vacant.insert(Slot::InFlight(flight.clone()));
-                self.spawn_call(key, flight, call, dispatcher.clone());
-                receiver
+                (flight, receiver)
             }
         };
         self.update_gauge();
-        (wait(receiver).await, CacheStatus::Miss)
+        let leader = Leader {
+            call: Some(Box::pin(self.clone().lead(
+                key,
+                flight.clone(),
+                call,
+                dispatcher.clone(),
+            ))),
+            flight,
+            receiver: Some(receiver),
+        };
+        (leader.await, CacheStatus::Miss)
     }
 
-    fn spawn_call(
-        self: &Arc<Self>,
+    /// Makes the call of `flight`, settles its slot and hands the answer to any follower.
+    async fn lead(
+        self: Arc<Self>,
         key: CodeKey,
         flight: Arc<Flight>,
         call: Call,
         dispatcher: Arc<Dispatcher>,
-    ) {
-        let exchange = self.clone();
-        tokio::spawn(async move {
-            let gone = || exchange.everyone_gone(key, &flight);
-            let outcome = dispatcher.call(&call, gone).await;
-            let answer = match outcome {
-                CallOutcome::Abandoned => return,
-                CallOutcome::Answered(response, errcode) => {
-                    exchange.settle(key, &flight, &response, errcode);
-                    ExchangeAnswer::Upstream(Arc::new(response), errcode)
-                }
-                other => {
-                    exchange.forget_flight(key, &flight);
-                    ExchangeAnswer::NoAnswer(other)
-                }
-            };
-            // The slot is settled before the answer is published, so a caller that replays
-            // right after receiving it finds the remembered answer.
-            flight.answer.send_replace(Some(answer));
-        });
+    ) -> ExchangeAnswer {
+        let gone = || self.everyone_gone(key, &flight);
+        let answer = match dispatcher.call(&call, gone).await {
+            CallOutcome::Answered(response, errcode) => {
+                self.settle(key, &flight, &response, errcode);
+                ExchangeAnswer::Upstream(Arc::new(response), errcode)
+            }
+            CallOutcome::Abandoned => {
+                // The slot is already gone (see `everyone_gone`); nobody is left to answer.
+                return ExchangeAnswer::NoAnswer(CallOutcome::Abandoned);
+            }
+            other => {
+                self.forget_flight(key, &flight);
+                ExchangeAnswer::NoAnswer(other)
+            }
+        };
+        // The slot no longer holds this flight, so nobody subscribes from now on. The answer
+        // is published only if somebody other than the leader waits: the leader then keeps
+        // the only reference and its response is built without copying.
+        let leader_waits = usize::from(!flight.leader_gone.load(Ordering::Acquire));
+        if flight.answer.receiver_count() > leader_waits {
+            flight.answer.send_replace(Some(answer.clone()));
+        }
+        answer
     }
 
     /// Completes when no caller waits for `flight` any more and its slot has been removed.
@@ -463,7 +560,11 @@ impl ExpiryQueue {
 impl Flight {
     fn new() -> (Arc<Flight>, watch::Receiver<Option<ExchangeAnswer>>) {
         let (answer, receiver) = watch::channel(None);
-        (Arc::new(Flight { answer }), receiver)
+        let flight = Flight {
+            answer,
+            leader_gone: AtomicBool::new(false),
+        };
+        (Arc::new(flight), receiver)
     }
 }
 

@@ -81,6 +81,11 @@ impl Dispatcher {
         &self.quota
     }
 
+    /// The upstream client (for housekeeping).
+    pub fn upstream(&self) -> &UpstreamClient {
+        &self.upstream
+    }
+
     /// Runs `call` to its end. `gone` is asked, while the call waits for quota, for a future
     /// that completes when nobody wants the answer any more; the call is then dropped before
     /// anything is sent. Pass `std::future::pending` when the caller's own cancellation

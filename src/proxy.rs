@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::api::Api;
-use crate::code_exchange::{CacheStatus, CodeExchange, CodeKey, Credential, ExchangeAnswer};
+use crate::code_exchange::{
+    CacheStatus, CodeExchange, CodeKey, Credential, ExchangeAnswer, Lookup,
+};
 use crate::config::Config;
 use crate::dispatch::{Call, CallOutcome, Dispatcher};
 use crate::metrics::{Metrics, Outcome};
@@ -34,7 +36,7 @@ use crate::wechat::{
 pub const MAX_WAIT_HEADER: &str = "x-wxgate-max-wait-ms";
 
 /// Response header of code exchanges: `miss`, `coalesced` or `hit`.
-pub const CACHE_HEADER: &str = "x-wxgate-cache";
+pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-wxgate-cache");
 
 /// The proxy: everything a request needs, shared by all connections.
 pub struct Proxy {
@@ -92,6 +94,7 @@ impl Proxy {
     pub fn housekeeping(&self) {
         self.codes.expire();
         self.dispatcher.quota().retain_recent();
+        self.dispatcher.upstream().close_idle();
         self.metrics
             .quota_keys
             .set(self.dispatcher.quota().len() as i64);
@@ -177,12 +180,18 @@ impl Proxy {
                 Ok(exchange) => exchange,
                 Err(answer) => return (api, *answer),
             };
-            // The hot path of replays: nothing below (headers, the upstream request) is needed.
-            if let Some(remembered) = self.codes.remembered(exchange.key) {
-                let answer = ExchangeAnswer::Remembered(remembered);
-                return (api, exchange_answer(answer, CacheStatus::Hit));
+            // Replays and followers: nothing below (headers, the upstream request) is needed.
+            match self.codes.lookup(exchange.key) {
+                Lookup::Remembered(remembered) => {
+                    let answer = ExchangeAnswer::Remembered(remembered);
+                    return (api, exchange_answer(answer, CacheStatus::Hit));
+                }
+                Lookup::InFlight(waiter) => {
+                    let answer = waiter.answer().await;
+                    return (api, exchange_answer(answer, CacheStatus::Coalesced));
+                }
+                Lookup::Absent => Some(exchange),
             }
-            Some(exchange)
         } else {
             None
         };
@@ -199,7 +208,7 @@ impl Proxy {
         prepare_upstream_headers(&mut headers);
         let request = UpstreamRequest {
             method: parts.method,
-            path_and_query: path_and_query.as_str().to_owned(),
+            path_and_query: path_and_query.clone(),
             headers,
             body,
         };
@@ -355,17 +364,17 @@ fn bad_target() -> Answer {
     )
 }
 
-fn upstream_response(response: &UpstreamResponse) -> Response<Full<Bytes>> {
-    let mut out = Response::new(Full::new(response.body.clone()));
+fn upstream_response(response: UpstreamResponse) -> Response<Full<Bytes>> {
+    let mut out = Response::new(Full::new(response.body));
     *out.status_mut() = response.status;
-    *out.headers_mut() = response.headers.clone();
+    *out.headers_mut() = response.headers;
     out
 }
 
 fn call_answer(outcome: CallOutcome) -> Answer {
     match outcome {
         CallOutcome::Answered(response, errcode) => Answer {
-            response: upstream_response(&response),
+            response: upstream_response(response),
             outcome: Outcome::Forwarded,
             errcode: Some(errcode),
         },
@@ -401,7 +410,8 @@ fn call_answer(outcome: CallOutcome) -> Answer {
 fn exchange_answer(answer: ExchangeAnswer, status: CacheStatus) -> Answer {
     let mut answer = match answer {
         ExchangeAnswer::Upstream(response, errcode) => Answer {
-            response: upstream_response(&response),
+            // The leader alone usually holds the answer: no copy then.
+            response: upstream_response(Arc::unwrap_or_clone(response)),
             outcome: Outcome::Forwarded,
             errcode: Some(errcode),
         },

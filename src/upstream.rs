@@ -3,17 +3,24 @@
 //! Every call goes to the configured base URL joined with the request's path and query as
 //! text: the path is never resolved against the base (a path such as `//evil.example/x` stays
 //! a path on WeChat's host), so wxgate cannot be used as an open relay.
+//!
+//! The client is hyper's HTTP/1.1 connection API with a pool of its own: wxgate talks to one
+//! host, so the pool is one list of idle connections (most recently used last), with no
+//! per-host keying, no URL handling and no boxed futures on the way of a call.
 
+use std::future::poll_fn;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+use tower_service::Service;
 
 use crate::config::UpstreamConfig;
 
@@ -71,7 +78,7 @@ pub struct UpstreamRequest {
     /// The client's method.
     pub method: Method,
     /// The client's path and query, exactly as received.
-    pub path_and_query: String,
+    pub path_and_query: PathAndQuery,
     /// The client's headers minus hop-by-hop ones, `Host` and wxgate's own.
     pub headers: HeaderMap,
     /// The client's body, read whole.
@@ -90,20 +97,24 @@ pub struct UpstreamResponse {
     pub body: Bytes,
 }
 
-/// The client towards WeChat: hyper's pooled keep-alive client, rustls (with the webpki
-/// roots) for HTTPS, HTTP/2 when WeChat offers it.
+/// The client towards WeChat: HTTP/1.1 keep-alive connections from a pool, rustls (with the
+/// webpki roots) for HTTPS.
 ///
-/// Not reqwest: on a code exchange reqwest's own layers (URL parsing, redirect and retry
-/// services) cost more instructions than the rest of wxgate together, and wxgate needs none
-/// of them: it follows no redirect, retries by its own rules, and joins a path it already
-/// has to a base it parsed once.
+/// Not reqwest, nor hyper-util's pooled client: on a code exchange their layers (URL parsing,
+/// per-host pool keys, redirect and retry services, boxed futures) cost more instructions
+/// than the rest of wxgate together, and wxgate needs none of them: it talks to one host,
+/// follows no redirect, retries by its own rules, and joins a path it already has to a base
+/// it parsed once.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    scheme: Scheme,
-    authority: Authority,
+    connector: HttpsConnector<HttpConnector>,
+    pool: Arc<Pool>,
+    /// `scheme://authority/`, what the connector is asked to connect to.
+    origin: Uri,
     /// The base URL's path, without a trailing slash (usually empty).
     prefix: String,
+    /// `Host`, built once.
+    host: HeaderValue,
     /// `Authorization` for a base URL with userinfo.
     authorization: Option<HeaderValue>,
     timeout: Duration,
@@ -113,8 +124,8 @@ pub struct UpstreamClient {
 impl std::fmt::Debug for UpstreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamClient")
-            .field("scheme", &self.scheme)
-            .field("host", &self.authority.host())
+            .field("scheme", &self.origin.scheme_str())
+            .field("host", &self.origin.host())
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +134,10 @@ impl std::fmt::Debug for UpstreamClient {
 #[derive(Debug, thiserror::Error)]
 #[error("upstream.base_url is not a usable http(s) URL")]
 pub struct InvalidBaseUrl;
+
+/// How long an idle connection is kept: well under the minute after which servers commonly
+/// close idle keep-alive connections, so a request rarely meets one being closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 
 impl UpstreamClient {
     /// Builds the client from `[upstream]`.
@@ -142,23 +157,30 @@ impl UpstreamClient {
         http.set_nodelay(true);
         // The connector takes https:// and http:// URIs alike; scheme checks are wxgate's.
         http.enforce_http(false);
-        let https = HttpsConnectorBuilder::new()
+        let connector = HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
             .enable_http1()
-            .enable_http2()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(config.pool_max_idle)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(https);
+        // As a browser writes it: the port only when it is not the scheme's default.
+        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match authority.port_u16() {
+            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host = HeaderValue::from_str(&host).map_err(|_| InvalidBaseUrl)?;
+        let origin = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query("/")
+            .build()
+            .map_err(|_| InvalidBaseUrl)?;
         Ok(UpstreamClient {
-            client,
-            scheme,
-            authority,
+            connector,
+            pool: Arc::new(Pool::new(config.pool_max_idle)),
+            origin,
             prefix: uri.path().trim_end_matches('/').to_owned(),
+            host,
             authorization,
             timeout: config.timeout,
             base_url: config.base_url.clone(),
@@ -170,6 +192,11 @@ impl UpstreamClient {
         &self.base_url
     }
 
+    /// Closes connections idle for too long (their servers may be about to close them).
+    pub fn close_idle(&self) {
+        self.pool.close_idle();
+    }
+
     /// Sends one request and reads the whole answer, within `upstream.timeout_ms`.
     pub async fn send(
         &self,
@@ -177,52 +204,27 @@ impl UpstreamClient {
     ) -> Result<UpstreamResponse, TransportError> {
         // Text concatenation, never URL resolution: see the module doc.
         let path_and_query = if self.prefix.is_empty() {
-            PathAndQuery::from_maybe_shared(Bytes::copy_from_slice(
-                request.path_and_query.as_bytes(),
-            ))
+            request.path_and_query.clone()
         } else {
             PathAndQuery::from_maybe_shared(Bytes::from(format!(
                 "{}{}",
                 self.prefix, request.path_and_query
             )))
-        }
-        // The path came from a request hyper parsed, so this cannot fail; if it did, nothing
-        // was sent.
-        .map_err(|_| TransportError::Connect)?;
-        let uri = Uri::from_parts({
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(self.scheme.clone());
-            parts.authority = Some(self.authority.clone());
-            parts.path_and_query = Some(path_and_query);
-            parts
-        })
-        .map_err(|_| TransportError::Connect)?;
+            // The path came from a request hyper parsed, so this cannot fail; if it did,
+            // nothing was sent.
+            .map_err(|_| TransportError::Connect)?
+        };
         let mut outgoing = Request::new(Full::new(request.body.clone()));
         *outgoing.method_mut() = request.method.clone();
-        *outgoing.uri_mut() = uri;
+        // Origin-form, as HTTP/1.1 sends it to a server (not a proxy).
+        *outgoing.uri_mut() = Uri::from(path_and_query);
         *outgoing.headers_mut() = request.headers.clone();
+        let headers = outgoing.headers_mut();
+        headers.insert(header::HOST, self.host.clone());
         if let Some(authorization) = &self.authorization {
-            outgoing
-                .headers_mut()
-                .insert(header::AUTHORIZATION, authorization.clone());
+            headers.insert(header::AUTHORIZATION, authorization.clone());
         }
-        let exchange = async {
-            let response = self.client.request(outgoing).await.map_err(|error| {
-                if error.is_connect() {
-                    TransportError::Connect
-                } else {
-                    TransportError::Reset
-                }
-            })?;
-            let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|_| TransportError::Reset)?
-                .to_bytes();
-            Ok((parts, body))
-        };
-        let (parts, body) = tokio::time::timeout(self.timeout, exchange)
+        let (parts, body) = tokio::time::timeout(self.timeout, self.exchange(outgoing))
             .await
             .map_err(|_| TransportError::Timeout)??;
         let mut headers = parts.headers;
@@ -234,6 +236,129 @@ impl UpstreamClient {
             headers,
             body,
         })
+    }
+
+    /// Sends `request` on an idle connection, or a new one, and reads the answer whole.
+    /// A pooled connection found closed before the request was written is set aside and the
+    /// request goes on the next one: that is safe, nothing was sent.
+    async fn exchange(
+        &self,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<(http::response::Parts, Bytes), TransportError> {
+        loop {
+            let (mut sender, pooled) = match self.pool.take() {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            if sender.ready().await.is_err() {
+                if pooled {
+                    continue;
+                }
+                return Err(TransportError::Connect);
+            }
+            let response = match sender.try_send_request(request).await {
+                Ok(response) => response,
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) if pooled => {
+                        request = unsent;
+                        continue;
+                    }
+                    Some(_) => return Err(TransportError::Connect),
+                    None => return Err(TransportError::Reset),
+                },
+            };
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|_| TransportError::Reset)?
+                .to_bytes();
+            // The answer was read to its end: the connection can carry the next request.
+            self.pool.put(sender);
+            return Ok((parts, body));
+        }
+    }
+
+    /// Opens a connection (TCP, and TLS for https) and starts its HTTP/1.1 driver task.
+    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, TransportError> {
+        let mut connector = self.connector.clone();
+        poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(|_| TransportError::Connect)?;
+        let stream = connector
+            .call(self.origin.clone())
+            .await
+            .map_err(|_| TransportError::Connect)?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(stream)
+            .await
+            .map_err(|_| TransportError::Connect)?;
+        // Ends when the connection closes: an error, the server closing it, or the last
+        // sender (in the pool or in a call) dropped.
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Idle keep-alive connections towards upstream, most recently used last (so the busy ones
+/// stay warm and the rest idle out).
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+}
+
+struct Idle {
+    sender: http1::SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+impl Pool {
+    fn new(max_idle: usize) -> Pool {
+        Pool {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used connection that is still open.
+    fn take(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some(entry) = idle.pop() {
+            if !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, sender: http1::SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn close_idle(&self) {
+        let now = Instant::now();
+        // Oldest first: the closed and expired ones are dropped (closing their connections).
+        self.lock().retain(|entry| {
+            !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT
+        });
     }
 }
 
@@ -304,12 +429,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(hop) {
         return;
     }
+    // `Connection: keep-alive` / `close` (nearly always all there is) name nothing more to
+    // remove: no list is built for them.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|name| {
+            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
