@@ -30,6 +30,7 @@ use bytes::Bytes;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use http::{HeaderValue, StatusCode};
+use siphasher::sip128::{Hasher128, SipHasher13};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -274,7 +275,8 @@ pub struct CodeExchange {
     remembered: AtomicUsize,
     ttl: Duration,
     max_entries: usize,
-    salt: (RandomState, RandomState),
+    /// The keys of the SipHash behind every [`CodeKey`], drawn per process.
+    salt: (u64, u64),
     metrics: Metrics,
 }
 
@@ -290,8 +292,11 @@ impl CodeExchange {
             remembered: AtomicUsize::new(0),
             ttl: config.ttl,
             max_entries: config.max_entries,
-            // std's RandomState is SipHash-1-3 with random 128-bit keys, drawn per process.
-            salt: (RandomState::new(), RandomState::new()),
+            // Derived from std's RandomState, whose keys come from the OS's random source.
+            salt: (
+                RandomState::new().hash_one(0x77_78_67_61_74_65_u64),
+                RandomState::new().hash_one(0x63_6f_64_65_73_u64),
+            ),
             metrics,
         }
     }
@@ -305,9 +310,11 @@ impl CodeExchange {
                 access_token,
             } => (api.index(), appid, component, access_token, js_code),
         };
-        let high = self.salt.0.hash_one(fields);
-        let low = self.salt.1.hash_one(fields);
-        CodeKey(high, low)
+        // One pass of SipHash-1-3 with a 128-bit output.
+        let mut hasher = SipHasher13::new_with_keys(self.salt.0, self.salt.1);
+        fields.hash(&mut hasher);
+        let hash = hasher.finish128();
+        CodeKey(hash.h1, hash.h2)
     }
 
     /// What the map holds for `key`: one probe under a shard's read lock.

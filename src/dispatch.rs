@@ -107,6 +107,8 @@ impl Dispatcher {
         loop {
             if let Some(key) = &call.quota_key {
                 let turn = tokio::select! {
+                    // The turn first: usually it is there at once, and `gone` is not needed.
+                    biased;
                     turn = self.quota.acquire(key, quota_deadline) => turn,
                     () = gone() => return CallOutcome::Abandoned,
                 };

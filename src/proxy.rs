@@ -33,7 +33,7 @@ use crate::wechat::{
 
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed
 /// by wxgate, never forwarded.
-pub const MAX_WAIT_HEADER: &str = "x-wxgate-max-wait-ms";
+pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-wxgate-max-wait-ms");
 
 /// Response header of code exchanges: `miss`, `coalesced` or `hit`.
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static("x-wxgate-cache");
@@ -334,11 +334,15 @@ fn first_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
 /// body), `Accept-Encoding` (wxgate must read each answer's errcode, so it asks for the
 /// identity encoding) and wxgate's own.
 fn prepare_upstream_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    headers.remove(header::ACCEPT_ENCODING);
-    headers.remove(MAX_WAIT_HEADER);
+    strip_hop_by_hop(
+        headers,
+        &[
+            header::HOST,
+            header::CONTENT_LENGTH,
+            header::ACCEPT_ENCODING,
+            MAX_WAIT_HEADER,
+        ],
+    );
 }
 
 /// Whether a path has `.` or `..` segments, which an HTTP client would resolve and so send

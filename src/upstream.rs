@@ -228,9 +228,8 @@ impl UpstreamClient {
             .await
             .map_err(|_| TransportError::Timeout)??;
         let mut headers = parts.headers;
-        strip_hop_by_hop(&mut headers);
         // hyper frames the body it sends back itself.
-        headers.remove(header::CONTENT_LENGTH);
+        strip_hop_by_hop(&mut headers, &[header::CONTENT_LENGTH]);
         Ok(UpstreamResponse {
             status: parts.status,
             headers,
@@ -411,53 +410,57 @@ fn percent_decode(text: &str) -> Vec<u8> {
     out
 }
 
-/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1), plus
-/// those named in `Connection`: a proxy consumes them and never forwards them.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) headers usually shows there is nothing to remove.
-    let hop = |name: &HeaderName| {
-        name == header::CONNECTION
-            || name == header::TE
-            || name == header::TRAILER
-            || name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::PROXY_AUTHORIZATION
-            || name == header::PROXY_AUTHENTICATE
-            || name.as_str() == "keep-alive"
-            || name.as_str() == "proxy-connection"
-    };
-    if !headers.keys().any(hop) {
+/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1): a proxy
+/// consumes them and never forwards them, nor those named in `Connection`.
+pub static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// Removes the hop-by-hop headers, those named in `Connection`, and `also`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
+    // One pass over the (few) headers finds what is there; only that is removed.
+    let mut present = [false; 16];
+    let names = HOP_BY_HOP.iter().chain(also);
+    debug_assert!(HOP_BY_HOP.len() + also.len() <= present.len());
+    let mut any = false;
+    for name in headers.keys() {
+        if let Some(i) = names.clone().position(|hop| hop == name) {
+            present[i] = true;
+            any = true;
+        }
+    }
+    if !any {
         return;
     }
-    // `Connection: keep-alive` / `close` (nearly always all there is) name nothing more to
-    // remove: no list is built for them.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|name| {
-            !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
-        })
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in named {
+    if present[0] {
+        // `Connection: keep-alive` / `close` (nearly always all there is) name nothing more
+        // to remove: no list is built for them.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, _) in names.zip(present).filter(|(_, present)| *present) {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 #[cfg(test)]
@@ -482,7 +485,7 @@ mod tests {
         headers.insert("keep-alive", "timeout=5".parse().unwrap());
         headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        strip_hop_by_hop(&mut headers);
+        strip_hop_by_hop(&mut headers, &[]);
         assert_eq!(headers.len(), 1);
         assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
     }

@@ -228,30 +228,78 @@ impl<'a> WechatParams<'a> {
 }
 
 /// The pairs of a query as `form_urlencoded::parse` reads them, without decoding (or
-/// allocating) the pairs that have nothing to decode.
+/// allocating) the pairs that have nothing to decode: one pass over the bytes finds each
+/// pair's end, its `=` and whether it has anything to decode.
 fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
-    query
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            if pair.bytes().any(|b| b == b'%' || b == b'+') {
+    let bytes = query.as_bytes();
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        while start < bytes.len() {
+            let (mut end, mut equals, mut encoded) = (start, None, false);
+            while let Some(&byte) = bytes.get(end) {
+                match byte {
+                    b'&' => break,
+                    b'=' if equals.is_none() => equals = Some(end),
+                    b'%' | b'+' => encoded = true,
+                    _ => {}
+                }
+                end += 1;
+            }
+            // Every split is at an ASCII byte, so on a character boundary.
+            let pair = &query[start..end];
+            let equals = equals.map(|at| at - start);
+            start = end + 1;
+            if pair.is_empty() {
+                continue;
+            }
+            if encoded {
                 let (name, value) = form_urlencoded::parse(pair.as_bytes())
                     .next()
                     .unwrap_or_default();
-                (
+                return Some((
                     Cow::Owned(name.into_owned()),
                     Cow::Owned(value.into_owned()),
-                )
-            } else {
-                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-                (Cow::Borrowed(name), Cow::Borrowed(value))
+                ));
             }
-        })
+            return Some(match equals {
+                Some(at) => (Cow::Borrowed(&pair[..at]), Cow::Borrowed(&pair[at + 1..])),
+                None => (Cow::Borrowed(pair), Cow::Borrowed("")),
+            });
+        }
+        None
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn query_pairs_read_as_form_urlencoded_does() {
+        for query in [
+            "",
+            "&",
+            "a",
+            "a=",
+            "=b",
+            "a=b&c=d",
+            "a=b=c",
+            "&&a=1&&b=2&",
+            "js_code=0a1%2B2&secret=x+y",
+            "appid=wx%31&appid=wx1",
+            "a%3Db=c&d",
+            "caf\u{e9}=th\u{e9}&x=%E4%BD%A0",
+            "%zz=%4&k=%",
+        ] {
+            let ours: Vec<(String, String)> = query_pairs(query)
+                .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                .collect();
+            let reference: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+                .map(|(name, value)| (name.into_owned(), value.into_owned()))
+                .collect();
+            assert_eq!(ours, reference, "{query:?}");
+        }
+    }
 
     #[test]
     fn errcode_is_read_leniently() {
