@@ -10,6 +10,10 @@
 
 #[path = "support/rss.rs"]
 mod rss;
+
+/// The wxgate binary's allocator, so that the numbers are the binary's.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use rss::{mb, memory_kib, mib};
 use std::time::{Duration, Instant};
 
