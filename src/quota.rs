@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
@@ -119,6 +120,9 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     class_of_api: [usize; Api::COUNT],
     class_of_appid: HashMap<Box<str>, usize>,
     lanes: DashMap<QuotaKey, Arc<Lane>>,
+    /// How many lanes exist: while there are none (the common case), the fast path does not
+    /// look a key up in `lanes` at all.
+    lane_count: AtomicUsize,
     clock: C,
 }
 
@@ -188,6 +192,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             class_of_api,
             class_of_appid,
             lanes: DashMap::new(),
+            lane_count: AtomicUsize::new(0),
             clock,
         }
     }
@@ -220,11 +225,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// Cancel-safe: dropping the future leaves the queue and spends no token.
     pub async fn acquire(&self, key: &QuotaKey, deadline: Instant) -> Result<Duration, Refused> {
         // Fast path: nobody waiting, no pause, a token at hand.
-        if !self.lanes.contains_key(key) && self.try_take(key).is_ok() {
+        let no_lane = self.lane_count.load(Ordering::Acquire) == 0 || !self.lanes.contains_key(key);
+        if no_lane && self.try_take(key).is_ok() {
             return Ok(Duration::ZERO);
         }
         let started = Instant::now();
-        let lane = self.lanes.entry(*key).or_default().clone();
+        let lane = self.lane(key);
         lane.waiting.fetch_add(1, Ordering::Relaxed);
         let result = self.wait_in_lane(key, &lane, deadline).await;
         lane.waiting.fetch_sub(1, Ordering::Relaxed);
@@ -285,10 +291,21 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
     pub fn pause(&self, key: &QuotaKey, until: Instant) {
-        let lane = self.lanes.entry(*key).or_default().clone();
+        let lane = self.lane(key);
         let mut paused = lane.paused_until.lock().unwrap_or_else(|e| e.into_inner());
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
+        }
+    }
+
+    /// The lane of `key`, made if there is none.
+    fn lane(&self, key: &QuotaKey) -> Arc<Lane> {
+        match self.lanes.entry(*key) {
+            Entry::Occupied(occupied) => occupied.get().clone(),
+            Entry::Vacant(vacant) => {
+                self.lane_count.fetch_add(1, Ordering::AcqRel);
+                vacant.insert(Arc::default()).clone()
+            }
         }
     }
 
@@ -296,9 +313,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
         let now = Instant::now();
         // The map holds one reference; any other belongs to a call still using the lane. The
         // check runs under the shard's write lock, so no call can pick the lane up meanwhile.
-        self.lanes.remove_if(key, |_, lane| {
+        let removed = self.lanes.remove_if(key, |_, lane| {
             Arc::strong_count(lane) == 1 && lane.pause_end().is_none_or(|until| until <= now)
         });
+        if removed.is_some() {
+            self.lane_count.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Drops the state of keys that have been idle long enough to have a full bucket again,
@@ -310,7 +330,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
         }
         let now = Instant::now();
         self.lanes.retain(|_, lane| {
-            Arc::strong_count(lane) > 1 || lane.pause_end().is_some_and(|until| until > now)
+            let keep =
+                Arc::strong_count(lane) > 1 || lane.pause_end().is_some_and(|until| until > now);
+            if !keep {
+                self.lane_count.fetch_sub(1, Ordering::AcqRel);
+            }
+            keep
         });
     }
 

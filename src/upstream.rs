@@ -428,11 +428,14 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     // One pass over the (few) headers finds what is there; only that is removed.
     let mut present = [false; 16];
-    let names = HOP_BY_HOP.iter().chain(also);
     debug_assert!(HOP_BY_HOP.len() + also.len() <= present.len());
     let mut any = false;
     for name in headers.keys() {
-        if let Some(i) = names.clone().position(|hop| hop == name) {
+        let found = HOP_BY_HOP
+            .iter()
+            .position(|hop| hop == name)
+            .or_else(|| Some(HOP_BY_HOP.len() + also.iter().position(|hop| hop == name)?));
+        if let Some(i) = found {
             present[i] = true;
             any = true;
         }
@@ -440,9 +443,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     if !any {
         return;
     }
-    if present[0] {
-        // `Connection: keep-alive` / `close` (nearly always all there is) name nothing more
-        // to remove: no list is built for them.
+    let only_keep_alive_or_close = || {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        let first = values.next().map(HeaderValue::as_bytes);
+        values.next().is_none()
+            && first.is_some_and(|value| {
+                value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+            })
+    };
+    if present[0] && !only_keep_alive_or_close() {
+        // `keep-alive` and `close` name no header; others name headers to remove.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -458,7 +468,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
             headers.remove(name);
         }
     }
-    for (name, _) in names.zip(present).filter(|(_, present)| *present) {
+    for (name, _) in HOP_BY_HOP
+        .iter()
+        .chain(also)
+        .zip(present)
+        .filter(|(_, present)| *present)
+    {
         headers.remove(name);
     }
 }
