@@ -21,8 +21,12 @@
 # upstream and wrk on CPU 0. Every proxy is started fresh for every cell, so its peak RSS
 # (VmHWM) is that cell's. Only 127.0.0.1 is used. Everything started here is stopped on exit.
 #
-# Settings (environment): DURATION (s per cell, default 8), WARMUP (s, default 2),
-# CONNECTIONS (default 64), DUP_CODES (default 100), PROXY_CPU (1), LOAD_CPU (0),
+# Every cell is measured ROUNDS times, the rounds interleaved (round 1 of every cell, then
+# round 2, ...), and the table shows each cell's median round: a shared machine's slow
+# minutes then move one round of several cells rather than the whole of one cell.
+#
+# Settings (environment): ROUNDS (default 3), DURATION (s per round, default 5), WARMUP (s,
+# default 1), CONNECTIONS (default 64), DUP_CODES (default 100), PROXY_CPU (1), LOAD_CPU (0),
 # CONTENDERS and WORKLOADS (space-separated subsets, default all), WXGATE_BIN (measure this
 # wxgate executable instead of building the repository's).
 set -euo pipefail
@@ -30,8 +34,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 
-DURATION="${DURATION:-8}"
-WARMUP="${WARMUP:-2}"
+ROUNDS="${ROUNDS:-3}"
+DURATION="${DURATION:-5}"
+WARMUP="${WARMUP:-1}"
 CONNECTIONS="${CONNECTIONS:-64}"
 DUP_CODES="${DUP_CODES:-100}"
 PROXY_CPU="${PROXY_CPU:-1}"
@@ -178,16 +183,18 @@ request_path() {
     printf '/sns/jscode2session?appid=wx00000000000000a1&secret=stand-in-secret-a1&grant_type=authorization_code&js_code=%s' "$1"
 }
 
-# Waits until `port` answers an exchange with 200.
+# Waits until `port` answers an exchange with 200, while process `pid` lives; 1 if it never
+# does.
 wait_ready() {
-    local port="$1" i
+    local port="$1" pid="$2" i
     for i in $(seq 1 100); do
         if curl -sf -o /dev/null "http://127.0.0.1:$port$(request_path "ready$i")"; then
             return 0
         fi
+        kill -0 "$pid" 2>/dev/null || return 1
         sleep 0.1
     done
-    fail "nothing answers on 127.0.0.1:$port"
+    return 1
 }
 
 # nginx's settings shared by the upstream and the proxies: own prefix and temp paths, no
@@ -387,10 +394,17 @@ wxgate_metric() {
 # --- 4. the upstream --------------------------------------------------------------------------
 tick_hz="$(getconf CLK_TCK)"
 log "upstream: nginx on CPU $LOAD_CPU, 127.0.0.1:$upstream_port"
-upstream_conf="$(write_upstream_conf)"
-start_on "$LOAD_CPU" nginx -p "$work/upstream" -c "$upstream_conf"
-upstream_pid="$started"
-wait_ready "$upstream_port"
+# A port found free can be taken before nginx binds it: then another port is tried.
+for attempt in 1 2 3; do
+    upstream_conf="$(write_upstream_conf)"
+    start_on "$LOAD_CPU" nginx -p "$work/upstream" -c "$upstream_conf"
+    upstream_pid="$started"
+    wait_ready "$upstream_port" "$upstream_pid" && break
+    stop "$upstream_pid"
+    [ "$attempt" -lt 3 ] || fail "the upstream never answered on 127.0.0.1:$upstream_port (see $work/processes.log)"
+    free_port
+    upstream_port="$found_port"
+done
 answer="$(curl -sf -D "$work/headers" "http://127.0.0.1:$upstream_port$(request_path probe)")"
 [ "$answer" = "$BODY" ] || fail "the upstream answers $answer"
 grep -qi "^content-type: $CONTENT_TYPE" "$work/headers" || fail "the upstream's Content-Type is wrong"
@@ -414,7 +428,7 @@ start_contender() {
         proxy_pid="$(nginx_worker "$started")"
         ;;
     esac
-    wait_ready "$proxy_port"
+    wait_ready "$proxy_port" "$started" || fail "$name never answered on 127.0.0.1:$proxy_port"
     # Every contender passes the upstream's answer through unchanged.
     local got
     got="$(curl -sf -D "$work/headers" "http://127.0.0.1:$proxy_port$(request_path "probe$name")")"
@@ -434,21 +448,23 @@ idle_busy="CPU$PROXY_CPU $(percent "$((quiet_busy_after - quiet_busy_before))" "
 # --- 5. the measurements ------------------------------------------------------------------------
 printf '\nwxgate load comparison: %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 printf 'machine: %s CPUs, %s\n' "$cpus" "$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
-printf 'wrk %s: %d thread, %d connections, %ss per cell after a %ss warm-up; %d duplicate codes\n' \
-    "$(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" "$WRK_THREADS" "$CONNECTIONS" "$DURATION" "$WARMUP" "$DUP_CODES"
+printf 'wrk %s: %d thread, %d connections, %ss per round after a %ss warm-up, %d rounds per cell (median shown); %d duplicate codes\n' \
+    "$(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" "$WRK_THREADS" "$CONNECTIONS" "$DURATION" "$WARMUP" "$ROUNDS" "$DUP_CODES"
 printf 'pinning: proxy under test alone on CPU %s; upstream nginx and wrk on CPU %s\n' "$PROXY_CPU" "$LOAD_CPU"
 printf 'logging: wxgate RUST_LOG=warn (no access line); every nginx access_log off\n'
 printf 'busy before the run (other processes): %s\n' "$idle_busy"
 printf '%s\n' "$(nginx -v 2>&1)"
 printf 'wxgate: %s (%s)\n\n' "$wxgate_bin" "$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo '+local changes')"
 
-declare -A rps p99
+# Per cell and round: requests/s and the row; then per cell: the median round's.
+declare -A round_rps round_row round_p99 rps p99
 rows=()
 proxy_pid=""
 stop_pid=""
+for round in $(seq 1 "$ROUNDS"); do
 for workload in "${WORKLOADS[@]}"; do
     for name in "${CONTENDERS[@]}"; do
-        log "$workload / $name"
+        log "round $round/$ROUNDS: $workload / $name"
         if [ "$name" = direct ]; then
             port="$upstream_port"
             proxy_pid=""
@@ -503,12 +519,28 @@ for workload in "${WORKLOADS[@]}"; do
         [ "$socket_errors" = 0 ] || notes="$socket_errors socket errors! $notes"
         [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
         stop_pid=""
-        rps[$workload/$name]="$rate"
-        p99[$workload/$name]="$p99_us"
-        rows+=("$(printf '%-10s %-12s %8s %8.2f %8.2f %8s %6s %6s %6s  %s' \
+        cell="$workload/$name"
+        round_rps[$cell/$round]="$rate"
+        round_p99[$cell/$round]="$p99_us"
+        round_row[$cell/$round]="$(printf '%-10s %-12s %8s %8.2f %8.2f %8s %6s %6s %6s  %s' \
             "$workload" "$name" "$rate" "$(awk -v u="$p50_us" 'BEGIN { print u / 1000 }')" \
             "$(awk -v u="$p99_us" 'BEGIN { print u / 1000 }')" "$rss" "$proxy_cpu" \
-            "$proxy_cpu_busy" "$load_cpu" "$notes")")
+            "$proxy_cpu_busy" "$load_cpu" "$notes")"
+    done
+done
+done
+for workload in "${WORKLOADS[@]}"; do
+    for name in "${CONTENDERS[@]}"; do
+        cell="$workload/$name"
+        # The median round by requests/s (the upper one of two), and every round's rate.
+        median="$(for round in $(seq 1 "$ROUNDS"); do echo "${round_rps[$cell/$round]} $round"; done |
+            sort -n | awk '{ r[NR] = $2 } END { print r[int(NR / 2) + 1] }')"
+        all="$(for round in $(seq 1 "$ROUNDS"); do printf '%s ' "${round_rps[$cell/$round]}"; done)"
+        rps[$cell]="${round_rps[$cell/$median]}"
+        p99[$cell]="${round_p99[$cell/$median]}"
+        row="${round_row[$cell/$median]}"
+        [ "$ROUNDS" = 1 ] || row="$row  (rounds: ${all% })"
+        rows+=("$row")
     done
 done
 stop "$upstream_pid"
@@ -519,7 +551,8 @@ printf '%s\n' "${rows[@]}"
 printf '\nRSS MiB: peak RSS (VmHWM) of the proxy process (nginx: its worker). proxy: the proxy\n'
 printf 'process'"'"'s CPU time / wall time; CPU%s, CPU%s: how busy each CPU was (all processes),\n' "$PROXY_CPU" "$LOAD_CPU"
 printf 'so CPU%s well above proxy means something else ran there, and CPU%s at 100%% means the\n' "$PROXY_CPU" "$LOAD_CPU"
-printf 'load side (wrk + upstream), not the proxy, set the pace.\n\n'
+printf 'load side (wrk + upstream), not the proxy, set the pace. Each row is its cell'"'"'s median\n'
+printf 'round by req/s; "rounds" lists the req/s of every round.\n\n'
 
 printf '%-10s %13s %19s %14s %13s\n' workload "wxgate/nginx" "wxgate/nginx-plain" "p99 wxgate ms" "p99 nginx ms"
 for workload in "${WORKLOADS[@]}"; do
