@@ -243,11 +243,34 @@ impl Future for Leader {
     }
 }
 
+/// Frees a call's slot and answers its followers when the call ends unfinished.
+struct Unfinished<'a> {
+    exchange: &'a CodeExchange,
+    key: CodeKey,
+    flight: &'a Arc<Flight>,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.exchange.forget_flight(self.key, self.flight);
+            let answer = ExchangeAnswer::NoAnswer(CallOutcome::Abandoned);
+            self.flight.answer.send_replace(Some(answer));
+        }
+    }
+}
+
 impl Drop for Leader {
     fn drop(&mut self) {
         let Some(call) = self.call.take() else {
             return;
         };
+        if std::thread::panicking() {
+            // The call panicked while this leader polled it: it cannot be polled again
+            // (dropping it frees its slot, see `Unfinished`).
+            return;
+        }
         // From now on only followers wait (see `lead`); and if there are none, a call still
         // waiting for quota sees everyone gone.
         self.flight.leader_gone.store(true, Ordering::Release);
@@ -392,6 +415,14 @@ impl CodeExchange {
         call: Call,
         dispatcher: Arc<Dispatcher>,
     ) -> ExchangeAnswer {
+        // If this future is dropped before it ends (its task cancelled at shutdown, no runtime
+        // to move to, a panic), the slot is freed and the followers are answered.
+        let mut unfinished = Unfinished {
+            exchange: &self,
+            key,
+            flight: &flight,
+            armed: true,
+        };
         let gone = || self.everyone_gone(key, &flight);
         let answer = match dispatcher.call(&call, gone).await {
             CallOutcome::Answered(response, errcode) => {
@@ -400,6 +431,7 @@ impl CodeExchange {
             }
             CallOutcome::Abandoned => {
                 // The slot is already gone (see `everyone_gone`); nobody is left to answer.
+                unfinished.armed = false;
                 return ExchangeAnswer::NoAnswer(CallOutcome::Abandoned);
             }
             other => {
@@ -410,6 +442,7 @@ impl CodeExchange {
         // The slot no longer holds this flight, so nobody subscribes from now on. The answer
         // is published only if somebody other than the leader waits: the leader then keeps
         // the only reference and its response is built without copying.
+        unfinished.armed = false;
         let leader_waits = usize::from(!flight.leader_gone.load(Ordering::Acquire));
         if flight.answer.receiver_count() > leader_waits {
             flight.answer.send_replace(Some(answer.clone()));
@@ -443,7 +476,8 @@ impl CodeExchange {
         errcode: Errcode,
     ) {
         // Rounded up to the second: an answer is never forgotten early.
-        let expires = self.seconds(Instant::now()) + self.ttl.as_secs() as u32 + 1;
+        let now = self.seconds(Instant::now());
+        let expires = now + self.ttl.as_secs() as u32 + 1;
         let remembered = is_definitive(response.status, errcode)
             .then(|| Stored::new(response, expires))
             .flatten();
@@ -454,7 +488,7 @@ impl CodeExchange {
                 self.remembered.fetch_add(1, Ordering::Relaxed);
                 let mut expiry = self.expiry.lock().unwrap_or_else(|e| e.into_inner());
                 expiry.push_back((expires, key));
-                self.evict(&mut expiry, self.seconds(Instant::now()));
+                self.evict(&mut expiry, now);
             }
             None => self.forget_flight(key, flight),
         }
@@ -580,7 +614,7 @@ async fn wait(mut receiver: watch::Receiver<Option<ExchangeAnswer>>) -> Exchange
         Ok(answer) => answer
             .clone()
             .unwrap_or(ExchangeAnswer::NoAnswer(CallOutcome::Abandoned)),
-        // The task ended without an answer: only possible if it panicked.
+        // The call ended without publishing (see `Unfinished`, which normally does).
         Err(_) => ExchangeAnswer::NoAnswer(CallOutcome::Abandoned),
     }
 }

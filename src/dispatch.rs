@@ -104,6 +104,8 @@ impl Dispatcher {
         let mut last: Option<CallOutcome> = None;
         // Counted when the retry is sent: a hold that runs out sends nothing.
         let mut retrying: Option<RetryReason> = None;
+        // When the first attempt goes out at once, it is sent at `started` (one clock read less).
+        let mut sent_at_start = true;
         loop {
             if let Some(key) = &call.quota_key {
                 let turn = tokio::select! {
@@ -114,6 +116,7 @@ impl Dispatcher {
                 };
                 match turn {
                     Ok(waited) if waited > Duration::ZERO => {
+                        sent_at_start = false;
                         self.metrics.quota_wait(call.api, waited.as_secs_f64())
                     }
                     Ok(_) => {}
@@ -128,7 +131,11 @@ impl Dispatcher {
             if let Some(reason) = retrying.take() {
                 self.metrics.retry(call.api, reason);
             }
-            let sent = Instant::now();
+            let sent = if std::mem::take(&mut sent_at_start) {
+                started
+            } else {
+                Instant::now()
+            };
             let result = self.upstream.send(&call.request).await;
             let seconds = sent.elapsed().as_secs_f64();
             retrying = Some(match result {

@@ -9,7 +9,9 @@
 //! per-host keying, no URL handling and no boxed futures on the way of a call.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +21,6 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::UpstreamConfig;
@@ -135,9 +136,10 @@ impl std::fmt::Debug for UpstreamClient {
 #[error("upstream.base_url is not a usable http(s) URL")]
 pub struct InvalidBaseUrl;
 
-/// How long an idle connection is kept: well under the minute after which servers commonly
-/// close idle keep-alive connections, so a request rarely meets one being closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// How long an idle connection is kept, in housekeeping ticks (seconds, see
+/// [`UpstreamClient::close_idle`]): well under the minute after which servers commonly close
+/// idle keep-alive connections, so a request rarely meets one being closed.
+const IDLE_TICKS: u64 = 50;
 
 impl UpstreamClient {
     /// Builds the client from `[upstream]`.
@@ -192,7 +194,8 @@ impl UpstreamClient {
         &self.base_url
     }
 
-    /// Closes connections idle for too long (their servers may be about to close them).
+    /// Closes connections idle for too long (their servers may be about to close them), and
+    /// those already closed. Called once a second: each call is a tick of the idle clock.
     pub fn close_idle(&self) {
         self.pool.close_idle();
     }
@@ -249,7 +252,7 @@ impl UpstreamClient {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
-            if sender.ready().await.is_err() {
+            if !ready(&mut sender, pooled).await {
                 if pooled {
                     continue;
                 }
@@ -303,16 +306,37 @@ impl UpstreamClient {
     }
 }
 
+/// How long a pooled connection may take to become ready, e.g. while it still writes the body
+/// of a request whose answer came early; after that it is set aside (nothing was sent on it).
+const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
+
+/// Whether `sender` can take a request: at once, nearly always; a pooled connection still
+/// busy gets `POOLED_READY_WAIT`, a new one the call's own timeout.
+async fn ready(sender: &mut http1::SendRequest<Full<Bytes>>, pooled: bool) -> bool {
+    match poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
+        Poll::Ready(result) => result.is_ok(),
+        Poll::Pending if pooled => {
+            matches!(
+                tokio::time::timeout(POOLED_READY_WAIT, sender.ready()).await,
+                Ok(Ok(()))
+            )
+        }
+        Poll::Pending => sender.ready().await.is_ok(),
+    }
+}
+
 /// Idle keep-alive connections towards upstream, most recently used last (so the busy ones
-/// stay warm and the rest idle out).
+/// stay warm and the rest idle out). Idle time is counted in housekeeping ticks, so that
+/// neither taking nor returning a connection reads the clock.
 struct Pool {
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
+    tick: AtomicU64,
 }
 
 struct Idle {
     sender: http1::SendRequest<Full<Bytes>>,
-    since: Instant,
+    since_tick: u64,
 }
 
 impl Pool {
@@ -320,6 +344,7 @@ impl Pool {
         Pool {
             idle: Mutex::new(Vec::new()),
             max_idle,
+            tick: AtomicU64::new(0),
         }
     }
 
@@ -329,10 +354,9 @@ impl Pool {
 
     /// The most recently used connection that is still open.
     fn take(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
-        let now = Instant::now();
         let mut idle = self.lock();
         while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT {
+            if !entry.sender.is_closed() {
                 return Some(entry.sender);
             }
         }
@@ -343,21 +367,18 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
+        let since_tick = self.tick.load(Ordering::Relaxed);
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+            idle.push(Idle { sender, since_tick });
         }
     }
 
     fn close_idle(&self) {
-        let now = Instant::now();
-        // Oldest first: the closed and expired ones are dropped (closing their connections).
-        self.lock().retain(|entry| {
-            !entry.sender.is_closed() && now.duration_since(entry.since) < IDLE_TIMEOUT
-        });
+        let tick = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        // Dropping a sender closes its connection.
+        self.lock()
+            .retain(|entry| !entry.sender.is_closed() && tick - entry.since_tick < IDLE_TICKS);
     }
 }
 
@@ -428,7 +449,10 @@ pub static HOP_BY_HOP: [HeaderName; 9] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     // One pass over the (few) headers finds what is there; only that is removed.
     let mut present = [false; 16];
-    debug_assert!(HOP_BY_HOP.len() + also.len() <= present.len());
+    assert!(
+        HOP_BY_HOP.len() + also.len() <= present.len(),
+        "strip_hop_by_hop: too many extra names"
+    );
     let mut any = false;
     for name in headers.keys() {
         let found = HOP_BY_HOP

@@ -360,3 +360,56 @@ async fn requests_that_cannot_succeed_are_answered_locally() {
         cases.len() as f64
     );
 }
+
+/// A call that is dropped before it ends (here: its runtime shuts down under it) frees its
+/// slot and answers whoever waits for it, instead of leaving them waiting for ever.
+#[tokio::test]
+async fn a_call_dropped_unfinished_answers_its_followers_and_frees_the_code() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use std::sync::Arc;
+    use wxgate::proxy::{Proxy, CACHE_HEADER};
+
+    let upstream = stand_in(|_| {}).await;
+    upstream.set_latency(Duration::from_millis(1500));
+    let config = config(&config_text(&upstream.base_url(), ""));
+    let registry = prometheus::Registry::new();
+    let metrics = wxgate::metrics::Metrics::new(&registry).unwrap();
+    let proxy = Arc::new(Proxy::new(&config, metrics).unwrap());
+    let path = jscode2session(APPID, SECRET, "code-dropped");
+    let request = || {
+        http::Request::get(path.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+
+    // The leader runs on a runtime of its own, which is then shut down mid-call.
+    let leader_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    leader_runtime.spawn(proxy.clone().handle(request()));
+    while upstream.code_calls("code-dropped") == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let follower = tokio::spawn(proxy.clone().handle(request()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    leader_runtime.shutdown_background();
+
+    let answer = tokio::time::timeout(Duration::from_secs(5), follower)
+        .await
+        .expect("the follower is answered, not left waiting")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status(), 502);
+    assert_eq!(answer.headers()[CACHE_HEADER], "coalesced");
+    let body = answer.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(errcode(&body), -1);
+
+    // The code is not stuck "in flight": the next caller makes a call of its own.
+    upstream.set_latency(Duration::ZERO);
+    let again = proxy.clone().handle(request()).await.unwrap();
+    assert_eq!(again.headers()[CACHE_HEADER], "miss");
+    assert_eq!(upstream.code_calls("code-dropped"), 2);
+}

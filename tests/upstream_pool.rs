@@ -22,6 +22,9 @@ enum AfterAnswer {
     CloseSilently,
     /// Answers with `Connection: close`, then closes it.
     AnnounceClose,
+    /// Answers a request as soon as its head has arrived and reads nothing more (a body is
+    /// left unread), keeping the connection open.
+    AnswerEarly,
 }
 
 /// A server answering every request with [`BODY`]; counts connections and requests.
@@ -75,8 +78,13 @@ async fn serve(mut stream: TcpStream, after: AfterAnswer, requests: Arc<AtomicUs
         if stream.write_all(answer.as_bytes()).await.is_err() {
             return;
         }
-        if !matches!(after, AfterAnswer::KeepAlive) {
-            return;
+        match after {
+            AfterAnswer::KeepAlive => {}
+            AfterAnswer::AnswerEarly => {
+                // Holds the connection open, reading nothing.
+                std::future::pending::<()>().await;
+            }
+            AfterAnswer::CloseSilently | AfterAnswer::AnnounceClose => return,
         }
     }
 }
@@ -150,4 +158,26 @@ async fn a_connection_the_server_closed_while_idle_is_not_used_again() {
             "{what}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_connection_still_writing_an_unread_body_is_passed_over() {
+    // The server answers a large POST before reading its body and never reads it: the
+    // connection cannot take another request until that body is written, which never happens.
+    let upstream = upstream(AfterAnswer::AnswerEarly).await;
+    let extra = "[server]\nmax_body_bytes = 67108864\n";
+    let proxy = spawn_proxy(config(&config_text(&upstream.url, extra))).await;
+    let client = client();
+    let body = vec![b'x'; 48 << 20];
+    let first = client
+        .post(proxy.url("/cgi-bin/upload?x=1"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    // The next call does not wait on that connection until its own timeout (2 s here, then
+    // a 504): it goes on a new one.
+    get_ok(&client, &proxy, "after the early answer").await;
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
 }
