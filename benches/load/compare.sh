@@ -55,6 +55,10 @@ CONTENT_TYPE='application/json; encoding=utf-8'
 log() { printf '==> %s\n' "$*" >&2; }
 fail() {
     printf 'FAIL: %s\n' "$*" >&2
+    if [ -s "${work:-}/processes.log" ]; then
+        printf '%s\n' "--- last lines of the processes' output:" >&2
+        tail -n 20 "$work/processes.log" >&2
+    fi
     exit 1
 }
 
@@ -161,10 +165,15 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 # A free loopback port (nothing listens on it now) in `found_port`; never the same twice.
+# Below the ephemeral range: a port from it can be taken meanwhile as the source port of one
+# of the many connections wrk and the proxies open.
+read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
+port_span=$((ephemeral_low - 10000))
+[ "$port_span" -ge 1000 ] || port_span=1000
 used_ports=" "
 free_port() {
     while :; do
-        found_port=$((20000 + RANDOM % 40000))
+        found_port=$((10000 + RANDOM % port_span))
         case "$used_ports" in *" $found_port "*) continue ;; esac
         if [ -z "$(ss -Htln "sport = :$found_port" 2>/dev/null)" ]; then
             used_ports+="$found_port "
