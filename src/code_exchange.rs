@@ -289,6 +289,18 @@ enum Slot {
     Ready(Stored),
 }
 
+impl Slot {
+    /// What a caller finds here at `now` (seconds since the exchange's `base`): an expired
+    /// answer is as good as none.
+    fn lookup(&self, now: u32) -> Lookup {
+        match self {
+            Slot::Ready(stored) if stored.expires > now => Lookup::Remembered(stored.remembered()),
+            Slot::InFlight(flight) => Lookup::InFlight(Waiter(flight.answer.subscribe())),
+            Slot::Ready(_) => Lookup::Absent,
+        }
+    }
+}
+
 /// The code-exchange coalescer and its remembered answers.
 pub struct CodeExchange {
     slots: DashMap<CodeKey, Slot, BuildHasherDefault<KeyHasher>>,
@@ -342,12 +354,9 @@ impl CodeExchange {
 
     /// What the map holds for `key`: one probe under a shard's read lock.
     pub fn lookup(&self, key: CodeKey) -> Lookup {
-        match self.slots.get(&key).as_deref() {
-            Some(Slot::Ready(stored)) if stored.expires > self.seconds(Instant::now()) => {
-                Lookup::Remembered(stored.remembered())
-            }
-            Some(Slot::InFlight(flight)) => Lookup::InFlight(Waiter(flight.answer.subscribe())),
-            _ => Lookup::Absent,
+        match self.slots.get(&key) {
+            Some(slot) => slot.lookup(self.seconds(Instant::now())),
+            None => Lookup::Absent,
         }
     }
 
@@ -366,19 +375,16 @@ impl CodeExchange {
     ) -> (ExchangeAnswer, CacheStatus) {
         let now = self.seconds(Instant::now());
         let (flight, receiver) = match self.slots.entry(key) {
-            Entry::Occupied(mut occupied) => match occupied.get() {
-                Slot::Ready(stored) if stored.expires > now => {
-                    return (
-                        ExchangeAnswer::Remembered(stored.remembered()),
-                        CacheStatus::Hit,
-                    )
+            // Filled since the caller's `lookup`: the same reading, now under the write lock.
+            Entry::Occupied(mut occupied) => match occupied.get().lookup(now) {
+                Lookup::Remembered(remembered) => {
+                    return (ExchangeAnswer::Remembered(remembered), CacheStatus::Hit)
                 }
-                Slot::InFlight(flight) => {
-                    let receiver = flight.answer.subscribe();
+                Lookup::InFlight(waiter) => {
                     drop(occupied);
-                    return (wait(receiver).await, CacheStatus::Coalesced);
+                    return (waiter.answer().await, CacheStatus::Coalesced);
                 }
-                Slot::Ready(_) => {
+                Lookup::Absent => {
                     // Expired and not yet swept: the expiry queue's record will find the key
                     // holding something else and leave it alone.
                     self.remembered.fetch_sub(1, Ordering::Relaxed);
