@@ -5,7 +5,6 @@
 //! names no destination, the configured upstream is the only one. The log line names the
 //! API (a bounded label), never the path or query, so no credential reaches a log.
 
-use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -228,7 +227,7 @@ impl Proxy {
         }
 
         let quota_key = (api != Api::Other)
-            .then(|| first_param(query, "appid"))
+            .then(|| wechat::first_param(query, "appid"))
             .flatten()
             .filter(|appid| is_plausible_appid(appid))
             .and_then(|appid| QuotaKey::new(api, &appid));
@@ -320,13 +319,6 @@ impl Proxy {
 struct ValidExchange {
     key: CodeKey,
     quota_key: QuotaKey,
-}
-
-/// The first value of `name` in a query.
-fn first_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(key, _)| key == name)
-        .map(|(_, value)| value)
 }
 
 /// What goes upstream: the client's headers minus those describing the client's connection,

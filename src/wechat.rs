@@ -227,6 +227,13 @@ impl<'a> WechatParams<'a> {
     }
 }
 
+/// The first value of `name` in a query, decoded.
+pub fn first_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
+    query_pairs(query)
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value)
+}
+
 /// The pairs of a query as `form_urlencoded::parse` reads them, without decoding (or
 /// allocating) the pairs that have nothing to decode: one pass over the bytes finds each
 /// pair's end, its `=` and whether it has anything to decode.
