@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
@@ -382,53 +383,14 @@ impl Pool {
     }
 }
 
-/// `Authorization: Basic …` for the userinfo of a base URL.
+/// `Authorization: Basic …` for the userinfo of a base URL (percent-decoded first, as URL
+/// userinfo is percent-encoded).
 fn basic_authorization(userinfo: &str) -> Result<HeaderValue, InvalidBaseUrl> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let decoded: Vec<u8> = percent_decode(userinfo);
-    let mut encoded = String::from("Basic ");
-    for chunk in decoded.chunks(3) {
-        let bytes = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(bytes[0]) << 16 | u32::from(bytes[1]) << 8 | u32::from(bytes[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                encoded.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                encoded.push('=');
-            }
-        }
-    }
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(userinfo).collect();
+    let encoded = format!("Basic {}", BASE64_STANDARD.encode(decoded));
     let mut value = HeaderValue::from_str(&encoded).map_err(|_| InvalidBaseUrl)?;
     value.set_sensitive(true);
     Ok(value)
-}
-
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (
-            bytes[i],
-            bytes.get(i + 1).copied().and_then(hex),
-            bytes.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(high), Some(low)) => {
-                out.push((high * 16 + low) as u8);
-                i += 3;
-            }
-            (byte, _, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    out
 }
 
 /// Headers that describe one connection rather than the message (RFC 9110 §7.6.1): a proxy
