@@ -12,11 +12,7 @@
 
 #[path = "support/rss.rs"]
 mod rss;
-
-/// The wxgate binary's allocator, so that the numbers are the binary's.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use rss::{mb, memory_kib, mib};
+use rss::{memory_kib, report};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -124,7 +120,7 @@ async fn run(answers: usize) {
     upstream.reset_counters();
 
     let remembered = gauge(&registry, "wxgate_code_cache_entries");
-    let (rss_after, hwm) = memory_kib();
+    let rss_after = memory_kib();
     // Still answered from memory, byte for byte.
     let replay = proxy
         .clone()
@@ -133,7 +129,6 @@ async fn run(answers: usize) {
         .expect("infallible");
     assert_eq!(replay.headers()[CACHE_HEADER], "hit");
 
-    let grown = rss_after.saturating_sub(rss_before);
     println!(
         "code cache memory: {answers} exchanges through Proxy::handle in {elapsed:.1?} ({:.0}/s)",
         answers as f64 / elapsed.as_secs_f64()
@@ -144,24 +139,13 @@ async fn run(answers: usize) {
         String::from_utf8_lossy(&sample)
     );
     println!("  answers remembered:  {remembered}");
-    println!("  RSS before:          {:8.1} MiB", mib(rss_before));
-    println!(
-        "  RSS after:           {:8.1} MiB = {:.1} MB (VmRSS)",
-        mib(rss_after),
-        mb(rss_after)
+    report(
+        rss_before,
+        rss_after,
+        answers,
+        "remembered answer",
+        TARGET_MB,
     );
-    println!("  peak RSS:            {:8.1} MiB (VmHWM)", mib(hwm));
-    println!(
-        "  grown by:            {:8.1} MiB, {:.0} bytes per remembered answer",
-        mib(grown),
-        grown as f64 * 1024.0 / answers as f64
-    );
-    let verdict = if mb(rss_after) <= TARGET_MB {
-        "met"
-    } else {
-        "NOT met"
-    };
-    println!("  target:              RSS <= {TARGET_MB} MB: {verdict}");
 }
 
 /// The value of a gauge without labels.

@@ -10,11 +10,7 @@
 
 #[path = "support/rss.rs"]
 mod rss;
-
-/// The wxgate binary's allocator, so that the numbers are the binary's.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use rss::{mb, memory_kib, mib};
+use rss::{memory_kib, report};
 use std::time::{Duration, Instant};
 
 use wxgate::api::Api;
@@ -54,31 +50,13 @@ async fn run(appids: usize) {
         assert_eq!(waited, Duration::ZERO);
     }
     let elapsed = started.elapsed();
-    let (rss_after, hwm) = memory_kib();
+    let rss_after = memory_kib();
     assert_eq!(gate.len(), appids, "every appid has quota state");
 
-    let grown = rss_after.saturating_sub(rss_before);
     println!(
         "quota memory: {appids} appids through QuotaGate::acquire in {elapsed:.1?} ({:.0}/s)",
         appids as f64 / elapsed.as_secs_f64()
     );
     println!("  keys with state:     {}", gate.len());
-    println!("  RSS before:          {:8.1} MiB", mib(rss_before));
-    println!(
-        "  RSS after:           {:8.1} MiB = {:.1} MB (VmRSS)",
-        mib(rss_after),
-        mb(rss_after)
-    );
-    println!("  peak RSS:            {:8.1} MiB (VmHWM)", mib(hwm));
-    println!(
-        "  grown by:            {:8.1} MiB, {:.0} bytes per appid",
-        mib(grown),
-        grown as f64 * 1024.0 / appids as f64
-    );
-    let verdict = if mb(rss_after) <= TARGET_MB {
-        "met"
-    } else {
-        "NOT met"
-    };
-    println!("  target:              RSS <= {TARGET_MB} MB: {verdict}");
+    report(rss_before, rss_after, appids, "appid", TARGET_MB);
 }
