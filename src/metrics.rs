@@ -6,6 +6,7 @@
 //! start-up, so a dashboard sees zeros rather than gaps and the hot path indexes an array
 //! instead of hashing label values.
 
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -54,6 +55,11 @@ impl Outcome {
             Outcome::UpstreamError => "upstream_error",
         }
     }
+
+    /// Position in [`Outcome::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Why an upstream call was sent again: the `reason` label of `wxgate_retries_total`.
@@ -83,6 +89,11 @@ impl RetryReason {
             RetryReason::Transport => "transport",
         }
     }
+
+    /// Position in [`RetryReason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Latency buckets in seconds. The low end resolves the sub-millisecond cost of a cache hit
@@ -99,23 +110,33 @@ const WAIT_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-/// The handles of every wxgate metric.
+/// The handles of every wxgate metric. Per-label series are tables indexed by the labels'
+/// positions (`requests[api][outcome]`), filled at start-up.
 #[derive(Clone)]
 pub struct Metrics {
-    requests: Vec<IntCounter>,
+    requests: Vec<Vec<IntCounter>>,
     upstream_requests: Vec<Vec<IntCounter>>,
-    transport_errors: Vec<IntCounter>,
+    transport_errors: Vec<Vec<IntCounter>>,
     request_duration: Vec<Histogram>,
     upstream_duration: Vec<Histogram>,
     quota_wait: Vec<Histogram>,
     quota_exceeded: Vec<IntCounter>,
-    retries: Vec<IntCounter>,
+    retries: Vec<Vec<IntCounter>>,
     /// Client requests being answered right now.
-    pub inflight: IntGauge,
+    inflight: IntGauge,
     /// Code-exchange answers remembered right now.
     pub code_cache_entries: IntGauge,
     /// (appid, API) pairs with quota state right now.
     pub quota_keys: IntGauge,
+}
+
+/// Counts a request in `wxgate_inflight_requests` while it lives.
+pub struct InflightRequest(IntGauge);
+
+impl Drop for InflightRequest {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Metrics {
@@ -222,62 +243,34 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
-        let per_api = |f: &dyn Fn(&'static str) -> Vec<IntCounter>| -> Vec<Vec<IntCounter>> {
-            Api::ALL.iter().map(|api| f(api.label())).collect()
-        };
+        let outcomes: Vec<&str> = Outcome::ALL.iter().map(|o| o.label()).collect();
+        let errcodes: Vec<&str> = errcode_labels().collect();
+        let reasons: Vec<&str> = TransportError::ALL.iter().map(|e| e.label()).collect();
+        let retry_reasons: Vec<&str> = RetryReason::ALL.iter().map(|r| r.label()).collect();
         Ok(Metrics {
-            requests: per_api(&|api| {
-                Outcome::ALL
-                    .iter()
-                    .map(|o| requests.with_label_values(&[api, o.label()]))
-                    .collect()
-            })
-            .concat(),
-            upstream_requests: per_api(&|api| {
-                errcode_labels()
-                    .map(|code| upstream_requests.with_label_values(&[api, code]))
-                    .collect()
-            }),
-            transport_errors: per_api(&|api| {
-                TransportError::ALL
-                    .iter()
-                    .map(|e| transport_errors.with_label_values(&[api, e.label()]))
-                    .collect()
-            })
-            .concat(),
-            request_duration: Api::ALL
-                .iter()
-                .map(|api| request_duration.with_label_values(&[api.label()]))
-                .collect(),
-            upstream_duration: Api::ALL
-                .iter()
-                .map(|api| upstream_duration.with_label_values(&[api.label()]))
-                .collect(),
-            quota_wait: Api::ALL
-                .iter()
-                .map(|api| quota_wait.with_label_values(&[api.label()]))
-                .collect(),
-            quota_exceeded: Api::ALL
-                .iter()
-                .map(|api| quota_exceeded.with_label_values(&[api.label()]))
-                .collect(),
-            retries: per_api(&|api| {
-                RetryReason::ALL
-                    .iter()
-                    .map(|r| retries.with_label_values(&[api, r.label()]))
-                    .collect()
-            })
-            .concat(),
+            requests: per_api_and(&requests, &outcomes),
+            upstream_requests: per_api_and(&upstream_requests, &errcodes),
+            transport_errors: per_api_and(&transport_errors, &reasons),
+            request_duration: per_api(&request_duration),
+            upstream_duration: per_api(&upstream_duration),
+            quota_wait: per_api(&quota_wait),
+            quota_exceeded: per_api(&quota_exceeded),
+            retries: per_api_and(&retries, &retry_reasons),
             inflight,
             code_cache_entries,
             quota_keys,
         })
     }
 
+    /// A client request arrived; it counts as in flight until the guard is dropped.
+    pub fn inflight_request(&self) -> InflightRequest {
+        self.inflight.inc();
+        InflightRequest(self.inflight.clone())
+    }
+
     /// A client request was answered.
     pub fn request(&self, api: Api, outcome: Outcome, seconds: f64) {
-        let index = api.index() * Outcome::ALL.len() + outcome as usize;
-        self.requests[index].inc();
+        self.requests[api.index()][outcome.index()].inc();
         self.request_duration[api.index()].observe(seconds);
     }
 
@@ -292,8 +285,7 @@ impl Metrics {
 
     /// An upstream call got no answer.
     pub fn upstream_failure(&self, api: Api, error: TransportError, seconds: f64) {
-        let index = api.index() * TransportError::ALL.len() + error as usize;
-        self.transport_errors[index].inc();
+        self.transport_errors[api.index()][error.index()].inc();
         self.upstream_duration[api.index()].observe(seconds);
     }
 
@@ -304,9 +296,30 @@ impl Metrics {
 
     /// A call is sent upstream again.
     pub fn retry(&self, api: Api, reason: RetryReason) {
-        let index = api.index() * RetryReason::ALL.len() + reason as usize;
-        self.retries[index].inc();
+        self.retries[api.index()][reason.index()].inc();
     }
+}
+
+/// The series of a metric labelled by `api` only, in [`Api::ALL`] order.
+fn per_api<M: MetricVecBuilder>(vec: &MetricVec<M>) -> Vec<M::M> {
+    Api::ALL
+        .iter()
+        .map(|api| vec.with_label_values(&[api.label()]))
+        .collect()
+}
+
+/// The series of a metric labelled by `api` and one more label, whose values are `second`
+/// in their index order.
+fn per_api_and<M: MetricVecBuilder>(vec: &MetricVec<M>, second: &[&str]) -> Vec<Vec<M::M>> {
+    Api::ALL
+        .iter()
+        .map(|api| {
+            second
+                .iter()
+                .map(|value| vec.with_label_values(&[api.label(), value]))
+                .collect()
+        })
+        .collect()
 }
 
 #[cfg(test)]

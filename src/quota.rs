@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::mapref::entry::Entry;
@@ -35,6 +35,7 @@ use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DashMapStateStore;
 use governor::{Quota, RateLimiter};
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::api::Api;
@@ -109,7 +110,7 @@ struct Lane {
 
 impl Lane {
     fn pause_end(&self) -> Option<Instant> {
-        *self.paused_until.lock().unwrap_or_else(|e| e.into_inner())
+        *self.paused_until.lock()
     }
 }
 
@@ -292,7 +293,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
     pub fn pause(&self, key: &QuotaKey, until: Instant) {
         let lane = self.lane(key);
-        let mut paused = lane.paused_until.lock().unwrap_or_else(|e| e.into_inner());
+        let mut paused = lane.paused_until.lock();
         if paused.is_none_or(|current| current < until) {
             *paused = Some(until);
         }

@@ -10,7 +10,9 @@
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -56,6 +58,11 @@ impl TransportError {
             TransportError::Timeout => "timeout",
             TransportError::Reset => "reset",
         }
+    }
+
+    /// Position in [`TransportError::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 
     /// The HTTP status wxgate answers with: 504 for a timeout, 502 otherwise.
@@ -349,8 +356,8 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock()
     }
 
     /// The most recently used connection that is still open.

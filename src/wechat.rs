@@ -7,8 +7,6 @@
 use std::borrow::Cow;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 use serde::Deserialize;
 
 /// The Content-Type WeChat uses for JSON, and that wxgate uses for its own answers.
@@ -145,17 +143,6 @@ pub fn errcode_labels() -> impl Iterator<Item = &'static str> {
 pub fn error_body(errcode: i64, errmsg: &str) -> Bytes {
     let body = serde_json::json!({ "errcode": errcode, "errmsg": errmsg });
     Bytes::from(body.to_string())
-}
-
-/// wxgate's own answer: a WeChat-shaped body with WeChat's JSON Content-Type.
-pub fn error_response(status: StatusCode, errcode: i64, errmsg: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(error_body(errcode, errmsg)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(JSON_CONTENT_TYPE),
-    );
-    response
 }
 
 /// The longest appid wxgate accepts (WeChat's are 18 bytes).

@@ -134,8 +134,12 @@ async fn another_credential_never_gets_the_remembered_session() {
     // Also while the right credential's exchange is in flight.
     upstream.set_latency(Duration::from_millis(300));
     for (api, right, wrong, wrong_errcode) in endpoints("code-isolated-in-flight") {
+        let calls_before = upstream.calls(api);
         let (first, other) = tokio::join!(get(&client, proxy.url(&right)), async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Sent once the right credential's call has reached upstream.
+            while upstream.calls(api) == calls_before {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             get(&client, proxy.url(&wrong)).await
         });
         assert_eq!(errcode(&first.body), 0, "{api}");
@@ -394,7 +398,17 @@ async fn a_call_dropped_unfinished_answers_its_followers_and_frees_the_code() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let follower = tokio::spawn(proxy.clone().handle(request()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The follower has joined once it counts among the requests in flight.
+    let inflight = || {
+        registry
+            .gather()
+            .iter()
+            .find(|family| family.get_name() == "wxgate_inflight_requests")
+            .map_or(0.0, |family| family.get_metric()[0].get_gauge().get_value())
+    };
+    while inflight() < 2.0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     leader_runtime.shutdown_background();
 
     let answer = tokio::time::timeout(Duration::from_secs(5), follower)

@@ -289,8 +289,12 @@ async fn clients_that_go_away_while_waiting_cost_no_upstream_call() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     drop(waiting);
-    // Past the next tokens of both keys: had anybody stayed queued, they would have gone.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Once no request is in flight, none of those who left can still reach upstream.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(&proxy.metrics().await, "wxgate_inflight_requests", &[]) > 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "waiters never left");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(
         upstream.total_calls(),
         2,

@@ -1,0 +1,147 @@
+//! The key of a code exchange: a 128-bit keyed hash of (API, appid, credential, js_code).
+//!
+//! The hash is keyed with a random per-process salt, so no credential, code or session is
+//! ever a map key, nobody can choose keys that collide, and a caller with another credential
+//! has another key (so it goes upstream and gets WeChat's own answer).
+
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+
+use siphasher::sip128::{Hasher128, SipHasher13};
+
+use crate::api::Api;
+
+/// A 128-bit keyed hash of (API, appid, credential, js_code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodeKey(u64, u64);
+
+/// The credential of an exchange, hashed into its key and never stored.
+#[derive(Debug, Clone, Copy)]
+pub enum Credential<'a> {
+    /// `/sns/jscode2session`: the app secret.
+    Secret(&'a str),
+    /// `/sns/component/jscode2session`: the platform's appid and access token.
+    Component {
+        /// `component_appid`.
+        appid: &'a str,
+        /// `component_access_token`.
+        access_token: &'a str,
+    },
+}
+
+/// Makes [`CodeKey`]s with the process's salt.
+pub(super) struct KeyMaker {
+    /// The keys of the SipHash behind every [`CodeKey`], drawn per process.
+    salt: (u64, u64),
+}
+
+impl KeyMaker {
+    /// A key maker with a fresh random salt.
+    pub(super) fn new() -> KeyMaker {
+        KeyMaker {
+            // Derived from std's RandomState, whose keys come from the OS's random source.
+            salt: (
+                RandomState::new().hash_one(0x77_78_67_61_74_65_u64),
+                RandomState::new().hash_one(0x63_6f_64_65_73_u64),
+            ),
+        }
+    }
+
+    /// The key of an exchange.
+    pub(super) fn key(
+        &self,
+        api: Api,
+        appid: &str,
+        credential: Credential<'_>,
+        js_code: &str,
+    ) -> CodeKey {
+        let fields = match credential {
+            Credential::Secret(secret) => (api.index(), appid, secret, "", js_code),
+            Credential::Component {
+                appid: component,
+                access_token,
+            } => (api.index(), appid, component, access_token, js_code),
+        };
+        // One pass of SipHash-1-3 with a 128-bit output. `str`'s Hash writes a terminator
+        // after each field, so ("ab", "c") and ("a", "bc") hash differently.
+        let mut hasher = SipHasher13::new_with_keys(self.salt.0, self.salt.1);
+        fields.hash(&mut hasher);
+        let hash = hasher.finish128();
+        CodeKey(hash.h1, hash.h2)
+    }
+}
+
+impl Hash for CodeKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: half of it places the key in the map, both halves compare.
+        state.write_u64(self.0);
+    }
+}
+
+/// The map's hasher: a [`CodeKey`] is the output of a keyed SipHash with a per-process
+/// secret, so it is used as it is (hashing it again would buy no protection against
+/// chosen keys, only cost).
+#[derive(Default)]
+pub(super) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `CodeKey`; any input still hashes consistently.
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+#[cfg(test)]
+impl CodeKey {
+    /// A key with chosen halves, for tests of the containers that hold keys.
+    pub(super) fn from_parts(high: u64, low: u64) -> CodeKey {
+        CodeKey(high, low)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_differ_by_every_field_and_are_stable() {
+        let keys = KeyMaker::new();
+        let base = keys.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code");
+        assert_eq!(
+            base,
+            keys.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code")
+        );
+        for other in [
+            keys.key(Api::JsCode2Session, "wxb", Credential::Secret("s"), "code"),
+            keys.key(Api::JsCode2Session, "wxa", Credential::Secret("t"), "code"),
+            keys.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code2"),
+            keys.key(Api::JsCode2Session, "wxas", Credential::Secret(""), "code"),
+            keys.key(
+                Api::ComponentJsCode2Session,
+                "wxa",
+                Credential::Component {
+                    appid: "s",
+                    access_token: "",
+                },
+                "code",
+            ),
+        ] {
+            assert_ne!(base, other);
+        }
+        // Another process (another salt) keys the same exchange differently.
+        let other_process = KeyMaker::new();
+        assert_ne!(
+            base,
+            other_process.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code")
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! Code exchanges made safe to repeat: identical exchanges in flight share one upstream call,
+//! and definitive answers are remembered for a code's lifetime.
+//!
+//! *Identical* means the same API, appid, credential (`secret`, or `component_appid` +
+//! `component_access_token`) and `js_code` (see [`key`] for how they become a key).
+//!
+//! The first caller drives the upstream call itself (no task, no hand-over on the common
+//! path), but the call does not belong to it: if that caller goes away, the call moves to a
+//! task of its own and carries on, so its answer is still remembered and given to anyone
+//! waiting (see [`flight`]). Only while the call waits for quota, before anything is sent,
+//! does it stop when every caller has gone.
+//!
+//! Remembered answers live in one map beside the calls in flight, so a lookup is one probe
+//! (see [`store`] for what a slot holds and how answers expire).
+//!
+//! - [`request`]: the parameters of an exchange, checked before anything else.
+//! - [`key`]: the keyed hash of an exchange.
+//! - [`flight`]: a call in flight, its leader and its waiters.
+//! - [`store`]: slots, remembered answers and their expiry.
+
+mod flight;
+mod key;
+mod request;
+mod store;
+
+use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use http::HeaderValue;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use self::flight::{Flight, Leader};
+use self::key::{KeyHasher, KeyMaker};
+use self::store::{ExpiryQueue, Slot, Stored};
+use crate::api::Api;
+use crate::config::CodeCacheConfig;
+use crate::dispatch::{Call, Dispatcher, WechatAnswer};
+use crate::local_answer::LocalAnswer;
+use crate::metrics::Metrics;
+use crate::quota::QuotaKey;
+use crate::wechat::WechatParams;
+
+pub use self::flight::Waiter;
+pub use self::key::CodeKey;
+pub use self::store::{is_definitive, Lookup, Remembered};
+
+/// Shards of the map of slots (a power of two). Many small shards: a shard's table is
+/// rehashed whole when it grows, and with a million answers in four shards that stalls the
+/// runtime for milliseconds.
+const SHARDS: usize = 256;
+
+/// The code-exchange coalescer and its remembered answers.
+pub struct CodeExchange {
+    slots: DashMap<CodeKey, Slot, BuildHasherDefault<KeyHasher>>,
+    /// (expiry, key) of every remembered answer, oldest first.
+    expiry: Mutex<ExpiryQueue>,
+    /// Expiries are whole seconds since this instant, so a stored answer keeps a `u32`.
+    base: Instant,
+    remembered: AtomicUsize,
+    ttl: Duration,
+    max_entries: usize,
+    keys: KeyMaker,
+    metrics: Metrics,
+}
+
+/// A checked code exchange: its key, and the quota it spends.
+#[derive(Debug, Clone, Copy)]
+pub struct ExchangeRequest {
+    /// Identifies identical exchanges.
+    pub key: CodeKey,
+    /// The (appid, API) whose quota the call spends.
+    pub quota_key: QuotaKey,
+}
+
+/// The result of an exchange, shared by everyone who asked.
+#[derive(Debug, Clone)]
+pub enum ExchangeResult {
+    /// WeChat's answer (all headers, for the caller and its coalesced followers).
+    Upstream(Arc<WechatAnswer>),
+    /// A remembered answer: status, Content-Type and body, byte for byte.
+    Remembered(Remembered),
+    /// The call ended without a WeChat answer.
+    Local(LocalAnswer),
+}
+
+/// Where an exchange's answer came from: the `X-Wxgate-Cache` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// This request made the upstream call.
+    Miss,
+    /// This request waited for an identical call in flight.
+    Coalesced,
+    /// This request got a remembered answer.
+    Hit,
+}
+
+impl CacheStatus {
+    /// The header value.
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            CacheStatus::Miss => "miss",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Hit => "hit",
+        })
+    }
+}
+
+impl CodeExchange {
+    /// An empty exchange with `[code_cache]` settings.
+    pub fn new(config: &CodeCacheConfig, metrics: Metrics) -> CodeExchange {
+        CodeExchange {
+            slots: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
+            expiry: Mutex::new(ExpiryQueue::default()),
+            base: Instant::now(),
+            remembered: AtomicUsize::new(0),
+            ttl: config.ttl,
+            max_entries: config.max_entries,
+            keys: KeyMaker::new(),
+            metrics,
+        }
+    }
+
+    /// Checks a code exchange's query (see [`request`]) and keys it.
+    pub fn request(&self, api: Api, query: &str) -> Result<ExchangeRequest, LocalAnswer> {
+        let params = WechatParams::parse(query);
+        let checked = request::check(api, &params)?;
+        Ok(ExchangeRequest {
+            key: self
+                .keys
+                .key(api, checked.appid, checked.credential, checked.js_code),
+            quota_key: checked.quota_key,
+        })
+    }
+
+    /// What the map holds for `key`: one probe under a shard's read lock.
+    pub fn lookup(&self, key: CodeKey) -> Lookup {
+        match self.slots.get(&key) {
+            Some(slot) => slot.lookup(self.seconds(Instant::now())),
+            None => Lookup::Absent,
+        }
+    }
+
+    /// Answers an exchange: from memory, by joining an identical call in flight, or by
+    /// making the call (see the module documentation for who drives it).
+    pub async fn exchange(
+        self: &Arc<Self>,
+        key: CodeKey,
+        call: Call,
+        dispatcher: &Arc<Dispatcher>,
+    ) -> (ExchangeResult, CacheStatus) {
+        let now = self.seconds(Instant::now());
+        let (flight, receiver) = match self.slots.entry(key) {
+            // Filled since the caller's `lookup`: the same reading, now under the write lock.
+            Entry::Occupied(mut occupied) => match occupied.get().lookup(now) {
+                Lookup::Remembered(remembered) => {
+                    return (ExchangeResult::Remembered(remembered), CacheStatus::Hit)
+                }
+                Lookup::InFlight(waiter) => {
+                    drop(occupied);
+                    return (waiter.result().await, CacheStatus::Coalesced);
+                }
+                Lookup::Absent => {
+                    // Expired and not yet swept: the expiry queue's record will find the key
+                    // holding something else and leave it alone.
+                    self.remembered.fetch_sub(1, Ordering::Relaxed);
+                    let (flight, receiver) = Flight::new();
+                    occupied.insert(Slot::InFlight(flight.clone()));
+                    (flight, receiver)
+                }
+            },
+            Entry::Vacant(vacant) => {
+                let (flight, receiver) = Flight::new();
+                vacant.insert(Slot::InFlight(flight.clone()));
+                (flight, receiver)
+            }
+        };
+        self.update_gauge();
+        let call = Box::pin(
+            self.clone()
+                .lead(key, flight.clone(), call, dispatcher.clone()),
+        );
+        (Leader::new(call, flight, receiver).await, CacheStatus::Miss)
+    }
+
+    /// Makes the call of `flight`, settles its slot and hands the result to any follower.
+    async fn lead(
+        self: Arc<Self>,
+        key: CodeKey,
+        flight: Arc<Flight>,
+        call: Call,
+        dispatcher: Arc<Dispatcher>,
+    ) -> ExchangeResult {
+        // If this future is dropped before it ends (its task cancelled at shutdown, no runtime
+        // to move to, a panic), the slot is freed and the followers are answered.
+        let mut guard = SlotGuard {
+            exchange: &self,
+            key,
+            flight: &flight,
+            armed: true,
+        };
+        let gone = || self.everyone_gone(key, &flight);
+        let result = match dispatcher.call(&call, gone).await {
+            Ok(answer) => {
+                self.settle(key, &flight, &answer);
+                ExchangeResult::Upstream(Arc::new(answer))
+            }
+            Err(LocalAnswer::CallAbandoned) => {
+                // The slot is already gone (see `everyone_gone`); nobody is left to answer.
+                guard.armed = false;
+                return ExchangeResult::Local(LocalAnswer::CallAbandoned);
+            }
+            Err(local) => {
+                self.forget_flight(key, &flight);
+                ExchangeResult::Local(local)
+            }
+        };
+        // The slot no longer holds this flight, so nobody subscribes from now on.
+        guard.armed = false;
+        flight.publish(&result);
+        result
+    }
+
+    /// Completes when no caller waits for `flight` any more and its slot has been removed.
+    async fn everyone_gone(&self, key: CodeKey, flight: &Arc<Flight>) {
+        loop {
+            flight.answer.closed().await;
+            // A follower subscribes under the shard's read lock; this removal takes the write
+            // lock, so either the follower is counted here or it finds no flight.
+            let removed = self.slots.remove_if(&key, |_, slot| {
+                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.answer.receiver_count() == 0)
+            });
+            if removed.is_some() {
+                self.update_gauge();
+                return;
+            }
+            // Somebody joined meanwhile; wait for them to go too.
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Replaces the flight with its answer if the answer is definitive, or frees the slot.
+    fn settle(&self, key: CodeKey, flight: &Arc<Flight>, answer: &WechatAnswer) {
+        // Rounded up to the second: an answer is never forgotten early.
+        let now = self.seconds(Instant::now());
+        let expires = now + self.ttl.as_secs() as u32 + 1;
+        let stored = is_definitive(answer.response.status, answer.errcode)
+            .then(|| Stored::new(&answer.response, expires))
+            .flatten();
+        match stored {
+            Some(stored) => {
+                self.slots.insert(key, Slot::Ready(stored));
+                self.remembered.fetch_add(1, Ordering::Relaxed);
+                let mut expiry = self.expiry.lock();
+                expiry.push_back((expires, key));
+                self.evict(&mut expiry, now);
+            }
+            None => self.forget_flight(key, flight),
+        }
+        self.update_gauge();
+    }
+
+    fn forget_flight(&self, key: CodeKey, flight: &Arc<Flight>) {
+        self.slots.remove_if(
+            &key,
+            |_, slot| matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)),
+        );
+        self.update_gauge();
+    }
+
+    /// Drops expired answers, and the oldest ones while there are more than `max_entries`.
+    fn evict(&self, expiry: &mut ExpiryQueue, now: u32) {
+        while let Some((expires, key)) = expiry.front() {
+            let over = self.remembered.load(Ordering::Relaxed) > self.max_entries;
+            if !over && expires > now {
+                break;
+            }
+            expiry.pop_front();
+            let removed = self.slots.remove_if(
+                &key,
+                |_, slot| matches!(slot, Slot::Ready(stored) if stored.expires == expires),
+            );
+            if removed.is_some() {
+                self.remembered.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Drops expired answers; run on a timer so that answers nobody reads again still go.
+    pub fn expire(&self) {
+        let mut expiry = self.expiry.lock();
+        self.evict(&mut expiry, self.seconds(Instant::now()));
+        drop(expiry);
+        self.update_gauge();
+    }
+
+    /// Answers remembered right now.
+    pub fn len(&self) -> usize {
+        self.remembered.load(Ordering::Relaxed)
+    }
+
+    /// Whether no answer is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whole seconds from the exchange's base to `at`.
+    fn seconds(&self, at: Instant) -> u32 {
+        at.saturating_duration_since(self.base).as_secs() as u32
+    }
+
+    fn update_gauge(&self) {
+        self.metrics.code_cache_entries.set(self.len() as i64);
+    }
+}
+
+/// Frees a call's slot and answers its followers when the call ends unfinished.
+struct SlotGuard<'a> {
+    exchange: &'a CodeExchange,
+    key: CodeKey,
+    flight: &'a Arc<Flight>,
+    armed: bool,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.exchange.forget_flight(self.key, self.flight);
+            self.flight.abandon();
+        }
+    }
+}

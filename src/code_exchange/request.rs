@@ -1,0 +1,142 @@
+//! A code exchange's parameters, checked as WeChat would check them, so that a request that
+//! cannot succeed spends neither quota nor a call.
+
+use super::key::Credential;
+use crate::api::Api;
+use crate::local_answer::LocalAnswer;
+use crate::quota::QuotaKey;
+use crate::wechat::{is_plausible_appid, is_plausible_js_code, WechatParams};
+
+/// The fields of a valid exchange, borrowed from its parameters.
+pub(super) struct Checked<'p> {
+    pub(super) appid: &'p str,
+    pub(super) credential: Credential<'p>,
+    pub(super) js_code: &'p str,
+    pub(super) quota_key: QuotaKey,
+}
+
+/// Checks the parameters of `api`'s exchange. Only WeChat's parameters are read; others
+/// (wechatpy adds `access_token`) are forwarded as they are and are not part of the key.
+pub(super) fn check<'p>(
+    api: Api,
+    params: &'p WechatParams<'_>,
+) -> Result<Checked<'p>, LocalAnswer> {
+    // A parameter given twice is refused: WeChat and wxgate could read different copies.
+    if let Some(name) = params.repeated {
+        return Err(LocalAnswer::RepeatedParameter(name));
+    }
+    let component = api == Api::ComponentJsCode2Session;
+    if component && params.component_access_token.is_none() {
+        return Err(LocalAnswer::MissingComponentAccessToken);
+    }
+    let appid = params.appid.as_deref().ok_or(LocalAnswer::MissingAppid)?;
+    if !component && params.secret.is_none() {
+        return Err(LocalAnswer::MissingSecret);
+    }
+    if component && params.component_appid.is_none() {
+        return Err(LocalAnswer::MissingComponentAppid);
+    }
+    let js_code = params.js_code.as_deref().ok_or(LocalAnswer::MissingCode)?;
+    if params.grant_type.as_deref() != Some("authorization_code") {
+        return Err(LocalAnswer::InvalidGrantType);
+    }
+    let quota_key = QuotaKey::new(api, appid)
+        .filter(|_| is_plausible_appid(appid))
+        .ok_or(LocalAnswer::ImplausibleAppid)?;
+    if !is_plausible_js_code(js_code) {
+        return Err(LocalAnswer::ImplausibleCode);
+    }
+    let credential = match (
+        params.secret.as_deref(),
+        params.component_appid.as_deref(),
+        params.component_access_token.as_deref(),
+    ) {
+        (_, Some(appid), Some(access_token)) if component => Credential::Component {
+            appid,
+            access_token,
+        },
+        (Some(secret), _, _) => Credential::Secret(secret),
+        _ => return Err(LocalAnswer::MissingSecret),
+    };
+    Ok(Checked {
+        appid,
+        credential,
+        js_code,
+        quota_key,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(api: Api, query: &str) -> Option<LocalAnswer> {
+        check(api, &WechatParams::parse(query)).err()
+    }
+
+    #[test]
+    fn each_missing_or_implausible_parameter_has_its_answer() {
+        let ok = "appid=wx00000000000000a1&secret=s&js_code=c0de&grant_type=authorization_code";
+        assert_eq!(refusal(Api::JsCode2Session, ok), None);
+        let cases = [
+            (
+                "secret=s&js_code=c&grant_type=authorization_code",
+                LocalAnswer::MissingAppid,
+            ),
+            (
+                "appid=wxa&js_code=c&grant_type=authorization_code",
+                LocalAnswer::MissingSecret,
+            ),
+            (
+                "appid=wxa&secret=s&grant_type=authorization_code",
+                LocalAnswer::MissingCode,
+            ),
+            (
+                "appid=wxa&secret=s&js_code=c",
+                LocalAnswer::InvalidGrantType,
+            ),
+            (
+                "appid=wxa&secret=s&js_code=c&grant_type=client_credential",
+                LocalAnswer::InvalidGrantType,
+            ),
+            (
+                "appid=wx-a&secret=s&js_code=c&grant_type=authorization_code",
+                LocalAnswer::ImplausibleAppid,
+            ),
+            (
+                "appid=wxa&secret=s&js_code=c%20d&grant_type=authorization_code",
+                LocalAnswer::ImplausibleCode,
+            ),
+            (
+                &format!("{ok}&appid=wxb"),
+                LocalAnswer::RepeatedParameter("appid"),
+            ),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(
+                refusal(Api::JsCode2Session, query),
+                Some(expected),
+                "{query}"
+            );
+        }
+        let component = "appid=wxa&js_code=c&grant_type=authorization_code";
+        assert_eq!(
+            refusal(Api::ComponentJsCode2Session, component),
+            Some(LocalAnswer::MissingComponentAccessToken)
+        );
+        assert_eq!(
+            refusal(
+                Api::ComponentJsCode2Session,
+                &format!("{component}&component_access_token=t")
+            ),
+            Some(LocalAnswer::MissingComponentAppid)
+        );
+        assert_eq!(
+            refusal(
+                Api::ComponentJsCode2Session,
+                &format!("{component}&component_access_token=t&component_appid=wxc")
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! Every answer wxgate gives in WeChat's place, in one enum: its status, errcode and errmsg
+//! are decided here and nowhere else.
+//!
+//! All of them are WeChat-shaped (`{"errcode":N,"errmsg":"… (wxgate: …)"}` with WeChat's
+//! JSON Content-Type), so SDKs parse them as they parse WeChat's own, and the `(wxgate: …)`
+//! part tells a human who answered. None holds a value from the request: no secret, code or
+//! token can leak through an errmsg.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+
+use crate::metrics::Outcome;
+use crate::upstream::TransportError;
+use crate::wechat::{self, JSON_CONTENT_TYPE};
+
+/// An answer wxgate gives itself instead of forwarding WeChat's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LocalAnswer {
+    /// `CONNECT`, an absolute or dot-segment path: wxgate forwards only to its upstream.
+    BadTarget,
+    /// The request body is larger than `server.max_body_bytes`.
+    BodyTooLarge {
+        /// The configured limit, said in the errmsg.
+        limit: usize,
+    },
+    /// The request body could not be read (the client broke it off or sent garbage).
+    BodyUnreadable,
+    /// A code exchange names one of WeChat's parameters twice: WeChat and wxgate could read
+    /// different copies.
+    RepeatedParameter(&'static str),
+    /// A code exchange lacks `appid`.
+    MissingAppid,
+    /// A code exchange lacks `secret`.
+    MissingSecret,
+    /// A third-party code exchange lacks `component_appid`.
+    MissingComponentAppid,
+    /// A third-party code exchange lacks `component_access_token`.
+    MissingComponentAccessToken,
+    /// A code exchange lacks `js_code`.
+    MissingCode,
+    /// A code exchange's `grant_type` is not `authorization_code`.
+    InvalidGrantType,
+    /// An appid WeChat never issues (too long, or bytes outside `[A-Za-z0-9_]`).
+    ImplausibleAppid,
+    /// A `js_code` WeChat never issues.
+    ImplausibleCode,
+    /// No quota turn came before the request's deadline: wxgate's own 45011.
+    LocalQuota {
+        /// Sent as `Retry-After` (whole seconds, at least one).
+        retry_after: Duration,
+    },
+    /// WeChat gave no answer.
+    Upstream(TransportError),
+    /// The call ended without an answer (it was cancelled, or its task went away).
+    CallAbandoned,
+}
+
+impl LocalAnswer {
+    /// The HTTP status. WeChat answers its own errors with 200, so refusals of a request
+    /// WeChat would also refuse do too; what WeChat would never say gets an HTTP error.
+    pub fn status(self) -> StatusCode {
+        match self {
+            LocalAnswer::BadTarget | LocalAnswer::BodyUnreadable => StatusCode::BAD_REQUEST,
+            LocalAnswer::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            LocalAnswer::Upstream(error) => error.status(),
+            LocalAnswer::CallAbandoned => StatusCode::BAD_GATEWAY,
+            LocalAnswer::RepeatedParameter(_)
+            | LocalAnswer::MissingAppid
+            | LocalAnswer::MissingSecret
+            | LocalAnswer::MissingComponentAppid
+            | LocalAnswer::MissingComponentAccessToken
+            | LocalAnswer::MissingCode
+            | LocalAnswer::InvalidGrantType
+            | LocalAnswer::ImplausibleAppid
+            | LocalAnswer::ImplausibleCode
+            | LocalAnswer::LocalQuota { .. } => StatusCode::OK,
+        }
+    }
+
+    /// The errcode, WeChat's own for the same situation where it has one.
+    pub fn errcode(self) -> i64 {
+        match self {
+            LocalAnswer::BadTarget | LocalAnswer::RepeatedParameter(_) => wechat::INVALID_ARGS,
+            LocalAnswer::BodyTooLarge { .. } | LocalAnswer::BodyUnreadable => {
+                wechat::DATA_FORMAT_ERROR
+            }
+            LocalAnswer::MissingAppid | LocalAnswer::MissingComponentAppid => 41002,
+            LocalAnswer::MissingSecret => 41004,
+            LocalAnswer::MissingComponentAccessToken => 41021,
+            LocalAnswer::MissingCode => 41008,
+            LocalAnswer::InvalidGrantType => 40002,
+            LocalAnswer::ImplausibleAppid => 40013,
+            LocalAnswer::ImplausibleCode => 40029,
+            LocalAnswer::LocalQuota { .. } => wechat::MINUTE_QUOTA,
+            LocalAnswer::Upstream(_) | LocalAnswer::CallAbandoned => wechat::SYSTEM_BUSY,
+        }
+    }
+
+    /// The errmsg: WeChat's wording where SDKs may match it, then who answered and why.
+    pub fn errmsg(self) -> Cow<'static, str> {
+        Cow::Borrowed(match self {
+            LocalAnswer::BadTarget => "invalid args (wxgate: the request target must be a plain path; wxgate forwards only to its configured upstream)",
+            LocalAnswer::BodyTooLarge { limit } => {
+                return Cow::Owned(format!(
+                    "data format error (wxgate: request body larger than {limit} bytes)"
+                ))
+            }
+            LocalAnswer::BodyUnreadable => {
+                "data format error (wxgate: the request body could not be read)"
+            }
+            LocalAnswer::RepeatedParameter(name) => {
+                return Cow::Owned(format!("invalid args (wxgate: parameter {name} given twice)"))
+            }
+            LocalAnswer::MissingAppid => "appid missing (wxgate)",
+            LocalAnswer::MissingSecret => "appsecret missing (wxgate)",
+            LocalAnswer::MissingComponentAppid => "component_appid missing (wxgate)",
+            LocalAnswer::MissingComponentAccessToken => "missing component_access_token (wxgate)",
+            LocalAnswer::MissingCode => "missing code (wxgate)",
+            LocalAnswer::InvalidGrantType => {
+                "invalid grant_type (wxgate: must be authorization_code)"
+            }
+            LocalAnswer::ImplausibleAppid => {
+                "invalid appid (wxgate: not an appid WeChat issues)"
+            }
+            LocalAnswer::ImplausibleCode => "invalid code (wxgate: not a code WeChat issues)",
+            // Worded like WeChat's, so SDKs that match the text still do.
+            LocalAnswer::LocalQuota { .. } => {
+                "api minute-quota reach limit, must slower, retry next minute (wxgate: local quota)"
+            }
+            LocalAnswer::Upstream(error) => {
+                return Cow::Owned(format!("system error (wxgate: {error})"))
+            }
+            LocalAnswer::CallAbandoned => {
+                "system error (wxgate: the upstream call ended without an answer)"
+            }
+        })
+    }
+
+    /// How the request counts in `wxgate_requests_total`.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            LocalAnswer::LocalQuota { .. } => Outcome::LocalLimit,
+            LocalAnswer::Upstream(_) | LocalAnswer::CallAbandoned => Outcome::UpstreamError,
+            _ => Outcome::Rejected,
+        }
+    }
+
+    /// The HTTP response.
+    pub fn response(self) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(wechat::error_body(
+            self.errcode(),
+            &self.errmsg(),
+        )));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(JSON_CONTENT_TYPE),
+        );
+        if let LocalAnswer::LocalQuota { retry_after } = self {
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_answer_is_wechat_shaped() {
+        let all = [
+            LocalAnswer::BadTarget,
+            LocalAnswer::BodyTooLarge { limit: 10 },
+            LocalAnswer::BodyUnreadable,
+            LocalAnswer::RepeatedParameter("appid"),
+            LocalAnswer::MissingAppid,
+            LocalAnswer::MissingSecret,
+            LocalAnswer::MissingComponentAppid,
+            LocalAnswer::MissingComponentAccessToken,
+            LocalAnswer::MissingCode,
+            LocalAnswer::InvalidGrantType,
+            LocalAnswer::ImplausibleAppid,
+            LocalAnswer::ImplausibleCode,
+            LocalAnswer::LocalQuota {
+                retry_after: Duration::from_millis(1500),
+            },
+            LocalAnswer::Upstream(TransportError::Timeout),
+            LocalAnswer::CallAbandoned,
+        ];
+        for answer in all {
+            let response = answer.response();
+            assert_eq!(response.status(), answer.status());
+            assert_eq!(response.headers()[header::CONTENT_TYPE], JSON_CONTENT_TYPE);
+            let errmsg = answer.errmsg();
+            assert!(errmsg.contains("wxgate"), "{errmsg}");
+            assert_ne!(answer.errcode(), 0);
+        }
+        let quota = LocalAnswer::LocalQuota {
+            retry_after: Duration::from_millis(1500),
+        }
+        .response();
+        assert_eq!(quota.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(
+            LocalAnswer::Upstream(TransportError::Timeout).status(),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+    }
+}
