@@ -403,7 +403,7 @@ async fn a_call_dropped_unfinished_answers_its_followers_and_frees_the_code() {
         registry
             .gather()
             .iter()
-            .find(|family| family.get_name() == "wxgate_inflight_requests")
+            .find(|family| family.name() == "wxgate_inflight_requests")
             .map_or(0.0, |family| family.get_metric()[0].get_gauge().get_value())
     };
     while inflight() < 2.0 {
