@@ -175,7 +175,7 @@ impl Dispatcher {
         let seconds = sent.elapsed().as_secs_f64();
         match result {
             Ok(response) => {
-                let errcode = Errcode::of(&response.body);
+                let errcode = Errcode::read(call.api, &response.body);
                 self.metrics.upstream_answer(call.api, errcode, seconds);
                 let answer = WechatAnswer { response, errcode };
                 (Ok(answer), Attempt::Answered(errcode))

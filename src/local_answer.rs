@@ -29,6 +29,8 @@ pub enum LocalAnswer {
     },
     /// The request body could not be read (the client broke it off or sent garbage).
     BodyUnreadable,
+    /// An API that takes a JSON body (and names its appid there) got something else.
+    BodyNotJson,
     /// A code exchange names one of WeChat's parameters twice: WeChat and wxgate could read
     /// different copies.
     RepeatedParameter(&'static str),
@@ -69,6 +71,7 @@ impl LocalAnswer {
             LocalAnswer::Upstream(error) => error.status(),
             LocalAnswer::CallAbandoned => StatusCode::BAD_GATEWAY,
             LocalAnswer::RepeatedParameter(_)
+            | LocalAnswer::BodyNotJson
             | LocalAnswer::MissingAppid
             | LocalAnswer::MissingSecret
             | LocalAnswer::MissingComponentAppid
@@ -85,9 +88,9 @@ impl LocalAnswer {
     pub fn errcode(self) -> i64 {
         match self {
             LocalAnswer::BadTarget | LocalAnswer::RepeatedParameter(_) => wechat::INVALID_ARGS,
-            LocalAnswer::BodyTooLarge { .. } | LocalAnswer::BodyUnreadable => {
-                wechat::DATA_FORMAT_ERROR
-            }
+            LocalAnswer::BodyTooLarge { .. }
+            | LocalAnswer::BodyUnreadable
+            | LocalAnswer::BodyNotJson => wechat::DATA_FORMAT_ERROR,
             LocalAnswer::MissingAppid | LocalAnswer::MissingComponentAppid => 41002,
             LocalAnswer::MissingSecret => 41004,
             LocalAnswer::MissingComponentAccessToken => 41021,
@@ -111,6 +114,9 @@ impl LocalAnswer {
             }
             LocalAnswer::BodyUnreadable => {
                 "data format error (wxgate: the request body could not be read)"
+            }
+            LocalAnswer::BodyNotJson => {
+                "data format error (wxgate: this API takes a JSON object naming its appid once)"
             }
             LocalAnswer::RepeatedParameter(name) => {
                 return Cow::Owned(format!("invalid args (wxgate: parameter {name} given twice)"))
@@ -179,6 +185,7 @@ mod tests {
             LocalAnswer::BadTarget,
             LocalAnswer::BodyTooLarge { limit: 10 },
             LocalAnswer::BodyUnreadable,
+            LocalAnswer::BodyNotJson,
             LocalAnswer::RepeatedParameter("appid"),
             LocalAnswer::MissingAppid,
             LocalAnswer::MissingSecret,

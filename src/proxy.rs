@@ -23,7 +23,7 @@ use http::{header, HeaderMap, HeaderName, Method, Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
-use crate::api::Api;
+use crate::api::{Api, PathClass};
 use crate::code_exchange::{CacheStatus, CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
 use crate::config::Config;
 use crate::dispatch::{Call, CallResult, Dispatcher, WechatAnswer};
@@ -31,7 +31,7 @@ use crate::local_answer::LocalAnswer;
 use crate::metrics::{Metrics, Outcome};
 use crate::quota::{QuotaGate, QuotaKey};
 use crate::upstream::{strip_hop_by_hop, InvalidBaseUrl, UpstreamClient, UpstreamRequest};
-use crate::wechat::{self, is_plausible_appid, Errcode};
+use crate::wechat::Errcode;
 
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed
 /// by wxgate, never forwarded.
@@ -205,11 +205,11 @@ impl Proxy {
         target: Target,
         body: Bytes,
     ) -> Result<Reply, LocalAnswer> {
-        let quota_key = (target.api != Api::Other)
-            .then(|| wechat::first_param(target.path_and_query.query().unwrap_or(""), "appid"))
-            .flatten()
-            .filter(|appid| is_plausible_appid(appid))
-            .and_then(|appid| QuotaKey::new(target.api, &appid));
+        let query = target.path_and_query.query().unwrap_or("");
+        let quota_key = target
+            .api
+            .quota_appid(query, &body)?
+            .and_then(|appid| QuotaKey::new(target.api, appid));
         let call = self.call(parts, target, body, quota_key);
         let result: CallResult = self.dispatcher.call(&call, std::future::pending).await;
         Ok(Reply::forwarded(result?))
@@ -315,7 +315,9 @@ impl Reply {
 
 /// The target phase: the API of a plain path. `CONNECT`, an authority-form or
 /// asterisk-form target, and dot segments (which an HTTP client would resolve, and so send
-/// somewhere other than the path the request named) are refused.
+/// somewhere other than the path the request named) are refused; so is a path that looks
+/// like a known API only up to case or `;` parameters. A known API written another way
+/// WeChat reads as the same goes upstream under its documented path (see [`crate::api`]).
 fn read_target(parts: &Parts) -> Result<Target, LocalAnswer> {
     let path_and_query = parts
         .uri
@@ -326,22 +328,37 @@ fn read_target(parts: &Parts) -> Result<Target, LocalAnswer> {
     if parts.method == Method::CONNECT || !path.starts_with('/') || has_dot_segment(path) {
         return Err(LocalAnswer::BadTarget);
     }
-    Ok(Target {
-        api: Api::from_path(path),
-        path_and_query,
-    })
+    match Api::classify(path) {
+        PathClass::Exact(api) => Ok(Target {
+            api,
+            path_and_query,
+        }),
+        PathClass::Variant(api) => {
+            let canonical = match path_and_query.query() {
+                Some(query) => format!("{}?{query}", api.label()),
+                None => api.label().to_owned(),
+            };
+            Ok(Target {
+                api,
+                path_and_query: canonical.parse().map_err(|_| LocalAnswer::BadTarget)?,
+            })
+        }
+        PathClass::Ambiguous => Err(LocalAnswer::BadTarget),
+    }
 }
 
 /// What goes upstream: the client's headers minus those describing the client's connection,
 /// `Host` (the upstream's is set from the base URL), `Content-Length` (recomputed from the
-/// body), `Accept-Encoding` (wxgate must read each answer's errcode, so it asks for the
-/// identity encoding) and wxgate's own.
+/// body), `Expect` (wxgate has read the whole body already, answering the client's
+/// `100-continue` itself), `Accept-Encoding` (wxgate must read each answer's errcode, so it
+/// asks for the identity encoding) and wxgate's own.
 fn prepare_upstream_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(
         headers,
         &[
             header::HOST,
             header::CONTENT_LENGTH,
+            header::EXPECT,
             header::ACCEPT_ENCODING,
             MAX_WAIT_HEADER,
         ],
@@ -380,6 +397,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, "wxgate".parse().unwrap());
         headers.insert(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
+        headers.insert(header::EXPECT, "100-continue".parse().unwrap());
         headers.insert(MAX_WAIT_HEADER, "10".parse().unwrap());
         headers.insert("x-custom", "kept".parse().unwrap());
         prepare_upstream_headers(&mut headers);

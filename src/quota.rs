@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 use crate::api::Api;
 use crate::config::{QuotaConfig, QuotaLimit};
-use crate::wechat::MAX_APPID_LEN;
+use crate::wechat::{is_plausible_appid, MAX_APPID_LEN};
 
 /// What a quota is kept for: one API of one appid. `Copy`, with the appid inline, so that
 /// the limiter's map, which clones its key on every check, never allocates.
@@ -52,10 +52,14 @@ pub struct QuotaKey {
 }
 
 impl QuotaKey {
-    /// A key for `appid` calling `api`; `None` for an appid longer than WeChat's
-    /// ([`MAX_APPID_LEN`] bytes), which [`crate::wechat::is_plausible_appid`] refuses anyway.
-    pub fn new(api: Api, appid: &str) -> Option<QuotaKey> {
-        let bytes = appid.as_bytes();
+    /// A key for `appid` calling `api`; `None` for an appid WeChat never issues (see
+    /// [`is_plausible_appid`]), so that every key names a real-looking appid in at most
+    /// [`MAX_APPID_LEN`] bytes.
+    pub fn new(api: Api, appid: impl AsRef<[u8]>) -> Option<QuotaKey> {
+        let bytes = appid.as_ref();
+        if !is_plausible_appid(bytes) {
+            return None;
+        }
         let mut inline = [0; MAX_APPID_LEN];
         inline.get_mut(..bytes.len())?.copy_from_slice(bytes);
         Some(QuotaKey {

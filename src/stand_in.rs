@@ -57,8 +57,6 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::wechat::WechatParams;
-
 /// The mini program registered by [`StandInConfig::default`].
 pub const DEFAULT_APPID: &str = "wx00000000000000a1";
 /// The app secret of [`DEFAULT_APPID`].
@@ -746,9 +744,39 @@ impl Route {
     }
 }
 
-/// The parameters WeChat's endpoints read ([`WechatParams`]: an empty value counts as
-/// missing, and of a repeated parameter the first one wins, as for WeChat).
-type Params<'a> = WechatParams<'a>;
+/// The parameters WeChat's endpoints read: an empty value counts as missing, and of a
+/// repeated parameter the first one wins. Read with `form_urlencoded` directly, not with
+/// wxgate's own reader, so that a bug there is not repeated here.
+#[derive(Default)]
+struct Params<'a> {
+    appid: Option<Cow<'a, str>>,
+    secret: Option<Cow<'a, str>>,
+    js_code: Option<Cow<'a, str>>,
+    grant_type: Option<Cow<'a, str>>,
+    component_appid: Option<Cow<'a, str>>,
+    component_access_token: Option<Cow<'a, str>>,
+}
+
+impl<'a> Params<'a> {
+    fn parse(query: &'a str) -> Params<'a> {
+        let mut params = Params::default();
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*name {
+                "appid" => &mut params.appid,
+                "secret" => &mut params.secret,
+                "js_code" => &mut params.js_code,
+                "grant_type" => &mut params.grant_type,
+                "component_appid" => &mut params.component_appid,
+                "component_access_token" => &mut params.component_access_token,
+                _ => continue,
+            };
+            if slot.is_none() && !value.is_empty() {
+                *slot = Some(value);
+            }
+        }
+        params
+    }
+}
 
 /// The JSON body of `/cgi-bin/stable_token`; `Err(errcode)` when WeChat would refuse it
 /// before looking at the fields.
@@ -915,7 +943,7 @@ async fn handle(
     let params = match route {
         Route::StableToken if parts.method != Method::POST => Err(43002),
         Route::StableToken => stable_token_params(&body),
-        _ => Ok(WechatParams::parse(parts.uri.query().unwrap_or_default())),
+        _ => Ok(Params::parse(parts.uri.query().unwrap_or_default())),
     };
     let call = ReceivedCall {
         at,

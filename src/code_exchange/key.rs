@@ -18,13 +18,13 @@ pub struct CodeKey(u64, u64);
 #[derive(Debug, Clone, Copy)]
 pub enum Credential<'a> {
     /// `/sns/jscode2session`: the app secret.
-    Secret(&'a str),
+    Secret(&'a [u8]),
     /// `/sns/component/jscode2session`: the platform's appid and access token.
     Component {
         /// `component_appid`.
-        appid: &'a str,
+        appid: &'a [u8],
         /// `component_access_token`.
-        access_token: &'a str,
+        access_token: &'a [u8],
     },
 }
 
@@ -50,19 +50,20 @@ impl KeyMaker {
     pub(super) fn key(
         &self,
         api: Api,
-        appid: &str,
+        appid: &[u8],
         credential: Credential<'_>,
-        js_code: &str,
+        js_code: &[u8],
     ) -> CodeKey {
         let fields = match credential {
-            Credential::Secret(secret) => (api.index(), appid, secret, "", js_code),
+            Credential::Secret(secret) => (api.index(), appid, secret, &b""[..], js_code),
             Credential::Component {
                 appid: component,
                 access_token,
             } => (api.index(), appid, component, access_token, js_code),
         };
-        // One pass of SipHash-1-3 with a 128-bit output. `str`'s Hash writes a terminator
-        // after each field, so ("ab", "c") and ("a", "bc") hash differently.
+        // One pass of SipHash-1-3 with a 128-bit output, over the raw bytes (never a lossy
+        // text conversion). A slice's Hash writes its length first, so ("ab", "c") and
+        // ("a", "bc") hash differently.
         let mut hasher = SipHasher13::new_with_keys(self.salt.0, self.salt.1);
         fields.hash(&mut hasher);
         let hash = hasher.finish128();
@@ -115,24 +116,54 @@ mod tests {
     #[test]
     fn keys_differ_by_every_field_and_are_stable() {
         let keys = KeyMaker::new();
-        let base = keys.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code");
+        let base = keys.key(
+            Api::JsCode2Session,
+            b"wxa",
+            Credential::Secret(b"s"),
+            b"code",
+        );
         assert_eq!(
             base,
-            keys.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code")
+            keys.key(
+                Api::JsCode2Session,
+                b"wxa",
+                Credential::Secret(b"s"),
+                b"code"
+            )
         );
         for other in [
-            keys.key(Api::JsCode2Session, "wxb", Credential::Secret("s"), "code"),
-            keys.key(Api::JsCode2Session, "wxa", Credential::Secret("t"), "code"),
-            keys.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code2"),
-            keys.key(Api::JsCode2Session, "wxas", Credential::Secret(""), "code"),
+            keys.key(
+                Api::JsCode2Session,
+                b"wxb",
+                Credential::Secret(b"s"),
+                b"code",
+            ),
+            keys.key(
+                Api::JsCode2Session,
+                b"wxa",
+                Credential::Secret(b"t"),
+                b"code",
+            ),
+            keys.key(
+                Api::JsCode2Session,
+                b"wxa",
+                Credential::Secret(b"s"),
+                b"code2",
+            ),
+            keys.key(
+                Api::JsCode2Session,
+                b"wxas",
+                Credential::Secret(b""),
+                b"code",
+            ),
             keys.key(
                 Api::ComponentJsCode2Session,
-                "wxa",
+                b"wxa",
                 Credential::Component {
-                    appid: "s",
-                    access_token: "",
+                    appid: b"s",
+                    access_token: b"",
                 },
-                "code",
+                b"code",
             ),
         ] {
             assert_ne!(base, other);
@@ -141,7 +172,12 @@ mod tests {
         let other_process = KeyMaker::new();
         assert_ne!(
             base,
-            other_process.key(Api::JsCode2Session, "wxa", Credential::Secret("s"), "code")
+            other_process.key(
+                Api::JsCode2Session,
+                b"wxa",
+                Credential::Secret(b"s"),
+                b"code"
+            )
         );
     }
 }

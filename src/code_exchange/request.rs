@@ -5,13 +5,13 @@ use super::key::Credential;
 use crate::api::Api;
 use crate::local_answer::LocalAnswer;
 use crate::quota::QuotaKey;
-use crate::wechat::{is_plausible_appid, is_plausible_js_code, WechatParams};
+use crate::wechat::{is_plausible_js_code, WechatParams};
 
 /// The fields of a valid exchange, borrowed from its parameters.
 pub(super) struct Checked<'p> {
-    pub(super) appid: &'p str,
+    pub(super) appid: &'p [u8],
     pub(super) credential: Credential<'p>,
-    pub(super) js_code: &'p str,
+    pub(super) js_code: &'p [u8],
     pub(super) quota_key: QuotaKey,
 }
 
@@ -37,12 +37,10 @@ pub(super) fn check<'p>(
         return Err(LocalAnswer::MissingComponentAppid);
     }
     let js_code = params.js_code.as_deref().ok_or(LocalAnswer::MissingCode)?;
-    if params.grant_type.as_deref() != Some("authorization_code") {
+    if params.grant_type.as_deref() != Some(&b"authorization_code"[..]) {
         return Err(LocalAnswer::InvalidGrantType);
     }
-    let quota_key = QuotaKey::new(api, appid)
-        .filter(|_| is_plausible_appid(appid))
-        .ok_or(LocalAnswer::ImplausibleAppid)?;
+    let quota_key = QuotaKey::new(api, appid).ok_or(LocalAnswer::ImplausibleAppid)?;
     if !is_plausible_js_code(js_code) {
         return Err(LocalAnswer::ImplausibleCode);
     }

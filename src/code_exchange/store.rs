@@ -104,13 +104,14 @@ enum StoredContentType {
     Json,
     /// Another one: the first `len` bytes of the stored data.
     Own {
-        /// Its length (a Content-Type longer than 255 bytes is not remembered).
-        len: u8,
+        /// Its length.
+        len: u16,
     },
 }
 
 impl Stored {
-    /// The compact form of `response`, or `None` if it cannot be kept.
+    /// The compact form of `response`, or `None` if it is larger than
+    /// [`MAX_REMEMBERED_BYTES`].
     pub(super) fn new(response: &UpstreamResponse, expires: u32) -> Option<Stored> {
         let (content_type, prefix) = match response.headers.get(header::CONTENT_TYPE) {
             None => (StoredContentType::None, &[][..]),
@@ -118,10 +119,13 @@ impl Stored {
                 (StoredContentType::Json, &[][..])
             }
             Some(v) => {
-                let len = u8::try_from(v.as_bytes().len()).ok()?;
+                let len = u16::try_from(v.as_bytes().len()).ok()?;
                 (StoredContentType::Own { len }, v.as_bytes())
             }
         };
+        if prefix.len() + response.body.len() > MAX_REMEMBERED_BYTES {
+            return None;
+        }
         let mut data = Vec::with_capacity(prefix.len() + response.body.len());
         data.extend_from_slice(prefix);
         data.extend_from_slice(&response.body);
@@ -150,6 +154,11 @@ impl Stored {
         }
     }
 }
+
+/// The largest answer remembered, Content-Type included. WeChat's code-exchange answers are
+/// about 120 bytes; anything much larger did not come from WeChat's exchange, and a million
+/// of them must not fill the memory.
+pub const MAX_REMEMBERED_BYTES: usize = 4096;
 
 /// Records of the expiry queue per block.
 const EXPIRY_BLOCK: usize = 4096;
@@ -249,11 +258,28 @@ mod tests {
     }
 
     #[test]
+    fn large_answers_are_not_kept() {
+        let response = |body_len: usize| UpstreamResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b' '; body_len]),
+        };
+        assert!(Stored::new(&response(MAX_REMEMBERED_BYTES), 9).is_some());
+        assert!(Stored::new(&response(MAX_REMEMBERED_BYTES + 1), 9).is_none());
+    }
+
+    #[test]
     fn stored_answers_come_back_byte_for_byte() {
-        for content_type in [None, Some(JSON_CONTENT_TYPE), Some("text/plain")] {
+        let long = format!("application/json; {}", "x".repeat(300));
+        for content_type in [
+            None,
+            Some(JSON_CONTENT_TYPE),
+            Some("text/plain"),
+            Some(&long),
+        ] {
             let mut headers = HeaderMap::new();
             if let Some(value) = content_type {
-                headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(value));
+                headers.insert(header::CONTENT_TYPE, HeaderValue::from_str(value).unwrap());
             }
             let response = UpstreamResponse {
                 status: StatusCode::OK,
