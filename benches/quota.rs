@@ -42,7 +42,7 @@ fn config() -> Config {
 /// `count` distinct appids of the length WeChat issues (18 characters).
 fn keys(count: usize) -> Vec<QuotaKey> {
     (0..count)
-        .map(|i| QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}")).expect("an appid"))
+        .map(|i| QuotaKey::new(Api::JsCode2Session, format!("wx{i:016x}")).expect("an appid"))
         .collect()
 }
 

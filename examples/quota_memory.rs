@@ -44,7 +44,7 @@ async fn run(appids: usize) {
 
     let started = Instant::now();
     for i in 0..appids {
-        let key = QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}")).expect("an appid");
+        let key = QuotaKey::new(Api::JsCode2Session, format!("wx{i:016x}")).expect("an appid");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         let waited = gate.acquire(&key, deadline).await.expect("a token at hand");
         assert_eq!(waited, Duration::ZERO);

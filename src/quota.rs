@@ -525,7 +525,7 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let gate = QuotaGate::with_clock(&config(60, 100, 10), clock.clone());
         for i in 0..100_000 {
-            let key = QuotaKey::new(Api::JsCode2Session, &format!("wx{i:016x}")).unwrap();
+            let key = QuotaKey::new(Api::JsCode2Session, format!("wx{i:016x}")).unwrap();
             assert!(gate.try_take(&key).is_ok());
         }
         assert_eq!(gate.len(), 100_000);
