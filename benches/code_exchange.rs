@@ -27,8 +27,8 @@ use http_body_util::{BodyExt, Full};
 use tokio::runtime::Runtime;
 use wxgate::metrics::Metrics;
 use wxgate::proxy::{Proxy, CACHE_HEADER};
-use wxgate::stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
 use wxgate::Config;
+use wxgate_stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
 
 /// Codes remembered before the hit path is measured.
 const HIT_CODES: usize = 1_000;

@@ -46,7 +46,7 @@ use crate::config::{Config, ConfigErrors};
 use crate::metrics::{Outcome, RetryReason};
 use crate::proxy::CACHE_HEADER;
 use crate::server::{Listeners, RunError};
-use crate::stand_in::{
+use wxgate_stand_in::{
     Fault, StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET, JSCODE2SESSION_PATH,
     TOKEN_PATH,
 };

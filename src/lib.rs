@@ -17,7 +17,6 @@
 //! - [`wechat`]: WeChat's answer format: reading `errcode`, writing wxgate's own answers.
 //! - [`metrics`]: the Prometheus metrics, registered against a registry passed in.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on their own listener.
-//! - [`stand_in`]: an in-process stand-in for `api.weixin.qq.com` for tests, benches and the demo.
 //! - [`demo`]: `wxgate demo`, the stand-in plus wxgate under a realistic load.
 #![forbid(unsafe_code)]
 
@@ -31,7 +30,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod server;
-pub mod stand_in;
 pub mod upstream;
 pub mod wechat;
 

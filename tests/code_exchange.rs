@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use support::*;
 use tokio::io::AsyncWriteExt;
-use wxgate::stand_in::Fault;
+use wxgate_stand_in::Fault;
 
 const JSON: &str = "application/json; encoding=utf-8";
 
