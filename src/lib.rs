@@ -24,7 +24,8 @@ pub mod admin;
 pub mod api;
 pub mod code_exchange;
 pub mod config;
-pub mod demo;
+#[cfg(feature = "demo")]
+mod demo;
 pub mod dispatch;
 pub mod metrics;
 pub mod proxy;
@@ -35,3 +36,6 @@ pub mod wechat;
 
 pub use config::Config;
 pub use server::{run, Listeners};
+
+#[cfg(feature = "demo")]
+pub use demo::{launcher, run_demo, DemoError, DemoOptions, DemoReport};
