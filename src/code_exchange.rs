@@ -360,11 +360,6 @@ impl CodeExchange {
         }
     }
 
-    /// Whether no answer is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Answers an exchange: from memory, by joining an identical call in flight, or by
     /// making the call (see the module documentation for who drives it).
     pub async fn exchange(

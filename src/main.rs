@@ -6,9 +6,9 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use wxgate::config::{Config, EXIT_INVALID_CONFIG};
 #[cfg(feature = "demo")]
 use wxgate::DemoOptions;
+use wxgate::{Config, EXIT_INVALID_CONFIG};
 
 /// jemalloc, not the system allocator: a request allocates a few dozen short-lived blocks
 /// while the code cache keeps millions of small long-lived ones, and glibc's malloc spends a

@@ -52,7 +52,7 @@ pub struct QuotaKey {
 
 impl QuotaKey {
     /// A key for `appid` calling `api`; `None` for an appid longer than WeChat's
-    /// ([`MAX_APPID_LEN`] bytes), which [`crate::wechat::is_plausible_appid`] refuses anyway.
+    /// (`MAX_APPID_LEN` bytes), which `wechat::is_plausible_appid` refuses anyway.
     pub fn new(api: Api, appid: &str) -> Option<QuotaKey> {
         let bytes = appid.as_bytes();
         let mut inline = [0; MAX_APPID_LEN];

@@ -18,8 +18,6 @@ pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
 pub const SYSTEM_BUSY: i64 = -1;
 /// `45011`: minute quota reached; the call was not executed.
 pub const MINUTE_QUOTA: i64 = 45011;
-/// `45009`: daily quota reached; not worth retrying today.
-pub const DAILY_QUOTA: i64 = 45009;
 
 /// `40097`: invalid arguments; wxgate's answer to a request it cannot read.
 pub const INVALID_ARGS: i64 = 40097;

@@ -368,13 +368,13 @@ async fn a_call_dropped_unfinished_answers_its_followers_and_frees_the_code() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use std::sync::Arc;
-    use wxgate::proxy::{Proxy, CACHE_HEADER};
+    use wxgate::{Proxy, CACHE_HEADER};
 
     let upstream = stand_in(|_| {}).await;
     upstream.set_latency(Duration::from_millis(1500));
     let config = config(&config_text(&upstream.base_url(), ""));
     let registry = prometheus::Registry::new();
-    let metrics = wxgate::metrics::Metrics::new(&registry).unwrap();
+    let metrics = wxgate::Metrics::new(&registry).unwrap();
     let proxy = Arc::new(Proxy::new(&config, metrics).unwrap());
     let path = jscode2session(APPID, SECRET, "code-dropped");
     let request = || {
