@@ -25,10 +25,8 @@ use futures_util::future::join_all;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use tokio::runtime::Runtime;
-use wxgate::metrics::Metrics;
-use wxgate::proxy::{Proxy, CACHE_HEADER};
-use wxgate::stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
-use wxgate::Config;
+use wxgate::{Config, Metrics, Proxy, CACHE_HEADER};
+use wxgate_stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
 
 /// Codes remembered before the hit path is measured.
 const HIT_CODES: usize = 1_000;

@@ -20,8 +20,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use futures_util::future::join_all;
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
-use wxgate::stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
 use wxgate::{Config, Listeners};
+use wxgate_stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
 
 /// Requests in flight in the concurrent group.
 const CONCURRENCY: usize = 32;

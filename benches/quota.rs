@@ -25,9 +25,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dashmap::DashMap;
 use governor::{Quota, RateLimiter};
-use wxgate::api::Api;
-use wxgate::quota::{QuotaGate, QuotaKey};
-use wxgate::Config;
+use wxgate::{Api, Config, QuotaGate, QuotaKey};
 
 /// How many appids the gate knows in each case.
 const APPID_COUNTS: [usize; 3] = [1, 1_000, 100_000];

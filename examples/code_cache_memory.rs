@@ -20,10 +20,8 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use wxgate::metrics::Metrics;
-use wxgate::proxy::{Proxy, CACHE_HEADER};
-use wxgate::stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
-use wxgate::Config;
+use wxgate::{Config, Metrics, Proxy, CACHE_HEADER};
+use wxgate_stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET};
 
 /// The target: at most this many MB (10^6 bytes) resident.
 const TARGET_MB: f64 = 400.0;

@@ -13,9 +13,7 @@ mod rss;
 use rss::{memory_kib, report};
 use std::time::{Duration, Instant};
 
-use wxgate::api::Api;
-use wxgate::quota::{QuotaGate, QuotaKey};
-use wxgate::Config;
+use wxgate::{Api, Config, QuotaGate, QuotaKey};
 
 /// The target: at most this many MB (10^6 bytes) resident.
 const TARGET_MB: f64 = 64.0;

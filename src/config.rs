@@ -488,7 +488,7 @@ impl<'a> Section<'a> {
             return default.to_owned();
         };
         let path = self.path(key);
-        match reqwest::Url::parse(text) {
+        match url::Url::parse(text) {
             Ok(url)
                 if matches!(url.scheme(), "http" | "https")
                     && url.host().is_some()

@@ -5,37 +5,53 @@
 //! single-use login codes that are safe to send twice, and Prometheus metrics.
 //!
 //! # Layout
-//! - [`config`]: `config.toml` → validated, typed [`Config`]; every problem reported at once.
-//! - [`server`]: [`server::run`] owns the proxy and admin listeners and the graceful drain.
-//! - [`proxy`]: the request pipeline: route → read body → validate → code exchange or quota →
-//!   upstream → respond, with one log line and the metrics of each request.
-//! - [`code_exchange`]: coalescing of identical `js_code` exchanges and the answers remembered.
-//! - [`quota`]: per-(appid, API) token buckets with a first-come-first-served wait queue.
-//! - [`dispatch`]: one logical upstream call: wait for quota, send, hold across 45011, retry -1.
-//! - [`upstream`]: the pooled HTTP client towards WeChat and the headers it must not forward.
-//! - [`api`]: the WeChat APIs wxgate knows by path; the bounded `api` metric label.
-//! - [`wechat`]: WeChat's answer format: reading `errcode`, writing wxgate's own answers.
-//! - [`metrics`]: the Prometheus metrics, registered against a registry passed in.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz` on their own listener.
-//! - [`stand_in`]: an in-process stand-in for `api.weixin.qq.com` for tests, benches and the demo.
-//! - [`demo`]: `wxgate demo`, the stand-in plus wxgate under a realistic load.
+//! The modules are private; the crate root re-exports what the binary, the tests, the benches
+//! and the examples use.
+//! - `config`: `config.toml` → validated, typed [`Config`]; every problem reported at once.
+//! - `server`: [`run`] owns the proxy and admin [`Listeners`] and the graceful drain.
+//! - `proxy`: the request pipeline ([`Proxy`]): route → read body → validate → code exchange or
+//!   quota → upstream → respond, with one log line and the metrics of each request.
+//! - `code_exchange`: coalescing of identical `js_code` exchanges and the answers remembered.
+//! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) with a first-come-first-served
+//!   wait queue.
+//! - `dispatch`: one logical upstream call: wait for quota, send, hold across 45011, retry -1.
+//! - `upstream`: the pooled HTTP client towards WeChat and the headers it must not forward.
+//! - `api`: the WeChat APIs wxgate knows by path ([`Api`]); the bounded `api` metric label.
+//! - `wechat`: WeChat's answer format: reading `errcode`, writing wxgate's own answers.
+//! - `metrics`: the Prometheus [`Metrics`], registered against a registry passed in.
+//! - `admin`: `/metrics`, `/healthz`, `/readyz` on their own listener.
+//! - `demo` (feature `demo`, on by default): the launcher through which the `wxgate-demo`
+//!   crate starts this wxgate for `wxgate demo`.
+//!
+//! The workspace's other crates are not product: `stand-in/` (`wxgate-stand-in`, the
+//! in-process stand-in for `api.weixin.qq.com` that the tests, the benches and the demo run
+//! against, with its own request parsing) and `demo/` (`wxgate-demo`, the demo's load and
+//! report, which treats wxgate as a black box). Without the `demo` feature
+//! (`--no-default-features`) neither is linked, nor is reqwest.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod api;
-pub mod code_exchange;
-pub mod config;
-pub mod demo;
-pub mod dispatch;
-pub mod local_answer;
-pub mod metrics;
-pub mod proxy;
-pub mod quota;
-pub mod retry;
-pub mod server;
-pub mod stand_in;
-pub mod upstream;
-pub mod wechat;
+mod admin;
+mod api;
+mod code_exchange;
+mod config;
+#[cfg(feature = "demo")]
+mod demo;
+mod dispatch;
+mod local_answer;
+mod metrics;
+mod proxy;
+mod quota;
+mod retry;
+mod server;
+mod upstream;
+mod wechat;
 
-pub use config::Config;
+pub use api::Api;
+pub use config::{Config, EXIT_INVALID_CONFIG};
+pub use metrics::Metrics;
+pub use proxy::{Proxy, CACHE_HEADER};
+pub use quota::{QuotaGate, QuotaKey};
 pub use server::{run, Listeners};
+
+#[cfg(feature = "demo")]
+pub use demo::{launcher, run_demo, DemoError, DemoOptions, DemoReport};

@@ -1,12 +1,14 @@
 //! The `wxgate` binary: reads the command line, sets up logging, loads the configuration
 //! (exit 64 if it is invalid, before any port is bound), and runs the proxy until SIGTERM or
-//! SIGINT; or runs `wxgate demo` (see `wxgate::demo`).
+//! SIGINT; or runs `wxgate demo` (with the `demo` feature, on by default; see the `wxgate-demo`
+//! crate).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use wxgate::config::{Config, EXIT_INVALID_CONFIG};
-use wxgate::demo::DemoOptions;
+#[cfg(feature = "demo")]
+use wxgate::DemoOptions;
+use wxgate::{Config, EXIT_INVALID_CONFIG};
 
 /// jemalloc, not the system allocator: a request allocates a few dozen short-lived blocks
 /// while the code cache keeps millions of small long-lived ones, and glibc's malloc spends a
@@ -18,23 +20,46 @@ const USAGE: &str = "\
 usage:
   wxgate [--config PATH]                serve (default config: ./config.toml)
   wxgate check-config [--config PATH]   validate, print the effective configuration (secrets masked)
-  wxgate demo [--seconds N] [--keep-running] [--listen ADDR] [--admin-listen ADDR]
+";
+
+/// The `demo` lines of the usage, in a binary built with the `demo` feature only.
+const DEMO_USAGE: &str =
+    "  wxgate demo [--seconds N] [--keep-running] [--listen ADDR] [--admin-listen ADDR]
                                         a WeChat stand-in, wxgate in front of it and N s of load
                                         (default 20), then a table; no credentials or internet
                                         needed. Default ports 127.0.0.1:8080 and :9090 (port 0
                                         picks a free one). --keep-running serves until Ctrl-C.
                                         Exits 1 if its numbers do not add up.
-  wxgate --help | --version
+";
 
-Logging: RUST_LOG (default \"info\", for demo \"warn,wxgate::server=info\";
+const USAGE_TAIL: &str = "  wxgate --help | --version
+
+Logging: RUST_LOG (default \"info\"";
+
+const DEMO_LOGGING: &str = ", for demo \"warn,wxgate::server=info\"";
+
+const LOGGING_TAIL: &str = ";
 \"wxgate::access=off\" silences the per-request lines).";
+
+/// The usage text, with the demo's lines when the binary has the demo.
+fn usage() -> String {
+    let (demo, demo_logging) = if cfg!(feature = "demo") {
+        (DEMO_USAGE, DEMO_LOGGING)
+    } else {
+        ("", "")
+    };
+    format!("{USAGE}{demo}{USAGE_TAIL}{demo_logging}{LOGGING_TAIL}")
+}
 
 enum Command {
     Serve(PathBuf),
     CheckConfig(PathBuf),
+    #[cfg(feature = "demo")]
     Demo(DemoOptions),
 }
 
+// `config_given` only matters to `demo`, which refuses a --config.
+#[cfg_attr(not(feature = "demo"), allow(unused_variables, unused_assignments))]
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
     let mut command = None;
     let mut config = PathBuf::from("config.toml");
@@ -54,7 +79,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
                 config_given = true;
             }
             "check-config" if command.is_none() => command = Some("check-config"),
+            #[cfg(feature = "demo")]
             "demo" if command.is_none() && !config_given => return parse_demo_args(args),
+            #[cfg(feature = "demo")]
             "demo" if command.is_none() => return Err("demo takes no --config".into()),
             "serve" if command.is_none() => command = Some("serve"),
             "--help" | "-h" => return Err(String::new()),
@@ -75,16 +102,17 @@ fn main() -> ExitCode {
     let command = match parse_args(std::env::args().skip(1)) {
         Ok(command) => command,
         Err(problem) if problem.is_empty() => {
-            println!("{USAGE}");
+            println!("{}", usage());
             return ExitCode::SUCCESS;
         }
         Err(problem) => {
-            eprintln!("wxgate: {problem}\n{USAGE}");
+            eprintln!("wxgate: {problem}\n{}", usage());
             return ExitCode::from(EXIT_INVALID_CONFIG as u8);
         }
     };
     init_tracing(match command {
         // The per-request log lines would drown the demo's progress line.
+        #[cfg(feature = "demo")]
         Command::Demo(_) => "warn,wxgate::server=info",
         _ => "info",
     });
@@ -109,11 +137,13 @@ fn main() -> ExitCode {
             };
             serve(config)
         }
+        #[cfg(feature = "demo")]
         Command::Demo(options) => demo(options),
     }
 }
 
 /// The arguments after `demo`.
+#[cfg(feature = "demo")]
 fn parse_demo_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
     let mut options = DemoOptions::default();
     let mut args = args.peekable();
@@ -154,6 +184,7 @@ fn parse_demo_args(args: impl Iterator<Item = String>) -> Result<Command, String
     Ok(Command::Demo(options))
 }
 
+#[cfg(feature = "demo")]
 fn socket_addr(flag: &str, text: &str) -> Result<std::net::SocketAddr, String> {
     text.parse()
         .map_err(|_| format!("{flag}: {text:?} is not an address such as 127.0.0.1:8080"))
@@ -173,9 +204,10 @@ fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
+#[cfg(feature = "demo")]
 fn demo(options: DemoOptions) -> ExitCode {
     block_on(async move {
-        match wxgate::demo::run(options, shutdown_signal()).await {
+        match wxgate::run_demo(options, shutdown_signal()).await {
             Ok(report) if report.adds_up() && report.disagreements().is_empty() => {
                 ExitCode::SUCCESS
             }

@@ -53,8 +53,8 @@ pub struct QuotaKey {
 
 impl QuotaKey {
     /// A key for `appid` calling `api`; `None` for an appid WeChat never issues (see
-    /// [`is_plausible_appid`]), so that every key names a real-looking appid in at most
-    /// [`MAX_APPID_LEN`] bytes.
+    /// `wechat::is_plausible_appid`), so that every key names a real-looking appid in at
+    /// most `MAX_APPID_LEN` bytes.
     pub fn new(api: Api, appid: impl AsRef<[u8]>) -> Option<QuotaKey> {
         let bytes = appid.as_ref();
         if !is_plausible_appid(bytes) {

@@ -127,7 +127,6 @@ pub struct UpstreamClient {
     /// `Authorization` for a base URL with userinfo.
     authorization: Option<HeaderValue>,
     timeout: Duration,
-    base_url: String,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -193,13 +192,7 @@ impl UpstreamClient {
             host,
             authorization,
             timeout: config.timeout,
-            base_url: config.base_url.clone(),
         })
-    }
-
-    /// The base URL every call goes to.
-    pub fn base_url(&self) -> &str {
-        &self.base_url
     }
 
     /// Closes connections idle for too long (their servers may be about to close them), and

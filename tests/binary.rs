@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use support::*;
-use wxgate::stand_in::Fault;
+use wxgate_stand_in::Fault;
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
 

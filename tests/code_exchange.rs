@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use support::*;
 use tokio::io::AsyncWriteExt;
-use wxgate::stand_in::Fault;
+use wxgate_stand_in::Fault;
 
 const JSON: &str = "application/json; encoding=utf-8";
 
@@ -372,13 +372,13 @@ async fn a_call_dropped_unfinished_answers_its_followers_and_frees_the_code() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use std::sync::Arc;
-    use wxgate::proxy::{Proxy, CACHE_HEADER};
+    use wxgate::{Proxy, CACHE_HEADER};
 
     let upstream = stand_in(|_| {}).await;
     upstream.set_latency(Duration::from_millis(1500));
     let config = config(&config_text(&upstream.base_url(), ""));
     let registry = prometheus::Registry::new();
-    let metrics = wxgate::metrics::Metrics::new(&registry).unwrap();
+    let metrics = wxgate::Metrics::new(&registry).unwrap();
     let proxy = Arc::new(Proxy::new(&config, metrics).unwrap());
     let path = jscode2session(APPID, SECRET, "code-dropped");
     let request = || {

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{client, jscode2session, metric, APPID, SECRET};
-use wxgate::demo::{DemoOptions, DemoReport};
-use wxgate::metrics::{Outcome, RetryReason};
+use wxgate::{DemoOptions, DemoReport};
+use wxgate_demo::{Outcome, RetryReason};
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
 
@@ -30,7 +30,7 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
         admin_listen: any_port(),
         window_secs: 1,
     };
-    let report: DemoReport = wxgate::demo::run(options, std::future::pending())
+    let report: DemoReport = wxgate::run_demo(options, std::future::pending())
         .await
         .expect("the demo runs");
     assert!(report.adds_up(), "{report}");

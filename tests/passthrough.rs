@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use wxgate::stand_in::Fault;
+use wxgate_stand_in::Fault;
 
 const JSON: &str = "application/json; encoding=utf-8";
 

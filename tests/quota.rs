@@ -9,7 +9,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use futures_util::future::join_all;
 use support::*;
 use tokio::io::AsyncWriteExt;
-use wxgate::stand_in::Fault;
+use wxgate_stand_in::Fault;
 
 const EXCHANGE: &str = "/sns/jscode2session";
 
@@ -19,7 +19,7 @@ fn errcode(body: &[u8]) -> i64 {
 }
 
 /// Calls the stand-in received per aligned window, from its log.
-fn calls_per_window(upstream: &wxgate::stand_in::StandIn, window: Duration) -> BTreeMap<u128, u64> {
+fn calls_per_window(upstream: &wxgate_stand_in::StandIn, window: Duration) -> BTreeMap<u128, u64> {
     let mut windows = BTreeMap::new();
     for call in upstream.call_log() {
         let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();

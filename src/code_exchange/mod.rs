@@ -45,7 +45,6 @@ use crate::metrics::Metrics;
 use crate::quota::QuotaKey;
 use crate::wechat::WechatParams;
 
-pub use self::flight::Waiter;
 pub use self::key::CodeKey;
 pub use self::store::{is_definitive, Lookup, Remembered};
 
@@ -301,11 +300,6 @@ impl CodeExchange {
     /// Answers remembered right now.
     pub fn len(&self) -> usize {
         self.remembered.load(Ordering::Relaxed)
-    }
-
-    /// Whether no answer is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Whole seconds from the exchange's base to `at`.

@@ -10,8 +10,8 @@ mod query;
 
 use bytes::Bytes;
 
-pub use self::errcode::{errcode_labels, Errcode, KNOWN_ERRCODES};
-pub use self::query::{query_pairs, WechatParams};
+pub use self::errcode::{errcode_labels, Errcode};
+pub use self::query::WechatParams;
 
 /// The Content-Type WeChat uses for JSON, and that wxgate uses for its own answers.
 pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
@@ -20,17 +20,11 @@ pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
 pub const SYSTEM_BUSY: i64 = -1;
 /// `45011`: minute quota reached; the call was not executed.
 pub const MINUTE_QUOTA: i64 = 45011;
-/// `45009`: daily quota reached; not worth retrying today.
-pub const DAILY_QUOTA: i64 = 45009;
 
 /// `40097`: invalid arguments; wxgate's answer to a request it cannot read.
 pub const INVALID_ARGS: i64 = 40097;
 /// `47001`: data format error; wxgate's answer to a body it will not forward.
 pub const DATA_FORMAT_ERROR: i64 = 47001;
-
-/// The errmsg of wxgate's own 45011, worded like WeChat's so SDKs that match it still do.
-pub const LOCAL_QUOTA_ERRMSG: &str =
-    "api minute-quota reach limit, must slower, retry next minute (wxgate: local quota)";
 
 /// A WeChat-shaped body, `{"errcode":N,"errmsg":"…"}`.
 pub fn error_body(errcode: i64, errmsg: &str) -> Bytes {

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use wxgate::stand_in::{StandIn, StandInConfig};
 use wxgate::{Config, Listeners};
+use wxgate_stand_in::{StandIn, StandInConfig};
 
-pub use wxgate::stand_in::{
+pub use wxgate_stand_in::{
     DEFAULT_APPID as APPID, DEFAULT_APP_SECRET as SECRET,
     DEFAULT_COMPONENT_ACCESS_TOKEN as COMPONENT_TOKEN, DEFAULT_COMPONENT_APPID as COMPONENT_APPID,
 };

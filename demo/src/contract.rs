@@ -1,0 +1,94 @@
+//! What the demo knows of wxgate, from the outside: the response header that tells how a code
+//! exchange was answered, the label values of its metrics, and the errcodes of its own answers.
+//!
+//! The demo does not link wxgate; these are the names of wxgate's public surface (README,
+//! "Metrics" and "Answers wxgate gives itself"), spelled here once. wxgate's own tests check
+//! that they match what it exports.
+
+/// The response header by which wxgate says how a code exchange was answered: `miss`,
+/// `coalesced` or `hit`.
+pub const CACHE_HEADER: &str = "x-wxgate-cache";
+
+/// `45011`: minute quota reached; in an answer of wxgate's own, no quota turn in time.
+pub const MINUTE_QUOTA: i64 = 45011;
+
+/// `-1`: system busy; in an answer of wxgate's own, WeChat gave no answer.
+pub const SYSTEM_BUSY: i64 = -1;
+
+/// How wxgate answered a client request: the `outcome` label of `wxgate_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// WeChat answered (any status, any errcode).
+    Forwarded,
+    /// A remembered code-exchange answer was replayed.
+    CacheHit,
+    /// The request waited for an identical exchange in flight and got its answer.
+    Coalesced,
+    /// wxgate answered 45011 itself: the request could not get its quota turn in time.
+    LocalLimit,
+    /// wxgate refused the request itself (bad parameters, oversize body, unroutable target).
+    Rejected,
+    /// WeChat gave no answer: wxgate answered 502 or 504.
+    UpstreamError,
+}
+
+impl Outcome {
+    /// Every value, in wxgate's label order.
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Forwarded,
+        Outcome::CacheHit,
+        Outcome::Coalesced,
+        Outcome::LocalLimit,
+        Outcome::Rejected,
+        Outcome::UpstreamError,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Forwarded => "forwarded",
+            Outcome::CacheHit => "cache_hit",
+            Outcome::Coalesced => "coalesced",
+            Outcome::LocalLimit => "local_limit",
+            Outcome::Rejected => "rejected",
+            Outcome::UpstreamError => "upstream_error",
+        }
+    }
+
+    /// Position in [`Outcome::ALL`], for per-outcome arrays.
+    pub(crate) fn index(self) -> usize {
+        Outcome::ALL
+            .iter()
+            .position(|o| *o == self)
+            .unwrap_or_default()
+    }
+}
+
+/// Why wxgate sent an upstream call again: the `reason` label of `wxgate_retries_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    /// WeChat answered 45011; the call was held to the next window.
+    MinuteQuota,
+    /// WeChat answered -1.
+    SystemBusy,
+    /// The connection could not be opened (nothing was sent).
+    Transport,
+}
+
+impl RetryReason {
+    /// Every value, in wxgate's label order.
+    pub const ALL: [RetryReason; 3] = [
+        RetryReason::MinuteQuota,
+        RetryReason::SystemBusy,
+        RetryReason::Transport,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RetryReason::MinuteQuota => "minute_quota",
+            RetryReason::SystemBusy => "system_busy",
+            RetryReason::Transport => "transport",
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! What the demo is asked to do ([`DemoOptions`]) and what it derives from that: the
+//! stand-in's quota, and wxgate's configuration, sized so that every limit bites within a
+//! short run.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use wxgate_stand_in::JSCODE2SESSION_PATH;
+
+/// What `wxgate demo` is asked to do.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// How long the load runs (`--seconds`). Requests still held for WeChat's next window
+    /// when it ends are waited for.
+    pub duration: Duration,
+    /// Leave wxgate and the stand-in running after the table (`--keep-running`), until the
+    /// shutdown signal.
+    pub keep_running: bool,
+    /// wxgate's proxy port (`--listen`); port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// wxgate's admin port, `/metrics` (`--admin-listen`); port 0 picks a free one.
+    pub admin_listen: SocketAddr,
+    /// The quota window of the stand-in and of wxgate, in seconds; quotas scale with it.
+    /// Five seconds makes limits bite within a 20-second run; tests shorten it.
+    pub window_secs: u64,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            duration: Duration::from_secs(20),
+            keep_running: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            window_secs: 5,
+        }
+    }
+}
+
+/// Calls a second the stand-in admits for each (appid, API): its quota is this times the
+/// window. Small enough that six users go over it.
+pub(crate) const UPSTREAM_CALLS_PER_SECOND: u32 = 8;
+
+/// Virtual users logging in concurrently. Each offers about two fresh codes a second, so
+/// together they ask for more than the quota and calls wait for their turn.
+pub(crate) const USERS: usize = 6;
+
+/// How long a request may wait for its quota turn before wxgate answers 45011 itself. Short
+/// (the default is 3 s), so that about half of the burst gets a local 45011.
+pub(crate) const MAX_WAIT: Duration = Duration::from_millis(2500);
+
+/// WeChat's stand-in answers after this long, about what a nearby WeChat takes. It also keeps
+/// an exchange in flight long enough for a double submit to join it.
+pub(crate) const UPSTREAM_LATENCY: Duration = Duration::from_millis(40);
+
+/// The quotas and sizes derived from the window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan {
+    pub(crate) window_secs: u64,
+    /// Executed calls per window and (appid, API) at the stand-in.
+    pub(crate) upstream_quota: u32,
+    /// wxgate's per_window for `/sns/jscode2session`: a quarter above the stand-in's, so that
+    /// WeChat answers 45011 whenever the load fills a window.
+    pub(crate) exchange_per_window: u32,
+    /// wxgate's burst, for every API.
+    pub(crate) burst: u32,
+    /// How long a call may be held across 45011s: its first wait, three windows, and another
+    /// wait in the queue of the window it is held to, so that a held call always gets there.
+    pub(crate) max_hold: Duration,
+    /// Requests of the burst, all at once: one and a half quotas, and at least twice what
+    /// wxgate lets through within `MAX_WAIT`, so that some get a local 45011 however short
+    /// the window.
+    pub(crate) burst_size: usize,
+}
+
+impl Plan {
+    pub(crate) fn new(window_secs: u64) -> Plan {
+        let window_secs = window_secs.clamp(1, 3600);
+        let upstream_quota =
+            UPSTREAM_CALLS_PER_SECOND.saturating_mul(u32::try_from(window_secs).unwrap_or(3600));
+        Plan {
+            window_secs,
+            upstream_quota,
+            exchange_per_window: upstream_quota + upstream_quota / 4,
+            burst: (upstream_quota / 5).max(1),
+            max_hold: Duration::from_secs(window_secs * 3) + MAX_WAIT * 2,
+            burst_size: (upstream_quota as usize * 3 / 2).max(40),
+        }
+    }
+
+    /// wxgate's `config.toml` for the demo: these quotas, the two addresses, the stand-in.
+    pub(crate) fn config_text(
+        &self,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        upstream: &str,
+    ) -> String {
+        format!(
+            r#"[server]
+listen = "{listen}"
+admin_listen = "{admin}"
+shutdown_grace_ms = 2000
+
+[upstream]
+base_url = "{upstream}"
+connect_timeout_ms = 1000
+timeout_ms = 5000
+
+[quota]
+window_secs = {window}
+# Every API: exactly the stand-in's quota.
+per_window = {quota}
+burst = {burst}
+max_wait_ms = {max_wait}
+
+# The code exchange: a little above what the stand-in admits, so WeChat's 45011 happens.
+[quota.apis."{exchange}"]
+per_window = {exchange_quota}
+burst = {burst}
+
+[retry]
+max_hold_ms = {max_hold}
+busy_attempts = 2
+"#,
+            window = self.window_secs,
+            quota = self.upstream_quota,
+            burst = self.burst,
+            max_wait = MAX_WAIT.as_millis(),
+            exchange = JSCODE2SESSION_PATH,
+            exchange_quota = self.exchange_per_window,
+            max_hold = self.max_hold.as_millis(),
+        )
+    }
+}

@@ -1,0 +1,75 @@
+//! What the stand-in is told at start: the mini programs and third-party platforms it knows,
+//! its quota and window, its latency, and whether it logs every call.
+
+use std::time::Duration;
+
+use crate::{
+    DEFAULT_APPID, DEFAULT_APP_SECRET, DEFAULT_COMPONENT_ACCESS_TOKEN, DEFAULT_COMPONENT_APPID,
+};
+
+/// What the stand-in knows about the apps and platforms calling it, and how it behaves.
+#[derive(Clone, Debug)]
+pub struct StandInConfig {
+    /// Registered mini programs: appid -> app secret.
+    pub apps: Vec<StandInApp>,
+    /// Third-party platforms: `component_appid`, its `component_access_token`, and the appids
+    /// authorized to it.
+    pub components: Vec<StandInComponent>,
+    /// Per (appid, API path) quota: at most this many *executed* calls per window; `None` =
+    /// unlimited.
+    pub quota_per_window: Option<u32>,
+    /// Window length for the quota (WeChat: 60 s). Windows are fixed and aligned to multiples of
+    /// the window length since the UNIX epoch (`SystemTime`), as WeChat counts calendar minutes.
+    /// A zero window is treated as one nanosecond.
+    pub window: Duration,
+    /// Added before every answer.
+    pub latency: Duration,
+    /// Keep a log of every call (time, path, appid, errcode); benches turn it off.
+    pub record_calls: bool,
+}
+
+impl Default for StandInConfig {
+    /// One app ([`DEFAULT_APPID`], with a unionid), one platform ([`DEFAULT_COMPONENT_APPID`])
+    /// that the app authorized, no quota, 60 s windows, no latency, calls recorded.
+    fn default() -> Self {
+        StandInConfig {
+            apps: vec![StandInApp {
+                appid: DEFAULT_APPID.to_owned(),
+                secret: DEFAULT_APP_SECRET.to_owned(),
+                unionid: true,
+            }],
+            components: vec![StandInComponent {
+                component_appid: DEFAULT_COMPONENT_APPID.to_owned(),
+                component_access_token: DEFAULT_COMPONENT_ACCESS_TOKEN.to_owned(),
+                authorized_appids: vec![DEFAULT_APPID.to_owned()],
+            }],
+            quota_per_window: None,
+            window: Duration::from_secs(60),
+            latency: Duration::ZERO,
+            record_calls: true,
+        }
+    }
+}
+
+/// A mini program registered with the stand-in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandInApp {
+    /// The mini program's appid.
+    pub appid: String,
+    /// Its app secret, checked by `/sns/jscode2session` and the token endpoints.
+    pub secret: String,
+    /// Whether the app is bound to an open-platform account, so successful exchanges carry a
+    /// `unionid`.
+    pub unionid: bool,
+}
+
+/// A third-party platform registered with the stand-in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandInComponent {
+    /// The platform's own appid (`component_appid`).
+    pub component_appid: String,
+    /// The one `component_access_token` the stand-in accepts for this platform.
+    pub component_access_token: String,
+    /// Mini programs that authorized the platform; others get 61003.
+    pub authorized_appids: Vec<String>,
+}

@@ -1,0 +1,106 @@
+//! An in-process stand-in for `api.weixin.qq.com`.
+//!
+//! wxgate's integration tests, its benchmarks and the `wxgate demo` command need an upstream
+//! that behaves like WeChat where wxgate cares (single-use login codes, per-minute quotas,
+//! errors answered as HTTP 200 with `{"errcode","errmsg"}`) and that can be made to fail on
+//! demand. This crate owns that upstream: [`StandIn`] serves HTTP/1.1 and HTTP/2 on a
+//! loopback listener, answers the endpoints listed below the way WeChat documents them, echoes
+//! every other request back so pass-through can be checked, and counts what it received.
+//!
+//! | path | answers |
+//! |---|---|
+//! | `/sns/jscode2session` | `{"session_key","openid"[,"unionid"]}` or an error |
+//! | `/sns/component/jscode2session` | the same, for a third-party platform |
+//! | `/cgi-bin/token` | `{"access_token","expires_in":7200}` or an error |
+//! | `/cgi-bin/stable_token` (POST, JSON) | the same |
+//! | anything else | an echo of the request (see [`StandIn`]) |
+//!
+//! Failures are injected with [`StandIn::push_faults`]: each call takes the next queued
+//! [`Fault`], whatever its path.
+//!
+//! Every call is *executed when it arrives* (quota counted, code spent) and answered after the
+//! configured latency plus any [`Fault::Delay`]. So a client that gives up while waiting has
+//! still spent its code, as it would against WeChat.
+//!
+//! # Example
+//! ```no_run
+//! use wxgate_stand_in::{Fault, StandIn, StandInConfig};
+//!
+//! # async fn example() -> std::io::Result<()> {
+//! let upstream = StandIn::start(StandInConfig::default()).await?;
+//! upstream.push_faults([Fault::Busy]);
+//! // ... point the proxy at upstream.base_url() and drive it ...
+//! assert_eq!(upstream.answers(-1), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! It does not depend on wxgate: it reads queries with `form_urlencoded` and JSON bodies with
+//! `serde_json` on its own (see `request.rs`), so a parsing bug in wxgate cannot hide behind
+//! the same bug in its test double.
+//!
+//! # Layout
+//! - `stand_in.rs`: [`StandIn`], the running server and its handle: start, inject, count;
+//!   the accept loop and the per-request flow (arrival, fault, execution, latency, answer).
+//! - `config.rs`: [`StandInConfig`], [`StandInApp`], [`StandInComponent`]: who may call.
+//! - `upstream.rs`: the state every connection shares and what WeChat does with a call:
+//!   parameter checks, quotas over aligned windows, single-use codes, tokens.
+//! - `request.rs`: a call as received and the endpoint parameters read from it.
+//! - `answer.rs`: what the stand-in answers: WeChat JSON, the echo, a 502, a closed connection.
+//! - `fault.rs`: [`Fault`] and the queue of faults waiting for the next calls.
+//! - `record.rs`: [`CallRecord`] and the counters behind [`StandIn::calls`] and the like.
+//! - `ids.rs`: session keys, openids, tokens and request ids shaped like WeChat's.
+#![forbid(unsafe_code)]
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+mod answer;
+mod config;
+mod fault;
+mod ids;
+mod record;
+mod request;
+mod stand_in;
+mod upstream;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{StandInApp, StandInComponent, StandInConfig};
+pub use fault::Fault;
+pub use record::CallRecord;
+pub use stand_in::StandIn;
+
+/// The mini program registered by [`StandInConfig::default`].
+pub const DEFAULT_APPID: &str = "wx00000000000000a1";
+/// The app secret of [`DEFAULT_APPID`].
+pub const DEFAULT_APP_SECRET: &str = "stand-in-secret-a1";
+/// The third-party platform registered by [`StandInConfig::default`]; [`DEFAULT_APPID`] is
+/// authorized to it.
+pub const DEFAULT_COMPONENT_APPID: &str = "wx00000000000000c1";
+/// The `component_access_token` of [`DEFAULT_COMPONENT_APPID`].
+pub const DEFAULT_COMPONENT_ACCESS_TOKEN: &str = "stand-in-component-token-c1";
+
+/// Path of the mini program's own code exchange (`auth.code2Session`).
+pub const JSCODE2SESSION_PATH: &str = "/sns/jscode2session";
+/// Path of the third-party platform's code exchange.
+pub const COMPONENT_JSCODE2SESSION_PATH: &str = "/sns/component/jscode2session";
+/// Path of the access-token fetch.
+pub const TOKEN_PATH: &str = "/cgi-bin/token";
+/// Path of the stable access-token fetch (POST, JSON body).
+pub const STABLE_TOKEN_PATH: &str = "/cgi-bin/stable_token";
+
+/// Content-Type of every JSON answer, byte for byte what WeChat sends.
+pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
+
+/// Locks a mutex even if a panicking thread poisoned it: the data (a log, a queue) stays
+/// usable, and a test double must not turn one failure into many.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A duration in nanoseconds, for an atomic; saturated at about 584 years.
+pub(crate) fn duration_nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}

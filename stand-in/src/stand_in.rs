@@ -1,0 +1,290 @@
+//! [`StandIn`]: the running stand-in and its handle (start it, inject faults, change its
+//! latency and quota, read what it received), and the server behind it: the accept loop and
+//! what happens to one call from arrival to answer.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{AbortHandle, JoinSet};
+
+use crate::answer::{plain, Answer, CloseConnection};
+use crate::record::{bump, read_counter, CallRecord};
+use crate::request::ReceivedCall;
+use crate::upstream::{window_index, Route, Shared, UNLIMITED};
+use crate::{duration_nanos, lock, Fault, StandInConfig};
+
+/// Largest request body the stand-in reads; anything bigger gets 413. WeChat requests are
+/// tiny; the cap only keeps a runaway test from eating memory.
+const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// A running stand-in for `api.weixin.qq.com`, serving on a loopback port.
+///
+/// Dropping it stops the server: the accept loop and every connection task are aborted.
+///
+/// Paths other than the WeChat endpoints get an **echo**: status 200, or the request's
+/// `x-echo-status` (200..=599; anything else gets 400); Content-Type from the request's
+/// `x-echo-content-type`, else [`JSON_CONTENT_TYPE`](crate::JSON_CONTENT_TYPE); headers `x-echo-custom: stand-in` and
+/// `x-echo-method: <METHOD>`; and the body
+/// `{"method","uri","headers":{lowercase name: value},"body","body_len"}`, where `uri` is the
+/// path and query exactly as received, repeated headers are joined with `", "`, and `body` is
+/// the request body as lossy UTF-8.
+pub struct StandIn {
+    addr: SocketAddr,
+    /// Also read by this crate's tests, which move its clock.
+    pub(crate) shared: Arc<Shared>,
+    /// The accept loop. It owns the connection tasks (a `JoinSet`), so aborting it ends them
+    /// all.
+    server: AbortHandle,
+}
+
+impl fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StandIn")
+            .field("addr", &self.addr)
+            .field("total_calls", &self.total_calls())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StandIn {
+    /// Starts a stand-in on `127.0.0.1:0`. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// When no loopback port can be bound.
+    pub async fn start(config: StandInConfig) -> std::io::Result<StandIn> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Self::start_on(listener, config).await
+    }
+
+    /// Starts a stand-in on a listener the caller bound. Must be called inside a tokio runtime.
+    ///
+    /// # Errors
+    /// When the listener's local address cannot be read.
+    pub async fn start_on(
+        listener: TcpListener,
+        config: StandInConfig,
+    ) -> std::io::Result<StandIn> {
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let server = tokio::spawn(accept_loop(listener, Arc::clone(&shared))).abort_handle();
+        Ok(StandIn {
+            addr,
+            shared,
+            server,
+        })
+    }
+
+    /// The address the stand-in listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`, without a trailing slash, e.g. `http://127.0.0.1:40123`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Queues faults for the next calls: each call, on any path, takes the first queued fault
+    /// (if any) and suffers it instead of its normal answer ([`Fault::Delay`]: before it).
+    pub fn push_faults(&self, faults: impl IntoIterator<Item = Fault>) {
+        self.shared.faults.push(faults);
+    }
+
+    /// How many queued faults no call has taken yet.
+    pub fn pending_faults(&self) -> usize {
+        self.shared.faults.len()
+    }
+
+    /// Sets the delay added before every answer, from the next call on.
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared
+            .latency_nanos
+            .store(duration_nanos(latency), Ordering::Relaxed);
+    }
+
+    /// Sets the per (appid, path) quota, from the next call on. Executed calls are only
+    /// counted while a quota is set: turning it on starts every count from zero.
+    pub fn set_quota(&self, per_window: Option<u32>) {
+        self.shared
+            .quota
+            .store(per_window.map_or(UNLIMITED, u64::from), Ordering::Relaxed);
+    }
+
+    /// Calls received on `path` (without query), whatever their answer: faults and 45011
+    /// included.
+    pub fn calls(&self, path: &str) -> u64 {
+        read_counter(&self.shared.counters.by_path, path)
+    }
+
+    /// Calls received on any path.
+    pub fn total_calls(&self) -> u64 {
+        self.shared.counters.total.load(Ordering::Relaxed)
+    }
+
+    /// Exchanges received for this `js_code` on either code endpoint, whatever their answer.
+    pub fn code_calls(&self, js_code: &str) -> u64 {
+        read_counter(&self.shared.counters.by_code, js_code)
+    }
+
+    /// Answers given with this errcode; 0 counts success bodies of the WeChat endpoints.
+    pub fn answers(&self, errcode: i64) -> u64 {
+        read_counter(&self.shared.counters.by_errcode, &errcode)
+    }
+
+    /// Every call received since the start or the last [`reset_counters`](Self::reset_counters),
+    /// in arrival order. Empty when [`StandInConfig::record_calls`] is off.
+    pub fn call_log(&self) -> Vec<CallRecord> {
+        lock(&self.shared.log).clone()
+    }
+
+    /// The most calls the log shows for (`appid`, `path`) in one aligned window, faulted and
+    /// refused calls included: what a proxy's quota gate let through. Always 0 when
+    /// [`StandInConfig::record_calls`] is off.
+    pub fn max_calls_in_any_window(&self, appid: &str, path: &str) -> u64 {
+        let window = self.shared.window;
+        let mut per_window: HashMap<u128, u64> = HashMap::new();
+        for record in lock(&self.shared.log).iter() {
+            if record.path == path && record.appid.as_deref() == Some(appid) {
+                *per_window
+                    .entry(window_index(record.at, window))
+                    .or_default() += 1;
+            }
+        }
+        per_window.into_values().max().unwrap_or(0)
+    }
+
+    /// Zeroes every counter and empties the call log. Upstream state is kept: spent codes,
+    /// quota counts and queued faults stay as they are.
+    pub fn reset_counters(&self) {
+        let counters = &self.shared.counters;
+        counters.total.store(0, Ordering::Relaxed);
+        counters.by_path.clear();
+        counters.by_code.clear();
+        counters.by_errcode.clear();
+        lock(&self.shared.log).clear();
+    }
+
+    /// Forgets which codes were spent, so they can be exchanged again. Long benchmarks call it
+    /// to bound the memory the spent-code set takes.
+    pub fn forget_used_codes(&self) {
+        self.shared.used_codes.clear();
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Accepts connections until the stand-in is dropped (which aborts this task).
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    // Owned here so that aborting this task (StandIn's Drop) aborts every connection with it.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(serve_connection(stream, builder.clone(), Arc::clone(&shared)));
+                }
+                // Usually too many open files: back off instead of spinning, the condition
+                // clears as connections close.
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            },
+            // Reap finished connections so the set does not grow over a long benchmark.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    builder: auto::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
+) {
+    // Small request/answer exchanges: Nagle's algorithm would only add latency to the baseline.
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |request| handle(Arc::clone(&shared), request));
+    // The connection ends in an error when the client goes away or a fault closes it on
+    // purpose; neither is worth reporting from a test double.
+    let _ = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// One call: counted and given its fault on arrival, executed, recorded, held back by the
+/// latency, answered.
+async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, CloseConnection> {
+    let at = shared.now();
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    shared.counters.total.fetch_add(1, Ordering::Relaxed);
+    bump(&shared.counters.by_path, path);
+    // Taken at arrival so faults are consumed in the order calls arrive.
+    let fault = shared.faults.pop();
+
+    let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => {
+            return Ok(plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body too large for the stand-in",
+            ));
+        }
+        Err(_) => return Err(CloseConnection("request body broken off")),
+    };
+
+    let route = Route::of(path);
+    let call = ReceivedCall::new(at, route, &parts, &body);
+    let params = call.params.as_ref().ok();
+    if route.exchanges_codes() {
+        if let Some(js_code) = params.and_then(|params| params.js_code.as_deref()) {
+            bump(&shared.counters.by_code, js_code);
+        }
+    }
+
+    let mut extra_delay = Duration::ZERO;
+    let answer = match fault {
+        None => shared.execute(route, &call),
+        Some(Fault::Delay(delay)) => {
+            extra_delay = delay;
+            shared.execute(route, &call)
+        }
+        Some(Fault::Busy) => Answer::error(-1),
+        Some(Fault::MinuteQuota) => Answer::error(45011),
+        Some(Fault::DailyQuota) => Answer::error(45009),
+        Some(Fault::BadGateway) => Answer::BadGateway,
+        Some(Fault::Reset) => Answer::Reset,
+        Some(Fault::Hang) => Answer::Hang,
+        Some(Fault::LostAnswer) => {
+            // Executed for its effect (spent code, quota); the answer never leaves.
+            let _lost = shared.execute(route, &call);
+            Answer::Reset
+        }
+    };
+    let appid = params.and_then(|params| params.appid.as_deref());
+    shared.record(at, path, appid, answer.errcode());
+
+    let wait = shared.latency().saturating_add(extra_delay);
+    if !wait.is_zero() {
+        tokio::time::sleep(wait).await;
+    }
+
+    answer.into_response().await
+}
