@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use wxgate::config::{Config, EXIT_INVALID_CONFIG};
+use wxgate::config::{CheckedConfig, Config, EXIT_INVALID_CONFIG};
 use wxgate::demo::DemoOptions;
 
 /// jemalloc, not the system allocator: a request allocates a few dozen short-lived blocks
@@ -89,9 +89,9 @@ fn main() -> ExitCode {
         _ => "info",
     });
     match command {
-        Command::CheckConfig(path) => match Config::load(&path) {
-            Ok(config) => {
-                println!("# {}: valid\n{}", path.display(), config.to_toml_masked());
+        Command::CheckConfig(path) => match CheckedConfig::load(&path) {
+            Ok(checked) => {
+                println!("# {}: valid\n{}", path.display(), checked.to_toml());
                 ExitCode::SUCCESS
             }
             Err(errors) => {

@@ -73,6 +73,53 @@ burst = 11
 }
 
 #[test]
+fn every_unknown_key_and_wrong_type_is_reported_at_once_without_values() {
+    let path = temp_config(
+        "unknown.toml",
+        r#"
+colour = "blue"
+[server]
+lisen = "127.0.0.1:1"
+max_body_bytes = "s3cr3t-in-a-number"
+[upstream]
+timout_ms = 5
+base_url = 987654321
+[quota]
+per_windw = 10
+[quota.appids.wx00000000000000a1]
+brust = 1
+[retry]
+max_hold_ms = 1000
+"#,
+    );
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "colour: unknown key",
+        "server.lisen: unknown key",
+        "upstream.timout_ms: unknown key",
+        "quota.per_windw: unknown key",
+        "quota.appids.wx00000000000000a1.brust: unknown key",
+        "server.max_body_bytes: expected an integer, found string",
+        "upstream.base_url: expected a string, found integer",
+        "retry.max_hold_ms: 1000 is shorter than quota.window_secs (60 s)",
+        "(8 problems)",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
+    }
+    assert!(!stderr.contains("s3cr3t"), "a value is echoed:\n{stderr}");
+    assert!(
+        !stderr.contains("987654321"),
+        "a value is echoed:\n{stderr}"
+    );
+}
+
+#[test]
 fn check_config_prints_the_effective_configuration_masked() {
     let path = temp_config(
         "good.toml",
