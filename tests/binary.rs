@@ -1,5 +1,6 @@
-//! The `wxgate` binary as an operator runs it: `check-config` and its exit codes, serving
-//! from a config file, logs that never hold a secret, and SIGTERM draining to exit 0.
+//! The `wxgate` binary as an operator runs it: the command line and its exit codes,
+//! `check-config`, serving from a config file, logs that never hold a secret, and SIGTERM
+//! draining to exit 0.
 
 mod support;
 
@@ -117,6 +118,75 @@ max_hold_ms = 1000
         !stderr.contains("987654321"),
         "a value is echoed:\n{stderr}"
     );
+}
+
+#[test]
+fn help_and_version_exit_0_and_bad_usage_exits_64() {
+    for flag in ["--help", "-h"] {
+        let output = Command::new(WXGATE).arg(flag).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        for needle in [
+            "Usage: wxgate",
+            "check-config",
+            "--config <PATH>",
+            "RUST_LOG",
+        ] {
+            assert!(
+                stdout.contains(needle),
+                "{flag}: {needle} missing:\n{stdout}"
+            );
+        }
+    }
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("Usage: wxgate check-config"));
+    for flag in ["--version", "-V"] {
+        let output = Command::new(WXGATE).arg(flag).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("wxgate {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+    for args in [
+        &["--surprise"][..],
+        &["check-config", "--surprise"],
+        &["check-config", "extra"],
+        &["--config"],
+        &["nonsense"],
+    ] {
+        let output = Command::new(WXGATE).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(64), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("error:") && stderr.contains("Usage: wxgate"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn config_is_accepted_before_or_after_the_subcommand() {
+    let path = temp_config("where.toml", "[server]\nlisten = \"127.0.0.1:18080\"\n");
+    let path = path.to_str().unwrap();
+    for args in [
+        ["check-config", "--config", path],
+        ["--config", path, "check-config"],
+        ["-c", path, "check-config"],
+    ] {
+        let output = Command::new(WXGATE).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("listen = \"127.0.0.1:18080\""),
+            "{args:?}: {stdout}"
+        );
+    }
 }
 
 #[test]
