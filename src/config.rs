@@ -1,10 +1,45 @@
 //! `config.toml` → a validated, typed [`Config`].
 //!
-//! The file is read into a TOML table and every key is checked by hand rather than through
-//! `#[serde(deny_unknown_fields)]`, because serde stops at the first problem and an operator
-//! should see every typo, every bad value and every unknown key of the file in one run.
-//! [`Config::load`] returns either a `Config` whose values are all usable (durations, socket
-//! addresses, a base URL without a trailing slash) or the whole list of problems.
+//! Three layers, each key spelled once: as a field name of the raw structs below.
+//! 1. **Read** (`config/read.rs`): the text is parsed as TOML (a syntax error stops here,
+//!    reported by position, never with its source line) and deserialized into the raw serde
+//!    structs (`RawConfig` and its tables), whose fields are TOML-level types: strings,
+//!    integers, tables, defaults for absent keys. Every key nobody asked for is collected
+//!    (`serde_ignored`; `deny_unknown_fields` would stop at the first), and a value of the
+//!    wrong TOML type is named by its key path (`serde_path_to_error`), taken out, and reading
+//!    goes on, so that every such value is reported too. No message holds a value: files
+//!    carry secrets.
+//! 2. **Validate** (`config/validate.rs`): one pass over the raw values checks ranges,
+//!    addresses, the base URL and the rules between keys, recording every problem with its
+//!    key path.
+//! 3. **Typed**: with no problem at all, a [`Config`] of usable values (`Duration`s,
+//!    `SocketAddr`s, a parsed [`BaseUrl`]). [`CheckedConfig`] keeps the raw values beside it,
+//!    defaults filled in, for `wxgate check-config` to print (`Serialize`, secrets masked); the
+//!    printed text reads back to the same `Config`.
+//!
+//! Problems are listed in a stable order: unknown keys, then values of the wrong type (each in
+//! key order), then the checks of `config/validate.rs` table by table.
+//!
+//! # Adding a key
+//! 1. A field in the raw struct of its table (`RawServer`, ...) below, named as the key and
+//!    typed as TOML writes it (`String`, `i64`, a table struct, a `Vec` for an array). A key
+//!    whose default depends on another key is an `Option`, written back for `check-config`
+//!    by `RawConfig::fill_derived`. A secret is a `Secret<M>`, where `M` says how it is shown
+//!    (`UrlPassword` masks a URL's password; a bare secret would get a mask showing `***`).
+//! 2. Its default in that struct's `Default` impl.
+//! 3. Its check in that table's `check_*` function in `config/validate.rs`:
+//!    `c.int(key!(raw.field), min..=max)`, `c.socket_addr(key!(raw.field))`, or
+//!    `c.check(name!(raw.field), parse(...))`; `key!` and `name!` take the key's name from the
+//!    field, so a message cannot name a key that does not exist.
+//! 4. Its typed field in the public struct, built from the checked value.
+//!
+//! Then `config.toml` and the README's table: tests fail while either lacks the key. A new
+//! table is a raw struct with `#[serde(default)]` and a `Default` impl, a field of its parent
+//! raw struct, a `check_*` function called from `RawConfig::validate`, and a typed struct.
+
+mod base_url;
+mod read;
+mod validate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -12,14 +47,18 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::api::Api;
+pub use base_url::BaseUrl;
+use read::{read, Secret, UrlPassword};
 
 /// Exit status for an unusable configuration (`EX_CONFIG` would be 78; operators' scripts
 /// expect `EX_USAGE`, 64, as the contract says).
 pub const EXIT_INVALID_CONFIG: i32 = 64;
 
 /// The whole, validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// `[server]`: listeners and request limits.
     pub server: ServerConfig,
@@ -34,7 +73,7 @@ pub struct Config {
 }
 
 /// `[server]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     /// Where backends send their WeChat calls.
     pub listen: SocketAddr,
@@ -48,10 +87,10 @@ pub struct ServerConfig {
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
-    /// Scheme, host, port and optional path prefix, without a trailing slash.
-    pub base_url: String,
+    /// Where every call goes, parsed once.
+    pub base_url: BaseUrl,
     /// Time to open a connection (a refused or unreachable WeChat fails fast).
     pub connect_timeout: Duration,
     /// Time for one whole upstream call, connect included.
@@ -61,7 +100,7 @@ pub struct UpstreamConfig {
 }
 
 /// `[code_cache]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodeCacheConfig {
     /// How long a definitive answer is remembered (a `js_code` lives 5 minutes).
     pub ttl: Duration,
@@ -79,7 +118,7 @@ pub struct QuotaLimit {
 }
 
 /// `[quota]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaConfig {
     /// The quota window (WeChat: one minute).
     pub window: Duration,
@@ -106,7 +145,7 @@ impl QuotaConfig {
 }
 
 /// `[retry]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryConfig {
     /// How long a request may be held across upstream 45011 answers; at least one window so
     /// that a held request can reach the next one.
@@ -122,7 +161,9 @@ pub struct ConfigErrors(pub Vec<String>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "invalid configuration ({} problems):", self.0.len())?;
+        let count = self.0.len();
+        let noun = if count == 1 { "problem" } else { "problems" };
+        writeln!(f, "invalid configuration ({count} {noun}):")?;
         for problem in &self.0 {
             writeln!(f, "  - {problem}")?;
         }
@@ -141,416 +182,195 @@ impl Default for Config {
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
-            ConfigErrors(vec![format!("cannot read {}: {error}", path.display())])
-        })?;
-        Config::from_toml_str(&text)
+        Ok(CheckedConfig::load(path)?.config)
     }
 
     /// Validates a configuration given as TOML text; absent keys take their defaults.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigErrors> {
-        let root: toml::Table = text
-            .parse()
-            .map_err(|error: toml::de::Error| ConfigErrors(vec![syntax_error(&error)]))?;
-        let mut errors = Vec::new();
-        let mut top = Section::new("", &root, &mut errors);
-        let server_table = top.table("server");
-        let upstream_table = top.table("upstream");
-        let cache_table = top.table("code_cache");
-        let quota_table = top.table("quota");
-        let retry_table = top.table("retry");
-        top.finish();
-
-        let server = {
-            let mut s = Section::new("server", &server_table, &mut errors);
-            let listen = s.socket_addr("listen", "127.0.0.1:8080");
-            let admin_listen = s.socket_addr("admin_listen", "127.0.0.1:9090");
-            let max_body_bytes = s.int("max_body_bytes", 1 << 20, 1, 1 << 30) as usize;
-            let shutdown_grace = s.millis("shutdown_grace_ms", 10_000, 0, 3_600_000);
-            s.finish();
-            if listen == admin_listen && listen.port() != 0 {
-                errors.push(format!(
-                    "server.admin_listen: must differ from server.listen ({listen}): metrics never share the proxy port"
-                ));
-            }
-            ServerConfig {
-                listen,
-                admin_listen,
-                max_body_bytes,
-                shutdown_grace,
-            }
-        };
-
-        let upstream = {
-            let mut s = Section::new("upstream", &upstream_table, &mut errors);
-            let base_url = s.base_url("base_url", "https://api.weixin.qq.com");
-            let connect_timeout = s.millis("connect_timeout_ms", 2_000, 1, 600_000);
-            let timeout = s.millis("timeout_ms", 10_000, 1, 600_000);
-            let pool_max_idle = s.int("pool_max_idle", 512, 0, 100_000) as usize;
-            s.finish();
-            UpstreamConfig {
-                base_url,
-                connect_timeout,
-                timeout,
-                pool_max_idle,
-            }
-        };
-
-        let code_cache = {
-            let mut s = Section::new("code_cache", &cache_table, &mut errors);
-            let ttl = Duration::from_secs(s.int("ttl_secs", 300, 1, 86_400));
-            let max_entries = s.int("max_entries", 1_000_000, 1, 100_000_000) as usize;
-            s.finish();
-            CodeCacheConfig { ttl, max_entries }
-        };
-
-        let quota = {
-            let mut s = Section::new("quota", &quota_table, &mut errors);
-            let window = Duration::from_secs(s.int("window_secs", 60, 1, 86_400));
-            let default = s.limit(None);
-            let max_wait = s.millis("max_wait_ms", 3_000, 0, 3_600_000);
-            let apis_table = s.table("apis");
-            let appids_table = s.table("appids");
-            s.finish();
-            let mut apis = HashMap::new();
-            for (path, value) in &apis_table {
-                let name = format!("quota.apis.\"{path}\"");
-                let api = Api::from_path(path);
-                if api == Api::Other {
-                    let known: Vec<&str> = Api::ALL[..Api::COUNT - 1]
-                        .iter()
-                        .map(|api| api.label())
-                        .collect();
-                    errors.push(format!(
-                        "{name}: not an API wxgate limits (one of: {})",
-                        known.join(", ")
-                    ));
-                    continue;
-                }
-                if let Some(table) = sub_table(&name, value, &mut errors) {
-                    let mut o = Section::new(&name, &table, &mut errors);
-                    let limit = o.limit(Some(default));
-                    o.finish();
-                    apis.insert(api, limit);
-                }
-            }
-            let mut appids = HashMap::new();
-            for (appid, value) in &appids_table {
-                let name = format!("quota.appids.\"{appid}\"");
-                if !crate::wechat::is_plausible_appid(appid) {
-                    errors.push(format!("{name}: not a plausible appid"));
-                    continue;
-                }
-                if let Some(table) = sub_table(&name, value, &mut errors) {
-                    let mut o = Section::new(&name, &table, &mut errors);
-                    let limit = o.limit(Some(default));
-                    o.finish();
-                    appids.insert(appid.clone(), limit);
-                }
-            }
-            QuotaConfig {
-                window,
-                default,
-                apis,
-                appids,
-                max_wait,
-            }
-        };
-
-        let retry = {
-            let mut s = Section::new("retry", &retry_table, &mut errors);
-            let default_hold = quota.window.as_millis() as u64 + 5_000;
-            let max_hold = s.millis("max_hold_ms", default_hold, 0, 3_600_000);
-            let busy_attempts = s.int("busy_attempts", 2, 0, 10) as u32;
-            s.finish();
-            if max_hold < quota.window {
-                errors.push(format!(
-                    "retry.max_hold_ms: {} is shorter than quota.window_secs ({} s): a request held after a 45011 could never reach the next window",
-                    max_hold.as_millis(),
-                    quota.window.as_secs()
-                ));
-            }
-            RetryConfig {
-                max_hold,
-                busy_attempts,
-            }
-        };
-
-        if errors.is_empty() {
-            Ok(Config {
-                server,
-                upstream,
-                code_cache,
-                quota,
-                retry,
-            })
-        } else {
-            Err(ConfigErrors(errors))
-        }
-    }
-
-    /// The effective configuration as TOML, defaults filled in and secrets masked
-    /// (`check-config` prints this).
-    pub fn to_toml_masked(&self) -> String {
-        let mut out = String::new();
-        let s = &self.server;
-        out.push_str("[server]\n");
-        out.push_str(&format!("listen = \"{}\"\n", s.listen));
-        out.push_str(&format!("admin_listen = \"{}\"\n", s.admin_listen));
-        out.push_str(&format!("max_body_bytes = {}\n", s.max_body_bytes));
-        out.push_str(&format!(
-            "shutdown_grace_ms = {}\n",
-            s.shutdown_grace.as_millis()
-        ));
-        let u = &self.upstream;
-        out.push_str("\n[upstream]\n");
-        out.push_str(&format!("base_url = \"{}\"\n", mask_userinfo(&u.base_url)));
-        out.push_str(&format!(
-            "connect_timeout_ms = {}\n",
-            u.connect_timeout.as_millis()
-        ));
-        out.push_str(&format!("timeout_ms = {}\n", u.timeout.as_millis()));
-        out.push_str(&format!("pool_max_idle = {}\n", u.pool_max_idle));
-        let c = &self.code_cache;
-        out.push_str("\n[code_cache]\n");
-        out.push_str(&format!("ttl_secs = {}\n", c.ttl.as_secs()));
-        out.push_str(&format!("max_entries = {}\n", c.max_entries));
-        let q = &self.quota;
-        out.push_str("\n[quota]\n");
-        out.push_str(&format!("window_secs = {}\n", q.window.as_secs()));
-        out.push_str(&format!("per_window = {}\n", q.default.per_window));
-        out.push_str(&format!("burst = {}\n", q.default.burst));
-        out.push_str(&format!("max_wait_ms = {}\n", q.max_wait.as_millis()));
-        let apis: BTreeMap<&str, QuotaLimit> =
-            q.apis.iter().map(|(api, l)| (api.label(), *l)).collect();
-        for (path, limit) in apis {
-            out.push_str(&format!(
-                "\n[quota.apis.\"{path}\"]\nper_window = {}\nburst = {}\n",
-                limit.per_window, limit.burst
-            ));
-        }
-        let appids: BTreeMap<&String, &QuotaLimit> = q.appids.iter().collect();
-        for (appid, limit) in appids {
-            out.push_str(&format!(
-                "\n[quota.appids.\"{appid}\"]\nper_window = {}\nburst = {}\n",
-                limit.per_window, limit.burst
-            ));
-        }
-        let r = &self.retry;
-        out.push_str("\n[retry]\n");
-        out.push_str(&format!("max_hold_ms = {}\n", r.max_hold.as_millis()));
-        out.push_str(&format!("busy_attempts = {}\n", r.busy_attempts));
-        out
+        Ok(CheckedConfig::from_toml_str(text)?.config)
     }
 }
 
-/// A TOML syntax error without the offending source line: the line could hold a value an
-/// operator would not want in a CI log.
-fn syntax_error(error: &toml::de::Error) -> String {
-    match error.span() {
-        Some(span) => format!("not valid TOML at byte {}: {}", span.start, error.message()),
-        None => format!("not valid TOML: {}", error.message()),
-    }
+/// A valid configuration and the file's values it was built from, defaults filled in: what
+/// `wxgate check-config` prints.
+#[derive(Debug, Clone)]
+pub struct CheckedConfig {
+    /// The typed configuration.
+    pub config: Config,
+    /// Every key with the value in force (written, default, or derived from another key).
+    effective: RawConfig,
 }
 
-/// `https://user:pass@host` → `https://user:***@host`, for `check-config` and logs.
-pub fn mask_userinfo(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-fn sub_table(name: &str, value: &toml::Value, errors: &mut Vec<String>) -> Option<toml::Table> {
-    match value {
-        toml::Value::Table(table) => Some(table.clone()),
-        other => {
-            errors.push(format!(
-                "{name}: expected a table, found {}",
-                other.type_str()
-            ));
-            None
-        }
-    }
-}
-
-/// One TOML table being validated: reads known keys, records every problem, and at the end
-/// reports the keys nobody asked for.
-struct Section<'a> {
-    name: String,
-    table: &'a toml::Table,
-    seen: Vec<&'static str>,
-    errors: &'a mut Vec<String>,
-}
-
-impl<'a> Section<'a> {
-    fn new(name: &str, table: &'a toml::Table, errors: &'a mut Vec<String>) -> Self {
-        Section {
-            name: name.to_owned(),
-            table,
-            seen: Vec::new(),
-            errors,
-        }
+impl CheckedConfig {
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<CheckedConfig, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|error| {
+            ConfigErrors(vec![format!("cannot read {}: {error}", path.display())])
+        })?;
+        CheckedConfig::from_toml_str(&text)
     }
 
-    fn path(&self, key: &str) -> String {
-        if self.name.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.name)
-        }
-    }
-
-    fn get(&mut self, key: &'static str) -> Option<&'a toml::Value> {
-        self.seen.push(key);
-        self.table.get(key)
-    }
-
-    fn table(&mut self, key: &'static str) -> toml::Table {
-        match self.get(key) {
-            None => toml::Table::new(),
-            Some(toml::Value::Table(table)) => table.clone(),
-            Some(other) => {
-                let path = self.path(key);
-                self.errors.push(format!(
-                    "{path}: expected a table, found {}",
-                    other.type_str()
-                ));
-                toml::Table::new()
-            }
-        }
-    }
-
-    fn int(&mut self, key: &'static str, default: u64, min: u64, max: u64) -> u64 {
-        match self.get(key) {
-            None => default,
-            Some(toml::Value::Integer(n))
-                if (min as i128..=max as i128).contains(&(*n as i128)) =>
-            {
-                *n as u64
-            }
-            Some(toml::Value::Integer(n)) => {
-                let path = self.path(key);
-                self.errors
-                    .push(format!("{path}: {n} is out of range ({min}..={max})"));
-                default
-            }
-            Some(other) => {
-                let path = self.path(key);
-                self.errors.push(format!(
-                    "{path}: expected an integer, found {}",
-                    other.type_str()
-                ));
-                default
-            }
-        }
-    }
-
-    fn millis(&mut self, key: &'static str, default: u64, min: u64, max: u64) -> Duration {
-        Duration::from_millis(self.int(key, default, min, max))
-    }
-
-    fn string(&mut self, key: &'static str) -> Option<&'a str> {
-        match self.get(key) {
-            None => None,
-            Some(toml::Value::String(s)) => Some(s),
-            Some(other) => {
-                let path = self.path(key);
-                self.errors.push(format!(
-                    "{path}: expected a string, found {}",
-                    other.type_str()
-                ));
-                None
-            }
-        }
-    }
-
-    fn socket_addr(&mut self, key: &'static str, default: &str) -> SocketAddr {
-        let fallback: SocketAddr = default.parse().expect("default address is valid");
-        match self.string(key) {
-            None => fallback,
-            Some(text) => text.parse().unwrap_or_else(|_| {
-                let path = self.path(key);
-                self.errors.push(format!(
-                    "{path}: \"{text}\" is not an IP address and port such as \"127.0.0.1:8080\""
-                ));
-                fallback
+    /// Validates a configuration given as TOML text, reporting every problem at once.
+    pub fn from_toml_str(text: &str) -> Result<CheckedConfig, ConfigErrors> {
+        let (raw, mut problems) = read(text)?;
+        match raw.validate(&mut problems) {
+            Some(config) if problems.is_empty() => Ok(CheckedConfig {
+                effective: raw.fill_derived(&config),
+                config,
             }),
+            // A check that yields no value records a problem, so `problems` is not empty.
+            _ => Err(ConfigErrors(problems)),
         }
     }
 
-    fn base_url(&mut self, key: &'static str, default: &str) -> String {
-        let Some(text) = self.string(key) else {
-            return default.to_owned();
-        };
-        let path = self.path(key);
-        match url::Url::parse(text) {
-            Ok(url)
-                if matches!(url.scheme(), "http" | "https")
-                    && url.host().is_some()
-                    && url.query().is_none()
-                    && url.fragment().is_none() =>
-            {
-                text.trim_end_matches('/').to_owned()
-            }
-            Ok(_) => {
-                self.errors.push(format!(
-                    "{path}: must be an http:// or https:// URL with a host and no query or fragment, such as \"https://api.weixin.qq.com\""
-                ));
-                default.to_owned()
-            }
-            Err(error) => {
-                self.errors.push(format!("{path}: not a URL ({error})"));
-                default.to_owned()
-            }
-        }
+    /// The effective configuration as TOML, every key with its value and secrets masked.
+    /// Durations keep the file's units (`_ms`, `_secs` keys). Without secrets, the text reads
+    /// back to the same [`Config`].
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.effective).expect("the raw configuration serializes to TOML")
     }
+}
 
-    /// `per_window` and `burst`; `inherit` gives the default a table's missing keys take.
-    fn limit(&mut self, inherit: Option<QuotaLimit>) -> QuotaLimit {
-        let default_per_window = inherit.map_or(5_000, |l| l.per_window) as u64;
-        let per_window = self.int("per_window", default_per_window, 1, 100_000_000) as u32;
-        // About 10 % of the quota may go at once; the rest is spread over the window.
-        let default_burst = if inherit.is_some() && self.table.get("per_window").is_none() {
-            inherit.map_or(1, |l| l.burst)
-        } else {
-            (per_window / 10).max(1)
-        };
-        let burst = self.int("burst", default_burst as u64, 1, 100_000_000) as u32;
-        if burst > per_window {
-            let path = self.path("burst");
-            self.errors.push(format!(
-                "{path}: {burst} is larger than per_window ({per_window}): a burst cannot exceed the quota"
-            ));
-            return QuotaLimit {
-                per_window,
-                burst: per_window,
-            };
-        }
-        QuotaLimit { per_window, burst }
-    }
+// ---------------------------------------------------------------------------------------
+// The raw layer: the file as written, TOML-level types, defaults for absent keys. The field
+// names are the keys (no `rename`): messages take key names from them.
 
-    fn finish(self) {
-        for key in self.table.keys() {
-            if !self.seen.iter().any(|seen| seen == key) {
-                let path = if self.name.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{}.{key}", self.name)
-                };
-                self.errors.push(format!("{path}: unknown key"));
-            }
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    code_cache: RawCodeCache,
+    quota: RawQuota,
+    retry: RawRetry,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawServer {
+    listen: String,
+    admin_listen: String,
+    max_body_bytes: i64,
+    shutdown_grace_ms: i64,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            max_body_bytes: 1 << 20,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawUpstream {
+    /// May carry a password in its userinfo.
+    base_url: Secret<UrlPassword>,
+    connect_timeout_ms: i64,
+    timeout_ms: i64,
+    pool_max_idle: i64,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            base_url: Secret::new("https://api.weixin.qq.com"),
+            connect_timeout_ms: 2_000,
+            timeout_ms: 10_000,
+            pool_max_idle: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawCodeCache {
+    ttl_secs: i64,
+    max_entries: i64,
+}
+
+impl Default for RawCodeCache {
+    fn default() -> Self {
+        RawCodeCache {
+            ttl_secs: 300,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawQuota {
+    window_secs: i64,
+    per_window: i64,
+    /// Absent: 10 % of `per_window`, at least 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burst: Option<i64>,
+    max_wait_ms: i64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    apis: BTreeMap<String, RawLimit>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    appids: BTreeMap<String, RawLimit>,
+}
+
+impl Default for RawQuota {
+    fn default() -> Self {
+        RawQuota {
+            window_secs: 60,
+            per_window: 5_000,
+            burst: None,
+            max_wait_ms: 3_000,
+            apis: BTreeMap::new(),
+            appids: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[quota.apis."/path"]` and `[quota.appids."wx…"]`. Absent `per_window`: `[quota]`'s
+/// limit (burst included, unless given); absent `burst` only: 10 % of `per_window`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawLimit {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    per_window: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    burst: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawRetry {
+    /// Absent: the quota window plus [`HOLD_BEYOND_WINDOW`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_hold_ms: Option<i64>,
+    busy_attempts: i64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            max_hold_ms: None,
+            busy_attempts: 2,
+        }
+    }
+}
+
+/// `retry.max_hold_ms`'s default beyond the window: time for the held request's next call.
+const HOLD_BEYOND_WINDOW: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
+    use super::read::{key_path, Segment};
     use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        Config::from_toml_str(text).unwrap_err().0
+    }
 
     #[test]
     fn empty_file_gives_documented_defaults() {
@@ -561,14 +381,20 @@ mod tests {
             "127.0.0.1:9090".parse().unwrap()
         );
         assert_eq!(config.server.max_body_bytes, 1 << 20);
-        assert_eq!(config.upstream.base_url, "https://api.weixin.qq.com");
+        assert_eq!(
+            config.upstream.base_url.as_str(),
+            "https://api.weixin.qq.com"
+        );
         assert_eq!(config.code_cache.ttl, Duration::from_secs(300));
         assert_eq!(config.quota.window, Duration::from_secs(60));
         assert_eq!(
             config.quota.default.burst,
             config.quota.default.per_window / 10
         );
-        assert!(config.retry.max_hold > config.quota.window);
+        assert_eq!(config.retry.max_hold, Duration::from_secs(65));
+        let mut problems = Vec::new();
+        assert_eq!(RawConfig::default().validate(&mut problems), Some(config));
+        assert!(problems.is_empty(), "{problems:?}");
     }
 
     #[test]
@@ -590,65 +416,155 @@ mod tests {
             [retry]
             max_hold_ms = 10
         "#;
-        let errors = Config::from_toml_str(text).unwrap_err().0;
+        let errors = problems(text);
         let all = errors.join("\n");
         for needle in [
             "colour: unknown key",
             "server.listen",
-            "server.max_body_bytes",
+            "server.max_body_bytes: -1 is out of range (1..=1073741824)",
             "server.lisen: unknown key",
-            "upstream.base_url",
-            "upstream.timeout_ms: expected an integer",
-            "quota.burst",
-            "quota.apis.\"/nope\"",
-            "retry.max_hold_ms",
+            "upstream.base_url: must be an http:// or https:// URL",
+            "upstream.timeout_ms: expected an integer, found string",
+            "quota.burst: 20 is larger than per_window (10)",
+            "quota.apis.\"/nope\": not an API wxgate limits",
+            "retry.max_hold_ms: 10 is shorter than quota.window_secs (60 s)",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
         assert_eq!(errors.len(), 9, "{all}");
+        assert_eq!(problems(text), errors, "the same order every time");
     }
 
     #[test]
-    fn appid_override_wins_over_api_override() {
+    fn printed_configuration_reads_back_equal() {
         let text = r#"
+            [server]
+            listen = "127.0.0.1:18080"
+            admin_listen = "[::1]:19090"
+            max_body_bytes = 4096
+            shutdown_grace_ms = 1500
+            [upstream]
+            base_url = "http://wechat.internal:8081/wx/"
+            connect_timeout_ms = 300
+            timeout_ms = 4000
+            pool_max_idle = 0
+            [code_cache]
+            ttl_secs = 30
+            max_entries = 99
             [quota]
-            per_window = 100
-            [quota.apis."/sns/jscode2session"]
-            per_window = 50
-            [quota.appids."wx00000000000000a1"]
+            window_secs = 2
+            per_window = 1000
+            max_wait_ms = 0
+            [quota.apis."/cgi-bin/token"]
             per_window = 20
-            burst = 2
+            [quota.apis."/sns/jscode2session"]
+            burst = 3
+            [quota.appids.wx00000000000000a1]
+            per_window = 7
+            burst = 7
+            [retry]
+            busy_attempts = 0
         "#;
-        let config = Config::from_toml_str(text).unwrap();
-        let q = &config.quota;
+        let checked = CheckedConfig::from_toml_str(text).unwrap();
+        let printed = checked.to_toml();
+        // Defaults that depend on other keys are printed as chosen.
+        for line in [
+            "burst = 100\n",
+            "max_hold_ms = 7000\n",
+            "[quota.apis.\"/cgi-bin/token\"]\nper_window = 20\nburst = 2\n",
+            "[quota.apis.\"/sns/jscode2session\"]\nper_window = 1000\nburst = 3\n",
+        ] {
+            assert!(printed.contains(line), "{line:?} missing from\n{printed}");
+        }
+        let again = CheckedConfig::from_toml_str(&printed).unwrap();
+        assert_eq!(again.config, checked.config, "{printed}");
+        assert_eq!(again.to_toml(), printed);
+        let defaults = CheckedConfig::from_toml_str("").unwrap();
         assert_eq!(
-            q.limit_for("wx00000000000000a1", Api::JsCode2Session)
-                .per_window,
-            20
-        );
-        assert_eq!(
-            q.limit_for("wx00000000000000b2", Api::JsCode2Session)
-                .per_window,
-            50
-        );
-        assert_eq!(
-            q.limit_for("wx00000000000000b2", Api::JsCode2Session).burst,
-            5
-        );
-        assert_eq!(
-            q.limit_for("wx00000000000000b2", Api::Token).per_window,
-            100
+            Config::from_toml_str(&defaults.to_toml()).unwrap(),
+            Config::default()
         );
     }
 
     #[test]
-    fn masked_output_hides_userinfo_and_parses_back() {
+    fn printed_configuration_masks_the_password() {
         let text = "[upstream]\nbase_url = \"https://user:hunter2@wechat.internal/\"\n";
-        let config = Config::from_toml_str(text).unwrap();
-        let shown = config.to_toml_masked();
+        let checked = CheckedConfig::from_toml_str(text).unwrap();
+        let shown = checked.to_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("user:***@wechat.internal"), "{shown}");
+        assert!(
+            shown.contains("base_url = \"https://user:***@wechat.internal/\""),
+            "{shown}"
+        );
+        let debug = format!("{checked:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        // The printed text is a valid configuration too (with the masked password).
         let again = Config::from_toml_str(&shown).unwrap();
-        assert_eq!(again.quota.default, config.quota.default);
+        assert_eq!(again.quota, checked.config.quota);
+        assert_eq!(
+            again.upstream.base_url.as_str(),
+            "https://user:***@wechat.internal"
+        );
+    }
+
+    fn leaf_paths(value: &toml::Value, prefix: &[Segment], out: &mut Vec<String>) {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, value) in table {
+                    let mut path = prefix.to_vec();
+                    path.push(Segment::Key(key.clone()));
+                    leaf_paths(value, &path, out);
+                }
+            }
+            _ => out.push(key_path(prefix)),
+        }
+    }
+
+    /// Every key the defaults print, by key path.
+    fn default_keys() -> Vec<String> {
+        let printed = CheckedConfig::from_toml_str("").unwrap().to_toml();
+        let mut keys = Vec::new();
+        leaf_paths(
+            &toml::Value::Table(printed.parse().unwrap()),
+            &[],
+            &mut keys,
+        );
+        assert!(keys.iter().any(|key| key == "quota.burst"), "{keys:?}");
+        keys
+    }
+
+    #[test]
+    fn the_shipped_config_toml_holds_every_key_at_its_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+        let shipped = Config::load(Path::new(path)).unwrap_or_else(|errors| panic!("{errors}"));
+        let defaults = Config::default();
+        assert_eq!(shipped.server, defaults.server);
+        assert_eq!(shipped.upstream, defaults.upstream);
+        assert_eq!(shipped.code_cache, defaults.code_cache);
+        assert_eq!(shipped.quota, defaults.quota);
+        assert_eq!(shipped.retry, defaults.retry);
+        assert_eq!(shipped, defaults);
+
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut written = Vec::new();
+        leaf_paths(
+            &toml::Value::Table(text.parse().unwrap()),
+            &[],
+            &mut written,
+        );
+        for key in default_keys() {
+            assert!(written.contains(&key), "config.toml does not set {key}");
+        }
+    }
+
+    #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        for key in default_keys() {
+            assert!(
+                readme.contains(&format!("| `{key}` |")),
+                "README's configuration table has no row for `{key}`"
+            );
+        }
     }
 }

@@ -47,7 +47,7 @@ mod upstream;
 mod wechat;
 
 pub use api::Api;
-pub use config::{Config, EXIT_INVALID_CONFIG};
+pub use config::{CheckedConfig, Config, EXIT_INVALID_CONFIG};
 pub use metrics::Metrics;
 pub use proxy::{Proxy, CACHE_HEADER};
 pub use quota::{QuotaGate, QuotaKey};

@@ -1,14 +1,15 @@
-//! The `wxgate` binary: reads the command line, sets up logging, loads the configuration
+//! The `wxgate` binary: reads the command line (clap), sets up logging, loads the configuration
 //! (exit 64 if it is invalid, before any port is bound), and runs the proxy until SIGTERM or
-//! SIGINT; or runs `wxgate demo` (with the `demo` feature, on by default; see the `wxgate-demo`
-//! crate).
+//! SIGINT; or runs `wxgate demo` (with the `demo` feature, on by default; see the
+//! `wxgate-demo` crate).
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[cfg(feature = "demo")]
-use wxgate::DemoOptions;
-use wxgate::{Config, EXIT_INVALID_CONFIG};
+use clap::error::{ContextKind, ContextValue};
+use clap::{CommandFactory, Parser, Subcommand};
+use wxgate::{CheckedConfig, Config, EXIT_INVALID_CONFIG};
 
 /// jemalloc, not the system allocator: a request allocates a few dozen short-lived blocks
 /// while the code cache keeps millions of small long-lived ones, and glibc's malloc spends a
@@ -16,178 +17,115 @@ use wxgate::{Config, EXIT_INVALID_CONFIG};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-const USAGE: &str = "\
-usage:
-  wxgate [--config PATH]                serve (default config: ./config.toml)
-  wxgate check-config [--config PATH]   validate, print the effective configuration (secrets masked)
-";
+/// Exit status of a command line that cannot be understood (`EX_USAGE`, as for an invalid
+/// configuration; clap's own would be 2).
+const EXIT_USAGE: u8 = 64;
 
-/// The `demo` lines of the usage, in a binary built with the `demo` feature only.
-const DEMO_USAGE: &str =
-    "  wxgate demo [--seconds N] [--keep-running] [--listen ADDR] [--admin-listen ADDR]
-                                        a WeChat stand-in, wxgate in front of it and N s of load
-                                        (default 20), then a table; no credentials or internet
-                                        needed. Default ports 127.0.0.1:8080 and :9090 (port 0
-                                        picks a free one). --keep-running serves until Ctrl-C.
-                                        Exits 1 if its numbers do not add up.
-";
-
-const USAGE_TAIL: &str = "  wxgate --help | --version
-
-Logging: RUST_LOG (default \"info\"";
-
-const DEMO_LOGGING: &str = ", for demo \"warn,wxgate::server=info\"";
-
-const LOGGING_TAIL: &str = ";
-\"wxgate::access=off\" silences the per-request lines).";
-
-/// The usage text, with the demo's lines when the binary has the demo.
-fn usage() -> String {
-    let (demo, demo_logging) = if cfg!(feature = "demo") {
-        (DEMO_USAGE, DEMO_LOGGING)
-    } else {
-        ("", "")
-    };
-    format!("{USAGE}{demo}{USAGE_TAIL}{demo_logging}{LOGGING_TAIL}")
+/// A reverse proxy for api.weixin.qq.com: minute-quota safety, single-use code safety,
+/// Prometheus metrics.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wxgate",
+    version,
+    after_help = "Logging: RUST_LOG (default \"info\", for demo \"warn,wxgate::server=info\"; \
+                  \"wxgate::access=off\" silences the per-request lines)."
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// What to do; serving when none is given.
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
+#[derive(Debug, Subcommand)]
 enum Command {
-    Serve(PathBuf),
-    CheckConfig(PathBuf),
+    /// Serve (the default): proxy and admin listeners until SIGTERM or SIGINT.
+    Serve,
+    /// Validate the configuration and print the effective one (defaults filled in, secrets
+    /// masked); exit 64 with every problem if it is invalid.
+    CheckConfig,
+    /// A WeChat stand-in, wxgate in front of it and N s of load, then a table.
+    ///
+    /// No credentials or internet needed. Port 0 picks a free port. Exits 1 if its numbers do
+    /// not add up.
     #[cfg(feature = "demo")]
-    Demo(DemoOptions),
-}
-
-// `config_given` only matters to `demo`, which refuses a --config.
-#[cfg_attr(not(feature = "demo"), allow(unused_variables, unused_assignments))]
-fn parse_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
-    let mut command = None;
-    let mut config = PathBuf::from("config.toml");
-    let mut config_given = false;
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => {
-                config = args
-                    .next()
-                    .map(PathBuf::from)
-                    .ok_or("--config needs a path")?;
-                config_given = true;
-            }
-            _ if arg.starts_with("--config=") => {
-                config = PathBuf::from(&arg["--config=".len()..]);
-                config_given = true;
-            }
-            "check-config" if command.is_none() => command = Some("check-config"),
-            #[cfg(feature = "demo")]
-            "demo" if command.is_none() && !config_given => return parse_demo_args(args),
-            #[cfg(feature = "demo")]
-            "demo" if command.is_none() => return Err("demo takes no --config".into()),
-            "serve" if command.is_none() => command = Some("serve"),
-            "--help" | "-h" => return Err(String::new()),
-            "--version" | "-V" => {
-                println!("wxgate {}", env!("CARGO_PKG_VERSION"));
-                std::process::exit(0);
-            }
-            other => return Err(format!("unexpected argument {other:?}")),
-        }
-    }
-    Ok(match command {
-        Some("check-config") => Command::CheckConfig(config),
-        _ => Command::Serve(config),
-    })
+    Demo(demo_command::DemoArgs),
 }
 
 fn main() -> ExitCode {
-    let command = match parse_args(std::env::args().skip(1)) {
-        Ok(command) => command,
-        Err(problem) if problem.is_empty() => {
-            println!("{}", usage());
-            return ExitCode::SUCCESS;
-        }
-        Err(problem) => {
-            eprintln!("wxgate: {problem}\n{}", usage());
-            return ExitCode::from(EXIT_INVALID_CONFIG as u8);
-        }
+    let Cli { config, command } = match parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(&error),
     };
-    init_tracing(match command {
-        // The per-request log lines would drown the demo's progress line.
-        #[cfg(feature = "demo")]
-        Command::Demo(_) => "warn,wxgate::server=info",
-        _ => "info",
-    });
-    match command {
-        Command::CheckConfig(path) => match Config::load(&path) {
-            Ok(config) => {
-                println!("# {}: valid\n{}", path.display(), config.to_toml_masked());
-                ExitCode::SUCCESS
+    let config_path = config.as_deref().unwrap_or(Path::new("config.toml"));
+    match command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            init_tracing("info");
+            match load(config_path) {
+                Some(checked) => serve(checked.config),
+                None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
             }
-            Err(errors) => {
-                eprintln!("wxgate: {}: {errors}", path.display());
-                ExitCode::from(EXIT_INVALID_CONFIG as u8)
-            }
-        },
-        Command::Serve(path) => {
-            let config = match Config::load(&path) {
-                Ok(config) => config,
-                Err(errors) => {
-                    eprintln!("wxgate: {}: {errors}", path.display());
-                    return ExitCode::from(EXIT_INVALID_CONFIG as u8);
+        }
+        Command::CheckConfig => {
+            init_tracing("info");
+            match load(config_path) {
+                Some(checked) => {
+                    println!("# {}: valid\n{}", config_path.display(), checked.to_toml());
+                    ExitCode::SUCCESS
                 }
-            };
-            serve(config)
+                None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+            }
         }
         #[cfg(feature = "demo")]
-        Command::Demo(options) => demo(options),
-    }
-}
-
-/// The arguments after `demo`.
-#[cfg(feature = "demo")]
-fn parse_demo_args(args: impl Iterator<Item = String>) -> Result<Command, String> {
-    let mut options = DemoOptions::default();
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((flag, value)) if flag.starts_with("--") => {
-                (flag.to_owned(), Some(value.to_owned()))
+        Command::Demo(args) => {
+            if config.is_some() {
+                return usage_error(&demo_command::takes_no_config());
             }
-            _ => (arg, None),
-        };
-        let mut value = |what: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| args.next())
-                .ok_or_else(|| format!("{flag} needs {what}"))
-        };
-        match flag.as_str() {
-            "--seconds" => {
-                let text = value("a number of seconds")?;
-                let seconds = text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|s| (1..=86_400).contains(s))
-                    .ok_or_else(|| {
-                        format!(
-                            "--seconds: {text:?} is not a whole number of seconds from 1 to 86400"
-                        )
-                    })?;
-                options.duration = std::time::Duration::from_secs(seconds);
-            }
-            "--listen" => options.listen = socket_addr(&flag, &value("an address")?)?,
-            "--admin-listen" => options.admin_listen = socket_addr(&flag, &value("an address")?)?,
-            "--keep-running" if inline.is_none() => options.keep_running = true,
-            "--help" | "-h" => return Err(String::new()),
-            _ => return Err(format!("demo: unexpected argument {flag:?}")),
+            init_tracing(demo_command::LOG_FILTER);
+            demo_command::run(args.into())
         }
     }
-    Ok(Command::Demo(options))
 }
 
-#[cfg(feature = "demo")]
-fn socket_addr(flag: &str, text: &str) -> Result<std::net::SocketAddr, String> {
-    text.parse()
-        .map_err(|_| format!("{flag}: {text:?} is not an address such as 127.0.0.1:8080"))
+/// Parses the command line. Every usage error ends with the usage of the command it is
+/// about, as the hand-written parser's did (clap leaves it out after a bad value).
+fn parse(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    Cli::try_parse_from(&args).map_err(|mut error| {
+        if error.use_stderr() && error.get(ContextKind::Usage).is_none() {
+            let mut cli = Cli::command();
+            cli.build();
+            let subcommand = args.iter().skip(1).find_map(|arg| {
+                let name = arg.to_str()?;
+                cli.find_subcommand(name).map(|_| name.to_owned())
+            });
+            let usage = match subcommand.and_then(|name| cli.find_subcommand_mut(name)) {
+                Some(subcommand) => subcommand.render_usage(),
+                None => cli.render_usage(),
+            };
+            error.insert(ContextKind::Usage, ContextValue::StyledStr(usage));
+        }
+        error
+    })
+}
+
+/// Prints clap's message (help and version on stdout, exit 0; a usage error on stderr with
+/// the usage line, exit 64).
+fn usage_error(error: &clap::Error) -> ExitCode {
+    let _ = error.print();
+    if error.use_stderr() {
+        ExitCode::from(EXIT_USAGE)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Reads and validates the configuration, printing every problem if it is invalid.
+fn load(path: &Path) -> Option<CheckedConfig> {
+    CheckedConfig::load(path)
+        .map_err(|errors| eprintln!("wxgate: {}: {errors}", path.display()))
+        .ok()
 }
 
 /// Runs `future` on a multi-threaded runtime (one worker per core the process may use).
@@ -204,23 +142,77 @@ fn block_on(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
+/// `wxgate demo` (see `wxgate::demo`): its arguments and its run, together so that the demo
+/// can be left out of the binary in one place.
 #[cfg(feature = "demo")]
-fn demo(options: DemoOptions) -> ExitCode {
-    block_on(async move {
-        match wxgate::run_demo(options, shutdown_signal()).await {
-            Ok(report) if report.adds_up() && report.disagreements().is_empty() => {
-                ExitCode::SUCCESS
-            }
-            Ok(_) => {
-                eprintln!("wxgate demo: the numbers do not add up (see the table)");
-                ExitCode::FAILURE
-            }
-            Err(error) => {
-                eprintln!("wxgate demo: {error}");
-                ExitCode::FAILURE
+mod demo_command {
+    use std::net::SocketAddr;
+    use std::process::ExitCode;
+    use std::time::Duration;
+
+    use clap::{Args, CommandFactory};
+    use wxgate::DemoOptions;
+
+    /// The log filter unless `RUST_LOG` is set: per-request lines would drown the demo's
+    /// progress line.
+    pub const LOG_FILTER: &str = "warn,wxgate::server=info";
+
+    /// `wxgate demo`'s options; the defaults are [`DemoOptions::default`]'s.
+    #[derive(Debug, Args)]
+    pub struct DemoArgs {
+        /// How long the load runs, in seconds.
+        #[arg(long, value_name = "N", default_value_t = DemoOptions::default().duration.as_secs(),
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        seconds: u64,
+        /// Serve on after the table, until Ctrl-C or SIGTERM.
+        #[arg(long)]
+        keep_running: bool,
+        /// wxgate's proxy address.
+        #[arg(long, value_name = "ADDR", default_value_t = DemoOptions::default().listen)]
+        listen: SocketAddr,
+        /// wxgate's admin address (/metrics).
+        #[arg(long, value_name = "ADDR", default_value_t = DemoOptions::default().admin_listen)]
+        admin_listen: SocketAddr,
+    }
+
+    impl From<DemoArgs> for DemoOptions {
+        fn from(args: DemoArgs) -> DemoOptions {
+            DemoOptions {
+                duration: Duration::from_secs(args.seconds),
+                keep_running: args.keep_running,
+                listen: args.listen,
+                admin_listen: args.admin_listen,
+                ..DemoOptions::default()
             }
         }
-    })
+    }
+
+    /// The usage error for `demo --config`: the demo writes its own configuration.
+    pub fn takes_no_config() -> clap::Error {
+        super::Cli::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            "demo takes no --config: it writes its own configuration",
+        )
+    }
+
+    /// Runs the demo; exit 1 if it could not run or its numbers do not add up.
+    pub fn run(options: DemoOptions) -> ExitCode {
+        super::block_on(async move {
+            match wxgate::run_demo(options, super::shutdown_signal()).await {
+                Ok(report) if report.adds_up() && report.disagreements().is_empty() => {
+                    ExitCode::SUCCESS
+                }
+                Ok(_) => {
+                    eprintln!("wxgate demo: the numbers do not add up (see the table)");
+                    ExitCode::FAILURE
+                }
+                Err(error) => {
+                    eprintln!("wxgate demo: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        })
+    }
 }
 
 fn serve(config: Config) -> ExitCode {
@@ -275,4 +267,107 @@ fn init_tracing(default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(feature = "demo")]
+    use wxgate::DemoOptions;
+
+    fn parse_from(args: &[&str]) -> Result<Cli, clap::Error> {
+        parse(
+            std::iter::once("wxgate")
+                .chain(args.iter().copied())
+                .map(OsString::from)
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_is_accepted_before_or_after_the_subcommand() {
+        for args in [
+            &["check-config", "--config", "a.toml"][..],
+            &["--config", "a.toml", "check-config"],
+            &["-c", "a.toml", "check-config"],
+            &["check-config", "--config=a.toml"],
+        ] {
+            let cli = parse_from(args).unwrap();
+            assert!(
+                matches!(cli.command, Some(Command::CheckConfig)),
+                "{args:?}"
+            );
+            assert_eq!(cli.config, Some(PathBuf::from("a.toml")), "{args:?}");
+        }
+        let serve = parse_from(&["--config", "b.toml"]).unwrap();
+        assert!(serve.command.is_none());
+        assert!(matches!(
+            parse_from(&["serve"]).unwrap().command,
+            Some(Command::Serve)
+        ));
+        assert!(parse_from(&[]).unwrap().config.is_none());
+    }
+
+    #[cfg(feature = "demo")]
+    #[test]
+    fn demo_defaults_are_the_demo_options_defaults() {
+        let Some(Command::Demo(args)) = parse_from(&["demo"]).unwrap().command else {
+            panic!("not the demo");
+        };
+        let (options, defaults) = (DemoOptions::from(args), DemoOptions::default());
+        assert_eq!(options.duration, defaults.duration);
+        assert_eq!(options.keep_running, defaults.keep_running);
+        assert_eq!(options.listen, defaults.listen);
+        assert_eq!(options.admin_listen, defaults.admin_listen);
+        let Some(Command::Demo(args)) = parse_from(&[
+            "demo",
+            "--seconds",
+            "3",
+            "--keep-running",
+            "--listen=127.0.0.1:0",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not the demo");
+        };
+        let options = DemoOptions::from(args);
+        assert_eq!(options.duration, std::time::Duration::from_secs(3));
+        assert!(options.keep_running);
+        assert_eq!(options.listen.port(), 0);
+    }
+
+    #[test]
+    fn usage_errors_carry_the_usage_of_their_command() {
+        let mut cases = vec![
+            (
+                &["check-config", "--surprise"][..],
+                "Usage: wxgate check-config",
+            ),
+            (&["--surprise"], "Usage: wxgate [OPTIONS] [COMMAND]"),
+        ];
+        if cfg!(feature = "demo") {
+            cases.push((&["demo", "--seconds", "0"], "Usage: wxgate demo [OPTIONS]"));
+            cases.push((
+                &["demo", "--listen", "localhost"],
+                "Usage: wxgate demo [OPTIONS]",
+            ));
+        }
+        for (args, usage) in cases {
+            let error = parse_from(args).unwrap_err();
+            assert!(error.use_stderr(), "{args:?}");
+            let text = error.render().to_string();
+            assert!(text.contains(usage), "{args:?}: {text}");
+        }
+        for args in [&["--help"][..], &["--version"]] {
+            assert!(!parse_from(args).unwrap_err().use_stderr(), "{args:?}");
+        }
+        #[cfg(feature = "demo")]
+        assert!(!parse_from(&["demo", "--help"]).unwrap_err().use_stderr());
+    }
 }

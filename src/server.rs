@@ -136,7 +136,7 @@ pub async fn run(
     tracing::info!(
         proxy = %listeners.proxy.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
         admin = %admin_addr,
-        upstream = %crate::config::mask_userinfo(&config.upstream.base_url),
+        upstream = %config.upstream.base_url,
         "wxgate serving"
     );
     admin.set_ready(true);

@@ -16,9 +16,8 @@ use parking_lot::{Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
-use base64::prelude::{Engine as _, BASE64_STANDARD};
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
@@ -149,18 +148,9 @@ pub struct InvalidBaseUrl;
 const IDLE_TICKS: u64 = 50;
 
 impl UpstreamClient {
-    /// Builds the client from `[upstream]`.
+    /// Builds the client from `[upstream]`, whose base URL was parsed at validation.
     pub fn new(config: &UpstreamConfig) -> Result<UpstreamClient, InvalidBaseUrl> {
-        let uri: Uri = config.base_url.parse().map_err(|_| InvalidBaseUrl)?;
-        let scheme = uri.scheme().cloned().ok_or(InvalidBaseUrl)?;
-        let with_userinfo = uri.authority().ok_or(InvalidBaseUrl)?;
-        let (authority, authorization) = match with_userinfo.as_str().rsplit_once('@') {
-            Some((userinfo, host)) => (
-                host.parse::<Authority>().map_err(|_| InvalidBaseUrl)?,
-                Some(basic_authorization(userinfo)?),
-            ),
-            None => (with_userinfo.clone(), None),
-        };
+        let base_url = &config.base_url;
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(config.connect_timeout));
         http.set_nodelay(true);
@@ -171,16 +161,9 @@ impl UpstreamClient {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        // As a browser writes it: the port only when it is not the scheme's default.
-        let default_port = if scheme == Scheme::HTTPS { 443 } else { 80 };
-        let host = match authority.port_u16() {
-            Some(port) if port != default_port => format!("{}:{port}", authority.host()),
-            _ => authority.host().to_owned(),
-        };
-        let host = HeaderValue::from_str(&host).map_err(|_| InvalidBaseUrl)?;
         let origin = Uri::builder()
-            .scheme(scheme)
-            .authority(authority)
+            .scheme(base_url.scheme().clone())
+            .authority(base_url.authority().clone())
             .path_and_query("/")
             .build()
             .map_err(|_| InvalidBaseUrl)?;
@@ -188,9 +171,9 @@ impl UpstreamClient {
             connector,
             pool: Arc::new(Pool::new(config.pool_max_idle)),
             origin,
-            prefix: uri.path().trim_end_matches('/').to_owned(),
-            host,
-            authorization,
+            prefix: base_url.path_prefix().to_owned(),
+            host: base_url.host_header().clone(),
+            authorization: base_url.authorization().cloned(),
             timeout: config.timeout,
         })
     }
@@ -383,16 +366,6 @@ impl Pool {
     }
 }
 
-/// `Authorization: Basic …` for the userinfo of a base URL (percent-decoded first, as URL
-/// userinfo is percent-encoded).
-fn basic_authorization(userinfo: &str) -> Result<HeaderValue, InvalidBaseUrl> {
-    let decoded: Vec<u8> = percent_encoding::percent_decode_str(userinfo).collect();
-    let encoded = format!("Basic {}", BASE64_STANDARD.encode(decoded));
-    let mut value = HeaderValue::from_str(&encoded).map_err(|_| InvalidBaseUrl)?;
-    value.set_sensitive(true);
-    Ok(value)
-}
-
 /// Headers that describe one connection rather than the message (RFC 9110 §7.6.1): a proxy
 /// consumes them and never forwards them, nor those named in `Connection`.
 pub static HOP_BY_HOP: [HeaderName; 9] = [
@@ -467,16 +440,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn userinfo_becomes_basic_authorization() {
-        // RFC 7617's example: Aladdin / open sesame.
-        let value = basic_authorization("Aladdin:open%20sesame").unwrap();
-        assert_eq!(value, "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
-        assert!(value.is_sensitive());
-        assert_eq!(basic_authorization("ab").unwrap(), "Basic YWI=");
-        assert_eq!(basic_authorization("abc").unwrap(), "Basic YWJj");
-    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

@@ -1,5 +1,6 @@
-//! The `wxgate` binary as an operator runs it: `check-config` and its exit codes, serving
-//! from a config file, logs that never hold a secret, and SIGTERM draining to exit 0.
+//! The `wxgate` binary as an operator runs it: the command line and its exit codes,
+//! `check-config`, serving from a config file, logs that never hold a secret, and SIGTERM
+//! draining to exit 0.
 
 mod support;
 
@@ -70,6 +71,122 @@ burst = 11
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(64));
+}
+
+#[test]
+fn every_unknown_key_and_wrong_type_is_reported_at_once_without_values() {
+    let path = temp_config(
+        "unknown.toml",
+        r#"
+colour = "blue"
+[server]
+lisen = "127.0.0.1:1"
+max_body_bytes = "s3cr3t-in-a-number"
+[upstream]
+timout_ms = 5
+base_url = 987654321
+[quota]
+per_windw = 10
+[quota.appids.wx00000000000000a1]
+brust = 1
+[retry]
+max_hold_ms = 1000
+"#,
+    );
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for needle in [
+        "colour: unknown key",
+        "server.lisen: unknown key",
+        "upstream.timout_ms: unknown key",
+        "quota.per_windw: unknown key",
+        "quota.appids.wx00000000000000a1.brust: unknown key",
+        "server.max_body_bytes: expected an integer, found string",
+        "upstream.base_url: expected a string, found integer",
+        "retry.max_hold_ms: 1000 is shorter than quota.window_secs (60 s)",
+        "(8 problems)",
+    ] {
+        assert!(stderr.contains(needle), "{needle} missing from:\n{stderr}");
+    }
+    assert!(!stderr.contains("s3cr3t"), "a value is echoed:\n{stderr}");
+    assert!(
+        !stderr.contains("987654321"),
+        "a value is echoed:\n{stderr}"
+    );
+}
+
+#[test]
+fn help_and_version_exit_0_and_bad_usage_exits_64() {
+    for flag in ["--help", "-h"] {
+        let output = Command::new(WXGATE).arg(flag).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        for needle in [
+            "Usage: wxgate",
+            "check-config",
+            "--config <PATH>",
+            "RUST_LOG",
+        ] {
+            assert!(
+                stdout.contains(needle),
+                "{flag}: {needle} missing:\n{stdout}"
+            );
+        }
+    }
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--help"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("Usage: wxgate check-config"));
+    for flag in ["--version", "-V"] {
+        let output = Command::new(WXGATE).arg(flag).output().unwrap();
+        assert_eq!(output.status.code(), Some(0), "{flag}");
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("wxgate {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+    for args in [
+        &["--surprise"][..],
+        &["check-config", "--surprise"],
+        &["check-config", "extra"],
+        &["--config"],
+        &["nonsense"],
+    ] {
+        let output = Command::new(WXGATE).args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(64), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("error:") && stderr.contains("Usage: wxgate"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn config_is_accepted_before_or_after_the_subcommand() {
+    let path = temp_config("where.toml", "[server]\nlisten = \"127.0.0.1:18080\"\n");
+    let path = path.to_str().unwrap();
+    for args in [
+        ["check-config", "--config", path],
+        ["--config", path, "check-config"],
+        ["-c", path, "check-config"],
+    ] {
+        let output = Command::new(WXGATE).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            stdout.contains("listen = \"127.0.0.1:18080\""),
+            "{args:?}: {stdout}"
+        );
+    }
 }
 
 #[test]

@@ -263,7 +263,7 @@ fn a_taken_port_is_a_clear_error_and_bad_arguments_exit_64() {
         let output = Command::new(WXGATE).args(args).output().expect("runs");
         assert_eq!(output.status.code(), Some(64), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains("usage:"), "{args:?}: {stderr}");
+        assert!(stderr.contains("Usage: wxgate demo"), "{args:?}: {stderr}");
     }
     drop(taken);
 }

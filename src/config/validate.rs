@@ -1,0 +1,416 @@
+//! The raw structs of [`super`] → a typed [`Config`]: every key checked, then the rules
+//! between keys, each problem recorded with its key path.
+//!
+//! A check that yields no value records why, and a check that needs another key's value
+//! runs only when that value is valid: one mistake gives one message.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::time::Duration;
+
+use super::read::quote_key;
+use super::{
+    BaseUrl, CodeCacheConfig, Config, QuotaConfig, QuotaLimit, RawCodeCache, RawConfig, RawLimit,
+    RawQuota, RawRetry, RawServer, RawUpstream, RetryConfig, ServerConfig, UpstreamConfig,
+    HOLD_BEYOND_WINDOW,
+};
+use crate::api::Api;
+
+/// `key!(raw.listen)` is `("listen", &raw.listen)`: a key's name in messages is its field's
+/// name, so the key is spelled once.
+macro_rules! key {
+    ($raw:ident . $field:ident) => {
+        (stringify!($field), &$raw.$field)
+    };
+}
+
+/// `name!(raw.listen)` is `"listen"`, checked to be a field of `raw`.
+macro_rules! name {
+    ($raw:ident . $field:ident) => {{
+        let _ = &$raw.$field;
+        stringify!($field)
+    }};
+}
+
+/// A key's name and its raw value.
+type Key<'a, T> = (&'static str, &'a T);
+
+impl RawConfig {
+    /// Checks every key and the rules between keys, recording each problem in `problems`;
+    /// the typed configuration if every value could be built (a value that cannot be built
+    /// always records a problem, so `Some` with problems only means more were found).
+    pub(super) fn validate(&self, problems: &mut Vec<String>) -> Option<Config> {
+        let raw = self;
+        let server = check_server(&mut Checks::new(problems, name!(raw.server)), &raw.server);
+        let upstream = check_upstream(
+            &mut Checks::new(problems, name!(raw.upstream)),
+            &raw.upstream,
+        );
+        let code_cache = check_code_cache(
+            &mut Checks::new(problems, name!(raw.code_cache)),
+            &raw.code_cache,
+        );
+        let (quota, window) = check_quota(&mut Checks::new(problems, name!(raw.quota)), &raw.quota);
+        let retry = check_retry(
+            &mut Checks::new(problems, name!(raw.retry)),
+            &raw.retry,
+            window,
+        );
+        Some(Config {
+            server: server?,
+            upstream: upstream?,
+            code_cache: code_cache?,
+            quota: quota?,
+            retry: retry?,
+        })
+    }
+
+    /// These values with every default that depends on another key written in, as
+    /// validation chose it, so that `check-config` shows it.
+    pub(super) fn fill_derived(mut self, config: &Config) -> RawConfig {
+        let quota = &config.quota;
+        self.quota.burst = Some(quota.default.burst.into());
+        let overrides = self
+            .quota
+            .apis
+            .iter_mut()
+            .map(|(path, raw)| (raw, quota.apis.get(&Api::from_path(path))));
+        let appids = self
+            .quota
+            .appids
+            .iter_mut()
+            .map(|(appid, raw)| (raw, quota.appids.get(appid)));
+        for (raw, limit) in overrides.chain(appids) {
+            if let Some(limit) = limit {
+                raw.per_window = Some(limit.per_window.into());
+                raw.burst = Some(limit.burst.into());
+            }
+        }
+        self.retry.max_hold_ms = Some(millis(config.retry.max_hold));
+        self
+    }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn check_server(c: &mut Checks, raw: &RawServer) -> Option<ServerConfig> {
+    let listen = c.socket_addr(key!(raw.listen));
+    let admin_listen = c.socket_addr(key!(raw.admin_listen));
+    let max_body_bytes = c.int(key!(raw.max_body_bytes), 1..=1 << 30);
+    let shutdown_grace = c.millis(key!(raw.shutdown_grace_ms), 0..=3_600_000);
+    if let (Some(proxy), Some(admin)) = (listen, admin_listen) {
+        if proxy == admin && proxy.port() != 0 {
+            let other = c.path(name!(raw.listen));
+            c.problem(
+                name!(raw.admin_listen),
+                format!("must differ from {other} ({proxy}): metrics never share the proxy port"),
+            );
+        }
+    }
+    Some(ServerConfig {
+        listen: listen?,
+        admin_listen: admin_listen?,
+        max_body_bytes: max_body_bytes?,
+        shutdown_grace: shutdown_grace?,
+    })
+}
+
+fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
+    let base_url = c.check(name!(raw.base_url), BaseUrl::parse(raw.base_url.expose()));
+    let connect_timeout = c.millis(key!(raw.connect_timeout_ms), 1..=600_000);
+    let timeout = c.millis(key!(raw.timeout_ms), 1..=600_000);
+    let pool_max_idle = c.int(key!(raw.pool_max_idle), 0..=100_000);
+    Some(UpstreamConfig {
+        base_url: base_url?,
+        connect_timeout: connect_timeout?,
+        timeout: timeout?,
+        pool_max_idle: pool_max_idle?,
+    })
+}
+
+fn check_code_cache(c: &mut Checks, raw: &RawCodeCache) -> Option<CodeCacheConfig> {
+    let ttl = c.secs(key!(raw.ttl_secs), 1..=86_400);
+    let max_entries = c.int(key!(raw.max_entries), 1..=100_000_000);
+    Some(CodeCacheConfig {
+        ttl: ttl?,
+        max_entries: max_entries?,
+    })
+}
+
+/// `[quota]` and its overrides; also the window with its key path, which `[retry]` is
+/// checked against.
+fn check_quota(
+    c: &mut Checks,
+    raw: &RawQuota,
+) -> (Option<QuotaConfig>, Option<(String, Duration)>) {
+    let window = c.secs(key!(raw.window_secs), 1..=86_400);
+    let (per_window, value) = key!(raw.per_window);
+    let default = check_limit(c, (per_window, Some(*value)), key!(raw.burst), None);
+    let max_wait = c.millis(key!(raw.max_wait_ms), 0..=3_600_000);
+    let mut apis = HashMap::new();
+    for (path, limit) in &raw.apis {
+        let mut o = c.nested(name!(raw.apis), path);
+        let api = Api::from_path(path);
+        if api == Api::Other {
+            let known: Vec<&str> = Api::ALL[..Api::COUNT - 1]
+                .iter()
+                .map(|api| api.label())
+                .collect();
+            o.table_problem(format!(
+                "not an API wxgate limits (one of: {})",
+                known.join(", ")
+            ));
+            continue;
+        }
+        if let Some(limit) = check_override(&mut o, limit, default) {
+            apis.insert(api, limit);
+        }
+    }
+    let mut appids = HashMap::new();
+    for (appid, limit) in &raw.appids {
+        let mut o = c.nested(name!(raw.appids), appid);
+        if !crate::wechat::is_plausible_appid(appid) {
+            o.table_problem("not a plausible appid");
+            continue;
+        }
+        if let Some(limit) = check_override(&mut o, limit, default) {
+            appids.insert(appid.clone(), limit);
+        }
+    }
+    let window_key = window.map(|window| (c.path(name!(raw.window_secs)), window));
+    let quota = (|| {
+        Some(QuotaConfig {
+            window: window?,
+            default: default?,
+            apis,
+            appids,
+            max_wait: max_wait?,
+        })
+    })();
+    (quota, window_key)
+}
+
+fn check_override(
+    c: &mut Checks,
+    raw: &RawLimit,
+    inherited: Option<QuotaLimit>,
+) -> Option<QuotaLimit> {
+    let (per_window, value) = key!(raw.per_window);
+    check_limit(c, (per_window, *value), key!(raw.burst), inherited)
+}
+
+/// `per_window` and `burst` of one table. An absent `per_window` takes `inherited` whole
+/// (`None` there means `[quota]`'s own limit is invalid and already reported); an absent
+/// `burst` alone is about 10 % of `per_window`: the rest of the quota is spread over the
+/// window.
+fn check_limit(
+    c: &mut Checks,
+    (per_window_key, per_window): (&'static str, Option<i64>),
+    (burst_key, burst): Key<Option<i64>>,
+    inherited: Option<QuotaLimit>,
+) -> Option<QuotaLimit> {
+    let range = 1..=100_000_000;
+    let checked_per_window = per_window.map(|n| c.int::<u32>((per_window_key, &n), range.clone()));
+    let checked_burst = burst.map(|n| c.int::<u32>((burst_key, &n), range));
+    let per_window = match checked_per_window {
+        Some(checked) => checked?,
+        None => inherited?.per_window,
+    };
+    let burst = match (checked_burst, checked_per_window) {
+        (Some(checked), _) => checked?,
+        (None, None) => inherited?.burst,
+        (None, Some(_)) => (per_window / 10).max(1),
+    };
+    if burst > per_window {
+        c.problem(
+            burst_key,
+            format!("{burst} is larger than {per_window_key} ({per_window}): a burst cannot exceed the quota"),
+        );
+        return None;
+    }
+    Some(QuotaLimit { per_window, burst })
+}
+
+fn check_retry(
+    c: &mut Checks,
+    raw: &RawRetry,
+    window: Option<(String, Duration)>,
+) -> Option<RetryConfig> {
+    let (max_hold_key, max_hold) = key!(raw.max_hold_ms);
+    let max_hold = match max_hold {
+        Some(ms) => c.millis((max_hold_key, ms), 0..=3_600_000),
+        // Without a valid window, its problem is reported already.
+        None => window
+            .as_ref()
+            .map(|(_, window)| *window + HOLD_BEYOND_WINDOW),
+    };
+    let busy_attempts = c.int(key!(raw.busy_attempts), 0..=10);
+    if let (Some(max_hold), Some((window_key, window))) = (max_hold, &window) {
+        if max_hold < *window {
+            c.problem(
+                max_hold_key,
+                format!(
+                    "{} is shorter than {window_key} ({} s): a request held after a 45011 could never reach the next window",
+                    max_hold.as_millis(),
+                    window.as_secs()
+                ),
+            );
+        }
+    }
+    Some(RetryConfig {
+        max_hold: max_hold?,
+        busy_attempts: busy_attempts?,
+    })
+}
+
+/// Checks the keys of one table, recording each problem under its key path. Every method
+/// that returns `None` has recorded why.
+struct Checks<'p> {
+    /// The table's key path (`server`, `quota.apis."/cgi-bin/token"`).
+    table: String,
+    problems: &'p mut Vec<String>,
+}
+
+impl<'p> Checks<'p> {
+    fn new(problems: &'p mut Vec<String>, table: &str) -> Self {
+        Checks {
+            table: table.to_owned(),
+            problems,
+        }
+    }
+
+    /// The checks of the table `key` of this table's table `name`
+    /// (`quota` → `quota.apis."/cgi-bin/token"`).
+    fn nested(&mut self, name: &str, key: &str) -> Checks<'_> {
+        Checks {
+            table: format!("{}.{name}.{}", self.table, quote_key(key)),
+            problems: &mut *self.problems,
+        }
+    }
+
+    fn path(&self, key: &str) -> String {
+        format!("{}.{key}", self.table)
+    }
+
+    fn problem(&mut self, key: &str, message: impl fmt::Display) {
+        let path = self.path(key);
+        self.problems.push(format!("{path}: {message}"));
+    }
+
+    /// A problem with the table itself (its name, in an override table).
+    fn table_problem(&mut self, message: impl fmt::Display) {
+        self.problems.push(format!("{}: {message}", self.table));
+    }
+
+    fn check<T, E: fmt::Display>(&mut self, key: &str, result: Result<T, E>) -> Option<T> {
+        result.map_err(|error| self.problem(key, error)).ok()
+    }
+
+    fn int<T: TryFrom<i64>>(
+        &mut self,
+        (key, value): Key<i64>,
+        range: RangeInclusive<i64>,
+    ) -> Option<T> {
+        if !range.contains(value) {
+            let (min, max) = range.into_inner();
+            self.problem(key, format!("{value} is out of range ({min}..={max})"));
+            return None;
+        }
+        let converted = T::try_from(*value).ok();
+        if converted.is_none() {
+            self.problem(key, format!("{value} does not fit this platform"));
+        }
+        converted
+    }
+
+    fn millis(&mut self, key: Key<i64>, range: RangeInclusive<i64>) -> Option<Duration> {
+        self.int(key, range).map(Duration::from_millis)
+    }
+
+    fn secs(&mut self, key: Key<i64>, range: RangeInclusive<i64>) -> Option<Duration> {
+        self.int(key, range).map(Duration::from_secs)
+    }
+
+    fn socket_addr(&mut self, (key, text): Key<String>) -> Option<SocketAddr> {
+        let parsed = text.parse().ok();
+        if parsed.is_none() {
+            self.problem(
+                key,
+                format!("\"{text}\" is not an IP address and port such as \"127.0.0.1:8080\""),
+            );
+        }
+        parsed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        Config::from_toml_str(text).unwrap_err().0
+    }
+
+    #[test]
+    fn dependent_checks_wait_for_valid_inputs() {
+        // per_window out of range: no second message about its burst; an invalid window: no
+        // message about retry.max_hold_ms, which derives from it.
+        assert_eq!(
+            problems("[quota]\nwindow_secs = 0\nper_window = 0\n"),
+            [
+                "quota.window_secs: 0 is out of range (1..=86400)",
+                "quota.per_window: 0 is out of range (1..=100000000)",
+            ]
+        );
+        assert_eq!(
+            problems("[server]\nlisten = \"127.0.0.1:7\"\nadmin_listen = \"127.0.0.1:7\"\n"),
+            ["server.admin_listen: must differ from server.listen (127.0.0.1:7): metrics never share the proxy port"]
+        );
+        assert_eq!(
+            problems("[quota.appids.\"wx 1\"]\nburst = 1\n[quota.appids.wx1]\nburst = 9000\n"),
+            [
+                "quota.appids.\"wx 1\": not a plausible appid",
+                "quota.appids.wx1.burst: 9000 is larger than per_window (5000): a burst cannot exceed the quota",
+            ]
+        );
+    }
+
+    #[test]
+    fn appid_override_wins_over_api_override() {
+        let text = r#"
+            [quota]
+            per_window = 100
+            [quota.apis."/sns/jscode2session"]
+            per_window = 50
+            [quota.appids."wx00000000000000a1"]
+            per_window = 20
+            burst = 2
+            [quota.appids."wx00000000000000c3"]
+            burst = 7
+        "#;
+        let config = Config::from_toml_str(text).unwrap();
+        let q = &config.quota;
+        let limit = |appid: &str, api| q.limit_for(appid, api);
+        assert_eq!(
+            limit("wx00000000000000a1", Api::JsCode2Session).per_window,
+            20
+        );
+        assert_eq!(
+            limit("wx00000000000000b2", Api::JsCode2Session).per_window,
+            50
+        );
+        assert_eq!(limit("wx00000000000000b2", Api::JsCode2Session).burst, 5);
+        assert_eq!(limit("wx00000000000000b2", Api::Token).per_window, 100);
+        assert_eq!(
+            limit("wx00000000000000c3", Api::Token),
+            QuotaLimit {
+                per_window: 100,
+                burst: 7
+            }
+        );
+    }
+}
