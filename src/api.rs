@@ -289,51 +289,49 @@ mod tests {
 
     #[test]
     fn the_quota_appid_comes_from_the_query_or_the_json_body() {
-        let appid = |api: Api, query: &str, body: &str| {
-            api.quota_appid(query, body.as_bytes())
-                .map(|appid| appid.map(|appid| String::from_utf8(appid.into_owned()).unwrap()))
-        };
-        assert_eq!(
-            appid(Api::Token, "appid=wxa&secret=s", ""),
-            Ok(Some("wxa".into()))
-        );
-        assert_eq!(appid(Api::Other, "appid=wxa", ""), Ok(None));
-        assert_eq!(
-            appid(Api::Token, "appid=&appid=wxa", ""),
-            Err(LocalAnswer::RepeatedParameter("appid"))
-        );
-        assert_eq!(
-            appid(
+        use LocalAnswer::{BodyNotJson, RepeatedParameter};
+        let cases: [(Api, &str, &str, Result<Option<&str>, LocalAnswer>); 10] = [
+            (Api::Token, "appid=wxa&secret=s", "", Ok(Some("wxa"))),
+            (Api::Other, "appid=wxa", "", Ok(None)),
+            (
+                Api::Token,
+                "appid=&appid=wxa",
+                "",
+                Err(RepeatedParameter("appid")),
+            ),
+            (
                 Api::StableToken,
                 "",
-                r#"{"grant_type":"client_credential","appid":"wxa"}"#
+                r#"{"grant_type":"client_credential","appid":"wxa"}"#,
+                Ok(Some("wxa")),
             ),
-            Ok(Some("wxa".into()))
-        );
-        assert_eq!(
-            appid(Api::ClearQuota, "", r#"{"appid":"wxb"}"#),
-            Ok(Some("wxb".into()))
-        );
-        assert_eq!(
-            appid(
+            (Api::ClearQuota, "", r#"{"appid":"wxb"}"#, Ok(Some("wxb"))),
+            (
                 Api::ComponentToken,
                 "",
-                r#"{"component_appid":"wxc","appid":"x"}"#
+                r#"{"component_appid":"wxc","appid":"x"}"#,
+                Ok(Some("wxc")),
             ),
-            Ok(Some("wxc".into()))
-        );
-        assert_eq!(
-            appid(Api::StableToken, "", r#"{"appid":"wxa","appid":"wxb"}"#),
-            Err(LocalAnswer::RepeatedParameter("appid"))
-        );
-        assert_eq!(
-            appid(Api::StableToken, "", "appid=wxa"),
-            Err(LocalAnswer::BodyNotJson)
-        );
-        assert_eq!(appid(Api::StableToken, "", r#"{"appid":""}"#), Ok(None));
-        assert_eq!(
-            appid(Api::QuotaGet, "access_token=t", r#"{"cgi_path":"/x"}"#),
-            Ok(None)
-        );
+            (
+                Api::StableToken,
+                "",
+                r#"{"appid":"wxa","appid":"wxb"}"#,
+                Err(RepeatedParameter("appid")),
+            ),
+            (Api::StableToken, "", "appid=wxa", Err(BodyNotJson)),
+            (Api::StableToken, "", r#"{"appid":""}"#, Ok(None)),
+            (
+                Api::QuotaGet,
+                "access_token=t",
+                r#"{"cgi_path":"/x"}"#,
+                Ok(None),
+            ),
+        ];
+        for (api, query, body, expected) in cases {
+            let got = api.quota_appid(query, body.as_bytes());
+            let got = got.map(|appid| appid.map(|appid| appid.into_owned()));
+            let expected = expected.map(|appid| appid.map(|appid| appid.as_bytes().to_vec()));
+            assert_eq!(got, expected, "{api:?} {query} {body}");
+        }
     }
 }

@@ -37,38 +37,3 @@ pub async fn run_demo(
 ) -> Result<DemoReport, DemoError> {
     wxgate_demo::run(options, launcher(), shutdown).await
 }
-
-#[cfg(test)]
-mod tests {
-    use crate::metrics::{Outcome, RetryReason};
-
-    /// The demo reads wxgate's metrics by their label values and wxgate's cache header by its
-    /// name, spelled in its own crate: they must be wxgate's.
-    #[test]
-    fn the_demo_reads_the_labels_and_header_wxgate_writes() {
-        let ours: Vec<&str> = Outcome::ALL.iter().map(|o| o.label()).collect();
-        let demo: Vec<&str> = wxgate_demo::Outcome::ALL
-            .iter()
-            .map(|o| o.label())
-            .collect();
-        assert_eq!(demo, ours);
-        let ours: Vec<&str> = RetryReason::ALL.iter().map(|r| r.label()).collect();
-        let demo: Vec<&str> = wxgate_demo::RetryReason::ALL
-            .iter()
-            .map(|r| r.label())
-            .collect();
-        assert_eq!(demo, ours);
-        assert_eq!(
-            wxgate_demo::contract::CACHE_HEADER,
-            crate::proxy::CACHE_HEADER.as_str()
-        );
-        assert_eq!(
-            wxgate_demo::contract::MINUTE_QUOTA,
-            crate::wechat::MINUTE_QUOTA
-        );
-        assert_eq!(
-            wxgate_demo::contract::SYSTEM_BUSY,
-            crate::wechat::SYSTEM_BUSY
-        );
-    }
-}

@@ -22,6 +22,17 @@ fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// Runs `check-config` on `path`, which must be refused with exit 64; its stderr.
+fn check_config_refuses(path: &std::path::Path) -> String {
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn check_config_names_every_problem_and_exits_64() {
     let path = temp_config(
@@ -39,13 +50,7 @@ burst = 11
 [surprise]
 "#,
     );
-    let output = Command::new(WXGATE)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = check_config_refuses(&path);
     for needle in [
         "server.listen",
         "server.max_body_bytes",
@@ -93,13 +98,7 @@ brust = 1
 max_hold_ms = 1000
 "#,
     );
-    let output = Command::new(WXGATE)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(64));
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = check_config_refuses(&path);
     for needle in [
         "colour: unknown key",
         "server.lisen: unknown key",

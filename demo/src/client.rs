@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use reqwest::StatusCode;
 
-use crate::contract::{Outcome, MINUTE_QUOTA, SYSTEM_BUSY};
+use wxgate_contract::{Outcome, MINUTE_QUOTA, SYSTEM_BUSY};
 
 /// One answer as a client sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,8 @@
 //! wxgate is a black box here: the demo starts it through the [`Launch`] its caller passes
 //! (wxgate's binary passes one that calls its own `run`; this crate does not depend on wxgate,
 //! which would be a cycle), then only speaks HTTP to it, reads the `X-Wxgate-Cache` header and
-//! parses the `/metrics` text, with the names of [`contract`] spelled on its own.
+//! parses the `/metrics` text, with the names of `wxgate-contract`, the crate that spells
+//! wxgate's outside names once for wxgate and for the demo.
 //!
 //! # Layout
 //! - `run.rs`: [`run()`], from binding the ports to the table; [`DemoError`].
@@ -43,11 +44,9 @@
 //! - `metrics.rs`: a Prometheus text reader; [`MetricsCounts`].
 //! - `report.rs`: [`DemoReport`]: the checks and the table.
 //! - `progress.rs`: the progress line.
-//! - [`contract`]: the header, label values and errcodes of wxgate that the demo relies on.
 #![forbid(unsafe_code)]
 
 mod client;
-pub mod contract;
 mod launch;
 mod load;
 mod metrics;
@@ -57,9 +56,9 @@ mod report;
 mod run;
 
 pub use client::ClientCounts;
-pub use contract::{Outcome, RetryReason};
 pub use launch::{Launch, LaunchError, ProxyStart, Serve, Shutdown};
 pub use metrics::MetricsCounts;
 pub use plan::DemoOptions;
 pub use report::DemoReport;
 pub use run::{run, DemoError};
+pub use wxgate_contract::{Outcome, RetryReason};

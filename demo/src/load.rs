@@ -15,9 +15,9 @@ use wxgate_stand_in::{
 };
 
 use crate::client::{Seen, Tally};
-use crate::contract::CACHE_HEADER;
 use crate::plan::Plan;
 use crate::run::drain;
+use wxgate_contract::CACHE_HEADER;
 
 /// Shared by every task of the load.
 pub(crate) struct Load {

@@ -1,7 +1,7 @@
 //! What wxgate's `/metrics` say: the Prometheus text format read by a small parser of the
 //! demo's own, and the sums over every API that the table needs ([`MetricsCounts`]).
 
-use crate::contract::{Outcome, RetryReason};
+use wxgate_contract::{Outcome, RetryReason};
 
 /// The sums of wxgate's `/metrics` the table needs, over every API.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

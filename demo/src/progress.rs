@@ -11,10 +11,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use wxgate_stand_in::StandIn;
 
-use crate::contract::RetryReason;
 use crate::load::Load;
 use crate::metrics::MetricsCounts;
 use crate::run::scrape;
+use wxgate_contract::RetryReason;
 
 /// How often the progress line is redrawn on a terminal, and printed otherwise.
 const PROGRESS_TTY: Duration = Duration::from_millis(250);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use wxgate_stand_in::JSCODE2SESSION_PATH;
 
 use crate::client::ClientCounts;
-use crate::contract::{Outcome, RetryReason};
 use crate::metrics::MetricsCounts;
+use wxgate_contract::{Outcome, RetryReason};
 
 /// What the demo counted, from the clients, from wxgate's `/metrics` and from the stand-in.
 #[derive(Debug, Clone)]

@@ -116,68 +116,33 @@ mod tests {
     #[test]
     fn keys_differ_by_every_field_and_are_stable() {
         let keys = KeyMaker::new();
-        let base = keys.key(
-            Api::JsCode2Session,
-            b"wxa",
-            Credential::Secret(b"s"),
-            b"code",
-        );
-        assert_eq!(
-            base,
-            keys.key(
-                Api::JsCode2Session,
-                b"wxa",
-                Credential::Secret(b"s"),
-                b"code"
-            )
-        );
+        let secret = |api, appid: &[u8], secret: &'static [u8], code: &[u8]| {
+            keys.key(api, appid, Credential::Secret(secret), code)
+        };
+        let base = secret(Api::JsCode2Session, b"wxa", b"s", b"code");
+        assert_eq!(base, secret(Api::JsCode2Session, b"wxa", b"s", b"code"));
+        let component = Credential::Component {
+            appid: b"s",
+            access_token: b"",
+        };
         for other in [
-            keys.key(
-                Api::JsCode2Session,
-                b"wxb",
-                Credential::Secret(b"s"),
-                b"code",
-            ),
-            keys.key(
-                Api::JsCode2Session,
-                b"wxa",
-                Credential::Secret(b"t"),
-                b"code",
-            ),
-            keys.key(
-                Api::JsCode2Session,
-                b"wxa",
-                Credential::Secret(b"s"),
-                b"code2",
-            ),
-            keys.key(
-                Api::JsCode2Session,
-                b"wxas",
-                Credential::Secret(b""),
-                b"code",
-            ),
-            keys.key(
-                Api::ComponentJsCode2Session,
-                b"wxa",
-                Credential::Component {
-                    appid: b"s",
-                    access_token: b"",
-                },
-                b"code",
-            ),
+            secret(Api::JsCode2Session, b"wxb", b"s", b"code"),
+            secret(Api::JsCode2Session, b"wxa", b"t", b"code"),
+            secret(Api::JsCode2Session, b"wxa", b"s", b"code2"),
+            secret(Api::JsCode2Session, b"wxas", b"", b"code"),
+            secret(Api::JsCode2Session, b"wxa", b"s\xff", b"code"),
+            keys.key(Api::ComponentJsCode2Session, b"wxa", component, b"code"),
         ] {
             assert_ne!(base, other);
         }
         // Another process (another salt) keys the same exchange differently.
         let other_process = KeyMaker::new();
-        assert_ne!(
-            base,
-            other_process.key(
-                Api::JsCode2Session,
-                b"wxa",
-                Credential::Secret(b"s"),
-                b"code"
-            )
+        let again = other_process.key(
+            Api::JsCode2Session,
+            b"wxa",
+            Credential::Secret(b"s"),
+            b"code",
         );
+        assert_ne!(base, again);
     }
 }

@@ -16,10 +16,10 @@ pub use self::query::WechatParams;
 /// The Content-Type WeChat uses for JSON, and that wxgate uses for its own answers.
 pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
 
-/// `-1`: system busy; worth another try.
-pub const SYSTEM_BUSY: i64 = -1;
 /// `45011`: minute quota reached; the call was not executed.
-pub const MINUTE_QUOTA: i64 = 45011;
+pub use wxgate_contract::MINUTE_QUOTA;
+/// `-1`: system busy; worth another try.
+pub use wxgate_contract::SYSTEM_BUSY;
 
 /// `40097`: invalid arguments; wxgate's answer to a request it cannot read.
 pub const INVALID_ARGS: i64 = 40097;

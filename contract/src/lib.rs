@@ -1,9 +1,9 @@
-//! What the demo knows of wxgate, from the outside: the response header that tells how a code
-//! exchange was answered, the label values of its metrics, and the errcodes of its own answers.
+//! What wxgate promises the outside world, spelled once: the response header that tells how a
+//! code exchange was answered, the label values of its request and retry metrics, and the
+//! errcodes of its own answers (README, "Metrics" and "Answers wxgate gives itself").
 //!
-//! The demo does not link wxgate; these are the names of wxgate's public surface (README,
-//! "Metrics" and "Answers wxgate gives itself"), spelled here once. wxgate's own tests check
-//! that they match what it exports.
+//! wxgate writes these; the demo, which must not link wxgate (wxgate's binary runs it), reads
+//! them. A crate of its own so that neither spells them again.
 
 /// The response header by which wxgate says how a code exchange was answered: `miss`,
 /// `coalesced` or `hit`.
@@ -56,11 +56,8 @@ impl Outcome {
     }
 
     /// Position in [`Outcome::ALL`], for per-outcome arrays.
-    pub(crate) fn index(self) -> usize {
-        Outcome::ALL
-            .iter()
-            .position(|o| *o == self)
-            .unwrap_or_default()
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -90,5 +87,10 @@ impl RetryReason {
             RetryReason::SystemBusy => "system_busy",
             RetryReason::Transport => "transport",
         }
+    }
+
+    /// Position in [`RetryReason::ALL`], for per-reason arrays.
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
