@@ -290,7 +290,8 @@ mod tests {
     #[test]
     fn the_quota_appid_comes_from_the_query_or_the_json_body() {
         use LocalAnswer::{BodyNotJson, RepeatedParameter};
-        let cases: [(Api, &str, &str, Result<Option<&str>, LocalAnswer>); 10] = [
+        type Case = (Api, &'static str, &'static str, Result<Option<&'static str>, LocalAnswer>);
+        let cases: [Case; 10] = [
             (Api::Token, "appid=wxa&secret=s", "", Ok(Some("wxa"))),
             (Api::Other, "appid=wxa", "", Ok(None)),
             (
