@@ -10,18 +10,34 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prometheus::{Encoder, Registry, TextEncoder};
 
+use crate::cluster::{Cluster, Mode};
+
 /// What the admin endpoints report.
 pub struct Admin {
     registry: Registry,
     ready: AtomicBool,
+    /// With `[cluster]`: `/readyz` says whether the replica counts with the others.
+    cluster: Option<Arc<Cluster>>,
 }
 
 impl Admin {
     /// Admin endpoints over `registry`; not ready until [`Admin::set_ready`].
-    pub fn new(registry: Registry) -> Admin {
+    pub fn new(registry: Registry, cluster: Option<Arc<Cluster>>) -> Admin {
         Admin {
             registry,
             ready: AtomicBool::new(false),
+            cluster,
+        }
+    }
+
+    /// `/readyz`'s body when ready: a degraded replica still serves, so it stays ready (a
+    /// load balancer must not take every replica out because Redis is down), and says so.
+    fn ready_text(&self) -> &'static str {
+        match self.cluster.as_ref().map(|cluster| cluster.mode()) {
+            None | Some(Mode::Shared) => "ready\n",
+            Some(Mode::Degraded { .. } | Mode::Resuming { .. }) => {
+                "ready (degraded: Redis unavailable, quotas limited locally with this replica's share)\n"
+            }
         }
     }
 
@@ -59,7 +75,9 @@ impl Admin {
                 }
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
+            "/readyz" if self.ready.load(Ordering::Relaxed) => {
+                text(StatusCode::OK, self.ready_text())
+            }
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             _ => text(
                 StatusCode::NOT_FOUND,

@@ -290,7 +290,12 @@ mod tests {
     #[test]
     fn the_quota_appid_comes_from_the_query_or_the_json_body() {
         use LocalAnswer::{BodyNotJson, RepeatedParameter};
-        type Case = (Api, &'static str, &'static str, Result<Option<&'static str>, LocalAnswer>);
+        type Case = (
+            Api,
+            &'static str,
+            &'static str,
+            Result<Option<&'static str>, LocalAnswer>,
+        );
         let cases: [Case; 10] = [
             (Api::Token, "appid=wxa&secret=s", "", Ok(Some("wxa"))),
             (Api::Other, "appid=wxa", "", Ok(None)),

@@ -38,6 +38,7 @@
 //! raw struct, a `check_*` function called from `RawConfig::validate`, and a typed struct.
 
 mod base_url;
+mod cluster;
 mod read;
 mod validate;
 
@@ -51,6 +52,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
 pub use base_url::BaseUrl;
+pub use cluster::{ClusterSecret, RedisUrl};
 use read::{read, Secret, UrlPassword};
 
 /// Exit status for an unusable configuration (`EX_CONFIG` would be 78; operators' scripts
@@ -70,6 +72,9 @@ pub struct Config {
     pub quota: QuotaConfig,
     /// `[retry]`: holding across 45011 and retrying -1.
     pub retry: RetryConfig,
+    /// `[cluster]`: the state replicas share in Redis; `None` (no section) is a single
+    /// process, as wxgate always was.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// `[server]`.
@@ -153,6 +158,20 @@ pub struct RetryConfig {
     /// How many times a `-1 system busy` answer (or a connection that could not be opened)
     /// is retried.
     pub busy_attempts: u32,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// The Redis every replica shares; its password from the URL or `WXGATE_REDIS_PASSWORD`.
+    pub redis_url: RedisUrl,
+    /// Prepended to every key, so that several deployments can share one Redis.
+    pub key_prefix: String,
+    /// The longest one Redis operation may take before the replica stops waiting for it and
+    /// degrades.
+    pub timeout: Duration,
+    /// Shared by the replicas: keys fingerprints and seals what they store.
+    pub secret: ClusterSecret,
 }
 
 /// Every problem found in a configuration file.
@@ -244,6 +263,8 @@ struct RawConfig {
     code_cache: RawCodeCache,
     quota: RawQuota,
     retry: RawRetry,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<RawCluster>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -356,6 +377,30 @@ impl Default for RawRetry {
         RawRetry {
             max_hold_ms: None,
             busy_attempts: 2,
+        }
+    }
+}
+
+/// `[cluster]`: present only when the replicas share state.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawCluster {
+    /// `redis://` or `rediss://`; may carry a password.
+    redis_url: Secret<UrlPassword>,
+    key_prefix: String,
+    timeout_ms: i64,
+    /// Absent: the secret comes from `WXGATE_CLUSTER_SECRET`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret_file: Option<String>,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            redis_url: Secret::new(""),
+            key_prefix: "wxgate:".into(),
+            timeout_ms: 50,
+            secret_file: None,
         }
     }
 }

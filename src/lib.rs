@@ -32,6 +32,7 @@
 
 mod admin;
 mod api;
+mod cluster;
 mod code_exchange;
 mod config;
 #[cfg(feature = "demo")]

@@ -24,6 +24,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
 use crate::api::{Api, PathClass};
+use crate::cluster::Cluster;
 use crate::code_exchange::{CacheStatus, CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
 use crate::config::Config;
 use crate::dispatch::{Call, CallResult, Dispatcher, WechatAnswer};
@@ -73,8 +74,21 @@ struct Reply {
 impl Proxy {
     /// Builds the proxy and its upstream client from the configuration.
     pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, InvalidBaseUrl> {
+        Proxy::with_cluster(config, metrics, None)
+    }
+
+    /// The proxy of a replica: with a `cluster`, quota turns are counted with the other
+    /// replicas.
+    pub(crate) fn with_cluster(
+        config: &Config,
+        metrics: Metrics,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<Proxy, InvalidBaseUrl> {
         let upstream = UpstreamClient::new(&config.upstream)?;
-        let quota = QuotaGate::new(&config.quota);
+        let mut quota = QuotaGate::new(&config.quota);
+        if let Some(cluster) = cluster {
+            quota = quota.shared_with(cluster);
+        }
         let dispatcher = Dispatcher::new(upstream, quota, &config.retry, metrics.clone());
         Ok(Proxy {
             dispatcher: Arc::new(dispatcher),

@@ -39,6 +39,8 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::api::Api;
+use crate::cluster::quota::SharedQuota;
+use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
 use crate::wechat::{is_plausible_appid, MAX_APPID_LEN};
 
@@ -129,6 +131,10 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     /// look a key up in `lanes` at all.
     lane_count: AtomicUsize,
     clock: C,
+    /// With `[cluster]`: turns are counted in Redis (see [`crate::cluster::quota`]); the
+    /// local limiters above are then unused, while the lanes still queue this replica's
+    /// callers, so that only the head of a lane talks to Redis.
+    shared: Option<SharedQuota>,
 }
 
 /// governor's clock read from tokio's, so that the limiter and the sleeps of the queue agree
@@ -199,7 +205,14 @@ impl<C: Clock + Clone> QuotaGate<C> {
             lanes: DashMap::new(),
             lane_count: AtomicUsize::new(0),
             clock,
+            shared: None,
         }
+    }
+
+    /// Counts turns in Redis with the other replicas of `cluster`.
+    pub fn shared_with(mut self, cluster: Arc<Cluster>) -> QuotaGate<C> {
+        self.shared = Some(SharedQuota::new(cluster, self.window));
+        self
     }
 
     fn class(&self, key: &QuotaKey) -> &LimitClass<C> {
@@ -225,13 +238,26 @@ impl<C: Clock + Clone> QuotaGate<C> {
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
+    /// Takes a turn, in Redis when shared, if one is there now; otherwise says how long
+    /// until the next one.
+    async fn take(&self, key: &QuotaKey) -> Result<(), Duration> {
+        match &self.shared {
+            None => self.try_take(key),
+            Some(shared) => {
+                let class = self.class(key);
+                shared.take(key, class.limit, class.interval).await
+            }
+        }
+    }
+
     /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.
     ///
-    /// Cancel-safe: dropping the future leaves the queue and spends no token.
+    /// Cancel-safe: dropping the future leaves the queue and spends no token (when shared, a
+    /// caller that leaves while its turn is being taken in Redis may spend that one turn).
     pub async fn acquire(&self, key: &QuotaKey, deadline: Instant) -> Result<Duration, Refused> {
         // Fast path: nobody waiting, no pause, a token at hand.
         let no_lane = self.lane_count.load(Ordering::Acquire) == 0 || !self.lanes.contains_key(key);
-        if no_lane && self.try_take(key).is_ok() {
+        if no_lane && self.take(key).await.is_ok() {
             return Ok(Duration::ZERO);
         }
         let started = Instant::now();
@@ -267,7 +293,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
                     continue;
                 }
             }
-            match self.try_take(key) {
+            match self.take(key).await {
                 Ok(()) => return Ok(()),
                 Err(wait) => {
                     let ready_at = Instant::now() + wait;
@@ -295,11 +321,19 @@ impl<C: Clock + Clone> QuotaGate<C> {
     }
 
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
-    pub fn pause(&self, key: &QuotaKey, until: Instant) {
-        let lane = self.lane(key);
-        let mut paused = lane.paused_until.lock();
-        if paused.is_none_or(|current| current < until) {
-            *paused = Some(until);
+    ///
+    /// When shared, the pause is also written to Redis, so that every replica holds the key
+    /// until WeChat's next window by Redis's clock.
+    pub async fn pause(&self, key: &QuotaKey, until: Instant) {
+        {
+            let lane = self.lane(key);
+            let mut paused = lane.paused_until.lock();
+            if paused.is_none_or(|current| current < until) {
+                *paused = Some(until);
+            }
+        }
+        if let Some(shared) = &self.shared {
+            shared.pause(key, Duration::ZERO).await;
         }
     }
 
@@ -329,6 +363,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// Drops the state of keys that have been idle long enough to have a full bucket again,
     /// and lanes whose pause is over; run on a timer so that many appids stay cheap.
     pub fn retain_recent(&self) {
+        if let Some(shared) = &self.shared {
+            shared.retain_recent();
+        }
         for class in &self.classes {
             class.limiter.retain_recent();
             class.limiter.shrink_to_fit();
@@ -503,7 +540,7 @@ mod tests {
         let gate = QuotaGate::new(&config(60, 100, 10));
         let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
         let until = Instant::now() + Duration::from_secs(5);
-        gate.pause(&key, until);
+        gate.pause(&key, until).await;
         let waited = gate
             .acquire(&key, Instant::now() + Duration::from_secs(10))
             .await
@@ -513,7 +550,8 @@ mod tests {
             .acquire(&key, Instant::now() + Duration::from_secs(1))
             .await
             .is_ok());
-        gate.pause(&key, Instant::now() + Duration::from_secs(30));
+        gate.pause(&key, Instant::now() + Duration::from_secs(30))
+            .await;
         assert!(gate
             .acquire(&key, Instant::now() + Duration::from_secs(1))
             .await

@@ -17,8 +17,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::Admin;
+use crate::cluster::Cluster;
 use crate::config::{Config, ServerConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::Proxy;
 
 /// How often remembered answers are expired and idle quota keys dropped.
@@ -84,6 +85,9 @@ pub enum RunError {
     /// The metrics could not be registered.
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The Redis client refused the cluster configuration.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
@@ -95,9 +99,21 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry)?;
-    let proxy = Arc::new(Proxy::new(&config, metrics)?);
-    let admin = Arc::new(Admin::new(registry));
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let metrics = ClusterMetrics::new(&registry)?;
+            let cluster = Arc::new(Cluster::new(settings, config.quota.window, metrics)?);
+            // The first heartbeat decides the mode requests start in (shared, or degraded
+            // when Redis does not answer); it takes at most `cluster.timeout_ms`.
+            cluster.start().await;
+            Some(cluster)
+        }
+        None => None,
+    };
+    let proxy = Arc::new(Proxy::with_cluster(&config, metrics, cluster.clone())?);
+    let admin = Arc::new(Admin::new(registry, cluster.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let cluster_task = cluster.map(|cluster| tokio::spawn(cluster.run(stop_rx.clone())));
 
     let housekeeping = {
         let proxy = proxy.clone();
@@ -159,6 +175,9 @@ pub async fn run(
     }
     let _ = admin_loop.await;
     let _ = housekeeping.await;
+    if let Some(task) = cluster_task {
+        let _ = task.await;
+    }
     Ok(())
 }
 

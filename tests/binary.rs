@@ -418,3 +418,73 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
     );
     assert!(log.contains("SIGTERM"), "{log}");
 }
+
+/// `[cluster]` in `check-config`: validated (URL form, a secret long enough), its Redis
+/// password and its secret never printed, from the file or from the environment.
+#[test]
+fn check_config_validates_the_cluster_section_and_masks_its_secrets() {
+    let secret = "cluster-secret-".repeat(4);
+    let secret_path = temp_config("cluster.key", &format!("{secret}\n"));
+    let path = temp_config(
+        "cluster.toml",
+        &format!(
+            "[cluster]\nredis_url = \"redis://:hunter2@127.0.0.1:6379/0\"\nsecret_file = \"{}\"\n",
+            secret_path.display()
+        ),
+    );
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("redis_url = \"redis://:***@127.0.0.1:6379/0\""),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains(&secret),
+        "{stdout}"
+    );
+
+    // The password and the secret from the environment; a short secret refused unquoted.
+    let path = temp_config(
+        "cluster-env.toml",
+        "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\n",
+    );
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("WXGATE_REDIS_PASSWORD", "hunter3")
+        .env("WXGATE_CLUSTER_SECRET", "too-short-a-secret")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cluster.secret_file: the cluster secret has 18 bytes"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("too-short-a-secret") && !stderr.contains("hunter3"));
+    let output = Command::new(WXGATE)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("WXGATE_REDIS_PASSWORD", "hunter3")
+        .env("WXGATE_CLUSTER_SECRET", &secret)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !stdout.contains("hunter3") && !stdout.contains(&secret),
+        "{stdout}"
+    );
+
+    let path = temp_config("cluster-bad.toml", "[cluster]\nredis_url = \"http://x\"\n");
+    let stderr = check_config_refuses(&path);
+    assert!(
+        stderr.contains("cluster.redis_url: must be a redis:// or rediss:// URL"),
+        "{stderr}"
+    );
+}

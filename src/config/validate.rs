@@ -10,11 +10,12 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
+use super::cluster::{CLUSTER_SECRET_ENV, REDIS_PASSWORD_ENV};
 use super::read::quote_key;
 use super::{
-    BaseUrl, CodeCacheConfig, Config, QuotaConfig, QuotaLimit, RawCodeCache, RawConfig, RawLimit,
-    RawQuota, RawRetry, RawServer, RawUpstream, RetryConfig, ServerConfig, UpstreamConfig,
-    HOLD_BEYOND_WINDOW,
+    BaseUrl, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, QuotaConfig, QuotaLimit,
+    RawCluster, RawCodeCache, RawConfig, RawLimit, RawQuota, RawRetry, RawServer, RawUpstream,
+    RedisUrl, RetryConfig, ServerConfig, UpstreamConfig, HOLD_BEYOND_WINDOW,
 };
 use crate::api::Api;
 
@@ -58,12 +59,19 @@ impl RawConfig {
             &raw.retry,
             window,
         );
+        let cluster = match &raw.cluster {
+            None => Some(None),
+            Some(cluster) => {
+                check_cluster(&mut Checks::new(problems, name!(raw.cluster)), cluster).map(Some)
+            }
+        };
         Some(Config {
             server: server?,
             upstream: upstream?,
             code_cache: code_cache?,
             quota: quota?,
             retry: retry?,
+            cluster: cluster?,
         })
     }
 
@@ -129,6 +137,39 @@ fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
         connect_timeout: connect_timeout?,
         timeout: timeout?,
         pool_max_idle: pool_max_idle?,
+    })
+}
+
+/// `[cluster]`. The environment is read here: `WXGATE_REDIS_PASSWORD` when the URL has no
+/// password, `WXGATE_CLUSTER_SECRET` when there is no `secret_file`.
+fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
+    let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let redis_url = c.check(
+        name!(raw.redis_url),
+        RedisUrl::parse(raw.redis_url.expose(), env(REDIS_PASSWORD_ENV)),
+    );
+    let prefix = &raw.key_prefix;
+    let key_prefix =
+        if (1..=64).contains(&prefix.len()) && prefix.bytes().all(|b| b.is_ascii_graphic()) {
+            Some(prefix.clone())
+        } else {
+            c.problem(
+                name!(raw.key_prefix),
+                "must be 1 to 64 visible ASCII characters, such as \"wxgate:\"",
+            );
+            None
+        };
+    let timeout = c.millis(key!(raw.timeout_ms), 1..=10_000);
+    let secret = ClusterSecret::load(
+        raw.secret_file.as_deref().map(std::path::Path::new),
+        env(CLUSTER_SECRET_ENV),
+    );
+    let secret = c.check(name!(raw.secret_file), secret);
+    Some(ClusterConfig {
+        redis_url: redis_url?,
+        key_prefix: key_prefix?,
+        timeout: timeout?,
+        secret: secret?,
     })
 }
 

@@ -1,0 +1,91 @@
+//! The Lua scripts wxgate runs in Redis. Each is one atomic step on Redis's own clock
+//! (`TIME`), so clock skew between replicas changes nothing. They are sent by hash
+//! (`EVALSHA`) and loaded again when Redis has lost them (`redis::Script` does both).
+//!
+//! Times inside the scripts are microseconds since the epoch, which a Lua number (a double)
+//! holds exactly; they are written back with `%.0f`, since Lua's `tostring` would round them.
+//!
+//! Every script checks the *epoch*: a random value a replica writes once (`SET NX`) into a
+//! key without expiry. A Redis that restarted empty, or was flushed, has another epoch (or
+//! none) than the one the replicas learned: its counters are gone, so the script refuses to
+//! count (`-1`) and the replica degrades, as for an outage, until the replicas resume
+//! together at a window boundary.
+
+/// The shared GCRA of one (appid, API), and its 45011 pause.
+///
+/// `KEYS`: epoch, bucket (the theoretical arrival time, TAT), pause (its end).
+/// `ARGV`: expected epoch, emission interval µs, burst tolerance µs (`(burst − 1) ×
+/// interval`).
+/// Returns `{1, 0}` (admitted), `{0, µs}` (not before that long), or `{-1, 0}` (epoch lost).
+///
+/// GCRA: a call at `now` conforms if `now ≥ TAT − tolerance`; it then moves TAT to
+/// `max(TAT, now) + interval`. This is governor's algorithm, so the single-process bound
+/// carries over: at most `burst + L / interval − 1` calls in any span `L`, which the
+/// interval wxgate picks makes `per_window` per window.
+pub const QUOTA: &str = r"
+local epoch = redis.call('GET', KEYS[1])
+if epoch ~= ARGV[1] then return {-1, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
+if paused > now then return {0, paused - now} end
+local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tat < now then tat = now end
+local allowed_at = tat - tonumber(ARGV[3])
+if now < allowed_at then return {0, allowed_at - now} end
+tat = tat + tonumber(ARGV[2])
+redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+return {1, 0}
+";
+
+/// Pauses one (appid, API) until WeChat's next window (plus jitter), after a 45011.
+///
+/// `KEYS`: pause. `ARGV`: window µs, jitter µs. Returns the µs until the pause ends.
+pub const PAUSE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[1])
+local resume = (math.floor(now / window) + 1) * window + tonumber(ARGV[2])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if resume > current then
+  redis.call('SET', KEYS[1], string.format('%.0f', resume), 'PX', math.floor((resume - now) / 1000) + 1)
+else
+  resume = current
+end
+return resume - now
+";
+
+/// A replica's heartbeat: it counts itself live, and learns the epoch and how many replicas
+/// are live.
+///
+/// `KEYS`: epoch, replicas (a sorted set of replica ids by last heartbeat, ms).
+/// `ARGV`: this replica's id, how long a heartbeat counts (ms), a fresh epoch to write if
+/// there is none. Returns `{epoch, live replicas}`.
+pub const HEARTBEAT: &str = r"
+redis.call('SET', KEYS[1], ARGV[3], 'NX')
+local epoch = redis.call('GET', KEYS[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[2], ttl * 2)
+return {epoch, redis.call('ZCARD', KEYS[2])}
+";
+
+/// When degraded replicas go back to shared counting: all at the same window boundary, at
+/// least `margin` away, so that every replica has seen Redis again by then and no window
+/// holds both a replica's local count and the shared one.
+///
+/// `KEYS`: resume. `ARGV`: window µs, margin µs. Returns the µs until the resumption.
+pub const RESUME: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current > now then return current - now end
+local window = tonumber(ARGV[1])
+local at = (math.floor(now / window) + 1) * window
+if at - now < tonumber(ARGV[2]) then at = at + window end
+redis.call('SET', KEYS[1], string.format('%.0f', at), 'PX', math.floor((at - now + window) / 1000) + 1)
+return at - now
+";

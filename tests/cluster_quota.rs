@@ -1,0 +1,375 @@
+//! Replicas as one for the minute quota: three wxgates sharing a real `redis-server`, a
+//! client spreading requests over them round robin, against a stand-in that enforces its own
+//! quota over short windows and records every call.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use support::redis::{RedisServer, SlowRelay};
+use support::*;
+use wxgate_stand_in::StandIn;
+
+const EXCHANGE: &str = "/sns/jscode2session";
+
+/// Three wxgates with the same configuration, sharing one Redis.
+struct Replicas {
+    proxies: Vec<TestProxy>,
+    _secret: SecretFile,
+}
+
+impl Replicas {
+    async fn start(upstream: &StandIn, redis_url: &str, extra: &str) -> Replicas {
+        let secret = SecretFile::new();
+        let text = config_text(
+            &upstream.base_url(),
+            &format!(
+                "{extra}\n[cluster]\nredis_url = \"{redis_url}\"\nsecret_file = \"{}\"\ntimeout_ms = 100\n",
+                secret.path.display()
+            ),
+        );
+        let mut proxies = Vec::new();
+        for _ in 0..3 {
+            proxies.push(spawn_proxy(config(&text)).await);
+        }
+        Replicas {
+            proxies,
+            _secret: secret,
+        }
+    }
+
+    /// The replica request `i` goes to.
+    fn pick(&self, i: usize) -> &TestProxy {
+        &self.proxies[i % self.proxies.len()]
+    }
+
+    /// Waits until every replica reports `state` (`shared` or `degraded`).
+    async fn wait_for_state(&self, state: &str, within: Duration) {
+        self.wait_for(within, |text| {
+            metric(text, "wxgate_cluster_state", &[("state", state)]) == 1.0
+        })
+        .await;
+    }
+
+    /// Waits until every replica has counted all three in its heartbeats (its share of a
+    /// quota, were Redis to go, is then a third).
+    async fn wait_until_they_know_each_other(&self) {
+        self.wait_for(Duration::from_secs(5), |text| {
+            metric(text, "wxgate_cluster_replicas", &[]) == 3.0
+        })
+        .await;
+    }
+
+    async fn wait_for(&self, within: Duration, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + within;
+        for proxy in &self.proxies {
+            while !done(&proxy.metrics().await) {
+                assert!(Instant::now() < deadline, "a replica never got there");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A cluster secret in a file of its own (the environment variable would be shared by every
+/// test of the process).
+struct SecretFile {
+    path: std::path::PathBuf,
+}
+
+impl SecretFile {
+    fn new() -> SecretFile {
+        let path = std::env::temp_dir().join(format!(
+            "wxgate-cluster-secret-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::write(
+            &path,
+            format!("{:032x}{:032x}\n", fastrand::u128(..), fastrand::u128(..)),
+        )
+        .unwrap();
+        SecretFile { path }
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn errcode(body: &[u8]) -> i64 {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+    value["errcode"].as_i64().unwrap_or(0)
+}
+
+async fn exchange(client: &reqwest::Client, proxy: &TestProxy, code: &str) -> (u16, i64) {
+    let answer = client
+        .get(proxy.url(&jscode2session(APPID, SECRET, code)))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, errcode(&answer.bytes().await.unwrap()))
+}
+
+/// Calls the stand-in received per aligned window, from its log.
+fn calls_per_window(upstream: &StandIn, window: Duration) -> BTreeMap<u128, u64> {
+    let mut windows = BTreeMap::new();
+    for call in upstream.call_log() {
+        let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        *windows.entry(at / window.as_nanos()).or_default() += 1;
+    }
+    windows
+}
+
+/// `count` exchanges with fresh codes, all at once, spread over the replicas round robin.
+async fn burst(replicas: &Replicas, prefix: &str, count: usize) -> Vec<(u16, i64)> {
+    let client = client();
+    join_all((0..count).map(|i| {
+        let client = client.clone();
+        let proxy = replicas.pick(i);
+        async move { exchange(&client, proxy, &format!("{prefix}-{i}")).await }
+    }))
+    .await
+}
+
+/// Five times the quota at once over three replicas: every request succeeds, WeChat never
+/// says 45011, no aligned window holds more than the quota (the replicas together admit
+/// what one wxgate would), and the overloaded windows use at least 90 % of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_keep_one_quota_between_them() {
+    const QUOTA: u32 = 30;
+    let window = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(QUOTA);
+        c.window = window;
+    })
+    .await;
+    let replicas = Replicas::start(
+        &upstream,
+        &redis.url(),
+        &format!(
+            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 3\nmax_wait_ms = 30000\n"
+        ),
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+
+    let answers = burst(&replicas, "code-shared", 5 * QUOTA as usize).await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+    assert_eq!(upstream.calls(EXCHANGE), u64::from(5 * QUOTA));
+    let windows: Vec<u64> = calls_per_window(&upstream, window).into_values().collect();
+    assert!(
+        windows.iter().all(|calls| *calls <= u64::from(QUOTA)),
+        "a window held more than the quota: {windows:?}"
+    );
+    assert!(windows.len() >= 4, "{windows:?}");
+    let middle = &windows[1..windows.len() - 1];
+    let used = middle.iter().sum::<u64>() as f64 / (middle.len() as f64 * f64::from(QUOTA));
+    assert!(
+        used >= 0.9,
+        "the middle windows used {used:.2}: {windows:?}"
+    );
+
+    // Each replica took part, and each counted its turns in Redis.
+    for proxy in &replicas.proxies {
+        let text = proxy.metrics().await;
+        assert!(
+            metric(
+                &text,
+                "wxgate_upstream_requests_total",
+                &[("api", EXCHANGE)]
+            ) > 0.0
+        );
+        assert!(
+            metric(
+                &text,
+                "wxgate_redis_duration_seconds_count",
+                &[("op", "quota")]
+            ) > 0.0
+        );
+        assert_eq!(metric(&text, "wxgate_redis_errors_total", &[]), 0.0);
+        assert_eq!(metric(&text, "wxgate_cluster_replicas", &[]), 3.0);
+    }
+
+    // Nothing in Redis names the appid.
+    for (key, _) in redis.dump() {
+        assert!(!String::from_utf8_lossy(&key).contains(APPID), "{key:?}");
+    }
+}
+
+/// WeChat's real quota below the configured one: the first replica to see 45011 pauses the
+/// key in Redis, so the others hold their calls too; every request still succeeds, and
+/// WeChat answers 45011 only a few times per window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_45011_seen_by_one_replica_holds_them_all() {
+    const REAL: u32 = 10;
+    let window = Duration::from_secs(1);
+    let redis = RedisServer::start();
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(REAL);
+        c.window = window;
+    })
+    .await;
+    let replicas = Replicas::start(
+        &upstream,
+        &redis.url(),
+        &format!(
+            "[quota]\nwindow_secs = 1\nper_window = {}\nburst = 3\nmax_wait_ms = 30000\n[retry]\nmax_hold_ms = 30000\n",
+            3 * REAL
+        ),
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+
+    let requests = 4 * REAL as usize;
+    let answers = burst(&replicas, "code-paused", requests).await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    let refused = upstream.answers(45011);
+    let windows = calls_per_window(&upstream, window).len() as u64;
+    assert!(refused > 0, "the real quota was reached");
+    assert!(
+        refused <= 4 * windows,
+        "{refused} answers 45011 over {windows} windows: not a few per window"
+    );
+    assert_eq!(upstream.answers(0), requests as u64);
+    let mut paused = 0.0;
+    for proxy in &replicas.proxies {
+        let text = proxy.metrics().await;
+        paused += metric(
+            &text,
+            "wxgate_redis_duration_seconds_count",
+            &[("op", "pause")],
+        );
+    }
+    assert!(paused >= 1.0, "a 45011 paused the key in Redis");
+}
+
+/// Redis stopped in the middle of a burst: every request is still answered, no window holds
+/// more than the quota (each replica limits itself to its share, and not in the window it
+/// degraded in), the replicas say they are degraded, and once Redis is back they return to
+/// shared counting by themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_gone_mid_burst_degrades_safely_and_recovers() {
+    const QUOTA: u32 = 30;
+    let window = Duration::from_secs(1);
+    let mut redis = RedisServer::start();
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(QUOTA);
+        c.window = window;
+    })
+    .await;
+    let replicas = Replicas::start(
+        &upstream,
+        &redis.url(),
+        &format!(
+            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 3\nmax_wait_ms = 30000\n"
+        ),
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+    replicas.wait_until_they_know_each_other().await;
+
+    let load = burst(&replicas, "code-outage", 4 * QUOTA as usize);
+    let outage = async {
+        // Some calls have gone out in shared mode; then Redis goes away.
+        while upstream.calls(EXCHANGE) < u64::from(QUOTA / 2) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        redis.stop();
+    };
+    let (answers, ()) = tokio::join!(load, outage);
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+    let windows: Vec<u64> = calls_per_window(&upstream, window).into_values().collect();
+    assert!(
+        windows.iter().all(|calls| *calls <= u64::from(QUOTA)),
+        "a window held more than the quota: {windows:?}"
+    );
+    replicas
+        .wait_for_state("degraded", Duration::from_secs(5))
+        .await;
+    for proxy in &replicas.proxies {
+        let ready = client()
+            .get(format!("http://{}/readyz", proxy.admin))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "a degraded replica still serves");
+        assert!(ready.text().await.unwrap().contains("degraded"));
+    }
+
+    // Redis back (empty, on the same port): the replicas agree on a window boundary and
+    // count in Redis again, by themselves.
+    redis.restart();
+    replicas
+        .wait_for_state("shared", Duration::from_secs(10))
+        .await;
+    upstream.reset_counters();
+    let answers = burst(&replicas, "code-recovered", 2 * QUOTA as usize).await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert_eq!(upstream.answers(45011), 0);
+    let windows: Vec<u64> = calls_per_window(&upstream, window).into_values().collect();
+    assert!(
+        windows.iter().all(|calls| *calls <= u64::from(QUOTA)),
+        "{windows:?}"
+    );
+}
+
+/// A Redis that answers slowly: the replica gives up on it after `cluster.timeout_ms`,
+/// degrades and serves from its share, instead of making requests wait for Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_redis_degrades_within_the_timeout_instead_of_stalling() {
+    let redis = RedisServer::start();
+    let relay = SlowRelay::start(redis.addr()).await;
+    let upstream = stand_in(|_| {}).await;
+    // A roomy quota: each replica's share is plenty for the few requests below.
+    let replicas = Replicas::start(
+        &upstream,
+        &relay.url(),
+        "[quota]\nwindow_secs = 1\nper_window = 300\nmax_wait_ms = 3000\n",
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+
+    // From now on Redis takes five seconds to answer anything.
+    relay.set_delay(Duration::from_secs(5));
+    let client = client();
+    let started = Instant::now();
+    for i in 0..6 {
+        let answer = exchange(&client, replicas.pick(i), &format!("code-slow-{i}")).await;
+        assert_eq!(answer, (200, 0), "request {i}");
+    }
+    // Had the requests waited for Redis, six of them would have taken half a minute.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "requests waited for the slow Redis: {:?}",
+        started.elapsed()
+    );
+    replicas
+        .wait_for_state("degraded", Duration::from_secs(5))
+        .await;
+    let mut timeouts = 0.0;
+    for proxy in &replicas.proxies {
+        let text = proxy.metrics().await;
+        timeouts += metric(&text, "wxgate_redis_errors_total", &[("kind", "timeout")]);
+    }
+    assert!(
+        timeouts >= 1.0,
+        "the slow operations were counted as timeouts"
+    );
+}

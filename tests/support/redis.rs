@@ -1,0 +1,251 @@
+//! A real `redis-server` per test (Debian's package: `.ci/run` installs it), on a free
+//! loopback port, without persistence; stopped when dropped. And a TCP relay that can delay
+//! everything it carries, to make a Redis slow on demand.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A `redis-server` of the test's own.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl RedisServer {
+    /// Starts one on a free port.
+    pub fn start() -> RedisServer {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    /// Starts one on `port` (again, after [`RedisServer::stop`]).
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("wxgate-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the server again on its port (empty: nothing is persisted).
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--protected-mode", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (Debian: apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.command(&["PING"]).as_deref() != Some("+PONG") {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server never answered PING"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (the port is free again).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs one command; the first line of its answer (`+PONG`, `:3`, `$5`...).
+    pub fn command(&self, args: &[&str]) -> Option<String> {
+        let mut stream = StdStream::connect(self.addr()).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(&encode(args)).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_owned())
+    }
+
+    /// Every key and its value (strings as they are, other types as `TYPE` + a `DUMP`),
+    /// for tests that prove nothing readable is stored.
+    pub fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut stream = StdStream::connect(self.addr()).expect("redis answers");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        stream.write_all(&encode(&["KEYS", "*"])).unwrap();
+        let keys = match read_reply(&mut reader) {
+            Reply::Array(keys) => keys,
+            other => panic!("KEYS answered {other:?}"),
+        };
+        keys.into_iter()
+            .filter_map(|key| match key {
+                Reply::Bulk(Some(key)) => Some(key),
+                _ => None,
+            })
+            .map(|key| {
+                let name = String::from_utf8_lossy(&key).into_owned();
+                stream.write_all(&encode(&["DUMP", &name])).unwrap();
+                let value = match read_reply(&mut reader) {
+                    Reply::Bulk(Some(value)) => value,
+                    _ => Vec::new(),
+                };
+                (key, value)
+            })
+            .collect()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn encode(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+        out.extend_from_slice(arg.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+#[derive(Debug)]
+enum Reply {
+    Line(String),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+}
+
+fn read_reply(reader: &mut impl BufRead) -> Reply {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let line = line.trim_end();
+    let (kind, rest) = line.split_at(1);
+    match kind {
+        "$" => {
+            let len: i64 = rest.parse().unwrap();
+            if len < 0 {
+                return Reply::Bulk(None);
+            }
+            let mut data = vec![0; len as usize + 2];
+            reader.read_exact(&mut data).unwrap();
+            data.truncate(len as usize);
+            Reply::Bulk(Some(data))
+        }
+        "*" => {
+            let count: i64 = rest.parse().unwrap();
+            Reply::Array((0..count.max(0)).map(|_| read_reply(reader)).collect())
+        }
+        _ => Reply::Line(line.to_owned()),
+    }
+}
+
+/// A TCP relay to `target` that holds every chunk it carries for its current delay: a Redis
+/// made slow at will.
+pub struct SlowRelay {
+    addr: SocketAddr,
+    delay_ms: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowRelay {
+    /// A relay on a free loopback port, without delay to begin with.
+    pub async fn start(target: SocketAddr) -> SlowRelay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::join!(
+                        pipe(client_read, server_write, delay.clone()),
+                        pipe(server_read, client_write, delay),
+                    );
+                });
+            }
+        });
+        SlowRelay {
+            addr,
+            delay_ms,
+            task,
+        }
+    }
+
+    /// `redis://` of the relay.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// From now on, every chunk waits this long.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SlowRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay_ms: Arc<AtomicU64>,
+) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
