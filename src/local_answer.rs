@@ -59,6 +59,12 @@ pub enum LocalAnswer {
     Upstream(TransportError),
     /// The call ended without an answer (it was cancelled, or its task went away).
     CallAbandoned,
+    /// With `[cluster]`: another replica was exchanging this code and went away before it
+    /// answered; it may have spent the code.
+    ClaimHolderGone,
+    /// With `[cluster]`: another replica is exchanging this code, and Redis stopped
+    /// answering before its result could be read.
+    ClaimUnreachable,
 }
 
 impl LocalAnswer {
@@ -69,7 +75,9 @@ impl LocalAnswer {
             LocalAnswer::BadTarget | LocalAnswer::BodyUnreadable => StatusCode::BAD_REQUEST,
             LocalAnswer::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             LocalAnswer::Upstream(error) => error.status(),
-            LocalAnswer::CallAbandoned => StatusCode::BAD_GATEWAY,
+            LocalAnswer::CallAbandoned
+            | LocalAnswer::ClaimHolderGone
+            | LocalAnswer::ClaimUnreachable => StatusCode::BAD_GATEWAY,
             LocalAnswer::RepeatedParameter(_)
             | LocalAnswer::BodyNotJson
             | LocalAnswer::MissingAppid
@@ -99,7 +107,10 @@ impl LocalAnswer {
             LocalAnswer::ImplausibleAppid => 40013,
             LocalAnswer::ImplausibleCode => 40029,
             LocalAnswer::LocalQuota { .. } => wechat::MINUTE_QUOTA,
-            LocalAnswer::Upstream(_) | LocalAnswer::CallAbandoned => wechat::SYSTEM_BUSY,
+            LocalAnswer::Upstream(_)
+            | LocalAnswer::CallAbandoned
+            | LocalAnswer::ClaimHolderGone
+            | LocalAnswer::ClaimUnreachable => wechat::SYSTEM_BUSY,
         }
     }
 
@@ -143,6 +154,12 @@ impl LocalAnswer {
             LocalAnswer::CallAbandoned => {
                 "system error (wxgate: the upstream call ended without an answer)"
             }
+            LocalAnswer::ClaimHolderGone => {
+                "system error (wxgate: the replica exchanging this code went away before it answered; the code may have been spent)"
+            }
+            LocalAnswer::ClaimUnreachable => {
+                "system error (wxgate: another replica is exchanging this code and its answer could not be read)"
+            }
         })
     }
 
@@ -150,7 +167,10 @@ impl LocalAnswer {
     pub fn outcome(self) -> Outcome {
         match self {
             LocalAnswer::LocalQuota { .. } => Outcome::LocalLimit,
-            LocalAnswer::Upstream(_) | LocalAnswer::CallAbandoned => Outcome::UpstreamError,
+            LocalAnswer::Upstream(_)
+            | LocalAnswer::CallAbandoned
+            | LocalAnswer::ClaimHolderGone
+            | LocalAnswer::ClaimUnreachable => Outcome::UpstreamError,
             _ => Outcome::Rejected,
         }
     }
@@ -200,6 +220,8 @@ mod tests {
             },
             LocalAnswer::Upstream(TransportError::Timeout),
             LocalAnswer::CallAbandoned,
+            LocalAnswer::ClaimHolderGone,
+            LocalAnswer::ClaimUnreachable,
         ];
         for answer in all {
             let response = answer.response();

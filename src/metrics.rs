@@ -18,6 +18,39 @@ use crate::wechat::{errcode_labels, Errcode};
 
 pub use wxgate_contract::{Outcome, RetryReason};
 
+/// Where a code-exchange answer was looked for: the `tier` label of
+/// `wxgate_code_cache_lookups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// This process's memory.
+    Local,
+    /// Redis, shared by the replicas (with `[cluster]`).
+    Redis,
+}
+
+/// What a look-up found: the `result` label of `wxgate_code_cache_lookups_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    /// A remembered answer.
+    Hit,
+    /// An identical exchange in flight, joined.
+    Joined,
+    /// Nothing: this caller makes (or, in Redis, claims) the call.
+    Miss,
+}
+
+impl LookupResult {
+    const ALL: [LookupResult; 3] = [LookupResult::Hit, LookupResult::Joined, LookupResult::Miss];
+
+    fn label(self) -> &'static str {
+        match self {
+            LookupResult::Hit => "hit",
+            LookupResult::Joined => "joined",
+            LookupResult::Miss => "miss",
+        }
+    }
+}
+
 /// Latency buckets in seconds. The low end resolves the sub-millisecond cost of a cache hit
 /// or a loopback upstream; the high end covers requests held across a 45011 into the next
 /// minute (`retry.max_hold_ms`, 65 s by default).
@@ -44,6 +77,8 @@ pub struct Metrics {
     quota_wait: Vec<Histogram>,
     quota_exceeded: Vec<IntCounter>,
     retries: Vec<Vec<IntCounter>>,
+    /// `[tier][result]`.
+    code_lookups: [Vec<IntCounter>; 2],
     /// Client requests being answered right now.
     inflight: IntGauge,
     /// Code-exchange answers remembered right now.
@@ -123,6 +158,13 @@ impl Metrics {
             ),
             &["api", "reason"],
         )?;
+        let code_lookups = IntCounterVec::new(
+            Opts::new(
+                "wxgate_code_cache_lookups_total",
+                "Code-exchange answers looked for, by where (local memory, or Redis with [cluster]) and what was found.",
+            ),
+            &["tier", "result"],
+        )?;
         let inflight = IntGauge::new(
             "wxgate_inflight_requests",
             "Client requests being answered right now.",
@@ -154,6 +196,7 @@ impl Metrics {
         registry.register(Box::new(quota_wait.clone()))?;
         registry.register(Box::new(quota_exceeded.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(code_lookups.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(code_cache_entries.clone()))?;
         registry.register(Box::new(quota_keys.clone()))?;
@@ -178,6 +221,12 @@ impl Metrics {
             quota_wait: per_api(&quota_wait),
             quota_exceeded: per_api(&quota_exceeded),
             retries: per_api_and(&retries, &retry_reasons),
+            code_lookups: ["local", "redis"].map(|tier| {
+                LookupResult::ALL
+                    .iter()
+                    .map(|result| code_lookups.with_label_values(&[tier, result.label()]))
+                    .collect()
+            }),
             inflight,
             code_cache_entries,
             quota_keys,
@@ -214,6 +263,11 @@ impl Metrics {
     /// A call waited this long for its quota turn.
     pub fn quota_wait(&self, api: Api, seconds: f64) {
         self.quota_wait[api.index()].observe(seconds);
+    }
+
+    /// A code-exchange answer was looked for.
+    pub fn code_lookup(&self, tier: Tier, result: LookupResult) {
+        self.code_lookups[tier as usize][result as usize].inc();
     }
 
     /// A call is sent upstream again.
@@ -255,15 +309,30 @@ pub enum RedisOp {
     Quota,
     /// A 45011 pause.
     Pause,
+    /// A code exchange looked up or claimed.
+    CodeClaim,
+    /// A waiting replica looking for the holder's result.
+    CodePeek,
+    /// A claim's lease extended.
+    CodeRenew,
+    /// A claim ended with its answer.
+    CodeComplete,
+    /// A pub/sub subscription for a waited result.
+    Subscribe,
 }
 
 impl RedisOp {
     /// Every value, in label order.
-    pub const ALL: [RedisOp; 4] = [
+    pub const ALL: [RedisOp; 9] = [
         RedisOp::Heartbeat,
         RedisOp::Resume,
         RedisOp::Quota,
         RedisOp::Pause,
+        RedisOp::CodeClaim,
+        RedisOp::CodePeek,
+        RedisOp::CodeRenew,
+        RedisOp::CodeComplete,
+        RedisOp::Subscribe,
     ];
 
     /// The label value.
@@ -273,6 +342,11 @@ impl RedisOp {
             RedisOp::Resume => "resume",
             RedisOp::Quota => "quota",
             RedisOp::Pause => "pause",
+            RedisOp::CodeClaim => "code_claim",
+            RedisOp::CodePeek => "code_peek",
+            RedisOp::CodeRenew => "code_renew",
+            RedisOp::CodeComplete => "code_complete",
+            RedisOp::Subscribe => "subscribe",
         }
     }
 

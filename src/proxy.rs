@@ -86,13 +86,15 @@ impl Proxy {
     ) -> Result<Proxy, InvalidBaseUrl> {
         let upstream = UpstreamClient::new(&config.upstream)?;
         let mut quota = QuotaGate::new(&config.quota);
+        let mut codes = CodeExchange::new(&config.code_cache, metrics.clone());
         if let Some(cluster) = cluster {
-            quota = quota.shared_with(cluster);
+            quota = quota.shared_with(cluster.clone());
+            codes = codes.shared_with(cluster, config.upstream.timeout);
         }
         let dispatcher = Dispatcher::new(upstream, quota, &config.retry, metrics.clone());
         Ok(Proxy {
             dispatcher: Arc::new(dispatcher),
-            codes: Arc::new(CodeExchange::new(&config.code_cache, metrics.clone())),
+            codes: Arc::new(codes),
             metrics,
             max_body_bytes: config.server.max_body_bytes,
             max_wait: config.quota.max_wait,
@@ -203,10 +205,12 @@ impl Proxy {
             }
             Lookup::Absent => {}
         }
+        let query = target.path_and_query.query().unwrap_or("");
+        let fingerprint = self.codes.fingerprint(target.api, query);
         let call = self.call(parts, target, body, Some(exchange.quota_key));
         let (result, status) = self
             .codes
-            .exchange(exchange.key, call, &self.dispatcher)
+            .exchange(exchange.key, call, &self.dispatcher, fingerprint)
             .await;
         Reply::exchanged(result, status)
     }
@@ -316,7 +320,10 @@ impl Reply {
             }
             ExchangeResult::Local(answer) => Reply::local(answer),
         };
-        if status == CacheStatus::Coalesced && reply.outcome == Outcome::Forwarded {
+        // A follower of a call, here or on another replica, is counted as coalesced.
+        if status == CacheStatus::Coalesced
+            && matches!(reply.outcome, Outcome::Forwarded | Outcome::CacheHit)
+        {
             reply.outcome = Outcome::Coalesced;
         }
         reply

@@ -22,6 +22,8 @@
 //! Keys are `{key_prefix}{kind}:{fingerprint}`, fingerprints keyed with the cluster secret
 //! ([`sealing`]), so nothing in a key names an appid, a credential or a code.
 
+pub mod codes;
+mod notices;
 pub mod quota;
 mod scripts;
 pub mod sealing;
@@ -41,6 +43,7 @@ use tokio::time::Instant;
 use crate::config::ClusterConfig;
 use crate::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
 
+use self::notices::Notices;
 use self::sealing::Sealing;
 
 /// How often a replica says it is alive, and learns how many replicas are.
@@ -78,6 +81,10 @@ pub struct Cluster {
     /// lost its counters. Otherwise (an idle replica, or one starting) it goes back at once.
     resume_at_boundary: AtomicBool,
     scripts: Scripts,
+    /// Pub/sub messages for this replica's waiting code exchanges.
+    notices: Arc<Notices>,
+    /// Redis's push messages, until [`Cluster::start`] hands them to the router.
+    pushes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
     metrics: ClusterMetrics,
 }
 
@@ -105,6 +112,10 @@ struct Scripts {
     pause: Script,
     heartbeat: Script,
     resume: Script,
+    code_claim: Script,
+    code_peek: Script,
+    code_renew: Script,
+    code_complete: Script,
 }
 
 /// Why the cluster connection could not be set up at all (a Redis that is down is not one
@@ -126,7 +137,12 @@ impl Cluster {
     ) -> Result<Cluster, ClusterError> {
         let client = redis::Client::open(config.redis_url.connection_info())
             .map_err(|error| ClusterError::Url(format!("{:?}", error.kind())))?;
+        // RESP3 (set by the URL's parsing): published messages arrive as pushes on the same
+        // connection, and subscriptions come back by themselves after a reconnection.
+        let (push_sender, pushes) = tokio::sync::mpsc::unbounded_channel();
         let manager_config = ConnectionManagerConfig::new()
+            .set_push_sender(push_sender)
+            .set_automatic_resubscription()
             .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
             .set_response_timeout(None)
             // Reconnection backs off from 100 ms to at most 2 s: a Redis that comes back
@@ -155,7 +171,13 @@ impl Cluster {
                 pause: Script::new(scripts::PAUSE),
                 heartbeat: Script::new(scripts::HEARTBEAT),
                 resume: Script::new(scripts::RESUME),
+                code_claim: Script::new(scripts::CODE_CLAIM),
+                code_peek: Script::new(scripts::CODE_PEEK),
+                code_renew: Script::new(scripts::CODE_RENEW),
+                code_complete: Script::new(scripts::CODE_COMPLETE),
             },
+            notices: Arc::default(),
+            pushes: Mutex::new(Some(pushes)),
             metrics,
         })
     }
@@ -196,9 +218,36 @@ impl Cluster {
         format!("{}{kind}:{fingerprint}", self.prefix)
     }
 
-    /// The first heartbeat: shared if Redis answers, degraded otherwise.
+    /// Starts routing pub/sub messages, then the first heartbeat: shared if Redis answers,
+    /// degraded otherwise.
     pub async fn start(&self) {
+        if let Some(pushes) = self.pushes.lock().take() {
+            let notices = self.notices.clone();
+            tokio::spawn(async move { notices.route(pushes).await });
+        }
         self.heartbeat().await;
+    }
+
+    /// Whether Redis answered the last time it was asked (a resuming replica's quota still
+    /// counts locally, but it can share code exchanges and tokens).
+    pub fn reachable(&self) -> bool {
+        !matches!(self.mode(), Mode::Degraded { .. })
+    }
+
+    /// Subscribes to `channel`; `false` if Redis did not take it.
+    async fn subscribe(&self, channel: &str) -> bool {
+        let mut connection = self.connection.clone();
+        self.run_op(RedisOp::Subscribe, async move {
+            connection.subscribe(channel).await
+        })
+        .await
+        .is_some()
+    }
+
+    /// Unsubscribes from `channel` (a failure only leaves a subscription nobody reads).
+    async fn unsubscribe(&self, channel: &str) {
+        let mut connection = self.connection.clone();
+        let _ = tokio::time::timeout(self.timeout, connection.unsubscribe(channel)).await;
     }
 
     /// Runs the heartbeat (and, while degraded, the probe) until `stop` turns true, then
@@ -384,7 +433,7 @@ impl fmt::Debug for Cluster {
     }
 }
 
-/// 128 random bits as hex: replica ids and epochs.
+/// 128 random bits as hex: replica ids, epochs, claim owners.
 fn random_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }

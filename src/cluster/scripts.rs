@@ -89,3 +89,61 @@ if at - now < tonumber(ARGV[2]) then at = at + window end
 redis.call('SET', KEYS[1], string.format('%.0f', at), 'PX', math.floor((at - now + window) / 1000) + 1)
 return at - now
 ";
+
+/// Looks for a remembered answer of a code exchange, or claims the exchange, in one round
+/// trip.
+///
+/// `KEYS`: answer, claim, waiters. `ARGV`: this claim's owner, lease ms.
+/// Returns `{1, sealed answer}` (remembered), `{2, ''}` (claimed: call WeChat), or
+/// `{3, ''}` (another replica holds the claim; this one is now noted as waiting, so that
+/// the holder publishes its answer).
+pub const CODE_CLAIM: &str = r"
+local answer = redis.call('GET', KEYS[1])
+if answer then return {1, answer} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
+redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
+return {3, ''}
+";
+
+/// What a waiting replica finds: a remembered answer, the result its holder left for
+/// waiters, or whether the claim still stands.
+///
+/// `KEYS`: answer, claim, result. Returns `{1, sealed}` (remembered), `{4, sealed}` (the
+/// holder's result, not remembered), `{3, ''}` (still claimed), or `{0, ''}` (nothing: the
+/// holder went away).
+pub const CODE_PEEK: &str = r"
+local answer = redis.call('GET', KEYS[1])
+if answer then return {1, answer} end
+local result = redis.call('GET', KEYS[3])
+if result then return {4, result} end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {3, ''} end
+return {0, ''}
+";
+
+/// Extends a claim while its holder still calls WeChat (only the owner can).
+///
+/// `KEYS`: claim. `ARGV`: owner, lease ms. Returns 1 if extended.
+pub const CODE_RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// Ends a claim with WeChat's answer: remembers it if it is definitive, releases the claim
+/// (only the owner can), and, if other replicas wait, leaves the result for them a short
+/// while and publishes it.
+///
+/// `KEYS`: answer, claim, waiters, result. `ARGV`: owner, sealed answer, remember ms (0:
+/// not definitive), result ms, channel. Returns the waiting replicas notified.
+pub const CODE_COMPLETE: &str = r"
+if tonumber(ARGV[3]) > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+if redis.call('DEL', KEYS[3]) == 1 then
+  redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[4])
+  return redis.call('PUBLISH', ARGV[5], ARGV[2])
+end
+return 0
+";

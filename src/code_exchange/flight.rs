@@ -13,7 +13,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::sync::watch;
 
-use super::ExchangeResult;
+use super::{CacheStatus, ExchangeResult};
 use crate::local_answer::LocalAnswer;
 
 /// One call in flight: its answer, once there is one, for every caller waiting.
@@ -75,7 +75,7 @@ impl Waiter {
 /// The first caller's side of a call: it polls the call itself and counts as one of its
 /// waiters. Dropped before the call ends, it moves the call to a task of its own.
 pub(super) struct Leader {
-    call: Option<Pin<Box<dyn Future<Output = ExchangeResult> + Send>>>,
+    call: Option<Pin<Box<dyn Future<Output = Led> + Send>>>,
     flight: Arc<Flight>,
     /// Keeps the leader counted among the flight's waiters while it polls.
     receiver: Option<watch::Receiver<Option<ExchangeResult>>>,
@@ -83,7 +83,7 @@ pub(super) struct Leader {
 
 impl Leader {
     pub(super) fn new(
-        call: Pin<Box<dyn Future<Output = ExchangeResult> + Send>>,
+        call: Pin<Box<dyn Future<Output = Led> + Send>>,
         flight: Arc<Flight>,
         receiver: watch::Receiver<Option<ExchangeResult>>,
     ) -> Leader {
@@ -95,12 +95,17 @@ impl Leader {
     }
 }
 
-impl Future for Leader {
-    type Output = ExchangeResult;
+/// What the leader's call ended with, and where its answer came from (WeChat, or, with
+/// `[cluster]`, another replica's memory or call).
+pub(super) type Led = (ExchangeResult, CacheStatus);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<ExchangeResult> {
+impl Future for Leader {
+    type Output = Led;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Led> {
         let Some(call) = self.call.as_mut() else {
-            return Poll::Ready(ExchangeResult::Local(LocalAnswer::CallAbandoned));
+            let abandoned = ExchangeResult::Local(LocalAnswer::CallAbandoned);
+            return Poll::Ready((abandoned, CacheStatus::Miss));
         };
         let result = ready!(call.as_mut().poll(cx));
         self.call = None;

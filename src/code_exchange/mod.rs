@@ -34,18 +34,21 @@ use http::HeaderValue;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use self::flight::{Flight, Leader};
+use self::flight::{Flight, Leader, Led};
 use self::key::{KeyHasher, KeyMaker};
 use self::store::{ExpiryQueue, Slot, Stored};
 use crate::api::Api;
+use crate::cluster::codes::{Claim, SharedAnswer, SharedCodes, Waited};
+use crate::cluster::Cluster;
 use crate::config::CodeCacheConfig;
 use crate::dispatch::{Call, Dispatcher, WechatAnswer};
 use crate::local_answer::LocalAnswer;
-use crate::metrics::Metrics;
+use crate::metrics::{LookupResult, Metrics, Tier};
 use crate::quota::QuotaKey;
 use crate::wechat::WechatParams;
 
 pub use self::key::CodeKey;
+use self::key::Credential;
 pub use self::store::{is_definitive, Lookup, Remembered};
 
 /// Shards of the map of slots (a power of two). Many small shards: a shard's table is
@@ -64,6 +67,8 @@ pub struct CodeExchange {
     ttl: Duration,
     max_entries: usize,
     keys: KeyMaker,
+    /// With `[cluster]`: exchanges looked up, claimed and remembered in Redis too.
+    shared: Option<SharedCodes>,
     metrics: Metrics,
 }
 
@@ -120,8 +125,33 @@ impl CodeExchange {
             ttl: config.ttl,
             max_entries: config.max_entries,
             keys: KeyMaker::new(),
+            shared: None,
             metrics,
         }
+    }
+
+    /// Shares exchanges with the other replicas of `cluster`; a claim's lease outlives an
+    /// upstream call of `call_timeout`.
+    pub fn shared_with(mut self, cluster: Arc<Cluster>, call_timeout: Duration) -> CodeExchange {
+        self.shared = Some(SharedCodes::new(cluster, self.ttl, call_timeout));
+        self
+    }
+
+    /// The fingerprint under which the replicas share this exchange (with `[cluster]` only):
+    /// a keyed HMAC of what makes exchanges identical, the same on every replica.
+    pub fn fingerprint(&self, api: Api, query: &str) -> Option<String> {
+        let shared = self.shared.as_ref()?;
+        let params = WechatParams::parse(query);
+        let checked = request::check(api, &params).ok()?;
+        let (kind, first, second): (&[u8], &[u8], &[u8]) = match checked.credential {
+            Credential::Secret(secret) => (b"secret", secret, b""),
+            Credential::Component {
+                appid,
+                access_token,
+            } => (b"component", appid, access_token),
+        };
+        let label = api.label().as_bytes();
+        Some(shared.fingerprint(&[label, checked.appid, kind, first, second, checked.js_code]))
     }
 
     /// Checks a code exchange's query (see [`request`]) and keys it.
@@ -138,10 +168,17 @@ impl CodeExchange {
 
     /// What the map holds for `key`: one probe under a shard's read lock.
     pub fn lookup(&self, key: CodeKey) -> Lookup {
-        match self.slots.get(&key) {
+        let lookup = match self.slots.get(&key) {
             Some(slot) => slot.lookup(self.seconds(Instant::now())),
             None => Lookup::Absent,
-        }
+        };
+        let found = match &lookup {
+            Lookup::Remembered(_) => LookupResult::Hit,
+            Lookup::InFlight(_) => LookupResult::Joined,
+            Lookup::Absent => LookupResult::Miss,
+        };
+        self.metrics.code_lookup(Tier::Local, found);
+        lookup
     }
 
     /// Answers an exchange: from memory, by joining an identical call in flight, or by
@@ -151,6 +188,7 @@ impl CodeExchange {
         key: CodeKey,
         call: Call,
         dispatcher: &Arc<Dispatcher>,
+        fingerprint: Option<String>,
     ) -> (ExchangeResult, CacheStatus) {
         let now = self.seconds(Instant::now());
         let (flight, receiver) = match self.slots.entry(key) {
@@ -179,21 +217,26 @@ impl CodeExchange {
             }
         };
         self.update_gauge();
-        let call = Box::pin(
-            self.clone()
-                .lead(key, flight.clone(), call, dispatcher.clone()),
-        );
-        (Leader::new(call, flight, receiver).await, CacheStatus::Miss)
+        let call =
+            Box::pin(
+                self.clone()
+                    .lead(key, flight.clone(), call, dispatcher.clone(), fingerprint),
+            );
+        Leader::new(call, flight, receiver).await
     }
 
     /// Makes the call of `flight`, settles its slot and hands the result to any follower.
+    /// With `[cluster]` (and Redis reachable), the exchange is first looked up and claimed
+    /// in Redis under its `fingerprint`: a remembered answer or another replica's call
+    /// answers it without a call of this replica's own.
     async fn lead(
         self: Arc<Self>,
         key: CodeKey,
         flight: Arc<Flight>,
         call: Call,
         dispatcher: Arc<Dispatcher>,
-    ) -> ExchangeResult {
+        fingerprint: Option<String>,
+    ) -> Led {
         // If this future is dropped before it ends (its task cancelled at shutdown, no runtime
         // to move to, a panic), the slot is freed and the followers are answered.
         let mut guard = SlotGuard {
@@ -202,26 +245,89 @@ impl CodeExchange {
             flight: &flight,
             armed: true,
         };
-        let gone = || self.everyone_gone(key, &flight);
-        let result = match dispatcher.call(&call, gone).await {
-            Ok(answer) => {
-                self.settle(key, &flight, &answer);
-                ExchangeResult::Upstream(Arc::new(answer))
-            }
-            Err(LocalAnswer::CallAbandoned) => {
-                // The slot is already gone (see `everyone_gone`); nobody is left to answer.
-                guard.armed = false;
-                return ExchangeResult::Local(LocalAnswer::CallAbandoned);
-            }
-            Err(local) => {
-                self.forget_flight(key, &flight);
-                ExchangeResult::Local(local)
-            }
+        let shared = self
+            .shared
+            .as_ref()
+            .zip(fingerprint)
+            .filter(|(shared, _)| shared.available());
+        let claim = match &shared {
+            Some((shared, fingerprint)) => shared.claim(fingerprint).await,
+            None => Claim::Unavailable,
         };
-        // The slot no longer holds this flight, so nobody subscribes from now on.
+        let found = match &claim {
+            Claim::Remembered(_) => Some(LookupResult::Hit),
+            Claim::Held => Some(LookupResult::Joined),
+            Claim::Mine(_) => Some(LookupResult::Miss),
+            Claim::Unavailable => None,
+        };
+        if let Some(found) = found {
+            self.metrics.code_lookup(Tier::Redis, found);
+        }
+        let (result, status) = match (claim, &shared) {
+            (Claim::Remembered(answer), _) => (self.remember(key, answer), CacheStatus::Hit),
+            (Claim::Held, Some((shared, fingerprint))) => {
+                self.forget_flight(key, &flight);
+                (
+                    waited(shared.wait(fingerprint).await),
+                    CacheStatus::Coalesced,
+                )
+            }
+            (Claim::Mine(ticket), Some((shared, _))) => {
+                let call = self.call(key, &flight, &call, &dispatcher);
+                let result = shared.holding(&ticket, call).await;
+                let (answer, definitive) = shared_answer(&result);
+                shared.complete(ticket, &answer, definitive).await;
+                (result, CacheStatus::Miss)
+            }
+            _ => (
+                self.call(key, &flight, &call, &dispatcher).await,
+                CacheStatus::Miss,
+            ),
+        };
+        // The slot no longer holds this flight, so nobody subscribes from now on (and a call
+        // abandoned by everyone has nobody left to answer).
         guard.armed = false;
         flight.publish(&result);
-        result
+        (result, status)
+    }
+
+    /// The upstream call of a flight, and its slot settled by the answer.
+    async fn call(
+        &self,
+        key: CodeKey,
+        flight: &Arc<Flight>,
+        call: &Call,
+        dispatcher: &Dispatcher,
+    ) -> ExchangeResult {
+        let gone = || self.everyone_gone(key, flight);
+        match dispatcher.call(call, gone).await {
+            Ok(answer) => {
+                self.settle(key, flight, &answer);
+                ExchangeResult::Upstream(Arc::new(answer))
+            }
+            // The slot is already gone (see `everyone_gone`).
+            Err(LocalAnswer::CallAbandoned) => ExchangeResult::Local(LocalAnswer::CallAbandoned),
+            Err(local) => {
+                self.forget_flight(key, flight);
+                ExchangeResult::Local(local)
+            }
+        }
+    }
+
+    /// Keeps an answer another replica remembered, so that the next replay here costs no
+    /// Redis round trip.
+    fn remember(&self, key: CodeKey, answer: SharedAnswer) -> ExchangeResult {
+        let remembered = Remembered::new(answer.status, answer.content_type, answer.body);
+        let now = self.seconds(Instant::now());
+        let expires = now + self.ttl.as_secs() as u32 + 1;
+        match Stored::from_remembered(&remembered, expires) {
+            Some(stored) => self.keep(key, stored, now),
+            None => {
+                self.slots.remove(&key);
+            }
+        }
+        self.update_gauge();
+        ExchangeResult::Remembered(remembered)
     }
 
     /// Completes when no caller waits for `flight` any more and its slot has been removed.
@@ -251,16 +357,20 @@ impl CodeExchange {
             .then(|| Stored::new(&answer.response, expires))
             .flatten();
         match stored {
-            Some(stored) => {
-                self.slots.insert(key, Slot::Ready(stored));
-                self.remembered.fetch_add(1, Ordering::Relaxed);
-                let mut expiry = self.expiry.lock();
-                expiry.push_back((expires, key));
-                self.evict(&mut expiry, now);
-            }
+            Some(stored) => self.keep(key, stored, now),
             None => self.forget_flight(key, flight),
         }
         self.update_gauge();
+    }
+
+    /// Puts a remembered answer in `key`'s slot, and in the expiry queue.
+    fn keep(&self, key: CodeKey, stored: Stored, now: u32) {
+        let expires = stored.expires;
+        self.slots.insert(key, Slot::Ready(stored));
+        self.remembered.fetch_add(1, Ordering::Relaxed);
+        let mut expiry = self.expiry.lock();
+        expiry.push_back((expires, key));
+        self.evict(&mut expiry, now);
     }
 
     fn forget_flight(&self, key: CodeKey, flight: &Arc<Flight>) {
@@ -327,4 +437,58 @@ impl Drop for SlotGuard<'_> {
             self.flight.abandon();
         }
     }
+}
+
+/// A waiting replica's result, as this one answers it.
+fn waited(waited: Waited) -> ExchangeResult {
+    match waited {
+        Waited::Answer(answer) => ExchangeResult::Remembered(Remembered::new(
+            answer.status,
+            answer.content_type,
+            answer.body,
+        )),
+        Waited::HolderGone => ExchangeResult::Local(LocalAnswer::ClaimHolderGone),
+        Waited::Unavailable => ExchangeResult::Local(LocalAnswer::ClaimUnreachable),
+    }
+}
+
+/// What the replicas waiting for this call get, and whether it is remembered for everyone:
+/// WeChat's answer as it came, or the answer wxgate gave itself.
+fn shared_answer(result: &ExchangeResult) -> (SharedAnswer, bool) {
+    match result {
+        ExchangeResult::Upstream(answer) => {
+            let response = &answer.response;
+            let definitive = is_definitive(response.status, answer.errcode)
+                && response.body.len() <= store::MAX_REMEMBERED_BYTES;
+            let shared = SharedAnswer {
+                status: response.status,
+                content_type: response.headers.get(http::header::CONTENT_TYPE).cloned(),
+                body: response.body.clone(),
+            };
+            (shared, definitive)
+        }
+        ExchangeResult::Remembered(remembered) => (
+            SharedAnswer {
+                status: remembered.status(),
+                content_type: remembered.content_type(),
+                body: remembered.body(),
+            },
+            false,
+        ),
+        ExchangeResult::Local(local) => {
+            let response = local.response();
+            let body = local_body(*local);
+            let shared = SharedAnswer {
+                status: response.status(),
+                content_type: response.headers().get(http::header::CONTENT_TYPE).cloned(),
+                body,
+            };
+            (shared, false)
+        }
+    }
+}
+
+/// The body of one of wxgate's own answers.
+fn local_body(answer: LocalAnswer) -> bytes::Bytes {
+    crate::wechat::error_body(answer.errcode(), &answer.errmsg())
 }

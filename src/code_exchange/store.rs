@@ -67,6 +67,15 @@ pub struct Remembered {
 }
 
 impl Remembered {
+    /// A remembered answer from its parts.
+    pub fn new(status: StatusCode, content_type: Option<HeaderValue>, body: Bytes) -> Remembered {
+        Remembered {
+            status,
+            content_type,
+            body,
+        }
+    }
+
     /// The upstream status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -113,7 +122,31 @@ impl Stored {
     /// The compact form of `response`, or `None` if it is larger than
     /// [`MAX_REMEMBERED_BYTES`].
     pub(super) fn new(response: &UpstreamResponse, expires: u32) -> Option<Stored> {
-        let (content_type, prefix) = match response.headers.get(header::CONTENT_TYPE) {
+        Stored::compact(
+            response.status,
+            response.headers.get(header::CONTENT_TYPE),
+            &response.body,
+            expires,
+        )
+    }
+
+    /// The compact form of an answer remembered elsewhere (another replica's).
+    pub(super) fn from_remembered(remembered: &Remembered, expires: u32) -> Option<Stored> {
+        Stored::compact(
+            remembered.status,
+            remembered.content_type.as_ref(),
+            &remembered.body,
+            expires,
+        )
+    }
+
+    fn compact(
+        status: StatusCode,
+        content_type: Option<&HeaderValue>,
+        body: &[u8],
+        expires: u32,
+    ) -> Option<Stored> {
+        let (content_type, prefix) = match content_type {
             None => (StoredContentType::None, &[][..]),
             Some(v) if v.as_bytes() == JSON_CONTENT_TYPE.as_bytes() => {
                 (StoredContentType::Json, &[][..])
@@ -123,16 +156,16 @@ impl Stored {
                 (StoredContentType::Own { len }, v.as_bytes())
             }
         };
-        if prefix.len() + response.body.len() > MAX_REMEMBERED_BYTES {
+        if prefix.len() + body.len() > MAX_REMEMBERED_BYTES {
             return None;
         }
-        let mut data = Vec::with_capacity(prefix.len() + response.body.len());
+        let mut data = Vec::with_capacity(prefix.len() + body.len());
         data.extend_from_slice(prefix);
-        data.extend_from_slice(&response.body);
+        data.extend_from_slice(body);
         Some(Stored {
             data: data.into_boxed_slice(),
             expires,
-            status: response.status.as_u16(),
+            status: status.as_u16(),
             content_type,
         })
     }

@@ -2,6 +2,8 @@
 //! a WeChat stand-in, and small helpers to read its metrics.
 #![allow(dead_code, unused_imports)]
 
+pub mod child;
+pub mod cluster;
 pub mod redis;
 
 use std::net::SocketAddr;

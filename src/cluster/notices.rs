@@ -1,0 +1,104 @@
+//! Redis pub/sub messages, routed to the tasks waiting for them.
+//!
+//! The replica's one Redis connection speaks RESP3, so subscriptions share it with ordinary
+//! commands, and published messages arrive as *push* messages on a channel that redis-rs
+//! feeds. [`Notices`] keeps, per Redis channel, the waiters of this replica; one task reads
+//! the pushes and hands each message to the waiters of its channel. A replica subscribes to
+//! a channel only while one of its requests waits on it (another replica's code exchange),
+//! so idle replicas receive nothing.
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot};
+
+/// The waiters of this replica, by Redis channel.
+#[derive(Default)]
+pub struct Notices {
+    waiting: Mutex<HashMap<Vec<u8>, Vec<Waiter>>>,
+}
+
+/// Where one waiter gets the next message of its channel.
+type Waiter = oneshot::Sender<Vec<u8>>;
+
+impl Notices {
+    /// Registers a waiter for the next message on `channel`.
+    pub fn register(&self, channel: &str) -> oneshot::Receiver<Vec<u8>> {
+        let (sender, receiver) = oneshot::channel();
+        self.waiting
+            .lock()
+            .entry(channel.as_bytes().to_vec())
+            .or_default()
+            .push(sender);
+        receiver
+    }
+
+    /// Whether anybody on this replica still waits on `channel` (if not, it can be
+    /// unsubscribed). Forgets the waiters that went away.
+    pub fn still_waited(&self, channel: &str) -> bool {
+        let mut waiting = self.waiting.lock();
+        let Some(senders) = waiting.get_mut(channel.as_bytes()) else {
+            return false;
+        };
+        senders.retain(|sender| !sender.is_closed());
+        if senders.is_empty() {
+            waiting.remove(channel.as_bytes());
+            return false;
+        }
+        true
+    }
+
+    /// Hands every message pushed by Redis to the waiters of its channel, until the
+    /// connection's push channel closes.
+    pub async fn route(&self, mut pushes: mpsc::UnboundedReceiver<PushInfo>) {
+        while let Some(push) = pushes.recv().await {
+            if push.kind != PushKind::Message {
+                continue;
+            }
+            let [Value::BulkString(channel), Value::BulkString(payload), ..] = push.data.as_slice()
+            else {
+                continue;
+            };
+            let senders = self.waiting.lock().remove(channel.as_slice());
+            for sender in senders.into_iter().flatten() {
+                let _ = sender.send(payload.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn messages_reach_the_waiters_of_their_channel_only() {
+        let notices = std::sync::Arc::new(Notices::default());
+        let (pushes, receiver) = mpsc::unbounded_channel();
+        let router = tokio::spawn({
+            let notices = notices.clone();
+            async move { notices.route(receiver).await }
+        });
+        let a = notices.register("a");
+        let b = notices.register("b");
+        assert!(notices.still_waited("a"));
+        let message = |channel: &str, payload: &str| PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(channel.as_bytes().to_vec()),
+                Value::BulkString(payload.as_bytes().to_vec()),
+            ],
+        };
+        pushes.send(message("a", "answer")).unwrap();
+        assert_eq!(a.await.unwrap(), b"answer");
+        assert!(!notices.still_waited("a"));
+        drop(b);
+        assert!(
+            !notices.still_waited("b"),
+            "a waiter that left is forgotten"
+        );
+        drop(pushes);
+        router.await.unwrap();
+    }
+}
