@@ -6,28 +6,54 @@
 //!
 //! # Layout
 //! The modules are private; the crate root re-exports what the binary, the tests, the benches
-//! and the examples use.
-//! - `config`: `config.toml` → validated, typed [`Config`]; every problem reported at once.
-//! - `server`: [`run`] owns the proxy and admin [`Listeners`] and the graceful drain.
-//! - `proxy`: the request pipeline ([`Proxy`]): route → read body → validate → code exchange or
-//!   quota → upstream → respond, with one log line and the metrics of each request.
-//! - `code_exchange`: coalescing of identical `js_code` exchanges and the answers remembered.
-//! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) with a first-come-first-served
-//!   wait queue.
-//! - `dispatch`: one logical upstream call: wait for quota, send, hold across 45011, retry -1.
+//! and the examples use. A request's path through them, in the order a reader meets it:
+//! - `server`: [`run`] owns the proxy and admin [`Listeners`], housekeeping, the cluster's
+//!   heartbeat and the graceful drain.
+//! - `proxy`: the request pipeline ([`Proxy`]) in named phases over a small per-request
+//!   context: target → body → code exchange or forward → respond → log.
+//! - `api`: the WeChat APIs wxgate knows ([`Api`]), how a path is classified as one (variants
+//!   normalised, look-alikes refused), where each names the appid whose quota it spends.
+//! - `code_exchange/`: identical `js_code` exchanges coalesced and their answers remembered:
+//!   `request` (checked parameters), `key` (the keyed hash), `flight` (the call in flight, its
+//!   leader and waiters), `store` (slots, compact answers, expiry).
+//! - `dispatch`: one logical upstream call: acquire a quota turn → send → record → decide.
+//! - `retry`: the decision after each attempt, a pure function (`RetryPolicy`).
+//! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) behind a first-come-first-served
+//!   wait queue, and the 45011 pause.
+//! - `cluster/`: with `[cluster]`, the state replicas share through Redis: the connection and
+//!   the replica's mode (shared / degraded / resuming), `quota` (the shared GCRA), `codes`
+//!   (claims, waits, remembered answers), `sealing` (keyed fingerprints, sealed values),
+//!   `notices` (pub/sub), `scripts` (the Lua scripts).
 //! - `upstream`: the pooled HTTP client towards WeChat and the headers it must not forward.
-//! - `api`: the WeChat APIs wxgate knows by path ([`Api`]); the bounded `api` metric label.
-//! - `wechat`: WeChat's answer format: reading `errcode`, writing wxgate's own answers.
+//! - `local_answer`: every answer wxgate gives itself (status, errcode, errmsg) in one enum.
+//! - `wechat/`: WeChat's formats: errcodes read from bodies (`errcode`), query parameters read
+//!   as bytes (`query`), plausible appids and codes.
+//! - `config/`: `config.toml` → raw serde structs → one validation pass → typed [`Config`].
 //! - `metrics`: the Prometheus [`Metrics`], registered against a registry passed in.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz` on their own listener.
 //! - `demo` (feature `demo`, on by default): the launcher through which the `wxgate-demo`
 //!   crate starts this wxgate for `wxgate demo`.
 //!
-//! The workspace's other crates are not product: `stand-in/` (`wxgate-stand-in`, the
-//! in-process stand-in for `api.weixin.qq.com` that the tests, the benches and the demo run
-//! against, with its own request parsing) and `demo/` (`wxgate-demo`, the demo's load and
-//! report, which treats wxgate as a black box). Without the `demo` feature
-//! (`--no-default-features`) neither is linked, nor is reqwest.
+//! The workspace's other crates are not product: `contract/` (`wxgate-contract`, the names
+//! wxgate promises the outside world: its cache header, metric label values, own errcodes),
+//! `stand-in/` (`wxgate-stand-in`, the stand-in for `api.weixin.qq.com` that the tests, the
+//! benches and the demo run against, with its own request parsing) and `demo/`
+//! (`wxgate-demo`, the demo's load and report, which treats wxgate as a black box). Without
+//! the `demo` feature (`--no-default-features`) neither the stand-in nor the demo is linked,
+//! nor is reqwest.
+//!
+//! # What is kept on purpose
+//! - The metrics contract: one struct of handles against a registry passed in (several
+//!   proxies in one test process do not collide), bounded label values from enums,
+//!   every series created at start.
+//! - Configuration errors: every problem of a file at once, with its key path and never its
+//!   value, exit 64 before anything is bound.
+//! - The quota bound, stated with its maths in `quota` and proved on a fake clock; the same
+//!   algorithm counts in Redis for replicas.
+//! - The cancellation rules of a code exchange (`code_exchange`, `flight`): a leader whose
+//!   caller leaves still finishes; a call abandoned by everyone before it is sent spends
+//!   nothing.
+//! - Benches against named baselines; logs that never carry a path, a query or a secret.
 #![forbid(unsafe_code)]
 
 mod admin;
