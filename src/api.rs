@@ -340,4 +340,30 @@ mod tests {
             assert_eq!(got, expected, "{api:?} {query} {body}");
         }
     }
+
+    proptest::proptest! {
+        /// Any path is classified without panicking and the same way every time; a variant
+        /// of a known API names an API whose documented path is that API exactly.
+        #[test]
+        fn any_path_is_classified_stably(path in "/[a-zA-Z0-9_/;%.-]{0,40}") {
+            let class = Api::classify(&path);
+            proptest::prop_assert_eq!(class, Api::classify(&path));
+            if let PathClass::Variant(api) = class {
+                proptest::prop_assert_ne!(api, Api::Other);
+                proptest::prop_assert_eq!(Api::classify(api.label()), PathClass::Exact(api));
+            }
+        }
+
+        /// Known paths with slashes doubled or added at the end are always their API.
+        #[test]
+        fn slash_variants_of_known_paths_are_their_api(index in 0..Api::COUNT - 1, doubled in 0usize..4) {
+            let api = Api::ALL[index];
+            let mut path = api.label().replacen('/', "//", doubled.min(1));
+            if doubled >= 2 {
+                path.push('/');
+            }
+            let expected = if path == api.label() { PathClass::Exact(api) } else { PathClass::Variant(api) };
+            proptest::prop_assert_eq!(Api::classify(&path), expected);
+        }
+    }
 }

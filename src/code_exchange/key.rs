@@ -145,4 +145,26 @@ mod tests {
         );
         assert_ne!(base, again);
     }
+
+    proptest::proptest! {
+        /// Two exchanges that differ in API, appid, credential or code never share a key.
+        #[test]
+        fn different_exchanges_never_share_a_key(
+            a in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..6), 4),
+            b in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..6), 4),
+            component in proptest::bool::ANY,
+        ) {
+            let keys = KeyMaker::new();
+            let key = |f: &[Vec<u8>]| {
+                let credential = if component {
+                    Credential::Component { appid: &f[1], access_token: &f[2] }
+                } else {
+                    Credential::Secret(&f[1])
+                };
+                keys.key(Api::JsCode2Session, &f[0], credential, &f[3])
+            };
+            let same_fields = if component { a == b } else { (&a[0], &a[1], &a[3]) == (&b[0], &b[1], &b[3]) };
+            proptest::prop_assert_eq!(key(&a) == key(&b), same_fields);
+        }
+    }
 }

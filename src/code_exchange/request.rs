@@ -137,4 +137,22 @@ mod tests {
             None
         );
     }
+
+    proptest::proptest! {
+        /// Any query is either refused with one of wxgate's answers or checked the same way
+        /// every time: the same fields, so the same key.
+        #[test]
+        fn any_query_is_refused_or_keyed_stably(
+            query in "((appid|secret|js_code|grant_type|component_appid|component_access_token|x)=[a-zA-Z0-9_%+-]{0,8}&?){0,8}",
+            component in proptest::bool::ANY,
+        ) {
+            let api = if component { Api::ComponentJsCode2Session } else { Api::JsCode2Session };
+            let keys = super::super::key::KeyMaker::new();
+            let key_of = |query: &str| {
+                let params = WechatParams::parse(query);
+                check(api, &params).map(|c| keys.key(api, c.appid, c.credential, c.js_code))
+            };
+            proptest::prop_assert_eq!(key_of(&query), key_of(&query));
+        }
+    }
 }

@@ -147,4 +147,28 @@ mod tests {
         let params = WechatParams::parse("js_code=&js_code=C");
         assert_eq!(params.repeated, Some("js_code"));
     }
+
+    proptest::proptest! {
+        /// Any query is read without panicking, and reads the same twice; a reader that
+        /// agreed with form_urlencoded on every valid UTF-8 pair stays agreeing.
+        #[test]
+        fn any_query_is_read_and_read_stably(query in "[a-z_=&%+0-9A-F\\x{80}-\\x{10FFFF}]{0,64}") {
+            let pairs: Vec<_> = query_pairs(&query).collect();
+            let again: Vec<_> = query_pairs(&query).collect();
+            proptest::prop_assert_eq!(&pairs, &again);
+            let reference: Vec<(Vec<u8>, Vec<u8>)> = form_urlencoded::parse(query.as_bytes())
+                .map(|(name, value)| (name.as_bytes().to_vec(), value.as_bytes().to_vec()))
+                .collect();
+            proptest::prop_assert_eq!(pairs.len(), reference.len());
+            for ((name, value), (reference_name, reference_value)) in pairs.iter().zip(&reference) {
+                if std::str::from_utf8(name).is_ok() {
+                    proptest::prop_assert_eq!(&name[..], &reference_name[..]);
+                }
+                if std::str::from_utf8(value).is_ok() {
+                    proptest::prop_assert_eq!(&value[..], &reference_value[..]);
+                }
+            }
+            let _ = WechatParams::parse(&query);
+        }
+    }
 }
