@@ -29,11 +29,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use governor::clock::Clock;
+use governor::clock::Reference;
 use governor::middleware::NoOpMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -95,14 +99,59 @@ pub struct Refused {
     pub retry_after: Duration,
 }
 
-type KeyedLimiter<C> =
-    RateLimiter<QuotaKey, DashMapStateStore<QuotaKey>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type KeyedLimiter<C> = RateLimiter<QuotaKey, Buckets, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// All (appid, API) pairs that share one [`QuotaLimit`] share one keyed limiter.
 struct LimitClass<C: Clock> {
     limit: QuotaLimit,
     interval: Duration,
     limiter: KeyedLimiter<C>,
+    /// The limiter's buckets, kept to carry them over to the limiter of a new configuration.
+    buckets: Buckets,
+    /// The clock when the limiter was made: governor keeps each bucket's state relative to
+    /// it, so a bucket moved to another limiter is shifted by the difference.
+    origin: C::Instant,
+}
+
+/// The quota classes of one configuration, swapped whole on a reload.
+struct Limits<C: Clock> {
+    classes: Vec<LimitClass<C>>,
+    class_of_api: [usize; Api::COUNT],
+    class_of_appid: HashMap<Box<str>, usize>,
+}
+
+/// governor's dashmap store of bucket states, shared between a limiter and the gate (which
+/// reads and moves them on a reload).
+#[derive(Clone, Default)]
+struct Buckets(Arc<DashMapStateStore<QuotaKey>>);
+
+impl StateStore for Buckets {
+    type Key = QuotaKey;
+
+    fn measure_and_replace<T, F, E>(&self, key: &QuotaKey, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<QuotaKey> for Buckets {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0);
+    }
+
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
+    }
 }
 
 /// The waiters of one key, and the pause WeChat asked for. Exists only while a key has
@@ -123,9 +172,9 @@ impl Lane {
 /// The quota of every (appid, API) pair.
 pub struct QuotaGate<C: Clock = TokioClock> {
     window: Duration,
-    classes: Vec<LimitClass<C>>,
-    class_of_api: [usize; Api::COUNT],
-    class_of_appid: HashMap<Box<str>, usize>,
+    /// The classes of the configuration in force; a reload swaps them (see
+    /// [`QuotaGate::reconfigure`]).
+    limits: ArcSwap<Limits<C>>,
     lanes: DashMap<QuotaKey, Arc<Lane>>,
     /// How many lanes exist: while there are none (the common case), the fast path does not
     /// look a key up in `lanes` at all.
@@ -170,43 +219,26 @@ impl QuotaGate<TokioClock> {
 impl<C: Clock + Clone> QuotaGate<C> {
     /// A gate on any governor clock (tests use `FakeRelativeClock`).
     pub fn with_clock(config: &QuotaConfig, clock: C) -> QuotaGate<C> {
-        let mut classes: Vec<LimitClass<C>> = Vec::new();
-        let mut class_for = |limit: QuotaLimit| -> usize {
-            if let Some(i) = classes.iter().position(|c| c.limit == limit) {
-                return i;
-            }
-            let interval = emission_interval(config.window, limit);
-            let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
-            let quota = Quota::with_period(interval)
-                .expect("the interval is at least one nanosecond")
-                .allow_burst(burst);
-            classes.push(LimitClass {
-                limit,
-                interval,
-                limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
-            });
-            classes.len() - 1
-        };
-        let default_class = class_for(config.default);
-        let mut class_of_api = [default_class; Api::COUNT];
-        for (api, limit) in &config.apis {
-            class_of_api[api.index()] = class_for(*limit);
-        }
-        let class_of_appid = config
-            .appids
-            .iter()
-            .map(|(appid, limit)| (appid.as_str().into(), class_for(*limit)))
-            .collect();
         QuotaGate {
             window: config.window,
-            classes,
-            class_of_api,
-            class_of_appid,
+            limits: ArcSwap::from_pointee(Limits::new(config, &clock)),
             lanes: DashMap::new(),
             lane_count: AtomicUsize::new(0),
             clock,
             shared: None,
         }
+    }
+
+    /// Applies the quotas of a new configuration (same window) to the buckets already in
+    /// use: each key keeps its state, so a lowered quota slows it from where it stands and
+    /// nothing starts a fresh burst. Calls already waiting keep their place.
+    pub fn reconfigure(&self, config: &QuotaConfig) {
+        let new = Arc::new(Limits::new(config, &self.clock));
+        let old = self.limits.swap(new.clone());
+        // Twice: turns taken from the old buckets while the first pass ran are carried too
+        // (a bucket's state only moves forward, so the later of two readings is kept).
+        new.carry_over(&old);
+        new.carry_over(&old);
     }
 
     /// Counts turns in Redis with the other replicas of `cluster`.
@@ -215,24 +247,17 @@ impl<C: Clock + Clone> QuotaGate<C> {
         self
     }
 
-    fn class(&self, key: &QuotaKey) -> &LimitClass<C> {
-        let index = self
-            .class_of_appid
-            .get(key.appid())
-            .copied()
-            .unwrap_or(self.class_of_api[key.api.index()]);
-        &self.classes[index]
-    }
-
-    /// The quota that applies to `key`.
+    /// The quota that applies to `key`, and its emission interval.
     pub fn limit(&self, key: &QuotaKey) -> QuotaLimit {
-        self.class(key).limit
+        self.limits.load().class(key).limit
     }
 
     /// Takes a token if one is there now; otherwise says how long until the next one.
     /// Ignores the queue and the pause: [`QuotaGate::acquire`] is what calls use.
     pub fn try_take(&self, key: &QuotaKey) -> Result<(), Duration> {
-        self.class(key)
+        self.limits
+            .load()
+            .class(key)
             .limiter
             .check_key(key)
             .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
@@ -244,8 +269,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
         match &self.shared {
             None => self.try_take(key),
             Some(shared) => {
-                let class = self.class(key);
-                shared.take(key, class.limit, class.interval).await
+                let (limit, interval) = {
+                    let limits = self.limits.load();
+                    let class = limits.class(key);
+                    (class.limit, class.interval)
+                };
+                shared.take(key, limit, interval).await
             }
         }
     }
@@ -310,7 +339,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// pause, whichever is later; at least a second, at most a window.
     fn retry_after(&self, key: &QuotaKey, lane: &Lane) -> Duration {
         let queued = lane.waiting.load(Ordering::Relaxed) as u32;
-        let mut wait = self.class(key).interval.saturating_mul(queued.max(1));
+        let interval = self.limits.load().class(key).interval;
+        let mut wait = interval.saturating_mul(queued.max(1));
         if let Some(until) = lane.pause_end() {
             wait = wait.max(until.saturating_duration_since(Instant::now()));
         }
@@ -366,7 +396,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
         if let Some(shared) = &self.shared {
             shared.retain_recent();
         }
-        for class in &self.classes {
+        for class in &self.limits.load().classes {
             class.limiter.retain_recent();
             class.limiter.shrink_to_fit();
         }
@@ -383,7 +413,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// Keys with quota state (an estimate while calls are running).
     pub fn len(&self) -> usize {
-        self.classes.iter().map(|c| c.limiter.len()).sum()
+        self.limits
+            .load()
+            .classes
+            .iter()
+            .map(|c| c.limiter.len())
+            .sum()
     }
 
     /// Whether no key has quota state.
@@ -394,6 +429,82 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// The window length.
     pub fn window(&self) -> Duration {
         self.window
+    }
+}
+
+impl<C: Clock + Clone> Limits<C> {
+    /// One class per distinct limit of `config`, each with a limiter of its own.
+    fn new(config: &QuotaConfig, clock: &C) -> Limits<C> {
+        let mut classes: Vec<LimitClass<C>> = Vec::new();
+        let mut class_for = |limit: QuotaLimit| -> usize {
+            if let Some(i) = classes.iter().position(|c| c.limit == limit) {
+                return i;
+            }
+            let interval = emission_interval(config.window, limit);
+            let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+            let quota = Quota::with_period(interval)
+                .expect("the interval is at least one nanosecond")
+                .allow_burst(burst);
+            let buckets = Buckets::default();
+            // Read just before governor reads it as the limiter's start: a bucket carried
+            // over is then shifted by at most a few nanoseconds too little (so it is, if
+            // anything, a little fuller than it was, never emptier).
+            let origin = clock.now();
+            classes.push(LimitClass {
+                limit,
+                interval,
+                limiter: RateLimiter::new(quota, buckets.clone(), clock.clone()),
+                buckets,
+                origin,
+            });
+            classes.len() - 1
+        };
+        let default_class = class_for(config.default);
+        let mut class_of_api = [default_class; Api::COUNT];
+        for (api, limit) in &config.apis {
+            class_of_api[api.index()] = class_for(*limit);
+        }
+        let class_of_appid = config
+            .appids
+            .iter()
+            .map(|(appid, limit)| (appid.as_str().into(), class_for(*limit)))
+            .collect();
+        Limits {
+            classes,
+            class_of_api,
+            class_of_appid,
+        }
+    }
+
+    fn class(&self, key: &QuotaKey) -> &LimitClass<C> {
+        let index = self
+            .class_of_appid
+            .get(key.appid())
+            .copied()
+            .unwrap_or(self.class_of_api[key.api.index()]);
+        &self.classes[index]
+    }
+
+    /// Moves every bucket of `old` into the class its key has now, shifted from the old
+    /// limiter's origin to the new one's; a bucket already in the new class keeps the later
+    /// of the two states.
+    fn carry_over(&self, old: &Limits<C>) {
+        for class in &old.classes {
+            for entry in class.buckets.0.iter() {
+                let Err(Some(state)) = entry
+                    .value()
+                    .measure_and_replace(&NotKeyed::NonKey, |state| Err::<((), Nanos), _>(state))
+                else {
+                    continue;
+                };
+                let target = self.class(entry.key());
+                let shift = target.origin.duration_since(class.origin).as_u64();
+                let state = Nanos::from(state.as_u64().saturating_sub(shift));
+                let _ = target.buckets.measure_and_replace(entry.key(), |current| {
+                    Ok::<_, ()>(((), current.map_or(state, |current| current.max(state))))
+                });
+            }
+        }
     }
 }
 
@@ -556,6 +667,60 @@ mod tests {
             .acquire(&key, Instant::now() + Duration::from_secs(1))
             .await
             .is_err());
+    }
+
+    /// A reload applies new quotas to the buckets in use: a spent key stays spent (no fresh
+    /// burst), whether its class changed or it moved to an override, and runs at the new rate.
+    #[test]
+    fn a_reload_keeps_every_bucket_where_it_stands() {
+        let clock = FakeRelativeClock::default();
+        let gate = QuotaGate::with_clock(&config(60, 100, 10), clock.clone());
+        let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+        let other = QuotaKey::new(Api::JsCode2Session, "wx00000000000000b2").unwrap();
+        for _ in 0..10 {
+            assert!(gate.try_take(&key).is_ok());
+        }
+        assert!(gate.try_take(&key).is_err(), "the burst is spent");
+        clock.advance(Duration::from_secs(7));
+
+        // Lower the default and give `other`'s appid an override of its own.
+        let mut lower = config(60, 10, 2);
+        lower.appids.insert(
+            "wx00000000000000b2".into(),
+            QuotaLimit {
+                per_window: 5,
+                burst: 5,
+            },
+        );
+        gate.reconfigure(&lower);
+        assert_eq!(gate.limit(&key).per_window, 10);
+        assert_eq!(gate.limit(&other).per_window, 5);
+        // 7 s after spending 10 at 100/min (one every 0.66 s), the old bucket had refilled
+        // about 10: carried over, the key may take what the new burst allows (2), no more.
+        let taken = (0..10).filter(|_| gate.try_take(&key).is_ok()).count();
+        assert_eq!(taken, 2, "no fresh burst beyond the new limit");
+        // From there, one token every 60 / (10 − 2 + 1) s.
+        let interval = emission_interval(Duration::from_secs(60), gate.limit(&key));
+        clock.advance(interval);
+        assert!(gate.try_take(&key).is_ok());
+        assert!(gate.try_take(&key).is_err());
+
+        // A key spent under one class and moved to another keeps its state.
+        for _ in 0..5 {
+            assert!(gate.try_take(&other).is_ok());
+        }
+        let mut back = config(60, 10, 2);
+        back.appids.insert(
+            "wx00000000000000b2".into(),
+            QuotaLimit {
+                per_window: 6,
+                burst: 6,
+            },
+        );
+        gate.reconfigure(&back);
+        // Five of the new six spent: one left, not a new window's worth.
+        assert!(gate.try_take(&other).is_ok());
+        assert!(gate.try_take(&other).is_err(), "moved, its state kept");
     }
 
     #[test]
