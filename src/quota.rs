@@ -493,7 +493,7 @@ impl<C: Clock + Clone> Limits<C> {
             for entry in class.buckets.0.iter() {
                 let Err(Some(state)) = entry
                     .value()
-                    .measure_and_replace(&NotKeyed::NonKey, |state| Err::<((), Nanos), _>(state))
+                    .measure_and_replace(&NotKeyed::NonKey, Err::<((), Nanos), _>)
                 else {
                     continue;
                 };
