@@ -11,6 +11,7 @@ use http_body_util::Full;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::cluster::{Cluster, Mode};
+use crate::reload::{Reloaded, Reloader};
 
 /// What the admin endpoints report.
 pub struct Admin {
@@ -18,15 +19,22 @@ pub struct Admin {
     ready: AtomicBool,
     /// With `[cluster]`: `/readyz` says whether the replica counts with the others.
     cluster: Option<Arc<Cluster>>,
+    /// Serving from a file: `POST /-/reload` reads it again.
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl Admin {
     /// Admin endpoints over `registry`; not ready until [`Admin::set_ready`].
-    pub fn new(registry: Registry, cluster: Option<Arc<Cluster>>) -> Admin {
+    pub fn new(
+        registry: Registry,
+        cluster: Option<Arc<Cluster>>,
+        reloader: Option<Arc<Reloader>>,
+    ) -> Admin {
         Admin {
             registry,
             ready: AtomicBool::new(false),
             cluster,
+            reloader,
         }
     }
 
@@ -52,6 +60,9 @@ impl Admin {
         self: Arc<Self>,
         request: Request<B>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
+        if request.uri().path() == "/-/reload" {
+            return Ok(self.reload(request.method()));
+        }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
         }
@@ -84,6 +95,41 @@ impl Admin {
                 "not found: try /metrics, /healthz, /readyz\n",
             ),
         })
+    }
+}
+
+impl Admin {
+    /// `POST /-/reload` (Prometheus's habit): 200 and what needs a restart, or 400 and every
+    /// problem of the file (the running configuration stays).
+    fn reload(&self, method: &Method) -> Response<Full<Bytes>> {
+        if method != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
+        }
+        let Some(reloader) = &self.reloader else {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not serving from a file: nothing to reload\n",
+            );
+        };
+        match reloader.reload() {
+            Reloaded::Applied { needs_restart } if needs_restart.is_empty() => {
+                text(StatusCode::OK, "reloaded\n")
+            }
+            Reloaded::Applied { needs_restart } => text(
+                StatusCode::OK,
+                &format!(
+                    "reloaded; kept until a restart: {}\n",
+                    needs_restart.join(", ")
+                ),
+            ),
+            Reloaded::Refused { problems } => text(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "refused, the running configuration stays:\n  - {}\n",
+                    problems.join("\n  - ")
+                ),
+            ),
+        }
     }
 }
 

@@ -8,8 +8,10 @@
 //! sleeps.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
 use crate::api::Api;
@@ -51,7 +53,8 @@ pub struct Call {
 pub struct Dispatcher {
     upstream: UpstreamClient,
     quota: QuotaGate,
-    policy: RetryPolicy,
+    /// `[retry]`; a reload swaps it (a call in progress keeps the policy it started with).
+    policy: ArcSwap<RetryPolicy>,
     metrics: Metrics,
 }
 
@@ -64,14 +67,20 @@ impl Dispatcher {
         metrics: Metrics,
     ) -> Dispatcher {
         Dispatcher {
-            policy: RetryPolicy::new(retry, quota.window()),
+            policy: ArcSwap::from_pointee(RetryPolicy::new(retry, quota.window())),
             upstream,
             quota,
             metrics,
         }
     }
 
-    /// The quota gate (for housekeeping and gauges).
+    /// Applies `[retry]` of a new configuration to the calls that start from now on.
+    pub fn reconfigure(&self, retry: &RetryConfig) {
+        self.policy
+            .store(Arc::new(RetryPolicy::new(retry, self.quota.window())));
+    }
+
+    /// The quota gate (for housekeeping, gauges and reloads).
     pub fn quota(&self) -> &QuotaGate {
         &self.quota
     }
@@ -91,7 +100,8 @@ impl Dispatcher {
         F: Future<Output = ()>,
     {
         let started = Instant::now();
-        let hold_deadline = started + self.policy.max_hold();
+        let policy = self.policy.load_full();
+        let hold_deadline = started + policy.max_hold();
         let mut quota_deadline = started + call.max_wait;
         let mut busy_retries = 0;
         // What the client gets if a retry finds no quota turn in time: WeChat's last answer
@@ -113,7 +123,7 @@ impl Dispatcher {
                 next_window_in: next_window_start(self.quota.window()),
                 jitter: fastrand::f64(),
             };
-            let (reason, after) = match self.policy.decide(attempt, progress) {
+            let (reason, after) = match policy.decide(attempt, progress) {
                 Decision::Done => return result,
                 Decision::Retry { reason, after } => (reason, after),
             };

@@ -68,6 +68,7 @@ mod local_answer;
 mod metrics;
 mod proxy;
 mod quota;
+mod reload;
 mod retry;
 mod server;
 mod upstream;
@@ -78,7 +79,7 @@ pub use config::{CheckedConfig, Config, EXIT_INVALID_CONFIG};
 pub use metrics::Metrics;
 pub use proxy::{Proxy, CACHE_HEADER};
 pub use quota::{QuotaGate, QuotaKey};
-pub use server::{run, Listeners};
+pub use server::{run, run_reloadable, Listeners};
 
 #[cfg(feature = "demo")]
 pub use demo::{launcher, run_demo, DemoError, DemoOptions, DemoReport};

@@ -46,6 +46,10 @@ enum Command {
     /// Validate the configuration and print the effective one (defaults filled in, secrets
     /// masked); exit 64 with every problem if it is invalid.
     CheckConfig,
+    /// Ask the wxgate serving this configuration to read it again (POST /-/reload on its
+    /// admin port; `kill -HUP` does the same). Prints what needs a restart, or every problem
+    /// of a file it refused; exit 1 if refused or unreachable.
+    Reload,
     /// A WeChat stand-in, wxgate in front of it and N s of load, then a table.
     ///
     /// No credentials or internet needed. Port 0 picks a free port. Exits 1 if its numbers do
@@ -64,7 +68,14 @@ fn main() -> ExitCode {
         Command::Serve => {
             init_tracing("info");
             match load(config_path) {
-                Some(checked) => serve(checked.config),
+                Some(checked) => serve(checked.config, config_path),
+                None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+            }
+        }
+        Command::Reload => {
+            init_tracing("info");
+            match load(config_path) {
+                Some(checked) => reload(checked.config.server.admin_listen),
                 None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
             }
         }
@@ -215,7 +226,52 @@ mod demo_command {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+/// `wxgate reload`: one `POST /-/reload` to the admin port, over a plain HTTP/1.1 exchange
+/// (the product carries no HTTP client library for this; the admin port is local).
+fn reload(admin: std::net::SocketAddr) -> ExitCode {
+    use std::io::{Read, Write};
+    let target = match admin.ip() {
+        ip if ip.is_unspecified() => std::net::SocketAddr::new(
+            if ip.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            },
+            admin.port(),
+        ),
+        _ => admin,
+    };
+    let exchange = || -> std::io::Result<String> {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&target, std::time::Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        stream.write_all(
+            b"POST /-/reload HTTP/1.1\r\nHost: wxgate\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    };
+    match exchange() {
+        Ok(answer) => {
+            let ok = answer.starts_with("HTTP/1.1 200");
+            let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+            if ok {
+                print!("{body}");
+                ExitCode::SUCCESS
+            } else {
+                eprint!("wxgate reload: {body}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("wxgate reload: cannot reach the admin port {target}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config, path: &Path) -> ExitCode {
     block_on(async move {
         let listeners = match wxgate::Listeners::bind(&config.server).await {
             Ok(listeners) => listeners,
@@ -224,7 +280,8 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match wxgate::run(listeners, config, shutdown_signal()).await {
+        let path = Some(path.to_path_buf());
+        match wxgate::run_reloadable(listeners, config, path, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 tracing::error!(%error, "wxgate stopped");

@@ -8,8 +8,8 @@
 
 use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::api::Api;
@@ -85,6 +85,9 @@ pub struct Metrics {
     pub code_cache_entries: IntGauge,
     /// (appid, API) pairs with quota state right now.
     pub quota_keys: IntGauge,
+    /// `[success, failure]`.
+    config_reloads: [IntCounter; 2],
+    config_last_success: Gauge,
 }
 
 /// Counts a request in `wxgate_inflight_requests` while it lives.
@@ -165,6 +168,17 @@ impl Metrics {
             ),
             &["tier", "result"],
         )?;
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "wxgate_config_reloads_total",
+                "Configuration loads (at start) and reloads, by result.",
+            ),
+            &["result"],
+        )?;
+        let config_last_success = Gauge::new(
+            "wxgate_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded or reloaded successfully (UNIX time).",
+        )?;
         let inflight = IntGauge::new(
             "wxgate_inflight_requests",
             "Client requests being answered right now.",
@@ -197,6 +211,8 @@ impl Metrics {
         registry.register(Box::new(quota_exceeded.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(code_lookups.clone()))?;
+        registry.register(Box::new(config_reloads.clone()))?;
+        registry.register(Box::new(config_last_success.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(code_cache_entries.clone()))?;
         registry.register(Box::new(quota_keys.clone()))?;
@@ -230,6 +246,9 @@ impl Metrics {
             inflight,
             code_cache_entries,
             quota_keys,
+            config_reloads: ["success", "failure"]
+                .map(|result| config_reloads.with_label_values(&[result])),
+            config_last_success,
         })
     }
 
@@ -263,6 +282,15 @@ impl Metrics {
     /// A call waited this long for its quota turn.
     pub fn quota_wait(&self, api: Api, seconds: f64) {
         self.quota_wait[api.index()].observe(seconds);
+    }
+
+    /// The configuration was loaded or reloaded (`success`), or a reload was refused, at
+    /// `timestamp` (UNIX seconds).
+    pub fn config_reloaded(&self, success: bool, timestamp: f64) {
+        self.config_reloads[usize::from(!success)].inc();
+        if success {
+            self.config_last_success.set(timestamp);
+        }
     }
 
     /// A code-exchange answer was looked for.

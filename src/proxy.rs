@@ -13,6 +13,7 @@
 //! API (a bounded label), never the path or query, so no credential reaches a log.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,8 +47,10 @@ pub struct Proxy {
     dispatcher: Arc<Dispatcher>,
     codes: Arc<CodeExchange>,
     metrics: Metrics,
-    max_body_bytes: usize,
-    max_wait: Duration,
+    /// `server.max_body_bytes`; a reload may change it.
+    max_body_bytes: AtomicUsize,
+    /// `quota.max_wait_ms`; a reload may change it.
+    max_wait_ms: AtomicU64,
 }
 
 /// What the phases learn about a request, for its log line and its metrics.
@@ -96,9 +99,23 @@ impl Proxy {
             dispatcher: Arc::new(dispatcher),
             codes: Arc::new(codes),
             metrics,
-            max_body_bytes: config.server.max_body_bytes,
-            max_wait: config.quota.max_wait,
+            max_body_bytes: AtomicUsize::new(config.server.max_body_bytes),
+            max_wait_ms: AtomicU64::new(config.quota.max_wait.as_millis() as u64),
         })
+    }
+
+    /// Applies the settings of a new configuration that can change while serving: quotas
+    /// (to the buckets in use), retries, the code cache's lifetime and size, the body limit
+    /// and the quota wait. What needs new sockets or a new Redis connection is the caller's
+    /// to keep (see `crate::reload`).
+    pub fn reconfigure(&self, config: &Config) {
+        self.dispatcher.quota().reconfigure(&config.quota);
+        self.dispatcher.reconfigure(&config.retry);
+        self.codes.reconfigure(&config.code_cache);
+        self.max_body_bytes
+            .store(config.server.max_body_bytes, Ordering::Relaxed);
+        self.max_wait_ms
+            .store(config.quota.max_wait.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Periodic housekeeping: expire remembered answers, drop idle quota keys and upstream
@@ -164,21 +181,20 @@ impl Proxy {
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let too_large = LocalAnswer::BodyTooLarge {
-            limit: self.max_body_bytes,
-        };
+        let limit = self.max_body_bytes.load(Ordering::Relaxed);
+        let too_large = LocalAnswer::BodyTooLarge { limit };
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > self.max_body_bytes as u64) {
+        if declared.is_some_and(|length| length > limit as u64) {
             return Err(too_large);
         }
         // A GET without a body (every code exchange) skips the collecting machinery.
         if body.is_end_stream() {
             return Ok(Bytes::new());
         }
-        match Limited::new(body, self.max_body_bytes).collect().await {
+        match Limited::new(body, limit).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
             Err(_) => Err(LocalAnswer::BodyUnreadable),
@@ -236,14 +252,13 @@ impl Proxy {
     /// The upstream call of a request: its own headers minus what stays local, and how long
     /// it may wait for quota (the client may shorten the configured wait).
     fn call(&self, parts: Parts, target: Target, body: Bytes, quota_key: Option<QuotaKey>) -> Call {
+        let max_wait = Duration::from_millis(self.max_wait_ms.load(Ordering::Relaxed));
         let max_wait = parts
             .headers
             .get(MAX_WAIT_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map_or(self.max_wait, |ms| {
-                self.max_wait.min(Duration::from_millis(ms))
-            });
+            .map_or(max_wait, |ms| max_wait.min(Duration::from_millis(ms)));
         let mut headers = parts.headers;
         prepare_upstream_headers(&mut headers);
         Call {

@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::cluster::Cluster;
 use crate::config::{Config, ServerConfig};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::Proxy;
+use crate::reload::Reloader;
 
 /// How often remembered answers are expired and idle quota keys dropped.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -97,6 +99,17 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    run_reloadable(listeners, config, None, shutdown).await
+}
+
+/// [`run`], and with `config_path`, the configuration is read again from that file on
+/// `SIGHUP` or `POST /-/reload` on the admin port (see `crate::reload`).
+pub async fn run_reloadable(
+    listeners: Listeners,
+    config: Config,
+    config_path: Option<PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry)?;
     let cluster = match &config.cluster {
@@ -110,9 +123,18 @@ pub async fn run(
         }
         None => None,
     };
-    let proxy = Arc::new(Proxy::with_cluster(&config, metrics, cluster.clone())?);
-    let admin = Arc::new(Admin::new(registry, cluster.clone()));
+    let proxy = Arc::new(Proxy::with_cluster(
+        &config,
+        metrics.clone(),
+        cluster.clone(),
+    )?);
+    let reloader = config_path
+        .map(|path| Arc::new(Reloader::new(path, config.clone(), proxy.clone(), metrics)));
+    let admin = Arc::new(Admin::new(registry, cluster.clone(), reloader.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(reloader) = reloader {
+        tokio::spawn(reload_on_sighup(reloader, stop_rx.clone()));
+    }
     let cluster_task = cluster.map(|cluster| tokio::spawn(cluster.run(stop_rx.clone())));
 
     let housekeeping = {
@@ -179,6 +201,34 @@ pub async fn run(
         let _ = task.await;
     }
     Ok(())
+}
+
+/// Reloads the configuration on every `SIGHUP`, until `stop` turns true.
+async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGHUP; reload through the admin port");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                Some(()) = hangups.recv() => {
+                    tracing::info!("SIGHUP received: reloading the configuration");
+                    reloader.reload();
+                }
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (reloader, stop.wait_for(|stop| *stop).await);
+    }
 }
 
 /// Accepts connections until `stop` turns true, serving each with `handle` on HTTP/1.1

@@ -20,6 +20,7 @@
 //! the lease ran out), the waiters answer `-1` and say so, rather than spend the code again.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +40,9 @@ const RESULT_FOR_WAITERS: Duration = Duration::from_secs(5);
 /// The shared side of the code exchange.
 pub struct SharedCodes {
     cluster: Arc<Cluster>,
-    /// How long definitive answers are remembered (`code_cache.ttl_secs`).
-    ttl: Duration,
+    /// How long definitive answers are remembered (`code_cache.ttl_secs`), in ms; a reload
+    /// may change it.
+    ttl_ms: AtomicU64,
     /// A claim's lease: a little longer than one upstream call may take, renewed every
     /// third of it while the call runs.
     lease: Duration,
@@ -91,9 +93,14 @@ impl SharedCodes {
     pub fn new(cluster: Arc<Cluster>, ttl: Duration, call_timeout: Duration) -> SharedCodes {
         SharedCodes {
             cluster,
-            ttl,
+            ttl_ms: AtomicU64::new(ttl.as_millis() as u64),
             lease: call_timeout + Duration::from_secs(2),
         }
+    }
+
+    /// Remember definitive answers for `ttl` from now on.
+    pub fn set_ttl(&self, ttl: Duration) {
+        self.ttl_ms.store(ttl.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Whether Redis can be asked now (a degraded replica keeps its exchanges to itself).
@@ -169,7 +176,11 @@ impl SharedCodes {
     pub async fn complete(&self, ticket: Ticket, answer: &SharedAnswer, definitive: bool) {
         let cluster = &self.cluster;
         let sealed = cluster.sealing().seal(&ticket.fingerprint, &encode(answer));
-        let remember = if definitive { self.ttl } else { Duration::ZERO };
+        let remember = if definitive {
+            Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+        } else {
+            Duration::ZERO
+        };
         let mut invocation = cluster.scripts.code_complete.prepare_invoke();
         invocation
             .key(cluster.key("ca", &ticket.fingerprint))

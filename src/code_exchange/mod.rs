@@ -24,7 +24,7 @@ mod request;
 mod store;
 
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,8 +64,13 @@ pub struct CodeExchange {
     /// Expiries are whole seconds since this instant, so a stored answer keeps a `u32`.
     base: Instant,
     remembered: AtomicUsize,
-    ttl: Duration,
-    max_entries: usize,
+    /// `code_cache.ttl_secs`; a reload may change it (answers already kept keep their expiry,
+    /// so for a while the expiry queue is not in expiry order: an answer past its time is
+    /// then never served, only freed a little later, and `max_entries` still bounds them).
+    ttl_secs: AtomicU64,
+    /// `code_cache.max_entries`; a reload may change it (a lower bound evicts the oldest at
+    /// the next answer or housekeeping tick).
+    max_entries: AtomicUsize,
     keys: KeyMaker,
     /// With `[cluster]`: exchanges looked up, claimed and remembered in Redis too.
     shared: Option<SharedCodes>,
@@ -122,8 +127,8 @@ impl CodeExchange {
             expiry: Mutex::new(ExpiryQueue::default()),
             base: Instant::now(),
             remembered: AtomicUsize::new(0),
-            ttl: config.ttl,
-            max_entries: config.max_entries,
+            ttl_secs: AtomicU64::new(config.ttl.as_secs()),
+            max_entries: AtomicUsize::new(config.max_entries),
             keys: KeyMaker::new(),
             shared: None,
             metrics,
@@ -133,7 +138,7 @@ impl CodeExchange {
     /// Shares exchanges with the other replicas of `cluster`; a claim's lease outlives an
     /// upstream call of `call_timeout`.
     pub fn shared_with(mut self, cluster: Arc<Cluster>, call_timeout: Duration) -> CodeExchange {
-        self.shared = Some(SharedCodes::new(cluster, self.ttl, call_timeout));
+        self.shared = Some(SharedCodes::new(cluster, self.ttl(), call_timeout));
         self
     }
 
@@ -319,7 +324,7 @@ impl CodeExchange {
     fn remember(&self, key: CodeKey, answer: SharedAnswer) -> ExchangeResult {
         let remembered = Remembered::new(answer.status, answer.content_type, answer.body);
         let now = self.seconds(Instant::now());
-        let expires = now + self.ttl.as_secs() as u32 + 1;
+        let expires = now + self.ttl().as_secs() as u32 + 1;
         match Stored::from_remembered(&remembered, expires) {
             Some(stored) => self.keep(key, stored, now),
             None => {
@@ -352,7 +357,7 @@ impl CodeExchange {
     fn settle(&self, key: CodeKey, flight: &Arc<Flight>, answer: &WechatAnswer) {
         // Rounded up to the second: an answer is never forgotten early.
         let now = self.seconds(Instant::now());
-        let expires = now + self.ttl.as_secs() as u32 + 1;
+        let expires = now + self.ttl().as_secs() as u32 + 1;
         let stored = is_definitive(answer.response.status, answer.errcode)
             .then(|| Stored::new(&answer.response, expires))
             .flatten();
@@ -384,7 +389,8 @@ impl CodeExchange {
     /// Drops expired answers, and the oldest ones while there are more than `max_entries`.
     fn evict(&self, expiry: &mut ExpiryQueue, now: u32) {
         while let Some((expires, key)) = expiry.front() {
-            let over = self.remembered.load(Ordering::Relaxed) > self.max_entries;
+            let over =
+                self.remembered.load(Ordering::Relaxed) > self.max_entries.load(Ordering::Relaxed);
             if !over && expires > now {
                 break;
             }
@@ -405,6 +411,20 @@ impl CodeExchange {
         self.evict(&mut expiry, self.seconds(Instant::now()));
         drop(expiry);
         self.update_gauge();
+    }
+
+    /// Applies `[code_cache]` of a new configuration.
+    pub fn reconfigure(&self, config: &CodeCacheConfig) {
+        self.ttl_secs.store(config.ttl.as_secs(), Ordering::Relaxed);
+        self.max_entries
+            .store(config.max_entries, Ordering::Relaxed);
+        if let Some(shared) = &self.shared {
+            shared.set_ttl(config.ttl);
+        }
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.ttl_secs.load(Ordering::Relaxed))
     }
 
     /// Answers remembered right now.

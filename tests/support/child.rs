@@ -1,66 +1,125 @@
-//! The `wxgate` binary as a child process on free loopback ports, for tests that need to
-//! kill a replica outright (`SIGKILL`: no drain, no goodbye to Redis).
+//! The `wxgate` binary as a child process on free loopback ports, for tests that need the
+//! process itself: killing a replica outright (`SIGKILL`: no drain, no goodbye to Redis),
+//! reloading its configuration file (`SIGHUP`), reading its log.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// A running `wxgate` binary; killed when dropped.
 pub struct ChildWxgate {
     child: Child,
     /// Its proxy port.
     pub proxy: SocketAddr,
+    /// Its admin port.
+    pub admin: SocketAddr,
+    /// Its configuration file (rewritten by [`ChildWxgate::rewrite`]).
+    pub config_path: PathBuf,
+    /// Its log, line by line.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ChildWxgate {
-    /// Starts the binary with `config` (its listeners are set to free ports here) and waits
-    /// until it says where it serves.
+    /// Starts the binary with `config` plus a `[server]` table on two free ports (so `config`
+    /// has none), and waits until it says where it serves.
     pub fn start(config: &str) -> ChildWxgate {
-        let path = std::env::temp_dir().join(format!(
+        let free = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .unwrap()
+        };
+        let (proxy, admin) = (free(), free());
+        let config_path = std::env::temp_dir().join(format!(
             "wxgate-child-{}-{}.toml",
             std::process::id(),
             fastrand::u64(..)
         ));
-        std::fs::write(
-            &path,
-            format!("[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}"),
-        )
-        .unwrap();
+        let server = format!("[server]\nlisten = \"{proxy}\"\nadmin_listen = \"{admin}\"\n");
+        std::fs::write(&config_path, format!("{server}{config}")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wxgate"))
             .arg("--config")
-            .arg(&path)
+            .arg(&config_path)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("the wxgate binary starts");
-        let (serving_tx, serving_rx) = std::sync::mpsc::channel::<String>();
+        let log = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
+        let lines = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("wxgate serving") {
-                    let _ = serving_tx.send(line);
-                }
+                lines.lock().unwrap().push(line);
             }
         });
-        let serving = serving_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("wxgate says where it serves");
-        let _ = std::fs::remove_file(&path);
-        let start = serving.find("proxy=").expect("the proxy address") + "proxy=".len();
-        let proxy = serving[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        ChildWxgate { child, proxy }
+        let mut wxgate = ChildWxgate {
+            child,
+            proxy,
+            admin,
+            config_path,
+            log,
+        };
+        wxgate.wait_for_log("wxgate serving", Duration::from_secs(30));
+        wxgate
     }
 
     /// `http://ADDR` + `path_and_query` on its proxy port.
     pub fn url(&self, path_and_query: &str) -> String {
         format!("http://{}{}", self.proxy, path_and_query)
+    }
+
+    /// Replaces its configuration file with the same `[server]` table and `config`.
+    pub fn rewrite(&self, config: &str) {
+        let server = format!(
+            "[server]\nlisten = \"{}\"\nadmin_listen = \"{}\"\n",
+            self.proxy, self.admin
+        );
+        std::fs::write(&self.config_path, format!("{server}{config}")).unwrap();
+    }
+
+    /// Sends it `SIGHUP`.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// How many log lines hold `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|line| line.contains(needle))
+            .count()
+    }
+
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `count` log lines hold `needle`.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.log_count(needle) < count {
+            assert!(
+                Instant::now() < deadline,
+                "wxgate never logged {needle:?}:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until a line holding `needle` has been logged.
+    pub fn wait_for_log(&mut self, needle: &str, within: Duration) {
+        self.wait_for_log_count(needle, 1, within);
     }
 
     /// Kills it outright (`SIGKILL`).
@@ -73,5 +132,6 @@ impl ChildWxgate {
 impl Drop for ChildWxgate {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_file(&self.config_path);
     }
 }

@@ -1,0 +1,164 @@
+//! Reloading the configuration of a running wxgate (the binary): `SIGHUP` and `wxgate
+//! reload` apply new quotas to the buckets in use with queued requests all answered, refuse a
+//! broken file whole while traffic goes on, and name what needs a restart.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::join_all;
+use support::child::ChildWxgate;
+use support::*;
+
+const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
+
+fn errcode(body: &[u8]) -> i64 {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+    value["errcode"].as_i64().unwrap_or(0)
+}
+
+/// A quota lowered by `SIGHUP` while requests wait for their turn: every queued request is
+/// answered, and from the reload on no window holds more than the new quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_lowers_the_quota_with_queued_requests_answered() {
+    let upstream = stand_in(|_| {}).await;
+    let quota = |per_window: u32, burst: u32| {
+        config_text(
+            &upstream.base_url(),
+            &format!("[quota]\nwindow_secs = 1\nper_window = {per_window}\nburst = {burst}\nmax_wait_ms = 30000\n"),
+        )
+    };
+    let wxgate = ChildWxgate::start(&quota(20, 20));
+    let client = client();
+    let exchange = |code: String| {
+        let client = client.clone();
+        let url = wxgate.url(&jscode2session(APPID, SECRET, &code));
+        async move {
+            let answer = client.get(url).send().await.unwrap();
+            (
+                answer.status().as_u16(),
+                errcode(&answer.bytes().await.unwrap()),
+            )
+        }
+    };
+    // The burst is spent; 24 more queue behind it.
+    for i in 0..20 {
+        assert_eq!(exchange(format!("code-before-{i}")).await, (200, 0));
+    }
+    let queued = join_all((0..24).map(|i| exchange(format!("code-queued-{i}"))));
+    let reload = async {
+        while upstream.calls("/sns/jscode2session") < 21 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        wxgate.rewrite(&quota(6, 1));
+        wxgate.hangup();
+        wxgate.wait_for_log_count("configuration reloaded", 1, Duration::from_secs(10));
+        SystemTime::now()
+    };
+    let (answers, reloaded_at) = tokio::join!(queued, reload);
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    // Windows that began after the reload hold at most the new quota.
+    let first_new_window = reloaded_at.duration_since(UNIX_EPOCH).unwrap().as_secs() + 1;
+    let mut windows: BTreeMap<u64, u64> = BTreeMap::new();
+    for call in upstream.call_log() {
+        let second = call.at.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        *windows.entry(second).or_default() += 1;
+    }
+    let after: Vec<u64> = windows.range(first_new_window..).map(|(_, n)| *n).collect();
+    assert!(!after.is_empty(), "{windows:?}");
+    assert!(after.iter().all(|n| *n <= 6), "{windows:?}");
+    let text = reqwest::get(format!("http://{}/metrics", wxgate.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "wxgate_config_reloads_total",
+            &[("result", "success")]
+        ),
+        2.0
+    );
+    assert!(
+        metric(
+            &text,
+            "wxgate_config_last_reload_success_timestamp_seconds",
+            &[]
+        ) > 1e9
+    );
+}
+
+/// A broken file is refused whole, every problem logged, the running configuration kept and
+/// traffic unaffected; `wxgate reload` says so and exits 1, then applies a good file and
+/// names what needs a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_reload_is_refused_and_wxgate_reload_reports() {
+    let upstream = stand_in(|_| {}).await;
+    let good = config_text(&upstream.base_url(), "[quota]\nper_window = 100\n");
+    let wxgate = ChildWxgate::start(&good);
+    let client = client();
+    wxgate.rewrite("[quota]\nper_window = \"many\"\nburts = 3\n");
+    wxgate.hangup();
+    wxgate.wait_for_log_count("reload refused", 2, Duration::from_secs(10));
+    let log = wxgate.log().join("\n");
+    assert!(log.contains("quota.per_window"), "{log}");
+    assert!(log.contains("quota.burts: unknown key"), "{log}");
+    let answer = client
+        .get(wxgate.url(&jscode2session(APPID, SECRET, "code-after-refusal")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(errcode(&answer.bytes().await.unwrap()), 0);
+
+    // `wxgate reload` with the admin port from the file; a file that does not even parse is
+    // refused before anything is sent.
+    let reload = || {
+        Command::new(WXGATE)
+            .args(["reload", "--config"])
+            .arg(&wxgate.config_path)
+            .output()
+            .unwrap()
+    };
+    let refused = reload();
+    assert_eq!(refused.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("quota.burts: unknown key"));
+
+    // A good file with a change that needs a restart: applied but for that key.
+    wxgate.rewrite(
+        &format!("{good}[code_cache]\nttl_secs = 30\n")
+            .replace("timeout_ms = 2000", "timeout_ms = 3000"),
+    );
+    let applied = reload();
+    assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+    let stdout = String::from_utf8_lossy(&applied.stdout);
+    assert!(
+        stdout.contains("kept until a restart: upstream"),
+        "{stdout}"
+    );
+    let text = reqwest::get(format!("http://{}/metrics", wxgate.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "wxgate_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "wxgate_config_reloads_total",
+            &[("result", "success")]
+        ),
+        2.0
+    );
+}
