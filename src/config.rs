@@ -75,6 +75,17 @@ pub struct Config {
     /// `[cluster]`: the state replicas share in Redis; `None` (no section) is a single
     /// process, as wxgate always was.
     pub cluster: Option<ClusterConfig>,
+    /// `[log]`: how wxgate writes its log.
+    pub log: LogConfig,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// One JSON object per line (for a log shipper), or text.
+    pub json: bool,
+    /// The default filter (`RUST_LOG`, when set, wins): a level or tracing directives.
+    pub level: String,
 }
 
 /// `[server]`.
@@ -265,6 +276,24 @@ struct RawConfig {
     retry: RawRetry,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<RawCluster>,
+    log: RawLog,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawLog {
+    /// `text` or `json`.
+    format: String,
+    level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

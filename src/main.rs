@@ -65,22 +65,22 @@ fn main() -> ExitCode {
     };
     let config_path = config.as_deref().unwrap_or(Path::new("config.toml"));
     match command.unwrap_or(Command::Serve) {
-        Command::Serve => {
-            init_tracing("info");
-            match load(config_path) {
-                Some(checked) => serve(checked.config, config_path),
-                None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+        Command::Serve => match load(config_path) {
+            Some(checked) => {
+                init_tracing(&checked.config.log.level, checked.config.log.json);
+                serve(checked.config, config_path)
             }
-        }
+            None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+        },
         Command::Reload => {
-            init_tracing("info");
+            init_tracing("info", false);
             match load(config_path) {
                 Some(checked) => reload(checked.config.server.admin_listen),
                 None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
             }
         }
         Command::CheckConfig => {
-            init_tracing("info");
+            init_tracing("info", false);
             match load(config_path) {
                 Some(checked) => {
                     println!("# {}: valid\n{}", config_path.display(), checked.to_toml());
@@ -94,7 +94,7 @@ fn main() -> ExitCode {
             if config.is_some() {
                 return usage_error(&demo_command::takes_no_config());
             }
-            init_tracing(demo_command::LOG_FILTER);
+            init_tracing(demo_command::LOG_FILTER, false);
             demo_command::run(args.into())
         }
     }
@@ -316,14 +316,23 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing(default: &str) {
+/// Logs to stderr, filtered by `RUST_LOG` or else `default`; as one JSON object per line
+/// (fields at the top level, for a log shipper) with `json`.
+fn init_tracing(default: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let log = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+        .with_ansi(false);
+    if json {
+        log.json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init();
+    } else {
+        log.init();
+    }
 }
 
 #[cfg(test)]

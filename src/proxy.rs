@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderName, Method, Request, Response};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
@@ -38,6 +38,11 @@ use crate::wechat::Errcode;
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed
 /// by wxgate, never forwarded.
 pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-wxgate-max-wait-ms");
+
+/// Request and response header naming a request in wxgate's log: taken from the client when
+/// it sends a sane one (up to 64 of `[A-Za-z0-9._:-]`), made up otherwise; never forwarded
+/// upstream as wxgate's own (a client's is forwarded as it came).
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Response header of code exchanges: `miss`, `coalesced` or `hit`.
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static(wxgate_contract::CACHE_HEADER);
@@ -58,6 +63,8 @@ struct RequestContext {
     started: Instant,
     method: Method,
     api: Api,
+    /// In the access line and the response's `X-Request-Id`.
+    request_id: HeaderValue,
 }
 
 /// Where a request goes: its API and its path and query, as received.
@@ -143,12 +150,17 @@ impl Proxy {
             started: Instant::now(),
             method: request.method().clone(),
             api: Api::Other,
+            request_id: request_id(request.headers()),
         };
-        let reply = self
+        let mut reply = self
             .answer(&mut context, request)
             .await
             .unwrap_or_else(Reply::local);
         self.log(&context, &reply);
+        reply
+            .response
+            .headers_mut()
+            .insert(REQUEST_ID_HEADER, context.request_id);
         Ok(reply.response)
     }
 
@@ -281,6 +293,7 @@ impl Proxy {
             .request(context.api, reply.outcome, elapsed.as_secs_f64());
         tracing::info!(
             target: "wxgate::access",
+            request_id = context.request_id.to_str().unwrap_or("-"),
             method = %context.method,
             api = %context.api.label(),
             status = reply.response.status().as_u16(),
@@ -347,6 +360,27 @@ impl Reply {
             .insert(CACHE_HEADER, status.header_value());
         reply
     }
+}
+
+/// The request's id: the client's `X-Request-Id` when it is sane (so a client's id can be
+/// followed through wxgate's log), else 16 random hex digits.
+fn request_id(headers: &HeaderMap) -> HeaderValue {
+    let sane = |value: &&HeaderValue| {
+        (1..=64).contains(&value.len())
+            && value
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(b))
+    };
+    if let Some(value) = headers.get(REQUEST_ID_HEADER).filter(sane) {
+        return value.clone();
+    }
+    let mut id = [0u8; 16];
+    let random = fastrand::u64(..);
+    for (i, digit) in id.iter_mut().enumerate() {
+        *digit = b"0123456789abcdef"[((random >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
 }
 
 /// The target phase: the API of a plain path. `CONNECT`, an authority-form or
@@ -418,6 +452,20 @@ fn has_dot_segment(path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_the_clients_when_sane() {
+        let mut headers = HeaderMap::new();
+        let made_up = request_id(&headers);
+        assert_eq!(made_up.len(), 16);
+        assert_ne!(made_up, request_id(&headers));
+        headers.insert(REQUEST_ID_HEADER, "abc-123.x:y_z".parse().unwrap());
+        assert_eq!(request_id(&headers), "abc-123.x:y_z");
+        for bad in ["has space", "quote\"", &"x".repeat(65)] {
+            headers.insert(REQUEST_ID_HEADER, bad.parse().unwrap());
+            assert_eq!(request_id(&headers).len(), 16, "{bad}");
+        }
+    }
 
     #[test]
     fn dot_segments_are_found() {

@@ -226,12 +226,26 @@ fn the_shipped_config_is_valid() {
 /// for every crate) hold none of the secrets, one line per request, and the process exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
+    logs_hold_no_secret(false).await;
+}
+
+/// The same with `log.format = "json"`: every line parses as JSON, the access lines carry
+/// their fields and the request id the client saw, and no secret is in any of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_hold_no_secret_and_carry_the_request_id() {
+    logs_hold_no_secret(true).await;
+}
+
+async fn logs_hold_no_secret(json: bool) {
     let upstream = stand_in(|_| {}).await;
     let path = temp_config(
         "serve.toml",
         &format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n{}",
-            config_text(&upstream.base_url(), "")
+            config_text(
+                &upstream.base_url(),
+                if json { "[log]\nformat = \"json\"\n" } else { "" }
+            )
         ),
     );
     let mut child = Command::new(WXGATE)
@@ -260,6 +274,10 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
         .recv_timeout(Duration::from_secs(30))
         .expect("wxgate says where it serves");
     let field = |name: &str| -> String {
+        if json {
+            let line: serde_json::Value = serde_json::from_str(&serving).unwrap();
+            return line[name].as_str().unwrap().to_owned();
+        }
         let start = serving.find(&format!("{name}=")).unwrap() + name.len() + 1;
         serving[start..]
             .split_whitespace()
@@ -322,6 +340,20 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
         assert_eq!(answer.status(), 200);
         requests += 1;
     }
+    // A client's own request id comes back, and names its line in the log.
+    let client_request_id = "client-chosen-id-42";
+    let answer = client
+        .get(format!(
+            "{base}{}",
+            jscode2session(APPID, SECRET, "code-with-secret-value-1")
+        ))
+        .header("x-request-id", client_request_id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["x-request-id"], client_request_id);
+    requests += 1;
+
     // Local refusals and upstream failures, whose error paths must not leak either.
     let answer = client
         .get(format!(
@@ -400,6 +432,10 @@ async fn logs_hold_no_secret_and_sigterm_drains_to_exit_0() {
     }
     let access_lines = log.lines().filter(|l| l.contains("wxgate::access")).count();
     assert_eq!(access_lines, requests, "one line per request:\n{log}");
+    if json {
+        check_json_log(&log, &client_request_id);
+        return;
+    }
     let hit = log
         .lines()
         .find(|l| l.contains("outcome=cache_hit"))
@@ -487,4 +523,37 @@ fn check_config_validates_the_cluster_section_and_masks_its_secrets() {
         stderr.contains("cluster.redis_url: must be a redis:// or rediss:// URL"),
         "{stderr}"
     );
+}
+
+/// Every line of a JSON log is a JSON object; the access lines carry their fields, and the
+/// one the client named carries its id.
+fn check_json_log(log: &str, client_request_id: &str) {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|line| line["target"] == "wxgate::access")
+        .collect();
+    for line in &access {
+        for field in [
+            "request_id",
+            "method",
+            "api",
+            "status",
+            "errcode",
+            "duration_ms",
+            "outcome",
+        ] {
+            assert!(!line[field].is_null(), "{field} missing from {line}");
+        }
+    }
+    let named = access
+        .iter()
+        .find(|line| line["request_id"] == client_request_id)
+        .unwrap_or_else(|| panic!("no line carries the client's id:\n{log}"));
+    assert_eq!(named["outcome"], "cache_hit");
+    assert_eq!(named["api"], "/sns/jscode2session");
+    assert!(access.iter().any(|line| line["errcode"] == "40125"));
 }

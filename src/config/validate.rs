@@ -13,9 +13,10 @@ use std::time::Duration;
 use super::cluster::{CLUSTER_SECRET_ENV, REDIS_PASSWORD_ENV};
 use super::read::quote_key;
 use super::{
-    BaseUrl, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, QuotaConfig, QuotaLimit,
-    RawCluster, RawCodeCache, RawConfig, RawLimit, RawQuota, RawRetry, RawServer, RawUpstream,
-    RedisUrl, RetryConfig, ServerConfig, UpstreamConfig, HOLD_BEYOND_WINDOW,
+    BaseUrl, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig, QuotaConfig,
+    QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota, RawRetry,
+    RawServer, RawUpstream, RedisUrl, RetryConfig, ServerConfig, UpstreamConfig,
+    HOLD_BEYOND_WINDOW,
 };
 use crate::api::Api;
 
@@ -59,6 +60,7 @@ impl RawConfig {
             &raw.retry,
             window,
         );
+        let log = check_log(&mut Checks::new(problems, name!(raw.log)), &raw.log);
         let cluster = match &raw.cluster {
             None => Some(None),
             Some(cluster) => {
@@ -72,6 +74,7 @@ impl RawConfig {
             quota: quota?,
             retry: retry?,
             cluster: cluster?,
+            log: log?,
         })
     }
 
@@ -170,6 +173,31 @@ fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
         key_prefix: key_prefix?,
         timeout: timeout?,
         secret: secret?,
+    })
+}
+
+fn check_log(c: &mut Checks, raw: &RawLog) -> Option<LogConfig> {
+    let json = match raw.format.as_str() {
+        "text" => Some(false),
+        "json" => Some(true),
+        _ => {
+            c.problem(name!(raw.format), "must be \"text\" or \"json\"");
+            None
+        }
+    };
+    let level = match tracing_subscriber::EnvFilter::try_new(&raw.level) {
+        Ok(_) => Some(raw.level.clone()),
+        Err(_) => {
+            c.problem(
+                name!(raw.level),
+                "must be a level (error, warn, info, debug, trace) or tracing directives such as \"info,wxgate::access=off\"",
+            );
+            None
+        }
+    };
+    Some(LogConfig {
+        json: json?,
+        level: level?,
     })
 }
 
