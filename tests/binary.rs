@@ -433,7 +433,7 @@ async fn logs_hold_no_secret(json: bool) {
     let access_lines = log.lines().filter(|l| l.contains("wxgate::access")).count();
     assert_eq!(access_lines, requests, "one line per request:\n{log}");
     if json {
-        check_json_log(&log, &client_request_id);
+        check_json_log(&log, client_request_id);
         return;
     }
     let hit = log
