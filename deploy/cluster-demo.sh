@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Three wxgate replicas sharing one minute quota through one Redis, on one machine.
 #
-#   bash deploy/cluster-demo.sh                  # ~1 min after the build
+#   bash deploy/cluster-demo.sh                  # ~20 s after the release build
 #   bash deploy/cluster-demo.sh --keep-running   # ... then leaves everything up until Ctrl-C
 #
 # Starts, all on 127.0.0.1 and on free ports below the ephemeral range:
