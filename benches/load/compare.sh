@@ -14,6 +14,15 @@
 #                limit_req keyed on $arg_appid (too high to bind), proxy_cache keyed on
 #                $arg_appid$arg_secret$arg_js_code with proxy_cache_lock, cache on tmpfs;
 #   nginx-plain  nginx doing nothing but proxy_pass with upstream keep-alive;
+#   wxgate+redis (only when asked for, see CONTENDERS) wxgate with a [cluster] section on a
+#                redis-server of its own (fresh for every cell, no persistence): every quota
+#                turn is a round trip to Redis, as for replicas sharing the quota. Reported
+#                against the wxgate row, with the Redis round trips per request (the deltas
+#                of wxgate_redis_duration_seconds_count over the round, divided by the
+#                requests) and Redis's CPU time. Redis runs on REDIS_CPU (default: PROXY_CPU,
+#                so that the load side is the same as for the other contenders; in production
+#                Redis has its own host, so this row's throughput is pessimistic, and its
+#                loopback round trips optimistic);
 #
 # each under three workloads (workload.lua): unique codes, duplicate codes (a set of 100) and
 # mixed (80 % unique, 20 % from the set). Pinning, on a 2-core machine: the proxy under test
@@ -27,8 +36,10 @@
 #
 # Settings (environment): ROUNDS (default 3), DURATION (s per round, default 5), WARMUP (s,
 # default 1), CONNECTIONS (default 64), DUP_CODES (default 100), PROXY_CPU (1), LOAD_CPU (0),
-# CONTENDERS and WORKLOADS (space-separated subsets, default all), WXGATE_BIN (measure this
-# wxgate executable instead of building the repository's).
+# REDIS_CPU (PROXY_CPU), CONTENDERS (space-separated, default "direct wxgate nginx
+# nginx-plain"; add wxgate+redis, e.g. CONTENDERS="direct wxgate wxgate+redis"), WORKLOADS
+# (space-separated subset, default all), WXGATE_BIN (measure this wxgate executable instead
+# of building the repository's).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -41,12 +52,24 @@ CONNECTIONS="${CONNECTIONS:-64}"
 DUP_CODES="${DUP_CODES:-100}"
 PROXY_CPU="${PROXY_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
+REDIS_CPU="${REDIS_CPU:-$PROXY_CPU}"
 # One wrk thread: it shares CPU 0 with the upstream, a second thread would only fight it.
 WRK_THREADS=1
 
 # A subset can be chosen for a quick look, e.g. CONTENDERS="wxgate nginx" WORKLOADS=unique.
 read -r -a CONTENDERS <<<"${CONTENDERS:-direct wxgate nginx nginx-plain}"
 read -r -a WORKLOADS <<<"${WORKLOADS:-unique duplicate mixed}"
+with_redis=0
+for name in "${CONTENDERS[@]}"; do
+    case "$name" in
+    direct | wxgate | nginx | nginx-plain) ;;
+    wxgate+redis) with_redis=1 ;;
+    *)
+        printf 'FAIL: unknown contender %s (direct, wxgate, nginx, nginx-plain, wxgate+redis)\n' "$name" >&2
+        exit 64
+        ;;
+    esac
+done
 
 # The upstream's answer: a realistic code2Session success, WeChat's Content-Type.
 BODY='{"session_key":"k3Vq9xTw2LmR8yBn5cZp1A==","openid":"oQx7Kd2Lm9Np4Rs6Tu8Vw0Yz1Ab3"}'
@@ -87,6 +110,10 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v taskset >/dev/null 2>&1 || missing+=(util-linux)
+if [ "$with_redis" = 1 ]; then
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
     log "installing ${missing[*]} (Debian packages)"
     sudo=()
@@ -95,9 +122,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
         sudo=(sudo -n)
     fi
     command -v apt-get >/dev/null 2>&1 || fail "${missing[*]} missing and no apt-get"
-    # Debian's nginx postinst starts the nginx service (port 80). A policy-rc.d that exits
-    # 101 tells invoke-rc.d / deb-systemd-invoke to start nothing; made only if there is none,
-    # and removed again, also when the install fails.
+    # Debian's nginx and redis-server postinsts start their services (ports 80, 6379). A
+    # policy-rc.d that exits 101 tells invoke-rc.d / deb-systemd-invoke to start nothing; made
+    # only if there is none, and removed again, also when the install fails.
     policy=/usr/sbin/policy-rc.d
     created_policy=0
     if [ ! -e "$policy" ]; then
@@ -118,12 +145,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     [ "$install_status" = 0 ] || fail "apt-get install ${missing[*]} failed ($install_status)"
     # Belt and braces: the package enables its service even when it was not started.
     for m in "${missing[@]}"; do
-        [ "$m" = nginx ] || continue
+        [ "$m" = nginx ] || [ "$m" = redis-server ] || continue
         if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-            "${sudo[@]}" systemctl disable --now nginx.service >/dev/null 2>&1 || true
+            "${sudo[@]}" systemctl disable --now "$m.service" >/dev/null 2>&1 || true
         else
-            "${sudo[@]}" update-rc.d nginx disable >/dev/null 2>&1 || true
-            if [ -s /run/nginx.pid ]; then
+            "${sudo[@]}" update-rc.d "$m" disable >/dev/null 2>&1 || true
+            if [ "$m" = nginx ] && [ -s /run/nginx.pid ]; then
                 "${sudo[@]}" nginx -s stop >/dev/null 2>&1 || true
             fi
         fi
@@ -132,10 +159,15 @@ fi
 for tool in nginx wrk curl taskset; do
     command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH"
 done
+if [ "$with_redis" = 1 ]; then
+    for tool in redis-server redis-cli; do
+        command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH (contender wxgate+redis)"
+    done
+fi
 
 cpus="$(nproc)"
-if [ "$cpus" -le "$PROXY_CPU" ] || [ "$cpus" -le "$LOAD_CPU" ]; then
-    fail "needs CPUs $LOAD_CPU and $PROXY_CPU; this machine has $cpus"
+if [ "$cpus" -le "$PROXY_CPU" ] || [ "$cpus" -le "$LOAD_CPU" ] || [ "$cpus" -le "$REDIS_CPU" ]; then
+    fail "needs CPUs $LOAD_CPU, $PROXY_CPU and $REDIS_CPU; this machine has $cpus"
 fi
 
 # --- 2. wxgate in release mode --------------------------------------------------------------
@@ -187,6 +219,8 @@ free_port
 proxy_port="$found_port"
 free_port
 admin_port="$found_port"
+free_port
+redis_port="$found_port"
 
 request_path() {
     printf '/sns/jscode2session?appid=wx00000000000000a1&secret=stand-in-secret-a1&grant_type=authorization_code&js_code=%s' "$1"
@@ -334,6 +368,27 @@ EOF
     echo "$work/wxgate.toml"
 }
 
+# wxgate+redis: the same configuration, with the quota shared through the redis-server this
+# script starts (as replicas share it).
+write_wxgate_cluster_conf() {
+    od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$work/cluster-secret"
+    chmod 0600 "$work/cluster-secret"
+    {
+        cat "$work/wxgate.toml"
+        cat <<EOF
+
+[cluster]
+redis_url = "redis://127.0.0.1:$redis_port/0"
+key_prefix = "wxgate-load:"
+# The default: an operation slower than this degrades wxgate to counting on its own, which
+# the notes column reports (the row is then not a measurement of the shared quota).
+timeout_ms = 50
+secret_file = "$work/cluster-secret"
+EOF
+    } >"$work/wxgate-cluster.toml"
+    echo "$work/wxgate-cluster.toml"
+}
+
 # Starts `cmd...` on CPU `cpu` in the background; its pid is in `started`.
 start_on() {
     local cpu="$1"
@@ -397,7 +452,8 @@ wxgate_metric() {
     local name="$1" match="$2"
     curl -sf "http://127.0.0.1:$admin_port/metrics" |
         awk -v name="$name" -v match_="$match" \
-            'index($0, name "{") == 1 && index($0, match_) { sum += $NF } END { printf "%d", sum }'
+            '(index($0, name "{") == 1 || index($0, name " ") == 1) && index($0, match_) { sum += $NF }
+             END { printf "%d", sum }'
 }
 
 # --- 4. the upstream --------------------------------------------------------------------------
@@ -418,15 +474,50 @@ answer="$(curl -sf -D "$work/headers" "http://127.0.0.1:$upstream_port$(request_
 [ "$answer" = "$BODY" ] || fail "the upstream answers $answer"
 grep -qi "^content-type: $CONTENT_TYPE" "$work/headers" || fail "the upstream's Content-Type is wrong"
 wxgate_conf="$(write_wxgate_conf)"
+if [ "$with_redis" = 1 ]; then
+    wxgate_cluster_conf="$(write_wxgate_cluster_conf)"
+fi
+
+# Starts an empty redis-server (no persistence) on REDIS_CPU for wxgate+redis; sets
+# `redis_pid`.
+start_redis() {
+    local attempt
+    for attempt in 1 2 3; do
+        rm -rf "$work/redis"
+        mkdir -p "$work/redis"
+        start_on "$REDIS_CPU" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+            --appendonly no --protected-mode no --dir "$work/redis" --loglevel warning
+        redis_pid="$started"
+        for _ in $(seq 1 50); do
+            if [ "$(redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null)" = PONG ]; then
+                return 0
+            fi
+            kill -0 "$redis_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        stop "$redis_pid"
+        # The port was taken meanwhile: another one, in the configuration too.
+        free_port
+        redis_port="$found_port"
+        wxgate_cluster_conf="$(write_wxgate_cluster_conf)"
+    done
+    fail "redis-server never answered on 127.0.0.1:$redis_port (see $work/processes.log)"
+}
 
 # Starts contender `name`; sets `proxy_pid` (the serving process, for RSS and CPU) and
-# `stop_pid` (what to stop).
+# `stop_pid` (what to stop), and for wxgate+redis `redis_pid`.
 start_contender() {
     local name="$1" conf
     case "$name" in
     wxgate)
         # RUST_LOG=warn: no per-request access line (nginx's access_log is off likewise).
         start_on "$PROXY_CPU" env RUST_LOG=warn "$wxgate_bin" --config "$wxgate_conf"
+        stop_pid="$started"
+        proxy_pid="$started"
+        ;;
+    wxgate+redis)
+        start_redis
+        start_on "$PROXY_CPU" env RUST_LOG=warn "$wxgate_bin" --config "$wxgate_cluster_conf"
         stop_pid="$started"
         proxy_pid="$started"
         ;;
@@ -438,9 +529,18 @@ start_contender() {
         ;;
     esac
     wait_ready "$proxy_port" "$started" || fail "$name never answered on 127.0.0.1:$proxy_port"
+    if [ "$name" = wxgate+redis ]; then
+        # Counting in Redis (its first heartbeat answered), not on its own.
+        local i
+        for i in $(seq 1 50); do
+            [ "$(wxgate_metric wxgate_cluster_state 'state="shared"')" = 1 ] && break
+            [ "$i" -lt 50 ] || fail "wxgate+redis never counted in Redis (wxgate_cluster_state)"
+            sleep 0.1
+        done
+    fi
     # Every contender passes the upstream's answer through unchanged.
     local got
-    got="$(curl -sf -D "$work/headers" "http://127.0.0.1:$proxy_port$(request_path "probe$name")")"
+    got="$(curl -sf -D "$work/headers" "http://127.0.0.1:$proxy_port$(request_path "probe${name//[^a-z]/}")")"
     [ "$got" = "$BODY" ] || fail "$name answers $got"
     grep -qi "^content-type: $CONTENT_TYPE" "$work/headers" || fail "$name changed the Content-Type"
 }
@@ -466,7 +566,7 @@ printf '%s\n' "$(nginx -v 2>&1)"
 printf 'wxgate: %s (%s)\n\n' "$wxgate_bin" "$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo '+local changes')"
 
 # Per cell and round: requests/s and the row; then per cell: the median round's.
-declare -A round_rps round_row round_p99 rps p99
+declare -A round_rps round_row round_p99 round_redis rps p99 redis_trips
 rows=()
 proxy_pid=""
 stop_pid=""
@@ -481,14 +581,20 @@ for workload in "${WORKLOADS[@]}"; do
             start_contender "$name"
             port="$proxy_port"
         fi
-        warmup="$(run_wrk "$port" "$workload" "w${name//-/}" "$WARMUP")"
+        # The codes' prefix: letters only ("+" would read as a space in the query).
+        warmup="$(run_wrk "$port" "$workload" "w${name//[^a-z]/}" "$WARMUP")"
         [ -n "$warmup" ] || fail "no result from the warm-up"
         if [ -n "$proxy_pid" ]; then
             ticks_before="$(cpu_ticks "$proxy_pid")"
         fi
+        if [ "$name" = wxgate+redis ]; then
+            redis_ops_before="$(wxgate_metric wxgate_redis_duration_seconds_count "")"
+            redis_errors_before="$(wxgate_metric wxgate_redis_errors_total "")"
+            redis_ticks_before="$(cpu_ticks "$redis_pid")"
+        fi
         read -r load_busy_before load_total_before < <(cpu_jiffies "$LOAD_CPU")
         read -r proxy_busy_before proxy_total_before < <(cpu_jiffies "$PROXY_CPU")
-        result="$(run_wrk "$port" "$workload" "m${name//-/}" "$DURATION")"
+        result="$(run_wrk "$port" "$workload" "m${name//[^a-z]/}" "$DURATION")"
         read -r requests duration_us non2xx socket_errors p50_us p99_us <<<"$result"
         [ -n "$p99_us" ] || fail "no result from wrk: $result"
         read -r load_busy_after load_total_after < <(cpu_jiffies "$LOAD_CPU")
@@ -503,17 +609,29 @@ for workload in "${WORKLOADS[@]}"; do
                 'BEGIN { printf "%.0f%%", 100 * (t / hz) / (d / 1e6) }')"
             rss="$(peak_rss_mib "$proxy_pid")"
         fi
+        redis_per_request="-"
+        if [ "$name" = wxgate+redis ]; then
+            redis_ops="$(($(wxgate_metric wxgate_redis_duration_seconds_count "") - redis_ops_before))"
+            redis_errors="$(($(wxgate_metric wxgate_redis_errors_total "") - redis_errors_before))"
+            redis_per_request="$(awk -v o="$redis_ops" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0) ? o / r : 0 }')"
+            redis_cpu="$(awk -v t="$(($(cpu_ticks "$redis_pid") - redis_ticks_before))" -v hz="$tick_hz" \
+                -v d="$duration_us" 'BEGIN { printf "%.0f%%", 100 * (t / hz) / (d / 1e6) }')"
+            notes="Redis $redis_per_request trips/req, redis-server CPU $redis_cpu"
+            if [ "$redis_errors" != 0 ] || [ "$(wxgate_metric wxgate_cluster_state 'state="shared"')" != 1 ]; then
+                notes="$redis_errors Redis errors, degraded: not a shared-quota measurement! $notes"
+            fi
+        fi
         case "$name" in
-        wxgate)
+        wxgate | wxgate+redis)
             # What wxgate says it did: anything but forwarded/hit/coalesced would be a
             # local answer counted as a success by wrk (e.g. a local 45011 is HTTP 200).
             other=$(($(wxgate_metric wxgate_requests_total 'outcome="local_limit"') +
                 $(wxgate_metric wxgate_requests_total 'outcome="rejected"') +
                 $(wxgate_metric wxgate_requests_total 'outcome="upstream_error"')))
-            [ "$other" = 0 ] || notes="$other local answers!"
+            [ "$other" = 0 ] || notes="$other local answers! $notes"
             hits="$(wxgate_metric wxgate_requests_total 'outcome="cache_hit"')"
             coalesced="$(wxgate_metric wxgate_requests_total 'outcome="coalesced"')"
-            notes="${notes:+$notes }hit $hits, coalesced $coalesced"
+            notes="${notes:+$notes, }hit $hits, coalesced $coalesced"
             ;;
         nginx)
             notes="tmpfs cache $(du -sm "$shm/nginx" | awk '{ print $1 }') MiB (not in RSS)"
@@ -521,16 +639,24 @@ for workload in "${WORKLOADS[@]}"; do
         esac
         if [ -n "$proxy_pid" ]; then
             # CPU time on the proxy's CPU that the proxy did not use: someone else's work.
-            foreign="$(awk -v busy="${proxy_cpu_busy%\%}" -v own="${proxy_cpu%\%}" 'BEGIN { printf "%d", busy - own }')"
+            own="${proxy_cpu%\%}"
+            if [ "$name" = wxgate+redis ] && [ "$REDIS_CPU" = "$PROXY_CPU" ]; then
+                own=$((own + ${redis_cpu%\%})) # the contender's Redis shares the CPU by design
+            fi
+            foreign="$(awk -v busy="${proxy_cpu_busy%\%}" -v own="$own" 'BEGIN { printf "%d", busy - own }')"
             [ "$foreign" -le 10 ] || notes="other load on CPU$PROXY_CPU: ${foreign}%! $notes"
         fi
         [ "$non2xx" = 0 ] || notes="$non2xx non-2xx! $notes"
         [ "$socket_errors" = 0 ] || notes="$socket_errors socket errors! $notes"
         [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
         stop_pid=""
+        if [ "$name" = wxgate+redis ]; then
+            stop "$redis_pid"
+        fi
         cell="$workload/$name"
         round_rps[$cell/$round]="$rate"
         round_p99[$cell/$round]="$p99_us"
+        round_redis[$cell/$round]="$redis_per_request"
         round_row[$cell/$round]="$(printf '%-10s %-12s %8s %8.2f %8.2f %8s %6s %6s %6s  %s' \
             "$workload" "$name" "$rate" "$(awk -v u="$p50_us" 'BEGIN { print u / 1000 }')" \
             "$(awk -v u="$p99_us" 'BEGIN { print u / 1000 }')" "$rss" "$proxy_cpu" \
@@ -547,6 +673,7 @@ for workload in "${WORKLOADS[@]}"; do
         all="$(for round in $(seq 1 "$ROUNDS"); do printf '%s ' "${round_rps[$cell/$round]}"; done)"
         rps[$cell]="${round_rps[$cell/$median]}"
         p99[$cell]="${round_p99[$cell/$median]}"
+        redis_trips[$cell]="${round_redis[$cell/$median]}"
         row="${round_row[$cell/$median]}"
         [ "$ROUNDS" = 1 ] || row="$row  (rounds: ${all% })"
         rows+=("$row")
@@ -571,3 +698,17 @@ for workload in "${WORKLOADS[@]}"; do
         function ratio(x, y) { return (x > 0 && y > 0) ? sprintf("%.2fx", x / y) : "-" }
         BEGIN { printf "%-10s %13s %19s %14.2f %13.2f\n", w, ratio(a, n), ratio(a, p), pa / 1000, pn / 1000 }'
 done
+
+if [ "$with_redis" = 1 ]; then
+    printf '\nwxgate+redis: the quota shared through a redis-server on CPU %s (wxgate on CPU %s); Redis\n' "$REDIS_CPU" "$PROXY_CPU"
+    printf 'trips/req: Redis operations (wxgate_redis_duration_seconds_count) per request of the round\n'
+    printf '%-10s %20s %14s %20s %16s\n' workload "wxgate+redis/wxgate" "p99 wxgate ms" "p99 wxgate+redis ms" "Redis trips/req"
+    for workload in "${WORKLOADS[@]}"; do
+        awk -v w="$workload" -v a="${rps[$workload/wxgate+redis]:-0}" -v b="${rps[$workload/wxgate]:-0}" \
+            -v pa="${p99[$workload/wxgate+redis]:-0}" -v pb="${p99[$workload/wxgate]:-0}" \
+            -v trips="${redis_trips[$workload/wxgate+redis]:--}" '
+            function ratio(x, y) { return (x > 0 && y > 0) ? sprintf("%.2fx", x / y) : "-" }
+            function ms(u) { return (u > 0) ? sprintf("%.2f", u / 1000) : "-" }
+            BEGIN { printf "%-10s %20s %14s %20s %16s\n", w, ratio(a, b), ms(pb), ms(pa), trips }'
+    done
+fi

@@ -98,7 +98,8 @@ impl fmt::Display for CloseConnection {
 
 impl std::error::Error for CloseConnection {}
 
-fn json_response(body: String) -> Response<Full<Bytes>> {
+/// HTTP 200 with `body` and WeChat's JSON Content-Type.
+pub(crate) fn json_response(body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     response
         .headers_mut()

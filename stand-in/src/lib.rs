@@ -13,6 +13,7 @@
 //! | `/sns/component/jscode2session` | the same, for a third-party platform |
 //! | `/cgi-bin/token` | `{"access_token","expires_in":7200}` or an error |
 //! | `/cgi-bin/stable_token` (POST, JSON) | the same |
+//! | `/__stand_in/stats` ([`STATS_PATH`]) | the stand-in's own counters as JSON (below); not a WeChat call, not counted |
 //! | anything else | an echo of the request (see [`StandIn`]) |
 //!
 //! Failures are injected with [`StandIn::push_faults`]: each call takes the next queued
@@ -35,6 +36,34 @@
 //! # }
 //! ```
 //!
+//! # The stats page
+//! `GET /__stand_in/stats` answers what the stand-in received, so that a script can check a
+//! quota from outside (wxgate's `deploy/cluster-demo.sh` does):
+//!
+//! ```text
+//! {"now_unix_ms":1764470402113,"window_ms":2000,"quota_per_window":40,"total_calls":80,
+//!  "answers":{"0":80},"record_calls":true,
+//!  "windows":[{"start_unix_ms":1764470400000,"appid":"wx00000000000000a1",
+//!              "path":"/sns/jscode2session","calls":40,"answered_45011":0}, ...]}
+//! ```
+//!
+//! `windows` has one entry per aligned window and (appid, path) that received calls (the
+//! window holding `now_unix_ms` is still filling), from the call log: empty when
+//! [`StandInConfig::record_calls`] is off. `quota_per_window` is `null` when unlimited;
+//! `answers` counts answers by errcode, 0 for success bodies. [`StandIn::calls_per_window`]
+//! gives the same windows in process.
+//!
+//! # The binary
+//! `wxgate-stand-in` serves the stand-in as a process of its own, for scripts that run wxgate
+//! as a binary (`cargo run --release -p wxgate-stand-in -- --help`):
+//!
+//! ```text
+//! wxgate-stand-in [--listen 127.0.0.1:0] [--quota-per-window N] [--window-secs S]
+//!                 [--latency-ms MS] [--no-call-log]
+//! ```
+//!
+//! It prints `listening on ADDR` once bound and serves until it is killed.
+//!
 //! It does not depend on wxgate: it reads queries with `form_urlencoded` and JSON bodies with
 //! `serde_json` on its own (see `request.rs`), so a parsing bug in wxgate cannot hide behind
 //! the same bug in its test double.
@@ -48,7 +77,9 @@
 //! - `request.rs`: a call as received and the endpoint parameters read from it.
 //! - `answer.rs`: what the stand-in answers: WeChat JSON, the echo, a 502, a closed connection.
 //! - `fault.rs`: [`Fault`] and the queue of faults waiting for the next calls.
-//! - `record.rs`: [`CallRecord`] and the counters behind [`StandIn::calls`] and the like.
+//! - `record.rs`: [`CallRecord`], the counters behind [`StandIn::calls`] and the like, and
+//!   [`WindowCalls`] with the stats page's body.
+//! - `bin/wxgate-stand-in.rs`: the binary (command line, then [`StandIn::start_on`]).
 //! - `ids.rs`: session keys, openids, tokens and request ids shaped like WeChat's.
 #![forbid(unsafe_code)]
 
@@ -69,7 +100,7 @@ mod tests;
 
 pub use config::{StandInApp, StandInComponent, StandInConfig};
 pub use fault::Fault;
-pub use record::CallRecord;
+pub use record::{CallRecord, WindowCalls};
 pub use stand_in::StandIn;
 
 /// The mini program registered by [`StandInConfig::default`].
@@ -90,6 +121,10 @@ pub const COMPONENT_JSCODE2SESSION_PATH: &str = "/sns/component/jscode2session";
 pub const TOKEN_PATH: &str = "/cgi-bin/token";
 /// Path of the stable access-token fetch (POST, JSON body).
 pub const STABLE_TOKEN_PATH: &str = "/cgi-bin/stable_token";
+
+/// The stand-in's own page: its counters and the calls it received per aligned quota window,
+/// as JSON (see the crate documentation). Not a WeChat path; requests to it are not counted.
+pub const STATS_PATH: &str = "/__stand_in/stats";
 
 /// Content-Type of every JSON answer, byte for byte what WeChat sends.
 pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";

@@ -1,12 +1,17 @@
-//! What the stand-in remembers about the calls it received: the [`CallRecord`] log and the
-//! counters (by path, by code, by errcode) that tests read through [`StandIn`](crate::StandIn).
+//! What the stand-in remembers about the calls it received: the [`CallRecord`] log, the
+//! counters (by path, by code, by errcode) that tests read through [`StandIn`](crate::StandIn),
+//! and the calls per aligned window ([`WindowCalls`]) read from the log.
 
 use std::borrow::Borrow;
+use std::collections::BTreeMap;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
+use serde::Serialize;
+
+use crate::upstream::window_index;
 
 /// One call received by the stand-in, kept when [`StandInConfig::record_calls`](crate::StandInConfig::record_calls) is on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,6 +25,76 @@ pub struct CallRecord {
     /// The errcode answered (0 for a success body); `None` when no WeChat JSON answer was
     /// given: echoes, 502, resets, hangs, lost answers.
     pub errcode: Option<i64>,
+}
+
+/// The calls one (appid, path) made in one aligned quota window: what a proxy's quota gate let
+/// through in that window, as WeChat would count it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowCalls {
+    /// Start of the window, in milliseconds since the UNIX epoch (windows are aligned to
+    /// multiples of their length since the epoch).
+    pub start_unix_ms: u64,
+    /// The `appid` the calls named, if any.
+    pub appid: Option<String>,
+    /// The request path, without the query.
+    pub path: String,
+    /// Calls received, whatever their answer: faults and 45011 included.
+    pub calls: u64,
+    /// Of those, the ones answered 45011 (the stand-in's quota, or an injected fault).
+    pub answered_45011: u64,
+}
+
+/// Groups `log` by aligned window of length `window`, then appid, then path; in window
+/// order.
+pub(crate) fn calls_per_window(log: &[CallRecord], window: Duration) -> Vec<WindowCalls> {
+    let window_nanos = window.as_nanos().max(1);
+    let mut grouped: BTreeMap<(u128, Option<&str>, &str), (u64, u64)> = BTreeMap::new();
+    for record in log {
+        let key = (
+            window_index(record.at, window),
+            record.appid.as_deref(),
+            record.path.as_str(),
+        );
+        let (calls, refused) = grouped.entry(key).or_default();
+        *calls += 1;
+        *refused += u64::from(record.errcode == Some(45011));
+    }
+    grouped
+        .into_iter()
+        .map(
+            |((index, appid, path), (calls, answered_45011))| WindowCalls {
+                start_unix_ms: u64::try_from(index * window_nanos / 1_000_000).unwrap_or(u64::MAX),
+                appid: appid.map(str::to_owned),
+                path: path.to_owned(),
+                calls,
+                answered_45011,
+            },
+        )
+        .collect()
+}
+
+/// What `GET /__stand_in/stats` answers (see the crate documentation).
+#[derive(Serialize)]
+pub(crate) struct Stats {
+    /// The stand-in's clock when it answered: the window holding it is still going on.
+    pub(crate) now_unix_ms: u64,
+    /// The quota window's length.
+    pub(crate) window_ms: u64,
+    /// Calls allowed per (appid, API) and window; `None`: unlimited.
+    pub(crate) quota_per_window: Option<u64>,
+    /// Every call received (the stats requests themselves are not calls).
+    pub(crate) total_calls: u64,
+    /// Answers given, by errcode (0: success bodies).
+    pub(crate) answers: BTreeMap<i64, u64>,
+    /// Whether the call log is kept; without it `windows` is empty.
+    pub(crate) record_calls: bool,
+    pub(crate) windows: Vec<WindowCalls>,
+}
+
+/// Milliseconds since the UNIX epoch of `at`.
+pub(crate) fn unix_ms(at: SystemTime) -> u64 {
+    let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// What the stand-in counts about every call. Sharded maps and atomics, so counting does not

@@ -2,12 +2,12 @@
 //! latency and quota, read what it received), and the server behind it: the accept loop and
 //! what happens to one call from arrival to answer.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -19,11 +19,13 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::answer::{plain, Answer, CloseConnection};
-use crate::record::{bump, read_counter, CallRecord};
+use crate::answer::{json_response, plain, Answer, CloseConnection};
+use crate::record::{
+    bump, calls_per_window, read_counter, unix_ms, CallRecord, Stats, WindowCalls,
+};
 use crate::request::ReceivedCall;
-use crate::upstream::{window_index, Route, Shared, UNLIMITED};
-use crate::{duration_nanos, lock, Fault, StandInConfig};
+use crate::upstream::{Route, Shared, UNLIMITED};
+use crate::{duration_nanos, lock, Fault, StandInConfig, STATS_PATH};
 
 /// Largest request body the stand-in reads; anything bigger gets 413. WeChat requests are
 /// tiny; the cap only keeps a runaway test from eating memory.
@@ -153,16 +155,18 @@ impl StandIn {
     /// refused calls included: what a proxy's quota gate let through. Always 0 when
     /// [`StandInConfig::record_calls`] is off.
     pub fn max_calls_in_any_window(&self, appid: &str, path: &str) -> u64 {
-        let window = self.shared.window;
-        let mut per_window: HashMap<u128, u64> = HashMap::new();
-        for record in lock(&self.shared.log).iter() {
-            if record.path == path && record.appid.as_deref() == Some(appid) {
-                *per_window
-                    .entry(window_index(record.at, window))
-                    .or_default() += 1;
-            }
-        }
-        per_window.into_values().max().unwrap_or(0)
+        self.calls_per_window()
+            .into_iter()
+            .filter(|window| window.path == path && window.appid.as_deref() == Some(appid))
+            .map(|window| window.calls)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The calls of the log per aligned window and (appid, path), in window order; what
+    /// `GET /__stand_in/stats` lists. Empty when [`StandInConfig::record_calls`] is off.
+    pub fn calls_per_window(&self) -> Vec<WindowCalls> {
+        calls_per_window(&lock(&self.shared.log), self.shared.window)
     }
 
     /// Zeroes every counter and empties the call log. Upstream state is kept: spent codes,
@@ -234,6 +238,10 @@ async fn handle(
     let at = shared.now();
     let (parts, body) = request.into_parts();
     let path = parts.uri.path();
+    if path == STATS_PATH {
+        // The stand-in's own page, not a WeChat call: neither counted nor logged.
+        return Ok(stats(&shared, at));
+    }
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     bump(&shared.counters.by_path, path);
     // Taken at arrival so faults are consumed in the order calls arrive.
@@ -287,4 +295,26 @@ async fn handle(
     }
 
     answer.into_response().await
+}
+
+/// The answer of [`STATS_PATH`]: counters and calls per window as JSON.
+fn stats(shared: &Shared, now: SystemTime) -> Response<Full<Bytes>> {
+    let quota = shared.quota.load(Ordering::Relaxed);
+    let answers: BTreeMap<i64, u64> = shared
+        .counters
+        .by_errcode
+        .iter()
+        .map(|entry| (*entry.key(), entry.value().load(Ordering::Relaxed)))
+        .collect();
+    let stats = Stats {
+        now_unix_ms: unix_ms(now),
+        window_ms: u64::try_from(shared.window.as_millis()).unwrap_or(u64::MAX),
+        quota_per_window: (quota != UNLIMITED).then_some(quota),
+        total_calls: shared.counters.total.load(Ordering::Relaxed),
+        answers,
+        record_calls: shared.record_calls,
+        windows: calls_per_window(&lock(&shared.log), shared.window),
+    };
+    let body = serde_json::to_string(&stats).expect("the stats serialize");
+    json_response(body)
 }

@@ -11,7 +11,7 @@ use super::{
 use crate::{
     StandInApp, StandInConfig, COMPONENT_JSCODE2SESSION_PATH, DEFAULT_APPID, DEFAULT_APP_SECRET,
     DEFAULT_COMPONENT_ACCESS_TOKEN, JSCODE2SESSION_PATH, JSON_CONTENT_TYPE, STABLE_TOKEN_PATH,
-    TOKEN_PATH,
+    STATS_PATH, TOKEN_PATH,
 };
 
 #[tokio::test]
@@ -229,6 +229,60 @@ async fn quota_starts_over_in_the_next_aligned_window() {
             .max_calls_in_any_window("wx-other", JSCODE2SESSION_PATH),
         0
     );
+}
+
+#[tokio::test]
+async fn calls_per_window_and_the_stats_page_count_what_each_window_received() {
+    let h = Harness::start(config_with_quota(1)).await;
+    align_clock_to_window(&h.upstream);
+    h.exchange("code-s1").await.assert_session();
+    h.exchange("code-s2").await.assert_error(45011);
+    h.get("/echo?appid=wx-echo").await;
+    advance_clock(&h.upstream, h.upstream.shared.window);
+    h.exchange("code-s2").await.assert_session();
+
+    let windows = h.upstream.calls_per_window();
+    let seen: Vec<(Option<&str>, &str, u64, u64)> = windows
+        .iter()
+        .map(|w| {
+            (
+                w.appid.as_deref(),
+                w.path.as_str(),
+                w.calls,
+                w.answered_45011,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            // Within a window, by appid then path.
+            (Some("wx-echo"), "/echo", 1, 0),
+            (Some(DEFAULT_APPID), JSCODE2SESSION_PATH, 2, 1),
+            (Some(DEFAULT_APPID), JSCODE2SESSION_PATH, 1, 0),
+        ]
+    );
+    let window_ms = h.upstream.shared.window.as_millis() as u64;
+    assert_eq!(windows[0].start_unix_ms % window_ms, 0);
+    assert_eq!(windows[0].start_unix_ms, windows[1].start_unix_ms);
+    assert_eq!(
+        windows[2].start_unix_ms,
+        windows[0].start_unix_ms + window_ms
+    );
+
+    let stats = h.get(STATS_PATH).await;
+    assert_eq!(stats.header("content-type"), JSON_CONTENT_TYPE);
+    let stats = stats.json();
+    assert_eq!(stats["quota_per_window"], 1);
+    assert_eq!(stats["window_ms"], window_ms);
+    assert_eq!(stats["total_calls"], 4, "the page itself is not counted");
+    assert_eq!(stats["answers"]["0"], 2);
+    assert_eq!(stats["answers"]["45011"], 1);
+    assert_eq!(stats["windows"][2]["calls"], 1);
+    assert_eq!(stats["windows"][1]["answered_45011"], 1);
+    let now = stats["now_unix_ms"].as_u64().unwrap();
+    assert!(now >= windows[2].start_unix_ms && now < windows[2].start_unix_ms + window_ms);
+    assert_eq!(h.upstream.total_calls(), 4);
 }
 
 #[tokio::test]
