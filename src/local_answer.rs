@@ -29,6 +29,11 @@ pub enum LocalAnswer {
     },
     /// The request body could not be read (the client broke it off or sent garbage).
     BodyUnreadable,
+    /// The request body did not arrive whole within `server.body_timeout_ms` of its head.
+    BodyTimeout {
+        /// The configured deadline, said in the errmsg.
+        after: Duration,
+    },
     /// An API that takes a JSON body (and names its appid there) got something else.
     BodyNotJson,
     /// A code exchange names one of WeChat's parameters twice: WeChat and wxgate could read
@@ -68,6 +73,7 @@ impl LocalAnswer {
         match self {
             LocalAnswer::BadTarget | LocalAnswer::BodyUnreadable => StatusCode::BAD_REQUEST,
             LocalAnswer::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            LocalAnswer::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             LocalAnswer::Upstream(error) => error.status(),
             LocalAnswer::CallAbandoned => StatusCode::BAD_GATEWAY,
             LocalAnswer::RepeatedParameter(_)
@@ -90,6 +96,7 @@ impl LocalAnswer {
             LocalAnswer::BadTarget | LocalAnswer::RepeatedParameter(_) => wechat::INVALID_ARGS,
             LocalAnswer::BodyTooLarge { .. }
             | LocalAnswer::BodyUnreadable
+            | LocalAnswer::BodyTimeout { .. }
             | LocalAnswer::BodyNotJson => wechat::DATA_FORMAT_ERROR,
             LocalAnswer::MissingAppid | LocalAnswer::MissingComponentAppid => 41002,
             LocalAnswer::MissingSecret => 41004,
@@ -114,6 +121,12 @@ impl LocalAnswer {
             }
             LocalAnswer::BodyUnreadable => {
                 "data format error (wxgate: the request body could not be read)"
+            }
+            LocalAnswer::BodyTimeout { after } => {
+                return Cow::Owned(format!(
+                    "data format error (wxgate: the request body did not arrive within {} ms)",
+                    after.as_millis()
+                ))
             }
             LocalAnswer::BodyNotJson => {
                 "data format error (wxgate: this API takes a JSON object naming its appid once)"
@@ -200,6 +213,9 @@ mod tests {
             },
             LocalAnswer::Upstream(TransportError::Timeout),
             LocalAnswer::CallAbandoned,
+            LocalAnswer::BodyTimeout {
+                after: Duration::from_millis(250),
+            },
         ];
         for answer in all {
             let response = answer.response();
@@ -218,5 +234,13 @@ mod tests {
             LocalAnswer::Upstream(TransportError::Timeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
+        let slow = LocalAnswer::BodyTimeout {
+            after: Duration::from_millis(250),
+        };
+        assert_eq!(
+            (slow.status(), slow.errcode()),
+            (StatusCode::REQUEST_TIMEOUT, 47001)
+        );
+        assert!(slow.errmsg().contains("within 250 ms"), "{}", slow.errmsg());
     }
 }

@@ -47,6 +47,8 @@ pub struct Proxy {
     codes: Arc<CodeExchange>,
     metrics: Metrics,
     max_body_bytes: usize,
+    /// From the end of a request's head to the end of its body.
+    body_timeout: Duration,
     max_wait: Duration,
 }
 
@@ -95,6 +97,7 @@ impl Proxy {
             codes: Arc::new(CodeExchange::new(&config.code_cache, metrics.clone())),
             metrics,
             max_body_bytes: config.server.max_body_bytes,
+            body_timeout: config.server.body_timeout,
             max_wait: config.quota.max_wait,
         })
     }
@@ -156,7 +159,9 @@ impl Proxy {
     }
 
     /// Reads the whole body, refusing one larger than `server.max_body_bytes` before reading
-    /// it when its length is declared.
+    /// it when its length is declared, and answering 408 to one that has not arrived whole
+    /// within `server.body_timeout_ms` (a client trickling a byte at a time, or declaring a
+    /// body it never sends, would otherwise hold the request open for ever).
     async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, LocalAnswer>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -176,10 +181,16 @@ impl Proxy {
         if body.is_end_stream() {
             return Ok(Bytes::new());
         }
-        match Limited::new(body, self.max_body_bytes).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
-            Err(_) => Err(LocalAnswer::BodyUnreadable),
+        // The deadline's timer is armed only if the body is not already here when first
+        // polled (`timeout` polls the body first): most bodies come with their head.
+        let collect = Limited::new(body, self.max_body_bytes).collect();
+        match tokio::time::timeout(self.body_timeout, collect).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
+            Ok(Err(_)) => Err(LocalAnswer::BodyUnreadable),
+            Err(_) => Err(LocalAnswer::BodyTimeout {
+                after: self.body_timeout,
+            }),
         }
     }
 
