@@ -8,7 +8,9 @@
 //! The modules are private; the crate root re-exports what the binary, the tests, the benches
 //! and the examples use.
 //! - `config`: `config.toml` → validated, typed [`Config`]; every problem reported at once.
-//! - `server`: [`run`] owns the proxy and admin [`Listeners`] and the graceful drain.
+//! - `server`: [`run`] owns the proxy and admin [`Listeners`], a task per connection and the
+//!   drain on shutdown; `server/connections` the deadlines of connections without a request,
+//!   the cap on open connections and the cut-off of requests past the shutdown grace.
 //! - `proxy`: the request pipeline ([`Proxy`]): route → read body → validate → code exchange or
 //!   quota → upstream → respond, with one log line and the metrics of each request.
 //! - `code_exchange`: coalescing of identical `js_code` exchanges and the answers remembered.

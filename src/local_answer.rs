@@ -64,6 +64,8 @@ pub enum LocalAnswer {
     Upstream(TransportError),
     /// The call ended without an answer (it was cancelled, or its task went away).
     CallAbandoned,
+    /// wxgate is shutting down and `server.shutdown_grace_ms` ended before the answer did.
+    ShuttingDown,
 }
 
 impl LocalAnswer {
@@ -74,6 +76,7 @@ impl LocalAnswer {
             LocalAnswer::BadTarget | LocalAnswer::BodyUnreadable => StatusCode::BAD_REQUEST,
             LocalAnswer::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             LocalAnswer::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            LocalAnswer::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             LocalAnswer::Upstream(error) => error.status(),
             LocalAnswer::CallAbandoned => StatusCode::BAD_GATEWAY,
             LocalAnswer::RepeatedParameter(_)
@@ -106,7 +109,10 @@ impl LocalAnswer {
             LocalAnswer::ImplausibleAppid => 40013,
             LocalAnswer::ImplausibleCode => 40029,
             LocalAnswer::LocalQuota { .. } => wechat::MINUTE_QUOTA,
-            LocalAnswer::Upstream(_) | LocalAnswer::CallAbandoned => wechat::SYSTEM_BUSY,
+            // -1 tells SDKs to try again (another replica, or this one once restarted).
+            LocalAnswer::Upstream(_) | LocalAnswer::CallAbandoned | LocalAnswer::ShuttingDown => {
+                wechat::SYSTEM_BUSY
+            }
         }
     }
 
@@ -155,6 +161,9 @@ impl LocalAnswer {
             }
             LocalAnswer::CallAbandoned => {
                 "system error (wxgate: the upstream call ended without an answer)"
+            }
+            LocalAnswer::ShuttingDown => {
+                "system error (wxgate: shutting down; the request was cut off before its answer)"
             }
         })
     }
@@ -216,6 +225,7 @@ mod tests {
             LocalAnswer::BodyTimeout {
                 after: Duration::from_millis(250),
             },
+            LocalAnswer::ShuttingDown,
         ];
         for answer in all {
             let response = answer.response();
@@ -242,5 +252,11 @@ mod tests {
             (StatusCode::REQUEST_TIMEOUT, 47001)
         );
         assert!(slow.errmsg().contains("within 250 ms"), "{}", slow.errmsg());
+        let cut = LocalAnswer::ShuttingDown;
+        assert_eq!(
+            (cut.status(), cut.errcode()),
+            (StatusCode::SERVICE_UNAVAILABLE, -1)
+        );
+        assert!(cut.errmsg().contains("shutting down"), "{}", cut.errmsg());
     }
 }

@@ -122,16 +122,32 @@ impl Proxy {
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.handle_until(request, std::future::pending()).await
+    }
+
+    /// Answers one client request, or, if `cut_off` completes first (the shutdown grace has
+    /// ended), wxgate's own 503 `-1` at once. Either way the request is logged and counted.
+    pub(crate) async fn handle_until<B>(
+        self: Arc<Self>,
+        request: Request<B>,
+        cut_off: impl std::future::Future<Output = ()>,
+    ) -> Result<Response<Full<Bytes>>, Infallible>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let _inflight = self.metrics.inflight_request();
         let mut context = RequestContext {
             started: Instant::now(),
             method: request.method().clone(),
             api: Api::Other,
         };
-        let reply = self
-            .answer(&mut context, request)
-            .await
-            .unwrap_or_else(Reply::local);
+        // The answer is polled first: one that is ready never looks at the cut-off.
+        let reply = tokio::select! {
+            biased;
+            answered = self.answer(&mut context, request) => answered.unwrap_or_else(Reply::local),
+            () = cut_off => Reply::local(LocalAnswer::ShuttingDown),
+        };
         self.log(&context, &reply);
         Ok(reply.response)
     }
