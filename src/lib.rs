@@ -10,7 +10,8 @@
 //! - `config`: `config.toml` → validated, typed [`Config`]; every problem reported at once.
 //! - `server`: [`run`] owns the proxy and admin [`Listeners`], a task per connection and the
 //!   drain on shutdown; `server/connections` the deadlines of connections without a request,
-//!   the cap on open connections and the cut-off of requests past the shutdown grace.
+//!   the cap on open connections and the cut-off of requests past the shutdown grace;
+//!   `server/open_files` the open-files limit the cap must fit.
 //! - `proxy`: the request pipeline ([`Proxy`]): route → read body → validate → code exchange or
 //!   quota → upstream → respond, with one log line and the metrics of each request.
 //! - `code_exchange`: coalescing of identical `js_code` exchanges and the answers remembered.

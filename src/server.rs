@@ -14,6 +14,7 @@
 //! before their connections close.
 
 mod connections;
+mod open_files;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -47,6 +48,7 @@ pub use connections::CloseReason;
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Open connections on the admin port at most: a Prometheus server and a few health probes.
+/// It is part of the open files [`open_files`] keeps in reserve.
 const ADMIN_MAX_CONNECTIONS: usize = 16;
 
 /// How long scrapes in progress may finish at shutdown: the admin port holds no exit up.
@@ -150,7 +152,7 @@ pub async fn run(
     let cluster_task = cluster.map(|cluster| tokio::spawn(cluster.run(stop_rx.clone())));
     let housekeeping = spawn_housekeeping(proxy.clone(), stop_rx.clone());
 
-    let limit = config.server.max_connections;
+    let limit = connection_limit(&config.server);
     let serving = Serving::new(proxy, &config.server, limit, Some(connection_metrics));
     tracing::info!(
         proxy = %address(&listeners.proxy),
@@ -227,6 +229,21 @@ fn spawn_admin(
         serving.connections.close_all();
         let _ = tokio::time::timeout(ADMIN_DRAIN, join_all(&mut tasks)).await;
     })
+}
+
+/// The cap on client connections: `server.max_connections`, lowered to fit the open-files
+/// limit (raised first to its hard limit).
+fn connection_limit(server: &ServerConfig) -> usize {
+    let configured = server.max_connections;
+    let limit = open_files::connection_limit(configured, open_files::raise_limit());
+    if limit < configured {
+        tracing::warn!(
+            max_connections = limit,
+            configured,
+            "server.max_connections lowered to fit the open-files limit"
+        );
+    }
+    limit
 }
 
 fn address(listener: &TcpListener) -> String {

@@ -429,3 +429,157 @@ async fn requests_past_the_shutdown_grace_are_answered_503_minus_1() {
         .expect("wxgate stops after writing the answers")
         .unwrap();
 }
+
+/// The real binary under an open-files limit it cannot raise (`ulimit -n` lowers the soft and
+/// the hard limit): a client holding more silent sockets than the limit does not keep a
+/// normal client out, and the silent sockets are closed by the cap and the head deadline.
+/// Before the cap and the deadline, `accept` failed with "Too many open files" for every new
+/// client for as long as the silent sockets were held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_sockets_beyond_the_open_files_limit_do_not_keep_a_client_out() {
+    const OPEN_FILES: u64 = 256;
+    const SILENT: usize = 300;
+    // The test's own limit must hold the silent sockets.
+    let own = rlimit::increase_nofile_limit(4096).unwrap();
+    assert!(
+        own > SILENT as u64 + 64,
+        "this test needs {SILENT} sockets, the limit is {own}"
+    );
+    let upstream = stand_in(|_| {}).await;
+    let dir = std::env::temp_dir().join(format!("wxgate-connections-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_path = dir.join("limited.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrequest_head_timeout_ms = 2000\n{}",
+            config_text(&upstream.base_url(), "")
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new("bash")
+        .args([
+            "-c",
+            &format!("ulimit -n {OPEN_FILES} && exec \"$0\" --config \"$1\""),
+            env!("CARGO_BIN_EXE_wxgate"),
+        ])
+        .arg(&config_path)
+        .env("RUST_LOG", "info,wxgate::access=off")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap();
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let serving = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("wxgate says where it serves:\n{}", log.join("\n")));
+        log.push(line.clone());
+        if line.contains("wxgate serving") {
+            break line;
+        }
+    };
+    let field = |name: &str| -> String {
+        let start = serving.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        serving[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (proxy, admin) = (field("proxy"), field("admin"));
+    let proxy_addr: SocketAddr = proxy.parse().unwrap();
+    let metrics = || async {
+        reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    // A new connection for every request: a client that was refused before.
+    let fresh = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let keep_alive = client();
+
+    let mut silent = Vec::new();
+    for round in 0..3 {
+        for _ in 0..SILENT / 3 {
+            silent.push(connect(proxy_addr).await);
+        }
+        for i in 0..5 {
+            for client in [&fresh, &keep_alive] {
+                let url = format!("http://{proxy}/round-{round}-{i}");
+                let answer = client.get(url).send().await.expect("the client is served");
+                assert_eq!(answer.status(), 200);
+            }
+        }
+    }
+    let text = metrics().await;
+    assert!(
+        metric(&text, "wxgate_connections_open", &[]) <= 96.0,
+        "{text}"
+    );
+    assert!(closed(&text, "cap") > 0.0, "{text}");
+    // The silent sockets are all closed: by the cap, then by the head deadline.
+    for stream in &mut silent {
+        closed_by_wxgate(stream).await;
+    }
+    let text = metrics().await;
+    assert!(closed(&text, "head_timeout") > 0.0, "{text}");
+    assert!(
+        closed(&text, "head_timeout") + closed(&text, "cap") >= SILENT as f64,
+        "{text}"
+    );
+    let answer = fresh
+        .get(format!("http://{proxy}/after"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let log = log.join("\n");
+    assert!(log.contains(&format!("limit={OPEN_FILES}")), "{log}");
+    // wxgate found the limit and kept its cap below it: (256 - 64 reserved) / 2, the
+    // other half free for upstream connections.
+    assert_eq!(field("max_connections"), "96", "{serving}");
+
+    let status = std::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.0.id())])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    drop(lines_rx);
+    reader.join().unwrap();
+}
+
+/// A child process killed if the test fails before stopping it.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Harmless on a process that has exited already.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
