@@ -98,8 +98,23 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Larger request bodies are answered 413 without reading them whole.
     pub max_body_bytes: usize,
-    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT; those still in
+    /// flight then get wxgate's own 503 `-1` before their connections close.
     pub shutdown_grace: Duration,
+    /// From accept to a complete first request head. A connection that has carried no
+    /// request yet and has none in flight is closed past it, whatever bytes trickle in, so
+    /// silent and slow sockets cannot pile up.
+    pub request_head_timeout: Duration,
+    /// How long a connection that has carried a request may stay without one in flight
+    /// (HTTP/1.1 keep-alive, HTTP/2) before it is closed: this also bounds the next head.
+    pub idle_timeout: Duration,
+    /// From the end of a request head to the end of its body; a body that takes longer is
+    /// answered 408 without waiting for the rest.
+    pub body_timeout: Duration,
+    /// Open client connections at most (lowered at start when the open-files limit could not
+    /// hold them). Past it the oldest idle connection is closed to admit a new one; with none
+    /// idle, the new one is refused.
+    pub max_connections: usize,
 }
 
 /// `[upstream]`.
@@ -303,6 +318,10 @@ struct RawServer {
     admin_listen: String,
     max_body_bytes: i64,
     shutdown_grace_ms: i64,
+    request_head_timeout_ms: i64,
+    idle_timeout_ms: i64,
+    body_timeout_ms: i64,
+    max_connections: i64,
 }
 
 impl Default for RawServer {
@@ -312,6 +331,10 @@ impl Default for RawServer {
             admin_listen: "127.0.0.1:9090".into(),
             max_body_bytes: 1 << 20,
             shutdown_grace_ms: 10_000,
+            request_head_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_timeout_ms: 10_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -455,6 +478,10 @@ mod tests {
             "127.0.0.1:9090".parse().unwrap()
         );
         assert_eq!(config.server.max_body_bytes, 1 << 20);
+        assert_eq!(config.server.request_head_timeout, Duration::from_secs(10));
+        assert_eq!(config.server.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.server.body_timeout, Duration::from_secs(10));
+        assert_eq!(config.server.max_connections, 10_000);
         assert_eq!(
             config.upstream.base_url.as_str(),
             "https://api.weixin.qq.com"

@@ -7,8 +7,12 @@
 //! # Layout
 //! The modules are private; the crate root re-exports what the binary, the tests, the benches
 //! and the examples use. A request's path through them, in the order a reader meets it:
-//! - `server`: [`run`] owns the proxy and admin [`Listeners`], housekeeping, the cluster's
-//!   heartbeat and the graceful drain.
+//! - `server`: [`run`] owns the proxy and admin [`Listeners`], a task per connection,
+//!   housekeeping, the cluster's heartbeat, reloads and the drain on shutdown;
+//!   `server/connections` the deadlines of connections without a request, the cap on open
+//!   connections and the cut-off of requests past the shutdown grace; `server/open_files` the
+//!   open-files limit the cap must fit.
+//! - `reload`: the configuration read again on `SIGHUP` or `POST /-/reload`.
 //! - `proxy`: the request pipeline ([`Proxy`]) in named phases over a small per-request
 //!   context: target → body → code exchange or forward → respond → log.
 //! - `api`: the WeChat APIs wxgate knows ([`Api`]), how a path is classified as one (variants

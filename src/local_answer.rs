@@ -29,6 +29,11 @@ pub enum LocalAnswer {
     },
     /// The request body could not be read (the client broke it off or sent garbage).
     BodyUnreadable,
+    /// The request body did not arrive whole within `server.body_timeout_ms` of its head.
+    BodyTimeout {
+        /// The configured deadline, said in the errmsg.
+        after: Duration,
+    },
     /// An API that takes a JSON body (and names its appid there) got something else.
     BodyNotJson,
     /// A code exchange names one of WeChat's parameters twice: WeChat and wxgate could read
@@ -65,6 +70,8 @@ pub enum LocalAnswer {
     /// With `[cluster]`: another replica is exchanging this code, and Redis stopped
     /// answering before its result could be read.
     ClaimUnreachable,
+    /// wxgate is shutting down and `server.shutdown_grace_ms` ended before the answer did.
+    ShuttingDown,
 }
 
 impl LocalAnswer {
@@ -74,6 +81,8 @@ impl LocalAnswer {
         match self {
             LocalAnswer::BadTarget | LocalAnswer::BodyUnreadable => StatusCode::BAD_REQUEST,
             LocalAnswer::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            LocalAnswer::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            LocalAnswer::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             LocalAnswer::Upstream(error) => error.status(),
             LocalAnswer::CallAbandoned
             | LocalAnswer::ClaimHolderGone
@@ -98,6 +107,7 @@ impl LocalAnswer {
             LocalAnswer::BadTarget | LocalAnswer::RepeatedParameter(_) => wechat::INVALID_ARGS,
             LocalAnswer::BodyTooLarge { .. }
             | LocalAnswer::BodyUnreadable
+            | LocalAnswer::BodyTimeout { .. }
             | LocalAnswer::BodyNotJson => wechat::DATA_FORMAT_ERROR,
             LocalAnswer::MissingAppid | LocalAnswer::MissingComponentAppid => 41002,
             LocalAnswer::MissingSecret => 41004,
@@ -107,10 +117,12 @@ impl LocalAnswer {
             LocalAnswer::ImplausibleAppid => 40013,
             LocalAnswer::ImplausibleCode => 40029,
             LocalAnswer::LocalQuota { .. } => wechat::MINUTE_QUOTA,
+            // -1 tells SDKs to try again (another replica, or this one once restarted).
             LocalAnswer::Upstream(_)
             | LocalAnswer::CallAbandoned
             | LocalAnswer::ClaimHolderGone
-            | LocalAnswer::ClaimUnreachable => wechat::SYSTEM_BUSY,
+            | LocalAnswer::ClaimUnreachable
+            | LocalAnswer::ShuttingDown => wechat::SYSTEM_BUSY,
         }
     }
 
@@ -125,6 +137,12 @@ impl LocalAnswer {
             }
             LocalAnswer::BodyUnreadable => {
                 "data format error (wxgate: the request body could not be read)"
+            }
+            LocalAnswer::BodyTimeout { after } => {
+                return Cow::Owned(format!(
+                    "data format error (wxgate: the request body did not arrive within {} ms)",
+                    after.as_millis()
+                ))
             }
             LocalAnswer::BodyNotJson => {
                 "data format error (wxgate: this API takes a JSON object naming its appid once)"
@@ -159,6 +177,9 @@ impl LocalAnswer {
             }
             LocalAnswer::ClaimUnreachable => {
                 "system error (wxgate: another replica is exchanging this code and its answer could not be read)"
+            }
+            LocalAnswer::ShuttingDown => {
+                "system error (wxgate: shutting down; the request was cut off before its answer)"
             }
         })
     }
@@ -222,6 +243,10 @@ mod tests {
             LocalAnswer::CallAbandoned,
             LocalAnswer::ClaimHolderGone,
             LocalAnswer::ClaimUnreachable,
+            LocalAnswer::BodyTimeout {
+                after: Duration::from_millis(250),
+            },
+            LocalAnswer::ShuttingDown,
         ];
         for answer in all {
             let response = answer.response();
@@ -240,5 +265,19 @@ mod tests {
             LocalAnswer::Upstream(TransportError::Timeout).status(),
             StatusCode::GATEWAY_TIMEOUT
         );
+        let slow = LocalAnswer::BodyTimeout {
+            after: Duration::from_millis(250),
+        };
+        assert_eq!(
+            (slow.status(), slow.errcode()),
+            (StatusCode::REQUEST_TIMEOUT, 47001)
+        );
+        assert!(slow.errmsg().contains("within 250 ms"), "{}", slow.errmsg());
+        let cut = LocalAnswer::ShuttingDown;
+        assert_eq!(
+            (cut.status(), cut.errcode()),
+            (StatusCode::SERVICE_UNAVAILABLE, -1)
+        );
+        assert!(cut.errmsg().contains("shutting down"), "{}", cut.errmsg());
     }
 }

@@ -2,7 +2,8 @@
 //! passed in (no global registry, so several proxies in one test process do not collide).
 //!
 //! Every label value comes from a bounded set ([`Api`], [`Outcome`], the errcode labels of
-//! [`crate::wechat`], [`RetryReason`], [`TransportError`]), and every series is created at
+//! [`crate::wechat`], [`RetryReason`], [`TransportError`], [`CloseReason`]), and every series
+//! is created at
 //! start-up, so a dashboard sees zeros rather than gaps and the hot path indexes an array
 //! instead of hashing label values.
 
@@ -13,6 +14,7 @@ use prometheus::{
 };
 
 use crate::api::Api;
+use crate::server::CloseReason;
 use crate::upstream::TransportError;
 use crate::wechat::{errcode_labels, Errcode};
 
@@ -88,6 +90,26 @@ pub struct Metrics {
     /// `[success, failure]`.
     config_reloads: [IntCounter; 2],
     config_last_success: Gauge,
+    /// Client connections of the proxy port.
+    pub connections: ConnectionMetrics,
+}
+
+/// The proxy port's client connections: how many are open, the cap, and those wxgate closed
+/// itself, by reason.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Open right now.
+    pub open: IntGauge,
+    /// The cap in force (`server.max_connections`, or less to fit the open-files limit).
+    pub limit: IntGauge,
+    closed: Vec<IntCounter>,
+}
+
+impl ConnectionMetrics {
+    /// wxgate closed a connection (or refused a new one) for `reason`.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed[reason.index()].inc();
+    }
 }
 
 /// Counts a request in `wxgate_inflight_requests` while it lives.
@@ -191,6 +213,21 @@ impl Metrics {
             "wxgate_quota_keys",
             "(appid, API) pairs that have quota state right now.",
         )?;
+        let connections_open = IntGauge::new(
+            "wxgate_connections_open",
+            "Client connections open on the proxy port right now.",
+        )?;
+        let connections_limit = IntGauge::new(
+            "wxgate_connections_limit",
+            "The cap on open client connections in force: server.max_connections, or less to fit the open-files limit.",
+        )?;
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "wxgate_connections_closed_total",
+                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle).",
+            ),
+            &["reason"],
+        )?;
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "wxgate_build_info",
@@ -216,6 +253,9 @@ impl Metrics {
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(code_cache_entries.clone()))?;
         registry.register(Box::new(quota_keys.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_limit.clone()))?;
+        registry.register(Box::new(connections_closed.clone()))?;
         registry.register(Box::new(build_info))?;
         // process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total...: the
         // standard process metrics, for memory and file-descriptor panels and alerts.
@@ -249,6 +289,14 @@ impl Metrics {
             config_reloads: ["success", "failure"]
                 .map(|result| config_reloads.with_label_values(&[result])),
             config_last_success,
+            connections: ConnectionMetrics {
+                open: connections_open,
+                limit: connections_limit,
+                closed: CloseReason::ALL
+                    .iter()
+                    .map(|reason| connections_closed.with_label_values(&[reason.label()]))
+                    .collect(),
+            },
         })
     }
 
@@ -543,6 +591,7 @@ mod tests {
         metrics.upstream_answer(Api::Token, Errcode::Code(45011), 0.01);
         metrics.upstream_answer(Api::Token, Errcode::Code(99999), 0.01);
         metrics.retry(Api::Token, RetryReason::MinuteQuota);
+        metrics.connections.closed(CloseReason::Cap);
         let mut text = Vec::new();
         prometheus::TextEncoder::new()
             .encode(&registry.gather(), &mut text)
@@ -562,6 +611,8 @@ mod tests {
         assert!(
             text.contains("wxgate_retries_total{api=\"/cgi-bin/token\",reason=\"minute_quota\"} 1")
         );
+        assert!(text.contains("wxgate_connections_closed_total{reason=\"cap\"} 1"));
+        assert!(text.contains("wxgate_connections_closed_total{reason=\"head_timeout\"} 0"));
         // Two proxies in one process do not collide.
         Metrics::new(&Registry::new()).unwrap();
     }

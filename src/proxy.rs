@@ -54,6 +54,8 @@ pub struct Proxy {
     metrics: Metrics,
     /// `server.max_body_bytes`; a reload may change it.
     max_body_bytes: AtomicUsize,
+    /// From the end of a request's head to the end of its body; a reload may change it.
+    body_timeout_ms: AtomicU64,
     /// `quota.max_wait_ms`; a reload may change it.
     max_wait_ms: AtomicU64,
 }
@@ -107,6 +109,7 @@ impl Proxy {
             codes: Arc::new(codes),
             metrics,
             max_body_bytes: AtomicUsize::new(config.server.max_body_bytes),
+            body_timeout_ms: AtomicU64::new(config.server.body_timeout.as_millis() as u64),
             max_wait_ms: AtomicU64::new(config.quota.max_wait.as_millis() as u64),
         })
     }
@@ -121,6 +124,10 @@ impl Proxy {
         self.codes.reconfigure(&config.code_cache);
         self.max_body_bytes
             .store(config.server.max_body_bytes, Ordering::Relaxed);
+        self.body_timeout_ms.store(
+            config.server.body_timeout.as_millis() as u64,
+            Ordering::Relaxed,
+        );
         self.max_wait_ms
             .store(config.quota.max_wait.as_millis() as u64, Ordering::Relaxed);
     }
@@ -145,6 +152,20 @@ impl Proxy {
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        self.handle_until(request, std::future::pending()).await
+    }
+
+    /// Answers one client request, or, if `cut_off` completes first (the shutdown grace has
+    /// ended), wxgate's own 503 `-1` at once. Either way the request is logged and counted.
+    pub(crate) async fn handle_until<B>(
+        self: Arc<Self>,
+        request: Request<B>,
+        cut_off: impl std::future::Future<Output = ()>,
+    ) -> Result<Response<Full<Bytes>>, Infallible>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let _inflight = self.metrics.inflight_request();
         let mut context = RequestContext {
             started: Instant::now(),
@@ -152,10 +173,12 @@ impl Proxy {
             api: Api::Other,
             request_id: request_id(request.headers()),
         };
-        let mut reply = self
-            .answer(&mut context, request)
-            .await
-            .unwrap_or_else(Reply::local);
+        // The answer is polled first: one that is ready never looks at the cut-off.
+        let mut reply = tokio::select! {
+            biased;
+            answered = self.answer(&mut context, request) => answered.unwrap_or_else(Reply::local),
+            () = cut_off => Reply::local(LocalAnswer::ShuttingDown),
+        };
         self.log(&context, &reply);
         reply
             .response
@@ -187,7 +210,9 @@ impl Proxy {
     }
 
     /// Reads the whole body, refusing one larger than `server.max_body_bytes` before reading
-    /// it when its length is declared.
+    /// it when its length is declared, and answering 408 to one that has not arrived whole
+    /// within `server.body_timeout_ms` (a client trickling a byte at a time, or declaring a
+    /// body it never sends, would otherwise hold the request open for ever).
     async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, LocalAnswer>
     where
         B: hyper::body::Body<Data = Bytes>,
@@ -206,10 +231,17 @@ impl Proxy {
         if body.is_end_stream() {
             return Ok(Bytes::new());
         }
-        match Limited::new(body, limit).collect().await {
-            Ok(collected) => Ok(collected.to_bytes()),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
-            Err(_) => Err(LocalAnswer::BodyUnreadable),
+        // The deadline's timer is armed only if the body is not already here when first
+        // polled (`timeout` polls the body first): most bodies come with their head.
+        let body_timeout = Duration::from_millis(self.body_timeout_ms.load(Ordering::Relaxed));
+        let collect = Limited::new(body, limit).collect();
+        match tokio::time::timeout(body_timeout, collect).await {
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => Err(too_large),
+            Ok(Err(_)) => Err(LocalAnswer::BodyUnreadable),
+            Err(_) => Err(LocalAnswer::BodyTimeout {
+                after: body_timeout,
+            }),
         }
     }
 

@@ -237,8 +237,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
         let old = self.limits.swap(new.clone());
         // Twice: turns taken from the old buckets while the first pass ran are carried too
         // (a bucket's state only moves forward, so the later of two readings is kept).
-        new.carry_over(&old);
-        new.carry_over(&old);
+        new.carry_over(&old, &self.clock);
+        new.carry_over(&old, &self.clock);
     }
 
     /// Counts turns in Redis with the other replicas of `cluster`.
@@ -485,11 +485,16 @@ impl<C: Clock + Clone> Limits<C> {
         &self.classes[index]
     }
 
-    /// Moves every bucket of `old` into the class its key has now, shifted from the old
-    /// limiter's origin to the new one's; a bucket already in the new class keeps the later
-    /// of the two states.
-    fn carry_over(&self, old: &Limits<C>) {
+    /// Moves every bucket of `old` into the class its key has now. A bucket's state is its
+    /// theoretical arrival time (TAT): how far ahead of now it lies is the bucket's debt, in
+    /// turns of the old emission interval. The debt is carried in turns (a key that had
+    /// spent 19 turns has spent 19 under the new quota too), rescaled to the new interval
+    /// and written relative to the new limiter's origin; a bucket with no debt is full and
+    /// needs no state. A bucket already in the new class keeps the later of the two states.
+    fn carry_over(&self, old: &Limits<C>, clock: &C) {
+        let now = clock.now();
         for class in &old.classes {
+            let old_now = now.duration_since(class.origin).as_u64();
             for entry in class.buckets.0.iter() {
                 let Err(Some(state)) = entry
                     .value()
@@ -497,9 +502,16 @@ impl<C: Clock + Clone> Limits<C> {
                 else {
                     continue;
                 };
+                let debt = state.as_u64().saturating_sub(old_now);
+                if debt == 0 {
+                    continue;
+                }
                 let target = self.class(entry.key());
-                let shift = target.origin.duration_since(class.origin).as_u64();
-                let state = Nanos::from(state.as_u64().saturating_sub(shift));
+                let turns = u128::from(debt) * target.interval.as_nanos()
+                    / class.interval.as_nanos().max(1);
+                let new_now = now.duration_since(target.origin).as_u64();
+                let state =
+                    Nanos::from(new_now.saturating_add(turns.min(u128::from(u64::MAX)) as u64));
                 let _ = target.buckets.measure_and_replace(entry.key(), |current| {
                     Ok::<_, ()>(((), current.map_or(state, |current| current.max(state))))
                 });

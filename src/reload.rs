@@ -131,7 +131,7 @@ mod tests {
     fn what_needs_a_restart_is_kept_and_named() {
         let old = config("[quota]\nper_window = 100\n");
         let new = config(
-            "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\ntimeout_ms = 5\n[quota]\nper_window = 10\nwindow_secs = 30\n[retry]\nmax_hold_ms = 40000\n[code_cache]\nttl_secs = 60\n",
+            "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\ntimeout_ms = 5\n[quota]\nper_window = 10\nwindow_secs = 30\n[retry]\nmax_hold_ms = 70000\n[code_cache]\nttl_secs = 60\n",
         );
         let (effective, needs_restart) = merge(&old, new);
         assert_eq!(
@@ -143,7 +143,7 @@ mod tests {
         assert_eq!(effective.quota.window, old.quota.window);
         // The rest takes effect.
         assert_eq!(effective.quota.default.per_window, 10);
-        assert_eq!(effective.retry.max_hold.as_secs(), 40);
+        assert_eq!(effective.retry.max_hold.as_secs(), 70);
         assert_eq!(effective.code_cache.ttl.as_secs(), 60);
         let (_, nothing) = merge(&old, old.clone());
         assert!(nothing.is_empty());

@@ -1,35 +1,79 @@
-//! The listeners: the proxy port and the admin port, their accept loops, housekeeping, and
-//! the graceful drain on shutdown.
+//! The listeners: the proxy port and the admin port, their accept loops, the connections
+//! they serve, housekeeping, and the drain on shutdown.
 //!
 //! [`run`] takes its listeners and its shutdown signal as arguments, so tests bind
 //! `127.0.0.1:0`, read the ports, and stop the proxy with a channel instead of a signal.
+//!
+//! Each accepted connection is served by a task of its own ([`Serving::serve`]), which also
+//! watches it: the deadlines, the cap and the shutdown of [`connections`] close it there, so
+//! that no client can hold sockets, file descriptors or requests open for ever.
+//!
+//! Shutdown: the listeners close, every connection is asked to close once its requests are
+//! answered (HTTP/1.1 after the response in progress, HTTP/2 with a GOAWAY), and requests
+//! still in flight when `server.shutdown_grace_ms` ends get wxgate's own 503 `-1`, written
+//! before their connections close.
 
+mod connections;
+mod open_files;
+
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
 
 use crate::admin::Admin;
 use crate::cluster::Cluster;
 use crate::config::{Config, ServerConfig};
-use crate::metrics::{ClusterMetrics, Metrics};
+use crate::metrics::{ClusterMetrics, ConnectionMetrics, Metrics};
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
+use connections::{Connections, Deadlines, Notice, Registered, Verdict};
+
+pub use connections::CloseReason;
 
 /// How often remembered answers are expired and idle quota keys dropped.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A client that has not sent its request headers within this time is disconnected, so
-/// idle or slow sockets cannot pile up.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Open connections on the admin port at most: a Prometheus server and a few health probes.
+/// It is part of the open files [`open_files`] keeps in reserve.
+const ADMIN_MAX_CONNECTIONS: usize = 16;
+
+/// How long scrapes in progress may finish at shutdown: the admin port holds no exit up.
+const ADMIN_DRAIN: Duration = Duration::from_millis(100);
+
+/// HTTP/2 pings: a peer that has not acknowledged one within the timeout is dead (its host
+/// went away without closing) and its connection is closed, requests in flight included.
+/// Connections without a request in flight are closed by the idle deadline anyway.
+const H2_PING_INTERVAL: Duration = Duration::from_secs(20);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a connection shut down gracefully (idle, or at shutdown) may take to finish on
+/// its own once no request is in flight: an HTTP/2 GOAWAY waits for the peer's ping
+/// acknowledgement, a head half sent keeps HTTP/1.1 reading. Then it is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// After the shutdown grace: how long the answers of the requests cut off may take to be
+/// written before the remaining connections are dropped (more than [`CLOSE_LINGER`], after
+/// which each connection drops itself).
+const CUT_OFF_WRITE: Duration = Duration::from_secs(2);
+
+/// After a failed accept (out of file descriptors and the like): back off instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The two bound listeners.
 pub struct Listeners {
@@ -93,7 +137,8 @@ pub enum RunError {
 }
 
 /// Serves until `shutdown` completes, then stops accepting, lets in-flight requests finish
-/// within `server.shutdown_grace_ms`, and returns.
+/// within `server.shutdown_grace_ms`, answers those still in flight with wxgate's own 503
+/// `-1`, and returns.
 pub async fn run(
     listeners: Listeners,
     config: Config,
@@ -112,17 +157,8 @@ pub async fn run_reloadable(
 ) -> Result<(), RunError> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry)?;
-    let cluster = match &config.cluster {
-        Some(settings) => {
-            let metrics = ClusterMetrics::new(&registry)?;
-            let cluster = Arc::new(Cluster::new(settings, config.quota.window, metrics)?);
-            // The first heartbeat decides the mode requests start in (shared, or degraded
-            // when Redis does not answer); it takes at most `cluster.timeout_ms`.
-            cluster.start().await;
-            Some(cluster)
-        }
-        None => None,
-    };
+    let connection_metrics = metrics.connections.clone();
+    let cluster = start_cluster(&config, &registry).await?;
     let proxy = Arc::new(Proxy::with_cluster(
         &config,
         metrics.clone(),
@@ -136,66 +172,29 @@ pub async fn run_reloadable(
         tokio::spawn(reload_on_sighup(reloader, stop_rx.clone()));
     }
     let cluster_task = cluster.map(|cluster| tokio::spawn(cluster.run(stop_rx.clone())));
+    let housekeeping = spawn_housekeeping(proxy.clone(), stop_rx.clone());
 
-    let housekeeping = {
-        let proxy = proxy.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => proxy.housekeeping(),
-                    _ = stop.changed() => return,
-                }
-            }
-        })
-    };
-
-    let admin_addr = listeners
-        .admin
-        .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
-    let admin_loop = {
-        let admin = admin.clone();
-        let stop = stop_rx.clone();
-        let listener = listeners.admin;
-        tokio::spawn(async move {
-            let graceful = GracefulShutdown::new();
-            accept_loop(listener, stop, &graceful, move |request| {
-                admin.clone().handle(request)
-            })
-            .await;
-            // Scrapes are short; the admin port does not hold the exit up.
-            let _ = tokio::time::timeout(Duration::from_millis(100), graceful.shutdown()).await;
-        })
-    };
-
+    let limit = connection_limit(&config.server);
+    let serving = Serving::new(proxy, &config.server, limit, Some(connection_metrics));
     tracing::info!(
-        proxy = %listeners.proxy.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-        admin = %admin_addr,
+        proxy = %address(&listeners.proxy),
+        admin = %address(&listeners.admin),
         upstream = %config.upstream.base_url,
+        max_connections = limit,
         "wxgate serving"
     );
+    let admin_task = spawn_admin(listeners.admin, admin.clone(), &config.server, stop_rx);
     admin.set_ready(true);
-    let graceful = GracefulShutdown::new();
-    let handler = proxy.clone();
+    let mut tasks = JoinSet::new();
     tokio::select! {
-        () = accept_loop(listeners.proxy, stop_rx, &graceful, move |request| handler.clone().handle(request)) => {}
+        () = serving.accept(listeners.proxy, &mut tasks) => {}
         () = shutdown => {}
     }
     // The proxy listener is closed by now: new connections are refused.
     admin.set_ready(false);
     let _ = stop_tx.send(true);
-    let grace = config.server.shutdown_grace;
-    tracing::info!(grace_ms = grace.as_millis() as u64, "wxgate draining");
-    tokio::select! {
-        () = graceful.shutdown() => tracing::info!("wxgate drained"),
-        () = tokio::time::sleep(grace) => {
-            tracing::warn!("wxgate shutdown grace elapsed with requests still in flight")
-        }
-    }
-    let _ = admin_loop.await;
+    serving.drain(tasks, config.server.shutdown_grace).await;
+    let _ = admin_task.await;
     let _ = housekeeping.await;
     if let Some(task) = cluster_task {
         let _ = task.await;
@@ -231,53 +230,371 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<boo
     }
 }
 
-/// Accepts connections until `stop` turns true, serving each with `handle` on HTTP/1.1
-/// (keep-alive) or HTTP/2 prior knowledge (h2c), and registering each with `graceful`.
-async fn accept_loop<H, F>(
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    graceful: &GracefulShutdown,
-    handle: H,
-) where
-    H: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<
-            Output = Result<
-                http::Response<http_body_util::Full<bytes::Bytes>>,
-                std::convert::Infallible,
-            >,
-        > + Send
-        + 'static,
-{
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = stop.wait_for(|stop| *stop) => return,
-        };
-        let stream = match accepted {
-            Ok((stream, _peer)) => stream,
-            Err(error) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+/// With `[cluster]`: the replica's shared state, after its first heartbeat.
+async fn start_cluster(
+    config: &Config,
+    registry: &prometheus::Registry,
+) -> Result<Option<Arc<Cluster>>, RunError> {
+    let Some(settings) = &config.cluster else {
+        return Ok(None);
+    };
+    let metrics = ClusterMetrics::new(registry)?;
+    let cluster = Arc::new(Cluster::new(settings, config.quota.window, metrics)?);
+    // The first heartbeat decides the mode requests start in (shared, or degraded when Redis
+    // does not answer); it takes at most `cluster.timeout_ms`.
+    cluster.start().await;
+    Ok(Some(cluster))
+}
+
+/// Expires remembered answers and drops idle quota keys every second until `stop`.
+fn spawn_housekeeping(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticks = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => proxy.housekeeping(),
+                _ = stop.changed() => return,
             }
-        };
+        }
+    })
+}
+
+/// Serves the admin port until `stop`, under the proxy port's deadlines and a small cap of
+/// its own.
+fn spawn_admin(
+    listener: TcpListener,
+    admin: Arc<Admin>,
+    server: &ServerConfig,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let serving = Serving::new(admin, server, ADMIN_MAX_CONNECTIONS, None);
+    tokio::spawn(async move {
+        let mut tasks = JoinSet::new();
+        tokio::select! {
+            () = serving.accept(listener, &mut tasks) => {}
+            _ = stop.wait_for(|stop| *stop) => {}
+        }
+        // Scrapes are short; the admin port does not hold the exit up.
+        serving.connections.close_all();
+        let _ = tokio::time::timeout(ADMIN_DRAIN, join_all(&mut tasks)).await;
+    })
+}
+
+/// The cap on client connections: `server.max_connections`, lowered to fit the open-files
+/// limit (raised first to its hard limit).
+fn connection_limit(server: &ServerConfig) -> usize {
+    let configured = server.max_connections;
+    let limit = open_files::connection_limit(configured, open_files::raise_limit());
+    if limit < configured {
+        tracing::warn!(
+            max_connections = limit,
+            configured,
+            "server.max_connections lowered to fit the open-files limit"
+        );
+    }
+    limit
+}
+
+fn address(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+}
+
+/// What answers the requests of one listener.
+trait Answerer: Send + Sync + 'static {
+    /// Answers `request`. `cut_off` completes if the shutdown grace ends first: the request
+    /// is then answered at once.
+    fn answer<C>(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        cut_off: C,
+    ) -> impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send
+    where
+        C: Future<Output = ()> + Send;
+}
+
+impl Answerer for Proxy {
+    fn answer<C>(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        cut_off: C,
+    ) -> impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send
+    where
+        C: Future<Output = ()> + Send,
+    {
+        self.handle_until(request, cut_off)
+    }
+}
+
+impl Answerer for Admin {
+    fn answer<C>(
+        self: Arc<Self>,
+        request: Request<Incoming>,
+        _cut_off: C,
+    ) -> impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send
+    where
+        C: Future<Output = ()> + Send,
+    {
+        // Admin answers never wait on anything.
+        self.handle(request)
+    }
+}
+
+/// One listener's way of serving: what answers, the protocols' settings, the deadlines of
+/// connections without a request, and the open connections under their cap.
+struct Serving<A> {
+    answerer: Arc<A>,
+    builder: auto::Builder<TokioExecutor>,
+    deadlines: Deadlines,
+    connections: Arc<Connections>,
+}
+
+impl<A: Answerer> Serving<A> {
+    fn new(
+        answerer: Arc<A>,
+        server: &ServerConfig,
+        limit: usize,
+        metrics: Option<ConnectionMetrics>,
+    ) -> Arc<Serving<A>> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // The watchdog bounds the time to a head from the accept and between requests
+        // (connections.rs). hyper's own header timer would also cut a keep-alive connection
+        // idle for its duration, and costs a boxed timer per request.
+        builder.http1().keep_alive(true).header_read_timeout(None);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING_INTERVAL)
+            .keep_alive_timeout(H2_PING_TIMEOUT);
+        Arc::new(Serving {
+            answerer,
+            builder,
+            deadlines: Deadlines {
+                head: server.request_head_timeout,
+                idle: server.idle_timeout,
+            },
+            connections: Connections::new(limit, metrics),
+        })
+    }
+
+    /// Accepts connections for ever (the caller stops by dropping this future, which closes
+    /// the listener), serving each in a task of `tasks` and reaping the tasks that ended.
+    async fn accept(self: &Arc<Self>, listener: TcpListener, tasks: &mut JoinSet<()>) {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            // At the cap with no connection idle: refused, by closing it at once.
+            if let Some(registered) = self.connections.admit() {
+                tasks.spawn(self.clone().serve(stream, registered));
+            }
+        }
+    }
+
+    /// Serves one connection (HTTP/1.1 with keep-alive, or HTTP/2 prior knowledge) until it
+    /// ends, and closes it when the watchdog, the cap or the shutdown says so.
+    ///
+    /// A connection with no request in flight is closed at once when it is overdue for its
+    /// first head or asked to make room at the cap. One idle after a request is shut down
+    /// gracefully (an HTTP/2 client gets a GOAWAY), and so is one asked to close at shutdown:
+    /// requests in flight finish first. Either is dropped [`CLOSE_LINGER`] after it has no
+    /// request left, if it has not ended by itself.
+    async fn serve(self: Arc<Self>, stream: TcpStream, registered: Registered) {
         let _ = stream.set_nodelay(true);
-        let handle = handle.clone();
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service_fn(handle))
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            // Errors here are clients going away mid-request; nothing to do about them.
-            let _ = connection.await;
-        });
+        let state = registered.state().clone();
+        let service = {
+            let answerer = self.answerer.clone();
+            service_fn(move |request: Request<Incoming>| {
+                // Counted here, in the connection's task, as hyper calls the service.
+                let in_flight = state.request_started();
+                let answerer = answerer.clone();
+                async move {
+                    let cut_off = in_flight.cut_off(request.version());
+                    answerer.answer(request, cut_off).await
+                }
+            })
+        };
+        let state = registered.state();
+        let mut connection = pin!(self.builder.serve_connection(TokioIo::new(stream), service));
+        let mut watchdog = pin!(tokio::time::sleep_until(
+            Instant::now() + self.deadlines.head
+        ));
+        let mut watch = Watch::default();
+        loop {
+            let step = tokio::select! {
+                biased;
+                // Errors here are clients going away mid-request; nothing to do about them.
+                _ = connection.as_mut() => return,
+                notices = state.next_notice(watch.seen) => watch.on_notices(notices, state.in_flight()),
+                () = watchdog.as_mut() => watch.on_deadline(&registered, self.deadlines),
+            };
+            match step {
+                Step::Close => return,
+                Step::Shutdown { check_at } => {
+                    connection.as_mut().graceful_shutdown();
+                    watchdog.as_mut().reset(check_at);
+                }
+                Step::CheckAt(at) => watchdog.as_mut().reset(at),
+            }
+        }
+    }
+
+    /// Once the listener is closed: asks every connection to close once its requests are
+    /// answered and waits for them within `grace`; then cuts off the requests still in
+    /// flight (each answers wxgate's 503 `-1`) and gives their answers [`CUT_OFF_WRITE`] to
+    /// be written. Connections still open after that are dropped with `tasks`.
+    async fn drain(&self, mut tasks: JoinSet<()>, grace: Duration) {
+        tracing::info!(grace_ms = grace.as_millis() as u64, "wxgate draining");
+        self.connections.close_all();
+        if tokio::time::timeout(grace, join_all(&mut tasks))
+            .await
+            .is_ok()
+        {
+            tracing::info!("wxgate drained");
+            return;
+        }
+        tracing::warn!(
+            requests = self.connections.requests_in_flight(),
+            "wxgate shutdown grace elapsed: answering the requests still in flight with 503"
+        );
+        self.connections.cut_off_all();
+        let _ = tokio::time::timeout(CUT_OFF_WRITE, join_all(&mut tasks)).await;
+    }
+}
+
+/// What a connection's task has seen of its notices and whether it is closing.
+#[derive(Default)]
+struct Watch {
+    seen: Notice,
+    closing: bool,
+}
+
+/// What a connection's task does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Drop the connection: nothing in flight is lost.
+    Close,
+    /// Shut the connection down gracefully, and look again then.
+    Shutdown { check_at: Instant },
+    /// Look again then.
+    CheckAt(Instant),
+}
+
+impl Watch {
+    /// New notices: asked to close, the connection closes at once with no request in
+    /// flight, gracefully otherwise; cut off, its requests answer now, and their answers get
+    /// [`CLOSE_LINGER`] to be written.
+    fn on_notices(&mut self, notices: Notice, in_flight: u32) -> Step {
+        let new = notices.since(self.seen);
+        self.seen = notices;
+        let check_at = Instant::now() + CLOSE_LINGER;
+        if new.contains(Notice::CLOSE) && !self.closing {
+            if in_flight == 0 {
+                return Step::Close;
+            }
+            self.closing = true;
+            return Step::Shutdown { check_at };
+        }
+        Step::CheckAt(check_at)
+    }
+
+    /// The watchdog's timer fired. Closing: the connection is dropped once no request is in
+    /// flight. Otherwise its deadline is checked: overdue for its first head, it is dropped
+    /// (there is no one to be polite to); idle after a request, it is shut down gracefully.
+    fn on_deadline(&mut self, registered: &Registered, deadlines: Deadlines) -> Step {
+        let now = Instant::now();
+        if self.closing {
+            return if registered.state().in_flight() == 0 {
+                Step::Close
+            } else {
+                Step::CheckAt(now + CLOSE_LINGER)
+            };
+        }
+        match registered.verdict(deadlines, now) {
+            Verdict::CheckAt(at) => Step::CheckAt(at),
+            Verdict::Close(reason) => {
+                registered.count(reason);
+                if reason != CloseReason::Idle {
+                    return Step::Close;
+                }
+                self.closing = true;
+                Step::Shutdown {
+                    check_at: now + CLOSE_LINGER,
+                }
+            }
+        }
+    }
+}
+
+/// Waits for every task of `tasks` to end.
+async fn join_all(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_asked_to_close_closes_at_once_unless_a_request_is_in_flight() {
+        let mut idle = Watch::default();
+        assert_eq!(idle.on_notices(Notice::CLOSE, 0), Step::Close);
+
+        let mut busy = Watch::default();
+        assert!(matches!(
+            busy.on_notices(Notice::CLOSE, 1),
+            Step::Shutdown { .. }
+        ));
+        // Cut off at the end of the grace: no second shutdown, time for the answers.
+        let cut = Notice::CLOSE.union(Notice::CUT_OFF);
+        assert!(matches!(busy.on_notices(cut, 1), Step::CheckAt(_)));
+    }
+
+    #[test]
+    fn the_watchdog_drops_a_silent_connection_and_shuts_an_idle_one_down() {
+        let connections = Connections::new(10, None);
+        let instant = Deadlines {
+            head: Duration::ZERO,
+            idle: Duration::ZERO,
+        };
+        let silent = connections.admit().unwrap();
+        assert_eq!(Watch::default().on_deadline(&silent, instant), Step::Close);
+
+        let served = connections.admit().unwrap();
+        drop(served.state().request_started());
+        let mut watch = Watch::default();
+        assert!(matches!(
+            watch.on_deadline(&served, instant),
+            Step::Shutdown { .. }
+        ));
+        // Once closing, a request that slipped in is let finish, then the connection drops.
+        let late = served.state().request_started();
+        assert!(matches!(
+            watch.on_deadline(&served, instant),
+            Step::CheckAt(_)
+        ));
+        drop(late);
+        assert_eq!(watch.on_deadline(&served, instant), Step::Close);
+
+        let patient = Deadlines {
+            head: Duration::from_secs(60),
+            idle: Duration::from_secs(60),
+        };
+        let fresh = connections.admit().unwrap();
+        assert!(matches!(
+            Watch::default().on_deadline(&fresh, patient),
+            Step::CheckAt(_)
+        ));
     }
 }

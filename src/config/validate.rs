@@ -113,6 +113,10 @@ fn check_server(c: &mut Checks, raw: &RawServer) -> Option<ServerConfig> {
     let admin_listen = c.socket_addr(key!(raw.admin_listen));
     let max_body_bytes = c.int(key!(raw.max_body_bytes), 1..=1 << 30);
     let shutdown_grace = c.millis(key!(raw.shutdown_grace_ms), 0..=3_600_000);
+    let request_head_timeout = c.millis(key!(raw.request_head_timeout_ms), 1..=3_600_000);
+    let idle_timeout = c.millis(key!(raw.idle_timeout_ms), 1..=3_600_000);
+    let body_timeout = c.millis(key!(raw.body_timeout_ms), 1..=3_600_000);
+    let max_connections = c.int(key!(raw.max_connections), 1..=10_000_000);
     if let (Some(proxy), Some(admin)) = (listen, admin_listen) {
         if proxy == admin && proxy.port() != 0 {
             let other = c.path(name!(raw.listen));
@@ -127,6 +131,10 @@ fn check_server(c: &mut Checks, raw: &RawServer) -> Option<ServerConfig> {
         admin_listen: admin_listen?,
         max_body_bytes: max_body_bytes?,
         shutdown_grace: shutdown_grace?,
+        request_head_timeout: request_head_timeout?,
+        idle_timeout: idle_timeout?,
+        body_timeout: body_timeout?,
+        max_connections: max_connections?,
     })
 }
 
