@@ -1,4 +1,4 @@
-//! The pooled HTTP client towards WeChat, and the headers a proxy must not forward.
+//! The pooled HTTP client towards WeChat.
 //!
 //! Every call goes to the configured base URL joined with the request's path and query as
 //! text: the path is never resolved against the base (a path such as `//evil.example/x` stays
@@ -7,18 +7,25 @@
 //! The client is hyper's HTTP/1.1 connection API with a pool of its own: wxgate talks to one
 //! host, so the pool is one list of idle connections (most recently used last), with no
 //! per-host keying, no URL handling and no boxed futures on the way of a call.
+//!
+//! # Layout
+//! - `mod.rs`: [`UpstreamClient`]: building a request, sending it, reading the answer.
+//! - `pool.rs`: the idle connections.
+//! - `error.rs`: [`TransportError`], why a call got no answer.
+//! - `headers.rs`: the hop-by-hop headers a proxy never forwards.
+
+mod error;
+mod headers;
+mod pool;
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-use parking_lot::{Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -26,58 +33,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tower_service::Service;
 
 use crate::config::UpstreamConfig;
-
-/// Why an upstream call got no answer: the `reason` label of
-/// `wxgate_upstream_transport_errors_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TransportError {
-    /// The connection could not be opened (refused, unreachable, TLS failed): nothing was sent.
-    #[error("upstream connection failed")]
-    Connect,
-    /// No whole answer within `upstream.timeout_ms`.
-    #[error("upstream timed out")]
-    Timeout,
-    /// The connection broke after the request may have been sent.
-    #[error("upstream connection reset")]
-    Reset,
-}
-
-impl TransportError {
-    /// Every value, in label order.
-    pub const ALL: [TransportError; 3] = [
-        TransportError::Connect,
-        TransportError::Timeout,
-        TransportError::Reset,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            TransportError::Connect => "connect",
-            TransportError::Timeout => "timeout",
-            TransportError::Reset => "reset",
-        }
-    }
-
-    /// Position in [`TransportError::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The HTTP status wxgate answers with: 504 for a timeout, 502 otherwise.
-    pub fn status(self) -> StatusCode {
-        match self {
-            TransportError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            TransportError::Connect | TransportError::Reset => StatusCode::BAD_GATEWAY,
-        }
-    }
-
-    /// Whether the request certainly never reached upstream, so sending it again cannot
-    /// execute it twice (or spend a `js_code` twice).
-    pub fn nothing_was_sent(self) -> bool {
-        self == TransportError::Connect
-    }
-}
+pub use error::TransportError;
+pub use headers::strip_hop_by_hop;
+use pool::Pool;
 
 /// A request as it goes upstream. Built once per client request and sent as many times as
 /// retries need (the body is reference-counted, so a retry copies nothing).
@@ -141,11 +99,6 @@ impl std::fmt::Debug for UpstreamClient {
 #[derive(Debug, thiserror::Error)]
 #[error("upstream.base_url is not a usable http(s) URL")]
 pub struct InvalidBaseUrl;
-
-/// How long an idle connection is kept, in housekeeping ticks (seconds, see
-/// [`UpstreamClient::close_idle`]): well under the minute after which servers commonly close
-/// idle keep-alive connections, so a request rarely meets one being closed.
-const IDLE_TICKS: u64 = 50;
 
 impl UpstreamClient {
     /// Builds the client from `[upstream]`, whose base URL was parsed at validation.
@@ -306,151 +259,5 @@ async fn ready(sender: &mut http1::SendRequest<Full<Bytes>>, pooled: bool) -> bo
             )
         }
         Poll::Pending => sender.ready().await.is_ok(),
-    }
-}
-
-/// Idle keep-alive connections towards upstream, most recently used last (so the busy ones
-/// stay warm and the rest idle out). Idle time is counted in housekeeping ticks, so that
-/// neither taking nor returning a connection reads the clock.
-struct Pool {
-    idle: Mutex<Vec<Idle>>,
-    max_idle: usize,
-    tick: AtomicU64,
-}
-
-struct Idle {
-    sender: http1::SendRequest<Full<Bytes>>,
-    since_tick: u64,
-}
-
-impl Pool {
-    fn new(max_idle: usize) -> Pool {
-        Pool {
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-            tick: AtomicU64::new(0),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
-        self.idle.lock()
-    }
-
-    /// The most recently used connection that is still open.
-    fn take(&self) -> Option<http1::SendRequest<Full<Bytes>>> {
-        let mut idle = self.lock();
-        while let Some(entry) = idle.pop() {
-            if !entry.sender.is_closed() {
-                return Some(entry.sender);
-            }
-        }
-        None
-    }
-
-    fn put(&self, sender: http1::SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
-            return;
-        }
-        let since_tick = self.tick.load(Ordering::Relaxed);
-        let mut idle = self.lock();
-        if idle.len() < self.max_idle {
-            idle.push(Idle { sender, since_tick });
-        }
-    }
-
-    fn close_idle(&self) {
-        let tick = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        // Dropping a sender closes its connection.
-        self.lock()
-            .retain(|entry| !entry.sender.is_closed() && tick - entry.since_tick < IDLE_TICKS);
-    }
-}
-
-/// Headers that describe one connection rather than the message (RFC 9110 §7.6.1): a proxy
-/// consumes them and never forwards them, nor those named in `Connection`.
-pub static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
-/// Removes the hop-by-hop headers, those named in `Connection`, and `also`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
-    // One pass over the (few) headers finds what is there; only that is removed.
-    let mut present = [false; 16];
-    assert!(
-        HOP_BY_HOP.len() + also.len() <= present.len(),
-        "strip_hop_by_hop: too many extra names"
-    );
-    let mut any = false;
-    for name in headers.keys() {
-        let found = HOP_BY_HOP
-            .iter()
-            .position(|hop| hop == name)
-            .or_else(|| Some(HOP_BY_HOP.len() + also.iter().position(|hop| hop == name)?));
-        if let Some(i) = found {
-            present[i] = true;
-            any = true;
-        }
-    }
-    if !any {
-        return;
-    }
-    let only_keep_alive_or_close = || {
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        let first = values.next().map(HeaderValue::as_bytes);
-        values.next().is_none()
-            && first.is_some_and(|value| {
-                value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
-            })
-    };
-    if present[0] && !only_keep_alive_or_close() {
-        // `keep-alive` and `close` name no header; others name headers to remove.
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .filter(|name| {
-                !name.eq_ignore_ascii_case("keep-alive") && !name.eq_ignore_ascii_case("close")
-            })
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
-    }
-    for (name, _) in HOP_BY_HOP
-        .iter()
-        .chain(also)
-        .zip(present)
-        .filter(|(_, present)| *present)
-    {
-        headers.remove(name);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
-        headers.insert("x-private", "1".parse().unwrap());
-        headers.insert("keep-alive", "timeout=5".parse().unwrap());
-        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
-        headers.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        strip_hop_by_hop(&mut headers, &[]);
-        assert_eq!(headers.len(), 1);
-        assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
     }
 }

@@ -1,0 +1,57 @@
+//! Why an upstream call got no answer ([`TransportError`]): the `reason` label of
+//! `wxgate_upstream_transport_errors_total`, the status and errmsg of wxgate's own answer, and
+//! whether the call may have reached WeChat.
+
+use http::StatusCode;
+
+/// Why an upstream call got no answer: the `reason` label of
+/// `wxgate_upstream_transport_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// The connection could not be opened (refused, unreachable, TLS failed): nothing was sent.
+    #[error("upstream connection failed")]
+    Connect,
+    /// No whole answer within `upstream.timeout_ms`.
+    #[error("upstream timed out")]
+    Timeout,
+    /// The connection broke after the request may have been sent.
+    #[error("upstream connection reset")]
+    Reset,
+}
+
+impl TransportError {
+    /// Every value, in label order.
+    pub const ALL: [TransportError; 3] = [
+        TransportError::Connect,
+        TransportError::Timeout,
+        TransportError::Reset,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TransportError::Connect => "connect",
+            TransportError::Timeout => "timeout",
+            TransportError::Reset => "reset",
+        }
+    }
+
+    /// Position in [`TransportError::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The HTTP status wxgate answers with: 504 for a timeout, 502 otherwise.
+    pub fn status(self) -> StatusCode {
+        match self {
+            TransportError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            TransportError::Connect | TransportError::Reset => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// Whether the request certainly never reached upstream, so sending it again cannot
+    /// execute it twice (or spend a `js_code` twice).
+    pub fn nothing_was_sent(self) -> bool {
+        self == TransportError::Connect
+    }
+}
