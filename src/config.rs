@@ -102,6 +102,10 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle: usize,
+    /// How long a connection may stay idle before wxgate closes it: shorter than the server's
+    /// own keep-alive timeout, so that a request is rarely written to a connection the server
+    /// is closing at that moment.
+    pub pool_idle_timeout: Duration,
 }
 
 /// `[code_cache]`.
@@ -295,6 +299,7 @@ struct RawUpstream {
     connect_timeout_ms: i64,
     timeout_ms: i64,
     pool_max_idle: i64,
+    pool_idle_timeout_ms: i64,
 }
 
 impl Default for RawUpstream {
@@ -304,6 +309,8 @@ impl Default for RawUpstream {
             connect_timeout_ms: 2_000,
             timeout_ms: 10_000,
             pool_max_idle: 512,
+            // Under the 5 s of Apache's and Node's defaults, and far under nginx's 75 s.
+            pool_idle_timeout_ms: 4_000,
         }
     }
 }

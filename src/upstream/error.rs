@@ -2,6 +2,9 @@
 //! `wxgate_upstream_transport_errors_total`, the status and errmsg of wxgate's own answer, and
 //! whether the call may have reached WeChat.
 
+use std::error::Error as _;
+use std::io;
+
 use http::StatusCode;
 
 /// Why an upstream call got no answer: the `reason` label of
@@ -54,4 +57,27 @@ impl TransportError {
     pub fn nothing_was_sent(self) -> bool {
         self == TransportError::Connect
     }
+}
+
+/// Whether hyper's error says the connection closed or was reset before an answer's head
+/// came: what a server closing an idle connection does to a request written at that moment.
+/// Not a parse error, nor anything that followed part of an answer.
+pub(super) fn closed_before_answer(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = cause.source();
+    }
+    false
 }

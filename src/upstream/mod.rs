@@ -35,7 +35,7 @@ use tower_service::Service;
 use crate::config::UpstreamConfig;
 pub use error::TransportError;
 pub use headers::strip_hop_by_hop;
-use pool::Pool;
+use pool::{Pool, Sender};
 
 /// A request as it goes upstream. Built once per client request and sent as many times as
 /// retries need (the body is reference-counted, so a retry copies nothing).
@@ -122,7 +122,7 @@ impl UpstreamClient {
             .map_err(|_| InvalidBaseUrl)?;
         Ok(UpstreamClient {
             connector,
-            pool: Arc::new(Pool::new(config.pool_max_idle)),
+            pool: Arc::new(Pool::new(config.pool_max_idle, config.pool_idle_timeout)),
             origin,
             prefix: base_url.path_prefix().to_owned(),
             host: base_url.host_header().clone(),
@@ -131,8 +131,9 @@ impl UpstreamClient {
         })
     }
 
-    /// Closes connections idle for too long (their servers may be about to close them), and
-    /// those already closed. Called once a second: each call is a tick of the idle clock.
+    /// Closes connections idle for `upstream.pool_idle_timeout_ms` (their servers may be about
+    /// to close them), and those already closed. Called once a second by housekeeping, so that
+    /// idle sockets go even when no request comes to find them stale.
     pub fn close_idle(&self) {
         self.pool.close_idle();
     }
@@ -142,6 +143,22 @@ impl UpstreamClient {
         &self,
         request: &UpstreamRequest,
     ) -> Result<UpstreamResponse, TransportError> {
+        let (parts, body) = tokio::time::timeout(self.timeout, self.exchange(request))
+            .await
+            .map_err(|_| TransportError::Timeout)??;
+        let mut headers = parts.headers;
+        // hyper frames the body it sends back itself.
+        strip_hop_by_hop(&mut headers, &[header::CONTENT_LENGTH]);
+        Ok(UpstreamResponse {
+            status: parts.status,
+            headers,
+            body,
+        })
+    }
+
+    /// The request as it goes on the wire: the base URL's prefix, `Host` and `Authorization`
+    /// added. Built once per call; again only when the call is sent a second time.
+    fn outgoing(&self, request: &UpstreamRequest) -> Result<Request<Full<Bytes>>, TransportError> {
         // Text concatenation, never URL resolution: see the module doc.
         let path_and_query = if self.prefix.is_empty() {
             request.path_and_query.clone()
@@ -164,45 +181,63 @@ impl UpstreamClient {
         if let Some(authorization) = &self.authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
-        let (parts, body) = tokio::time::timeout(self.timeout, self.exchange(outgoing))
-            .await
-            .map_err(|_| TransportError::Timeout)??;
-        let mut headers = parts.headers;
-        // hyper frames the body it sends back itself.
-        strip_hop_by_hop(&mut headers, &[header::CONTENT_LENGTH]);
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers,
-            body,
-        })
+        Ok(outgoing)
     }
 
     /// Sends `request` on an idle connection, or a new one, and reads the answer whole.
-    /// A pooled connection found closed before the request was written is set aside and the
-    /// request goes on the next one: that is safe, nothing was sent.
+    ///
+    /// A connection taken from the pool may be one its server is closing at that moment (its
+    /// keep-alive timeout ran out as the request was written). Two cases are safe to send
+    /// again:
+    /// - hyper hands the request back unsent (the close was seen before it was written): it
+    ///   goes on the next connection;
+    /// - the request was written, but the connection closed or was reset before any answer
+    ///   came, and its method is idempotent (RFC 9110 §9.2.2: GET, HEAD, PUT, DELETE,
+    ///   OPTIONS, TRACE; every code exchange is a GET): it is sent once more, on a new
+    ///   connection, as Go's net/http does. A server closing an idle connection never read
+    ///   the request; one that read it and died may have executed it, which an idempotent
+    ///   request allows. A POST (sending a message, `clear_quota`) is never sent twice: the
+    ///   pool's idle timeout keeps it off connections the server is about to close.
     async fn exchange(
         &self,
-        mut request: Request<Full<Bytes>>,
+        request: &UpstreamRequest,
     ) -> Result<(http::response::Parts, Bytes), TransportError> {
+        let mut outgoing = self.outgoing(request)?;
+        // After a reused connection broke under a written request: the second and last try,
+        // on a new connection.
+        let mut resent = false;
         loop {
-            let (mut sender, pooled) = match self.pool.take() {
+            let pooled = if resent { None } else { self.pool.take() };
+            let (mut sender, reused) = match pooled {
                 Some(sender) => (sender, true),
                 None => (self.connect().await?, false),
             };
-            if !ready(&mut sender, pooled).await {
-                if pooled {
+            if !ready(&mut sender, reused).await {
+                if reused {
                     continue;
                 }
                 return Err(TransportError::Connect);
             }
-            let response = match sender.try_send_request(request).await {
+            let response = match sender.try_send_request(outgoing).await {
                 Ok(response) => response,
                 Err(mut error) => match error.take_message() {
-                    Some(unsent) if pooled => {
-                        request = unsent;
+                    Some(unsent) if reused => {
+                        outgoing = unsent;
                         continue;
                     }
                     Some(_) => return Err(TransportError::Connect),
+                    None if reused
+                        && request.method.is_idempotent()
+                        && error::closed_before_answer(error.error()) =>
+                    {
+                        tracing::debug!(
+                            error = %error.error(),
+                            "reused upstream connection closed under a request; sending it again"
+                        );
+                        resent = true;
+                        outgoing = self.outgoing(request)?;
+                        continue;
+                    }
                     None => return Err(TransportError::Reset),
                 },
             };
@@ -219,7 +254,7 @@ impl UpstreamClient {
     }
 
     /// Opens a connection (TCP, and TLS for https) and starts its HTTP/1.1 driver task.
-    async fn connect(&self) -> Result<http1::SendRequest<Full<Bytes>>, TransportError> {
+    async fn connect(&self) -> Result<Sender, TransportError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -249,7 +284,7 @@ const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
 
 /// Whether `sender` can take a request: at once, nearly always; a pooled connection still
 /// busy gets `POOLED_READY_WAIT`, a new one the call's own timeout.
-async fn ready(sender: &mut http1::SendRequest<Full<Bytes>>, pooled: bool) -> bool {
+async fn ready(sender: &mut Sender, pooled: bool) -> bool {
     match poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
         Poll::Ready(result) => result.is_ok(),
         Poll::Pending if pooled => {
