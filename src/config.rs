@@ -106,6 +106,9 @@ pub struct UpstreamConfig {
     /// own keep-alive timeout, so that a request is rarely written to a connection the server
     /// is closing at that moment.
     pub pool_idle_timeout: Duration,
+    /// The largest answer body read from upstream: bounds the memory one answer can take
+    /// (WeChat's JSON answers are a few hundred bytes).
+    pub max_body_bytes: usize,
 }
 
 /// `[code_cache]`.
@@ -300,6 +303,7 @@ struct RawUpstream {
     timeout_ms: i64,
     pool_max_idle: i64,
     pool_idle_timeout_ms: i64,
+    max_body_bytes: i64,
 }
 
 impl Default for RawUpstream {
@@ -311,6 +315,7 @@ impl Default for RawUpstream {
             pool_max_idle: 512,
             // Under the 5 s of Apache's and Node's defaults, and far under nginx's 75 s.
             pool_idle_timeout_ms: 4_000,
+            max_body_bytes: 4 << 20,
         }
     }
 }

@@ -200,6 +200,7 @@ mod tests {
         for attempt in [
             Attempt::Failed(TransportError::Timeout),
             Attempt::Failed(TransportError::Reset),
+            Attempt::Failed(TransportError::TooLarge),
             Attempt::Answered(Errcode::Success),
             Attempt::Answered(Errcode::Code(40163)),
             Attempt::Answered(Errcode::Code(45009)),

@@ -133,12 +133,14 @@ fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
     let timeout = c.millis(key!(raw.timeout_ms), 1..=600_000);
     let pool_max_idle = c.int(key!(raw.pool_max_idle), 0..=100_000);
     let pool_idle_timeout = c.millis(key!(raw.pool_idle_timeout_ms), 1..=3_600_000);
+    let max_body_bytes = c.int(key!(raw.max_body_bytes), 1..=1 << 30);
     Some(UpstreamConfig {
         base_url: base_url?,
         connect_timeout: connect_timeout?,
         timeout: timeout?,
         pool_max_idle: pool_max_idle?,
         pool_idle_timeout: pool_idle_timeout?,
+        max_body_bytes: max_body_bytes?,
     })
 }
 

@@ -20,14 +20,21 @@ pub enum TransportError {
     /// The connection broke after the request may have been sent.
     #[error("upstream connection reset")]
     Reset,
+    /// The answer's body is larger than `upstream.max_body_bytes`: refused as soon as that is
+    /// known (from its `Content-Length`, or once that many bytes came), the rest never read and
+    /// the connection closed. WeChat's answers are small JSON; a huge one is a fault, and
+    /// reading it whole would let one upstream fill wxgate's memory.
+    #[error("upstream answer larger than upstream.max_body_bytes")]
+    TooLarge,
 }
 
 impl TransportError {
     /// Every value, in label order.
-    pub const ALL: [TransportError; 3] = [
+    pub const ALL: [TransportError; 4] = [
         TransportError::Connect,
         TransportError::Timeout,
         TransportError::Reset,
+        TransportError::TooLarge,
     ];
 
     /// The label value.
@@ -36,6 +43,7 @@ impl TransportError {
             TransportError::Connect => "connect",
             TransportError::Timeout => "timeout",
             TransportError::Reset => "reset",
+            TransportError::TooLarge => "too_large",
         }
     }
 
@@ -48,7 +56,9 @@ impl TransportError {
     pub fn status(self) -> StatusCode {
         match self {
             TransportError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            TransportError::Connect | TransportError::Reset => StatusCode::BAD_GATEWAY,
+            TransportError::Connect | TransportError::Reset | TransportError::TooLarge => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 

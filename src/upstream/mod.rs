@@ -26,7 +26,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -84,6 +85,8 @@ pub struct UpstreamClient {
     /// `Authorization` for a base URL with userinfo.
     authorization: Option<HeaderValue>,
     timeout: Duration,
+    /// `upstream.max_body_bytes`: the largest answer body read.
+    max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -128,6 +131,7 @@ impl UpstreamClient {
             host: base_url.host_header().clone(),
             authorization: base_url.authorization().cloned(),
             timeout: config.timeout,
+            max_body_bytes: config.max_body_bytes,
         })
     }
 
@@ -242,11 +246,9 @@ impl UpstreamClient {
                 },
             };
             let (parts, body) = response.into_parts();
-            let body = body
-                .collect()
-                .await
-                .map_err(|_| TransportError::Reset)?
-                .to_bytes();
+            // On error the sender is dropped, not pooled: the connection closes with the rest
+            // of the body unread.
+            let body = read_body(body, self.max_body_bytes).await?;
             // The answer was read to its end: the connection can carry the next request.
             self.pool.put(sender);
             return Ok((parts, body));
@@ -275,6 +277,20 @@ impl UpstreamClient {
             }
         });
         Ok(sender)
+    }
+}
+
+/// Reads a whole answer body of at most `limit` bytes. A declared length over it is refused
+/// before any of the body is read; an undeclared one (chunked, or ended by the close) once
+/// more than `limit` bytes came.
+async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, TransportError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Err(TransportError::TooLarge);
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<LengthLimitError>() => Err(TransportError::TooLarge),
+        Err(_) => Err(TransportError::Reset),
     }
 }
 
