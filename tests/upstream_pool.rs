@@ -90,10 +90,10 @@ async fn serve(
                     let _ = stream.readable().await;
                     return;
                 }
-                AfterAnswer::CloseWhenIdle(idle) => {
-                    if tokio::time::timeout(idle, stream.readable()).await.is_err() {
-                        return;
-                    }
+                AfterAnswer::CloseWhenIdle(idle)
+                    if tokio::time::timeout(idle, stream.readable()).await.is_err() =>
+                {
+                    return;
                 }
                 _ => {}
             }
