@@ -109,6 +109,10 @@ pub struct UpstreamConfig {
     /// The largest answer body read from upstream: bounds the memory one answer can take
     /// (WeChat's JSON answers are a few hundred bytes).
     pub max_body_bytes: usize,
+    /// At most this many connections open towards upstream at once; calls beyond them wait
+    /// for one within their timeout. Bounds the sockets and memory a hanging upstream can
+    /// make wxgate hold.
+    pub max_connections: usize,
 }
 
 /// `[code_cache]`.
@@ -304,6 +308,7 @@ struct RawUpstream {
     pool_max_idle: i64,
     pool_idle_timeout_ms: i64,
     max_body_bytes: i64,
+    max_connections: i64,
 }
 
 impl Default for RawUpstream {
@@ -316,6 +321,7 @@ impl Default for RawUpstream {
             // Under the 5 s of Apache's and Node's defaults, and far under nginx's 75 s.
             pool_idle_timeout_ms: 4_000,
             max_body_bytes: 4 << 20,
+            max_connections: 256,
         }
     }
 }

@@ -7,7 +7,7 @@ mod support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -218,4 +218,132 @@ async fn an_answer_of_exactly_max_body_bytes_passes_and_its_connection_is_kept()
             "{framing:?}"
         );
     }
+}
+
+/// A server that accepts connections, reads what comes and never answers; logs when it
+/// accepted each connection.
+struct HangingServer {
+    url: String,
+    accepted: Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+async fn hanging_server() -> HangingServer {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            log.lock().unwrap().push(Instant::now());
+            tokio::spawn(async move {
+                let mut sink = [0u8; 4096];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    HangingServer { url, accepted }
+}
+
+#[tokio::test]
+async fn calls_beyond_max_connections_wait_for_one_and_never_open_more() {
+    const CAP: usize = 3;
+    const CALLS: usize = 12;
+    let upstream = hanging_server().await;
+    let extra = format!("max_connections = {CAP}\n");
+    // config_text's upstream.timeout_ms: 2 s.
+    let timeout = Duration::from_secs(2);
+    let proxy = spawn_proxy(config(&config_text(&upstream.url, &extra))).await;
+    let client = client();
+    let started = Instant::now();
+    let calls = (0..CALLS).map(|n| {
+        let request = client.get(proxy.url(&format!("/cgi-bin/anything?n={n}")));
+        async move {
+            let response = request.send().await.unwrap();
+            let answered = Instant::now();
+            let status = response.status();
+            let body: serde_json::Value = response.json().await.unwrap();
+            (status, body, answered)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let accepted = upstream.accepted.lock().unwrap().clone();
+    // No call's time ran out before `started + timeout`, so until then no connection was
+    // freed: exactly the cap was opened. (After it, a call still waiting may take the place
+    // of one that timed out.)
+    let in_time = accepted
+        .iter()
+        .filter(|at| **at < started + timeout)
+        .count();
+    assert_eq!(in_time, CAP, "{accepted:?}");
+    let mut waited = 0;
+    for (status, body, answered) in &answers {
+        assert_eq!(*status, 504);
+        assert_eq!(body["errcode"], -1);
+        let errmsg = body["errmsg"].as_str().unwrap();
+        assert!(errmsg.contains("upstream timed out"), "{errmsg}");
+        waited += usize::from(errmsg.contains("all upstream.max_connections busy"));
+        // Every call ends within its own timeout (plus scheduling on a busy machine).
+        assert!(
+            *answered - started < timeout + Duration::from_millis(1500),
+            "{:?}",
+            *answered - started
+        );
+    }
+    assert!(waited > 0, "some calls waited for a connection and said so");
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "wxgate_upstream_transport_errors_total",
+            &[("reason", "connection_limit")]
+        ),
+        waited as f64
+    );
+}
+
+/// A server that answers every request after `delay`, keeping connections alive; counts
+/// connections.
+async fn slow_server(delay: Duration) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                const BODY: &str = r#"{"errcode":0,"errmsg":"ok"}"#;
+                while read_head(&mut stream).await {
+                    tokio::time::sleep(delay).await;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{BODY}",
+                        BODY.len()
+                    );
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, connections)
+}
+
+#[tokio::test]
+async fn calls_beyond_max_connections_take_the_connections_others_return() {
+    const CAP: usize = 2;
+    const CALLS: usize = 20;
+    // 20 calls of 50 ms over 2 connections: about half a second, well within the timeout.
+    let (url, connections) = slow_server(Duration::from_millis(50)).await;
+    let extra = format!("max_connections = {CAP}\n");
+    let proxy = spawn_proxy(config(&config_text(&url, &extra))).await;
+    let client = client();
+    let calls = (0..CALLS).map(|n| {
+        let request = client.get(proxy.url(&format!("/cgi-bin/anything?n={n}")));
+        async move { request.send().await.unwrap().status() }
+    });
+    for status in futures_util::future::join_all(calls).await {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(connections.load(Ordering::SeqCst), CAP);
 }

@@ -252,10 +252,16 @@ async fn a_request_lost_on_a_connection_the_server_was_closing_is_sent_again_onc
         "each request reached upstream once"
     );
     assert_eq!(upstream.connections.load(Ordering::SeqCst), calls);
+    // Each loss is counted, and so is each sending again.
     let text = proxy.metrics().await;
+    let lost = [("reason", "reused_connection_closed")];
     assert_eq!(
-        metric(&text, "wxgate_upstream_transport_errors_total", &[]),
-        0.0
+        metric(&text, "wxgate_upstream_transport_errors_total", &lost),
+        (calls - 1) as f64
+    );
+    assert_eq!(
+        metric(&text, "wxgate_retries_total", &[("reason", "transport")]),
+        (calls - 1) as f64
     );
 
     // A POST may not be idempotent (a message sent, a quota reset spent): written once, it is
@@ -267,9 +273,10 @@ async fn a_request_lost_on_a_connection_the_server_was_closing_is_sent_again_onc
         .await
         .unwrap();
     assert_eq!(response.status(), 502);
-    assert!(
-        response.text().await.unwrap().contains("reset"),
-        "a WeChat-shaped reset answer"
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(
+        body["errmsg"],
+        "system error (wxgate: upstream closed a reused connection without answering)"
     );
     assert_eq!(upstream.received().len(), calls, "the POST was never read");
     get_path_ok(

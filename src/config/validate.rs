@@ -134,6 +134,7 @@ fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
     let pool_max_idle = c.int(key!(raw.pool_max_idle), 0..=100_000);
     let pool_idle_timeout = c.millis(key!(raw.pool_idle_timeout_ms), 1..=3_600_000);
     let max_body_bytes = c.int(key!(raw.max_body_bytes), 1..=1 << 30);
+    let max_connections = c.int(key!(raw.max_connections), 1..=100_000);
     Some(UpstreamConfig {
         base_url: base_url?,
         connect_timeout: connect_timeout?,
@@ -141,6 +142,7 @@ fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
         pool_max_idle: pool_max_idle?,
         pool_idle_timeout: pool_idle_timeout?,
         max_body_bytes: max_body_bytes?,
+        max_connections: max_connections?,
     })
 }
 

@@ -20,21 +20,34 @@ pub enum TransportError {
     /// The connection broke after the request may have been sent.
     #[error("upstream connection reset")]
     Reset,
+    /// A connection kept alive from an earlier call closed, or was reset, after the request
+    /// was written and before any answer: what a server closing an idle connection at its
+    /// keep-alive timeout does to a request that arrives at that moment (it never read it).
+    /// A server that read the request and then died looks the same, so only a request that may
+    /// be executed twice is sent again (see [`crate::retry`]).
+    #[error("upstream closed a reused connection without answering")]
+    ReusedConnectionClosed,
     /// The answer's body is larger than `upstream.max_body_bytes`: refused as soon as that is
     /// known (from its `Content-Length`, or once that many bytes came), the rest never read and
     /// the connection closed. WeChat's answers are small JSON; a huge one is a fault, and
     /// reading it whole would let one upstream fill wxgate's memory.
     #[error("upstream answer larger than upstream.max_body_bytes")]
     TooLarge,
+    /// `upstream.max_connections` were open and busy for the whole of `upstream.timeout_ms`:
+    /// nothing was sent.
+    #[error("upstream timed out: all upstream.max_connections busy")]
+    ConnectionLimit,
 }
 
 impl TransportError {
     /// Every value, in label order.
-    pub const ALL: [TransportError; 4] = [
+    pub const ALL: [TransportError; 6] = [
         TransportError::Connect,
         TransportError::Timeout,
         TransportError::Reset,
+        TransportError::ReusedConnectionClosed,
         TransportError::TooLarge,
+        TransportError::ConnectionLimit,
     ];
 
     /// The label value.
@@ -43,7 +56,9 @@ impl TransportError {
             TransportError::Connect => "connect",
             TransportError::Timeout => "timeout",
             TransportError::Reset => "reset",
+            TransportError::ReusedConnectionClosed => "reused_connection_closed",
             TransportError::TooLarge => "too_large",
+            TransportError::ConnectionLimit => "connection_limit",
         }
     }
 
@@ -52,26 +67,32 @@ impl TransportError {
         self as usize
     }
 
-    /// The HTTP status wxgate answers with: 504 for a timeout, 502 otherwise.
+    /// The HTTP status wxgate answers with: 504 when the call's time ran out, 502 otherwise.
     pub fn status(self) -> StatusCode {
         match self {
-            TransportError::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            TransportError::Connect | TransportError::Reset | TransportError::TooLarge => {
-                StatusCode::BAD_GATEWAY
+            TransportError::Timeout | TransportError::ConnectionLimit => {
+                StatusCode::GATEWAY_TIMEOUT
             }
+            TransportError::Connect
+            | TransportError::Reset
+            | TransportError::ReusedConnectionClosed
+            | TransportError::TooLarge => StatusCode::BAD_GATEWAY,
         }
     }
 
-    /// Whether the request certainly never reached upstream, so sending it again cannot
-    /// execute it twice (or spend a `js_code` twice).
-    pub fn nothing_was_sent(self) -> bool {
+    /// Whether the call is worth sending again: the request certainly never reached upstream
+    /// (so sending it again cannot execute it twice, or spend a `js_code` twice), and another
+    /// try may fare better. Only a connection that could not be opened: a call that waited its
+    /// whole timeout for a free connection has no time left.
+    pub fn retryable(self) -> bool {
         self == TransportError::Connect
     }
 }
 
-/// Whether hyper's error says the connection closed or was reset before an answer's head
-/// came: what a server closing an idle connection does to a request written at that moment.
-/// Not a parse error, nor anything that followed part of an answer.
+/// Whether hyper's error, for a request written to a reused connection, says the connection
+/// closed or was reset before an answer's head came
+/// ([`TransportError::ReusedConnectionClosed`]). Not a parse error, nor anything that followed
+/// part of an answer (those come from the body, after the head).
 pub(super) fn closed_before_answer(error: &hyper::Error) -> bool {
     if error.is_incomplete_message() || error.is_canceled() {
         return true;

@@ -23,6 +23,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
@@ -36,7 +38,7 @@ use tower_service::Service;
 use crate::config::UpstreamConfig;
 pub use error::TransportError;
 pub use headers::strip_hop_by_hop;
-use pool::{Pool, Sender};
+use pool::{Checkout, Pool, Sender, Slot};
 
 /// A request as it goes upstream. Built once per client request and sent as many times as
 /// retries need (the body is reference-counted, so a retry copies nothing).
@@ -98,6 +100,16 @@ impl std::fmt::Debug for UpstreamClient {
     }
 }
 
+/// Which connection a call may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionChoice {
+    /// An idle one from the pool, or a new one.
+    Any,
+    /// A new one: the call is sent again after a reused connection closed under it, and
+    /// another idle connection could be as stale.
+    New,
+}
+
 /// The base URL cannot be used by the client (config validation normally catches this).
 #[derive(Debug, thiserror::Error)]
 #[error("upstream.base_url is not a usable http(s) URL")]
@@ -125,7 +137,11 @@ impl UpstreamClient {
             .map_err(|_| InvalidBaseUrl)?;
         Ok(UpstreamClient {
             connector,
-            pool: Arc::new(Pool::new(config.pool_max_idle, config.pool_idle_timeout)),
+            pool: Arc::new(Pool::new(
+                config.max_connections,
+                config.pool_max_idle,
+                config.pool_idle_timeout,
+            )),
             origin,
             prefix: base_url.path_prefix().to_owned(),
             host: base_url.host_header().clone(),
@@ -142,12 +158,16 @@ impl UpstreamClient {
         self.pool.close_idle();
     }
 
-    /// Sends one request and reads the whole answer, within `upstream.timeout_ms`.
+    /// Sends one request and reads the whole answer, within `upstream.timeout_ms`, on a
+    /// connection `choice` allows.
     pub async fn send(
         &self,
         request: &UpstreamRequest,
+        choice: ConnectionChoice,
     ) -> Result<UpstreamResponse, TransportError> {
-        let (parts, body) = tokio::time::timeout(self.timeout, self.exchange(request))
+        let deadline = Instant::now() + self.timeout;
+        let exchange = self.exchange(request, choice, deadline);
+        let (parts, body) = tokio::time::timeout_at(deadline, exchange)
             .await
             .map_err(|_| TransportError::Timeout)??;
         let mut headers = parts.headers;
@@ -161,7 +181,7 @@ impl UpstreamClient {
     }
 
     /// The request as it goes on the wire: the base URL's prefix, `Host` and `Authorization`
-    /// added. Built once per call; again only when the call is sent a second time.
+    /// added.
     fn outgoing(&self, request: &UpstreamRequest) -> Result<Request<Full<Bytes>>, TransportError> {
         // Text concatenation, never URL resolution: see the module doc.
         let path_and_query = if self.prefix.is_empty() {
@@ -191,30 +211,43 @@ impl UpstreamClient {
     /// Sends `request` on an idle connection, or a new one, and reads the answer whole.
     ///
     /// A connection taken from the pool may be one its server is closing at that moment (its
-    /// keep-alive timeout ran out as the request was written). Two cases are safe to send
-    /// again:
-    /// - hyper hands the request back unsent (the close was seen before it was written): it
-    ///   goes on the next connection;
-    /// - the request was written, but the connection closed or was reset before any answer
-    ///   came, and its method is idempotent (RFC 9110 §9.2.2: GET, HEAD, PUT, DELETE,
-    ///   OPTIONS, TRACE; every code exchange is a GET): it is sent once more, on a new
-    ///   connection, as Go's net/http does. A server closing an idle connection never read
-    ///   the request; one that read it and died may have executed it, which an idempotent
-    ///   request allows. A POST (sending a message, `clear_quota`) is never sent twice: the
-    ///   pool's idle timeout keeps it off connections the server is about to close.
+    /// keep-alive timeout ran out as the request was written). When hyper hands the request
+    /// back unsent (the close was seen before it was written), it goes on the next
+    /// connection: nothing was sent. When it was written and the connection closed or was
+    /// reset before any answer, the call ends with
+    /// [`TransportError::ReusedConnectionClosed`], and [`crate::retry`] decides whether it
+    /// is sent again (on a new connection, [`ConnectionChoice::New`]).
+    ///
+    /// Waiting for a connection at `upstream.max_connections` ends at `deadline`, the call's.
     async fn exchange(
         &self,
         request: &UpstreamRequest,
+        choice: ConnectionChoice,
+        deadline: Instant,
     ) -> Result<(http::response::Parts, Bytes), TransportError> {
         let mut outgoing = self.outgoing(request)?;
-        // After a reused connection broke under a written request: the second and last try,
-        // on a new connection.
-        let mut resent = false;
         loop {
-            let pooled = if resent { None } else { self.pool.take() };
-            let (mut sender, reused) = match pooled {
-                Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+            let ready_now = match choice {
+                ConnectionChoice::Any => self.pool.try_checkout(),
+                ConnectionChoice::New => None,
+            };
+            let checkout = match (choice, ready_now) {
+                (_, Some(checkout)) => checkout,
+                // At the cap (or for a new connection when there is no room): a timer only here.
+                (ConnectionChoice::Any, None) => {
+                    tokio::time::timeout_at(deadline, self.pool.checkout())
+                        .await
+                        .map_err(|_| TransportError::ConnectionLimit)?
+                }
+                (ConnectionChoice::New, None) => Checkout::New(
+                    tokio::time::timeout_at(deadline, self.pool.new_slot())
+                        .await
+                        .map_err(|_| TransportError::ConnectionLimit)?,
+                ),
+            };
+            let (mut sender, reused) = match checkout {
+                Checkout::Idle(sender) => (sender, true),
+                Checkout::New(slot) => (self.connect(slot).await?, false),
             };
             if !ready(&mut sender, reused).await {
                 if reused {
@@ -230,17 +263,9 @@ impl UpstreamClient {
                         continue;
                     }
                     Some(_) => return Err(TransportError::Connect),
-                    None if reused
-                        && request.method.is_idempotent()
-                        && error::closed_before_answer(error.error()) =>
-                    {
-                        tracing::debug!(
-                            error = %error.error(),
-                            "reused upstream connection closed under a request; sending it again"
-                        );
-                        resent = true;
-                        outgoing = self.outgoing(request)?;
-                        continue;
+                    None if reused && error::closed_before_answer(error.error()) => {
+                        tracing::debug!(error = %error.error(), "reused upstream connection closed under a request");
+                        return Err(TransportError::ReusedConnectionClosed);
                     }
                     None => return Err(TransportError::Reset),
                 },
@@ -255,8 +280,9 @@ impl UpstreamClient {
         }
     }
 
-    /// Opens a connection (TCP, and TLS for https) and starts its HTTP/1.1 driver task.
-    async fn connect(&self) -> Result<Sender, TransportError> {
+    /// Opens a connection (TCP, and TLS for https) and starts its HTTP/1.1 driver task, which
+    /// holds `slot` for as long as the connection is open.
+    async fn connect(&self, slot: Slot) -> Result<Sender, TransportError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
@@ -272,6 +298,7 @@ impl UpstreamClient {
         // Ends when the connection closes: an error, the server closing it, or the last
         // sender (in the pool or in a call) dropped.
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "upstream connection ended");
             }
