@@ -1,5 +1,6 @@
 //! What the stand-in remembers about the calls it received: the [`CallRecord`] log and the
-//! counters (by path, by code, by errcode) that tests read through [`StandIn`](crate::StandIn).
+//! counters (by path, by code, by errcode; connections and TLS handshakes) that tests read
+//! through [`StandIn`](crate::StandIn).
 
 use std::borrow::Borrow;
 use std::hash::Hash;
@@ -26,6 +27,10 @@ pub struct CallRecord {
 /// serialize concurrent calls.
 #[derive(Default)]
 pub(crate) struct Counters {
+    /// Connections accepted.
+    pub(crate) connections: AtomicU64,
+    /// TLS handshakes completed.
+    pub(crate) tls_connections: AtomicU64,
     pub(crate) total: AtomicU64,
     pub(crate) by_path: DashMap<String, AtomicU64>,
     pub(crate) by_code: DashMap<String, AtomicU64>,
