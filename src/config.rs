@@ -38,6 +38,7 @@
 //! raw struct, a `check_*` function called from `RawConfig::validate`, and a typed struct.
 
 mod base_url;
+mod ca_file;
 mod cluster;
 mod read;
 mod validate;
@@ -52,6 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
 pub use base_url::BaseUrl;
+pub use ca_file::CaFile;
 pub use cluster::{ClusterSecret, RedisUrl};
 use read::{read, Secret, UrlPassword};
 
@@ -113,6 +115,8 @@ pub struct UpstreamConfig {
     /// for one within their timeout. Bounds the sockets and memory a hanging upstream can
     /// make wxgate hold.
     pub max_connections: usize,
+    /// `upstream.ca_file`: certificate authorities trusted in addition to the webpki roots.
+    pub ca_file: Option<CaFile>,
 }
 
 /// `[code_cache]`.
@@ -309,6 +313,9 @@ struct RawUpstream {
     pool_idle_timeout_ms: i64,
     max_body_bytes: i64,
     max_connections: i64,
+    /// Absent: the webpki roots alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
 }
 
 impl Default for RawUpstream {
@@ -322,6 +329,7 @@ impl Default for RawUpstream {
             pool_idle_timeout_ms: 4_000,
             max_body_bytes: 4 << 20,
             max_connections: 256,
+            ca_file: None,
         }
     }
 }
