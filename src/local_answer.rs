@@ -178,6 +178,7 @@ impl LocalAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::CertificateProblem;
 
     #[test]
     fn every_answer_is_wechat_shaped() {
@@ -199,6 +200,9 @@ mod tests {
                 retry_after: Duration::from_millis(1500),
             },
             LocalAnswer::Upstream(TransportError::Timeout),
+            LocalAnswer::Upstream(TransportError::TooLarge),
+            LocalAnswer::Upstream(TransportError::ConnectionLimit),
+            LocalAnswer::Upstream(TransportError::Certificate(CertificateProblem::WrongHost)),
             LocalAnswer::CallAbandoned,
         ];
         for answer in all {
@@ -217,6 +221,11 @@ mod tests {
         assert_eq!(
             LocalAnswer::Upstream(TransportError::Timeout).status(),
             StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            LocalAnswer::Upstream(TransportError::Certificate(CertificateProblem::WrongHost))
+                .errmsg(),
+            "system error (wxgate: upstream TLS certificate refused: not valid for the upstream's host name)"
         );
     }
 }

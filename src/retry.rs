@@ -150,6 +150,7 @@ fn window_jitter(window: Duration, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::CertificateProblem;
 
     fn policy(busy_attempts: u32, max_hold_secs: u64) -> RetryPolicy {
         RetryPolicy {
@@ -256,6 +257,7 @@ mod tests {
             Attempt::Failed(TransportError::Reset),
             Attempt::Failed(TransportError::TooLarge),
             Attempt::Failed(TransportError::ConnectionLimit),
+            Attempt::Failed(TransportError::Certificate(CertificateProblem::OutOfDate)),
             Attempt::Answered(Errcode::Success),
             Attempt::Answered(Errcode::Code(40163)),
             Attempt::Answered(Errcode::Code(45009)),

@@ -11,7 +11,8 @@ use http::StatusCode;
 /// `wxgate_upstream_transport_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
-    /// The connection could not be opened (refused, unreachable, TLS failed): nothing was sent.
+    /// The connection could not be opened (refused, unreachable, a TLS handshake broken
+    /// off): nothing was sent.
     #[error("upstream connection failed")]
     Connect,
     /// No whole answer within `upstream.timeout_ms`.
@@ -37,34 +38,59 @@ pub enum TransportError {
     /// nothing was sent.
     #[error("upstream timed out: all upstream.max_connections busy")]
     ConnectionLimit,
+    /// The upstream's TLS certificate was refused: nothing was sent. Said to the client in
+    /// general terms (what was wrong, never the certificate's contents); the log has rustls's
+    /// own words.
+    #[error("upstream TLS certificate refused: {0}")]
+    Certificate(CertificateProblem),
+}
+
+/// What was wrong with a refused certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CertificateProblem {
+    /// Issued for other names than the base URL's host.
+    #[error("not valid for the upstream's host name")]
+    WrongHost,
+    /// Expired, or not valid yet (also: this host's clock is wrong).
+    #[error("expired or not yet valid")]
+    OutOfDate,
+    /// Not issued by a trusted authority (the webpki roots and `upstream.ca_file`'s).
+    #[error("not issued by a trusted authority")]
+    Untrusted,
+    /// Anything else (a bad signature, a revoked certificate, a wrong purpose...).
+    #[error("invalid")]
+    Invalid,
 }
 
 impl TransportError {
-    /// Every value, in label order.
-    pub const ALL: [TransportError; 6] = [
-        TransportError::Connect,
-        TransportError::Timeout,
-        TransportError::Reset,
-        TransportError::ReusedConnectionClosed,
-        TransportError::TooLarge,
-        TransportError::ConnectionLimit,
+    /// Every label value, in [`TransportError::index`] order. Every certificate problem is
+    /// one label: their number is small, but the label stays about transport.
+    pub const LABELS: [&'static str; 7] = [
+        "connect",
+        "timeout",
+        "reset",
+        "reused_connection_closed",
+        "too_large",
+        "connection_limit",
+        "certificate",
     ];
 
     /// The label value.
     pub fn label(self) -> &'static str {
-        match self {
-            TransportError::Connect => "connect",
-            TransportError::Timeout => "timeout",
-            TransportError::Reset => "reset",
-            TransportError::ReusedConnectionClosed => "reused_connection_closed",
-            TransportError::TooLarge => "too_large",
-            TransportError::ConnectionLimit => "connection_limit",
-        }
+        TransportError::LABELS[self.index()]
     }
 
-    /// Position in [`TransportError::ALL`].
+    /// Position of its label in [`TransportError::LABELS`].
     pub fn index(self) -> usize {
-        self as usize
+        match self {
+            TransportError::Connect => 0,
+            TransportError::Timeout => 1,
+            TransportError::Reset => 2,
+            TransportError::ReusedConnectionClosed => 3,
+            TransportError::TooLarge => 4,
+            TransportError::ConnectionLimit => 5,
+            TransportError::Certificate(_) => 6,
+        }
     }
 
     /// The HTTP status wxgate answers with: 504 when the call's time ran out, 502 otherwise.
@@ -76,14 +102,16 @@ impl TransportError {
             TransportError::Connect
             | TransportError::Reset
             | TransportError::ReusedConnectionClosed
-            | TransportError::TooLarge => StatusCode::BAD_GATEWAY,
+            | TransportError::TooLarge
+            | TransportError::Certificate(_) => StatusCode::BAD_GATEWAY,
         }
     }
 
     /// Whether the call is worth sending again: the request certainly never reached upstream
     /// (so sending it again cannot execute it twice, or spend a `js_code` twice), and another
     /// try may fare better. Only a connection that could not be opened: a call that waited its
-    /// whole timeout for a free connection has no time left.
+    /// whole timeout for a free connection has no time left, and a refused certificate is
+    /// refused again.
     pub fn retryable(self) -> bool {
         self == TransportError::Connect
     }

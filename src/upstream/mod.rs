@@ -17,6 +17,7 @@
 mod error;
 mod headers;
 mod pool;
+mod tls;
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -37,6 +38,10 @@ use tower_service::Service;
 
 use crate::config::UpstreamConfig;
 pub use error::TransportError;
+// Named by the tests of the retry policy and of wxgate's answers; elsewhere it travels inside
+// `TransportError::Certificate`.
+#[cfg(test)]
+pub use error::CertificateProblem;
 pub use headers::strip_hop_by_hop;
 use pool::{Checkout, Pool, Sender, Slot};
 
@@ -125,7 +130,7 @@ impl UpstreamClient {
         // The connector takes https:// and http:// URIs alike; scheme checks are wxgate's.
         http.enforce_http(false);
         let connector = HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls::client_config(config.ca_file.as_ref()))
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
@@ -287,10 +292,17 @@ impl UpstreamClient {
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(|_| TransportError::Connect)?;
-        let stream = connector
-            .call(self.origin.clone())
-            .await
-            .map_err(|_| TransportError::Connect)?;
+        let stream = connector.call(self.origin.clone()).await.map_err(|error| {
+            match tls::certificate_problem(&*error) {
+                Some(problem) => {
+                    // Once per call while it lasts: an operator must see it, it does not fix
+                    // itself. rustls's words name the certificate's names or dates, no secret.
+                    tracing::warn!(%error, "upstream certificate refused");
+                    TransportError::Certificate(problem)
+                }
+                None => TransportError::Connect,
+            }
+        })?;
         let (sender, connection) = http1::Builder::new()
             .handshake(stream)
             .await
