@@ -8,9 +8,14 @@
 //! host, so the pool is one list of idle connections (most recently used last), with no
 //! per-host keying, no URL handling and no boxed futures on the way of a call.
 //!
+//! What one upstream can cost wxgate is bounded: `upstream.max_connections` sockets,
+//! `upstream.max_body_bytes` per answer, `upstream.timeout_ms` per call (waiting for a
+//! connection included).
+//!
 //! # Layout
 //! - `mod.rs`: [`UpstreamClient`]: building a request, sending it, reading the answer.
-//! - `pool.rs`: the idle connections.
+//! - `pool.rs`: the cap on open connections, and the idle ones.
+//! - `tls.rs`: the rustls configuration (trusted authorities), refused certificates.
 //! - `error.rs`: [`TransportError`], why a call got no answer.
 //! - `headers.rs`: the hop-by-hop headers a proxy never forwards.
 
@@ -24,8 +29,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
@@ -34,6 +37,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::UpstreamConfig;
@@ -72,7 +76,7 @@ pub struct UpstreamResponse {
 }
 
 /// The client towards WeChat: HTTP/1.1 keep-alive connections from a pool, rustls (with the
-/// webpki roots) for HTTPS.
+/// webpki roots and `upstream.ca_file`'s authorities) for HTTPS.
 ///
 /// Not reqwest, nor hyper-util's pooled client: on a code exchange their layers (URL parsing,
 /// per-host pool keys, redirect and retry services, boxed futures) cost more instructions

@@ -12,7 +12,7 @@
 //! **Idle connections**: one idle for `upstream.pool_idle_timeout_ms` is closed rather than
 //! used: servers close idle connections after their own keep-alive timeout, and a request
 //! written at the moment the server closes its end is lost on the way (see
-//! [`super::UpstreamClient`] for the requests that are then sent again, and why not all are).
+//! [`crate::retry`] for the requests that are then sent again, and why not all are).
 
 use std::pin::pin;
 use std::sync::Arc;
