@@ -38,6 +38,7 @@
 //! raw struct, a `check_*` function called from `RawConfig::validate`, and a typed struct.
 
 mod base_url;
+mod ca_file;
 mod cluster;
 mod read;
 mod validate;
@@ -52,6 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
 pub use base_url::BaseUrl;
+pub use ca_file::CaFile;
 pub use cluster::{ClusterSecret, RedisUrl};
 use read::{read, Secret, UrlPassword};
 
@@ -128,6 +130,19 @@ pub struct UpstreamConfig {
     pub timeout: Duration,
     /// Idle keep-alive connections kept per upstream host.
     pub pool_max_idle: usize,
+    /// How long a connection may stay idle before wxgate closes it: shorter than the server's
+    /// own keep-alive timeout, so that a request is rarely written to a connection the server
+    /// is closing at that moment.
+    pub pool_idle_timeout: Duration,
+    /// The largest answer body read from upstream: bounds the memory one answer can take
+    /// (WeChat's JSON answers are a few hundred bytes).
+    pub max_body_bytes: usize,
+    /// At most this many connections open towards upstream at once; calls beyond them wait
+    /// for one within their timeout. Bounds the sockets and memory a hanging upstream can
+    /// make wxgate hold.
+    pub max_connections: usize,
+    /// `upstream.ca_file`: certificate authorities trusted in addition to the webpki roots.
+    pub ca_file: Option<CaFile>,
 }
 
 /// `[code_cache]`.
@@ -347,6 +362,12 @@ struct RawUpstream {
     connect_timeout_ms: i64,
     timeout_ms: i64,
     pool_max_idle: i64,
+    pool_idle_timeout_ms: i64,
+    max_body_bytes: i64,
+    max_connections: i64,
+    /// Absent: the webpki roots alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca_file: Option<String>,
 }
 
 impl Default for RawUpstream {
@@ -356,6 +377,11 @@ impl Default for RawUpstream {
             connect_timeout_ms: 2_000,
             timeout_ms: 10_000,
             pool_max_idle: 512,
+            // Under the 5 s of Apache's and Node's defaults, and far under nginx's 75 s.
+            pool_idle_timeout_ms: 4_000,
+            max_body_bytes: 4 << 20,
+            max_connections: 256,
+            ca_file: None,
         }
     }
 }

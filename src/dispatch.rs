@@ -5,7 +5,7 @@
 //! covers retries. What happens after an attempt is decided in [`crate::retry`]; this loop
 //! only carries it out: a 45011 pauses the call's quota key until WeChat's next window (the
 //! call then waits for its turn behind the pause, for as long as the hold allows), a backoff
-//! sleeps.
+//! sleeps, and a call lost on a reused connection goes on a new one.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::local_answer::LocalAnswer;
 use crate::metrics::{Metrics, RetryReason};
 use crate::quota::{next_window_start, QuotaGate, QuotaKey};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
-use crate::upstream::{UpstreamClient, UpstreamRequest, UpstreamResponse};
+use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest, UpstreamResponse};
 use crate::wechat::Errcode;
 
 /// WeChat's answer to a call: the response, and the errcode read from its body.
@@ -104,6 +104,9 @@ impl Dispatcher {
         let hold_deadline = started + policy.max_hold();
         let mut quota_deadline = started + call.max_wait;
         let mut busy_retries = 0;
+        let mut resent_after_reuse = false;
+        let mut connection = ConnectionChoice::Any;
+        let idempotent = call.request.method.is_idempotent();
         // What the client gets if a retry finds no quota turn in time: WeChat's last answer
         // (the 45011 held as long as allowed, or the -1), or the last failure.
         let mut last: Option<CallResult> = None;
@@ -116,16 +119,25 @@ impl Dispatcher {
             if let Some(reason) = retrying.take() {
                 self.metrics.retry(call.api, reason);
             }
-            let (result, attempt) = self.send(call).await;
+            let (result, attempt) = self.send(call, connection).await;
             let progress = Progress {
                 busy_retries,
                 hold_left: hold_deadline.saturating_duration_since(Instant::now()),
                 next_window_in: next_window_start(self.quota.window()),
                 jitter: fastrand::f64(),
+                idempotent,
+                resent_after_reuse,
             };
             let (reason, after) = match policy.decide(attempt, progress) {
                 Decision::Done => return result,
-                Decision::Retry { reason, after } => (reason, after),
+                Decision::Retry {
+                    reason,
+                    after,
+                    connection: next,
+                } => {
+                    connection = next;
+                    (reason, after)
+                }
             };
             let resume = Instant::now() + after;
             match (reason, &call.quota_key) {
@@ -136,7 +148,12 @@ impl Dispatcher {
                 }
                 (RetryReason::MinuteQuota, None) => tokio::time::sleep_until(resume).await,
                 (RetryReason::SystemBusy | RetryReason::Transport, _) => {
-                    busy_retries += 1;
+                    match connection {
+                        // Sent again after a reused connection closed under it: once, and not
+                        // one of the busy retries.
+                        ConnectionChoice::New => resent_after_reuse = true,
+                        ConnectionChoice::Any => busy_retries += 1,
+                    }
                     tokio::time::sleep_until(resume).await;
                 }
             }
@@ -179,9 +196,9 @@ impl Dispatcher {
     }
 
     /// Sends one attempt and records it in the metrics.
-    async fn send(&self, call: &Call) -> (CallResult, Attempt) {
+    async fn send(&self, call: &Call, connection: ConnectionChoice) -> (CallResult, Attempt) {
         let sent = Instant::now();
-        let result = self.upstream.send(&call.request).await;
+        let result = self.upstream.send(&call.request, connection).await;
         let seconds = sent.elapsed().as_secs_f64();
         match result {
             Ok(response) => {

@@ -219,6 +219,7 @@ impl LocalAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::CertificateProblem;
 
     #[test]
     fn every_answer_is_wechat_shaped() {
@@ -240,6 +241,9 @@ mod tests {
                 retry_after: Duration::from_millis(1500),
             },
             LocalAnswer::Upstream(TransportError::Timeout),
+            LocalAnswer::Upstream(TransportError::TooLarge),
+            LocalAnswer::Upstream(TransportError::ConnectionLimit),
+            LocalAnswer::Upstream(TransportError::Certificate(CertificateProblem::WrongHost)),
             LocalAnswer::CallAbandoned,
             LocalAnswer::ClaimHolderGone,
             LocalAnswer::ClaimUnreachable,
@@ -279,5 +283,10 @@ mod tests {
             (StatusCode::SERVICE_UNAVAILABLE, -1)
         );
         assert!(cut.errmsg().contains("shutting down"), "{}", cut.errmsg());
+        assert_eq!(
+            LocalAnswer::Upstream(TransportError::Certificate(CertificateProblem::WrongHost))
+                .errmsg(),
+            "system error (wxgate: upstream TLS certificate refused: not valid for the upstream's host name)"
+        );
     }
 }

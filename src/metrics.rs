@@ -266,7 +266,7 @@ impl Metrics {
 
         let outcomes: Vec<&str> = Outcome::ALL.iter().map(|o| o.label()).collect();
         let errcodes: Vec<&str> = errcode_labels().collect();
-        let reasons: Vec<&str> = TransportError::ALL.iter().map(|e| e.label()).collect();
+        let reasons = TransportError::LABELS;
         let retry_reasons: Vec<&str> = RetryReason::ALL.iter().map(|r| r.label()).collect();
         Ok(Metrics {
             requests: per_api_and(&requests, &outcomes),

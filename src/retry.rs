@@ -7,6 +7,13 @@
 //!   millisecond), as long as that is within `retry.max_hold_ms` of the call's start.
 //! - **-1** (system busy), and a connection that could not be opened (nothing was sent): sent
 //!   again after an exponential backoff with jitter, up to `retry.busy_attempts` times.
+//! - **A reused connection closed under the request** before any answer (the server's
+//!   keep-alive timeout ran out as the request arrived; it never read it): sent again at once,
+//!   on a new connection, once per call, when its method is idempotent (RFC 9110 §9.2.2: GET,
+//!   HEAD, PUT, DELETE, OPTIONS, TRACE; every code exchange is a GET), as Go's net/http does.
+//!   A server that read the request and then died looks the same and may have executed it,
+//!   which an idempotent request allows; a POST (a message sent, a `clear_quota` reset spent)
+//!   is not sent twice.
 //! - Anything else is final, a timeout and a reset included: the call may have been executed
 //!   (a code exchange may have spent its code).
 
@@ -14,7 +21,7 @@ use std::time::Duration;
 
 use crate::config::RetryConfig;
 use crate::metrics::RetryReason;
-use crate::upstream::TransportError;
+use crate::upstream::{ConnectionChoice, TransportError};
 use crate::wechat::{Errcode, MINUTE_QUOTA, SYSTEM_BUSY};
 
 /// The first backoff after a `-1`; doubled for every further attempt, with ±50 % jitter.
@@ -41,6 +48,8 @@ pub enum Decision {
         reason: RetryReason,
         /// How long from now.
         after: Duration,
+        /// On which connection: [`ConnectionChoice::New`] after a reused one closed.
+        connection: ConnectionChoice,
     },
 }
 
@@ -55,6 +64,10 @@ pub struct Progress {
     pub next_window_in: Duration,
     /// A uniform sample in `[0, 1)` for the jitter (random in production, fixed in tests).
     pub jitter: f64,
+    /// Whether the call's method may be executed twice (RFC 9110 §9.2.2).
+    pub idempotent: bool,
+    /// Whether the call was already sent again after a reused connection closed under it.
+    pub resent_after_reuse: bool,
 }
 
 /// `[retry]` and the quota window, as the decision reads them.
@@ -87,6 +100,7 @@ impl RetryPolicy {
                 Decision::Retry {
                     reason,
                     after: busy_backoff(progress.busy_retries + 1, progress.jitter),
+                    connection: ConnectionChoice::Any,
                 }
             } else {
                 Decision::Done
@@ -101,12 +115,20 @@ impl RetryPolicy {
                     Decision::Retry {
                         reason: RetryReason::MinuteQuota,
                         after,
+                        connection: ConnectionChoice::Any,
                     }
                 }
             }
             Attempt::Answered(Errcode::Code(SYSTEM_BUSY)) => busy_retry(RetryReason::SystemBusy),
-            Attempt::Failed(error) if error.nothing_was_sent() => {
-                busy_retry(RetryReason::Transport)
+            Attempt::Failed(error) if error.retryable() => busy_retry(RetryReason::Transport),
+            Attempt::Failed(TransportError::ReusedConnectionClosed)
+                if progress.idempotent && !progress.resent_after_reuse =>
+            {
+                Decision::Retry {
+                    reason: RetryReason::Transport,
+                    after: Duration::ZERO,
+                    connection: ConnectionChoice::New,
+                }
             }
             Attempt::Answered(_) | Attempt::Failed(_) => Decision::Done,
         }
@@ -128,6 +150,7 @@ fn window_jitter(window: Duration, jitter: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::upstream::CertificateProblem;
 
     fn policy(busy_attempts: u32, max_hold_secs: u64) -> RetryPolicy {
         RetryPolicy {
@@ -143,6 +166,8 @@ mod tests {
             hold_left: Duration::from_secs(hold_left_secs),
             next_window_in: Duration::from_secs(next_window_secs),
             jitter: 0.5,
+            idempotent: true,
+            resent_after_reuse: false,
         }
     }
 
@@ -158,6 +183,7 @@ mod tests {
                 reason: RetryReason::MinuteQuota,
                 // 20 s to the window, plus half of the jitter's one second.
                 after: Duration::from_millis(20_500),
+                connection: ConnectionChoice::Any,
             }
         );
         // The next window starts after the hold ends: the 45011 goes back to the client.
@@ -195,11 +221,43 @@ mod tests {
     }
 
     #[test]
+    fn an_idempotent_call_lost_on_a_reused_connection_is_sent_again_once_on_a_new_one() {
+        let policy = policy(0, 65);
+        let lost = Attempt::Failed(TransportError::ReusedConnectionClosed);
+        assert_eq!(
+            policy.decide(lost, progress(0, 65, 30)),
+            Decision::Retry {
+                reason: RetryReason::Transport,
+                after: Duration::ZERO,
+                connection: ConnectionChoice::New,
+            },
+            "at once, and not limited by busy_attempts (0 here)"
+        );
+        let again = Progress {
+            resent_after_reuse: true,
+            ..progress(0, 65, 30)
+        };
+        assert_eq!(policy.decide(lost, again), Decision::Done, "only once");
+        let post = Progress {
+            idempotent: false,
+            ..progress(0, 65, 30)
+        };
+        assert_eq!(
+            policy.decide(lost, post),
+            Decision::Done,
+            "a POST may have been executed"
+        );
+    }
+
+    #[test]
     fn anything_that_may_have_been_executed_is_final() {
         let policy = policy(5, 65);
         for attempt in [
             Attempt::Failed(TransportError::Timeout),
             Attempt::Failed(TransportError::Reset),
+            Attempt::Failed(TransportError::TooLarge),
+            Attempt::Failed(TransportError::ConnectionLimit),
+            Attempt::Failed(TransportError::Certificate(CertificateProblem::OutOfDate)),
             Attempt::Answered(Errcode::Success),
             Attempt::Answered(Errcode::Code(40163)),
             Attempt::Answered(Errcode::Code(45009)),

@@ -205,15 +205,19 @@ async fn the_first_caller_going_away_does_not_stop_the_call() {
 async fn transient_answers_are_not_remembered() {
     let (upstream, proxy) = setup("[retry]\nbusy_attempts = 0\n").await;
     let client = client();
-    for (fault, expected_status, expected_errcode) in [
-        (Fault::Busy, 200, Some(-1)),
-        (Fault::DailyQuota, 200, Some(45009)),
-        (Fault::BadGateway, 502, None),
-        (Fault::Reset, 502, Some(-1)),
+    // A reset on the connection kept alive from the previous exchange is taken for a server
+    // closing an idle connection: the exchange goes once more on a new connection, where the
+    // second reset is final.
+    for (faults, expected_status, expected_errcode) in [
+        (&[Fault::Busy][..], 200, Some(-1)),
+        (&[Fault::DailyQuota], 200, Some(45009)),
+        (&[Fault::BadGateway], 502, None),
+        (&[Fault::Reset, Fault::Reset], 502, Some(-1)),
     ] {
+        let fault = faults[0];
         let code = format!("code-transient-{fault:?}");
         let path = jscode2session(APPID, SECRET, &code);
-        upstream.push_faults([fault]);
+        upstream.push_faults(faults.iter().copied());
         let first = get(&client, proxy.url(&path)).await;
         assert_eq!(first.status, expected_status, "{fault:?}");
         if let Some(expected) = expected_errcode {
@@ -223,7 +227,11 @@ async fn transient_answers_are_not_remembered() {
         let retry = get(&client, proxy.url(&path)).await;
         assert_eq!(retry.cache, "miss", "{fault:?}: not remembered");
         assert_eq!(errcode(&retry.body), 0, "{fault:?}");
-        assert_eq!(upstream.code_calls(&code), 2, "{fault:?}");
+        assert_eq!(
+            upstream.code_calls(&code),
+            faults.len() as u64 + 1,
+            "{fault:?}"
+        );
     }
 }
 

@@ -215,8 +215,11 @@ async fn upstream_faults_get_the_documented_answers() {
     assert!(content_type.to_str().unwrap().starts_with("text/html"));
     assert!(!answer.text().await.unwrap().contains("wxgate"));
 
-    // A connection closed without an answer: 502, WeChat-shaped, not retried.
-    upstream.push_faults([Fault::Reset]);
+    // A connection closed without an answer: 502, WeChat-shaped. The first reset is on the
+    // connection kept alive from the call above: a GET may be sent twice, so it goes once
+    // more on a new connection (the server may have been closing an idle connection), and
+    // the reset there is final.
+    upstream.push_faults([Fault::Reset, Fault::Reset]);
     let before = upstream.calls("/any");
     wechat_error(
         client.get(proxy.url("/any")).send().await.unwrap(),
@@ -224,7 +227,18 @@ async fn upstream_faults_get_the_documented_answers() {
         "upstream connection reset",
     )
     .await;
-    assert_eq!(upstream.calls("/any"), before + 1);
+    assert_eq!(upstream.calls("/any"), before + 2);
+    // A POST, which may not be sent twice, is not sent again.
+    let answer = client.get(proxy.url("/any")).send().await.unwrap();
+    assert_eq!(answer.status(), 200, "a connection to keep alive");
+    upstream.push_faults([Fault::Reset]);
+    wechat_error(
+        client.post(proxy.url("/any")).send().await.unwrap(),
+        502,
+        "upstream closed a reused connection without answering",
+    )
+    .await;
+    assert_eq!(upstream.calls("/any"), before + 4);
 
     // No answer within timeout_ms: 504.
     upstream.push_faults([Fault::Hang]);
@@ -294,7 +308,8 @@ async fn admin_endpoints_and_metrics_match_the_traffic() {
         .unwrap();
     let body: serde_json::Value = answer.json().await.unwrap();
     assert_eq!(body["errcode"], 40029);
-    upstream.push_faults([Fault::Reset]);
+    // The first reset is on a kept-alive connection (sent again), the second final.
+    upstream.push_faults([Fault::Reset, Fault::Reset]);
     client.get(proxy.url("/other")).send().await.unwrap();
 
     let health = client

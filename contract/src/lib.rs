@@ -68,7 +68,8 @@ pub enum RetryReason {
     MinuteQuota,
     /// WeChat answered -1.
     SystemBusy,
-    /// The connection could not be opened (nothing was sent).
+    /// The connection could not be opened (nothing was sent), or a kept-alive one closed under
+    /// an idempotent call before any answer (sent again once, on a new connection).
     Transport,
 }
 

@@ -243,9 +243,11 @@ async fn burst(load: &Arc<Load>, size: usize) {
     drain(tasks).await;
 }
 
-/// A connection reset by the stand-in. wxgate does not retry it (the call may have been
-/// executed), so one client gets a 502. The fault goes to whichever call arrives next, so
-/// double submits are paused first: the call that fails then has no follower.
+/// A connection reset by the stand-in. On a connection kept alive from an earlier call, a GET
+/// is sent once more on a new connection (the server may have been closing an idle
+/// connection); otherwise wxgate does not retry it (the call may have been executed), and the
+/// client gets a 502. The fault goes to whichever call arrives next, so double submits are
+/// paused first: a call that fails then has no follower.
 async fn inject_reset(load: &Load, faults: &StandIn) {
     let drained = load
         .doubles

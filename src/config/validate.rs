@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
+use std::path::Path;
 use std::time::Duration;
 
 use super::cluster::{CLUSTER_SECRET_ENV, REDIS_PASSWORD_ENV};
 use super::read::quote_key;
 use super::{
-    BaseUrl, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig, QuotaConfig,
+    BaseUrl, CaFile, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig, QuotaConfig,
     QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota, RawRetry,
     RawServer, RawUpstream, RedisUrl, RetryConfig, ServerConfig, UpstreamConfig,
     HOLD_BEYOND_WINDOW,
@@ -143,11 +144,24 @@ fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
     let connect_timeout = c.millis(key!(raw.connect_timeout_ms), 1..=600_000);
     let timeout = c.millis(key!(raw.timeout_ms), 1..=600_000);
     let pool_max_idle = c.int(key!(raw.pool_max_idle), 0..=100_000);
+    let pool_idle_timeout = c.millis(key!(raw.pool_idle_timeout_ms), 1..=3_600_000);
+    let max_body_bytes = c.int(key!(raw.max_body_bytes), 1..=1 << 30);
+    let max_connections = c.int(key!(raw.max_connections), 1..=100_000);
+    let ca_file = match &raw.ca_file {
+        None => Some(None),
+        Some(path) => c
+            .check(name!(raw.ca_file), CaFile::load(Path::new(path)))
+            .map(Some),
+    };
     Some(UpstreamConfig {
         base_url: base_url?,
         connect_timeout: connect_timeout?,
         timeout: timeout?,
         pool_max_idle: pool_max_idle?,
+        pool_idle_timeout: pool_idle_timeout?,
+        max_body_bytes: max_body_bytes?,
+        max_connections: max_connections?,
+        ca_file: ca_file?,
     })
 }
 
@@ -454,6 +468,26 @@ mod tests {
                 "quota.appids.wx1.burst: 9000 is larger than per_window (5000): a burst cannot exceed the quota",
             ]
         );
+    }
+
+    #[test]
+    fn an_unusable_ca_file_is_named_by_its_key_never_by_its_path_or_contents() {
+        let missing = problems("[upstream]\nca_file = \"/nonexistent/hunter2-a.pem\"\n");
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(
+            missing[0].starts_with("upstream.ca_file: cannot be read ("),
+            "{missing:?}"
+        );
+        let path = std::env::temp_dir().join(format!("wxgate-validate-{}.pem", std::process::id()));
+        std::fs::write(&path, "hunter2-b: not a certificate\n").unwrap();
+        let text = format!("[upstream]\nca_file = {:?}\n", path.display().to_string());
+        let no_certificate = problems(&text);
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            no_certificate,
+            ["upstream.ca_file: holds no PEM certificate (-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----)"]
+        );
+        assert!(!format!("{missing:?}{no_certificate:?}").contains("hunter2"));
     }
 
     #[test]

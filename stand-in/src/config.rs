@@ -1,5 +1,6 @@
 //! What the stand-in is told at start: the mini programs and third-party platforms it knows,
-//! its quota and window, its latency, and whether it logs every call.
+//! its quota and window, its latency, whether it logs every call, and whether it speaks
+//! HTTPS.
 
 use std::time::Duration;
 
@@ -26,11 +27,30 @@ pub struct StandInConfig {
     pub latency: Duration,
     /// Keep a log of every call (time, path, appid, errcode); benches turn it off.
     pub record_calls: bool,
+    /// Serve HTTPS with this certificate instead of plain HTTP; `None` = plain HTTP.
+    pub tls: Option<StandInTls>,
+}
+
+/// The certificate the stand-in serves HTTPS with, as PEM text (what certificate tools write).
+#[derive(Clone)]
+pub struct StandInTls {
+    /// The leaf certificate first, then any intermediates.
+    pub certificate_chain_pem: String,
+    /// The leaf's private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key_pem: String,
+}
+
+impl std::fmt::Debug for StandInTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A key, even a test one, is not printed.
+        f.debug_struct("StandInTls").finish_non_exhaustive()
+    }
 }
 
 impl Default for StandInConfig {
     /// One app ([`DEFAULT_APPID`], with a unionid), one platform ([`DEFAULT_COMPONENT_APPID`])
-    /// that the app authorized, no quota, 60 s windows, no latency, calls recorded.
+    /// that the app authorized, no quota, 60 s windows, no latency, calls recorded, plain
+    /// HTTP.
     fn default() -> Self {
         StandInConfig {
             apps: vec![StandInApp {
@@ -47,6 +67,7 @@ impl Default for StandInConfig {
             window: Duration::from_secs(60),
             latency: Duration::ZERO,
             record_calls: true,
+            tls: None,
         }
     }
 }

@@ -3,8 +3,8 @@
 //! wxgate's integration tests, its benchmarks and the `wxgate demo` command need an upstream
 //! that behaves like WeChat where wxgate cares (single-use login codes, per-minute quotas,
 //! errors answered as HTTP 200 with `{"errcode","errmsg"}`) and that can be made to fail on
-//! demand. This crate owns that upstream: [`StandIn`] serves HTTP/1.1 and HTTP/2 on a
-//! loopback listener, answers the endpoints listed below the way WeChat documents them, echoes
+//! demand. This crate owns that upstream: [`StandIn`] serves HTTP/1.1 and HTTP/2 (over TLS
+//! with a certificate the caller gives, [`StandInConfig::tls`]) on a loopback listener, answers the endpoints listed below the way WeChat documents them, echoes
 //! every other request back so pass-through can be checked, and counts what it received.
 //!
 //! | path | answers |
@@ -76,6 +76,7 @@
 //!   parameter checks, quotas over aligned windows, single-use codes, tokens.
 //! - `request.rs`: a call as received and the endpoint parameters read from it.
 //! - `answer.rs`: what the stand-in answers: WeChat JSON, the echo, a 502, a closed connection.
+//! - `tls.rs`: HTTPS with the certificate of [`StandInTls`].
 //! - `fault.rs`: [`Fault`] and the queue of faults waiting for the next calls.
 //! - `record.rs`: [`CallRecord`], the counters behind [`StandIn::calls`] and the like, and
 //!   [`WindowCalls`] with the stats page's body.
@@ -93,12 +94,13 @@ mod ids;
 mod record;
 mod request;
 mod stand_in;
+mod tls;
 mod upstream;
 
 #[cfg(test)]
 mod tests;
 
-pub use config::{StandInApp, StandInComponent, StandInConfig};
+pub use config::{StandInApp, StandInComponent, StandInConfig, StandInTls};
 pub use fault::Fault;
 pub use record::{CallRecord, WindowCalls};
 pub use stand_in::StandIn;

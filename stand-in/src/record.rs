@@ -1,6 +1,7 @@
 //! What the stand-in remembers about the calls it received: the [`CallRecord`] log, the
-//! counters (by path, by code, by errcode) that tests read through [`StandIn`](crate::StandIn),
-//! and the calls per aligned window ([`WindowCalls`]) read from the log.
+//! counters (by path, by code, by errcode; connections and TLS handshakes) that tests read
+//! through [`StandIn`](crate::StandIn), and the calls per aligned window ([`WindowCalls`])
+//! read from the log.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -101,6 +102,10 @@ pub(crate) fn unix_ms(at: SystemTime) -> u64 {
 /// serialize concurrent calls.
 #[derive(Default)]
 pub(crate) struct Counters {
+    /// Connections accepted.
+    pub(crate) connections: AtomicU64,
+    /// TLS handshakes completed.
+    pub(crate) tls_connections: AtomicU64,
     pub(crate) total: AtomicU64,
     pub(crate) by_path: DashMap<String, AtomicU64>,
     pub(crate) by_code: DashMap<String, AtomicU64>,

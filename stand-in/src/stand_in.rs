@@ -1,6 +1,6 @@
 //! [`StandIn`]: the running stand-in and its handle (start it, inject faults, change its
-//! latency and quota, read what it received), and the server behind it: the accept loop and
-//! what happens to one call from arrival to answer.
+//! latency and quota, read what it received), and the server behind it: the accept loop (and
+//! the TLS handshake, for HTTPS) and what happens to one call from arrival to answer.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,8 +16,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 
 use crate::answer::{json_response, plain, Answer, CloseConnection};
 use crate::record::{
@@ -44,6 +46,8 @@ const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// the request body as lossy UTF-8.
 pub struct StandIn {
     addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    https: bool,
     /// Also read by this crate's tests, which move its clock.
     pub(crate) shared: Arc<Shared>,
     /// The accept loop. It owns the connection tasks (a `JoinSet`), so aborting it ends them
@@ -64,7 +68,8 @@ impl StandIn {
     /// Starts a stand-in on `127.0.0.1:0`. Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// When no loopback port can be bound.
+    /// When no loopback port can be bound, or [`StandInConfig::tls`] is not a usable
+    /// certificate and key (`InvalidInput`).
     pub async fn start(config: StandInConfig) -> std::io::Result<StandIn> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         Self::start_on(listener, config).await
@@ -73,16 +78,20 @@ impl StandIn {
     /// Starts a stand-in on a listener the caller bound. Must be called inside a tokio runtime.
     ///
     /// # Errors
-    /// When the listener's local address cannot be read.
+    /// When the listener's local address cannot be read, or [`StandInConfig::tls`] is not a
+    /// usable certificate and key (`InvalidInput`).
     pub async fn start_on(
         listener: TcpListener,
         config: StandInConfig,
     ) -> std::io::Result<StandIn> {
         let addr = listener.local_addr()?;
+        let tls = config.tls.as_ref().map(crate::tls::acceptor).transpose()?;
+        let https = tls.is_some();
         let shared = Arc::new(Shared::new(config));
-        let server = tokio::spawn(accept_loop(listener, Arc::clone(&shared))).abort_handle();
+        let server = tokio::spawn(accept_loop(listener, Arc::clone(&shared), tls)).abort_handle();
         Ok(StandIn {
             addr,
+            https,
             shared,
             server,
         })
@@ -93,9 +102,28 @@ impl StandIn {
         self.addr
     }
 
-    /// `http://<addr>`, without a trailing slash, e.g. `http://127.0.0.1:40123`.
+    /// `http://<addr>`, without a trailing slash, e.g. `http://127.0.0.1:40123`; `https://`
+    /// when it serves HTTPS (then a client checking the certificate needs a host name the
+    /// certificate names, such as `https://localhost:40123`).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Connections accepted (TCP), whether or not a request came on them.
+    pub fn connections(&self) -> u64 {
+        self.shared.counters.connections.load(Ordering::Relaxed)
+    }
+
+    /// TLS handshakes completed: with keep-alive, fewer than the calls.
+    pub fn tls_connections(&self) -> u64 {
+        self.shared.counters.tls_connections.load(Ordering::Relaxed)
+    }
+
+    /// The server name (SNI) each completed TLS handshake asked for, in order; `None` for a
+    /// client that sent none (as for an IP address).
+    pub fn server_names(&self) -> Vec<Option<String>> {
+        lock(&self.shared.server_names).clone()
     }
 
     /// Queues faults for the next calls: each call, on any path, takes the first queued fault
@@ -173,6 +201,9 @@ impl StandIn {
     /// quota counts and queued faults stay as they are.
     pub fn reset_counters(&self) {
         let counters = &self.shared.counters;
+        counters.connections.store(0, Ordering::Relaxed);
+        counters.tls_connections.store(0, Ordering::Relaxed);
+        lock(&self.shared.server_names).clear();
         counters.total.store(0, Ordering::Relaxed);
         counters.by_path.clear();
         counters.by_code.clear();
@@ -194,7 +225,7 @@ impl Drop for StandIn {
 }
 
 /// Accepts connections until the stand-in is dropped (which aborts this task).
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tls: Option<TlsAcceptor>) {
     let builder = auto::Builder::new(TokioExecutor::new());
     // Owned here so that aborting this task (StandIn's Drop) aborts every connection with it.
     let mut connections = JoinSet::new();
@@ -202,7 +233,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(serve_connection(stream, builder.clone(), Arc::clone(&shared)));
+                    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    connections.spawn(serve_connection(
+                        stream,
+                        builder.clone(),
+                        Arc::clone(&shared),
+                        tls.clone(),
+                    ));
                 }
                 // Usually too many open files: back off instead of spinning, the condition
                 // clears as connections close.
@@ -214,13 +251,35 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// One connection: the TLS handshake first for HTTPS (a client that refuses the certificate
+/// ends it there, before any request), then HTTP/1.1 or HTTP/2.
 async fn serve_connection(
     stream: TcpStream,
     builder: auto::Builder<TokioExecutor>,
     shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
 ) {
     // Small request/answer exchanges: Nagle's algorithm would only add latency to the baseline.
     let _ = stream.set_nodelay(true);
+    let Some(acceptor) = tls else {
+        return serve_http(stream, builder, shared).await;
+    };
+    let Ok(stream) = acceptor.accept(stream).await else {
+        return;
+    };
+    let server_name = stream.get_ref().1.server_name().map(str::to_owned);
+    lock(&shared.server_names).push(server_name);
+    shared
+        .counters
+        .tls_connections
+        .fetch_add(1, Ordering::Relaxed);
+    serve_http(stream, builder, shared).await;
+}
+
+async fn serve_http<S>(stream: S, builder: auto::Builder<TokioExecutor>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = service_fn(move |request| handle(Arc::clone(&shared), request));
     // The connection ends in an error when the client goes away or a fault closes it on
     // purpose; neither is worth reporting from a test double.

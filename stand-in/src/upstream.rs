@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) used_codes: DashSet<(String, String)>,
     pub(crate) counters: Counters,
     pub(crate) log: Mutex<Vec<CallRecord>>,
+    /// The server name (SNI) each TLS connection asked for, in handshake order.
+    pub(crate) server_names: Mutex<Vec<Option<String>>>,
 }
 
 struct AppEntry {
@@ -93,6 +95,7 @@ impl Shared {
             used_codes: DashSet::new(),
             counters: Counters::default(),
             log: Mutex::new(Vec::new()),
+            server_names: Mutex::new(Vec::new()),
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod child;
 pub mod cluster;
 pub mod redis;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;

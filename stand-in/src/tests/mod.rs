@@ -1,6 +1,8 @@
 //! The stand-in's own tests, over loopback with reqwest as the client: the shared harness
-//! here, WeChat's endpoints in `wechat.rs`, faults, the echo and the server in `serving.rs`.
+//! here, WeChat's endpoints in `wechat.rs`, faults, the echo and the server in `serving.rs`,
+//! HTTPS (with a rustls client) in `https.rs`.
 
+mod https;
 mod serving;
 mod wechat;
 
