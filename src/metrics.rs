@@ -441,14 +441,17 @@ pub enum RedisErrorKind {
     Connection,
     /// Redis answered with an error (a script error, out of memory, no permission...).
     Answer,
+    /// The live replicas use another cluster secret.
+    Secret,
 }
 
 impl RedisErrorKind {
     /// Every value, in label order.
-    pub const ALL: [RedisErrorKind; 3] = [
+    pub const ALL: [RedisErrorKind; 4] = [
         RedisErrorKind::Timeout,
         RedisErrorKind::Connection,
         RedisErrorKind::Answer,
+        RedisErrorKind::Secret,
     ];
 
     /// The kind of a client error.
@@ -472,6 +475,7 @@ impl RedisErrorKind {
             RedisErrorKind::Timeout => "timeout",
             RedisErrorKind::Connection => "connection",
             RedisErrorKind::Answer => "answer",
+            RedisErrorKind::Secret => "secret",
         }
     }
 
@@ -481,6 +485,7 @@ impl RedisErrorKind {
             RedisErrorKind::Timeout => "no answer within cluster.timeout_ms",
             RedisErrorKind::Connection => "no connection to Redis",
             RedisErrorKind::Answer => "Redis answered with an error",
+            RedisErrorKind::Secret => "the live replicas use another cluster secret",
         }
     }
 

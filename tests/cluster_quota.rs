@@ -287,3 +287,54 @@ async fn a_slow_redis_degrades_within_the_timeout_instead_of_stalling() {
         "the slow operations were counted as timeouts"
     );
 }
+
+/// A replica with another cluster secret on the same Redis does not share with the others
+/// (it could not read what they store, and they would count its calls under keys it cannot
+/// name): it degrades, says why in its metrics, and is not counted among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_another_secret_does_not_share() {
+    let redis = RedisServer::start();
+    let upstream = stand_in(|_| {}).await;
+    // Windows of a second: the stranger, degraded from the start, counts its first window
+    // as spent.
+    let quota = "[quota]\nwindow_secs = 1\nper_window = 300\n";
+    let replicas = Replicas::start(&upstream, &redis.url(), quota).await;
+    replicas.wait_until_they_know_each_other().await;
+    let other_secret = support::cluster::SecretFile::new();
+    let stranger = spawn_proxy(config(&support::cluster::cluster_config_text(
+        &upstream,
+        &redis.url(),
+        &other_secret,
+        quota,
+    )))
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = stranger.metrics().await;
+        let refused = metric(&text, "wxgate_redis_errors_total", &[("kind", "secret")]);
+        if refused >= 1.0 {
+            assert_eq!(
+                metric(&text, "wxgate_cluster_state", &[("state", "degraded")]),
+                1.0
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the other secret went unnoticed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It still serves, on its own.
+    let answer = client()
+        .get(stranger.url(&jscode2session(APPID, SECRET, "code-stranger")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(errcode(&answer.bytes().await.unwrap()), 0);
+    // The others still count three.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for proxy in &replicas.proxies {
+        assert_eq!(
+            metric(&proxy.metrics().await, "wxgate_cluster_replicas", &[]),
+            3.0
+        );
+    }
+}

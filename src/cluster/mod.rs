@@ -70,6 +70,8 @@ pub struct Cluster {
     sealing: Sealing,
     /// This replica's random id in the heartbeat set.
     replica: String,
+    /// A fingerprint of the cluster secret: replicas whose checks differ do not share.
+    secret_check: String,
     /// The epoch this replica counts under (see [`scripts`]); empty until the first
     /// heartbeat.
     epoch: Mutex<String>,
@@ -158,6 +160,7 @@ impl Cluster {
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             window,
+            secret_check: Sealing::new(config.secret.expose()).fingerprint("secret check", &[]),
             sealing: Sealing::new(config.secret.expose()),
             replica: random_id(),
             epoch: Mutex::new(String::new()),
@@ -226,6 +229,12 @@ impl Cluster {
             tokio::spawn(async move { notices.route(pushes).await });
         }
         self.heartbeat().await;
+        if let Mode::Degraded { .. } = self.mode() {
+            tracing::warn!(
+                replicas = self.replicas(),
+                "Redis unavailable at start: limiting locally with this replica's share of each quota until it answers"
+            );
+        }
     }
 
     /// Whether Redis answered the last time it was asked (a resuming replica's quota still
@@ -283,11 +292,23 @@ impl Cluster {
         invocation
             .key(format!("{}epoch", self.prefix))
             .key(format!("{}replicas", self.prefix))
+            .key(format!("{}secret", self.prefix))
             .arg(&self.replica)
             .arg(HEARTBEAT_TTL.as_millis() as u64)
-            .arg(random_id());
-        let answer: Option<(String, u32)> = self.eval(RedisOp::Heartbeat, invocation).await;
-        let Some((epoch, replicas)) = answer else {
+            .arg(random_id())
+            .arg(&self.secret_check);
+        let answer: Option<(String, i64, String)> = self.eval(RedisOp::Heartbeat, invocation).await;
+        let Some((epoch, replicas, _)) = answer else {
+            return;
+        };
+        let Ok(replicas) = u32::try_from(replicas) else {
+            // Another cluster secret: sharing would mix counts this replica cannot read.
+            self.metrics
+                .error(RedisOp::Heartbeat, RedisErrorKind::Secret);
+            self.degrade(
+                RedisOp::Heartbeat,
+                "the live replicas use another cluster secret: not sharing with them",
+            );
             return;
         };
         self.replicas.store(replicas.max(1), Ordering::Relaxed);

@@ -56,12 +56,19 @@ return resume - now
 ";
 
 /// A replica's heartbeat: it counts itself live, and learns the epoch and how many replicas
-/// are live.
+/// are live; unless its cluster secret differs from the live replicas' (their secret check,
+/// a fingerprint under the secret, stands for as long as a heartbeat counts): then it is not
+/// counted, and learns the check that stands.
 ///
-/// `KEYS`: epoch, replicas (a sorted set of replica ids by last heartbeat, ms).
+/// `KEYS`: epoch, replicas (a sorted set of replica ids by last heartbeat, ms), secret check.
 /// `ARGV`: this replica's id, how long a heartbeat counts (ms), a fresh epoch to write if
-/// there is none. Returns `{epoch, live replicas}`.
+/// there is none, this replica's secret check. Returns `{epoch, live replicas, check}`
+/// (`live replicas` is -1 when the checks differ).
 pub const HEARTBEAT: &str = r"
+redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[2])
+local check = redis.call('GET', KEYS[3])
+if check ~= ARGV[4] then return {'', -1, check} end
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
 redis.call('SET', KEYS[1], ARGV[3], 'NX')
 local epoch = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
@@ -70,7 +77,7 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
 redis.call('PEXPIRE', KEYS[2], ttl * 2)
-return {epoch, redis.call('ZCARD', KEYS[2])}
+return {epoch, redis.call('ZCARD', KEYS[2]), check}
 ";
 
 /// When degraded replicas go back to shared counting: all at the same window boundary, at
