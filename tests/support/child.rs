@@ -80,10 +80,10 @@ impl ChildWxgate {
         std::fs::write(&self.config_path, format!("{server}{config}")).unwrap();
     }
 
-    /// Sends it `SIGHUP`.
+    /// Sends it `SIGHUP` (with the shell's builtin `kill`: no procps needed).
     pub fn hangup(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -HUP {}", self.child.id())])
             .status()
             .unwrap();
         assert!(status.success());
