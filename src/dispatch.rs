@@ -99,66 +99,62 @@ impl Dispatcher {
         G: FnMut() -> F,
         F: Future<Output = ()>,
     {
-        let started = Instant::now();
         let policy = self.policy.load_full();
-        let hold_deadline = started + policy.max_hold();
-        let mut quota_deadline = started + call.max_wait;
-        let mut busy_retries = 0;
-        let mut resent_after_reuse = false;
-        let mut connection = ConnectionChoice::Any;
-        let idempotent = call.request.method.is_idempotent();
+        let mut state = CallState::new(call, &policy);
         // What the client gets if a retry finds no quota turn in time: WeChat's last answer
         // (the 45011 held as long as allowed, or the -1), or the last failure.
         let mut last: Option<CallResult> = None;
         // Counted when the retry is sent: a hold that runs out sends nothing.
         let mut retrying: Option<RetryReason> = None;
         loop {
-            if let Err(refused) = self.acquire(call, quota_deadline, &mut gone).await {
+            if let Err(refused) = self.acquire(call, state.quota_deadline, &mut gone).await {
                 return last.unwrap_or(Err(refused));
             }
             if let Some(reason) = retrying.take() {
                 self.metrics.retry(call.api, reason);
             }
-            let (result, attempt) = self.send(call, connection).await;
-            let progress = Progress {
-                busy_retries,
-                hold_left: hold_deadline.saturating_duration_since(Instant::now()),
-                next_window_in: next_window_start(self.quota.window()),
-                jitter: fastrand::f64(),
-                idempotent,
-                resent_after_reuse,
+            let (result, attempt) = self.send(call, state.connection).await;
+            let progress = state.progress(self.quota.window());
+            let Decision::Retry {
+                reason,
+                after,
+                connection,
+            } = policy.decide(attempt, progress)
+            else {
+                return result;
             };
-            let (reason, after) = match policy.decide(attempt, progress) {
-                Decision::Done => return result,
-                Decision::Retry {
-                    reason,
-                    after,
-                    connection: next,
-                } => {
-                    connection = next;
-                    (reason, after)
-                }
-            };
-            let resume = Instant::now() + after;
-            match (reason, &call.quota_key) {
-                (RetryReason::MinuteQuota, Some(key)) => {
-                    self.quota.pause(key, resume).await;
-                    // The held call may wait for its turn until the hold ends.
-                    quota_deadline = hold_deadline;
-                }
-                (RetryReason::MinuteQuota, None) => tokio::time::sleep_until(resume).await,
-                (RetryReason::SystemBusy | RetryReason::Transport, _) => {
-                    match connection {
-                        // Sent again after a reused connection closed under it: once, and not
-                        // one of the busy retries.
-                        ConnectionChoice::New => resent_after_reuse = true,
-                        ConnectionChoice::Any => busy_retries += 1,
-                    }
-                    tokio::time::sleep_until(resume).await;
-                }
-            }
+            state.connection = connection;
+            self.before_retry(call, &mut state, reason, Instant::now() + after)
+                .await;
             last = Some(result);
             retrying = Some(reason);
+        }
+    }
+
+    /// Waits for a retry: a 45011 pauses the call's quota key until `resume` (the call then
+    /// waits for its turn behind the pause, as long as the hold allows); a backoff sleeps.
+    async fn before_retry(
+        &self,
+        call: &Call,
+        state: &mut CallState,
+        reason: RetryReason,
+        resume: Instant,
+    ) {
+        match (reason, &call.quota_key) {
+            (RetryReason::MinuteQuota, Some(key)) => {
+                self.quota.pause(key, resume).await;
+                state.quota_deadline = state.hold_deadline;
+            }
+            (RetryReason::MinuteQuota, None) => tokio::time::sleep_until(resume).await,
+            (RetryReason::SystemBusy | RetryReason::Transport, _) => {
+                match state.connection {
+                    // Sent again after a reused connection closed under it: once, and not one
+                    // of the busy retries.
+                    ConnectionChoice::New => state.resent_after_reuse = true,
+                    ConnectionChoice::Any => state.busy_retries += 1,
+                }
+                tokio::time::sleep_until(resume).await;
+            }
         }
     }
 
@@ -211,6 +207,42 @@ impl Dispatcher {
                 self.metrics.upstream_failure(call.api, error, seconds);
                 (Err(LocalAnswer::Upstream(error)), Attempt::Failed(error))
             }
+        }
+    }
+}
+
+/// Where a call stands between attempts: what the retry decision reads.
+struct CallState {
+    hold_deadline: Instant,
+    quota_deadline: Instant,
+    busy_retries: u32,
+    resent_after_reuse: bool,
+    connection: ConnectionChoice,
+    idempotent: bool,
+}
+
+impl CallState {
+    fn new(call: &Call, policy: &RetryPolicy) -> CallState {
+        let started = Instant::now();
+        CallState {
+            hold_deadline: started + policy.max_hold(),
+            quota_deadline: started + call.max_wait,
+            busy_retries: 0,
+            resent_after_reuse: false,
+            connection: ConnectionChoice::Any,
+            idempotent: call.request.method.is_idempotent(),
+        }
+    }
+
+    /// What the decision after an attempt needs to know, now.
+    fn progress(&self, window: Duration) -> Progress {
+        Progress {
+            busy_retries: self.busy_retries,
+            hold_left: self.hold_deadline.saturating_duration_since(Instant::now()),
+            next_window_in: next_window_start(window),
+            jitter: fastrand::f64(),
+            idempotent: self.idempotent,
+            resent_after_reuse: self.resent_after_reuse,
         }
     }
 }
