@@ -11,9 +11,15 @@
 //! |---|---|
 //! | `/sns/jscode2session` | `{"session_key","openid"[,"unionid"]}` or an error |
 //! | `/sns/component/jscode2session` | the same, for a third-party platform |
-//! | `/cgi-bin/token` | `{"access_token","expires_in":7200}` or an error |
-//! | `/cgi-bin/stable_token` (POST, JSON) | the same |
+//! | `/cgi-bin/token` | `{"access_token","expires_in"}` (a new token each time) or an error |
+//! | `/cgi-bin/stable_token` (POST, JSON) | the same, with WeChat's stable-token semantics |
+//! | `/cgi-bin/component/api_component_token` (POST, JSON) | `{"component_access_token","expires_in"}` |
+//! | `/cgi-bin/get_api_domain_ip?access_token=` | `{"ip_list":[…]}`, or 40001 / 42001 for a replaced, unknown or expired token |
 //! | anything else | an echo of the request (see [`StandIn`]) |
+//!
+//! Tokens live [`StandInConfig::token_lifetime`] (WeChat: 7200 s) and the previous one works
+//! [`StandInConfig::token_overlap`] (WeChat: 300 s) after a fetch mints the next (see
+//! `tokens.rs`); [`StandIn::token_fetches`] counts successful fetches per appid.
 //!
 //! Failures are injected with [`StandIn::push_faults`]: each call takes the next queued
 //! [`Fault`], whatever its path.
@@ -49,6 +55,7 @@
 //! - `answer.rs`: what the stand-in answers: WeChat JSON, the echo, a 502, a closed connection.
 //! - `fault.rs`: [`Fault`] and the queue of faults waiting for the next calls.
 //! - `record.rs`: [`CallRecord`] and the counters behind [`StandIn::calls`] and the like.
+//! - `tokens.rs`: access tokens: lifetimes, the overlap, stable and component tokens.
 //! - `ids.rs`: session keys, openids, tokens and request ids shaped like WeChat's.
 #![forbid(unsafe_code)]
 
@@ -62,6 +69,7 @@ mod ids;
 mod record;
 mod request;
 mod stand_in;
+mod tokens;
 mod upstream;
 
 #[cfg(test)]
@@ -79,7 +87,9 @@ pub const DEFAULT_APP_SECRET: &str = "stand-in-secret-a1";
 /// The third-party platform registered by [`StandInConfig::default`]; [`DEFAULT_APPID`] is
 /// authorized to it.
 pub const DEFAULT_COMPONENT_APPID: &str = "wx00000000000000c1";
-/// The `component_access_token` of [`DEFAULT_COMPONENT_APPID`].
+/// The `component_appsecret` of [`DEFAULT_COMPONENT_APPID`].
+pub const DEFAULT_COMPONENT_APPSECRET: &str = "stand-in-component-secret-c1";
+/// A `component_access_token` of [`DEFAULT_COMPONENT_APPID`] that never expires.
 pub const DEFAULT_COMPONENT_ACCESS_TOKEN: &str = "stand-in-component-token-c1";
 
 /// Path of the mini program's own code exchange (`auth.code2Session`).
@@ -90,6 +100,12 @@ pub const COMPONENT_JSCODE2SESSION_PATH: &str = "/sns/component/jscode2session";
 pub const TOKEN_PATH: &str = "/cgi-bin/token";
 /// Path of the stable access-token fetch (POST, JSON body).
 pub const STABLE_TOKEN_PATH: &str = "/cgi-bin/stable_token";
+/// Path of a third-party platform's token fetch (POST, JSON body).
+pub const COMPONENT_TOKEN_PATH: &str = "/cgi-bin/component/api_component_token";
+/// The API call whose `access_token` the stand-in checks (WeChat's "get API server IPs",
+/// which takes nothing else): 40001 for an unknown or replaced token, 42001 for an expired
+/// one. Every other API path is echoed, token or not.
+pub const CHECKED_API_PATH: &str = "/cgi-bin/get_api_domain_ip";
 
 /// Content-Type of every JSON answer, byte for byte what WeChat sends.
 pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";

@@ -1,7 +1,9 @@
 //! The stand-in's own tests, over loopback with reqwest as the client: the shared harness
-//! here, WeChat's endpoints in `wechat.rs`, faults, the echo and the server in `serving.rs`.
+//! here, WeChat's endpoints in `wechat.rs`, tokens in `tokens.rs`, faults, the echo and the
+//! server in `serving.rs`.
 
 mod serving;
+mod tokens;
 mod wechat;
 
 use std::net::SocketAddr;
