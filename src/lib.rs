@@ -14,6 +14,8 @@
 //! - `code_exchange`: coalescing of identical `js_code` exchanges and the answers remembered.
 //! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) with a first-come-first-served
 //!   wait queue.
+//! - `token_cache`: wxgate as the central access-token server: token fetches answered from
+//!   one cached token per appid, refreshed ahead of expiry, dropped when WeChat refuses it.
 //! - `dispatch`: one logical upstream call: wait for quota, send, hold across 45011, retry -1.
 //! - `upstream`: the pooled HTTP client towards WeChat and the headers it must not forward.
 //! - `api`: the WeChat APIs wxgate knows by path ([`Api`]); the bounded `api` metric label.
@@ -44,6 +46,7 @@ mod proxy;
 mod quota;
 mod retry;
 mod server;
+mod token_cache;
 mod upstream;
 mod wechat;
 

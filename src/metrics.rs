@@ -16,6 +16,9 @@ use crate::api::Api;
 use crate::upstream::TransportError;
 use crate::wechat::{errcode_labels, Errcode};
 
+mod tokens;
+
+pub use self::tokens::{TokenMetrics, TokenOutcome};
 pub use wxgate_contract::{Outcome, RetryReason};
 
 /// Latency buckets in seconds. The low end resolves the sub-millisecond cost of a cache hit
@@ -50,6 +53,8 @@ pub struct Metrics {
     pub code_cache_entries: IntGauge,
     /// (appid, API) pairs with quota state right now.
     pub quota_keys: IntGauge,
+    /// The token cache's metrics.
+    pub tokens: TokenMetrics,
 }
 
 /// Counts a request in `wxgate_inflight_requests` while it lives.
@@ -181,6 +186,7 @@ impl Metrics {
             inflight,
             code_cache_entries,
             quota_keys,
+            tokens: TokenMetrics::new(registry)?,
         })
     }
 
