@@ -261,15 +261,30 @@ pub enum RedisOp {
     Quota,
     /// A 45011 pause.
     Pause,
+    /// Reading a shared token.
+    TokenRead,
+    /// Taking or giving back the lease of a token fetch.
+    TokenLease,
+    /// Storing a token (fetched, or a replica's own when Redis has none).
+    TokenStore,
+    /// Dropping a token WeChat refused (40001, 40014, 42001).
+    TokenDrop,
+    /// Counting a fetch in the day's budget.
+    TokenCount,
 }
 
 impl RedisOp {
     /// Every value, in label order.
-    pub const ALL: [RedisOp; 4] = [
+    pub const ALL: [RedisOp; 9] = [
         RedisOp::Heartbeat,
         RedisOp::Resume,
         RedisOp::Quota,
         RedisOp::Pause,
+        RedisOp::TokenRead,
+        RedisOp::TokenLease,
+        RedisOp::TokenStore,
+        RedisOp::TokenDrop,
+        RedisOp::TokenCount,
     ];
 
     /// The label value.
@@ -279,6 +294,11 @@ impl RedisOp {
             RedisOp::Resume => "resume",
             RedisOp::Quota => "quota",
             RedisOp::Pause => "pause",
+            RedisOp::TokenRead => "token_read",
+            RedisOp::TokenLease => "token_lease",
+            RedisOp::TokenStore => "token_store",
+            RedisOp::TokenDrop => "token_drop",
+            RedisOp::TokenCount => "token_count",
         }
     }
 

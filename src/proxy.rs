@@ -83,7 +83,7 @@ impl Proxy {
     }
 
     /// The proxy of a replica: with a `cluster`, quota turns are counted with the other
-    /// replicas.
+    /// replicas, and access tokens are shared with them.
     pub(crate) fn with_cluster(
         config: &Config,
         metrics: Metrics,
@@ -91,12 +91,12 @@ impl Proxy {
     ) -> Result<Proxy, InvalidBaseUrl> {
         let upstream = UpstreamClient::new(&config.upstream)?;
         let mut quota = QuotaGate::new(&config.quota);
-        if let Some(cluster) = cluster {
-            quota = quota.shared_with(cluster);
+        if let Some(cluster) = &cluster {
+            quota = quota.shared_with(cluster.clone());
         }
         let dispatcher = Dispatcher::new(upstream, quota, &config.retry, metrics.clone());
         let dispatcher = Arc::new(dispatcher);
-        let tokens = TokenCache::new(config, dispatcher.clone(), metrics.tokens.clone());
+        let tokens = TokenCache::new(config, dispatcher.clone(), metrics.tokens.clone(), cluster);
         Ok(Proxy {
             dispatcher,
             codes: Arc::new(CodeExchange::new(&config.code_cache, metrics.clone())),

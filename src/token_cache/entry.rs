@@ -9,18 +9,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::Held;
 use super::request::{TokenKind, TokenRequest};
 
 /// The longest token wxgate caches (WeChat asks for 512 characters of storage).
-const MAX_TOKEN_LEN: usize = 2048;
+pub const MAX_TOKEN_LEN: usize = 2048;
 
 /// The longest lifetime wxgate believes (WeChat's is at most 7200 s).
 const MAX_LIFETIME_SECS: u64 = 86_400;
@@ -163,6 +163,58 @@ impl Entry {
         body.insert("expires_in".into(), expires_in.into());
         Bytes::from(serde_json::Value::Object(body).to_string())
     }
+
+    /// The entry as replicas store it (sealed before it reaches Redis).
+    pub fn to_stored(&self) -> Vec<u8> {
+        let stored = Stored {
+            token: self.token.to_string(),
+            issued_us: micros(self.held.issued),
+            expires_at_us: micros(self.held.expires_at),
+            lifetime_ms: self.held.lifetime.as_millis() as u64,
+            forced_at_us: self.held.forced_at.map(micros),
+            credential: self.credential.0,
+        };
+        serde_json::to_vec(&stored).expect("a stored entry serializes")
+    }
+
+    /// An entry stored by [`Entry::to_stored`].
+    pub fn from_stored(bytes: &[u8]) -> Option<Entry> {
+        let stored: Stored = serde_json::from_slice(bytes).ok()?;
+        Some(Entry {
+            token: stored.token.into(),
+            held: Held {
+                issued: from_micros(stored.issued_us),
+                expires_at: from_micros(stored.expires_at_us),
+                lifetime: Duration::from_millis(stored.lifetime_ms),
+                forced_at: stored.forced_at_us.map(from_micros),
+            },
+            credential: Credential(stored.credential),
+        })
+    }
+}
+
+/// What a replica writes (inside the sealed value) for an entry.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    token: String,
+    issued_us: u64,
+    expires_at_us: u64,
+    lifetime_ms: u64,
+    forced_at_us: Option<u64>,
+    credential: [u8; 32],
+}
+
+/// Microseconds since the epoch: how times travel between replicas (and order tokens in
+/// Redis, where a Lua number holds them exactly).
+pub fn micros(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// The time `micros` after the epoch.
+pub fn from_micros(micros: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(micros)
 }
 
 #[cfg(test)]
@@ -170,7 +222,6 @@ mod tests {
     use super::*;
     use crate::api::Api;
     use http::Method;
-    use std::time::UNIX_EPOCH;
 
     fn request(secret: &str) -> TokenRequest {
         let query =
@@ -196,7 +247,7 @@ mod tests {
 
     #[test]
     fn wechat_answers_are_read_leniently_and_checked() {
-        let issued = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let issued = from_micros(1_700_000_000_000_000);
         let credential = CredentialKey::random().credential(&request("s"));
         let read = |kind, body: &str| {
             Entry::from_answer(kind, body.as_bytes(), issued, credential.clone(), None)
@@ -229,8 +280,8 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_written_with_the_remaining_lifetime() {
-        let issued = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+    fn answers_and_stored_entries_round_trip() {
+        let issued = from_micros(1_700_000_000_123_456);
         let credential = CredentialKey::random().credential(&request("s"));
         let body = r#"{"access_token":"T\"1","expires_in":7200}"#;
         let entry = Entry::from_answer(
@@ -245,6 +296,7 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&written).unwrap();
         assert_eq!(value["access_token"], "T\"1");
         assert_eq!(value["expires_in"], 42);
+        assert_eq!(Entry::from_stored(&entry.to_stored()), Some(entry.clone()));
         assert!(!format!("{entry:?}").contains("T\\\"1"));
     }
 }

@@ -1,5 +1,6 @@
-//! One fetch, in a task of its own: send it upstream (under quota and retry policy), read
-//! WeChat's answer, settle the result in the cache, hand it to every waiter.
+//! One fetch, in a task of its own: agree with the other replicas on who fetches (see
+//! `replicas.rs`), send it upstream (under quota and retry policy), read WeChat's answer,
+//! store it for the replicas, settle the result in the cache, hand it to every waiter.
 //!
 //! # Settling
 //! A fetched token enters the cache only if it is newer than anything the cache holds or
@@ -16,9 +17,11 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use super::budget::beijing_day;
 use super::entry::{Credential, Entry};
 use super::flight::{Flight, FlightResult};
 use super::policy;
+use super::replicas::Coordinated;
 use super::{Slot, TokenCache, TokenKey};
 use crate::dispatch::Call;
 use crate::local_answer::LocalAnswer;
@@ -47,14 +50,25 @@ pub(super) struct Job {
     pub(super) mode: Mode,
 }
 
-/// Runs `job` to its end: fetch, settle, publish.
+/// Runs `job` to its end: agree with the other replicas, fetch, store, settle, publish.
 pub(super) async fn run(cache: Arc<TokenCache>, job: Job) {
     let mut guard = FlightGuard {
         cache: &cache,
         job: &job,
         armed: true,
     };
-    let result = fetch(&cache, &job).await;
+    let (result, lease) = match cache.coordinate(&job).await {
+        Coordinated::Done(result) => (result, None),
+        Coordinated::Fetch(lease) => (fetch(&cache, &job).await, lease),
+    };
+    if let FlightResult::Token {
+        entry,
+        fetched_here: true,
+    } = &result
+    {
+        cache.share(&job.key, entry).await;
+    }
+    cache.release(&job.key, lease).await;
     let result = cache.settle(&job, result);
     guard.armed = false;
     job.flight.publish(result);
@@ -69,7 +83,7 @@ async fn fetch(cache: &TokenCache, job: &Job) -> FlightResult {
         Ok(answer) => answer,
         Err(local) => return FlightResult::Local(local),
     };
-    cache.count_fetch(&job.key);
+    cache.count_fetch(&job.key).await;
     let forced_at = (job.mode == Mode::Fetch { forced: true }).then_some(issued);
     let entry = (answer.errcode == Errcode::Success)
         .then(|| {
@@ -84,7 +98,10 @@ async fn fetch(cache: &TokenCache, job: &Job) -> FlightResult {
         })
         .flatten();
     match entry {
-        Some(entry) => FlightResult::Token { entry },
+        Some(entry) => FlightResult::Token {
+            entry,
+            fetched_here: true,
+        },
         // An error, or a success wxgate cannot read: passed on as it came, not cached.
         None => FlightResult::Answer(Arc::new(answer)),
     }
@@ -99,12 +116,24 @@ impl TokenCache {
         slot.flights
             .retain(|flight| !Arc::ptr_eq(flight, &job.flight));
         match result {
-            FlightResult::Token { entry } => {
+            FlightResult::Token {
+                entry,
+                fetched_here,
+            } => {
                 let entry = keep_newest(slot, entry);
                 if job.mode == Mode::Background {
                     slot.refresh_failed_at = None;
                 }
-                FlightResult::Token { entry }
+                FlightResult::Token {
+                    entry,
+                    fetched_here,
+                }
+            }
+            FlightResult::Again => {
+                // Another replica is refreshing: this one does not try again before the
+                // backoff (its next read of Redis will likely find the new token).
+                slot.refresh_failed_at = Some(SystemTime::now());
+                FlightResult::Again
             }
             failed => {
                 if job.mode == Mode::Background {
@@ -119,12 +148,14 @@ impl TokenCache {
         }
     }
 
-    /// Counts a fetch WeChat answered: the fetch counter and the day's budget.
-    fn count_fetch(&self, key: &TokenKey) {
+    /// Counts a fetch WeChat answered: the fetch counter and the day's budget (in Redis
+    /// too, when shared, so that every replica reports all replicas' fetches).
+    async fn count_fetch(&self, key: &TokenKey) {
         self.metrics.fetch(key.kind);
         let now = SystemTime::now();
+        let shared = self.count_shared(key, beijing_day(now)).await;
         let mut budget = self.budget.lock();
-        budget.record(key, now, None);
+        budget.record(key, now, shared);
         self.metrics
             .set_fetches_today_max(key.kind, budget.max(key.kind, now));
     }

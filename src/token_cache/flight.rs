@@ -20,12 +20,18 @@ pub enum FlightResult {
     Token {
         /// The token now cached.
         entry: Entry,
+        /// This replica made the upstream call (rather than finding another replica's
+        /// token in Redis).
+        fetched_here: bool,
     },
     /// WeChat's answer was not a token (40125, 45009, -1…): passed to every waiter, who
     /// presented the same secret.
     Answer(Arc<WechatAnswer>),
     /// WeChat gave no answer, or no quota turn came in time.
     Local(LocalAnswer),
+    /// The fetch found nothing to do (a background refresh another replica was already
+    /// making): the waiters decide again.
+    Again,
 }
 
 /// One fetch for one (key, credential).

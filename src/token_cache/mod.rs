@@ -27,6 +27,7 @@
 //! - this file: [`TokenCache`], the request path (decide, then serve, join or start a fetch)
 //!   and the slots it keeps per key;
 //! - `fetch.rs`: one fetch, in a task of its own, and how its result settles in the cache;
+//! - `replicas.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
 //! - `flight.rs`: a fetch in flight and its waiters;
 //! - `policy.rs`: the decisions, as pure functions;
 //! - `request.rs`: reading a token fetch, and the request of a background refresh;
@@ -38,11 +39,12 @@ mod entry;
 mod fetch;
 mod flight;
 mod policy;
+mod replicas;
 mod request;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::Method;
@@ -55,13 +57,15 @@ use self::fetch::{Job, Mode};
 use self::flight::{Flight, FlightResult};
 use self::policy::{Asked, Held, Plan, Policy};
 use crate::api::Api;
+use crate::cluster::tokens::SharedTokens;
+use crate::cluster::Cluster;
 use crate::code_exchange::CacheStatus;
 use crate::config::Config;
 use crate::dispatch::{Call, Dispatcher, WechatAnswer};
 use crate::local_answer::LocalAnswer;
 use crate::metrics::{TokenMetrics, TokenOutcome};
 
-pub use self::entry::Entry;
+pub use self::entry::{from_micros, micros, Entry};
 pub use self::policy::is_stale_token_errcode;
 pub use self::request::{TokenKey, TokenKind, TokenRequest};
 
@@ -80,6 +84,8 @@ pub struct TokenCache {
     dispatcher: Arc<Dispatcher>,
     budget: Mutex<FetchBudget>,
     metrics: TokenMetrics,
+    /// With `[cluster]`: the tokens all replicas share.
+    shared: Option<SharedTokens>,
 }
 
 /// What the cache knows of one key.
@@ -136,12 +142,23 @@ enum Step {
 }
 
 impl TokenCache {
-    /// The cache of `[token_cache]`, fetching through `dispatcher` (under quota and retry).
-    pub fn new(config: &Config, dispatcher: Arc<Dispatcher>, metrics: TokenMetrics) -> TokenCache {
+    /// The cache of `[token_cache]`, fetching through `dispatcher` (under quota and retry),
+    /// sharing its tokens with the other replicas of `cluster` when there is one.
+    pub fn new(
+        config: &Config,
+        dispatcher: Arc<Dispatcher>,
+        metrics: TokenMetrics,
+        cluster: Option<Arc<Cluster>>,
+    ) -> TokenCache {
         let credentials = match &config.cluster {
             Some(cluster) => CredentialKey::from_cluster_secret(cluster.secret.expose()),
             None => CredentialKey::random(),
         };
+        // A lease outlives the longest fetch: its quota wait, and every attempt with its
+        // retries' timeouts.
+        let attempts = config.retry.busy_attempts + 1;
+        let lease_ttl = config.quota.max_wait + config.upstream.timeout * attempts;
+        let lease_ttl = lease_ttl + Duration::from_secs(1);
         TokenCache {
             slots: Mutex::new(HashMap::new()),
             policy: Policy {
@@ -153,6 +170,7 @@ impl TokenCache {
             dispatcher,
             budget: Mutex::new(FetchBudget::default()),
             metrics,
+            shared: cluster.map(|cluster| SharedTokens::new(cluster, lease_ttl)),
         }
     }
 
@@ -177,6 +195,7 @@ impl TokenCache {
     pub async fn answer(self: &Arc<Self>, request: TokenRequest, call: Call) -> TokenAnswer {
         let credential = self.credentials.credential(&request);
         let kind = request.key().kind;
+        self.sync(request.key()).await;
         for _ in 0..MAX_ROUNDS {
             let (step, outcome) = self.step(&request, &credential, &call);
             let answer = match step {
@@ -327,13 +346,22 @@ impl TokenCache {
             CacheStatus::Coalesced
         };
         Some(match result {
-            FlightResult::Token { entry } => {
+            FlightResult::Token {
+                entry,
+                fetched_here,
+            } => {
                 let left = policy::remaining(&entry.held, SystemTime::now());
+                let status = if fetched_here {
+                    status
+                } else {
+                    CacheStatus::Coalesced
+                };
                 let body = entry.answer_body(kind, left.as_secs());
                 TokenAnswer::Token { body, status }
             }
             FlightResult::Answer(answer) => TokenAnswer::Wechat { answer, status },
             FlightResult::Local(local) => TokenAnswer::Local(local),
+            FlightResult::Again => return None,
         })
     }
 
@@ -342,8 +370,10 @@ impl TokenCache {
     /// still holds them, so that the next fetch refreshes them.
     pub async fn forget_stale(&self, query: &str) {
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            if name == "access_token" || name == "component_access_token" {
-                self.drop_local(&value);
+            let named = name == "access_token" || name == "component_access_token";
+            if named && (1..=entry::MAX_TOKEN_LEN).contains(&value.len()) {
+                let keys = self.drop_local(&value);
+                self.drop_shared(&keys, &value).await;
             }
         }
     }

@@ -111,10 +111,7 @@ impl Policy {
         if !asked.credential_matches {
             return Plan::Own;
         }
-        let recently_forced = held
-            .forced_at
-            .is_some_and(|at| now.duration_since(at).unwrap_or_default() < FORCE_SPACING);
-        if asked.forced && !recently_forced {
+        if asked.forced && !recently_forced(held, now) {
             return Plan::Fetch { forced: true };
         }
         let left = remaining(held, now);
@@ -122,6 +119,95 @@ impl Policy {
             expires_in: left.as_secs(),
             refresh: asked.refresh_allowed && left <= self.refresh_window(held.lifetime),
         }
+    }
+
+    /// Whether a fetch is still needed for `need`, given what the cache holds now (another
+    /// replica may have fetched meanwhile): a token minted with the same secret
+    /// (`same_credential`) that serves the purpose makes it unnecessary.
+    pub fn fetch_needed(
+        &self,
+        held: Option<&Held>,
+        same_credential: bool,
+        need: Need,
+        now: SystemTime,
+    ) -> bool {
+        let Some(held) = held.filter(|_| same_credential) else {
+            return true;
+        };
+        let left = remaining(held, now);
+        let usable = left >= MIN_SERVABLE;
+        match need {
+            Need::Usable => !usable,
+            Need::Forced => !(usable && recently_forced(held, now)),
+            Need::Refresh => left <= self.refresh_window(held.lifetime),
+        }
+    }
+}
+
+/// Whether a forced refresh minted `held` less than [`FORCE_SPACING`] ago.
+fn recently_forced(held: &Held, now: SystemTime) -> bool {
+    held.forced_at
+        .is_some_and(|at| now.duration_since(at).unwrap_or_default() < FORCE_SPACING)
+}
+
+/// What a fetch that finds the lease taken by another replica waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// A token that can be handed out.
+    Usable,
+    /// A token a forced refresh minted less than 30 s ago.
+    Forced,
+    /// A token outside its refresh window.
+    Refresh,
+}
+
+/// What Redis holds for a key, as the decisions see it: the issue times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteView {
+    /// Nothing.
+    Missing,
+    /// A tombstone: a token issued then was refused.
+    Dropped(SystemTime),
+    /// A token issued then.
+    Present(SystemTime),
+}
+
+/// How a replica brings its own cache and Redis together when it reads Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconcile {
+    /// Redis holds a newer token: cache it.
+    TakeRemote,
+    /// Redis says the cached token (or an older one) was refused: drop it.
+    DropLocal,
+    /// The cached token is newer than anything in Redis and still usable (fetched while
+    /// Redis was away, or Redis restarted empty): store it in Redis, so that the replicas
+    /// agree on it instead of one fetching a new token that would retire it.
+    Seed,
+    /// Nothing to do.
+    Keep,
+}
+
+/// Compares the cached token (`local`, and the newest one dropped) with what Redis holds.
+pub fn reconcile(
+    local: Option<&Held>,
+    local_dropped: Option<SystemTime>,
+    remote: RemoteView,
+    now: SystemTime,
+) -> Reconcile {
+    let local_issued = local.map(|held| held.issued);
+    let usable = local.filter(|held| remaining(held, now) >= MIN_SERVABLE);
+    let newer_here = |remote: SystemTime| usable.is_some_and(|held| held.issued > remote);
+    match remote {
+        RemoteView::Present(issued) if supersedes(issued, local_issued.max(local_dropped)) => {
+            Reconcile::TakeRemote
+        }
+        RemoteView::Present(issued) if newer_here(issued) => Reconcile::Seed,
+        RemoteView::Dropped(issued) if local_issued.is_some_and(|local| local <= issued) => {
+            Reconcile::DropLocal
+        }
+        RemoteView::Dropped(issued) if newer_here(issued) => Reconcile::Seed,
+        RemoteView::Missing if usable.is_some() => Reconcile::Seed,
+        _ => Reconcile::Keep,
     }
 }
 
@@ -298,6 +384,71 @@ mod tests {
         assert_eq!(
             POLICY.plan(Some(&token), forced, at(40)),
             Plan::Fetch { forced: true }
+        );
+    }
+
+    #[test]
+    fn a_fetch_waiting_for_another_replica_stops_once_that_one_did_the_work() {
+        let mut token = held(0, 7200);
+        let needed =
+            |token: Option<&Held>, same, need, now| POLICY.fetch_needed(token, same, need, now);
+        assert!(needed(None, true, Need::Usable, at(10)));
+        assert!(!needed(Some(&token), true, Need::Usable, at(10)));
+        assert!(
+            needed(Some(&token), false, Need::Usable, at(10)),
+            "another secret's"
+        );
+        assert!(
+            needed(Some(&token), true, Need::Usable, at(7200)),
+            "expired"
+        );
+        assert!(
+            needed(Some(&token), true, Need::Refresh, at(7000)),
+            "in its window"
+        );
+        assert!(!needed(Some(&token), true, Need::Refresh, at(100)));
+        assert!(needed(Some(&token), true, Need::Forced, at(100)));
+        token.forced_at = Some(at(90));
+        assert!(!needed(Some(&token), true, Need::Forced, at(100)));
+        assert!(needed(Some(&token), true, Need::Forced, at(120)));
+    }
+
+    #[test]
+    fn a_replica_takes_newer_tokens_from_redis_and_seeds_its_own_when_newer() {
+        use Reconcile::*;
+        use RemoteView::*;
+        let now = at(100);
+        let local = held(50, 7200);
+        let cases = [
+            (Some(&local), None, Present(at(60)), TakeRemote),
+            (None, None, Present(at(60)), TakeRemote),
+            (Some(&local), None, Present(at(50)), Keep),
+            (Some(&local), None, Present(at(40)), Seed),
+            (Some(&local), Some(at(70)), Present(at(60)), Keep),
+            (Some(&local), None, Dropped(at(50)), DropLocal),
+            (Some(&local), None, Dropped(at(40)), Seed),
+            (None, None, Dropped(at(40)), Keep),
+            (Some(&local), None, Missing, Seed),
+            (None, None, Missing, Keep),
+        ];
+        for (held, dropped, remote, expected) in cases {
+            assert_eq!(
+                reconcile(held, dropped, remote, now),
+                expected,
+                "{remote:?}"
+            );
+        }
+        // An expired token is never put back into Redis.
+        let expired = held(0, 10);
+        assert_eq!(reconcile(Some(&expired), None, Missing, now), Keep);
+        assert_eq!(
+            reconcile(
+                Some(&expired),
+                None,
+                Present(at(0) - Duration::from_secs(1)),
+                now
+            ),
+            Keep
         );
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod redis;
+pub mod replicas;
 pub mod sdk;
 
 use std::net::SocketAddr;
