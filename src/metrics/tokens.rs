@@ -6,44 +6,7 @@ use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, 
 
 use crate::token_cache::TokenKind;
 
-/// How the token cache answered a token request: the `outcome` label of
-/// `wxgate_token_requests_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenOutcome {
-    /// From the cache.
-    Hit,
-    /// From an upstream fetch this request made or waited for (nothing usable was cached).
-    Fetched,
-    /// From the cache, and this request started the refresh ahead of expiry.
-    Refreshed,
-    /// Another secret than the cached token's: its own upstream call and WeChat's answer.
-    Rejected,
-}
-
-impl TokenOutcome {
-    /// Every value, in label order.
-    pub const ALL: [TokenOutcome; 4] = [
-        TokenOutcome::Hit,
-        TokenOutcome::Fetched,
-        TokenOutcome::Refreshed,
-        TokenOutcome::Rejected,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            TokenOutcome::Hit => "hit",
-            TokenOutcome::Fetched => "fetched",
-            TokenOutcome::Refreshed => "refreshed",
-            TokenOutcome::Rejected => "rejected",
-        }
-    }
-
-    /// Position in [`TokenOutcome::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
+pub use wxgate_contract::TokenOutcome;
 
 /// The handles of the token cache's metrics, by [`TokenKind::index`].
 #[derive(Clone)]
