@@ -42,7 +42,7 @@ use crate::wechat::{Errcode, JSON_CONTENT_TYPE};
 /// by wxgate, never forwarded.
 pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-wxgate-max-wait-ms");
 
-/// Response header of code exchanges: `miss`, `coalesced` or `hit`.
+/// Response header of code exchanges and token fetches: `miss`, `coalesced` or `hit`.
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static(wxgate_contract::CACHE_HEADER);
 
 /// The proxy: everything a request needs, shared by all connections.

@@ -29,60 +29,6 @@ use super::{random_id, Cluster, Mode};
 use crate::metrics::RedisOp;
 use crate::token_cache::{Entry, TokenKey};
 
-/// Takes the lease if free, and reads the entry in the same step, so that a replica that
-/// takes the lease right after another stored a token sees that token.
-///
-/// `KEYS`: lease, entry. `ARGV`: owner, lease ms. Returns `{1 taken | 0 busy, i, s}` (empty
-/// strings for what the entry lacks).
-const LEASE: &str = r"
-local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-local entry = redis.call('HMGET', KEYS[2], 'i', 's')
-return {taken and 1 or 0, entry[1] or '', entry[2] or ''}
-";
-
-/// Gives the lease back, if this replica still holds it (it may have expired and been taken
-/// by another).
-///
-/// `KEYS`: lease. `ARGV`: owner. Returns 1 if released.
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
-
-/// Stores an entry unless Redis holds one as new or newer (or a newer tombstone).
-///
-/// `KEYS`: entry, token index. `ARGV`: issued µs, token fingerprint, sealed entry, ms to
-/// keep, entry fingerprint. Returns 1 if stored.
-const STORE: &str = r"
-local current = tonumber(redis.call('HGET', KEYS[1], 'i') or '0')
-if current >= tonumber(ARGV[1]) then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'i', ARGV[1], 't', ARGV[2], 's', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
-return 1
-";
-
-/// Drops the entry if it still holds the refused token; keeps `i` as a tombstone.
-///
-/// `KEYS`: entry. `ARGV`: token fingerprint. Returns 1 if dropped.
-const DROP: &str = r"
-if redis.call('HGET', KEYS[1], 't') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 's', 't')
-  return 1
-end
-return 0
-";
-
-/// Counts a fetch of the day.
-///
-/// `KEYS`: counter. `ARGV`: ms to keep. Returns the count.
-const COUNT: &str = r"
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return count
-";
-
 /// An entry outlives its token by this much, so that its tombstone (or its issue time)
 /// keeps older tokens out while any of them could still work.
 const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(60);
@@ -299,3 +245,57 @@ impl SharedTokens {
         }
     }
 }
+
+/// Takes the lease if free, and reads the entry in the same step, so that a replica that
+/// takes the lease right after another stored a token sees that token.
+///
+/// `KEYS`: lease, entry. `ARGV`: owner, lease ms. Returns `{1 taken | 0 busy, i, s}` (empty
+/// strings for what the entry lacks).
+const LEASE: &str = r"
+local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local entry = redis.call('HMGET', KEYS[2], 'i', 's')
+return {taken and 1 or 0, entry[1] or '', entry[2] or ''}
+";
+
+/// Gives the lease back, if this replica still holds it (it may have expired and been taken
+/// by another).
+///
+/// `KEYS`: lease. `ARGV`: owner. Returns 1 if released.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Stores an entry unless Redis holds one as new or newer (or a newer tombstone).
+///
+/// `KEYS`: entry, token index. `ARGV`: issued µs, token fingerprint, sealed entry, ms to
+/// keep, entry fingerprint. Returns 1 if stored.
+const STORE: &str = r"
+local current = tonumber(redis.call('HGET', KEYS[1], 'i') or '0')
+if current >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'i', ARGV[1], 't', ARGV[2], 's', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
+return 1
+";
+
+/// Drops the entry if it still holds the refused token; keeps `i` as a tombstone.
+///
+/// `KEYS`: entry. `ARGV`: token fingerprint. Returns 1 if dropped.
+const DROP: &str = r"
+if redis.call('HGET', KEYS[1], 't') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 's', 't')
+  return 1
+end
+return 0
+";
+
+/// Counts a fetch of the day.
+///
+/// `KEYS`: counter. `ARGV`: ms to keep. Returns the count.
+const COUNT: &str = r"
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return count
+";

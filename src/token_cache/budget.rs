@@ -15,17 +15,17 @@ use super::request::{TokenKey, TokenKind};
 /// Beijing time is UTC+8 all year.
 const BEIJING_OFFSET_SECS: u64 = 8 * 3600;
 
-/// The day `at` falls in, counted from the epoch, days beginning at midnight UTC+8.
-pub fn beijing_day(at: SystemTime) -> u64 {
-    let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    (secs + BEIJING_OFFSET_SECS) / 86_400
-}
-
 /// Fetches per key in the current day.
 #[derive(Debug, Default)]
 pub struct FetchBudget {
     day: u64,
     counts: HashMap<TokenKey, u64>,
+}
+
+/// The day `at` falls in, counted from the epoch, days beginning at midnight UTC+8.
+pub fn beijing_day(at: SystemTime) -> u64 {
+    let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    (secs + BEIJING_OFFSET_SECS) / 86_400
 }
 
 impl FetchBudget {

@@ -13,6 +13,18 @@ use super::entry::{Credential, Entry};
 use crate::dispatch::WechatAnswer;
 use crate::local_answer::LocalAnswer;
 
+/// One fetch for one (key, credential).
+pub struct Flight {
+    /// Whose secret the fetch presents: only callers with the same secret wait for it.
+    pub credential: Credential,
+    /// A forced refresh of a stable token (an unforced caller may wait for it; a forced
+    /// caller does not wait for an unforced fetch).
+    pub forced: bool,
+    /// A refresh ahead of expiry, started while the current token is served.
+    pub background: bool,
+    result: watch::Sender<Option<FlightResult>>,
+}
+
 /// How a fetch ended, for everyone who waited for it.
 #[derive(Debug, Clone)]
 pub enum FlightResult {
@@ -32,18 +44,6 @@ pub enum FlightResult {
     /// The fetch found nothing to do (a background refresh another replica was already
     /// making): the waiters decide again.
     Again,
-}
-
-/// One fetch for one (key, credential).
-pub struct Flight {
-    /// Whose secret the fetch presents: only callers with the same secret wait for it.
-    pub credential: Credential,
-    /// A forced refresh of a stable token (an unforced caller may wait for it; a forced
-    /// caller does not wait for an unforced fetch).
-    pub forced: bool,
-    /// A refresh ahead of expiry, started while the current token is served.
-    pub background: bool,
-    result: watch::Sender<Option<FlightResult>>,
 }
 
 impl Flight {

@@ -30,6 +30,13 @@ pub const MIN_REFRESH_WINDOW: Duration = Duration::from_secs(2);
 /// token, token expired.
 pub const STALE_TOKEN_ERRCODES: [i64; 3] = [40001, 40014, 42001];
 
+/// The refresh rules of `[token_cache]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// `refresh_ahead_secs`: the longest a token is refreshed before its expiry.
+    pub refresh_ahead: Duration,
+}
+
 /// What a cached token is, for the decisions (the token itself is not needed to decide).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
@@ -74,13 +81,6 @@ pub enum Plan {
     /// Another credential than the cached token's: its own upstream call, WeChat's own
     /// answer, and never the cached token.
     Own,
-}
-
-/// The refresh rules of `[token_cache]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// `refresh_ahead_secs`: the longest a token is refreshed before its expiry.
-    pub refresh_ahead: Duration,
 }
 
 impl Policy {

@@ -20,65 +20,6 @@ use crate::wechat::{is_plausible_appid, WechatParams, JSON_CONTENT_TYPE};
 /// few hundred characters): longer ones are forwarded uncached.
 const MAX_CREDENTIAL_LEN: usize = 1024;
 
-/// One of WeChat's token APIs. Each keeps its own token per appid (WeChat isolates
-/// `/cgi-bin/token` from `/cgi-bin/stable_token`), so each has its own cache entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum TokenKind {
-    /// `GET /cgi-bin/token?grant_type=client_credential&appid&secret`.
-    Token,
-    /// `POST /cgi-bin/stable_token` with `{grant_type, appid, secret, force_refresh}`.
-    Stable,
-    /// `POST /cgi-bin/component/api_component_token` with `{component_appid,
-    /// component_appsecret, component_verify_ticket}`.
-    Component,
-}
-
-impl TokenKind {
-    /// Every kind, in label order.
-    pub const ALL: [TokenKind; 3] = [TokenKind::Token, TokenKind::Stable, TokenKind::Component];
-
-    /// The kind of a known API, if it is a token API.
-    pub fn of(api: Api) -> Option<TokenKind> {
-        match api {
-            Api::Token => Some(TokenKind::Token),
-            Api::StableToken => Some(TokenKind::Stable),
-            Api::ComponentToken => Some(TokenKind::Component),
-            _ => None,
-        }
-    }
-
-    /// The API (and metric label).
-    pub fn api(self) -> Api {
-        match self {
-            TokenKind::Token => Api::Token,
-            TokenKind::Stable => Api::StableToken,
-            TokenKind::Component => Api::ComponentToken,
-        }
-    }
-
-    /// Position in [`TokenKind::ALL`], for per-kind tables.
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The field of the answer (and of the query of later API calls) that holds the token.
-    pub fn token_field(self) -> &'static str {
-        match self {
-            TokenKind::Token | TokenKind::Stable => "access_token",
-            TokenKind::Component => "component_access_token",
-        }
-    }
-}
-
-/// What a token is cached under: its kind and its appid (`component_appid` for a platform).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TokenKey {
-    /// Which API.
-    pub kind: TokenKind,
-    /// Whose token.
-    pub appid: Box<str>,
-}
-
 /// A well-formed token fetch. The secret lives here only while the request is answered (and
 /// while a refresh it started runs): it is never stored, logged or shown by `Debug`.
 #[derive(Clone)]
@@ -99,22 +40,6 @@ impl fmt::Debug for TokenRequest {
             .field("forced", &self.forced)
             .finish_non_exhaustive()
     }
-}
-
-#[derive(Deserialize)]
-struct StableBody {
-    grant_type: String,
-    appid: String,
-    secret: String,
-    #[serde(default)]
-    force_refresh: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct ComponentBody {
-    component_appid: String,
-    component_appsecret: String,
-    component_verify_ticket: String,
 }
 
 impl TokenRequest {
@@ -233,6 +158,81 @@ impl TokenRequest {
             body,
         }
     }
+}
+
+/// One of WeChat's token APIs. Each keeps its own token per appid (WeChat isolates
+/// `/cgi-bin/token` from `/cgi-bin/stable_token`), so each has its own cache entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TokenKind {
+    /// `GET /cgi-bin/token?grant_type=client_credential&appid&secret`.
+    Token,
+    /// `POST /cgi-bin/stable_token` with `{grant_type, appid, secret, force_refresh}`.
+    Stable,
+    /// `POST /cgi-bin/component/api_component_token` with `{component_appid,
+    /// component_appsecret, component_verify_ticket}`.
+    Component,
+}
+
+impl TokenKind {
+    /// Every kind, in label order.
+    pub const ALL: [TokenKind; 3] = [TokenKind::Token, TokenKind::Stable, TokenKind::Component];
+
+    /// The kind of a known API, if it is a token API.
+    pub fn of(api: Api) -> Option<TokenKind> {
+        match api {
+            Api::Token => Some(TokenKind::Token),
+            Api::StableToken => Some(TokenKind::Stable),
+            Api::ComponentToken => Some(TokenKind::Component),
+            _ => None,
+        }
+    }
+
+    /// The API (and metric label).
+    pub fn api(self) -> Api {
+        match self {
+            TokenKind::Token => Api::Token,
+            TokenKind::Stable => Api::StableToken,
+            TokenKind::Component => Api::ComponentToken,
+        }
+    }
+
+    /// Position in [`TokenKind::ALL`], for per-kind tables.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The field of the answer (and of the query of later API calls) that holds the token.
+    pub fn token_field(self) -> &'static str {
+        match self {
+            TokenKind::Token | TokenKind::Stable => "access_token",
+            TokenKind::Component => "component_access_token",
+        }
+    }
+}
+
+/// What a token is cached under: its kind and its appid (`component_appid` for a platform).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TokenKey {
+    /// Which API.
+    pub kind: TokenKind,
+    /// Whose token.
+    pub appid: Box<str>,
+}
+
+#[derive(Deserialize)]
+struct StableBody {
+    grant_type: String,
+    appid: String,
+    secret: String,
+    #[serde(default)]
+    force_refresh: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct ComponentBody {
+    component_appid: String,
+    component_appsecret: String,
+    component_verify_ticket: String,
 }
 
 #[cfg(test)]

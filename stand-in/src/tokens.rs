@@ -26,6 +26,13 @@ use crate::lock;
 /// WeChat ignores a forced stable refresh this soon after the previous one.
 const FORCE_SPACING: Duration = Duration::from_secs(30);
 
+/// Every token the stand-in minted, and which is current for each (API, appid).
+pub(crate) struct Tokens {
+    lifetime: Duration,
+    overlap: Duration,
+    state: Mutex<State>,
+}
+
 /// Which token API minted a token.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum TokenKind {
@@ -36,13 +43,6 @@ pub(crate) enum TokenKind {
 
 /// A token handed out: `(token, expires_in)`.
 pub(crate) type Issued = (String, u64);
-
-/// Every token the stand-in minted, and which is current for each (API, appid).
-pub(crate) struct Tokens {
-    lifetime: Duration,
-    overlap: Duration,
-    state: Mutex<State>,
-}
 
 #[derive(Default)]
 struct State {
