@@ -43,7 +43,7 @@ mod cluster;
 mod read;
 mod validate;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -74,6 +74,8 @@ pub struct Config {
     pub quota: QuotaConfig,
     /// `[retry]`: holding across 45011 and retrying -1.
     pub retry: RetryConfig,
+    /// `[token_cache]`: wxgate as the one place that fetches and refreshes access tokens.
+    pub token_cache: TokenCacheConfig,
     /// `[cluster]`: the state replicas share in Redis; `None` (no section) is a single
     /// process, as wxgate always was.
     pub cluster: Option<ClusterConfig>,
@@ -201,6 +203,21 @@ pub struct RetryConfig {
     pub busy_attempts: u32,
 }
 
+/// `[token_cache]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenCacheConfig {
+    /// Whether token fetches are answered from the cache (otherwise they are forwarded like
+    /// any call, and every fetch mints a new token).
+    pub enabled: bool,
+    /// A token is refreshed once less than a tenth of its lifetime remains, but never earlier
+    /// than this before it expires: WeChat keeps the previous token valid for five minutes
+    /// after a fetch, so refreshing inside those five minutes keeps every token handed out
+    /// valid until its `expires_in`.
+    pub refresh_ahead: Duration,
+    /// Appids (or component appids) whose token fetches are forwarded, never cached.
+    pub exclude_appids: BTreeSet<String>,
+}
+
 /// `[cluster]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -304,6 +321,7 @@ struct RawConfig {
     code_cache: RawCodeCache,
     quota: RawQuota,
     retry: RawRetry,
+    token_cache: RawTokenCache,
     #[serde(skip_serializing_if = "Option::is_none")]
     cluster: Option<RawCluster>,
     log: RawLog,
@@ -455,6 +473,26 @@ impl Default for RawRetry {
         RawRetry {
             max_hold_ms: None,
             busy_attempts: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawTokenCache {
+    enabled: bool,
+    refresh_ahead_secs: i64,
+    exclude_appids: Vec<String>,
+}
+
+impl Default for RawTokenCache {
+    fn default() -> Self {
+        RawTokenCache {
+            enabled: true,
+            // A minute inside WeChat's five-minute overlap: room for clock skew and a slow
+            // fetch.
+            refresh_ahead_secs: 240,
+            exclude_appids: Vec::new(),
         }
     }
 }
@@ -670,6 +708,7 @@ mod tests {
         assert_eq!(shipped.code_cache, defaults.code_cache);
         assert_eq!(shipped.quota, defaults.quota);
         assert_eq!(shipped.retry, defaults.retry);
+        assert_eq!(shipped.token_cache, defaults.token_cache);
         assert_eq!(shipped, defaults);
 
         let text = std::fs::read_to_string(path).unwrap();

@@ -14,20 +14,23 @@
 //!   open-files limit the cap must fit.
 //! - `reload`: the configuration read again on `SIGHUP` or `POST /-/reload`.
 //! - `proxy`: the request pipeline ([`Proxy`]) in named phases over a small per-request
-//!   context: target → body → code exchange or forward → respond → log.
+//!   context: target → body → token fetch, code exchange or forward → respond → log.
 //! - `api`: the WeChat APIs wxgate knows ([`Api`]), how a path is classified as one (variants
 //!   normalised, look-alikes refused), where each names the appid whose quota it spends.
 //! - `code_exchange/`: identical `js_code` exchanges coalesced and their answers remembered:
 //!   `request` (checked parameters), `key` (the keyed hash), `flight` (the call in flight, its
 //!   leader and waiters), `store` (slots, compact answers, expiry).
+//! - `token_cache/`: wxgate as the central access-token server: token fetches answered from
+//!   one cached token per appid, refreshed ahead of expiry, dropped when WeChat refuses it;
+//!   decisions in `policy`, fetches in `fetch`, shared with replicas in `cluster/tokens`.
 //! - `dispatch`: one logical upstream call: acquire a quota turn → send → record → decide.
 //! - `retry`: the decision after each attempt, a pure function (`RetryPolicy`).
 //! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) behind a first-come-first-served
 //!   wait queue, and the 45011 pause.
 //! - `cluster/`: with `[cluster]`, the state replicas share through Redis: the connection and
 //!   the replica's mode (shared / degraded / resuming), `quota` (the shared GCRA), `codes`
-//!   (claims, waits, remembered answers), `sealing` (keyed fingerprints, sealed values),
-//!   `notices` (pub/sub), `scripts` (the Lua scripts).
+//!   (claims, waits, remembered answers), `tokens` (shared access tokens), `sealing` (keyed
+//!   fingerprints, sealed values), `notices` (pub/sub), `scripts` (the Lua scripts).
 //! - `upstream`: the pooled HTTP client towards WeChat and the headers it must not forward.
 //! - `local_answer`: every answer wxgate gives itself (status, errcode, errmsg) in one enum.
 //! - `wechat/`: WeChat's formats: errcodes read from bodies (`errcode`), query parameters read
@@ -75,6 +78,7 @@ mod quota;
 mod reload;
 mod retry;
 mod server;
+mod token_cache;
 mod upstream;
 mod wechat;
 

@@ -18,6 +18,9 @@ use crate::server::CloseReason;
 use crate::upstream::TransportError;
 use crate::wechat::{errcode_labels, Errcode};
 
+mod tokens;
+
+pub use self::tokens::{TokenMetrics, TokenOutcome};
 pub use wxgate_contract::{Outcome, RetryReason};
 
 /// Where a code-exchange answer was looked for: the `tier` label of
@@ -92,6 +95,8 @@ pub struct Metrics {
     config_last_success: Gauge,
     /// Client connections of the proxy port.
     pub connections: ConnectionMetrics,
+    /// The token cache's metrics.
+    pub tokens: TokenMetrics,
 }
 
 /// The proxy port's client connections: how many are open, the cap, and those wxgate closed
@@ -297,6 +302,7 @@ impl Metrics {
                     .map(|reason| connections_closed.with_label_values(&[reason.label()]))
                     .collect(),
             },
+            tokens: TokenMetrics::new(registry)?,
         })
     }
 
@@ -395,11 +401,21 @@ pub enum RedisOp {
     CodeComplete,
     /// A pub/sub subscription for a waited result.
     Subscribe,
+    /// Reading a shared token.
+    TokenRead,
+    /// Taking or giving back the lease of a token fetch.
+    TokenLease,
+    /// Storing a token (fetched, or a replica's own when Redis has none).
+    TokenStore,
+    /// Dropping a token WeChat refused (40001, 40014, 42001).
+    TokenDrop,
+    /// Counting a fetch in the day's budget.
+    TokenCount,
 }
 
 impl RedisOp {
     /// Every value, in label order.
-    pub const ALL: [RedisOp; 9] = [
+    pub const ALL: [RedisOp; 14] = [
         RedisOp::Heartbeat,
         RedisOp::Resume,
         RedisOp::Quota,
@@ -409,6 +425,11 @@ impl RedisOp {
         RedisOp::CodeRenew,
         RedisOp::CodeComplete,
         RedisOp::Subscribe,
+        RedisOp::TokenRead,
+        RedisOp::TokenLease,
+        RedisOp::TokenStore,
+        RedisOp::TokenDrop,
+        RedisOp::TokenCount,
     ];
 
     /// The label value.
@@ -423,6 +444,11 @@ impl RedisOp {
             RedisOp::CodeRenew => "code_renew",
             RedisOp::CodeComplete => "code_complete",
             RedisOp::Subscribe => "subscribe",
+            RedisOp::TokenRead => "token_read",
+            RedisOp::TokenLease => "token_lease",
+            RedisOp::TokenStore => "token_store",
+            RedisOp::TokenDrop => "token_drop",
+            RedisOp::TokenCount => "token_count",
         }
     }
 

@@ -3,8 +3,11 @@
 //! 1. [`target`](Proxy::answer): the request's API, from its path; anything that could point
 //!    wxgate elsewhere is refused.
 //! 2. [`body`](Proxy::read_body): read whole, within `server.max_body_bytes`.
-//! 3. [`code exchange`](Proxy::code_exchange) (a replay, a follower or a leader) or
-//!    [`forward`](Proxy::forward) (any other request, under its appid's quota).
+//! 3. [`token`](Proxy::token) (a token fetch, answered by the token cache),
+//!    [`code exchange`](Proxy::code_exchange) (a replay, a follower or a leader) or
+//!    [`forward`](Proxy::forward) (any other request, under its appid's quota). When WeChat
+//!    answers a call that carried a cached token with 40001, 40014 or 42001, the token cache
+//!    drops that token before the answer goes back.
 //! 4. respond: WeChat's answer as it came, or one of wxgate's own ([`LocalAnswer`]).
 //! 5. [`log`](Proxy::log): one access line and the request's metrics.
 //!
@@ -32,8 +35,9 @@ use crate::dispatch::{Call, CallResult, Dispatcher, WechatAnswer};
 use crate::local_answer::LocalAnswer;
 use crate::metrics::{Metrics, Outcome};
 use crate::quota::{QuotaGate, QuotaKey};
+use crate::token_cache::{is_stale_token_errcode, TokenAnswer, TokenCache, TokenRequest};
 use crate::upstream::{strip_hop_by_hop, InvalidBaseUrl, UpstreamClient, UpstreamRequest};
-use crate::wechat::Errcode;
+use crate::wechat::{Errcode, JSON_CONTENT_TYPE};
 
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed
 /// by wxgate, never forwarded.
@@ -44,13 +48,14 @@ pub const MAX_WAIT_HEADER: HeaderName = HeaderName::from_static("x-wxgate-max-wa
 /// upstream as wxgate's own (a client's is forwarded as it came).
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Response header of code exchanges: `miss`, `coalesced` or `hit`.
+/// Response header of code exchanges and token fetches: `miss`, `coalesced` or `hit`.
 pub const CACHE_HEADER: HeaderName = HeaderName::from_static(wxgate_contract::CACHE_HEADER);
 
 /// The proxy: everything a request needs, shared by all connections.
 pub struct Proxy {
     dispatcher: Arc<Dispatcher>,
     codes: Arc<CodeExchange>,
+    tokens: Arc<TokenCache>,
     metrics: Metrics,
     /// `server.max_body_bytes`; a reload may change it.
     max_body_bytes: AtomicUsize,
@@ -90,7 +95,7 @@ impl Proxy {
     }
 
     /// The proxy of a replica: with a `cluster`, quota turns are counted with the other
-    /// replicas.
+    /// replicas, and access tokens are shared with them.
     pub(crate) fn with_cluster(
         config: &Config,
         metrics: Metrics,
@@ -99,14 +104,17 @@ impl Proxy {
         let upstream = UpstreamClient::new(&config.upstream)?;
         let mut quota = QuotaGate::new(&config.quota);
         let mut codes = CodeExchange::new(&config.code_cache, metrics.clone());
-        if let Some(cluster) = cluster {
+        if let Some(cluster) = &cluster {
             quota = quota.shared_with(cluster.clone());
-            codes = codes.shared_with(cluster, config.upstream.timeout);
+            codes = codes.shared_with(cluster.clone(), config.upstream.timeout);
         }
         let dispatcher = Dispatcher::new(upstream, quota, &config.retry, metrics.clone());
+        let dispatcher = Arc::new(dispatcher);
+        let tokens = TokenCache::new(config, dispatcher.clone(), metrics.tokens.clone(), cluster);
         Ok(Proxy {
-            dispatcher: Arc::new(dispatcher),
+            dispatcher,
             codes: Arc::new(codes),
+            tokens: Arc::new(tokens),
             metrics,
             max_body_bytes: AtomicUsize::new(config.server.max_body_bytes),
             body_timeout_ms: AtomicU64::new(config.server.body_timeout.as_millis() as u64),
@@ -136,6 +144,7 @@ impl Proxy {
     /// connections, update gauges.
     pub fn housekeeping(&self) {
         self.codes.expire();
+        self.tokens.housekeeping();
         self.dispatcher.quota().retain_recent();
         self.dispatcher.upstream().close_idle();
         self.metrics
@@ -187,7 +196,7 @@ impl Proxy {
         Ok(reply.response)
     }
 
-    /// The phases: target → body → code exchange or forward.
+    /// The phases: target → body → token, code exchange or forward.
     async fn answer<B>(
         &self,
         context: &mut RequestContext,
@@ -201,12 +210,36 @@ impl Proxy {
         let target = read_target(&parts)?;
         context.api = target.api;
         let body = self.read_body(&parts.headers, body).await?;
-        if target.api.is_code_exchange() && parts.method == Method::GET {
-            let query = target.path_and_query.query().unwrap_or("");
-            let exchange = self.codes.request(target.api, query)?;
-            return Ok(self.code_exchange(exchange, parts, target, body).await);
+        let query = target.path_and_query.query().unwrap_or("");
+        if let Some(token) = self.tokens.request(target.api, &parts.method, query, &body) {
+            return Ok(self.token(token, parts, target, body).await);
         }
-        self.forward(parts, target, body).await
+        // A call carrying a token: kept (a reference count) in case WeChat refuses the token.
+        let carried = query
+            .contains("access_token")
+            .then(|| target.path_and_query.clone());
+        let reply = if target.api.is_code_exchange() && parts.method == Method::GET {
+            let exchange = self.codes.request(target.api, query)?;
+            self.code_exchange(exchange, parts, target, body).await
+        } else {
+            self.forward(parts, target, body).await?
+        };
+        if let (Some(carried), Some(Errcode::Code(code))) = (carried, reply.errcode) {
+            if is_stale_token_errcode(code) {
+                // Before the answer goes back: the caller's next fetch gets a fresh token.
+                let query = carried.query().unwrap_or("");
+                self.tokens.forget_stale(query).await;
+            }
+        }
+        Ok(reply)
+    }
+
+    /// A token fetch: from the cache, or from the one fetch in flight for its appid and
+    /// secret (see [`crate::token_cache`]).
+    async fn token(&self, token: TokenRequest, parts: Parts, target: Target, body: Bytes) -> Reply {
+        let quota_key = token.quota_key();
+        let call = self.call(parts, target, body, quota_key);
+        Reply::token(self.tokens.answer(token, call).await)
     }
 
     /// Reads the whole body, refusing one larger than `server.max_body_bytes` before reading
@@ -357,6 +390,43 @@ impl Reply {
             outcome: Outcome::Forwarded,
             errcode: Some(answer.errcode),
         }
+    }
+
+    /// The answer of the token cache, with its `X-Wxgate-Cache` header.
+    fn token(answer: TokenAnswer) -> Reply {
+        let (mut reply, status) = match answer {
+            TokenAnswer::Token { body, status } => {
+                let mut response = Response::new(Full::new(body));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(JSON_CONTENT_TYPE),
+                );
+                let errcode = (status == CacheStatus::Miss).then_some(Errcode::Success);
+                let outcome = Outcome::Forwarded;
+                (
+                    Reply {
+                        response,
+                        outcome,
+                        errcode,
+                    },
+                    status,
+                )
+            }
+            TokenAnswer::Wechat { answer, status } => {
+                (Reply::forwarded(Arc::unwrap_or_clone(answer)), status)
+            }
+            TokenAnswer::Local(local) => return Reply::local(local),
+        };
+        reply.outcome = match status {
+            CacheStatus::Hit => Outcome::CacheHit,
+            CacheStatus::Coalesced => Outcome::Coalesced,
+            CacheStatus::Miss => Outcome::Forwarded,
+        };
+        reply
+            .response
+            .headers_mut()
+            .insert(CACHE_HEADER, status.header_value());
+        reply
     }
 
     /// The result of a code exchange, with its `X-Wxgate-Cache` header.

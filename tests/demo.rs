@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::{client, jscode2session, metric, APPID, SECRET};
 use wxgate::{DemoOptions, DemoReport};
-use wxgate_demo::{Outcome, RetryReason};
+use wxgate_demo::{Outcome, RetryReason, TokenOutcome};
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
 
@@ -45,8 +45,14 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
     let text = &report.metrics_text;
     let outcome = |o: Outcome| metric(text, "wxgate_requests_total", &[("outcome", o.label())]);
     let requests: f64 = Outcome::ALL.iter().map(|&o| outcome(o)).sum();
-    // wxgate counts a retry when it is sent.
+    // wxgate counts a retry when it is sent; a token refresh ahead of expiry is a call that
+    // no client request made.
     let retries = metric(text, "wxgate_retries_total", &[]);
+    let refreshes = metric(
+        text,
+        "wxgate_token_requests_total",
+        &[("outcome", TokenOutcome::Refreshed.label())],
+    );
     let answered = metric(text, "wxgate_upstream_requests_total", &[]);
     let unanswered = metric(text, "wxgate_upstream_transport_errors_total", &[]);
     assert_eq!(requests as u64, report.client.requests, "{report}");
@@ -56,7 +62,7 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
         "{report}"
     );
     assert_eq!(
-        report.upstream_calls as f64 - retries
+        report.upstream_calls as f64 - retries - refreshes
             + outcome(Outcome::CacheHit)
             + outcome(Outcome::Coalesced)
             + outcome(Outcome::LocalLimit)
@@ -65,7 +71,7 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
         "{report}"
     );
     assert_eq!(
-        report.upstream_calls as f64 - retries,
+        report.upstream_calls as f64 - retries - refreshes,
         outcome(Outcome::Forwarded) + outcome(Outcome::UpstreamError),
         "every request that reached WeChat made one call plus its retries\n{report}"
     );
@@ -99,8 +105,19 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
     assert!(report.client.invalid_code > 0, "{report}");
     assert_eq!(report.client.code_used, 0, "no code is burnt\n{report}");
     assert_eq!(report.client.no_answer, 0, "{report}");
+    // The token backends share one token: few fetches reach WeChat, none is refused.
+    let tokens = report.tokens;
+    assert!(tokens.calls > 0, "{report}");
+    assert_eq!(tokens.refused, 0, "{report}");
+    assert!((1..=3).contains(&report.token_fetches_upstream), "{report}");
+    assert!(tokens.fetches >= report.token_fetches_upstream, "{report}");
     let table = report.to_string();
-    for needle in ["client requests", "upstream calls", "the numbers add up"] {
+    for needle in [
+        "client requests",
+        "upstream calls",
+        "access-token fetches",
+        "the numbers add up",
+    ] {
         assert!(table.contains(needle), "{needle} missing:\n{table}");
     }
 }

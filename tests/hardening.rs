@@ -134,7 +134,11 @@ async fn a_long_content_type_is_remembered_with_its_answer() {
 /// the platform's component token (by `component_appid`) and clear_quota.
 #[tokio::test]
 async fn appids_in_json_bodies_are_limited() {
-    let (upstream, proxy) = setup("[quota]\nper_window = 3\nburst = 3\nmax_wait_ms = 50\n").await;
+    // The token cache off: token fetches are then calls like any other.
+    let (upstream, proxy) = setup(
+        "[quota]\nper_window = 3\nburst = 3\nmax_wait_ms = 50\n[token_cache]\nenabled = false\n",
+    )
+    .await;
     let client = client();
     let bodies = [
         (

@@ -159,7 +159,12 @@ async fn above_the_real_quota_requests_are_held_and_still_succeed() {
 /// Retry-After; cache hits spend no quota.
 #[tokio::test]
 async fn requests_past_their_wait_get_a_local_45011_with_retry_after() {
-    let (upstream, proxy) = setup("[quota]\nper_window = 2\nburst = 2\nmax_wait_ms = 200\n").await;
+    // Token fetches stand for any pass-through call with an appid: not answered from the
+    // token cache here.
+    let (upstream, proxy) = setup(
+        "[quota]\nper_window = 2\nburst = 2\nmax_wait_ms = 200\n[token_cache]\nenabled = false\n",
+    )
+    .await;
     let client = client();
     assert_eq!(exchange(&client, &proxy, "code-wait-1").await, (200, 0));
     assert_eq!(exchange(&client, &proxy, "code-wait-2").await, (200, 0));
@@ -257,7 +262,7 @@ async fn a_client_may_shorten_its_wait_and_the_header_stays_local() {
 async fn clients_that_go_away_while_waiting_cost_no_upstream_call() {
     // One call per 2 s window: the next token comes 2 s after the first call.
     let (upstream, proxy) =
-        setup("[quota]\nwindow_secs = 2\nper_window = 1\nburst = 1\nmax_wait_ms = 30000\n[retry]\nmax_hold_ms = 30000\n").await;
+        setup("[quota]\nwindow_secs = 2\nper_window = 1\nburst = 1\nmax_wait_ms = 30000\n[retry]\nmax_hold_ms = 30000\n[token_cache]\nenabled = false\n").await;
     let client = client();
     assert_eq!(exchange(&client, &proxy, "code-gone-0").await, (200, 0));
     let token =

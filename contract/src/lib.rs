@@ -1,12 +1,12 @@
 //! What wxgate promises the outside world, spelled once: the response header that tells how a
-//! code exchange was answered, the label values of its request and retry metrics, and the
+//! code exchange (or a token fetch) was answered, the label values of its request and retry metrics, and the
 //! errcodes of its own answers (README, "Metrics" and "Answers wxgate gives itself").
 //!
 //! wxgate writes these; the demo, which must not link wxgate (wxgate's binary runs it), reads
 //! them. A crate of its own so that neither spells them again.
 
-/// The response header by which wxgate says how a code exchange was answered: `miss`,
-/// `coalesced` or `hit`.
+/// The response header by which wxgate says how a code exchange or a token fetch was
+/// answered: `miss`, `coalesced` or `hit`.
 pub const CACHE_HEADER: &str = "x-wxgate-cache";
 
 /// `45011`: minute quota reached; in an answer of wxgate's own, no quota turn in time.
@@ -91,6 +91,46 @@ impl RetryReason {
     }
 
     /// Position in [`RetryReason::ALL`], for per-reason arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How wxgate's token cache answered a token request: the `outcome` label of
+/// `wxgate_token_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenOutcome {
+    /// From the cache.
+    Hit,
+    /// From an upstream fetch this request made or waited for (nothing usable was cached).
+    Fetched,
+    /// From the cache, and this request started the refresh ahead of expiry: one upstream
+    /// fetch that no client request made.
+    Refreshed,
+    /// Another secret than the cached token's: its own upstream call and WeChat's answer.
+    Rejected,
+}
+
+impl TokenOutcome {
+    /// Every value, in wxgate's label order.
+    pub const ALL: [TokenOutcome; 4] = [
+        TokenOutcome::Hit,
+        TokenOutcome::Fetched,
+        TokenOutcome::Refreshed,
+        TokenOutcome::Rejected,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            TokenOutcome::Hit => "hit",
+            TokenOutcome::Fetched => "fetched",
+            TokenOutcome::Refreshed => "refreshed",
+            TokenOutcome::Rejected => "rejected",
+        }
+    }
+
+    /// Position in [`TokenOutcome::ALL`], for per-outcome arrays.
     pub fn index(self) -> usize {
         self as usize
     }

@@ -9,8 +9,9 @@
 //! The load is a handful of virtual users, each logging in again and again (a fresh `js_code`
 //! exchanged by their backend), sometimes submitting twice at once (coalesced), sometimes
 //! sending the same code again a moment later as an SDK retry does (answered from memory), now
-//! and then with an invalid code; a backend fetching access tokens; and a script of one-off
-//! events: one wrong app secret, one request with an empty code, a burst well above the quota,
+//! and then with an invalid code; backends calling APIs with access tokens they fetch through
+//! wxgate (tokens that live seconds, so that wxgate refreshes them during the run); and a
+//! script of one-off events: one wrong app secret, one request with an empty code, a burst well above the quota,
 //! `-1 system busy` answers and connection resets injected into the stand-in.
 //!
 //! The table at the end is built from three independent counts: what the clients saw (by the
@@ -18,12 +19,14 @@
 //! received. Its check line is the identity
 //!
 //! ```text
-//! upstream calls − retries + saved (coalesced + cache hits) + answered by wxgate itself
-//!     = client requests
+//! upstream calls − retries − token refreshes + saved (coalesced + cache hits)
+//!     + answered by wxgate itself = client requests
 //! ```
 //!
-//! which holds because every request that reached WeChat made one call plus its retries, and
-//! every other request made none (`wxgate_retries_total` counts retries when they are sent).
+//! which holds because every request that reached WeChat made one call plus its retries,
+//! every other request made none (`wxgate_retries_total` counts retries when they are sent),
+//! and each refresh ahead of expiry is one call that no request made
+//! (`wxgate_token_requests_total{outcome="refreshed"}` counts the hits that started one).
 //! Resets are only injected while no double
 //! submit is in flight, so a failed call never has followers (a follower of a failed call
 //! would be a request that neither reached WeChat nor was saved).
@@ -39,7 +42,8 @@
 //! - `launch.rs`: [`Launch`], [`ProxyStart`], [`LaunchError`]: how wxgate is started, and
 //!   waited for until ready.
 //! - `plan.rs`: [`DemoOptions`], and the quotas and wxgate configuration derived from them.
-//! - `load.rs`: the virtual users, the token fetcher and the script of one-off events.
+//! - `load.rs`: the virtual users and the script of one-off events.
+//! - `tokens.rs`: the backends calling APIs with access tokens; [`TokenCounts`].
 //! - `client.rs`: each answer classified as the client saw it; [`ClientCounts`].
 //! - `metrics.rs`: a Prometheus text reader; [`MetricsCounts`].
 //! - `report.rs`: [`DemoReport`]: the checks and the table.
@@ -54,6 +58,7 @@ mod plan;
 mod progress;
 mod report;
 mod run;
+mod tokens;
 
 pub use client::ClientCounts;
 pub use launch::{Launch, LaunchError, ProxyStart, Serve, Shutdown};
@@ -61,4 +66,5 @@ pub use metrics::MetricsCounts;
 pub use plan::DemoOptions;
 pub use report::DemoReport;
 pub use run::{run, DemoError};
-pub use wxgate_contract::{Outcome, RetryReason};
+pub use tokens::TokenCounts;
+pub use wxgate_contract::{Outcome, RetryReason, TokenOutcome};

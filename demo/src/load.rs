@@ -1,6 +1,7 @@
-//! The load: virtual users logging in (double submits, SDK retries, invalid codes), a backend
-//! fetching tokens, and the script of one-off events (a wrong secret, an empty code, a burst,
-//! injected `-1`s and resets), every answer tallied as the client saw it.
+//! The load: virtual users logging in (double submits, SDK retries, invalid codes), backends
+//! calling APIs with access tokens (`tokens.rs`), and the script of one-off events (a wrong
+//! secret, an empty code, a burst, injected `-1`s and resets), every answer tallied as the
+//! client saw it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,13 +11,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use wxgate_stand_in::{
-    Fault, StandIn, DEFAULT_APPID, DEFAULT_APP_SECRET, JSCODE2SESSION_PATH, TOKEN_PATH,
-};
+use wxgate_stand_in::{Fault, StandIn, DEFAULT_APPID, DEFAULT_APP_SECRET, JSCODE2SESSION_PATH};
 
 use crate::client::{Seen, Tally};
 use crate::plan::Plan;
 use crate::run::drain;
+use crate::tokens::TokenTally;
 use wxgate_contract::CACHE_HEADER;
 
 /// Shared by every task of the load.
@@ -27,6 +27,8 @@ pub(crate) struct Load {
     pub(crate) deadline: Instant,
     stop: watch::Sender<bool>,
     pub(crate) tally: Tally,
+    /// What the token backends counted.
+    pub(crate) tokens: TokenTally,
     doubles: DoubleSubmits,
     /// How long a double submit may stay in flight (held across 45011s at most this long).
     max_hold: Duration,
@@ -47,13 +49,14 @@ impl Load {
             deadline: started + duration,
             stop: watch::channel(false).0,
             tally: Tally::default(),
+            tokens: TokenTally::default(),
             doubles: DoubleSubmits::default(),
             max_hold,
         }
     }
 
     /// Whether new work may start.
-    fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         !*self.stop.borrow() && Instant::now() < self.deadline
     }
 
@@ -64,7 +67,7 @@ impl Load {
 
     /// Sleeps until `at`; false, as soon as it is known, if the load ends first (its
     /// deadline, or a stop).
-    async fn sleep_until(&self, at: Instant) -> bool {
+    pub(crate) async fn sleep_until(&self, at: Instant) -> bool {
         let mut stop = self.stop.subscribe();
         tokio::select! {
             () = tokio::time::sleep_until(at.min(self.deadline)) => at < self.deadline && !*self.stop.borrow(),
@@ -79,8 +82,13 @@ impl Load {
 
     /// One request through wxgate, tallied.
     async fn get(&self, path_and_query: &str) -> Seen {
+        self.get_json(path_and_query).await.0
+    }
+
+    /// One request through wxgate, tallied; with its JSON body, if it has one.
+    pub(crate) async fn get_json(&self, path_and_query: &str) -> (Seen, Option<serde_json::Value>) {
         let url = format!("{}{path_and_query}", self.base);
-        let seen = match self.client.get(url).send().await {
+        let (seen, body) = match self.client.get(url).send().await {
             Ok(answer) => {
                 let status = answer.status();
                 let cache = answer
@@ -89,14 +97,17 @@ impl Load {
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_owned);
                 match answer.bytes().await {
-                    Ok(body) => Seen::classify(status, cache.as_deref(), &body),
-                    Err(_) => Seen::NoAnswer,
+                    Ok(body) => (
+                        Seen::classify(status, cache.as_deref(), &body),
+                        serde_json::from_slice(&body).ok(),
+                    ),
+                    Err(_) => (Seen::NoAnswer, None),
                 }
             }
-            Err(_) => Seen::NoAnswer,
+            Err(_) => (Seen::NoAnswer, None),
         };
         self.tally.add(&seen);
-        seen
+        (seen, body)
     }
 
     async fn exchange(&self, js_code: &str) -> Seen {
@@ -106,13 +117,6 @@ impl Load {
     async fn exchange_with(&self, secret: &str, js_code: &str) -> Seen {
         self.get(&format!(
             "{JSCODE2SESSION_PATH}?appid={DEFAULT_APPID}&secret={secret}&js_code={js_code}&grant_type=authorization_code"
-        ))
-        .await
-    }
-
-    async fn token(&self) -> Seen {
-        self.get(&format!(
-            "{TOKEN_PATH}?grant_type=client_credential&appid={DEFAULT_APPID}&secret={DEFAULT_APP_SECRET}"
         ))
         .await
     }
@@ -165,17 +169,6 @@ pub(crate) async fn virtual_user(load: Arc<Load>, user: usize) {
             load.exchange(&code).await;
         }
         if !load.sleep_until(Instant::now() + jitter(100, 600)).await {
-            return;
-        }
-    }
-}
-
-/// A backend fetching access tokens now and then.
-pub(crate) async fn token_fetcher(load: Arc<Load>) {
-    while load.running() {
-        load.token().await;
-        let next = Instant::now() + jitter(1000, 2000);
-        if !load.sleep_until(next).await {
             return;
         }
     }
@@ -255,8 +248,9 @@ async fn inject_reset(load: &Load, faults: &StandIn) {
         .await;
     if drained {
         faults.push_faults([Fault::Reset]);
-        // Something must arrive to take it: a token fetch, if no user is faster.
-        load.token().await;
+        // Something must arrive to take it: a call that wxgate forwards as it is (token
+        // fetches are answered from wxgate's cache), if no user is faster.
+        load.get("/wxa/demo/ping").await;
         let deadline = Instant::now() + Duration::from_secs(10);
         while faults.pending_faults() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;

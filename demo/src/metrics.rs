@@ -1,7 +1,7 @@
 //! What wxgate's `/metrics` say: the Prometheus text format read by a small parser of the
 //! demo's own, and the sums over every API that the table needs ([`MetricsCounts`]).
 
-use wxgate_contract::{Outcome, RetryReason};
+use wxgate_contract::{Outcome, RetryReason, TokenOutcome};
 
 /// The sums of wxgate's `/metrics` the table needs, over every API.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -24,6 +24,11 @@ pub struct MetricsCounts {
     pub quota_wait_seconds: f64,
     /// The smallest histogram bucket holding every wait, if any waited.
     pub quota_wait_within: Option<f64>,
+    /// `wxgate_token_requests_total{outcome="refreshed"}`: token requests that started a
+    /// refresh ahead of expiry, each one upstream call that no client request made.
+    pub token_refreshes: u64,
+    /// `wxgate_token_fetches_total`: token fetches wxgate sent to WeChat.
+    pub token_fetches: u64,
 }
 
 impl MetricsCounts {
@@ -54,6 +59,11 @@ impl MetricsCounts {
             retries,
             quota_waits,
             quota_wait_seconds: sum_samples(&samples, "wxgate_quota_wait_seconds_sum", &[]),
+            token_refreshes: sum(
+                "wxgate_token_requests_total",
+                &[("outcome", TokenOutcome::Refreshed.label())],
+            ),
+            token_fetches: sum("wxgate_token_fetches_total", &[]),
             quota_wait_within: (quota_waits > 0)
                 .then(|| {
                     bucket_holding_all(&samples, "wxgate_quota_wait_seconds_bucket", quota_waits)

@@ -49,6 +49,14 @@ pub(crate) const USERS: usize = 6;
 /// (the default is 3 s), so that about half of the burst gets a local 45011.
 pub(crate) const MAX_WAIT: Duration = Duration::from_millis(2500);
 
+/// How long the stand-in's access tokens live (WeChat: 7200 s), so that wxgate refreshes
+/// them a few times in a run: every lifetime less its two-second refresh window.
+pub(crate) const TOKEN_LIFETIME: Duration = Duration::from_secs(8);
+
+/// How long the previous token still works after a new one is minted (WeChat: 300 s); longer
+/// than wxgate's refresh window, as WeChat's five minutes are.
+pub(crate) const TOKEN_OVERLAP: Duration = Duration::from_secs(4);
+
 /// WeChat's stand-in answers after this long, about what a nearby WeChat takes. It also keeps
 /// an exchange in flight long enough for a double submit to join it.
 pub(crate) const UPSTREAM_LATENCY: Duration = Duration::from_millis(40);

@@ -1,5 +1,5 @@
 //! The progress line while the load runs: requests, upstream calls, hits, followers, quota
-//! waits and absorbed 45011s, redrawn on a terminal and printed every few seconds otherwise.
+//! waits, absorbed 45011s and token fetches (reaching WeChat / sent by the backends), redrawn on a terminal and printed every few seconds otherwise.
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use wxgate_stand_in::StandIn;
+use wxgate_stand_in::{StandIn, DEFAULT_APPID, TOKEN_PATH};
 
 use crate::load::Load;
 use crate::metrics::MetricsCounts;
@@ -56,7 +56,7 @@ pub(crate) fn spawn_progress(
                 .await
                 .map(|text| MetricsCounts::from_text(&text))
                 .unwrap_or_default();
-            let line = progress_line(&load, &metrics, upstream.total_calls());
+            let line = progress_line(&load, &metrics, &upstream);
             if tty {
                 print!("\r{line}\x1b[K");
                 if last {
@@ -74,7 +74,7 @@ pub(crate) fn spawn_progress(
     Progress { stop, task }
 }
 
-fn progress_line(load: &Load, metrics: &MetricsCounts, upstream_calls: u64) -> String {
+fn progress_line(load: &Load, metrics: &MetricsCounts, upstream: &StandIn) -> String {
     let elapsed = load.started.elapsed();
     let tally = load.tally.counts();
     let finishing = if Instant::now() > load.deadline {
@@ -83,13 +83,15 @@ fn progress_line(load: &Load, metrics: &MetricsCounts, upstream_calls: u64) -> S
         ""
     };
     format!(
-        "  {:5.1} s  requests {}  upstream calls {}  hits {}  coalesced {}  quota waits {}  45011 absorbed {}{finishing}",
+        "  {:5.1} s  requests {}  upstream calls {}  hits {}  coalesced {}  quota waits {}  45011 absorbed {}  token fetches {}/{}{finishing}",
         elapsed.as_secs_f64(),
         tally.requests,
-        upstream_calls,
+        upstream.total_calls(),
         tally.cache_hit,
         tally.coalesced,
         metrics.quota_waits,
         metrics.retries(RetryReason::MinuteQuota),
+        upstream.token_fetches(TOKEN_PATH, DEFAULT_APPID),
+        load.tokens.counts().fetches,
     )
 }

@@ -9,6 +9,7 @@ use wxgate_stand_in::JSCODE2SESSION_PATH;
 
 use crate::client::ClientCounts;
 use crate::metrics::MetricsCounts;
+use crate::tokens::{TokenCounts, TOKEN_BACKENDS};
 use wxgate_contract::{Outcome, RetryReason};
 
 /// What the demo counted, from the clients, from wxgate's `/metrics` and from the stand-in.
@@ -34,6 +35,10 @@ pub struct DemoReport {
     pub admin: SocketAddr,
     /// What the clients counted.
     pub client: ClientCounts,
+    /// What the token backends counted.
+    pub tokens: TokenCounts,
+    /// Token fetches that reached the stand-in (and succeeded).
+    pub token_fetches_upstream: u64,
     /// wxgate's `/metrics` after the load.
     pub metrics: MetricsCounts,
     /// That `/metrics` text, as scraped.
@@ -68,14 +73,18 @@ impl DemoReport {
         self.metrics.retries(RetryReason::MinuteQuota)
     }
 
-    /// The left side of the identity: upstream calls − retries + saved + answered locally.
+    /// The left side of the identity: upstream calls − retries − token refreshes + saved +
+    /// answered locally.
     pub fn accounted(&self) -> i128 {
-        i128::from(self.upstream_calls) - i128::from(self.retries_sent())
+        i128::from(self.upstream_calls)
+            - i128::from(self.retries_sent())
+            - i128::from(self.metrics.token_refreshes)
             + i128::from(self.saved())
             + i128::from(self.answered_locally())
     }
 
-    /// Whether upstream calls − retries + saved + answered by wxgate = client requests.
+    /// Whether upstream calls − retries − token refreshes + saved + answered by wxgate =
+    /// client requests.
     pub fn adds_up(&self) -> bool {
         self.accounted() == i128::from(self.client.requests)
     }
@@ -256,12 +265,33 @@ impl fmt::Display for DemoReport {
             c.code_used,
             "every repeat of a code got the first answer instead",
         )?;
+        let t = &self.tokens;
+        row(
+            f,
+            "access-token fetches",
+            t.fetches,
+            &format!(
+                "by {TOKEN_BACKENDS} backends, each with its own cache; {} reached WeChat \
+                 ({} of them refreshes ahead of expiry)",
+                self.token_fetches_upstream, m.token_refreshes
+            ),
+        )?;
+        row(
+            f,
+            "  API calls with those tokens",
+            t.calls,
+            &format!(
+                "{} refused as stale (40001): without wxgate every fetch would retire the others' token",
+                t.refused
+            ),
+        )?;
         writeln!(f)?;
 
         // The identity, each number under its name.
-        let terms: [(&str, &str, i128); 6] = [
+        let terms: [(&str, &str, i128); 7] = [
             ("", "upstream calls", i128::from(self.upstream_calls)),
             (" − ", "retries", i128::from(self.retries_sent())),
+            (" − ", "refreshes", i128::from(m.token_refreshes)),
             (
                 " + ",
                 "coalesced",
@@ -327,6 +357,8 @@ mod tests {
             proxy: SocketAddr::from(([127, 0, 0, 1], 1)),
             admin: SocketAddr::from(([127, 0, 0, 1], 2)),
             client,
+            tokens: TokenCounts::default(),
+            token_fetches_upstream: 0,
             metrics,
             metrics_text: String::new(),
             upstream_calls,

@@ -14,11 +14,14 @@ use wxgate_stand_in::{
 };
 
 use crate::launch::{wait_until_ready, Launch, LaunchError, Serving};
-use crate::load::{random_code, script, token_fetcher, virtual_user, Load};
+use crate::load::{random_code, script, virtual_user, Load};
 use crate::metrics::MetricsCounts;
-use crate::plan::{DemoOptions, Plan, MAX_WAIT, UPSTREAM_LATENCY, USERS};
+use crate::plan::{
+    DemoOptions, Plan, MAX_WAIT, TOKEN_LIFETIME, TOKEN_OVERLAP, UPSTREAM_LATENCY, USERS,
+};
 use crate::progress::spawn_progress;
 use crate::report::DemoReport;
+use crate::tokens::{token_backend, TOKEN_BACKENDS};
 
 /// Runs the demo: starts the stand-in and wxgate (through `launch`, see [`Launch`]), drives the load for `options.duration`
 /// (less if `shutdown` completes first) with a progress line, prints the table, and returns
@@ -40,6 +43,8 @@ pub async fn run(
         quota_per_window: Some(plan.upstream_quota),
         window: Duration::from_secs(plan.window_secs),
         latency: UPSTREAM_LATENCY,
+        token_lifetime: TOKEN_LIFETIME,
+        token_overlap: TOKEN_OVERLAP,
         ..StandInConfig::default()
     })
     .await
@@ -66,9 +71,11 @@ pub async fn run(
     println!("  wxgate metrics  http://{admin_addr}/metrics");
     println!(
         "  {} s of load: {USERS} users logging in, double submits, SDK retries, a burst of {}, \
-         invalid codes, one wrong secret, injected -1 and resets",
+         invalid codes, one wrong secret, injected -1 and resets; {TOKEN_BACKENDS} backends \
+         calling APIs with access tokens that live {} s",
         options.duration.as_secs_f64(),
-        plan.burst_size
+        plan.burst_size,
+        TOKEN_LIFETIME.as_secs()
     );
 
     tokio::pin!(shutdown);
@@ -84,7 +91,9 @@ pub async fn run(
     for user in 0..USERS {
         tasks.spawn(virtual_user(load.clone(), user));
     }
-    tasks.spawn(token_fetcher(load.clone()));
+    for backend in 0..TOKEN_BACKENDS {
+        tasks.spawn(token_backend(load.clone(), backend));
+    }
     tasks.spawn(script(load.clone(), upstream.clone(), plan));
     let drained = drain(tasks);
     tokio::pin!(drained);
@@ -114,6 +123,8 @@ pub async fn run(
         proxy: proxy_addr,
         admin: admin_addr,
         client: load.tally.counts(),
+        tokens: load.tokens.counts(),
+        token_fetches_upstream: upstream.token_fetches(TOKEN_PATH, DEFAULT_APPID),
         metrics: MetricsCounts::from_text(&metrics_text),
         upstream_calls: upstream.total_calls(),
         metrics_text,

@@ -21,12 +21,16 @@
 //!
 //! Keys are `{key_prefix}{kind}:{fingerprint}`, fingerprints keyed with the cluster secret
 //! ([`sealing`]), so nothing in a key names an appid, a credential or a code.
+//!
+//! Access tokens are shared too ([`tokens`]): one sealed token per (API, appid), refreshed
+//! by the one replica that holds its lease.
 
 pub mod codes;
 mod notices;
 pub mod quota;
 mod scripts;
 pub mod sealing;
+pub mod tokens;
 
 use std::fmt;
 use std::future::Future;

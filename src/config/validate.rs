@@ -4,7 +4,7 @@
 //! A check that yields no value records why, and a check that needs another key's value
 //! runs only when that value is valid: one mistake gives one message.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::RangeInclusive;
@@ -16,8 +16,8 @@ use super::read::quote_key;
 use super::{
     BaseUrl, CaFile, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig, QuotaConfig,
     QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota, RawRetry,
-    RawServer, RawUpstream, RedisUrl, RetryConfig, ServerConfig, UpstreamConfig,
-    HOLD_BEYOND_WINDOW,
+    RawServer, RawTokenCache, RawUpstream, RedisUrl, RetryConfig, ServerConfig, TokenCacheConfig,
+    UpstreamConfig, HOLD_BEYOND_WINDOW,
 };
 use crate::api::Api;
 
@@ -62,6 +62,10 @@ impl RawConfig {
             window,
         );
         let log = check_log(&mut Checks::new(problems, name!(raw.log)), &raw.log);
+        let token_cache = check_token_cache(
+            &mut Checks::new(problems, name!(raw.token_cache)),
+            &raw.token_cache,
+        );
         let cluster = match &raw.cluster {
             None => Some(None),
             Some(cluster) => {
@@ -74,6 +78,7 @@ impl RawConfig {
             code_cache: code_cache?,
             quota: quota?,
             retry: retry?,
+            token_cache: token_cache?,
             cluster: cluster?,
             log: log?,
         })
@@ -220,6 +225,27 @@ fn check_log(c: &mut Checks, raw: &RawLog) -> Option<LogConfig> {
     Some(LogConfig {
         json: json?,
         level: level?,
+    })
+}
+
+/// `[token_cache]`. `refresh_ahead_secs` stays under WeChat's five-minute overlap: a token
+/// refreshed earlier than that before its expiry would stop working while callers still hold
+/// it with a longer `expires_in`.
+fn check_token_cache(c: &mut Checks, raw: &RawTokenCache) -> Option<TokenCacheConfig> {
+    let refresh_ahead = c.secs(key!(raw.refresh_ahead_secs), 1..=299);
+    let (exclude_key, excluded) = key!(raw.exclude_appids);
+    let mut exclude_appids = BTreeSet::new();
+    for (index, appid) in excluded.iter().enumerate() {
+        if crate::wechat::is_plausible_appid(appid) {
+            exclude_appids.insert(appid.clone());
+        } else {
+            c.problem(&format!("{exclude_key}[{index}]"), "not a plausible appid");
+        }
+    }
+    Some(TokenCacheConfig {
+        enabled: raw.enabled,
+        refresh_ahead: refresh_ahead?,
+        exclude_appids,
     })
 }
 
@@ -488,6 +514,25 @@ mod tests {
             ["upstream.ca_file: holds no PEM certificate (-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----)"]
         );
         assert!(!format!("{missing:?}{no_certificate:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_token_cache_stays_inside_wechats_overlap_and_excludes_plausible_appids() {
+        assert_eq!(
+            problems(
+                "[token_cache]\nrefresh_ahead_secs = 300\nexclude_appids = [\"wx1\", \"wx 2\"]\n"
+            ),
+            [
+                "token_cache.refresh_ahead_secs: 300 is out of range (1..=299)",
+                "token_cache.exclude_appids[1]: not a plausible appid",
+            ]
+        );
+        let config =
+            Config::from_toml_str("[token_cache]\nenabled = false\nexclude_appids = [\"wx1\"]\n")
+                .unwrap();
+        assert!(!config.token_cache.enabled);
+        assert!(config.token_cache.exclude_appids.contains("wx1"));
+        assert_eq!(config.token_cache.refresh_ahead, Duration::from_secs(240));
     }
 
     #[test]

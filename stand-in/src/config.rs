@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::{
     DEFAULT_APPID, DEFAULT_APP_SECRET, DEFAULT_COMPONENT_ACCESS_TOKEN, DEFAULT_COMPONENT_APPID,
+    DEFAULT_COMPONENT_APPSECRET,
 };
 
 /// What the stand-in knows about the apps and platforms calling it, and how it behaves.
@@ -27,6 +28,12 @@ pub struct StandInConfig {
     pub latency: Duration,
     /// Keep a log of every call (time, path, appid, errcode); benches turn it off.
     pub record_calls: bool,
+    /// How long an access token (and a component token) works: WeChat's 7200 s; tests
+    /// shorten it. At least one second (`expires_in` counts whole seconds).
+    pub token_lifetime: Duration,
+    /// How long the previous token still works after a fetch mints a new one: WeChat's
+    /// five minutes.
+    pub token_overlap: Duration,
     /// Serve HTTPS with this certificate instead of plain HTTP; `None` = plain HTTP.
     pub tls: Option<StandInTls>,
 }
@@ -49,8 +56,8 @@ impl std::fmt::Debug for StandInTls {
 
 impl Default for StandInConfig {
     /// One app ([`DEFAULT_APPID`], with a unionid), one platform ([`DEFAULT_COMPONENT_APPID`])
-    /// that the app authorized, no quota, 60 s windows, no latency, calls recorded, plain
-    /// HTTP.
+    /// that the app authorized, no quota, 60 s windows, no latency, calls recorded, tokens
+    /// as WeChat's (7200 s, the previous one working 300 s more), plain HTTP.
     fn default() -> Self {
         StandInConfig {
             apps: vec![StandInApp {
@@ -60,6 +67,7 @@ impl Default for StandInConfig {
             }],
             components: vec![StandInComponent {
                 component_appid: DEFAULT_COMPONENT_APPID.to_owned(),
+                component_appsecret: DEFAULT_COMPONENT_APPSECRET.to_owned(),
                 component_access_token: DEFAULT_COMPONENT_ACCESS_TOKEN.to_owned(),
                 authorized_appids: vec![DEFAULT_APPID.to_owned()],
             }],
@@ -68,6 +76,8 @@ impl Default for StandInConfig {
             latency: Duration::ZERO,
             record_calls: true,
             tls: None,
+            token_lifetime: Duration::from_secs(7200),
+            token_overlap: Duration::from_secs(300),
         }
     }
 }
@@ -89,7 +99,10 @@ pub struct StandInApp {
 pub struct StandInComponent {
     /// The platform's own appid (`component_appid`).
     pub component_appid: String,
-    /// The one `component_access_token` the stand-in accepts for this platform.
+    /// Its secret, checked by `/cgi-bin/component/api_component_token`.
+    pub component_appsecret: String,
+    /// A `component_access_token` the stand-in always accepts for this platform (besides
+    /// the tokens its token fetch mints).
     pub component_access_token: String,
     /// Mini programs that authorized the platform; others get 61003.
     pub authorized_appids: Vec<String>,

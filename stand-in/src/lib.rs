@@ -11,10 +11,16 @@
 //! |---|---|
 //! | `/sns/jscode2session` | `{"session_key","openid"[,"unionid"]}` or an error |
 //! | `/sns/component/jscode2session` | the same, for a third-party platform |
-//! | `/cgi-bin/token` | `{"access_token","expires_in":7200}` or an error |
-//! | `/cgi-bin/stable_token` (POST, JSON) | the same |
+//! | `/cgi-bin/token` | `{"access_token","expires_in"}` (a new token each time) or an error |
+//! | `/cgi-bin/stable_token` (POST, JSON) | the same, with WeChat's stable-token semantics |
+//! | `/cgi-bin/component/api_component_token` (POST, JSON) | `{"component_access_token","expires_in"}` |
+//! | `/cgi-bin/get_api_domain_ip?access_token=` | `{"ip_list":[…]}`, or 40001 / 42001 for a replaced, unknown or expired token |
 //! | `/__stand_in/stats` ([`STATS_PATH`]) | the stand-in's own counters as JSON (below); not a WeChat call, not counted |
 //! | anything else | an echo of the request (see [`StandIn`]) |
+//!
+//! Tokens live [`StandInConfig::token_lifetime`] (WeChat: 7200 s) and the previous one works
+//! [`StandInConfig::token_overlap`] (WeChat: 300 s) after a fetch mints the next (see
+//! `tokens.rs`); [`StandIn::token_fetches`] counts successful fetches per appid.
 //!
 //! Failures are injected with [`StandIn::push_faults`]: each call takes the next queued
 //! [`Fault`], whatever its path.
@@ -80,6 +86,7 @@
 //! - `fault.rs`: [`Fault`] and the queue of faults waiting for the next calls.
 //! - `record.rs`: [`CallRecord`], the counters behind [`StandIn::calls`] and the like, and
 //!   [`WindowCalls`] with the stats page's body.
+//! - `tokens.rs`: access tokens: lifetimes, the overlap, stable and component tokens.
 //! - `bin/wxgate-stand-in.rs`: the binary (command line, then [`StandIn::start_on`]).
 //! - `ids.rs`: session keys, openids, tokens and request ids shaped like WeChat's.
 #![forbid(unsafe_code)]
@@ -95,6 +102,7 @@ mod record;
 mod request;
 mod stand_in;
 mod tls;
+mod tokens;
 mod upstream;
 
 #[cfg(test)]
@@ -112,7 +120,9 @@ pub const DEFAULT_APP_SECRET: &str = "stand-in-secret-a1";
 /// The third-party platform registered by [`StandInConfig::default`]; [`DEFAULT_APPID`] is
 /// authorized to it.
 pub const DEFAULT_COMPONENT_APPID: &str = "wx00000000000000c1";
-/// The `component_access_token` of [`DEFAULT_COMPONENT_APPID`].
+/// The `component_appsecret` of [`DEFAULT_COMPONENT_APPID`].
+pub const DEFAULT_COMPONENT_APPSECRET: &str = "stand-in-component-secret-c1";
+/// A `component_access_token` of [`DEFAULT_COMPONENT_APPID`] that never expires.
 pub const DEFAULT_COMPONENT_ACCESS_TOKEN: &str = "stand-in-component-token-c1";
 
 /// Path of the mini program's own code exchange (`auth.code2Session`).
@@ -123,6 +133,12 @@ pub const COMPONENT_JSCODE2SESSION_PATH: &str = "/sns/component/jscode2session";
 pub const TOKEN_PATH: &str = "/cgi-bin/token";
 /// Path of the stable access-token fetch (POST, JSON body).
 pub const STABLE_TOKEN_PATH: &str = "/cgi-bin/stable_token";
+/// Path of a third-party platform's token fetch (POST, JSON body).
+pub const COMPONENT_TOKEN_PATH: &str = "/cgi-bin/component/api_component_token";
+/// The API call whose `access_token` the stand-in checks (WeChat's "get API server IPs",
+/// which takes nothing else): 40001 for an unknown or replaced token, 42001 for an expired
+/// one. Every other API path is echoed, token or not.
+pub const CHECKED_API_PATH: &str = "/cgi-bin/get_api_domain_ip";
 
 /// The stand-in's own page: its counters and the calls it received per aligned quota window,
 /// as JSON (see the crate documentation). Not a WeChat path; requests to it are not counted.

@@ -110,6 +110,8 @@ pub(crate) struct Counters {
     pub(crate) by_path: DashMap<String, AtomicU64>,
     pub(crate) by_code: DashMap<String, AtomicU64>,
     pub(crate) by_errcode: DashMap<i64, AtomicU64>,
+    /// Successful token fetches, by `"{path} {appid}"`.
+    pub(crate) token_fetches: DashMap<String, AtomicU64>,
 }
 
 /// Adds one to `map[key]`, inserting the key on its first count.

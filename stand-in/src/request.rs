@@ -32,8 +32,11 @@ impl<'a> ReceivedCall<'a> {
         body: &'a Bytes,
     ) -> ReceivedCall<'a> {
         let params = match route {
-            Route::StableToken if parts.method != Method::POST => Err(43002),
+            Route::StableToken | Route::ComponentToken if parts.method != Method::POST => {
+                Err(43002)
+            }
             Route::StableToken => Params::from_stable_token_body(body),
+            Route::ComponentToken => Params::from_component_token_body(body),
             _ => Ok(Params::from_query(parts.uri.query().unwrap_or_default())),
         };
         ReceivedCall {
@@ -56,6 +59,13 @@ pub(crate) struct Params<'a> {
     pub(crate) grant_type: Option<Cow<'a, str>>,
     pub(crate) component_appid: Option<Cow<'a, str>>,
     pub(crate) component_access_token: Option<Cow<'a, str>>,
+    /// The token an API call presents.
+    pub(crate) access_token: Option<Cow<'a, str>>,
+    /// `stable_token`'s `force_refresh`.
+    pub(crate) force_refresh: bool,
+    /// The component token's secret and ticket.
+    pub(crate) component_appsecret: Option<Cow<'a, str>>,
+    pub(crate) component_verify_ticket: Option<Cow<'a, str>>,
 }
 
 impl<'a> Params<'a> {
@@ -71,6 +81,7 @@ impl<'a> Params<'a> {
                 "grant_type" => &mut params.grant_type,
                 "component_appid" => &mut params.component_appid,
                 "component_access_token" => &mut params.component_access_token,
+                "access_token" => &mut params.access_token,
                 _ => continue,
             };
             if slot.is_none() && !value.is_empty() {
@@ -91,16 +102,44 @@ impl<'a> Params<'a> {
             appid: Option<Cow<'b, str>>,
             #[serde(borrow)]
             secret: Option<Cow<'b, str>>,
+            #[serde(default)]
+            force_refresh: bool,
         }
         let parsed: StableTokenBody<'a> = serde_json::from_slice(body).map_err(|_| 47001_i64)?;
-        let present = |value: Option<Cow<'a, str>>| value.filter(|value| !value.is_empty());
         Ok(Params {
             grant_type: present(parsed.grant_type),
             appid: present(parsed.appid),
             secret: present(parsed.secret),
+            force_refresh: parsed.force_refresh,
             ..Params::default()
         })
     }
+
+    /// The JSON body of `/cgi-bin/component/api_component_token`; `Err(47001)` when it is not
+    /// a JSON object with string fields.
+    pub(crate) fn from_component_token_body(body: &'a [u8]) -> Result<Params<'a>, i64> {
+        #[derive(serde::Deserialize)]
+        struct ComponentTokenBody<'b> {
+            #[serde(borrow)]
+            component_appid: Option<Cow<'b, str>>,
+            #[serde(borrow)]
+            component_appsecret: Option<Cow<'b, str>>,
+            #[serde(borrow)]
+            component_verify_ticket: Option<Cow<'b, str>>,
+        }
+        let parsed: ComponentTokenBody<'a> = serde_json::from_slice(body).map_err(|_| 47001_i64)?;
+        Ok(Params {
+            component_appid: present(parsed.component_appid),
+            component_appsecret: present(parsed.component_appsecret),
+            component_verify_ticket: present(parsed.component_verify_ticket),
+            ..Params::default()
+        })
+    }
+}
+
+/// A value, unless empty: WeChat reads an empty field as a missing one.
+fn present(value: Option<Cow<'_, str>>) -> Option<Cow<'_, str>> {
+    value.filter(|value| !value.is_empty())
 }
 
 #[cfg(test)]
@@ -127,7 +166,7 @@ mod tests {
 
     #[test]
     fn a_query_that_names_nothing_known_reads_as_empty() {
-        for query in ["", "&", "&&", "access_token=T", "=x&appid", "APPID=wx1"] {
+        for query in ["", "&", "&&", "token=T", "=x&appid", "APPID=wx1"] {
             assert_eq!(Params::from_query(query), Params::default(), "{query:?}");
         }
         // An encoded name is decoded before it is matched.
@@ -135,6 +174,22 @@ mod tests {
             owned(&Params::from_query("app%69d=wx1").appid),
             Some("wx1".into())
         );
+        assert_eq!(
+            owned(&Params::from_query("access_token=T").access_token),
+            Some("T".into())
+        );
+    }
+
+    #[test]
+    fn the_component_token_body_is_json_too() {
+        let params = Params::from_component_token_body(
+            br#"{"component_appid":"wxc","component_appsecret":"s","component_verify_ticket":""}"#,
+        )
+        .expect("a JSON object");
+        assert_eq!(owned(&params.component_appid), Some("wxc".into()));
+        assert_eq!(owned(&params.component_appsecret), Some("s".into()));
+        assert_eq!(params.component_verify_ticket, None);
+        assert_eq!(Params::from_component_token_body(b"x"), Err(47001));
     }
 
     #[test]

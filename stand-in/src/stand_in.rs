@@ -173,6 +173,15 @@ impl StandIn {
         read_counter(&self.shared.counters.by_errcode, &errcode)
     }
 
+    /// Successful token fetches of `appid` (`component_appid` for a platform's) on the token
+    /// API at `path`: how many tokens a proxy fetched for it.
+    pub fn token_fetches(&self, path: &str, appid: &str) -> u64 {
+        read_counter(
+            &self.shared.counters.token_fetches,
+            &format!("{path} {appid}"),
+        )
+    }
+
     /// Every call received since the start or the last [`reset_counters`](Self::reset_counters),
     /// in arrival order. Empty when [`StandInConfig::record_calls`] is off.
     pub fn call_log(&self) -> Vec<CallRecord> {
@@ -208,6 +217,7 @@ impl StandIn {
         counters.by_path.clear();
         counters.by_code.clear();
         counters.by_errcode.clear();
+        counters.token_fetches.clear();
         lock(&self.shared.log).clear();
     }
 
@@ -345,7 +355,13 @@ async fn handle(
             Answer::Reset
         }
     };
-    let appid = params.and_then(|params| params.appid.as_deref());
+    // A platform's token fetch names its platform only.
+    let appid = params.and_then(|params| {
+        params.appid.as_deref().or(params
+            .component_appid
+            .as_deref()
+            .filter(|_| route.is_component_token()))
+    });
     shared.record(at, path, appid, answer.errcode());
 
     let wait = shared.latency().saturating_add(extra_delay);

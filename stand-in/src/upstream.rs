@@ -11,19 +11,20 @@ use dashmap::{DashMap, DashSet};
 
 use crate::answer::{echo, Answer};
 use crate::fault::FaultQueue;
-use crate::ids::{derived_id, random_chars, random_session_key};
+use crate::ids::{derived_id, random_session_key};
 use crate::record::{bump, CallRecord, Counters};
 use crate::request::{Params, ReceivedCall};
+use crate::tokens::{TokenKind, Tokens};
 use crate::{
-    duration_nanos, lock, StandInConfig, COMPONENT_JSCODE2SESSION_PATH, JSCODE2SESSION_PATH,
-    STABLE_TOKEN_PATH, TOKEN_PATH,
+    duration_nanos, lock, StandInConfig, CHECKED_API_PATH, COMPONENT_JSCODE2SESSION_PATH,
+    COMPONENT_TOKEN_PATH, JSCODE2SESSION_PATH, STABLE_TOKEN_PATH, TOKEN_PATH,
 };
 
 /// `quota` value meaning "no quota", so the quota fits in one atomic.
 pub(crate) const UNLIMITED: u64 = u64::MAX;
 
 /// The endpoints that have a quota, in the order of [`Shared::quota_windows`]' slots.
-const QUOTA_ENDPOINTS: usize = 4;
+const QUOTA_ENDPOINTS: usize = 5;
 
 /// State shared by the handle and every connection task.
 pub(crate) struct Shared {
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) log: Mutex<Vec<CallRecord>>,
     /// The server name (SNI) each TLS connection asked for, in handshake order.
     pub(crate) server_names: Mutex<Vec<Option<String>>>,
+    /// Every access token minted, and which is current.
+    pub(crate) tokens: Tokens,
 }
 
 struct AppEntry {
@@ -54,6 +57,7 @@ struct AppEntry {
 }
 
 struct ComponentEntry {
+    appsecret: String,
     access_token: String,
     authorized_appids: HashSet<String>,
 }
@@ -76,6 +80,7 @@ impl Shared {
             .into_iter()
             .map(|component| {
                 let entry = ComponentEntry {
+                    appsecret: component.component_appsecret,
                     access_token: component.component_access_token,
                     authorized_appids: component.authorized_appids.into_iter().collect(),
                 };
@@ -96,6 +101,7 @@ impl Shared {
             counters: Counters::default(),
             log: Mutex::new(Vec::new()),
             server_names: Mutex::new(Vec::new()),
+            tokens: Tokens::new(config.token_lifetime, config.token_overlap),
         }
     }
 
@@ -117,6 +123,8 @@ impl Shared {
             Route::CodeSession => self.code_session(params, call.at),
             Route::ComponentCodeSession => self.component_code_session(params, call.at),
             Route::Token | Route::StableToken => self.client_credential(route, params, call.at),
+            Route::ComponentToken => self.component_token(params, call.at),
+            Route::CheckedApi => self.checked_api(params, call.at),
             Route::Echo => echo(call.parts, call.body),
         }
     }
@@ -160,11 +168,16 @@ impl Shared {
             return Answer::error(40002);
         }
         // WeChat does not say whether the platform or its token was wrong: both are 40001.
-        let component = params
-            .component_appid
-            .as_deref()
-            .and_then(|component_appid| self.components.get(component_appid))
-            .filter(|component| component.access_token == token);
+        // The token is the configured one, or one the platform's token fetch minted and that
+        // still works.
+        let component_appid = params.component_appid.as_deref().unwrap_or_default();
+        let component = self.components.get(component_appid).filter(|component| {
+            component.access_token == token
+                || self
+                    .tokens
+                    .check(token, &[TokenKind::Component], Some(component_appid), at)
+                    .is_ok()
+        });
         let Some(component) = component else {
             return Answer::error(40001);
         };
@@ -199,11 +212,58 @@ impl Shared {
         if !self.admit(route, appid, at) {
             return Answer::error(45011);
         }
-        let body = format!(
-            r#"{{"access_token":"{}","expires_in":7200}}"#,
-            random_chars(96)
-        );
+        let (token, expires_in) = match route {
+            Route::StableToken => self.tokens.stable(appid, params.force_refresh, at),
+            _ => self.tokens.mint(TokenKind::Token, appid, at),
+        };
+        self.count_token_fetch(route, appid);
+        // Tokens are base64url characters: the JSON needs no escaping.
+        let body = format!(r#"{{"access_token":"{token}","expires_in":{expires_in}}}"#);
         Answer::success(body)
+    }
+
+    /// `/cgi-bin/component/api_component_token`. The stand-in's choices where WeChat does
+    /// not document an order: 41002, 41004, 61006 (no ticket), 40013, 40125.
+    fn component_token(&self, params: &Params<'_>, at: SystemTime) -> Answer {
+        let Some(component_appid) = params.component_appid.as_deref() else {
+            return Answer::error(41002);
+        };
+        let Some(secret) = params.component_appsecret.as_deref() else {
+            return Answer::error(41004);
+        };
+        if params.component_verify_ticket.is_none() {
+            return Answer::error(61006);
+        }
+        let Some(component) = self.components.get(component_appid) else {
+            return Answer::error(40013);
+        };
+        if component.appsecret != secret {
+            return Answer::error(40125);
+        }
+        if !self.admit(Route::ComponentToken, component_appid, at) {
+            return Answer::error(45011);
+        }
+        let (token, expires_in) = self.tokens.mint(TokenKind::Component, component_appid, at);
+        self.count_token_fetch(Route::ComponentToken, component_appid);
+        let body = format!(r#"{{"component_access_token":"{token}","expires_in":{expires_in}}}"#);
+        Answer::success(body)
+    }
+
+    /// [`CHECKED_API_PATH`]: an API call that only checks its `access_token`.
+    fn checked_api(&self, params: &Params<'_>, at: SystemTime) -> Answer {
+        let Some(token) = params.access_token.as_deref() else {
+            return Answer::error(41001);
+        };
+        let kinds = [TokenKind::Token, TokenKind::Stable];
+        match self.tokens.check(token, &kinds, None, at) {
+            Ok(()) => Answer::success(r#"{"ip_list":["101.226.103.1","101.226.103.2"]}"#.into()),
+            Err(errcode) => Answer::error(errcode),
+        }
+    }
+
+    fn count_token_fetch(&self, route: Route, appid: &str) {
+        let path = route.path().unwrap_or_default();
+        bump(&self.counters.token_fetches, &format!("{path} {appid}"));
     }
 
     /// The code's own checks, once the caller is known to be allowed to exchange it.
@@ -314,6 +374,9 @@ pub(crate) enum Route {
     ComponentCodeSession,
     Token,
     StableToken,
+    ComponentToken,
+    /// [`CHECKED_API_PATH`].
+    CheckedApi,
     Echo,
 }
 
@@ -325,7 +388,19 @@ impl Route {
             COMPONENT_JSCODE2SESSION_PATH => Route::ComponentCodeSession,
             TOKEN_PATH => Route::Token,
             STABLE_TOKEN_PATH => Route::StableToken,
+            COMPONENT_TOKEN_PATH => Route::ComponentToken,
+            CHECKED_API_PATH => Route::CheckedApi,
             _ => Route::Echo,
+        }
+    }
+
+    /// The path of a token route.
+    fn path(self) -> Option<&'static str> {
+        match self {
+            Route::Token => Some(TOKEN_PATH),
+            Route::StableToken => Some(STABLE_TOKEN_PATH),
+            Route::ComponentToken => Some(COMPONENT_TOKEN_PATH),
+            _ => None,
         }
     }
 
@@ -336,8 +411,14 @@ impl Route {
             Route::ComponentCodeSession => Some(1),
             Route::Token => Some(2),
             Route::StableToken => Some(3),
-            Route::Echo => None,
+            Route::ComponentToken => Some(4),
+            Route::CheckedApi | Route::Echo => None,
         }
+    }
+
+    /// Whether this is a platform's token fetch (which names no `appid`).
+    pub(crate) fn is_component_token(self) -> bool {
+        self == Route::ComponentToken
     }
 
     /// Whether calls on this route spend a `js_code`.

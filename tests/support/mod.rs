@@ -5,6 +5,8 @@
 pub mod child;
 pub mod cluster;
 pub mod redis;
+pub mod replicas;
+pub mod sdk;
 pub mod tls;
 
 use std::net::SocketAddr;

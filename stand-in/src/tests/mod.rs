@@ -1,9 +1,10 @@
 //! The stand-in's own tests, over loopback with reqwest as the client: the shared harness
-//! here, WeChat's endpoints in `wechat.rs`, faults, the echo and the server in `serving.rs`,
-//! HTTPS (with a rustls client) in `https.rs`.
+//! here, WeChat's endpoints in `wechat.rs`, tokens in `tokens.rs`, faults, the echo and the
+//! server in `serving.rs`, HTTPS (with a rustls client) in `https.rs`.
 
 mod https;
 mod serving;
+mod tokens;
 mod wechat;
 
 use std::net::SocketAddr;

@@ -1,0 +1,207 @@
+//! One fetch, in a task of its own: agree with the other replicas on who fetches (see
+//! `replicas.rs`), send it upstream (under quota and retry policy), read WeChat's answer,
+//! store it for the replicas, settle the result in the cache, hand it to every waiter.
+//!
+//! # Settling
+//! A fetched token enters the cache only if it is newer than anything the cache holds or
+//! dropped ([`policy::supersedes`]): a slow fetch that loses the race to a newer one hands
+//! its waiters the newer token instead of overwriting it. The flight leaves its slot under
+//! the same lock that stores the token, and publishes after, so every caller either waits
+//! for this fetch or finds its token.
+//!
+//! # Cancellation
+//! Nobody's disconnection stops a fetch (it is a task). If the task itself ends without a
+//! result (it panicked, or the runtime shut down), its guard frees the slot and tells the
+//! waiters, who answer with wxgate's `-1`.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::budget::beijing_day;
+use super::entry::{Credential, Entry};
+use super::flight::{Flight, FlightResult};
+use super::policy;
+use super::replicas::Coordinated;
+use super::{Slot, TokenCache, TokenKey};
+use crate::dispatch::Call;
+use crate::local_answer::LocalAnswer;
+use crate::wechat::Errcode;
+
+/// What a fetch is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// Nothing usable is cached: a token for the cache (`forced`: a forced stable refresh).
+    Fetch {
+        /// `force_refresh: true`.
+        forced: bool,
+    },
+    /// The cached token nears its expiry: its replacement, while it is still served.
+    Background,
+    /// Another secret than the cached token's: WeChat's answer for that secret.
+    Own,
+}
+
+/// One fetch to run.
+pub(super) struct Job {
+    pub(super) key: TokenKey,
+    pub(super) credential: Credential,
+    pub(super) call: Call,
+    pub(super) flight: Arc<Flight>,
+    pub(super) mode: Mode,
+}
+
+/// Runs `job` to its end: agree with the other replicas, fetch, store, settle, publish.
+pub(super) async fn run(cache: Arc<TokenCache>, job: Job) {
+    let mut guard = FlightGuard {
+        cache: &cache,
+        job: &job,
+        armed: true,
+    };
+    let (result, lease) = match cache.coordinate(&job).await {
+        Coordinated::Done(result) => (result, None),
+        Coordinated::Fetch(lease) => (fetch(&cache, &job).await, lease),
+    };
+    if let FlightResult::Token {
+        entry,
+        fetched_here: true,
+    } = &result
+    {
+        cache.share(&job.key, entry).await;
+    }
+    cache.release(&job.key, lease).await;
+    let result = cache.settle(&job, result);
+    guard.armed = false;
+    job.flight.publish(result);
+}
+
+/// Sends the fetch and reads WeChat's answer.
+async fn fetch(cache: &TokenCache, job: &Job) -> FlightResult {
+    // Before the call (and its quota wait): the token's expiry is counted from here, so it
+    // is never later than WeChat's.
+    let issued = SystemTime::now();
+    let answer = match cache.dispatcher.call(&job.call, std::future::pending).await {
+        Ok(answer) => answer,
+        Err(local) => return FlightResult::Local(local),
+    };
+    cache.count_fetch(&job.key).await;
+    let forced_at = (job.mode == Mode::Fetch { forced: true }).then_some(issued);
+    let entry = (answer.errcode == Errcode::Success)
+        .then(|| {
+            let body = &answer.response.body;
+            Entry::from_answer(
+                job.key.kind,
+                body,
+                issued,
+                job.credential.clone(),
+                forced_at,
+            )
+        })
+        .flatten();
+    match entry {
+        Some(entry) => FlightResult::Token {
+            entry,
+            fetched_here: true,
+        },
+        // An error, or a success wxgate cannot read: passed on as it came, not cached.
+        None => FlightResult::Answer(Arc::new(answer)),
+    }
+}
+
+impl TokenCache {
+    /// Stores a fetched token if it is the newest, removes the flight from its slot, and
+    /// says what the waiters get.
+    fn settle(&self, job: &Job, result: FlightResult) -> FlightResult {
+        let mut slots = self.slots.lock();
+        let slot = slots.entry(job.key.clone()).or_default();
+        slot.flights
+            .retain(|flight| !Arc::ptr_eq(flight, &job.flight));
+        match result {
+            FlightResult::Token {
+                entry,
+                fetched_here,
+            } => {
+                let entry = keep_newest(slot, entry);
+                if job.mode == Mode::Background {
+                    slot.refresh_failed_at = None;
+                }
+                FlightResult::Token {
+                    entry,
+                    fetched_here,
+                }
+            }
+            FlightResult::Again => {
+                // Another replica is refreshing: this one does not try again before the
+                // backoff (its next read of Redis will likely find the new token).
+                slot.refresh_failed_at = Some(SystemTime::now());
+                FlightResult::Again
+            }
+            failed => {
+                if job.mode == Mode::Background {
+                    slot.refresh_failed_at = Some(SystemTime::now());
+                    tracing::warn!(
+                        api = job.key.kind.api().label(),
+                        "a token refresh ahead of expiry failed: the current token is still served, and refreshed again shortly"
+                    );
+                }
+                failed
+            }
+        }
+    }
+
+    /// Counts a fetch WeChat answered: the fetch counter and the day's budget (in Redis
+    /// too, when shared, so that every replica reports all replicas' fetches).
+    async fn count_fetch(&self, key: &TokenKey) {
+        self.metrics.fetch(key.kind);
+        let now = SystemTime::now();
+        let shared = self.count_shared(key, beijing_day(now)).await;
+        let mut budget = self.budget.lock();
+        budget.record(key, now, shared);
+        self.metrics
+            .set_fetches_today_max(key.kind, budget.max(key.kind, now));
+    }
+}
+
+/// Puts `fetched` in `slot` if it is newer than anything the slot holds or dropped, and
+/// returns the token the waiters get: `fetched`, or the newer cached one when a fetch that
+/// started later has already stored it (the older token would stop working five minutes
+/// after the newer was minted, sooner than its `expires_in` says).
+fn keep_newest(slot: &mut Slot, mut fetched: Entry) -> Entry {
+    if fetched.held.forced_at.is_none() {
+        // A plain refresh keeps the time of the last forced one: the next forced request
+        // within 30 s still gets the token that one minted.
+        fetched.held.forced_at = slot.entry.as_ref().and_then(|entry| entry.held.forced_at);
+    }
+    if policy::supersedes(fetched.held.issued, slot.newest_issued()) {
+        slot.entry = Some(fetched.clone());
+        return fetched;
+    }
+    match &slot.entry {
+        Some(newer) if newer.credential.same_as(&fetched.credential) => newer.clone(),
+        // Another secret's token, or the newer one was dropped meanwhile: the waiters asked
+        // with this secret, and get what WeChat gave them.
+        _ => fetched,
+    }
+}
+
+/// Frees the slot and answers the waiters if the fetch's task ends without a result.
+struct FlightGuard<'a> {
+    cache: &'a TokenCache,
+    job: &'a Job,
+    armed: bool,
+}
+
+impl Drop for FlightGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut slots = self.cache.slots.lock();
+            if let Some(slot) = slots.get_mut(&self.job.key) {
+                slot.flights
+                    .retain(|flight| !Arc::ptr_eq(flight, &self.job.flight));
+            }
+            drop(slots);
+            self.job
+                .flight
+                .publish(FlightResult::Local(LocalAnswer::CallAbandoned));
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! wxgate as the central access-token server WeChat recommends (中控服务器): one token per
+//! appid and API, fetched once, refreshed ahead of expiry, handed to every backend whose
+//! secret minted it.
+//!
+//! Every fetch of `/cgi-bin/token` invalidates the previous token five minutes later, so
+//! backends that each fetch their own overwrite each other's tokens and their calls fail with
+//! 40001; and WeChat allows 2000 fetches a day per appid. Behind wxgate:
+//!
+//! - a fetch is answered from the cache when the presented secret is the one that minted the
+//!   cached token (keyed fingerprints, compared in constant time: [`entry`]); any other
+//!   secret makes its own upstream call and gets WeChat's answer, never the cached token;
+//! - one fetch per appid and secret at a time: concurrent callers wait for it ([`flight`]);
+//! - a cached answer carries the lifetime that remains, never the original; a token is
+//!   refreshed in the background shortly before it expires, while it is still served
+//!   ([`policy`] says when, and why every token handed out stays valid until its
+//!   `expires_in`);
+//! - `force_refresh` of a stable token goes upstream at most once per 30 s per appid;
+//! - when WeChat answers 40001, 40014 or 42001 to any call that carried a cached token, that
+//!   token is dropped (once: a second failure of the same token drops nothing more), so the
+//!   next fetch refreshes it; a token can never be replaced by an older one.
+//!
+//! The three token APIs (`/cgi-bin/token`, `/cgi-bin/stable_token`,
+//! `/cgi-bin/component/api_component_token`) have separate entries ([`request`]). Fetches
+//! count against the quota like any call, and against the day's budget ([`budget`]).
+//!
+//! # Layout
+//! - this file: [`TokenCache`], the request path (decide, then serve, join or start a fetch)
+//!   and the slots it keeps per key;
+//! - `fetch.rs`: one fetch, in a task of its own, and how its result settles in the cache;
+//! - `replicas.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
+//! - `flight.rs`: a fetch in flight and its waiters;
+//! - `policy.rs`: the decisions, as pure functions;
+//! - `request.rs`: reading a token fetch, and the request of a background refresh;
+//! - `entry.rs`: a cached token, credentials, the JSON of token answers;
+//! - `budget.rs`: fetches per appid and day.
+
+mod budget;
+mod entry;
+mod fetch;
+mod flight;
+mod policy;
+mod replicas;
+mod request;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::Method;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use self::budget::FetchBudget;
+use self::entry::{Credential, CredentialKey};
+use self::fetch::{Job, Mode};
+use self::flight::{Flight, FlightResult};
+use self::policy::{Asked, Held, Plan, Policy};
+use crate::api::Api;
+use crate::cluster::tokens::SharedTokens;
+use crate::cluster::Cluster;
+use crate::code_exchange::CacheStatus;
+use crate::config::Config;
+use crate::dispatch::{Call, Dispatcher, WechatAnswer};
+use crate::local_answer::LocalAnswer;
+use crate::metrics::{TokenMetrics, TokenOutcome};
+
+pub use self::entry::{from_micros, micros, Entry};
+pub use self::policy::is_stale_token_errcode;
+pub use self::request::{TokenKey, TokenKind, TokenRequest};
+
+/// How many times a request decides again after a fetch that found nothing to do (a forced
+/// and an unforced fetch crossing). Each round waits for a fetch, so this is a bound, not a
+/// spin.
+const MAX_ROUNDS: usize = 3;
+
+/// The token cache of one wxgate.
+pub struct TokenCache {
+    slots: Mutex<HashMap<TokenKey, Slot>>,
+    policy: Policy,
+    enabled: bool,
+    exclude: BTreeSet<String>,
+    credentials: CredentialKey,
+    dispatcher: Arc<Dispatcher>,
+    budget: Mutex<FetchBudget>,
+    metrics: TokenMetrics,
+    /// With `[cluster]`: the tokens all replicas share.
+    shared: Option<SharedTokens>,
+}
+
+/// What the cache knows of one key.
+#[derive(Default)]
+struct Slot {
+    /// The token handed out.
+    entry: Option<Entry>,
+    /// The newest token dropped after WeChat refused it: nothing as old may come back.
+    dropped: Option<Held>,
+    /// Fetches in flight, one per credential.
+    flights: Vec<Arc<Flight>>,
+    /// When the last refresh ahead of expiry failed (the next waits a little).
+    refresh_failed_at: Option<SystemTime>,
+}
+
+impl Slot {
+    /// When the newest token this slot knows of (cached or dropped) was issued.
+    fn newest_issued(&self) -> Option<SystemTime> {
+        let cached = self.entry.as_ref().map(|entry| entry.held.issued);
+        cached.max(self.dropped.map(|held| held.issued))
+    }
+}
+
+/// The answer to a token request.
+#[derive(Debug, Clone)]
+pub enum TokenAnswer {
+    /// A token, written by wxgate with the lifetime that remains.
+    Token {
+        /// `{"access_token":…,"expires_in":…}` (or `component_access_token`).
+        body: Bytes,
+        /// `hit` (from the cache), `miss` (this request's fetch) or `coalesced` (another's).
+        status: CacheStatus,
+    },
+    /// WeChat's answer to a fetch, when it was not a token, as it came.
+    Wechat {
+        /// The answer.
+        answer: Arc<WechatAnswer>,
+        /// `miss` or `coalesced`.
+        status: CacheStatus,
+    },
+    /// One of wxgate's own answers (no answer from WeChat, no quota turn in time).
+    Local(LocalAnswer),
+}
+
+/// What one round of a request's decision came to.
+enum Step {
+    /// Answered from the cache.
+    Served(TokenAnswer),
+    /// Waits for a fetch; `created` when this request started it.
+    Wait {
+        receiver: watch::Receiver<Option<FlightResult>>,
+        created: bool,
+    },
+}
+
+impl TokenCache {
+    /// The cache of `[token_cache]`, fetching through `dispatcher` (under quota and retry),
+    /// sharing its tokens with the other replicas of `cluster` when there is one.
+    pub fn new(
+        config: &Config,
+        dispatcher: Arc<Dispatcher>,
+        metrics: TokenMetrics,
+        cluster: Option<Arc<Cluster>>,
+    ) -> TokenCache {
+        let credentials = match &config.cluster {
+            Some(cluster) => CredentialKey::from_cluster_secret(cluster.secret.expose()),
+            None => CredentialKey::random(),
+        };
+        // A lease outlives the longest fetch: its quota wait, and every attempt with its
+        // retries' timeouts.
+        let attempts = config.retry.busy_attempts + 1;
+        let lease_ttl = config.quota.max_wait + config.upstream.timeout * attempts;
+        let lease_ttl = lease_ttl + Duration::from_secs(1);
+        TokenCache {
+            slots: Mutex::new(HashMap::new()),
+            policy: Policy {
+                refresh_ahead: config.token_cache.refresh_ahead,
+            },
+            enabled: config.token_cache.enabled,
+            exclude: config.token_cache.exclude_appids.clone(),
+            credentials,
+            dispatcher,
+            budget: Mutex::new(FetchBudget::default()),
+            metrics,
+            shared: cluster.map(|cluster| SharedTokens::new(cluster, lease_ttl)),
+        }
+    }
+
+    /// The token fetch a request makes, if the cache answers it: a well-formed fetch of a
+    /// token API, the cache on, the appid not excluded.
+    pub fn request(
+        &self,
+        api: Api,
+        method: &Method,
+        query: &str,
+        body: &[u8],
+    ) -> Option<TokenRequest> {
+        if !self.enabled || TokenKind::of(api).is_none() {
+            return None;
+        }
+        let request = TokenRequest::read(api, method, query, body)?;
+        (!self.exclude.contains(&*request.key().appid)).then_some(request)
+    }
+
+    /// Answers a token request: from the cache, by waiting for a fetch in flight, or by
+    /// starting one (`call` is the request as it would go upstream).
+    pub async fn answer(self: &Arc<Self>, request: TokenRequest, call: Call) -> TokenAnswer {
+        let credential = self.credentials.credential(&request);
+        let kind = request.key().kind;
+        self.sync(request.key()).await;
+        for _ in 0..MAX_ROUNDS {
+            let (step, outcome) = self.step(&request, &credential, &call);
+            let answer = match step {
+                Step::Served(answer) => Some(answer),
+                Step::Wait { receiver, created } => {
+                    let result = flight::wait(receiver).await;
+                    self.waited(kind, result, created)
+                }
+            };
+            if let Some(answer) = answer {
+                self.metrics.request(kind, outcome);
+                return answer;
+            }
+        }
+        // Fetches kept finding nothing to do: a token another replica was refreshing never
+        // came. WeChat's own busy answer, so that the caller tries again.
+        TokenAnswer::Local(LocalAnswer::CallAbandoned)
+    }
+
+    /// One round: decides under the lock, and serves, joins a fetch or starts one.
+    fn step(
+        self: &Arc<Self>,
+        request: &TokenRequest,
+        credential: &Credential,
+        call: &Call,
+    ) -> (Step, TokenOutcome) {
+        let now = SystemTime::now();
+        let key = request.key();
+        let mut slots = self.slots.lock();
+        let slot = slots.entry(key.clone()).or_default();
+        let plan = self.policy.plan(
+            slot.entry.as_ref().map(|entry| &entry.held),
+            self.asked(slot, request, now),
+            now,
+        );
+        match plan {
+            Plan::Serve {
+                expires_in,
+                refresh,
+            } => {
+                let entry = slot
+                    .entry
+                    .as_ref()
+                    .expect("a plan serves only a cached entry");
+                let body = entry.answer_body(key.kind, expires_in);
+                let mut outcome = TokenOutcome::Hit;
+                if refresh {
+                    let refresh = Call {
+                        request: request.refresh_request(),
+                        ..call.clone()
+                    };
+                    self.start(slot, key, credential.clone(), refresh, Mode::Background);
+                    outcome = TokenOutcome::Refreshed;
+                }
+                let status = CacheStatus::Hit;
+                (Step::Served(TokenAnswer::Token { body, status }), outcome)
+            }
+            Plan::Fetch { forced } => {
+                let step =
+                    self.join_or_start(slot, request, credential, call, Mode::Fetch { forced });
+                (step, TokenOutcome::Fetched)
+            }
+            Plan::Own => {
+                let step = self.join_or_start(slot, request, credential, call, Mode::Own);
+                (step, TokenOutcome::Rejected)
+            }
+        }
+    }
+
+    /// What `request` asks of `slot`, for [`Policy::plan`].
+    fn asked(&self, slot: &Slot, request: &TokenRequest, now: SystemTime) -> Asked {
+        let entry = slot.entry.as_ref();
+        let credential_matches =
+            entry.is_some_and(|entry| self.credentials.matches(request, &entry.credential));
+        let refreshing = slot.flights.iter().any(|flight| flight.background);
+        let rested = match (slot.refresh_failed_at, entry) {
+            (Some(failed), Some(entry)) => {
+                let backoff = self.policy.refresh_backoff(entry.held.lifetime);
+                now.duration_since(failed).unwrap_or_default() >= backoff
+            }
+            _ => true,
+        };
+        Asked {
+            credential_matches,
+            forced: request.forced,
+            refresh_allowed: !refreshing && rested,
+        }
+    }
+
+    /// Joins the fetch in flight for the request's secret, or starts one.
+    fn join_or_start(
+        self: &Arc<Self>,
+        slot: &mut Slot,
+        request: &TokenRequest,
+        credential: &Credential,
+        call: &Call,
+        mode: Mode,
+    ) -> Step {
+        let forced = matches!(mode, Mode::Fetch { forced: true });
+        let joinable = slot.flights.iter().find(|flight| {
+            !flight.is_done()
+                && (flight.forced || !forced)
+                && self.credentials.matches(request, &flight.credential)
+        });
+        if let Some(flight) = joinable {
+            return Step::Wait {
+                receiver: flight.subscribe(),
+                created: false,
+            };
+        }
+        let receiver = self.start(slot, request.key(), credential.clone(), call.clone(), mode);
+        Step::Wait {
+            receiver,
+            created: true,
+        }
+    }
+
+    /// Starts a fetch in a task of its own; the caller's subscription to it.
+    fn start(
+        self: &Arc<Self>,
+        slot: &mut Slot,
+        key: &TokenKey,
+        credential: Credential,
+        call: Call,
+        mode: Mode,
+    ) -> watch::Receiver<Option<FlightResult>> {
+        let background = mode == Mode::Background;
+        let forced = matches!(mode, Mode::Fetch { forced: true });
+        let flight = Flight::new(credential.clone(), forced, background);
+        slot.flights.push(flight.clone());
+        let receiver = flight.subscribe();
+        let job = Job {
+            key: key.clone(),
+            credential,
+            call,
+            flight,
+            mode,
+        };
+        tokio::spawn(fetch::run(self.clone(), job));
+        receiver
+    }
+
+    /// The answer a waiter gets from a fetch's result; `None` to decide again.
+    fn waited(&self, kind: TokenKind, result: FlightResult, created: bool) -> Option<TokenAnswer> {
+        let status = if created {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Coalesced
+        };
+        Some(match result {
+            FlightResult::Token {
+                entry,
+                fetched_here,
+            } => {
+                let left = policy::remaining(&entry.held, SystemTime::now());
+                let status = if fetched_here {
+                    status
+                } else {
+                    CacheStatus::Coalesced
+                };
+                let body = entry.answer_body(kind, left.as_secs());
+                TokenAnswer::Token { body, status }
+            }
+            FlightResult::Answer(answer) => TokenAnswer::Wechat { answer, status },
+            FlightResult::Local(local) => TokenAnswer::Local(local),
+            FlightResult::Again => return None,
+        })
+    }
+
+    /// WeChat answered 40001, 40014 or 42001 to a call whose query was `query`: the cached
+    /// tokens it carried (`access_token`, `component_access_token`) are dropped, if the cache
+    /// still holds them, so that the next fetch refreshes them.
+    pub async fn forget_stale(&self, query: &str) {
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let named = name == "access_token" || name == "component_access_token";
+            if named && (1..=entry::MAX_TOKEN_LEN).contains(&value.len()) {
+                let keys = self.drop_local(&value);
+                self.drop_shared(&keys, &value).await;
+            }
+        }
+    }
+
+    /// Drops the cached token equal to `token`, wherever it is; the keys it was cached under.
+    fn drop_local(&self, token: &str) -> Vec<TokenKey> {
+        let mut dropped = Vec::new();
+        let mut slots = self.slots.lock();
+        for (key, slot) in slots.iter_mut() {
+            let cached = slot.entry.as_ref().map(|entry| &*entry.token);
+            if policy::drops_cached(cached, token) {
+                slot.dropped = slot.entry.take().map(|entry| entry.held);
+                dropped.push(key.clone());
+                tracing::info!(
+                    api = key.kind.api().label(),
+                    "WeChat refused a cached token (40001, 40014 or 42001): dropped, the next fetch refreshes it"
+                );
+            }
+        }
+        dropped
+    }
+
+    /// Once a second: forgets what has expired, and updates the gauges.
+    pub fn housekeeping(&self) {
+        let now = SystemTime::now();
+        let mut lowest: Option<f64> = None;
+        let mut slots = self.slots.lock();
+        slots.retain(|_, slot| {
+            let left = |held: &Held| policy::remaining(held, now);
+            if slot
+                .entry
+                .as_ref()
+                .is_some_and(|entry| left(&entry.held).is_zero())
+            {
+                slot.entry = None;
+            }
+            if slot
+                .dropped
+                .as_ref()
+                .is_some_and(|held| left(held).is_zero())
+            {
+                slot.dropped = None;
+            }
+            if let Some(entry) = &slot.entry {
+                let seconds = left(&entry.held).as_secs_f64();
+                lowest = Some(lowest.map_or(seconds, |lowest| lowest.min(seconds)));
+            }
+            slot.entry.is_some() || slot.dropped.is_some() || !slot.flights.is_empty()
+        });
+        drop(slots);
+        self.metrics.expiry.set(lowest.unwrap_or(f64::NAN));
+        let mut budget = self.budget.lock();
+        for kind in TokenKind::ALL {
+            self.metrics
+                .set_fetches_today_max(kind, budget.max(kind, now));
+        }
+    }
+}
