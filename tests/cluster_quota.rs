@@ -56,7 +56,11 @@ async fn burst(replicas: &Replicas, prefix: &str, count: usize) -> Vec<(u16, i64
 /// what one wxgate would), and the overloaded windows use at least 90 % of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_keep_one_quota_between_them() {
-    const QUOTA: u32 = 30;
+    // Calls spaced 1/12 s apart (burst 1): a call admitted in Redis just before a window
+    // boundary reaches the stand-in in the next window only if it takes longer than that
+    // spacing to get there, which a loaded test machine stays well under. (wxgate's bound is
+    // on calls leaving it; WeChat counts them arriving.)
+    const QUOTA: u32 = 12;
     let window = Duration::from_secs(1);
     let Some(redis) = RedisServer::start_or_skip("three_replicas_keep_one_quota_between_them")
     else {
@@ -71,7 +75,7 @@ async fn three_replicas_keep_one_quota_between_them() {
         &upstream,
         &redis.url(),
         &format!(
-            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 3\nmax_wait_ms = 30000\n"
+            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 30000\n"
         ),
     )
     .await;
@@ -181,7 +185,11 @@ async fn a_45011_seen_by_one_replica_holds_them_all() {
 /// shared counting by themselves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_gone_mid_burst_degrades_safely_and_recovers() {
-    const QUOTA: u32 = 30;
+    // Calls spaced 1/12 s apart (burst 1): a call admitted in Redis just before a window
+    // boundary reaches the stand-in in the next window only if it takes longer than that
+    // spacing to get there, which a loaded test machine stays well under. (wxgate's bound is
+    // on calls leaving it; WeChat counts them arriving.)
+    const QUOTA: u32 = 12;
     let window = Duration::from_secs(1);
     let Some(mut redis) =
         RedisServer::start_or_skip("redis_gone_mid_burst_degrades_safely_and_recovers")
@@ -197,7 +205,7 @@ async fn redis_gone_mid_burst_degrades_safely_and_recovers() {
         &upstream,
         &redis.url(),
         &format!(
-            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 3\nmax_wait_ms = 30000\n"
+            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 30000\n"
         ),
     )
     .await;
