@@ -130,6 +130,7 @@ impl Proxy {
         self.dispatcher.quota().reconfigure(&config.quota);
         self.dispatcher.reconfigure(&config.retry);
         self.codes.reconfigure(&config.code_cache);
+        self.tokens.reconfigure(&config.token_cache);
         self.max_body_bytes
             .store(config.server.max_body_bytes, Ordering::Relaxed);
         self.body_timeout_ms.store(

@@ -44,6 +44,8 @@ mod request;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -77,15 +79,33 @@ const MAX_ROUNDS: usize = 3;
 /// The token cache of one wxgate.
 pub struct TokenCache {
     slots: Mutex<HashMap<TokenKey, Slot>>,
-    policy: Policy,
-    enabled: bool,
-    exclude: BTreeSet<String>,
+    /// `[token_cache]`; a reload swaps it.
+    settings: ArcSwap<Settings>,
     credentials: CredentialKey,
     dispatcher: Arc<Dispatcher>,
     budget: Mutex<FetchBudget>,
     metrics: TokenMetrics,
     /// With `[cluster]`: the tokens all replicas share.
     shared: Option<SharedTokens>,
+}
+
+/// The settings of `[token_cache]` in force.
+struct Settings {
+    policy: Policy,
+    enabled: bool,
+    exclude: BTreeSet<String>,
+}
+
+impl Settings {
+    fn of(config: &crate::config::TokenCacheConfig) -> Settings {
+        Settings {
+            policy: Policy {
+                refresh_ahead: config.refresh_ahead,
+            },
+            enabled: config.enabled,
+            exclude: config.exclude_appids.clone(),
+        }
+    }
 }
 
 /// What the cache knows of one key.
@@ -161,11 +181,7 @@ impl TokenCache {
         let lease_ttl = lease_ttl + Duration::from_secs(1);
         TokenCache {
             slots: Mutex::new(HashMap::new()),
-            policy: Policy {
-                refresh_ahead: config.token_cache.refresh_ahead,
-            },
-            enabled: config.token_cache.enabled,
-            exclude: config.token_cache.exclude_appids.clone(),
+            settings: ArcSwap::from_pointee(Settings::of(&config.token_cache)),
             credentials,
             dispatcher,
             budget: Mutex::new(FetchBudget::default()),
@@ -183,11 +199,12 @@ impl TokenCache {
         query: &str,
         body: &[u8],
     ) -> Option<TokenRequest> {
-        if !self.enabled || TokenKind::of(api).is_none() {
+        let settings = self.settings.load();
+        if !settings.enabled || TokenKind::of(api).is_none() {
             return None;
         }
         let request = TokenRequest::read(api, method, query, body)?;
-        (!self.exclude.contains(&*request.key().appid)).then_some(request)
+        (!settings.exclude.contains(&*request.key().appid)).then_some(request)
     }
 
     /// Answers a token request: from the cache, by waiting for a fetch in flight, or by
@@ -226,7 +243,7 @@ impl TokenCache {
         let key = request.key();
         let mut slots = self.slots.lock();
         let slot = slots.entry(key.clone()).or_default();
-        let plan = self.policy.plan(
+        let plan = self.settings.load().policy.plan(
             slot.entry.as_ref().map(|entry| &entry.held),
             self.asked(slot, request, now),
             now,
@@ -273,7 +290,11 @@ impl TokenCache {
         let refreshing = slot.flights.iter().any(|flight| flight.background);
         let rested = match (slot.refresh_failed_at, entry) {
             (Some(failed), Some(entry)) => {
-                let backoff = self.policy.refresh_backoff(entry.held.lifetime);
+                let backoff = self
+                    .settings
+                    .load()
+                    .policy
+                    .refresh_backoff(entry.held.lifetime);
                 now.duration_since(failed).unwrap_or_default() >= backoff
             }
             _ => true,
@@ -394,6 +415,13 @@ impl TokenCache {
             }
         }
         dropped
+    }
+
+    /// Applies `[token_cache]` of a new configuration: from now on tokens are refreshed by
+    /// the new `refresh_ahead_secs`, and `enabled` and `exclude_appids` decide which fetches
+    /// the cache answers (tokens already cached stay until they expire or are refused).
+    pub fn reconfigure(&self, config: &crate::config::TokenCacheConfig) {
+        self.settings.store(Arc::new(Settings::of(config)));
     }
 
     /// Once a second: forgets what has expired, and updates the gauges.

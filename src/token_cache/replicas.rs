@@ -158,9 +158,12 @@ impl TokenCache {
         let slots = self.slots.lock();
         let entry = slots.get(&job.key)?.entry.as_ref()?;
         let same = entry.credential.same_as(&job.credential);
-        let needed = self
-            .policy
-            .fetch_needed(Some(&entry.held), same, need, SystemTime::now());
+        let needed = self.settings.load().policy.fetch_needed(
+            Some(&entry.held),
+            same,
+            need,
+            SystemTime::now(),
+        );
         (!needed).then(|| entry.clone())
     }
 
