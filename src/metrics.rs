@@ -224,7 +224,7 @@ impl Metrics {
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "wxgate_connections_closed_total",
-                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle).",
+                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head, or TLS handshake, in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle), not_allowed (from an address outside server.allow), tls_handshake (a failed TLS handshake).",
             ),
             &["reason"],
         )?;
