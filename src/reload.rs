@@ -6,7 +6,7 @@
 //!   prints it, the running configuration stays, and the failure is counted.
 //! - Settings that need new sockets or a new Redis connection (the listen addresses, TLS
 //!   turned on or off, `[upstream]`, `[cluster]`), the connection cap (fitted to the
-//!   open-files limit at start) and the quota window (every bucket, the retry policy and
+//!   open-files limit at start), `[log]` (set up once) and the quota window (every bucket, the retry policy and
 //!   the replicas' agreement are built on it) are reported as needing a restart and kept as
 //!   they were; everything else takes effect: in the request pipeline (see
 //!   `Proxy::reconfigure`) and in the listeners (`server.allow`, the connection deadlines
@@ -130,6 +130,11 @@ pub fn merge(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         needs_restart.push("cluster");
         new.cluster = old.cluster.clone();
     }
+    // The log's format and filter are set once, when the process starts.
+    if new.log != old.log {
+        needs_restart.push("log");
+        new.log = old.log.clone();
+    }
     if new.quota.window != old.quota.window {
         needs_restart.push("quota.window_secs");
         new.quota.window = old.quota.window;
@@ -161,7 +166,7 @@ mod tests {
     fn what_needs_a_restart_is_kept_and_named() {
         let old = config("[quota]\nper_window = 100\n");
         let new = config(
-            "[server]\nlisten = \"127.0.0.1:1\"\nmax_connections = 5\nallow = [\"10.0.0.0/8\"]\nidle_timeout_ms = 5\n[upstream]\ntimeout_ms = 5\n[quota]\nper_window = 10\nwindow_secs = 30\n[retry]\nmax_hold_ms = 70000\n[code_cache]\nttl_secs = 60\n",
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_connections = 5\nallow = [\"10.0.0.0/8\"]\nidle_timeout_ms = 5\n[upstream]\ntimeout_ms = 5\n[quota]\nper_window = 10\nwindow_secs = 30\n[retry]\nmax_hold_ms = 70000\n[code_cache]\nttl_secs = 60\n[log]\nformat = \"json\"\n",
         );
         let (effective, needs_restart) = merge(&old, new);
         assert_eq!(
@@ -170,6 +175,7 @@ mod tests {
                 "server.listen",
                 "server.max_connections",
                 "upstream",
+                "log",
                 "quota.window_secs"
             ]
         );
@@ -178,6 +184,7 @@ mod tests {
         assert_eq!(effective.server.idle_timeout.as_millis(), 5);
         assert_eq!(effective.server.listen, old.server.listen);
         assert_eq!(effective.upstream, old.upstream);
+        assert_eq!(effective.log, old.log);
         assert_eq!(effective.quota.window, old.quota.window);
         // The rest takes effect.
         assert_eq!(effective.quota.default.per_window, 10);
