@@ -163,6 +163,10 @@ fn closed(text: &str, reason: &str) -> f64 {
     )
 }
 
+fn open(text: &str) -> f64 {
+    metric(text, "wxgate_connections_open", &[])
+}
+
 /// An HTTP/1.1 client over `stream`; its connection runs in a task of its own.
 async fn http1_over(
     stream: TlsStream<TcpStream>,
@@ -316,10 +320,23 @@ async fn clients_that_do_not_trust_the_ca_and_plain_http_are_refused_by_the_hand
     assert!(plain.is_err(), "{plain:?}");
 
     https
-        .metrics_until("three failed handshakes", |text| {
-            closed(text, "tls_handshake") == 3.0
-        })
+        .metrics_until(
+            "three failed handshakes, their connections closed",
+            |text| closed(text, "tls_handshake") == 3.0 && open(text) == 0.0,
+        )
         .await;
+
+    // A connection closed before it sent anything (a load balancer's TCP check) is no
+    // failed handshake.
+    let check = TcpStream::connect(https.proxy.addr).await.unwrap();
+    https
+        .metrics_until("the check is accepted", |text| open(text) == 1.0)
+        .await;
+    drop(check);
+    let text = https
+        .metrics_until("the check is closed", |text| open(text) == 0.0)
+        .await;
+    assert_eq!(closed(&text, "tls_handshake"), 3.0);
     assert_eq!(https.upstream.total_calls(), 0);
 }
 
