@@ -346,9 +346,11 @@ struct RawServer {
     idle_timeout_ms: i64,
     body_timeout_ms: i64,
     max_connections: i64,
-    /// Absent: every address may connect.
+    /// Absent: every address may connect. Entries are read as any TOML value and their type
+    /// checked at validation: the read layer takes a wrongly typed value out, which would
+    /// shift the index of every entry after it in the messages.
     #[serde(skip_serializing_if = "Option::is_none")]
-    allow: Option<Vec<String>>,
+    allow: Option<Vec<toml::Value>>,
     /// Absent: plain HTTP. Last: TOML writes tables after values.
     #[serde(skip_serializing_if = "Option::is_none")]
     tls: Option<RawServerTls>,
@@ -595,6 +597,7 @@ mod tests {
             [server]
             listen = "127.0.0.1:18080"
             admin_listen = "[::1]:19090"
+            allow = ["10.0.0.0/8", "::1"]
             max_body_bytes = 4096
             shutdown_grace_ms = 1500
             [upstream]
@@ -627,6 +630,7 @@ mod tests {
             "max_hold_ms = 7000\n",
             "[quota.apis.\"/cgi-bin/token\"]\nper_window = 20\nburst = 2\n",
             "[quota.apis.\"/sns/jscode2session\"]\nper_window = 1000\nburst = 3\n",
+            "allow = [\"10.0.0.0/8\", \"::1\"]\n",
         ] {
             assert!(printed.contains(line), "{line:?} missing from\n{printed}");
         }

@@ -151,14 +151,19 @@ fn check_server(c: &mut Checks, raw: &RawServer) -> Option<ServerConfig> {
 
 /// `server.allow`: every entry is read, and each one that is not an address or a block is
 /// reported by its index (`server.allow[2]`), so one pass over the file finds them all.
-fn check_allow(c: &mut Checks, key: &'static str, entries: &[String]) -> Option<AllowList> {
+fn check_allow(c: &mut Checks, key: &'static str, entries: &[toml::Value]) -> Option<AllowList> {
     let mut blocks = Vec::with_capacity(entries.len());
     let mut valid = true;
     for (index, entry) in entries.iter().enumerate() {
-        match AllowList::parse_entry(entry) {
+        let parsed = match entry {
+            toml::Value::String(entry) => AllowList::parse_entry(entry).map_err(|e| e.to_string()),
+            // Worded as the read layer words a value of the wrong type.
+            other => Err(format!("expected a string, found {}", other.type_str())),
+        };
+        match parsed {
             Ok(block) => blocks.push(block),
-            Err(error) => {
-                c.problem(&format!("{key}[{index}]"), error);
+            Err(problem) => {
+                c.problem(&format!("{key}[{index}]"), problem);
                 valid = false;
             }
         }
@@ -571,10 +576,19 @@ mod tests {
             problems("[server]\nallow = []\n"),
             ["server.allow: an empty list would refuse every client: leave the key out to allow every address"]
         );
-        // A value of the wrong type inside the list is named by its index too.
+        // A value of the wrong type inside the list is named by its index too, and does not
+        // shift the index of the entries after it.
         assert_eq!(
-            problems("[server]\nallow = [\"::1\", 7]\n"),
-            ["server.allow[1]: expected a string, found integer"]
+            problems("[server]\nallow = [7, \"hunter2\", \"::1\", true]\n"),
+            [
+                "server.allow[0]: expected a string, found integer",
+                "server.allow[1]: not an IP address or CIDR block (such as \"10.0.0.0/8\", \"127.0.0.1\" or \"::1\")",
+                "server.allow[3]: expected a string, found boolean",
+            ]
+        );
+        assert_eq!(
+            problems("[server]\nallow = \"10.0.0.0/8\"\n"),
+            ["server.allow: expected an array, found string"]
         );
         let config =
             Config::from_toml_str("[server]\nallow = [\"127.0.0.1\", \"fd00::/8\"]\n").unwrap();
