@@ -37,10 +37,12 @@
 //! table is a raw struct with `#[serde(default)]` and a `Default` impl, a field of its parent
 //! raw struct, a `check_*` function called from `RawConfig::validate`, and a typed struct.
 
+mod allow;
 mod base_url;
 mod ca_file;
 mod cluster;
 mod read;
+mod server_tls;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -52,10 +54,12 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
+pub use allow::AllowList;
 pub use base_url::BaseUrl;
 pub use ca_file::CaFile;
 pub use cluster::{ClusterSecret, RedisUrl};
 use read::{read, Secret, UrlPassword};
+pub use server_tls::{tls_provider, ServerTlsConfig};
 
 /// Exit status for an unusable configuration (`EX_CONFIG` would be 78; operators' scripts
 /// expect `EX_USAGE`, 64, as the contract says).
@@ -119,6 +123,11 @@ pub struct ServerConfig {
     /// hold them). Past it the oldest idle connection is closed to admit a new one; with none
     /// idle, the new one is refused.
     pub max_connections: usize,
+    /// `server.allow`: who may connect to the proxy port; connections from elsewhere are
+    /// closed as they are accepted.
+    pub allow: AllowList,
+    /// `[server.tls]`: HTTPS on the proxy port with this certificate; `None`, plain HTTP.
+    pub tls: Option<ServerTlsConfig>,
 }
 
 /// `[upstream]`.
@@ -355,6 +364,24 @@ struct RawServer {
     idle_timeout_ms: i64,
     body_timeout_ms: i64,
     max_connections: i64,
+    /// Absent: every address may connect. Entries are read as any TOML value and their type
+    /// checked at validation: the read layer takes a wrongly typed value out, which would
+    /// shift the index of every entry after it in the messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow: Option<Vec<toml::Value>>,
+    /// Absent: plain HTTP. Last: TOML writes tables after values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<RawServerTls>,
+}
+
+/// `[server.tls]`: both keys are required once the table is there.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+struct RawServerTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_file: Option<String>,
 }
 
 impl Default for RawServer {
@@ -368,6 +395,8 @@ impl Default for RawServer {
             idle_timeout_ms: 60_000,
             body_timeout_ms: 10_000,
             max_connections: 10_000,
+            allow: None,
+            tls: None,
         }
     }
 }
@@ -606,6 +635,7 @@ mod tests {
             [server]
             listen = "127.0.0.1:18080"
             admin_listen = "[::1]:19090"
+            allow = ["10.0.0.0/8", "::1"]
             max_body_bytes = 4096
             shutdown_grace_ms = 1500
             [upstream]
@@ -638,6 +668,7 @@ mod tests {
             "max_hold_ms = 7000\n",
             "[quota.apis.\"/cgi-bin/token\"]\nper_window = 20\nburst = 2\n",
             "[quota.apis.\"/sns/jscode2session\"]\nper_window = 1000\nburst = 3\n",
+            "allow = [\"10.0.0.0/8\", \"::1\"]\n",
         ] {
             assert!(printed.contains(line), "{line:?} missing from\n{printed}");
         }

@@ -11,7 +11,9 @@
 //!   housekeeping, the cluster's heartbeat, reloads and the drain on shutdown;
 //!   `server/connections` the deadlines of connections without a request, the cap on open
 //!   connections and the cut-off of requests past the shutdown grace; `server/open_files` the
-//!   open-files limit the cap must fit.
+//!   open-files limit the cap must fit; `server/policy` what a reload changes in a listener
+//!   (`server.allow`, checked at accept, and the deadlines); `server/tls` HTTPS on the proxy
+//!   port (`[server.tls]`) with a certificate a reload replaces.
 //! - `reload`: the configuration read again on `SIGHUP` or `POST /-/reload`.
 //! - `proxy`: the request pipeline ([`Proxy`]) in named phases over a small per-request
 //!   context: target → body → token fetch, code exchange or forward → respond → log.

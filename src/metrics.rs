@@ -93,6 +93,8 @@ pub struct Metrics {
     /// `[success, failure]`.
     config_reloads: [IntCounter; 2],
     config_last_success: Gauge,
+    /// 1 while the last load or reload succeeded, 0 after a refused one.
+    config_last_successful: IntGauge,
     /// Client connections of the proxy port.
     pub connections: ConnectionMetrics,
     /// The token cache's metrics.
@@ -206,6 +208,12 @@ impl Metrics {
             "wxgate_config_last_reload_success_timestamp_seconds",
             "When the configuration was last loaded or reloaded successfully (UNIX time).",
         )?;
+        let config_last_successful = IntGauge::new(
+            "wxgate_config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, 0 if the last reload was refused (the running configuration stayed).",
+        )?;
+        // The configuration in force was valid: wxgate starts with no other.
+        config_last_successful.set(1);
         let inflight = IntGauge::new(
             "wxgate_inflight_requests",
             "Client requests being answered right now.",
@@ -229,7 +237,7 @@ impl Metrics {
         let connections_closed = IntCounterVec::new(
             Opts::new(
                 "wxgate_connections_closed_total",
-                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle).",
+                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head, or TLS handshake, in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle), not_allowed (from an address outside server.allow), tls_handshake (a failed TLS handshake).",
             ),
             &["reason"],
         )?;
@@ -255,6 +263,7 @@ impl Metrics {
         registry.register(Box::new(code_lookups.clone()))?;
         registry.register(Box::new(config_reloads.clone()))?;
         registry.register(Box::new(config_last_success.clone()))?;
+        registry.register(Box::new(config_last_successful.clone()))?;
         registry.register(Box::new(inflight.clone()))?;
         registry.register(Box::new(code_cache_entries.clone()))?;
         registry.register(Box::new(quota_keys.clone()))?;
@@ -294,6 +303,7 @@ impl Metrics {
             config_reloads: ["success", "failure"]
                 .map(|result| config_reloads.with_label_values(&[result])),
             config_last_success,
+            config_last_successful,
             connections: ConnectionMetrics {
                 open: connections_open,
                 limit: connections_limit,
@@ -342,6 +352,7 @@ impl Metrics {
     /// `timestamp` (UNIX seconds).
     pub fn config_reloaded(&self, success: bool, timestamp: f64) {
         self.config_reloads[usize::from(!success)].inc();
+        self.config_last_successful.set(i64::from(success));
         if success {
             self.config_last_success.set(timestamp);
         }

@@ -4,20 +4,24 @@
 //!
 //! - A file with any problem is refused whole: every problem is logged as `check-config`
 //!   prints it, the running configuration stays, and the failure is counted.
-//! - Settings that need new sockets or a new Redis connection (the listen addresses,
-//!   `[upstream]`, `[cluster]`) and the quota window (every bucket, the retry policy and the
-//!   replicas' agreement are built on it) are reported as needing a restart and kept as
-//!   they were; everything else takes effect (see `Proxy::reconfigure`).
+//! - Settings that need new sockets or a new Redis connection (the listen addresses, TLS
+//!   turned on or off, `[upstream]`, `[cluster]`), the connection cap (fitted to the
+//!   open-files limit at start), `[log]` (set up once) and the quota window (every bucket, the retry policy and
+//!   the replicas' agreement are built on it) are reported as needing a restart and kept as
+//!   they were; everything else takes effect: in the request pipeline (see
+//!   `Proxy::reconfigure`) and in the listeners (`server.allow`, the connection deadlines
+//!   and the TLS certificate, see `PortPolicy::reconfigure`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::server::PortPolicy;
 
 /// Reloads one configuration file into one running proxy.
 pub struct Reloader {
@@ -25,6 +29,8 @@ pub struct Reloader {
     /// The configuration in force (the restart-only parts as started).
     current: Mutex<Config>,
     proxy: Arc<Proxy>,
+    /// The listeners' policies: allow-list, deadlines, certificate.
+    ports: Vec<Arc<PortPolicy>>,
     metrics: Metrics,
 }
 
@@ -44,15 +50,27 @@ pub enum Reloaded {
 }
 
 impl Reloader {
-    /// A reloader of `path` for `proxy`, which runs `current`.
-    pub fn new(path: PathBuf, current: Config, proxy: Arc<Proxy>, metrics: Metrics) -> Reloader {
+    /// A reloader of `path` for `proxy` and the listeners of `ports`, which run `current`.
+    pub(crate) fn new(
+        path: PathBuf,
+        current: Config,
+        proxy: Arc<Proxy>,
+        ports: Vec<Arc<PortPolicy>>,
+        metrics: Metrics,
+    ) -> Reloader {
         metrics.config_reloaded(true, now_seconds());
         Reloader {
             path,
             current: Mutex::new(current),
             proxy,
+            ports,
             metrics,
         }
+    }
+
+    /// `server.shutdown_grace_ms` in force: read at shutdown, so a reload changes it.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.current.lock().server.shutdown_grace
     }
 
     /// Reads the file again and applies what can change while serving.
@@ -73,6 +91,9 @@ impl Reloader {
             tracing::warn!(key, "changed in the file, needs a restart: kept as it was");
         }
         self.proxy.reconfigure(&effective);
+        for port in &self.ports {
+            port.reconfigure(&effective.server);
+        }
         *current = effective;
         self.metrics.config_reloaded(true, now_seconds());
         tracing::info!(file = %self.path.display(), "configuration reloaded");
@@ -92,6 +113,15 @@ pub fn merge(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         needs_restart.push("server.admin_listen");
         new.server.admin_listen = old.server.admin_listen;
     }
+    // On or off is the listener's protocol; another certificate (or other files) applies.
+    if new.server.tls.is_some() != old.server.tls.is_some() {
+        needs_restart.push("server.tls");
+        new.server.tls = old.server.tls.clone();
+    }
+    if new.server.max_connections != old.server.max_connections {
+        needs_restart.push("server.max_connections");
+        new.server.max_connections = old.server.max_connections;
+    }
     if new.upstream != old.upstream {
         needs_restart.push("upstream");
         new.upstream = old.upstream.clone();
@@ -99,6 +129,11 @@ pub fn merge(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     if new.cluster != old.cluster {
         needs_restart.push("cluster");
         new.cluster = old.cluster.clone();
+    }
+    // The log's format and filter are set once, when the process starts.
+    if new.log != old.log {
+        needs_restart.push("log");
+        new.log = old.log.clone();
     }
     if new.quota.window != old.quota.window {
         needs_restart.push("quota.window_secs");
@@ -131,15 +166,25 @@ mod tests {
     fn what_needs_a_restart_is_kept_and_named() {
         let old = config("[quota]\nper_window = 100\n");
         let new = config(
-            "[server]\nlisten = \"127.0.0.1:1\"\n[upstream]\ntimeout_ms = 5\n[quota]\nper_window = 10\nwindow_secs = 30\n[retry]\nmax_hold_ms = 70000\n[code_cache]\nttl_secs = 60\n",
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_connections = 5\nallow = [\"10.0.0.0/8\"]\nidle_timeout_ms = 5\n[upstream]\ntimeout_ms = 5\n[quota]\nper_window = 10\nwindow_secs = 30\n[retry]\nmax_hold_ms = 70000\n[code_cache]\nttl_secs = 60\n[log]\nformat = \"json\"\n",
         );
         let (effective, needs_restart) = merge(&old, new);
         assert_eq!(
             needs_restart,
-            ["server.listen", "upstream", "quota.window_secs"]
+            [
+                "server.listen",
+                "server.max_connections",
+                "upstream",
+                "log",
+                "quota.window_secs"
+            ]
         );
+        assert_eq!(effective.server.max_connections, old.server.max_connections);
+        assert!(!effective.server.allow.is_everyone());
+        assert_eq!(effective.server.idle_timeout.as_millis(), 5);
         assert_eq!(effective.server.listen, old.server.listen);
         assert_eq!(effective.upstream, old.upstream);
+        assert_eq!(effective.log, old.log);
         assert_eq!(effective.quota.window, old.quota.window);
         // The rest takes effect.
         assert_eq!(effective.quota.default.per_window, 10);

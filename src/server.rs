@@ -4,9 +4,12 @@
 //! [`run`] takes its listeners and its shutdown signal as arguments, so tests bind
 //! `127.0.0.1:0`, read the ports, and stop the proxy with a channel instead of a signal.
 //!
-//! Each accepted connection is served by a task of its own ([`Serving::serve`]), which also
-//! watches it: the deadlines, the cap and the shutdown of [`connections`] close it there, so
-//! that no client can hold sockets, file descriptors or requests open for ever.
+//! Each accepted connection is first screened ([`policy`]): a client outside `server.allow`
+//! is closed before any of its bytes is read. The others are served by a task of their own
+//! ([`Serving::serve`]), which runs the TLS handshake with `[server.tls]` ([`tls`]) and
+//! watches the connection: the deadlines, the cap and the shutdown of [`connections`] close
+//! it there, so that no client can hold sockets, file descriptors or requests open for ever.
+//! The handshake counts as part of the request head: it must end within the head deadline.
 //!
 //! Shutdown: the listeners close, every connection is asked to close once its requests are
 //! answered (HTTP/1.1 after the response in progress, HTTP/2 with a GOAWAY), and requests
@@ -15,6 +18,8 @@
 
 mod connections;
 mod open_files;
+mod policy;
+mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,6 +36,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -45,6 +51,7 @@ use crate::reload::Reloader;
 use connections::{Connections, Deadlines, Notice, Registered, Verdict};
 
 pub use connections::CloseReason;
+pub(crate) use policy::PortPolicy;
 
 /// How often remembered answers are expired and idle quota keys dropped.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(1);
@@ -164,26 +171,37 @@ pub async fn run_reloadable(
         metrics.clone(),
         cluster.clone(),
     )?);
-    let reloader = config_path
-        .map(|path| Arc::new(Reloader::new(path, config.clone(), proxy.clone(), metrics)));
+    let proxy_port = Arc::new(PortPolicy::proxy(&config.server));
+    let admin_port = Arc::new(PortPolicy::admin(&config.server));
+    let reloader = config_path.map(|path| {
+        let ports = vec![proxy_port.clone(), admin_port.clone()];
+        Arc::new(Reloader::new(
+            path,
+            config.clone(),
+            proxy.clone(),
+            ports,
+            metrics,
+        ))
+    });
     let admin = Arc::new(Admin::new(registry, cluster.clone(), reloader.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
-    if let Some(reloader) = reloader {
-        tokio::spawn(reload_on_sighup(reloader, stop_rx.clone()));
+    if let Some(reloader) = &reloader {
+        tokio::spawn(reload_on_sighup(reloader.clone(), stop_rx.clone()));
     }
     let cluster_task = cluster.map(|cluster| tokio::spawn(cluster.run(stop_rx.clone())));
     let housekeeping = spawn_housekeeping(proxy.clone(), stop_rx.clone());
 
     let limit = connection_limit(&config.server);
-    let serving = Serving::new(proxy, &config.server, limit, Some(connection_metrics));
+    let serving = Serving::new(proxy, proxy_port, limit, Some(connection_metrics));
     tracing::info!(
         proxy = %address(&listeners.proxy),
+        tls = config.server.tls.is_some(),
         admin = %address(&listeners.admin),
         upstream = %config.upstream.base_url,
         max_connections = limit,
         "wxgate serving"
     );
-    let admin_task = spawn_admin(listeners.admin, admin.clone(), &config.server, stop_rx);
+    let admin_task = spawn_admin(listeners.admin, admin.clone(), admin_port, stop_rx);
     admin.set_ready(true);
     let mut tasks = JoinSet::new();
     tokio::select! {
@@ -193,7 +211,8 @@ pub async fn run_reloadable(
     // The proxy listener is closed by now: new connections are refused.
     admin.set_ready(false);
     let _ = stop_tx.send(true);
-    serving.drain(tasks, config.server.shutdown_grace).await;
+    let grace = reloader.map_or(config.server.shutdown_grace, |r| r.shutdown_grace());
+    serving.drain(tasks, grace).await;
     let _ = admin_task.await;
     let _ = housekeeping.await;
     if let Some(task) = cluster_task {
@@ -265,10 +284,10 @@ fn spawn_housekeeping(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) -> Joi
 fn spawn_admin(
     listener: TcpListener,
     admin: Arc<Admin>,
-    server: &ServerConfig,
+    policy: Arc<PortPolicy>,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    let serving = Serving::new(admin, server, ADMIN_MAX_CONNECTIONS, None);
+    let serving = Serving::new(admin, policy, ADMIN_MAX_CONNECTIONS, None);
     tokio::spawn(async move {
         let mut tasks = JoinSet::new();
         tokio::select! {
@@ -342,19 +361,20 @@ impl Answerer for Admin {
     }
 }
 
-/// One listener's way of serving: what answers, the protocols' settings, the deadlines of
-/// connections without a request, and the open connections under their cap.
+/// One listener's way of serving: what answers, the protocols' settings, who may connect and
+/// the deadlines of connections without a request (reloadable), and the open connections
+/// under their cap.
 struct Serving<A> {
     answerer: Arc<A>,
     builder: auto::Builder<TokioExecutor>,
-    deadlines: Deadlines,
+    policy: Arc<PortPolicy>,
     connections: Arc<Connections>,
 }
 
 impl<A: Answerer> Serving<A> {
     fn new(
         answerer: Arc<A>,
-        server: &ServerConfig,
+        policy: Arc<PortPolicy>,
         limit: usize,
         metrics: Option<ConnectionMetrics>,
     ) -> Arc<Serving<A>> {
@@ -371,10 +391,7 @@ impl<A: Answerer> Serving<A> {
         Arc::new(Serving {
             answerer,
             builder,
-            deadlines: Deadlines {
-                head: server.request_head_timeout,
-                idle: server.idle_timeout,
-            },
+            policy,
             connections: Connections::new(limit, metrics),
         })
     }
@@ -388,7 +405,16 @@ impl<A: Answerer> Serving<A> {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
             let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+                Ok((stream, peer)) => {
+                    if !self.policy.allows(peer.ip()) {
+                        // Dropped unread: closed before any byte or handshake, and before it
+                        // could take a place under the cap from an allowed client.
+                        self.connections.count(CloseReason::NotAllowed);
+                        tracing::debug!(%peer, "connection closed: not in server.allow");
+                        continue;
+                    }
+                    stream
+                }
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
@@ -402,16 +428,64 @@ impl<A: Answerer> Serving<A> {
         }
     }
 
-    /// Serves one connection (HTTP/1.1 with keep-alive, or HTTP/2 prior knowledge) until it
-    /// ends, and closes it when the watchdog, the cap or the shutdown says so.
+    /// Serves one connection, over TLS with `[server.tls]`, until it ends.
+    async fn serve(self: Arc<Self>, stream: TcpStream, registered: Registered) {
+        let _ = stream.set_nodelay(true);
+        let Some(acceptor) = self.policy.tls().map(|tls| tls.acceptor().clone()) else {
+            return self.serve_http(stream, registered).await;
+        };
+        if let Some(stream) = self.handshake(acceptor, stream, &registered).await {
+            self.serve_http(stream, registered).await;
+        }
+    }
+
+    /// The TLS handshake of a new connection, under the head deadline (counted from the
+    /// accept, like a request head's: a client that connects and never finishes its
+    /// handshake is closed as a silent socket is), and given up when the connection is asked
+    /// to close (at the cap, or at shutdown: it has no request in flight).
+    async fn handshake(
+        &self,
+        acceptor: tokio_rustls::TlsAcceptor,
+        stream: TcpStream,
+        registered: &Registered,
+    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+        let state = registered.state();
+        let deadline = state.accepted() + self.policy.deadlines().head;
+        tokio::select! {
+            biased;
+            handshake = acceptor.accept(stream) => match handshake {
+                Ok(stream) => Some(stream),
+                Err(error) => {
+                    // A client that closes before its hello (a load balancer's TCP check) is
+                    // no failure; one that sent plain HTTP, or refused the certificate, is.
+                    if error.kind() != std::io::ErrorKind::UnexpectedEof {
+                        registered.count(CloseReason::TlsHandshake);
+                    }
+                    tracing::debug!(%error, "TLS handshake failed");
+                    None
+                }
+            },
+            _ = state.next_notice(Notice::NONE) => None,
+            () = tokio::time::sleep_until(deadline) => {
+                registered.count(CloseReason::HeadTimeout);
+                None
+            }
+        }
+    }
+
+    /// Serves HTTP on one connection (HTTP/1.1 with keep-alive, or HTTP/2: by prior
+    /// knowledge, or by ALPN over TLS) until it ends, and closes it when the watchdog, the
+    /// cap or the shutdown says so.
     ///
     /// A connection with no request in flight is closed at once when it is overdue for its
     /// first head or asked to make room at the cap. One idle after a request is shut down
     /// gracefully (an HTTP/2 client gets a GOAWAY), and so is one asked to close at shutdown:
     /// requests in flight finish first. Either is dropped [`CLOSE_LINGER`] after it has no
     /// request left, if it has not ended by itself.
-    async fn serve(self: Arc<Self>, stream: TcpStream, registered: Registered) {
-        let _ = stream.set_nodelay(true);
+    async fn serve_http<I>(self: Arc<Self>, stream: I, registered: Registered)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let state = registered.state().clone();
         let service = {
             let answerer = self.answerer.clone();
@@ -427,8 +501,9 @@ impl<A: Answerer> Serving<A> {
         };
         let state = registered.state();
         let mut connection = pin!(self.builder.serve_connection(TokioIo::new(stream), service));
+        // From the accept: a TLS handshake has spent part of the head's time already.
         let mut watchdog = pin!(tokio::time::sleep_until(
-            Instant::now() + self.deadlines.head
+            state.accepted() + self.policy.deadlines().head
         ));
         let mut watch = Watch::default();
         loop {
@@ -437,7 +512,7 @@ impl<A: Answerer> Serving<A> {
                 // Errors here are clients going away mid-request; nothing to do about them.
                 _ = connection.as_mut() => return,
                 notices = state.next_notice(watch.seen) => watch.on_notices(notices, state.in_flight()),
-                () = watchdog.as_mut() => watch.on_deadline(&registered, self.deadlines),
+                () = watchdog.as_mut() => watch.on_deadline(&registered, self.policy.deadlines()),
             };
             match step {
                 Step::Close => return,

@@ -104,6 +104,21 @@ async fn a_broken_reload_is_refused_and_wxgate_reload_reports() {
     wxgate.rewrite("[quota]\nper_window = \"many\"\nburts = 3\n");
     wxgate.hangup();
     wxgate.wait_for_log_count("reload refused", 2, Duration::from_secs(10));
+    // Counted just after the problems are logged: read until it shows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", wxgate.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if metric(&text, "wxgate_config_last_reload_successful", &[]) == 0.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let log = wxgate.log().join("\n");
     assert!(log.contains("quota.per_window"), "{log}");
     assert!(log.contains("quota.burts: unknown key"), "{log}");
@@ -151,6 +166,11 @@ async fn a_broken_reload_is_refused_and_wxgate_reload_reports() {
             "wxgate_config_reloads_total",
             &[("result", "failure")]
         ),
+        1.0
+    );
+    // The last reload succeeded again: the failure before it no longer counts as the last.
+    assert_eq!(
+        metric(&text, "wxgate_config_last_reload_successful", &[]),
         1.0
     );
     assert_eq!(

@@ -14,10 +14,10 @@ use std::time::Duration;
 use super::cluster::{CLUSTER_SECRET_ENV, REDIS_PASSWORD_ENV};
 use super::read::quote_key;
 use super::{
-    BaseUrl, CaFile, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig, QuotaConfig,
-    QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota, RawRetry,
-    RawServer, RawTokenCache, RawUpstream, RedisUrl, RetryConfig, ServerConfig, TokenCacheConfig,
-    UpstreamConfig, HOLD_BEYOND_WINDOW,
+    AllowList, BaseUrl, CaFile, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig,
+    QuotaConfig, QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota,
+    RawRetry, RawServer, RawServerTls, RawTokenCache, RawUpstream, RedisUrl, RetryConfig,
+    ServerConfig, ServerTlsConfig, TokenCacheConfig, UpstreamConfig, HOLD_BEYOND_WINDOW,
 };
 use crate::api::Api;
 
@@ -123,6 +123,14 @@ fn check_server(c: &mut Checks, raw: &RawServer) -> Option<ServerConfig> {
     let idle_timeout = c.millis(key!(raw.idle_timeout_ms), 1..=3_600_000);
     let body_timeout = c.millis(key!(raw.body_timeout_ms), 1..=3_600_000);
     let max_connections = c.int(key!(raw.max_connections), 1..=10_000_000);
+    let allow = match &raw.allow {
+        None => Some(AllowList::everyone()),
+        Some(entries) => check_allow(c, name!(raw.allow), entries),
+    };
+    let tls = match &raw.tls {
+        None => Some(None),
+        Some(tls) => check_server_tls(&mut c.table(name!(raw.tls)), tls).map(Some),
+    };
     if let (Some(proxy), Some(admin)) = (listen, admin_listen) {
         if proxy == admin && proxy.port() != 0 {
             let other = c.path(name!(raw.listen));
@@ -141,7 +149,64 @@ fn check_server(c: &mut Checks, raw: &RawServer) -> Option<ServerConfig> {
         idle_timeout: idle_timeout?,
         body_timeout: body_timeout?,
         max_connections: max_connections?,
+        allow: allow?,
+        tls: tls?,
     })
+}
+
+/// `server.allow`: every entry is read, and each one that is not an address or a block is
+/// reported by its index (`server.allow[2]`), so one pass over the file finds them all.
+fn check_allow(c: &mut Checks, key: &'static str, entries: &[toml::Value]) -> Option<AllowList> {
+    let mut blocks = Vec::with_capacity(entries.len());
+    let mut valid = true;
+    for (index, entry) in entries.iter().enumerate() {
+        let parsed = match entry {
+            toml::Value::String(entry) => AllowList::parse_entry(entry).map_err(|e| e.to_string()),
+            // Worded as the read layer words a value of the wrong type.
+            other => Err(format!("expected a string, found {}", other.type_str())),
+        };
+        match parsed {
+            Ok(block) => blocks.push(block),
+            Err(problem) => {
+                c.problem(&format!("{key}[{index}]"), problem);
+                valid = false;
+            }
+        }
+    }
+    if !valid {
+        return None;
+    }
+    let allow = AllowList::only(blocks);
+    if allow.is_none() {
+        c.problem(
+            key,
+            "an empty list would refuse every client: leave the key out to allow every address",
+        );
+    }
+    allow
+}
+
+/// A key naming a file that its table cannot do without.
+fn required_file<'a>(c: &mut Checks, (key, path): Key<'a, Option<String>>) -> Option<&'a Path> {
+    if path.is_none() {
+        c.problem(key, "is required in [server.tls] (a PEM file)");
+    }
+    path.as_deref().map(Path::new)
+}
+
+/// `[server.tls]`: both files read and checked now (see `config/server_tls.rs`); the key is
+/// checked against the certificate only once the certificate could be read.
+fn check_server_tls(c: &mut Checks, raw: &RawServerTls) -> Option<ServerTlsConfig> {
+    let cert_file = required_file(c, key!(raw.cert_file));
+    let key_file = required_file(c, key!(raw.key_file));
+    let chain =
+        cert_file.and_then(|path| c.check(name!(raw.cert_file), ServerTlsConfig::read_chain(path)));
+    let cert_key = c.path(name!(raw.cert_file));
+    let (cert_file, chain, key_file) = (cert_file?, chain?, key_file?);
+    c.check(
+        name!(raw.key_file),
+        ServerTlsConfig::load(cert_file, chain, key_file, &cert_key),
+    )
 }
 
 fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
@@ -400,6 +465,14 @@ impl<'p> Checks<'p> {
         }
     }
 
+    /// The checks of this table's table `name` (`server` → `server.tls`).
+    fn table(&mut self, name: &str) -> Checks<'_> {
+        Checks {
+            table: self.path(name),
+            problems: &mut *self.problems,
+        }
+    }
+
     /// The checks of the table `key` of this table's table `name`
     /// (`quota` → `quota.apis."/cgi-bin/token"`).
     fn nested(&mut self, name: &str, key: &str) -> Checks<'_> {
@@ -533,6 +606,101 @@ mod tests {
         assert!(!config.token_cache.enabled);
         assert!(config.token_cache.exclude_appids.contains("wx1"));
         assert_eq!(config.token_cache.refresh_ahead, Duration::from_secs(240));
+    }
+
+    #[test]
+    fn every_bad_allow_entry_is_named_by_its_index_and_never_quoted() {
+        assert_eq!(
+            problems("[server]\nallow = [\"10.0.0.0/8\", \"hunter2\", \"::1\", \"10.0.0.1/8\"]\n"),
+            [
+                "server.allow[1]: not an IP address or CIDR block (such as \"10.0.0.0/8\", \"127.0.0.1\" or \"::1\")",
+                "server.allow[3]: has address bits set past its prefix length: write the block's first address (as in \"10.0.0.0/8\")",
+            ]
+        );
+        assert_eq!(
+            problems("[server]\nallow = []\n"),
+            ["server.allow: an empty list would refuse every client: leave the key out to allow every address"]
+        );
+        // A value of the wrong type inside the list is named by its index too, and does not
+        // shift the index of the entries after it.
+        assert_eq!(
+            problems("[server]\nallow = [7, \"hunter2\", \"::1\", true]\n"),
+            [
+                "server.allow[0]: expected a string, found integer",
+                "server.allow[1]: not an IP address or CIDR block (such as \"10.0.0.0/8\", \"127.0.0.1\" or \"::1\")",
+                "server.allow[3]: expected a string, found boolean",
+            ]
+        );
+        assert_eq!(
+            problems("[server]\nallow = \"10.0.0.0/8\"\n"),
+            ["server.allow: expected an array, found string"]
+        );
+        let config =
+            Config::from_toml_str("[server]\nallow = [\"127.0.0.1\", \"fd00::/8\"]\n").unwrap();
+        assert!(config.server.allow.allows("fd00::9".parse().unwrap()));
+        assert!(!config.server.allow.allows("127.0.0.2".parse().unwrap()));
+        assert!(Config::default().server.allow.is_everyone());
+    }
+
+    #[test]
+    fn server_tls_problems_name_their_key_never_a_path_or_contents() {
+        assert_eq!(
+            problems("[server.tls]\n"),
+            [
+                "server.tls.cert_file: is required in [server.tls] (a PEM file)",
+                "server.tls.key_file: is required in [server.tls] (a PEM file)",
+            ]
+        );
+        let missing = problems(
+            "[server.tls]\ncert_file = \"/nonexistent/hunter2-cert.pem\"\nkey_file = \"/nonexistent/hunter2-key.pem\"\n",
+        );
+        assert_eq!(missing.len(), 1, "{missing:?}");
+        assert!(
+            missing[0].starts_with("server.tls.cert_file: cannot be read ("),
+            "{missing:?}"
+        );
+        let dir = std::env::temp_dir().join(format!("wxgate-validate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = rcgen::CertificateParams::new(vec!["wxgate.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let cert_file = write("cert.pem", &certificate.pem());
+        let other_key = write(
+            "other-key.pem",
+            &rcgen::KeyPair::generate().unwrap().serialize_pem(),
+        );
+        let not_a_key = write("not-a-key.pem", "hunter2: no key here\n");
+        let tls = |cert: &str, key: &str| {
+            format!("[server.tls]\ncert_file = {cert:?}\nkey_file = {key:?}\n")
+        };
+        let mismatched = problems(&tls(&cert_file, &other_key));
+        let no_key = problems(&tls(&cert_file, &not_a_key));
+        let no_certificate = problems(&tls(&not_a_key, &not_a_key));
+        let good = Config::from_toml_str(&tls(&cert_file, &write("key.pem", &key.serialize_pem())));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            mismatched,
+            ["server.tls.key_file: is not the private key of the first certificate in server.tls.cert_file"]
+        );
+        assert_eq!(
+            no_key,
+            ["server.tls.key_file: holds no PEM private key (-----BEGIN PRIVATE KEY-----, or RSA / EC PRIVATE KEY)"]
+        );
+        assert_eq!(no_certificate.len(), 1, "{no_certificate:?}");
+        assert!(no_certificate[0].starts_with("server.tls.cert_file: holds no PEM certificate"));
+        let all = format!("{missing:?}{mismatched:?}{no_key:?}{no_certificate:?}");
+        assert!(
+            !all.contains("hunter2") && !all.contains("BEGIN CERTIFICATE-----\n"),
+            "{all}"
+        );
+        assert!(good.unwrap().server.tls.is_some());
     }
 
     #[test]

@@ -56,15 +56,22 @@ pub enum CloseReason {
     Cap,
     /// A new connection at the cap, with none idle to close instead.
     Refused,
+    /// A new connection from an address outside `server.allow`, closed unread.
+    NotAllowed,
+    /// With `[server.tls]`: a handshake that failed (a client speaking plain HTTP, or one
+    /// that refused the certificate).
+    TlsHandshake,
 }
 
 impl CloseReason {
     /// Every value, in label order.
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; 6] = [
         CloseReason::HeadTimeout,
         CloseReason::Idle,
         CloseReason::Cap,
         CloseReason::Refused,
+        CloseReason::NotAllowed,
+        CloseReason::TlsHandshake,
     ];
 
     /// The label value.
@@ -74,6 +81,8 @@ impl CloseReason {
             CloseReason::Idle => "idle",
             CloseReason::Cap => "cap",
             CloseReason::Refused => "refused",
+            CloseReason::NotAllowed => "not_allowed",
+            CloseReason::TlsHandshake => "tls_handshake",
         }
     }
 
@@ -282,6 +291,11 @@ impl ConnectionState {
     pub(crate) fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(self.clone())
+    }
+
+    /// When the connection was accepted: its head deadline counts from here.
+    pub(crate) fn accepted(&self) -> Instant {
+        self.accepted
     }
 
     /// Requests in flight now.

@@ -10,6 +10,7 @@ pub mod sdk;
 pub mod tls;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -44,6 +45,17 @@ impl TestProxy {
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// `POST /-/reload` on the admin port (a proxy started from a file): the status and the
+    /// answer's text.
+    pub async fn reload(&self) -> (u16, String) {
+        let answer = reqwest::Client::new()
+            .post(format!("http://{}/-/reload", self.admin))
+            .send()
+            .await
+            .expect("admin answers");
+        (answer.status().as_u16(), answer.text().await.unwrap())
     }
 
     /// Stops accepting, drains, and waits for `run` to return.
@@ -86,6 +98,31 @@ pub async fn spawn_proxy(config: Config) -> TestProxy {
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
         wxgate::run(listeners, config, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("wxgate runs");
+    });
+    TestProxy {
+        addr,
+        admin,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+/// Starts wxgate with the configuration file at `path` on two free loopback ports (its
+/// listen addresses are not used), reloadable from that file as the binary is
+/// (`TestProxy::reload`).
+pub async fn spawn_proxy_from_file(path: &Path) -> TestProxy {
+    let config = Config::load(path).unwrap_or_else(|errors| panic!("{errors}"));
+    let listeners = Listeners::bind_local().await.expect("bind loopback");
+    let addr = listeners.proxy_addr();
+    let admin = listeners.admin_addr();
+    let (stop, stopped) = oneshot::channel();
+    let path = path.to_owned();
+    let task = tokio::spawn(async move {
+        wxgate::run_reloadable(listeners, config, Some(path), async {
             let _ = stopped.await;
         })
         .await

@@ -1,5 +1,6 @@
 //! A certificate authority made at test time (rcgen), the leaf certificates it signs for an
-//! HTTPS stand-in, and its own certificate written to a file for `upstream.ca_file`.
+//! HTTPS stand-in or for wxgate's own `[server.tls]`, and its own certificate written to a
+//! file for `upstream.ca_file` or a client's trust.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,6 +42,23 @@ impl TestCa {
         &self.file
     }
 
+    /// The CA's certificate (PEM), for a client that trusts it.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `names` and its key written to `cert_file` and `key_file`
+    /// (PEM), as `[server.tls]` reads them; the certificate (DER), as a client is shown it.
+    pub fn write_leaf(&self, names: &[&str], cert_file: &Path, key_file: &Path) -> Vec<u8> {
+        let leaf = self.leaf(names);
+        std::fs::write(cert_file, &leaf.certificate_chain_pem).unwrap();
+        std::fs::write(key_file, &leaf.private_key_pem).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(leaf.certificate_chain_pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
     /// `ca_file = "…"`, a line of `[upstream]`.
     pub fn ca_file_key(&self) -> String {
         format!("ca_file = {:?}\n", self.file.display().to_string())
@@ -78,4 +96,32 @@ impl Drop for TestCa {
 
 fn to_strings(names: &[&str]) -> Vec<String> {
     names.iter().map(|name| (*name).to_owned()).collect()
+}
+
+/// A folder under the target directory's temporary folder, removed when dropped.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    /// A new, empty folder named after `name`, unique to this process and call.
+    pub fn new(name: &str) -> TestDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "wxgate-{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TestDir(path)
+    }
+
+    /// `name` inside the folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
