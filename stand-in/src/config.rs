@@ -1,12 +1,12 @@
 //! What the stand-in is told at start: the mini programs and third-party platforms it knows,
-//! its quota and window, its latency, whether it logs every call, and whether it speaks
-//! HTTPS.
+//! its quota and window, its latency, the faults it draws at random, whether it logs every
+//! call, and whether it speaks HTTPS.
 
 use std::time::Duration;
 
 use crate::{
-    DEFAULT_APPID, DEFAULT_APP_SECRET, DEFAULT_COMPONENT_ACCESS_TOKEN, DEFAULT_COMPONENT_APPID,
-    DEFAULT_COMPONENT_APPSECRET,
+    FaultMix, DEFAULT_APPID, DEFAULT_APP_SECRET, DEFAULT_COMPONENT_ACCESS_TOKEN,
+    DEFAULT_COMPONENT_APPID, DEFAULT_COMPONENT_APPSECRET,
 };
 
 /// What the stand-in knows about the apps and platforms calling it, and how it behaves.
@@ -26,6 +26,9 @@ pub struct StandInConfig {
     pub window: Duration,
     /// Added before every answer.
     pub latency: Duration,
+    /// Faults drawn at random by the calls that find no queued fault
+    /// ([`StandIn::push_faults`](crate::StandIn::push_faults)); empty: none.
+    pub random_faults: FaultMix,
     /// Keep a log of every call (time, path, appid, errcode); benches turn it off.
     pub record_calls: bool,
     /// How long an access token (and a component token) works: WeChat's 7200 s; tests
@@ -56,8 +59,8 @@ impl std::fmt::Debug for StandInTls {
 
 impl Default for StandInConfig {
     /// One app ([`DEFAULT_APPID`], with a unionid), one platform ([`DEFAULT_COMPONENT_APPID`])
-    /// that the app authorized, no quota, 60 s windows, no latency, calls recorded, tokens
-    /// as WeChat's (7200 s, the previous one working 300 s more), plain HTTP.
+    /// that the app authorized, no quota, 60 s windows, no latency, no random faults, calls
+    /// recorded, tokens as WeChat's (7200 s, the previous one working 300 s more), plain HTTP.
     fn default() -> Self {
         StandInConfig {
             apps: vec![StandInApp {
@@ -74,6 +77,7 @@ impl Default for StandInConfig {
             quota_per_window: None,
             window: Duration::from_secs(60),
             latency: Duration::ZERO,
+            random_faults: FaultMix::default(),
             record_calls: true,
             tls: None,
             token_lifetime: Duration::from_secs(7200),

@@ -23,7 +23,9 @@
 //! `tokens.rs`); [`StandIn::token_fetches`] counts successful fetches per appid.
 //!
 //! Failures are injected with [`StandIn::push_faults`]: each call takes the next queued
-//! [`Fault`], whatever its path.
+//! [`Fault`], whatever its path. A call that finds none queued draws one from
+//! [`StandInConfig::random_faults`] (a [`FaultMix`], empty by default), so that a long run
+//! meets faults throughout.
 //!
 //! Every call is *executed when it arrives* (quota counted, code spent) and answered after the
 //! configured latency plus any [`Fault::Delay`]. So a client that gives up while waiting has
@@ -48,7 +50,7 @@
 //!
 //! ```text
 //! {"now_unix_ms":1764470402113,"window_ms":2000,"quota_per_window":40,"total_calls":80,
-//!  "answers":{"0":80},"record_calls":true,
+//!  "answers":{"-1":2,"0":78},"faults":{"busy":2},"record_calls":true,
 //!  "windows":[{"start_unix_ms":1764470400000,"appid":"wx00000000000000a1",
 //!              "path":"/sns/jscode2session","calls":40,"answered_45011":0}, ...]}
 //! ```
@@ -56,7 +58,8 @@
 //! `windows` has one entry per aligned window and (appid, path) that received calls (the
 //! window holding `now_unix_ms` is still filling), from the call log: empty when
 //! [`StandInConfig::record_calls`] is off. `quota_per_window` is `null` when unlimited;
-//! `answers` counts answers by errcode, 0 for success bodies. [`StandIn::calls_per_window`]
+//! `answers` counts answers by errcode, 0 for success bodies; `faults` counts the faults
+//! injected (queued or drawn) by [`Fault::name`]. [`StandIn::calls_per_window`]
 //! gives the same windows in process.
 //!
 //! # The binary
@@ -65,8 +68,10 @@
 //!
 //! ```text
 //! wxgate-stand-in [--listen 127.0.0.1:0] [--quota-per-window N] [--window-secs S]
-//!                 [--latency-ms MS] [--no-call-log]
+//!                 [--latency-ms MS] [--faults MIX] [--no-call-log]
 //! ```
+//!
+//! `--faults` takes a [`FaultMix`], e.g. `busy=0.02,reset=0.005,delay:1500=0.003`.
 //!
 //! It prints `listening on ADDR` once bound and serves until it is killed.
 //!
@@ -83,7 +88,7 @@
 //! - `request.rs`: a call as received and the endpoint parameters read from it.
 //! - `answer.rs`: what the stand-in answers: WeChat JSON, the echo, a 502, a closed connection.
 //! - `tls.rs`: HTTPS with the certificate of [`StandInTls`].
-//! - `fault.rs`: [`Fault`] and the queue of faults waiting for the next calls.
+//! - `fault.rs`: [`Fault`], the queue of faults waiting for the next calls, and [`FaultMix`].
 //! - `record.rs`: [`CallRecord`], the counters behind [`StandIn::calls`] and the like, and
 //!   [`WindowCalls`] with the stats page's body.
 //! - `tokens.rs`: access tokens: lifetimes, the overlap, stable and component tokens.
@@ -109,7 +114,7 @@ mod upstream;
 mod tests;
 
 pub use config::{StandInApp, StandInComponent, StandInConfig, StandInTls};
-pub use fault::Fault;
+pub use fault::{Fault, FaultMix};
 pub use record::{CallRecord, WindowCalls};
 pub use stand_in::StandIn;
 

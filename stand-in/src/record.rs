@@ -1,5 +1,5 @@
 //! What the stand-in remembers about the calls it received: the [`CallRecord`] log, the
-//! counters (by path, by code, by errcode; connections and TLS handshakes) that tests read
+//! counters (by path, by code, by errcode, by fault; connections and TLS handshakes) that tests read
 //! through [`StandIn`](crate::StandIn), and the calls per aligned window ([`WindowCalls`])
 //! read from the log.
 
@@ -87,6 +87,8 @@ pub(crate) struct Stats {
     pub(crate) total_calls: u64,
     /// Answers given, by errcode (0: success bodies).
     pub(crate) answers: BTreeMap<i64, u64>,
+    /// Faults injected (queued or drawn), by name.
+    pub(crate) faults: BTreeMap<&'static str, u64>,
     /// Whether the call log is kept; without it `windows` is empty.
     pub(crate) record_calls: bool,
     pub(crate) windows: Vec<WindowCalls>,
@@ -112,6 +114,8 @@ pub(crate) struct Counters {
     pub(crate) by_errcode: DashMap<i64, AtomicU64>,
     /// Successful token fetches, by `"{path} {appid}"`.
     pub(crate) token_fetches: DashMap<String, AtomicU64>,
+    /// Faults injected, by [`Fault::name`](crate::Fault::name).
+    pub(crate) by_fault: DashMap<&'static str, AtomicU64>,
 }
 
 /// Adds one to `map[key]`, inserting the key on its first count.
@@ -138,4 +142,14 @@ where
 {
     map.get(key)
         .map_or(0, |counter| counter.load(Ordering::Relaxed))
+}
+
+/// Every counter of `map`, in key order.
+pub(crate) fn read_all<K>(map: &DashMap<K, AtomicU64>) -> BTreeMap<K, u64>
+where
+    K: Copy + Ord + Hash,
+{
+    map.iter()
+        .map(|entry| (*entry.key(), entry.value().load(Ordering::Relaxed)))
+        .collect()
 }

@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::answer::{json_response, plain, Answer, CloseConnection};
 use crate::record::{
-    bump, calls_per_window, read_counter, unix_ms, CallRecord, Stats, WindowCalls,
+    bump, calls_per_window, read_all, read_counter, unix_ms, CallRecord, Stats, WindowCalls,
 };
 use crate::request::ReceivedCall;
 use crate::upstream::{Route, Shared, UNLIMITED};
@@ -132,6 +132,12 @@ impl StandIn {
         self.shared.faults.push(faults);
     }
 
+    /// Faults injected so far (queued or drawn from [`StandInConfig::random_faults`]), by
+    /// [`Fault::name`].
+    pub fn injected_faults(&self) -> BTreeMap<&'static str, u64> {
+        read_all(&self.shared.counters.by_fault)
+    }
+
     /// How many queued faults no call has taken yet.
     pub fn pending_faults(&self) -> usize {
         self.shared.faults.len()
@@ -218,6 +224,7 @@ impl StandIn {
         counters.by_code.clear();
         counters.by_errcode.clear();
         counters.token_fetches.clear();
+        counters.by_fault.clear();
         lock(&self.shared.log).clear();
     }
 
@@ -313,8 +320,12 @@ async fn handle(
     }
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     bump(&shared.counters.by_path, path);
-    // Taken at arrival so faults are consumed in the order calls arrive.
-    let fault = shared.faults.pop();
+    // Taken at arrival so faults are consumed in the order calls arrive; a call that finds
+    // none queued may draw one.
+    let fault = shared.faults.pop().or_else(|| shared.random_faults.draw());
+    if let Some(fault) = fault {
+        bump(&shared.counters.by_fault, &fault.name());
+    }
 
     let body = match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -375,18 +386,13 @@ async fn handle(
 /// The answer of [`STATS_PATH`]: counters and calls per window as JSON.
 fn stats(shared: &Shared, now: SystemTime) -> Response<Full<Bytes>> {
     let quota = shared.quota.load(Ordering::Relaxed);
-    let answers: BTreeMap<i64, u64> = shared
-        .counters
-        .by_errcode
-        .iter()
-        .map(|entry| (*entry.key(), entry.value().load(Ordering::Relaxed)))
-        .collect();
     let stats = Stats {
         now_unix_ms: unix_ms(now),
         window_ms: u64::try_from(shared.window.as_millis()).unwrap_or(u64::MAX),
         quota_per_window: (quota != UNLIMITED).then_some(quota),
         total_calls: shared.counters.total.load(Ordering::Relaxed),
-        answers,
+        answers: read_all(&shared.counters.by_errcode),
+        faults: read_all(&shared.counters.by_fault),
         record_calls: shared.record_calls,
         windows: calls_per_window(&lock(&shared.log), shared.window),
     };

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::{DashMap, DashSet};
 
 use crate::answer::{echo, Answer};
-use crate::fault::FaultQueue;
+use crate::fault::{FaultMix, FaultQueue};
 use crate::ids::{derived_id, random_session_key};
 use crate::record::{bump, CallRecord, Counters};
 use crate::request::{Params, ReceivedCall};
@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     /// cross quota windows without sleeping.
     pub(crate) clock_skew_nanos: AtomicU64,
     pub(crate) faults: FaultQueue,
+    /// Drawn from by calls that find `faults` empty.
+    pub(crate) random_faults: FaultMix,
     /// appid -> executed-call count of the current window, one slot per quota endpoint.
     quota_windows: DashMap<String, [WindowCount; QUOTA_ENDPOINTS]>,
     /// (appid, `js_code`) of every code exchanged successfully: codes are single-use per app.
@@ -96,6 +98,7 @@ impl Shared {
             quota: AtomicU64::new(config.quota_per_window.map_or(UNLIMITED, u64::from)),
             clock_skew_nanos: AtomicU64::new(0),
             faults: FaultQueue::default(),
+            random_faults: config.random_faults,
             quota_windows: DashMap::new(),
             used_codes: DashSet::new(),
             counters: Counters::default(),

@@ -1,5 +1,6 @@
 //! The `wxgate-stand-in` binary: it serves on the port it says, enforces the quota it was
-//! given, and its stats page counts the calls per window; a bad command line exits 64.
+//! given, injects the faults it was given, and its stats page counts the calls per window
+//! and the faults; a bad command line exits 64.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
@@ -100,6 +101,24 @@ async fn serves_the_quota_it_was_given_and_counts_calls_per_window() {
         // All in one window: two executed, the third over the quota.
         assert_eq!(errcodes, [0, 0, 45011]);
     }
+}
+
+#[tokio::test]
+async fn injects_the_faults_it_was_given_and_counts_them() {
+    let running = Running::start(&["--faults", "busy=1", "--no-call-log"]);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for code in ["fault-1", "fault-2"] {
+        let url = format!(
+            "{}{JSCODE2SESSION_PATH}?appid={DEFAULT_APPID}&secret={DEFAULT_APP_SECRET}&js_code={code}&grant_type=authorization_code",
+            running.base_url
+        );
+        let body = get_json(&client, &url).await;
+        assert_eq!(body["errcode"], -1, "{body}");
+    }
+    let stats = get_json(&client, &format!("{}{STATS_PATH}", running.base_url)).await;
+    assert_eq!(stats["faults"]["busy"], 2, "{stats}");
+    assert_eq!(stats["answers"]["-1"], 2, "{stats}");
+    assert_eq!(stats["total_calls"], 2, "{stats}");
 }
 
 #[test]

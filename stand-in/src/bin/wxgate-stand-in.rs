@@ -1,6 +1,7 @@
 //! `wxgate-stand-in`: the stand-in for `api.weixin.qq.com` as a process of its own, for
-//! scripts that run wxgate as a binary (`deploy/cluster-demo.sh`): a quota over a short
-//! window, a latency, and the calls per window on `GET /__stand_in/stats`.
+//! scripts that run wxgate as a binary (`deploy/cluster-demo.sh`, `benches/load/soak.sh`): a
+//! quota over a short window, a latency, faults drawn at random, and the calls per window on
+//! `GET /__stand_in/stats`.
 //!
 //! It prints `listening on ADDR` once its port is bound, then serves until it is killed (it
 //! keeps nothing worth a clean shutdown). A command line it cannot understand exits 64 with
@@ -14,11 +15,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use wxgate_stand_in::{StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET, STATS_PATH};
+use wxgate_stand_in::{
+    FaultMix, StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET, STATS_PATH,
+};
 
 const USAGE: &str = "\
 usage: wxgate-stand-in [--listen ADDR] [--quota-per-window N] [--window-secs S]
-                       [--latency-ms MS] [--no-call-log]
+                       [--latency-ms MS] [--faults MIX] [--no-call-log]
 
 Serves a stand-in for api.weixin.qq.com (single-use codes, a per-(appid, API) quota over
 windows aligned to the epoch, WeChat's errcodes) and, on GET /__stand_in/stats, the calls it
@@ -28,6 +31,12 @@ received per window as JSON.
   --quota-per-window N    calls per (appid, API) and window before 45011 (default: unlimited)
   --window-secs S         quota window in seconds, may be fractional (default 60)
   --latency-ms MS         added before every answer (default 0)
+  --faults MIX            faults drawn at random, each call on its own: NAME=FRACTION,...
+                          with NAME busy (-1), minute-quota (45011), daily-quota (45009),
+                          bad-gateway (502), reset (closed unanswered), hang (never
+                          answers), lost-answer (executed, then closed unanswered) or
+                          delay:MS (answered MS late), e.g. busy=0.02,delay:1500=0.003;
+                          the fractions add up to at most 1 (default: no faults)
   --no-call-log           keep no per-call log: counters only, and no windows in the stats
                           (for long runs, where the log would grow)
   -h, --help              this text";
@@ -73,10 +82,11 @@ async fn serve(args: &Args) -> std::io::Result<Infallible> {
     let _ = writeln!(
         std::io::stdout().lock(),
         "listening on {}\napp {DEFAULT_APPID} (secret {DEFAULT_APP_SECRET}); quota {quota} per \
-         (appid, API) and {:?} window; latency {:?}; stats on {}{STATS_PATH}",
+         (appid, API) and {:?} window; latency {:?}; faults {}; stats on {}{STATS_PATH}",
         stand_in.addr(),
         args.window,
         args.latency,
+        args.faults,
         stand_in.base_url()
     )
     .and_then(|()| std::io::stdout().flush());
@@ -90,6 +100,7 @@ struct Args {
     quota_per_window: Option<u32>,
     window: Duration,
     latency: Duration,
+    faults: FaultMix,
     record_calls: bool,
 }
 
@@ -101,6 +112,7 @@ impl Args {
             quota_per_window: None,
             window: Duration::from_secs(60),
             latency: Duration::ZERO,
+            faults: FaultMix::default(),
             record_calls: true,
         };
         let mut args = args.into_iter();
@@ -148,6 +160,12 @@ impl Args {
                     })?;
                     parsed.latency = Duration::from_millis(millis);
                 }
+                "--faults" => {
+                    let text = value("--faults")?;
+                    parsed.faults = text
+                        .parse()
+                        .map_err(|problem| format!("--faults: {problem}"))?;
+                }
                 "--no-call-log" if inline.is_none() => parsed.record_calls = false,
                 _ => return Err(format!("unknown argument {arg:?}")),
             }
@@ -160,6 +178,7 @@ impl Args {
             quota_per_window: self.quota_per_window,
             window: self.window,
             latency: self.latency,
+            random_faults: self.faults.clone(),
             record_calls: self.record_calls,
             ..StandInConfig::default()
         }
@@ -169,6 +188,7 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wxgate_stand_in::Fault;
 
     fn parse(args: &[&str]) -> Result<Option<Args>, String> {
         Args::parse(args.iter().map(|arg| (*arg).to_owned()))
@@ -181,6 +201,7 @@ mod tests {
         assert_eq!(args.quota_per_window, None);
         assert_eq!(args.window, Duration::from_secs(60));
         assert_eq!(args.latency, Duration::ZERO);
+        assert!(args.faults.is_empty());
         assert!(args.record_calls);
     }
 
@@ -193,6 +214,8 @@ mod tests {
             "--window-secs",
             "0.5",
             "--latency-ms=20",
+            "--faults",
+            "busy=0.25,delay:1500=0.5",
             "--no-call-log",
         ])
         .unwrap()
@@ -204,6 +227,11 @@ mod tests {
                 quota_per_window: Some(40),
                 window: Duration::from_millis(500),
                 latency: Duration::from_millis(20),
+                faults: FaultMix::new([
+                    (Fault::Busy, 0.25),
+                    (Fault::Delay(Duration::from_millis(1500)), 0.5)
+                ])
+                .unwrap(),
                 record_calls: false,
             }
         );
@@ -221,6 +249,11 @@ mod tests {
             (&["--window-secs", "0"], "above 0"),
             (&["--window-secs", "NaN"], "above 0"),
             (&["--latency-ms", "1.5"], "milliseconds"),
+            (&["--faults", "busy"], "NAME=FRACTION"),
+            (&["--faults", "busy=2"], "from 0 to 1"),
+            (&["--faults", "busy=0.6,reset=0.6"], "more than 1"),
+            (&["--faults", "slow=0.1"], "not a fault"),
+            (&["--faults", "delay:soon=0.1"], "milliseconds"),
             (&["--no-call-log=yes"], "unknown argument"),
             (&["--quota", "3"], "unknown argument"),
             (&["serve"], "unknown argument"),

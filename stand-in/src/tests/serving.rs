@@ -7,8 +7,8 @@ use tokio::net::TcpStream;
 
 use super::{code_session, raw_call, Harness};
 use crate::{
-    Fault, StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET, JSCODE2SESSION_PATH,
-    JSON_CONTENT_TYPE,
+    Fault, FaultMix, StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET,
+    JSCODE2SESSION_PATH, JSON_CONTENT_TYPE, STATS_PATH,
 };
 
 #[tokio::test]
@@ -95,6 +95,79 @@ async fn hang_keeps_the_call_pending_until_the_client_gives_up() {
     // Other calls are not held up, and the hung one spent nothing.
     h.exchange("code-h").await.assert_session();
     assert_eq!(h.upstream.code_calls("code-h"), 2);
+}
+
+#[tokio::test]
+async fn calls_that_find_no_queued_fault_draw_one_from_the_mix() {
+    let config = StandInConfig {
+        random_faults: "busy=1".parse().expect("a mix"),
+        ..StandInConfig::default()
+    };
+    let h = Harness::start(config).await;
+    // A queued fault comes first; the mix faults every other call.
+    h.upstream.push_faults([Fault::BadGateway]);
+    assert_eq!(h.exchange("code-m").await.status, 502);
+    h.exchange("code-m").await.assert_error(-1);
+    h.exchange("code-m").await.assert_error(-1);
+    assert_eq!(h.upstream.code_calls("code-m"), 3);
+
+    let injected = h.upstream.injected_faults();
+    assert_eq!(injected.get("bad-gateway"), Some(&1));
+    assert_eq!(injected.get("busy"), Some(&2));
+    // The stats page is not a call, so it is not faulted, and it counts the faults.
+    let stats = h.get(STATS_PATH).await.json();
+    assert_eq!(stats["faults"]["busy"], 2, "{stats}");
+    assert_eq!(stats["faults"]["bad-gateway"], 1, "{stats}");
+    assert_eq!(stats["answers"]["-1"], 2, "{stats}");
+
+    h.upstream.reset_counters();
+    assert!(h.upstream.injected_faults().is_empty());
+}
+
+#[test]
+fn a_fault_mix_reads_as_the_command_line_writes_it() {
+    let mix: FaultMix = "busy=0.02, reset=0.005,hang=0.001,delay:1500=0.003,lost-answer=0.001,\
+                         minute-quota=0.0002,daily-quota=0.001,bad-gateway=0.004"
+        .parse()
+        .expect("a mix");
+    let expected = FaultMix::new([
+        (Fault::Busy, 0.02),
+        (Fault::Reset, 0.005),
+        (Fault::Hang, 0.001),
+        (Fault::Delay(Duration::from_millis(1500)), 0.003),
+        (Fault::LostAnswer, 0.001),
+        (Fault::MinuteQuota, 0.0002),
+        (Fault::DailyQuota, 0.001),
+        (Fault::BadGateway, 0.004),
+    ])
+    .expect("a mix");
+    assert_eq!(mix, expected);
+    assert_eq!(mix.to_string().parse::<FaultMix>(), Ok(expected));
+    assert!("".parse::<FaultMix>().expect("no faults").is_empty());
+    assert_eq!(FaultMix::default().to_string(), "none");
+    assert!(FaultMix::new([(Fault::Busy, 0.7), (Fault::Reset, 0.4)]).is_err());
+    assert!(FaultMix::new([(Fault::Busy, f64::NAN)]).is_err());
+}
+
+#[test]
+fn a_fault_mix_faults_calls_in_its_proportions() {
+    let mix = FaultMix::new([(Fault::Busy, 0.3), (Fault::Reset, 0.1)]).expect("a mix");
+    let draws = 20_000;
+    let (mut busy, mut reset, mut none) = (0, 0, 0);
+    for _ in 0..draws {
+        match mix.draw() {
+            Some(Fault::Busy) => busy += 1,
+            Some(Fault::Reset) => reset += 1,
+            None => none += 1,
+            Some(other) => panic!("{other:?} is not in the mix"),
+        }
+    }
+    // Binomial: a deviation of 0.03 is more than 9 standard deviations at 20,000 draws.
+    let share = |count: i32| f64::from(count) / f64::from(draws);
+    assert!((share(busy) - 0.3).abs() < 0.03, "busy {busy}");
+    assert!((share(reset) - 0.1).abs() < 0.03, "reset {reset}");
+    assert!((share(none) - 0.6).abs() < 0.03, "none {none}");
+    assert_eq!(FaultMix::default().draw(), None);
 }
 
 #[tokio::test]
