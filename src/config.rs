@@ -21,7 +21,7 @@
 //! key order), then the checks of `config/validate.rs` table by table.
 //!
 //! # Adding a key
-//! 1. A field in the raw struct of its table (`RawServer`, ...) below, named as the key and
+//! 1. A field in the raw struct of its table (`RawServer`, ...) in `config/raw.rs`, named as the key and
 //!    typed as TOML writes it (`String`, `i64`, a table struct, a `Vec` for an array). A key
 //!    whose default depends on another key is an `Option`, written back for `check-config`
 //!    by `RawConfig::fill_derived`. A secret is a `Secret<M>`, where `M` says how it is shown
@@ -41,24 +41,27 @@ mod allow;
 mod base_url;
 mod ca_file;
 mod cluster;
+mod raw;
 mod read;
 mod server_tls;
 mod validate;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
 pub use allow::AllowList;
 pub use base_url::BaseUrl;
 pub use ca_file::CaFile;
 pub use cluster::{ClusterSecret, RedisUrl};
-use read::{read, Secret, UrlPassword};
+use raw::{
+    RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota, RawRetry, RawServer,
+    RawServerTls, RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW,
+};
+use read::read;
 pub use server_tls::{tls_provider, ServerTlsConfig};
 
 /// Exit status for an unusable configuration (`EX_CONFIG` would be 78; operators' scripts
@@ -316,242 +319,6 @@ impl CheckedConfig {
         toml::to_string(&self.effective).expect("the raw configuration serializes to TOML")
     }
 }
-
-// ---------------------------------------------------------------------------------------
-// The raw layer: the file as written, TOML-level types, defaults for absent keys. The field
-// names are the keys (no `rename`): messages take key names from them.
-
-/// The whole file.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawConfig {
-    server: RawServer,
-    upstream: RawUpstream,
-    code_cache: RawCodeCache,
-    quota: RawQuota,
-    retry: RawRetry,
-    token_cache: RawTokenCache,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cluster: Option<RawCluster>,
-    log: RawLog,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawLog {
-    /// `text` or `json`.
-    format: String,
-    level: String,
-}
-
-impl Default for RawLog {
-    fn default() -> Self {
-        RawLog {
-            format: "text".into(),
-            level: "info".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawServer {
-    listen: String,
-    admin_listen: String,
-    max_body_bytes: i64,
-    shutdown_grace_ms: i64,
-    request_head_timeout_ms: i64,
-    idle_timeout_ms: i64,
-    body_timeout_ms: i64,
-    max_connections: i64,
-    /// Absent: every address may connect. Entries are read as any TOML value and their type
-    /// checked at validation: the read layer takes a wrongly typed value out, which would
-    /// shift the index of every entry after it in the messages.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    allow: Option<Vec<toml::Value>>,
-    /// Absent: plain HTTP. Last: TOML writes tables after values.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tls: Option<RawServerTls>,
-}
-
-/// `[server.tls]`: both keys are required once the table is there.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawServerTls {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cert_file: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key_file: Option<String>,
-}
-
-impl Default for RawServer {
-    fn default() -> Self {
-        RawServer {
-            listen: "127.0.0.1:8080".into(),
-            admin_listen: "127.0.0.1:9090".into(),
-            max_body_bytes: 1 << 20,
-            shutdown_grace_ms: 10_000,
-            request_head_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            body_timeout_ms: 10_000,
-            max_connections: 10_000,
-            allow: None,
-            tls: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawUpstream {
-    /// May carry a password in its userinfo.
-    base_url: Secret<UrlPassword>,
-    connect_timeout_ms: i64,
-    timeout_ms: i64,
-    pool_max_idle: i64,
-    pool_idle_timeout_ms: i64,
-    max_body_bytes: i64,
-    max_connections: i64,
-    /// Absent: the webpki roots alone.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ca_file: Option<String>,
-}
-
-impl Default for RawUpstream {
-    fn default() -> Self {
-        RawUpstream {
-            base_url: Secret::new("https://api.weixin.qq.com"),
-            connect_timeout_ms: 2_000,
-            timeout_ms: 10_000,
-            pool_max_idle: 512,
-            // Under the 5 s of Apache's and Node's defaults, and far under nginx's 75 s.
-            pool_idle_timeout_ms: 4_000,
-            max_body_bytes: 4 << 20,
-            max_connections: 256,
-            ca_file: None,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawCodeCache {
-    ttl_secs: i64,
-    max_entries: i64,
-}
-
-impl Default for RawCodeCache {
-    fn default() -> Self {
-        RawCodeCache {
-            ttl_secs: 300,
-            max_entries: 1_000_000,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawQuota {
-    window_secs: i64,
-    per_window: i64,
-    /// Absent: 10 % of `per_window`, at least 1.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    burst: Option<i64>,
-    max_wait_ms: i64,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    apis: BTreeMap<String, RawLimit>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    appids: BTreeMap<String, RawLimit>,
-}
-
-impl Default for RawQuota {
-    fn default() -> Self {
-        RawQuota {
-            window_secs: 60,
-            per_window: 5_000,
-            burst: None,
-            max_wait_ms: 3_000,
-            apis: BTreeMap::new(),
-            appids: BTreeMap::new(),
-        }
-    }
-}
-
-/// `[quota.apis."/path"]` and `[quota.appids."wx…"]`. Absent `per_window`: `[quota]`'s
-/// limit (burst included, unless given); absent `burst` only: 10 % of `per_window`.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawLimit {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    per_window: Option<i64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    burst: Option<i64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawRetry {
-    /// Absent: the quota window plus [`HOLD_BEYOND_WINDOW`].
-    #[serde(skip_serializing_if = "Option::is_none")]
-    max_hold_ms: Option<i64>,
-    busy_attempts: i64,
-}
-
-impl Default for RawRetry {
-    fn default() -> Self {
-        RawRetry {
-            max_hold_ms: None,
-            busy_attempts: 2,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawTokenCache {
-    enabled: bool,
-    refresh_ahead_secs: i64,
-    exclude_appids: Vec<String>,
-}
-
-impl Default for RawTokenCache {
-    fn default() -> Self {
-        RawTokenCache {
-            enabled: true,
-            // A minute inside WeChat's five-minute overlap: room for clock skew and a slow
-            // fetch.
-            refresh_ahead_secs: 240,
-            exclude_appids: Vec::new(),
-        }
-    }
-}
-
-/// `[cluster]`: present only when the replicas share state.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-struct RawCluster {
-    /// `redis://` or `rediss://`; may carry a password.
-    redis_url: Secret<UrlPassword>,
-    key_prefix: String,
-    timeout_ms: i64,
-    /// Absent: the secret comes from `WXGATE_CLUSTER_SECRET`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    secret_file: Option<String>,
-}
-
-impl Default for RawCluster {
-    fn default() -> Self {
-        RawCluster {
-            redis_url: Secret::new(""),
-            key_prefix: "wxgate:".into(),
-            timeout_ms: 50,
-            secret_file: None,
-        }
-    }
-}
-
-/// `retry.max_hold_ms`'s default beyond the window: time for the held request's next call.
-const HOLD_BEYOND_WINDOW: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,243 @@
+//! The raw layer of the configuration: the file as written, TOML-level types, defaults for
+//! absent keys. The field names are the keys (no `rename`): messages take key names from
+//! them, so each key is spelled once. `config/read.rs` fills these from the text,
+//! `config/validate.rs` turns them into the typed `Config`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::read::{Secret, UrlPassword};
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    pub(super) upstream: RawUpstream,
+    pub(super) code_cache: RawCodeCache,
+    pub(super) quota: RawQuota,
+    pub(super) retry: RawRetry,
+    pub(super) token_cache: RawTokenCache,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) cluster: Option<RawCluster>,
+    pub(super) log: RawLog,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawLog {
+    /// `text` or `json`.
+    pub(super) format: String,
+    pub(super) level: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawServer {
+    pub(super) listen: String,
+    pub(super) admin_listen: String,
+    pub(super) max_body_bytes: i64,
+    pub(super) shutdown_grace_ms: i64,
+    pub(super) request_head_timeout_ms: i64,
+    pub(super) idle_timeout_ms: i64,
+    pub(super) body_timeout_ms: i64,
+    pub(super) max_connections: i64,
+    /// Absent: every address may connect. Entries are read as any TOML value and their type
+    /// checked at validation: the read layer takes a wrongly typed value out, which would
+    /// shift the index of every entry after it in the messages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) allow: Option<Vec<toml::Value>>,
+    /// Absent: plain HTTP. Last: TOML writes tables after values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) tls: Option<RawServerTls>,
+}
+
+/// `[server.tls]`: both keys are required once the table is there.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawServerTls {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) cert_file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) key_file: Option<String>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            max_body_bytes: 1 << 20,
+            shutdown_grace_ms: 10_000,
+            request_head_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_timeout_ms: 10_000,
+            max_connections: 10_000,
+            allow: None,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawUpstream {
+    /// May carry a password in its userinfo.
+    pub(super) base_url: Secret<UrlPassword>,
+    pub(super) connect_timeout_ms: i64,
+    pub(super) timeout_ms: i64,
+    pub(super) pool_max_idle: i64,
+    pub(super) pool_idle_timeout_ms: i64,
+    pub(super) max_body_bytes: i64,
+    pub(super) max_connections: i64,
+    /// Absent: the webpki roots alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) ca_file: Option<String>,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        RawUpstream {
+            base_url: Secret::new("https://api.weixin.qq.com"),
+            connect_timeout_ms: 2_000,
+            timeout_ms: 10_000,
+            pool_max_idle: 512,
+            // Under the 5 s of Apache's and Node's defaults, and far under nginx's 75 s.
+            pool_idle_timeout_ms: 4_000,
+            max_body_bytes: 4 << 20,
+            max_connections: 256,
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawCodeCache {
+    pub(super) ttl_secs: i64,
+    pub(super) max_entries: i64,
+}
+
+impl Default for RawCodeCache {
+    fn default() -> Self {
+        RawCodeCache {
+            ttl_secs: 300,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawQuota {
+    pub(super) window_secs: i64,
+    pub(super) per_window: i64,
+    /// Absent: 10 % of `per_window`, at least 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) burst: Option<i64>,
+    pub(super) max_wait_ms: i64,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) apis: BTreeMap<String, RawLimit>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) appids: BTreeMap<String, RawLimit>,
+}
+
+impl Default for RawQuota {
+    fn default() -> Self {
+        RawQuota {
+            window_secs: 60,
+            per_window: 5_000,
+            burst: None,
+            max_wait_ms: 3_000,
+            apis: BTreeMap::new(),
+            appids: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[quota.apis."/path"]` and `[quota.appids."wx…"]`. Absent `per_window`: `[quota]`'s
+/// limit (burst included, unless given); absent `burst` only: 10 % of `per_window`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawLimit {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) per_window: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) burst: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawRetry {
+    /// Absent: the quota window plus [`HOLD_BEYOND_WINDOW`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) max_hold_ms: Option<i64>,
+    pub(super) busy_attempts: i64,
+}
+
+impl Default for RawRetry {
+    fn default() -> Self {
+        RawRetry {
+            max_hold_ms: None,
+            busy_attempts: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawTokenCache {
+    pub(super) enabled: bool,
+    pub(super) refresh_ahead_secs: i64,
+    pub(super) exclude_appids: Vec<String>,
+}
+
+impl Default for RawTokenCache {
+    fn default() -> Self {
+        RawTokenCache {
+            enabled: true,
+            // A minute inside WeChat's five-minute overlap: room for clock skew and a slow
+            // fetch.
+            refresh_ahead_secs: 240,
+            exclude_appids: Vec::new(),
+        }
+    }
+}
+
+/// `[cluster]`: present only when the replicas share state.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub(super) struct RawCluster {
+    /// `redis://` or `rediss://`; may carry a password.
+    pub(super) redis_url: Secret<UrlPassword>,
+    pub(super) key_prefix: String,
+    pub(super) timeout_ms: i64,
+    /// Absent: the secret comes from `WXGATE_CLUSTER_SECRET`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) secret_file: Option<String>,
+}
+
+impl Default for RawCluster {
+    fn default() -> Self {
+        RawCluster {
+            redis_url: Secret::new(""),
+            key_prefix: "wxgate:".into(),
+            timeout_ms: 50,
+            secret_file: None,
+        }
+    }
+}
+
+/// `retry.max_hold_ms`'s default beyond the window: time for the held request's next call.
+pub(super) const HOLD_BEYOND_WINDOW: Duration = Duration::from_secs(5);
