@@ -40,6 +40,7 @@
 mod allow;
 mod base_url;
 mod ca_file;
+mod checks;
 mod cluster;
 mod raw;
 mod read;

@@ -5,14 +5,11 @@
 //! runs only when that value is valid: one mistake gives one message.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt;
-use std::net::SocketAddr;
-use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
+use super::checks::{Checks, Key};
 use super::cluster::{CLUSTER_SECRET_ENV, REDIS_PASSWORD_ENV};
-use super::read::quote_key;
 use super::{
     AllowList, BaseUrl, CaFile, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig,
     QuotaConfig, QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota,
@@ -36,9 +33,6 @@ macro_rules! name {
         stringify!($field)
     }};
 }
-
-/// A key's name and its raw value.
-type Key<'a, T> = (&'static str, &'a T);
 
 impl RawConfig {
     /// Checks every key and the rules between keys, recording each problem in `problems`;
@@ -447,94 +441,6 @@ fn check_retry(
         max_hold: max_hold?,
         busy_attempts: busy_attempts?,
     })
-}
-
-/// Checks the keys of one table, recording each problem under its key path. Every method
-/// that returns `None` has recorded why.
-struct Checks<'p> {
-    /// The table's key path (`server`, `quota.apis."/cgi-bin/token"`).
-    table: String,
-    problems: &'p mut Vec<String>,
-}
-
-impl<'p> Checks<'p> {
-    fn new(problems: &'p mut Vec<String>, table: &str) -> Self {
-        Checks {
-            table: table.to_owned(),
-            problems,
-        }
-    }
-
-    /// The checks of this table's table `name` (`server` → `server.tls`).
-    fn table(&mut self, name: &str) -> Checks<'_> {
-        Checks {
-            table: self.path(name),
-            problems: &mut *self.problems,
-        }
-    }
-
-    /// The checks of the table `key` of this table's table `name`
-    /// (`quota` → `quota.apis."/cgi-bin/token"`).
-    fn nested(&mut self, name: &str, key: &str) -> Checks<'_> {
-        Checks {
-            table: format!("{}.{name}.{}", self.table, quote_key(key)),
-            problems: &mut *self.problems,
-        }
-    }
-
-    fn path(&self, key: &str) -> String {
-        format!("{}.{key}", self.table)
-    }
-
-    fn problem(&mut self, key: &str, message: impl fmt::Display) {
-        let path = self.path(key);
-        self.problems.push(format!("{path}: {message}"));
-    }
-
-    /// A problem with the table itself (its name, in an override table).
-    fn table_problem(&mut self, message: impl fmt::Display) {
-        self.problems.push(format!("{}: {message}", self.table));
-    }
-
-    fn check<T, E: fmt::Display>(&mut self, key: &str, result: Result<T, E>) -> Option<T> {
-        result.map_err(|error| self.problem(key, error)).ok()
-    }
-
-    fn int<T: TryFrom<i64>>(
-        &mut self,
-        (key, value): Key<i64>,
-        range: RangeInclusive<i64>,
-    ) -> Option<T> {
-        if !range.contains(value) {
-            let (min, max) = range.into_inner();
-            self.problem(key, format!("{value} is out of range ({min}..={max})"));
-            return None;
-        }
-        let converted = T::try_from(*value).ok();
-        if converted.is_none() {
-            self.problem(key, format!("{value} does not fit this platform"));
-        }
-        converted
-    }
-
-    fn millis(&mut self, key: Key<i64>, range: RangeInclusive<i64>) -> Option<Duration> {
-        self.int(key, range).map(Duration::from_millis)
-    }
-
-    fn secs(&mut self, key: Key<i64>, range: RangeInclusive<i64>) -> Option<Duration> {
-        self.int(key, range).map(Duration::from_secs)
-    }
-
-    fn socket_addr(&mut self, (key, text): Key<String>) -> Option<SocketAddr> {
-        let parsed = text.parse().ok();
-        if parsed.is_none() {
-            self.problem(
-                key,
-                format!("\"{text}\" is not an IP address and port such as \"127.0.0.1:8080\""),
-            );
-        }
-        parsed
-    }
 }
 
 #[cfg(test)]
