@@ -142,7 +142,8 @@ impl Dispatcher {
             let resume = Instant::now() + after;
             match (reason, &call.quota_key) {
                 (RetryReason::MinuteQuota, Some(key)) => {
-                    self.quota.pause(key, resume).await;
+                    // Boxed: rare, and large with `[cluster]`.
+                    Box::pin(self.quota.pause(key, resume)).await;
                     // The held call may wait for its turn until the hold ends.
                     quota_deadline = hold_deadline;
                 }

@@ -274,7 +274,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
                     let class = limits.class(key);
                     (class.limit, class.interval)
                 };
-                shared.take(key, limit, interval).await
+                // Boxed: a Redis round trip is a large future, which every caller of
+                // `acquire` would otherwise carry (and copy) even without `[cluster]`.
+                Box::pin(shared.take(key, limit, interval)).await
             }
         }
     }
@@ -292,7 +294,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
         let started = Instant::now();
         let lane = self.lane(key);
         lane.waiting.fetch_add(1, Ordering::Relaxed);
-        let result = self.wait_in_lane(key, &lane, deadline).await;
+        // Boxed: waiting is the exception, and its future is large.
+        let result = Box::pin(self.wait_in_lane(key, &lane, deadline)).await;
         lane.waiting.fetch_sub(1, Ordering::Relaxed);
         drop(lane);
         self.forget_lane_if_idle(key);
