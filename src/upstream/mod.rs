@@ -57,7 +57,8 @@ pub struct UpstreamRequest {
     pub method: Method,
     /// The client's path and query, exactly as received.
     pub path_and_query: PathAndQuery,
-    /// The client's headers minus hop-by-hop ones, `Host` and wxgate's own.
+    /// The client's headers minus hop-by-hop ones and wxgate's own; a `Host` among them is
+    /// replaced by the upstream's when sent.
     pub headers: HeaderMap,
     /// The client's body, read whole.
     pub body: Bytes,
@@ -210,6 +211,7 @@ impl UpstreamClient {
         *outgoing.uri_mut() = Uri::from(path_and_query);
         *outgoing.headers_mut() = request.headers.clone();
         let headers = outgoing.headers_mut();
+        // Replaces the client's `Host`, if it sent one: the upstream's is the only one sent.
         headers.insert(header::HOST, self.host.clone());
         if let Some(authorization) = &self.authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
