@@ -120,6 +120,10 @@ impl Dispatcher {
                 self.metrics.retry(call.api, reason);
             }
             let (result, attempt) = self.send(call, connection).await;
+            // Nearly every answer is final: no clock or random number is needed for it.
+            if !attempt.may_be_retried() {
+                return result;
+            }
             let progress = Progress {
                 busy_retries,
                 hold_left: hold_deadline.saturating_duration_since(Instant::now()),
