@@ -50,7 +50,7 @@ use crate::wechat::{is_plausible_appid, MAX_APPID_LEN};
 
 /// What a quota is kept for: one API of one appid. `Copy`, with the appid inline, so that
 /// the limiter's map, which clones its key on every check, never allocates.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct QuotaKey {
     api: Api,
     len: u8,
@@ -83,6 +83,16 @@ impl QuotaKey {
     /// The appid.
     pub fn appid(&self) -> &str {
         std::str::from_utf8(&self.appid[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl Hash for QuotaKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The appid's own bytes, not the whole inline array: the limiter's map hashes the key
+        // with SipHash on every check, and the bytes past `len` are always zero (so keys
+        // equal as a whole still hash alike).
+        self.api.hash(state);
+        state.write(&self.appid[..usize::from(self.len)]);
     }
 }
 
