@@ -361,11 +361,11 @@ impl CodeExchange {
     /// Completes when no caller waits for `flight` any more and its slot has been removed.
     async fn everyone_gone(&self, key: CodeKey, flight: &Arc<Flight>) {
         loop {
-            flight.answer.closed().await;
+            flight.everyone_left().await;
             // A follower subscribes under the shard's read lock; this removal takes the write
             // lock, so either the follower is counted here or it finds no flight.
             let removed = self.slots.remove_if(&key, |_, slot| {
-                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.answer.receiver_count() == 0)
+                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.waiting() == 0)
             });
             if removed.is_some() {
                 self.update_gauge();
