@@ -114,6 +114,10 @@ impl Dispatcher {
                 self.metrics.retry(call.api, reason);
             }
             let (result, attempt) = self.send(call, state.connection).await;
+            // Nearly every answer is final: no clock or random number is needed for it.
+            if !attempt.may_be_retried() {
+                return result;
+            }
             let progress = state.progress(self.quota.window());
             let Decision::Retry {
                 reason,
@@ -142,7 +146,8 @@ impl Dispatcher {
     ) {
         match (reason, &call.quota_key) {
             (RetryReason::MinuteQuota, Some(key)) => {
-                self.quota.pause(key, resume).await;
+                // Boxed: rare, and large with `[cluster]`.
+                Box::pin(self.quota.pause(key, resume)).await;
                 state.quota_deadline = state.hold_deadline;
             }
             (RetryReason::MinuteQuota, None) => tokio::time::sleep_until(resume).await,

@@ -50,7 +50,7 @@ use crate::wechat::{is_plausible_appid, MAX_APPID_LEN};
 
 /// What a quota is kept for: one API of one appid. `Copy`, with the appid inline, so that
 /// the limiter's map, which clones its key on every check, never allocates.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct QuotaKey {
     api: Api,
     len: u8,
@@ -83,6 +83,16 @@ impl QuotaKey {
     /// The appid.
     pub fn appid(&self) -> &str {
         std::str::from_utf8(&self.appid[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl Hash for QuotaKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The appid's own bytes, not the whole inline array: the limiter's map hashes the key
+        // with SipHash on every check, and the bytes past `len` are always zero (so keys
+        // equal as a whole still hash alike).
+        self.api.hash(state);
+        state.write(&self.appid[..usize::from(self.len)]);
     }
 }
 
@@ -274,7 +284,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
                     let class = limits.class(key);
                     (class.limit, class.interval)
                 };
-                shared.take(key, limit, interval).await
+                // Boxed: a Redis round trip is a large future, which every caller of
+                // `acquire` would otherwise carry (and copy) even without `[cluster]`.
+                Box::pin(shared.take(key, limit, interval)).await
             }
         }
     }
@@ -292,7 +304,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
         let started = Instant::now();
         let lane = self.lane(key);
         lane.waiting.fetch_add(1, Ordering::Relaxed);
-        let result = self.wait_in_lane(key, &lane, deadline).await;
+        // Boxed: waiting is the exception, and its future is large.
+        let result = Box::pin(self.wait_in_lane(key, &lane, deadline)).await;
         lane.waiting.fetch_sub(1, Ordering::Relaxed);
         drop(lane);
         self.forget_lane_if_idle(key);

@@ -36,6 +36,17 @@ pub enum Attempt {
     Failed(TransportError),
 }
 
+impl Attempt {
+    /// Whether any retry rule can apply: a 45011, a -1, or no answer. Every other answer is
+    /// final whatever the progress, so a caller need not read the clocks for it.
+    pub fn may_be_retried(self) -> bool {
+        matches!(
+            self,
+            Attempt::Answered(Errcode::Code(MINUTE_QUOTA | SYSTEM_BUSY)) | Attempt::Failed(_)
+        )
+    }
+}
+
 /// What the call does next.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Decision {
@@ -95,6 +106,9 @@ impl RetryPolicy {
 
     /// The decision after `attempt`.
     pub fn decide(&self, attempt: Attempt, progress: Progress) -> Decision {
+        if !attempt.may_be_retried() {
+            return Decision::Done;
+        }
         let busy_retry = |reason| {
             if progress.busy_retries < self.busy_attempts {
                 Decision::Retry {

@@ -34,12 +34,29 @@
 # round 2, ...), and the table shows each cell's median round: a shared machine's slow
 # minutes then move one round of several cells rather than the whole of one cell.
 #
+# Then the same cells in an open loop: wrk's closed loop (each connection sends its next
+# request when the previous one is answered) lets a proxy that stalls slow its load down, so
+# the stall hides in few, long requests (coordinated omission). Open loop, every contender is
+# offered the same fixed rates, OPEN_RATES per cent (default 25, 50 and 80) of nginx-plain's
+# closed-loop req/s on that workload, by oha (`-q RATE --latency-correction`: a request's
+# latency counts from when it was due, not from when a free connection sent it), installed
+# with `cargo install oha --locked` if missing, on LOAD_CPU with one worker thread; it reports
+# p50, p99 and p99.9 per rate, the rate achieved, and whether the contender kept up (achieved
+# at least 97 % of the rate). Unique codes are 20 random letters, duplicates the same set of
+# DUP_CODES, mixed one of the set in five (oha's --rand-regex-url). Without oha (the install
+# failed), wrk paces every connection with workload.lua's delay instead: then the rate is
+# approximate and the latencies are not corrected, which the table says. Each open-loop cell
+# also gets ROUNDS interleaved rounds, after a WARMUP of closed-loop wrk on a fresh contender;
+# the table shows the round with the median p99.
+#
 # Settings (environment): ROUNDS (default 3), DURATION (s per round, default 5), WARMUP (s,
 # default 1), CONNECTIONS (default 64), DUP_CODES (default 100), PROXY_CPU (1), LOAD_CPU (0),
 # REDIS_CPU (PROXY_CPU), CONTENDERS (space-separated, default "direct wxgate nginx
 # nginx-plain"; add wxgate+redis, e.g. CONTENDERS="direct wxgate wxgate+redis"), WORKLOADS
 # (space-separated subset, default all), WXGATE_BIN (measure this wxgate executable instead
-# of building the repository's).
+# of building the repository's), OPEN_RATES (per cent of nginx-plain's closed-loop req/s,
+# default "25 50 80"; empty: no open loop; none either without nginx-plain), OPEN_DURATION
+# (s per open-loop round, default DURATION), OPEN_CONTENDERS (default: CONTENDERS).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -59,6 +76,13 @@ WRK_THREADS=1
 # A subset can be chosen for a quick look, e.g. CONTENDERS="wxgate nginx" WORKLOADS=unique.
 read -r -a CONTENDERS <<<"${CONTENDERS:-direct wxgate nginx nginx-plain}"
 read -r -a WORKLOADS <<<"${WORKLOADS:-unique duplicate mixed}"
+read -r -a OPEN_RATES <<<"${OPEN_RATES-25 50 80}"
+read -r -a OPEN_CONTENDERS <<<"${OPEN_CONTENDERS:-${CONTENDERS[*]}}"
+OPEN_DURATION="${OPEN_DURATION:-$DURATION}"
+if [ "${#OPEN_RATES[@]}" -gt 0 ] && [[ " ${CONTENDERS[*]} " != *" nginx-plain "* ]]; then
+    printf '==> no open loop: its rates are per cent of nginx-plain'"'"'s req/s, and nginx-plain is not a contender\n' >&2
+    OPEN_RATES=()
+fi
 with_redis=0
 for name in "${CONTENDERS[@]}"; do
     case "$name" in
@@ -163,6 +187,24 @@ if [ "$with_redis" = 1 ]; then
     for tool in redis-server redis-cli; do
         command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH (contender wxgate+redis)"
     done
+fi
+for name in "${OPEN_CONTENDERS[@]}"; do
+    [[ " ${CONTENDERS[*]} " == *" $name "* ]] || fail "open-loop contender $name is not one of CONTENDERS"
+done
+# The open loop's load generator: oha, from crates.io if missing (a few minutes of building).
+PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+open_tool=""
+if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
+    if ! command -v oha >/dev/null 2>&1 && command -v cargo >/dev/null 2>&1; then
+        log "installing oha (cargo install oha --locked) for the open-loop measurement"
+        cargo install oha --locked >"${TMPDIR:-/tmp}/wxgate-oha-install.log" 2>&1 ||
+            log "cargo install oha failed (${TMPDIR:-/tmp}/wxgate-oha-install.log): wrk paces the open loop instead"
+    fi
+    if command -v oha >/dev/null 2>&1; then
+        open_tool=oha
+    else
+        open_tool=wrk-paced
+    fi
 fi
 
 cpus="$(nproc)"
@@ -447,6 +489,72 @@ run_wrk() {
     printf '%s\n' "$out" | sed -n 's/^RESULT //p'
 }
 
+# The js_code of each workload as a regular expression for oha's --rand-regex-url: unique,
+# 20 random letters (no two alike in practice); duplicate, one of dup0 .. dup<DUP_CODES-1>,
+# the set wrk uses; mixed, one of the set in five.
+code_regex() {
+    local set unique="o[a-z]{20}"
+    set="dup($(seq -s '|' 0 $((DUP_CODES - 1))))"
+    case "$1" in
+    unique) printf '%s' "$unique" ;;
+    duplicate) printf '%s' "$set" ;;
+    mixed) printf '(%s|%s|%s|%s|%s)' "$unique" "$unique" "$unique" "$unique" "$set" ;;
+    esac
+}
+
+# Offers `rate` requests/s of `workload` to `port` for `seconds`, open loop; prints
+# "<achieved req/s> <p50 us> <p99 us> <p99.9 us> <non-2xx> <errors>". oha: requests are due
+# at the rate whatever the answers, and a request's latency counts from when it was due.
+# Without oha, wrk with a per-connection delay: roughly the rate, latencies uncorrected.
+run_open() {
+    local port="$1" workload="$2" rate="$3" seconds="$4" out flat
+    if [ "$open_tool" = oha ]; then
+        local url="http://127.0.0.1:$port/sns/jscode2session\\?appid=wx00000000000000a1&secret=stand-in-secret-a1&grant_type=authorization_code&js_code=$(code_regex "$workload")"
+        out="$(taskset -c "$LOAD_CPU" oha --no-tui --worker-threads 1 -c "$CONNECTIONS" \
+            -z "${seconds}s" -q "$rate" --latency-correction --rand-regex-url -t 5s \
+            --output-format json "$url" 2>&1)" || fail "oha failed: $out"
+        flat="$(printf '%s' "$out" | tr -d ' \n')"
+        printf '%s' "$flat" | awk -v seconds="$seconds" '
+            function field(section, key,    rest, at) {
+                at = index($0, "\"" section "\":{")
+                rest = substr($0, at)
+                rest = substr(rest, 1, index(rest, "}"))
+                at = index(rest, "\"" key "\":")
+                if (at == 0) return 0
+                rest = substr(rest, at + length(key) + 3)
+                return rest + 0
+            }
+            {
+                ok = field("statusCodeDistribution", "200")
+                match($0, /"statusCodeDistribution":\{[^}]*\}/)
+                codes = substr($0, RSTART + 26, RLENGTH - 27)
+                n = split(codes, parts, /,/)
+                all = 0
+                for (i = 1; i <= n; i++) { sub(/.*:/, "", parts[i]); all += parts[i] + 0 }
+                match($0, /"errorDistribution":\{[^}]*\}/)
+                errs = substr($0, RSTART + 21, RLENGTH - 22)
+                n = split(errs, parts, /,/)
+                errors = 0
+                for (i = 1; i <= n; i++) {
+                    # A request in flight when the run ends is not an error of the contender.
+                    if (parts[i] ~ /aborted/) continue
+                    sub(/.*:/, "", parts[i]); errors += parts[i] + 0
+                }
+                printf "%.0f %.0f %.0f %.0f %d %d\n", ok / seconds, \
+                    field("latencyPercentiles", "p50") * 1e6, field("latencyPercentiles", "p99") * 1e6, \
+                    field("latencyPercentiles", "p99.9") * 1e6, all - ok, errors
+            }'
+    else
+        # Each connection waits CONNECTIONS/rate between its requests (after the answer).
+        local delay_ms
+        delay_ms="$(awk -v c="$CONNECTIONS" -v r="$rate" 'BEGIN { printf "%.3f", 1000 * c / r }')"
+        out="$(taskset -c "$LOAD_CPU" wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "${seconds}s" \
+            --timeout 5s -s "$here/workload.lua" "http://127.0.0.1:$port" \
+            -- "$workload" "o$RANDOM" "$DUP_CODES" "$delay_ms" 2>&1)" || fail "wrk failed: $out"
+        printf '%s\n' "$out" | sed -n 's/^RESULT //p' | awk '{ printf "%.0f %d %d %d %d %d\n", $1 / ($2 / 1e6), $5, $6, $7, $3, $4 }'
+    fi
+}
+
 # A value of wxgate's /metrics, summed over the series whose labels contain `match`.
 wxgate_metric() {
     local name="$1" match="$2"
@@ -595,7 +703,7 @@ for workload in "${WORKLOADS[@]}"; do
         read -r load_busy_before load_total_before < <(cpu_jiffies "$LOAD_CPU")
         read -r proxy_busy_before proxy_total_before < <(cpu_jiffies "$PROXY_CPU")
         result="$(run_wrk "$port" "$workload" "m${name//[^a-z]/}" "$DURATION")"
-        read -r requests duration_us non2xx socket_errors p50_us p99_us <<<"$result"
+        read -r requests duration_us non2xx socket_errors p50_us p99_us _ <<<"$result"
         [ -n "$p99_us" ] || fail "no result from wrk: $result"
         read -r load_busy_after load_total_after < <(cpu_jiffies "$LOAD_CPU")
         read -r proxy_busy_after proxy_total_after < <(cpu_jiffies "$PROXY_CPU")
@@ -679,6 +787,97 @@ for workload in "${WORKLOADS[@]}"; do
         rows+=("$row")
     done
 done
+# --- 6. the open loop: every contender offered the same fixed rates --------------------------
+declare -A open_rate open_p99 open_kept open_round_p99 open_round_row open_round_kept
+open_rows=()
+if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
+    for workload in "${WORKLOADS[@]}"; do
+        for percent in "${OPEN_RATES[@]}"; do
+            open_rate[$workload/$percent]="$(awk -v r="${rps[$workload/nginx-plain]}" -v p="$percent" \
+                'BEGIN { printf "%.0f", r * p / 100 }')"
+        done
+    done
+    for round in $(seq 1 "$ROUNDS"); do
+    for workload in "${WORKLOADS[@]}"; do
+        for percent in "${OPEN_RATES[@]}"; do
+            rate="${open_rate[$workload/$percent]}"
+            for name in "${OPEN_CONTENDERS[@]}"; do
+                log "open loop, round $round/$ROUNDS: $workload at $rate req/s ($percent %) / $name"
+                if [ "$name" = direct ]; then
+                    port="$upstream_port"
+                    proxy_pid=""
+                else
+                    start_contender "$name"
+                    port="$proxy_port"
+                fi
+                warmup="$(run_wrk "$port" "$workload" "w${name//[^a-z]/}" "$WARMUP")"
+                [ -n "$warmup" ] || fail "no result from the warm-up"
+                [ -z "$proxy_pid" ] || ticks_before="$(cpu_ticks "$proxy_pid")"
+                read -r load_busy_before load_total_before < <(cpu_jiffies "$LOAD_CPU")
+                read -r proxy_busy_before proxy_total_before < <(cpu_jiffies "$PROXY_CPU")
+                result="$(run_open "$port" "$workload" "$rate" "$OPEN_DURATION")"
+                read -r achieved p50_us p99_us p999_us non2xx errors <<<"$result"
+                [ -n "$errors" ] || fail "no result from the open-loop run: $result"
+                read -r load_busy_after load_total_after < <(cpu_jiffies "$LOAD_CPU")
+                read -r proxy_busy_after proxy_total_after < <(cpu_jiffies "$PROXY_CPU")
+                load_cpu="$(percent "$((load_busy_after - load_busy_before))" "$((load_total_after - load_total_before))")"
+                proxy_cpu_busy="$(percent "$((proxy_busy_after - proxy_busy_before))" "$((proxy_total_after - proxy_total_before))")"
+                proxy_cpu="-"
+                if [ -n "$proxy_pid" ]; then
+                    proxy_cpu="$(awk -v t="$(($(cpu_ticks "$proxy_pid") - ticks_before))" -v hz="$tick_hz" \
+                        -v d="$OPEN_DURATION" 'BEGIN { printf "%.0f%%", 100 * (t / hz) / d }')"
+                fi
+                [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
+                stop_pid=""
+                if [ "$name" = wxgate+redis ]; then
+                    stop "$redis_pid"
+                fi
+                kept="$(awk -v a="$achieved" -v r="$rate" 'BEGIN { print (a >= 0.97 * r) ? "yes" : "no" }')"
+                notes=""
+                [ "$non2xx" = 0 ] || notes="$non2xx non-2xx! "
+                [ "$errors" = 0 ] || notes="$notes$errors errors! "
+                [ "${load_cpu%\%}" -lt 95 ] || notes="${notes}load side saturated "
+                if [ "$proxy_cpu" != - ]; then
+                    # CPU time on the proxy's CPU that the proxy did not use: someone else's.
+                    foreign="$(awk -v busy="${proxy_cpu_busy%\%}" -v own="${proxy_cpu%\%}" 'BEGIN { printf "%d", busy - own }')"
+                    [ "$foreign" -le 10 ] || notes="${notes}other load on CPU$PROXY_CPU: ${foreign}%!"
+                fi
+                cell="$workload/$percent/$name"
+                open_round_p99[$cell/$round]="$p99_us"
+                open_round_kept[$cell/$round]="$kept"
+                open_round_row[$cell/$round]="$(printf '%-10s %8s %4s%% %-12s %8s %4s %8.2f %8.2f %9.2f %6s %6s %6s  %s' \
+                    "$workload" "$rate" "$percent" "$name" "$achieved" "$kept" \
+                    "$(awk -v u="$p50_us" 'BEGIN { print u / 1000 }')" \
+                    "$(awk -v u="$p99_us" 'BEGIN { print u / 1000 }')" \
+                    "$(awk -v u="$p999_us" 'BEGIN { print u / 1000 }')" \
+                    "$proxy_cpu" "$proxy_cpu_busy" "$load_cpu" "$notes")"
+            done
+        done
+    done
+    done
+    for workload in "${WORKLOADS[@]}"; do
+        for percent in "${OPEN_RATES[@]}"; do
+            for name in "${OPEN_CONTENDERS[@]}"; do
+                cell="$workload/$percent/$name"
+                # The round with the median p99 (the upper one of two), and every round's p99.
+                median="$(for round in $(seq 1 "$ROUNDS"); do echo "${open_round_p99[$cell/$round]} $round"; done |
+                    sort -n | awk '{ r[NR] = $2 } END { print r[int(NR / 2) + 1] }')"
+                all="$(for round in $(seq 1 "$ROUNDS"); do
+                    awk -v u="${open_round_p99[$cell/$round]}" 'BEGIN { printf "%.2f ", u / 1000 }'
+                done)"
+                open_p99[$cell]="${open_round_p99[$cell/$median]}"
+                # Kept up: in every round.
+                open_kept[$cell]=yes
+                for round in $(seq 1 "$ROUNDS"); do
+                    [ "${open_round_kept[$cell/$round]}" = yes ] || open_kept[$cell]=no
+                done
+                row="${open_round_row[$cell/$median]}"
+                [ "$ROUNDS" = 1 ] || row="$row  (p99s: ${all% })"
+                open_rows+=("$row")
+            done
+        done
+    done
+fi
 stop "$upstream_pid"
 
 printf '\n%-10s %-12s %8s %8s %8s %8s %6s %6s %6s  %s\n' \
@@ -711,4 +910,37 @@ if [ "$with_redis" = 1 ]; then
             function ms(u) { return (u > 0) ? sprintf("%.2f", u / 1000) : "-" }
             BEGIN { printf "%-10s %20s %14s %20s %16s\n", w, ratio(a, b), ms(pb), ms(pa), trips }'
     done
+fi
+
+if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
+    if [ "$open_tool" = oha ]; then
+        printf '\nOpen loop: oha %s -q RATE --latency-correction, %d connections, %ss per round after a\n' \
+            "$(oha --version 2>/dev/null | awk '{ print $2 }')" "$CONNECTIONS" "$OPEN_DURATION"
+        printf '%ss closed-loop warm-up; RATE = %s %% of nginx-plain'"'"'s closed-loop req/s above; latencies\n' \
+            "$WARMUP" "${OPEN_RATES[*]}"
+        printf 'count from when each request was due. The row of each cell is its round with the median p99.\n'
+    else
+        printf '\nOpen loop, paced by wrk (oha missing): each connection waits CONNECTIONS/RATE before each\n'
+        printf 'request; the rate is approximate and the latencies are NOT corrected for coordinated\n'
+        printf 'omission. RATE = %s %% of nginx-plain'"'"'s closed-loop req/s above.\n' "${OPEN_RATES[*]}"
+    fi
+    printf '\n%-10s %8s %5s %-12s %8s %4s %8s %8s %9s %6s %6s %6s  %s\n' \
+        workload rate "" contender achieved kept "p50 ms" "p99 ms" "p99.9 ms" proxy "CPU$PROXY_CPU" "CPU$LOAD_CPU" notes
+    printf '%s\n' "${open_rows[@]}"
+    printf '\nkept: the achieved rate was at least 97 %% of the offered one in every round. proxy, CPU%s,\n' "$PROXY_CPU"
+    printf 'CPU%s: as in the closed-loop table.\n' "$LOAD_CPU"
+    if [[ " ${OPEN_CONTENDERS[*]} " == *" wxgate "* ]] && [[ " ${OPEN_CONTENDERS[*]} " == *" nginx-plain "* ]]; then
+        printf '\n%-10s %8s %14s %19s %20s %s\n' workload rate "p99 wxgate ms" "p99 nginx-plain ms" "nginx-plain kept up" "wxgate <= nginx-plain"
+        for workload in "${WORKLOADS[@]}"; do
+            for percent in "${OPEN_RATES[@]}"; do
+                awk -v w="$workload" -v r="${open_rate[$workload/$percent]}" \
+                    -v a="${open_p99[$workload/$percent/wxgate]}" -v n="${open_p99[$workload/$percent/nginx-plain]}" \
+                    -v kept="${open_kept[$workload/$percent/nginx-plain]}" '
+                    BEGIN {
+                        verdict = (kept != "yes") ? "-" : (a <= n) ? "yes" : "no"
+                        printf "%-10s %8s %14.2f %19.2f %20s %s\n", w, r, a / 1000, n / 1000, kept, verdict
+                    }'
+            done
+        done
+    fi
 fi

@@ -1,6 +1,6 @@
 -- wrk script for benches/load/compare.sh: `GET /sns/jscode2session` code exchanges.
 --
---   wrk ... -s workload.lua <url> -- <unique|duplicate|mixed> <prefix> <set_size>
+--   wrk ... -s workload.lua <url> -- <unique|duplicate|mixed> <prefix> <set_size> [<delay_ms>]
 --
 -- unique:    every request a js_code never sent before (<prefix><thread>x<n>), so every
 --            request must go upstream;
@@ -10,8 +10,11 @@
 --
 -- The codes are deterministic, not random, so every contender gets the same sequence. Give
 -- each wrk run its own <prefix>: a warm-up and the measurement after it must not share codes.
+-- With <delay_ms>, each connection waits that long before each request: compare.sh's pacing
+-- of the open loop when oha is missing (an approximate rate; wrk does not correct the
+-- latencies for requests that were due earlier).
 -- done() prints one machine-readable line, read by compare.sh:
---   RESULT <requests> <duration_us> <non_2xx> <socket_errors> <p50_us> <p99_us>
+--   RESULT <requests> <duration_us> <non_2xx> <socket_errors> <p50_us> <p99_us> <p99.9_us>
 
 local counter = 0
 local dup_counter = 0
@@ -36,6 +39,11 @@ function init(args)
    mode = args[1] or mode
    prefix = args[2] or prefix
    set_size = tonumber(args[3] or set_size)
+   if args[4] then
+      local pause = tonumber(args[4])
+      -- wrk calls delay() before each request when the script defines it.
+      delay = function() return pause end
+   end
    if mode ~= "unique" and mode ~= "duplicate" and mode ~= "mixed" then
       error("workload must be unique, duplicate or mixed, not " .. tostring(mode))
    end
@@ -55,8 +63,8 @@ end
 
 function done(summary, latency, requests)
    local e = summary.errors
-   io.write(string.format("RESULT %d %d %d %d %d %d\n",
+   io.write(string.format("RESULT %d %d %d %d %d %d %d\n",
       summary.requests, summary.duration, e.status,
       e.connect + e.read + e.write + e.timeout,
-      latency:percentile(50), latency:percentile(99)))
+      latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
 end

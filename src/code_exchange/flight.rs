@@ -6,37 +6,71 @@
 //! followers and for the code's next caller.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use super::{CacheStatus, ExchangeResult};
 use crate::local_answer::LocalAnswer;
 
 /// One call in flight: its answer, once there is one, for every caller waiting.
+///
+/// Not a `tokio::sync::watch` channel: its eight-way notifier is made and woken on every
+/// call (about a thousand instructions, on every upstream call, to tell a follower that
+/// rarely exists). Here the answer is set once, followers wait on one `Notify`, and the count
+/// of callers waiting is one atomic.
 pub(super) struct Flight {
-    pub(super) answer: watch::Sender<Option<ExchangeResult>>,
+    /// The call's result: set once, by `publish` when followers wait, or by `abandon`.
+    answer: OnceLock<ExchangeResult>,
+    /// Wakes the followers once `answer` is set.
+    answered: Notify,
+    /// Callers waiting for the answer: the leader while it polls, and every follower.
+    waiting: AtomicUsize,
+    /// Wakes a call waiting for quota when `waiting` falls to zero (see `everyone_gone`).
+    left: Notify,
     /// Set when the leader went away and the call moved to a task of its own.
     leader_gone: AtomicBool,
 }
 
 impl Flight {
-    /// A new flight and the leader's own subscription to it.
-    pub(super) fn new() -> (Arc<Flight>, watch::Receiver<Option<ExchangeResult>>) {
-        let (answer, receiver) = watch::channel(None);
-        let flight = Flight {
-            answer,
+    /// A new flight and the leader's own place among its waiters.
+    pub(super) fn new() -> (Arc<Flight>, Subscription) {
+        let flight = Arc::new(Flight {
+            answer: OnceLock::new(),
+            answered: Notify::new(),
+            waiting: AtomicUsize::new(0),
+            left: Notify::new(),
             leader_gone: AtomicBool::new(false),
-        };
-        (Arc::new(flight), receiver)
+        });
+        let leader = Subscription::new(&flight);
+        (flight, leader)
     }
 
     /// A follower's subscription.
-    pub(super) fn waiter(&self) -> Waiter {
-        Waiter(self.answer.subscribe())
+    pub(super) fn waiter(self: &Arc<Self>) -> Waiter {
+        Waiter(Subscription::new(self))
+    }
+
+    /// Callers waiting for the answer right now.
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// Completes once no caller waits for the answer (at once if none does now).
+    pub(super) async fn everyone_left(&self) {
+        loop {
+            // Registered before the count is read, so that the last one leaving in between
+            // still wakes this.
+            let mut left = pin!(self.left.notified());
+            left.as_mut().enable();
+            if self.waiting() == 0 {
+                return;
+            }
+            left.await;
+        }
     }
 
     /// Hands `result` to the followers, if any wait. The leader, when it still waits, gets
@@ -44,30 +78,57 @@ impl Flight {
     /// only reference, so its response is moved rather than copied.
     pub(super) fn publish(&self, result: &ExchangeResult) {
         let leader_waits = usize::from(!self.leader_gone.load(Ordering::Acquire));
-        if self.answer.receiver_count() > leader_waits {
-            self.answer.send_replace(Some(result.clone()));
+        if self.waiting() > leader_waits {
+            self.set(result.clone());
         }
     }
 
     /// Tells every waiter the call ended without an answer.
     pub(super) fn abandon(&self) {
-        self.answer
-            .send_replace(Some(ExchangeResult::Local(LocalAnswer::CallAbandoned)));
+        self.set(ExchangeResult::Local(LocalAnswer::CallAbandoned));
+    }
+
+    fn set(&self, result: ExchangeResult) {
+        // The first result stands (an abandoned call publishes nothing else).
+        let _ = self.answer.set(result);
+        self.answered.notify_waiters();
+    }
+}
+
+/// A caller counted among a flight's waiters for as long as this lives.
+pub(super) struct Subscription(Arc<Flight>);
+
+impl Subscription {
+    fn new(flight: &Arc<Flight>) -> Subscription {
+        flight.waiting.fetch_add(1, Ordering::AcqRel);
+        Subscription(flight.clone())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.0.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.left.notify_waiters();
+        }
     }
 }
 
 /// A caller waiting for an identical call in flight.
-pub struct Waiter(watch::Receiver<Option<ExchangeResult>>);
+pub struct Waiter(Subscription);
 
 impl Waiter {
     /// The call's result.
-    pub async fn result(mut self) -> ExchangeResult {
-        match self.0.wait_for(Option::is_some).await {
-            Ok(result) => result
-                .clone()
-                .unwrap_or(ExchangeResult::Local(LocalAnswer::CallAbandoned)),
-            // The call ended without publishing (the slot guard normally publishes).
-            Err(_) => ExchangeResult::Local(LocalAnswer::CallAbandoned),
+    pub async fn result(self) -> ExchangeResult {
+        let flight = &self.0 .0;
+        loop {
+            // Registered before the answer is read, so that an answer set in between still
+            // wakes this.
+            let mut answered = pin!(flight.answered.notified());
+            answered.as_mut().enable();
+            if let Some(result) = flight.answer.get() {
+                return result.clone();
+            }
+            answered.await;
         }
     }
 }
@@ -78,14 +139,14 @@ pub(super) struct Leader {
     call: Option<Pin<Box<dyn Future<Output = Led> + Send>>>,
     flight: Arc<Flight>,
     /// Keeps the leader counted among the flight's waiters while it polls.
-    receiver: Option<watch::Receiver<Option<ExchangeResult>>>,
+    receiver: Option<Subscription>,
 }
 
 impl Leader {
     pub(super) fn new(
         call: Pin<Box<dyn Future<Output = Led> + Send>>,
         flight: Arc<Flight>,
-        receiver: watch::Receiver<Option<ExchangeResult>>,
+        receiver: Subscription,
     ) -> Leader {
         Leader {
             call: Some(call),

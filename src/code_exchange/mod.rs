@@ -255,36 +255,14 @@ impl CodeExchange {
             .as_ref()
             .zip(fingerprint)
             .filter(|(shared, _)| shared.available());
-        let claim = match &shared {
-            Some((shared, fingerprint)) => shared.claim(fingerprint).await,
-            None => Claim::Unavailable,
-        };
-        let found = match &claim {
-            Claim::Remembered(_) => Some(LookupResult::Hit),
-            Claim::Held => Some(LookupResult::Joined),
-            Claim::Mine(_) => Some(LookupResult::Miss),
-            Claim::Unavailable => None,
-        };
-        if let Some(found) = found {
-            self.metrics.code_lookup(Tier::Redis, found);
-        }
-        let (result, status) = match (claim, &shared) {
-            (Claim::Remembered(answer), _) => (self.remember(key, answer), CacheStatus::Hit),
-            (Claim::Held, Some((shared, fingerprint))) => {
-                self.forget_flight(key, &flight);
-                (
-                    waited(shared.wait(fingerprint).await),
-                    CacheStatus::Coalesced,
-                )
+        let (result, status) = match shared {
+            // Boxed: the Redis round trips make a large future, which the common path (no
+            // `[cluster]`) would otherwise carry and copy on every exchange.
+            Some((shared, fingerprint)) => {
+                Box::pin(self.lead_shared(shared, fingerprint, key, &flight, &call, &dispatcher))
+                    .await
             }
-            (Claim::Mine(ticket), Some((shared, _))) => {
-                let call = self.call(key, &flight, &call, &dispatcher);
-                let result = shared.holding(&ticket, call).await;
-                let (answer, definitive) = shared_answer(&result);
-                shared.complete(ticket, &answer, definitive).await;
-                (result, CacheStatus::Miss)
-            }
-            _ => (
+            None => (
                 self.call(key, &flight, &call, &dispatcher).await,
                 CacheStatus::Miss,
             ),
@@ -294,6 +272,51 @@ impl CodeExchange {
         guard.armed = false;
         flight.publish(&result);
         (result, status)
+    }
+
+    /// With `[cluster]`: the exchange looked up and claimed in Redis under its `fingerprint`
+    /// first; a remembered answer or another replica's call answers it without a call of
+    /// this replica's own.
+    async fn lead_shared(
+        &self,
+        shared: &SharedCodes,
+        fingerprint: String,
+        key: CodeKey,
+        flight: &Arc<Flight>,
+        call: &Call,
+        dispatcher: &Dispatcher,
+    ) -> Led {
+        let claim = shared.claim(&fingerprint).await;
+        let found = match &claim {
+            Claim::Remembered(_) => Some(LookupResult::Hit),
+            Claim::Held => Some(LookupResult::Joined),
+            Claim::Mine(_) => Some(LookupResult::Miss),
+            Claim::Unavailable => None,
+        };
+        if let Some(found) = found {
+            self.metrics.code_lookup(Tier::Redis, found);
+        }
+        match claim {
+            Claim::Remembered(answer) => (self.remember(key, answer), CacheStatus::Hit),
+            Claim::Held => {
+                self.forget_flight(key, flight);
+                (
+                    waited(shared.wait(&fingerprint).await),
+                    CacheStatus::Coalesced,
+                )
+            }
+            Claim::Mine(ticket) => {
+                let call = self.call(key, flight, call, dispatcher);
+                let result = shared.holding(&ticket, call).await;
+                let (answer, definitive) = shared_answer(&result);
+                shared.complete(ticket, &answer, definitive).await;
+                (result, CacheStatus::Miss)
+            }
+            Claim::Unavailable => (
+                self.call(key, flight, call, dispatcher).await,
+                CacheStatus::Miss,
+            ),
+        }
     }
 
     /// The upstream call of a flight, and its slot settled by the answer.
@@ -338,11 +361,11 @@ impl CodeExchange {
     /// Completes when no caller waits for `flight` any more and its slot has been removed.
     async fn everyone_gone(&self, key: CodeKey, flight: &Arc<Flight>) {
         loop {
-            flight.answer.closed().await;
+            flight.everyone_left().await;
             // A follower subscribes under the shard's read lock; this removal takes the write
             // lock, so either the follower is counted here or it finds no flight.
             let removed = self.slots.remove_if(&key, |_, slot| {
-                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.answer.receiver_count() == 0)
+                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.waiting() == 0)
             });
             if removed.is_some() {
                 self.update_gauge();

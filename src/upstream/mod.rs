@@ -57,7 +57,8 @@ pub struct UpstreamRequest {
     pub method: Method,
     /// The client's path and query, exactly as received.
     pub path_and_query: PathAndQuery,
-    /// The client's headers minus hop-by-hop ones, `Host` and wxgate's own.
+    /// The client's headers minus hop-by-hop ones and wxgate's own; a `Host` among them is
+    /// replaced by the upstream's when sent.
     pub headers: HeaderMap,
     /// The client's body, read whole.
     pub body: Bytes,
@@ -210,6 +211,7 @@ impl UpstreamClient {
         *outgoing.uri_mut() = Uri::from(path_and_query);
         *outgoing.headers_mut() = request.headers.clone();
         let headers = outgoing.headers_mut();
+        // Replaces the client's `Host`, if it sent one: the upstream's is the only one sent.
         headers.insert(header::HOST, self.host.clone());
         if let Some(authorization) = &self.authorization {
             headers.insert(header::AUTHORIZATION, authorization.clone());
@@ -242,21 +244,25 @@ impl UpstreamClient {
             };
             let checkout = match (choice, ready_now) {
                 (_, Some(checkout)) => checkout,
-                // At the cap (or for a new connection when there is no room): a timer only here.
+                // At the cap (or for a new connection when there is no room): a timer only
+                // here. Boxed, like the other waits off the common path, so that every call
+                // does not carry (and copy) their futures.
                 (ConnectionChoice::Any, None) => {
-                    tokio::time::timeout_at(deadline, self.pool.checkout())
+                    Box::pin(tokio::time::timeout_at(deadline, self.pool.checkout()))
                         .await
                         .map_err(|_| TransportError::ConnectionLimit)?
                 }
                 (ConnectionChoice::New, None) => Checkout::New(
-                    tokio::time::timeout_at(deadline, self.pool.new_slot())
+                    Box::pin(tokio::time::timeout_at(deadline, self.pool.new_slot()))
                         .await
                         .map_err(|_| TransportError::ConnectionLimit)?,
                 ),
             };
             let (mut sender, reused) = match checkout {
                 Checkout::Idle(sender) => (sender, true),
-                Checkout::New(slot) => (self.connect(slot).await?, false),
+                // Boxed: opening a connection (TCP, TLS, handshake) is a large future that
+                // every call would otherwise carry and copy, while few calls open one.
+                Checkout::New(slot) => (Box::pin(self.connect(slot)).await?, false),
             };
             if !ready(&mut sender, reused).await {
                 if reused {
@@ -346,9 +352,10 @@ const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
 async fn ready(sender: &mut Sender, pooled: bool) -> bool {
     match poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
         Poll::Ready(result) => result.is_ok(),
+        // Boxed: rare, and its timer would otherwise be part of every call's future.
         Poll::Pending if pooled => {
             matches!(
-                tokio::time::timeout(POOLED_READY_WAIT, sender.ready()).await,
+                Box::pin(tokio::time::timeout(POOLED_READY_WAIT, sender.ready())).await,
                 Ok(Ok(()))
             )
         }
