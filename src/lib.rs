@@ -13,22 +13,27 @@
 //!   connections and the cut-off of requests past the shutdown grace; `server/open_files` the
 //!   open-files limit the cap must fit; `server/policy` what a reload changes in a listener
 //!   (`server.allow`, checked at accept, and the deadlines); `server/tls` HTTPS on the proxy
-//!   port (`[server.tls]`) with a certificate a reload replaces.
+//!   port (`[server.tls]`) with a certificate a reload replaces; `server/serving` one
+//!   listener's accept loop, a connection's task and its watchdog, and the drain.
 //! - `reload`: the configuration read again on `SIGHUP` or `POST /-/reload`.
 //! - `proxy`: the request pipeline ([`Proxy`]) in named phases over a small per-request
-//!   context: target → body → token fetch, code exchange or forward → respond → log.
+//!   context: target → body → token fetch, code exchange or forward → respond → log;
+//!   `proxy/target` the target phase and the headers that go upstream, `proxy/reply` what
+//!   goes back to the client.
 //! - `api`: the WeChat APIs wxgate knows ([`Api`]), how a path is classified as one (variants
 //!   normalised, look-alikes refused), where each names the appid whose quota it spends.
 //! - `code_exchange/`: identical `js_code` exchanges coalesced and their answers remembered:
 //!   `request` (checked parameters), `key` (the keyed hash), `flight` (the call in flight, its
-//!   leader and waiters), `store` (slots, compact answers, expiry).
+//!   leader and waiters), `store` (slots, compact answers, expiry), `shared` (with
+//!   `[cluster]`: the exchange claimed and remembered in Redis).
 //! - `token_cache/`: wxgate as the central access-token server: token fetches answered from
 //!   one cached token per appid, refreshed ahead of expiry, dropped when WeChat refuses it;
 //!   decisions in `policy`, fetches in `fetch`, shared with replicas in `cluster/tokens`.
 //! - `dispatch`: one logical upstream call: acquire a quota turn → send → record → decide.
 //! - `retry`: the decision after each attempt, a pure function (`RetryPolicy`).
 //! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) behind a first-come-first-served
-//!   wait queue, and the 45011 pause.
+//!   wait queue, and the 45011 pause; `quota/key` the (appid, API) key, `quota/limits` the
+//!   limiters of one configuration and how a reload carries their buckets over.
 //! - `cluster/`: with `[cluster]`, the state replicas share through Redis: the connection and
 //!   the replica's mode (shared / degraded / resuming), `quota` (the shared GCRA), `codes`
 //!   (claims, waits, remembered answers), `tokens` (shared access tokens), `sealing` (keyed
@@ -38,7 +43,8 @@
 //! - `wechat/`: WeChat's formats: errcodes read from bodies (`errcode`), query parameters read
 //!   as bytes (`query`), plausible appids and codes.
 //! - `config/`: `config.toml` → raw serde structs → one validation pass → typed [`Config`].
-//! - `metrics`: the Prometheus [`Metrics`], registered against a registry passed in.
+//! - `metrics`: the Prometheus [`Metrics`], registered against a registry passed in;
+//!   `metrics/cluster` the `[cluster]` metrics, `metrics/tokens` the token cache's.
 //! - `admin`: `/metrics`, `/healthz`, `/readyz` on their own listener.
 //! - `demo` (feature `demo`, on by default): the launcher through which the `wxgate-demo`
 //!   crate starts this wxgate for `wxgate demo`.

@@ -15,6 +15,9 @@
 //! names no destination, the configured upstream is the only one. The log line names the
 //! API (a bounded label), never the path or query, so no credential reaches a log.
 
+mod reply;
+mod target;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,22 +25,23 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
-use crate::api::{Api, PathClass};
+use self::reply::Reply;
+use self::target::{prepare_upstream_headers, read_target, request_id, Target};
+use crate::api::Api;
 use crate::cluster::Cluster;
 use crate::code_exchange::{CacheStatus, CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
 use crate::config::Config;
-use crate::dispatch::{Call, CallResult, Dispatcher, WechatAnswer};
+use crate::dispatch::{Call, CallResult, Dispatcher};
 use crate::local_answer::LocalAnswer;
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::Metrics;
 use crate::quota::{QuotaGate, QuotaKey};
-use crate::token_cache::{is_stale_token_errcode, TokenAnswer, TokenCache, TokenRequest};
-use crate::upstream::{strip_hop_by_hop, InvalidBaseUrl, UpstreamClient, UpstreamRequest};
-use crate::wechat::{Errcode, JSON_CONTENT_TYPE};
+use crate::token_cache::{is_stale_token_errcode, TokenCache, TokenRequest};
+use crate::upstream::{InvalidBaseUrl, UpstreamClient, UpstreamRequest};
+use crate::wechat::Errcode;
 
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed
 /// by wxgate, never forwarded.
@@ -72,20 +76,6 @@ struct RequestContext {
     api: Api,
     /// In the access line and the response's `X-Request-Id`.
     request_id: HeaderValue,
-}
-
-/// Where a request goes: its API and its path and query, as received.
-struct Target {
-    api: Api,
-    path_and_query: PathAndQuery,
-}
-
-/// What goes back to the client, with what its log line and metrics say of it.
-struct Reply {
-    response: Response<Full<Bytes>>,
-    outcome: Outcome,
-    /// The errcode of WeChat's answer, when this reply is one.
-    errcode: Option<Errcode>,
 }
 
 impl Proxy {
@@ -369,229 +359,5 @@ impl Proxy {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             outcome = %reply.outcome.label(),
         );
-    }
-}
-
-impl Reply {
-    /// One of wxgate's own answers.
-    fn local(answer: LocalAnswer) -> Reply {
-        Reply {
-            response: answer.response(),
-            outcome: answer.outcome(),
-            errcode: None,
-        }
-    }
-
-    /// WeChat's answer, as it came.
-    fn forwarded(answer: WechatAnswer) -> Reply {
-        let upstream = answer.response;
-        let mut response = Response::new(Full::new(upstream.body));
-        *response.status_mut() = upstream.status;
-        *response.headers_mut() = upstream.headers;
-        Reply {
-            response,
-            outcome: Outcome::Forwarded,
-            errcode: Some(answer.errcode),
-        }
-    }
-
-    /// The answer of the token cache, with its `X-Wxgate-Cache` header.
-    fn token(answer: TokenAnswer) -> Reply {
-        let (mut reply, status) = match answer {
-            TokenAnswer::Token { body, status } => {
-                let mut response = Response::new(Full::new(body));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(JSON_CONTENT_TYPE),
-                );
-                let errcode = (status == CacheStatus::Miss).then_some(Errcode::Success);
-                let outcome = Outcome::Forwarded;
-                (
-                    Reply {
-                        response,
-                        outcome,
-                        errcode,
-                    },
-                    status,
-                )
-            }
-            TokenAnswer::Wechat { answer, status } => {
-                (Reply::forwarded(Arc::unwrap_or_clone(answer)), status)
-            }
-            TokenAnswer::Local(local) => return Reply::local(local),
-        };
-        reply.outcome = match status {
-            CacheStatus::Hit => Outcome::CacheHit,
-            CacheStatus::Coalesced => Outcome::Coalesced,
-            CacheStatus::Miss => Outcome::Forwarded,
-        };
-        reply
-            .response
-            .headers_mut()
-            .insert(CACHE_HEADER, status.header_value());
-        reply
-    }
-
-    /// The result of a code exchange, with its `X-Wxgate-Cache` header.
-    fn exchanged(result: ExchangeResult, status: CacheStatus) -> Reply {
-        let mut reply = match result {
-            // The leader alone usually holds the answer: no copy then.
-            ExchangeResult::Upstream(answer) => Reply::forwarded(Arc::unwrap_or_clone(answer)),
-            ExchangeResult::Remembered(remembered) => {
-                let mut response = Response::new(Full::new(remembered.body()));
-                *response.status_mut() = remembered.status();
-                if let Some(content_type) = remembered.content_type() {
-                    response
-                        .headers_mut()
-                        .insert(header::CONTENT_TYPE, content_type);
-                }
-                Reply {
-                    response,
-                    outcome: Outcome::CacheHit,
-                    errcode: None,
-                }
-            }
-            ExchangeResult::Local(answer) => Reply::local(answer),
-        };
-        // A follower of a call, here or on another replica, is counted as coalesced.
-        if status == CacheStatus::Coalesced
-            && matches!(reply.outcome, Outcome::Forwarded | Outcome::CacheHit)
-        {
-            reply.outcome = Outcome::Coalesced;
-        }
-        reply
-            .response
-            .headers_mut()
-            .insert(CACHE_HEADER, status.header_value());
-        reply
-    }
-}
-
-/// The request's id: the client's `X-Request-Id` when it is sane (so a client's id can be
-/// followed through wxgate's log), else 16 random hex digits.
-fn request_id(headers: &HeaderMap) -> HeaderValue {
-    let sane = |value: &&HeaderValue| {
-        (1..=64).contains(&value.len())
-            && value
-                .as_bytes()
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || b".-_:".contains(b))
-    };
-    if let Some(value) = headers.get(REQUEST_ID_HEADER).filter(sane) {
-        return value.clone();
-    }
-    let mut id = [0u8; 16];
-    let random = fastrand::u64(..);
-    for (i, digit) in id.iter_mut().enumerate() {
-        *digit = b"0123456789abcdef"[((random >> (60 - 4 * i)) & 0xf) as usize];
-    }
-    HeaderValue::from_bytes(&id).expect("hex digits are a valid header value")
-}
-
-/// The target phase: the API of a plain path. `CONNECT`, an authority-form or
-/// asterisk-form target, and dot segments (which an HTTP client would resolve, and so send
-/// somewhere other than the path the request named) are refused; so is a path that looks
-/// like a known API only up to case or `;` parameters. A known API written another way
-/// WeChat reads as the same goes upstream under its documented path (see [`crate::api`]).
-fn read_target(parts: &Parts) -> Result<Target, LocalAnswer> {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .ok_or(LocalAnswer::BadTarget)?;
-    let path = path_and_query.path();
-    if parts.method == Method::CONNECT || !path.starts_with('/') || has_dot_segment(path) {
-        return Err(LocalAnswer::BadTarget);
-    }
-    match Api::classify(path) {
-        PathClass::Exact(api) => Ok(Target {
-            api,
-            path_and_query,
-        }),
-        PathClass::Variant(api) => {
-            let canonical = match path_and_query.query() {
-                Some(query) => format!("{}?{query}", api.label()),
-                None => api.label().to_owned(),
-            };
-            Ok(Target {
-                api,
-                path_and_query: canonical.parse().map_err(|_| LocalAnswer::BadTarget)?,
-            })
-        }
-        PathClass::Ambiguous => Err(LocalAnswer::BadTarget),
-    }
-}
-
-/// What goes upstream: the client's headers minus those describing the client's connection,
-/// `Content-Length` (recomputed from the body), `Expect` (wxgate has read the whole body
-/// already, answering the client's `100-continue` itself), `Accept-Encoding` (wxgate must
-/// read each answer's errcode, so it asks for the identity encoding) and wxgate's own.
-/// `Host` is left for the upstream client to replace with the upstream's (one replacement
-/// instead of a removal and an insertion).
-fn prepare_upstream_headers(headers: &mut HeaderMap) {
-    strip_hop_by_hop(
-        headers,
-        &[
-            header::CONTENT_LENGTH,
-            header::EXPECT,
-            header::ACCEPT_ENCODING,
-            MAX_WAIT_HEADER,
-        ],
-    );
-}
-
-/// Whether a path has `.` or `..` segments.
-fn has_dot_segment(path: &str) -> bool {
-    // Most paths have neither '.' nor '%': one scan, no allocation.
-    if !path.bytes().any(|b| b == b'.' || b == b'%') {
-        return false;
-    }
-    path.split('/').any(|segment| {
-        segment.len() <= 6
-            && [".", "..", "%2e", "%2e%2e", ".%2e", "%2e."]
-                .iter()
-                .any(|dots| segment.eq_ignore_ascii_case(dots))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn request_ids_are_the_clients_when_sane() {
-        let mut headers = HeaderMap::new();
-        let made_up = request_id(&headers);
-        assert_eq!(made_up.len(), 16);
-        assert_ne!(made_up, request_id(&headers));
-        headers.insert(REQUEST_ID_HEADER, "abc-123.x:y_z".parse().unwrap());
-        assert_eq!(request_id(&headers), "abc-123.x:y_z");
-        for bad in ["has space", "quote\"", &"x".repeat(65)] {
-            headers.insert(REQUEST_ID_HEADER, bad.parse().unwrap());
-            assert_eq!(request_id(&headers).len(), 16, "{bad}");
-        }
-    }
-
-    #[test]
-    fn dot_segments_are_found() {
-        assert!(has_dot_segment("/sns/../cgi-bin/token"));
-        assert!(has_dot_segment("/sns/%2E%2e/x"));
-        assert!(has_dot_segment("/."));
-        assert!(!has_dot_segment("/sns/jscode2session"));
-        assert!(!has_dot_segment("/a.b/..c"));
-    }
-
-    #[test]
-    fn hop_by_hop_and_wxgate_headers_stay_local() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, "wxgate".parse().unwrap());
-        headers.insert(header::ACCEPT_ENCODING, "gzip".parse().unwrap());
-        headers.insert(header::EXPECT, "100-continue".parse().unwrap());
-        headers.insert(MAX_WAIT_HEADER, "10".parse().unwrap());
-        headers.insert("x-custom", "kept".parse().unwrap());
-        prepare_upstream_headers(&mut headers);
-        // Host is replaced by the upstream client (see `UpstreamClient::outgoing`).
-        assert_eq!(headers.len(), 2);
-        assert_eq!(headers["x-custom"], "kept");
     }
 }

@@ -17,10 +17,12 @@
 //! - [`key`]: the keyed hash of an exchange.
 //! - [`flight`]: a call in flight, its leader and its waiters.
 //! - [`store`]: slots, remembered answers and their expiry.
+//! - [`shared`]: with `[cluster]`, the exchange claimed and remembered in Redis.
 
 mod flight;
 mod key;
 mod request;
+mod shared;
 mod store;
 
 use std::hash::BuildHasherDefault;
@@ -38,7 +40,7 @@ use self::flight::{Flight, Leader, Led};
 use self::key::{KeyHasher, KeyMaker};
 use self::store::{ExpiryQueue, Slot, Stored};
 use crate::api::Api;
-use crate::cluster::codes::{Claim, SharedAnswer, SharedCodes, Waited};
+use crate::cluster::codes::SharedCodes;
 use crate::cluster::Cluster;
 use crate::config::CodeCacheConfig;
 use crate::dispatch::{Call, Dispatcher, WechatAnswer};
@@ -274,51 +276,6 @@ impl CodeExchange {
         (result, status)
     }
 
-    /// With `[cluster]`: the exchange looked up and claimed in Redis under its `fingerprint`
-    /// first; a remembered answer or another replica's call answers it without a call of
-    /// this replica's own.
-    async fn lead_shared(
-        &self,
-        shared: &SharedCodes,
-        fingerprint: String,
-        key: CodeKey,
-        flight: &Arc<Flight>,
-        call: &Call,
-        dispatcher: &Dispatcher,
-    ) -> Led {
-        let claim = shared.claim(&fingerprint).await;
-        let found = match &claim {
-            Claim::Remembered(_) => Some(LookupResult::Hit),
-            Claim::Held => Some(LookupResult::Joined),
-            Claim::Mine(_) => Some(LookupResult::Miss),
-            Claim::Unavailable => None,
-        };
-        if let Some(found) = found {
-            self.metrics.code_lookup(Tier::Redis, found);
-        }
-        match claim {
-            Claim::Remembered(answer) => (self.remember(key, answer), CacheStatus::Hit),
-            Claim::Held => {
-                self.forget_flight(key, flight);
-                (
-                    waited(shared.wait(&fingerprint).await),
-                    CacheStatus::Coalesced,
-                )
-            }
-            Claim::Mine(ticket) => {
-                let call = self.call(key, flight, call, dispatcher);
-                let result = shared.holding(&ticket, call).await;
-                let (answer, definitive) = shared_answer(&result);
-                shared.complete(ticket, &answer, definitive).await;
-                (result, CacheStatus::Miss)
-            }
-            Claim::Unavailable => (
-                self.call(key, flight, call, dispatcher).await,
-                CacheStatus::Miss,
-            ),
-        }
-    }
-
     /// The upstream call of a flight, and its slot settled by the answer.
     async fn call(
         &self,
@@ -340,22 +297,6 @@ impl CodeExchange {
                 ExchangeResult::Local(local)
             }
         }
-    }
-
-    /// Keeps an answer another replica remembered, so that the next replay here costs no
-    /// Redis round trip.
-    fn remember(&self, key: CodeKey, answer: SharedAnswer) -> ExchangeResult {
-        let remembered = Remembered::new(answer.status, answer.content_type, answer.body);
-        let now = self.seconds(Instant::now());
-        let expires = now + self.ttl().as_secs() as u32 + 1;
-        match Stored::from_remembered(&remembered, expires) {
-            Some(stored) => self.keep(key, stored, now),
-            None => {
-                self.slots.remove(&key);
-            }
-        }
-        self.update_gauge();
-        ExchangeResult::Remembered(remembered)
     }
 
     /// Completes when no caller waits for `flight` any more and its slot has been removed.
@@ -480,58 +421,4 @@ impl Drop for SlotGuard<'_> {
             self.flight.abandon();
         }
     }
-}
-
-/// A waiting replica's result, as this one answers it.
-fn waited(waited: Waited) -> ExchangeResult {
-    match waited {
-        Waited::Answer(answer) => ExchangeResult::Remembered(Remembered::new(
-            answer.status,
-            answer.content_type,
-            answer.body,
-        )),
-        Waited::HolderGone => ExchangeResult::Local(LocalAnswer::ClaimHolderGone),
-        Waited::Unavailable => ExchangeResult::Local(LocalAnswer::ClaimUnreachable),
-    }
-}
-
-/// What the replicas waiting for this call get, and whether it is remembered for everyone:
-/// WeChat's answer as it came, or the answer wxgate gave itself.
-fn shared_answer(result: &ExchangeResult) -> (SharedAnswer, bool) {
-    match result {
-        ExchangeResult::Upstream(answer) => {
-            let response = &answer.response;
-            let definitive = is_definitive(response.status, answer.errcode)
-                && response.body.len() <= store::MAX_REMEMBERED_BYTES;
-            let shared = SharedAnswer {
-                status: response.status,
-                content_type: response.headers.get(http::header::CONTENT_TYPE).cloned(),
-                body: response.body.clone(),
-            };
-            (shared, definitive)
-        }
-        ExchangeResult::Remembered(remembered) => (
-            SharedAnswer {
-                status: remembered.status(),
-                content_type: remembered.content_type(),
-                body: remembered.body(),
-            },
-            false,
-        ),
-        ExchangeResult::Local(local) => {
-            let response = local.response();
-            let body = local_body(*local);
-            let shared = SharedAnswer {
-                status: response.status(),
-                content_type: response.headers().get(http::header::CONTENT_TYPE).cloned(),
-                body,
-            };
-            (shared, false)
-        }
-    }
-}
-
-/// The body of one of wxgate's own answers.
-fn local_body(answer: LocalAnswer) -> bytes::Bytes {
-    crate::wechat::error_body(answer.errcode(), &answer.errmsg())
 }

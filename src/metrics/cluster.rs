@@ -1,0 +1,236 @@
+//! The metrics of a replica's shared state (`[cluster]`): its mode, the live replicas, and
+//! every Redis operation's latency and errors, by operation and kind.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// A kind of Redis operation: the `op` label of the Redis metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOp {
+    /// The heartbeat (and the probe of a degraded replica).
+    Heartbeat,
+    /// Agreeing on when degraded replicas count in Redis again.
+    Resume,
+    /// A quota turn.
+    Quota,
+    /// A 45011 pause.
+    Pause,
+    /// A code exchange looked up or claimed.
+    CodeClaim,
+    /// A waiting replica looking for the holder's result.
+    CodePeek,
+    /// A claim's lease extended.
+    CodeRenew,
+    /// A claim ended with its answer.
+    CodeComplete,
+    /// A pub/sub subscription for a waited result.
+    Subscribe,
+    /// Reading a shared token.
+    TokenRead,
+    /// Taking or giving back the lease of a token fetch.
+    TokenLease,
+    /// Storing a token (fetched, or a replica's own when Redis has none).
+    TokenStore,
+    /// Dropping a token WeChat refused (40001, 40014, 42001).
+    TokenDrop,
+    /// Counting a fetch in the day's budget.
+    TokenCount,
+}
+
+impl RedisOp {
+    /// Every value, in label order.
+    pub const ALL: [RedisOp; 14] = [
+        RedisOp::Heartbeat,
+        RedisOp::Resume,
+        RedisOp::Quota,
+        RedisOp::Pause,
+        RedisOp::CodeClaim,
+        RedisOp::CodePeek,
+        RedisOp::CodeRenew,
+        RedisOp::CodeComplete,
+        RedisOp::Subscribe,
+        RedisOp::TokenRead,
+        RedisOp::TokenLease,
+        RedisOp::TokenStore,
+        RedisOp::TokenDrop,
+        RedisOp::TokenCount,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RedisOp::Heartbeat => "heartbeat",
+            RedisOp::Resume => "resume",
+            RedisOp::Quota => "quota",
+            RedisOp::Pause => "pause",
+            RedisOp::CodeClaim => "code_claim",
+            RedisOp::CodePeek => "code_peek",
+            RedisOp::CodeRenew => "code_renew",
+            RedisOp::CodeComplete => "code_complete",
+            RedisOp::Subscribe => "subscribe",
+            RedisOp::TokenRead => "token_read",
+            RedisOp::TokenLease => "token_lease",
+            RedisOp::TokenStore => "token_store",
+            RedisOp::TokenDrop => "token_drop",
+            RedisOp::TokenCount => "token_count",
+        }
+    }
+
+    /// Position in [`RedisOp::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a Redis operation failed: the `kind` label of `wxgate_redis_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisErrorKind {
+    /// No answer within `cluster.timeout_ms`.
+    Timeout,
+    /// No connection (refused, reset, closed, reconnecting).
+    Connection,
+    /// Redis answered with an error (a script error, out of memory, no permission...).
+    Answer,
+    /// The live replicas use another cluster secret.
+    Secret,
+}
+
+impl RedisErrorKind {
+    /// Every value, in label order.
+    pub const ALL: [RedisErrorKind; 4] = [
+        RedisErrorKind::Timeout,
+        RedisErrorKind::Connection,
+        RedisErrorKind::Answer,
+        RedisErrorKind::Secret,
+    ];
+
+    /// The kind of a client error.
+    pub fn of(error: &redis::RedisError) -> RedisErrorKind {
+        if error.is_timeout() {
+            RedisErrorKind::Timeout
+        } else if error.is_io_error()
+            || error.is_connection_dropped()
+            || error.is_connection_refusal()
+            || error.is_unrecoverable_error()
+        {
+            RedisErrorKind::Connection
+        } else {
+            RedisErrorKind::Answer
+        }
+    }
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            RedisErrorKind::Timeout => "timeout",
+            RedisErrorKind::Connection => "connection",
+            RedisErrorKind::Answer => "answer",
+            RedisErrorKind::Secret => "secret",
+        }
+    }
+
+    /// For the log line of a degradation.
+    pub fn describe(self) -> &'static str {
+        match self {
+            RedisErrorKind::Timeout => "no answer within cluster.timeout_ms",
+            RedisErrorKind::Connection => "no connection to Redis",
+            RedisErrorKind::Answer => "Redis answered with an error",
+            RedisErrorKind::Secret => "the live replicas use another cluster secret",
+        }
+    }
+
+    /// Position in [`RedisErrorKind::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Redis latency buckets in seconds: a loopback or same-zone Redis answers in 0.1–1 ms; the
+/// top buckets see operations that ran into `cluster.timeout_ms` (50 ms by default).
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// The metrics of a replica's shared state, registered only when `[cluster]` is set.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// `wxgate_cluster_state{state="shared"|"degraded"}`: 1 for the replica's mode.
+    shared: IntGauge,
+    degraded: IntGauge,
+    /// Live replicas, by the last heartbeat.
+    pub replicas: IntGauge,
+    duration: Vec<Histogram>,
+    errors: Vec<Vec<IntCounter>>,
+}
+
+impl ClusterMetrics {
+    /// Creates every series and registers it with `registry`.
+    pub fn new(registry: &Registry) -> prometheus::Result<ClusterMetrics> {
+        let state = IntGaugeVec::new(
+            Opts::new(
+                "wxgate_cluster_state",
+                "1 for the replica's mode: shared (quotas counted in Redis with the other replicas) or degraded (Redis unavailable: limiting locally with this replica's share).",
+            ),
+            &["state"],
+        )?;
+        let replicas = IntGauge::new(
+            "wxgate_cluster_replicas",
+            "Live replicas, by the last heartbeat Redis answered.",
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "wxgate_redis_duration_seconds",
+                "Time of one Redis operation, timeouts included.",
+            )
+            .buckets(REDIS_BUCKETS.to_vec()),
+            &["op"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "wxgate_redis_errors_total",
+                "Redis operations that failed, by operation and kind.",
+            ),
+            &["op", "kind"],
+        )?;
+        registry.register(Box::new(state.clone()))?;
+        registry.register(Box::new(replicas.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        Ok(ClusterMetrics {
+            shared: state.with_label_values(&["shared"]),
+            degraded: state.with_label_values(&["degraded"]),
+            replicas,
+            duration: RedisOp::ALL
+                .iter()
+                .map(|op| duration.with_label_values(&[op.label()]))
+                .collect(),
+            errors: RedisOp::ALL
+                .iter()
+                .map(|op| {
+                    RedisErrorKind::ALL
+                        .iter()
+                        .map(|kind| errors.with_label_values(&[op.label(), kind.label()]))
+                        .collect()
+                })
+                .collect(),
+        })
+    }
+
+    /// The replica is in shared mode (`true`) or degraded.
+    pub fn set_mode(&self, shared: bool) {
+        self.shared.set(i64::from(shared));
+        self.degraded.set(i64::from(!shared));
+    }
+
+    /// A Redis operation took this long.
+    pub fn observe(&self, op: RedisOp, seconds: f64) {
+        self.duration[op.index()].observe(seconds);
+    }
+
+    /// A Redis operation failed.
+    pub fn error(&self, op: RedisOp, kind: RedisErrorKind) {
+        self.errors[op.index()][kind.index()].inc();
+    }
+}

@@ -1,0 +1,221 @@
+use super::limits::emission_interval;
+use super::*;
+use crate::api::Api;
+use governor::clock::FakeRelativeClock;
+
+fn config(window_secs: u64, per_window: u32, burst: u32) -> QuotaConfig {
+    let text = format!(
+        "[quota]\nwindow_secs = {window_secs}\nper_window = {per_window}\nburst = {burst}\n"
+    );
+    crate::Config::from_toml_str(&text).unwrap().quota
+}
+
+/// Most calls admitted in any half-open span `[t, t + window)`, by a sliding scan.
+fn max_in_any_window(admitted_ms: &[u64], window_ms: u64) -> usize {
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..admitted_ms.len() {
+        while admitted_ms[end] - admitted_ms[start] >= window_ms {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+/// The bound, proved on a fake clock: a client that tries every millisecond for several
+/// windows never gets more than `per_window` into any window, and still gets at least
+/// 90 % of the quota of every whole window.
+#[test]
+fn no_window_ever_holds_more_than_per_window() {
+    for (per_window, burst) in [(100, 10), (100, 1), (100, 100), (7, 3), (60, 6), (1, 1)] {
+        let window_ms = 60_000;
+        let clock = FakeRelativeClock::default();
+        let gate = QuotaGate::with_clock(&config(60, per_window, burst), clock.clone());
+        let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+        let mut admitted = Vec::new();
+        for ms in 0..(5 * window_ms) {
+            if gate.try_take(&key).is_ok() {
+                admitted.push(ms);
+            }
+            clock.advance(Duration::from_millis(1));
+        }
+        let most = max_in_any_window(&admitted, window_ms);
+        assert!(
+            most <= per_window as usize,
+            "per_window {per_window} burst {burst}: {most} calls in one window"
+        );
+        // Every aligned window after the first uses the quota.
+        for w in 1..5 {
+            let in_window = admitted
+                .iter()
+                .filter(|&&ms| ms >= w * window_ms && ms < (w + 1) * window_ms)
+                .count();
+            let expected = per_window - burst + 1;
+            assert!(
+                in_window + 1 >= expected as usize,
+                "per_window {per_window} burst {burst}: window {w} admitted {in_window}"
+            );
+        }
+        if burst * 10 <= per_window {
+            let steady = (per_window - burst + 1) as f64 / per_window as f64;
+            assert!(steady >= 0.9, "{steady}");
+        }
+    }
+}
+
+#[test]
+fn keys_are_independent_and_overrides_apply() {
+    let mut quota = config(60, 10, 10);
+    quota.appids.insert(
+        "wx00000000000000b2".into(),
+        QuotaLimit {
+            per_window: 2,
+            burst: 2,
+        },
+    );
+    let gate = QuotaGate::with_clock(&quota, FakeRelativeClock::default());
+    let a = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+    let a_token = QuotaKey::new(Api::Token, "wx00000000000000a1").unwrap();
+    let b = QuotaKey::new(Api::JsCode2Session, "wx00000000000000b2").unwrap();
+    for _ in 0..10 {
+        assert!(gate.try_take(&a).is_ok());
+    }
+    assert!(gate.try_take(&a).is_err());
+    assert!(gate.try_take(&a_token).is_ok());
+    assert!(gate.try_take(&b).is_ok());
+    assert!(gate.try_take(&b).is_ok());
+    assert!(gate.try_take(&b).is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiters_are_served_in_order_and_refused_after_their_deadline() {
+    // 2 per 2 s, no burst: one token every second.
+    let gate = Arc::new(QuotaGate::new(&config(2, 2, 1)));
+    let key = QuotaKey::new(Api::Token, "wx00000000000000a1").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    assert_eq!(gate.acquire(&key, deadline).await, Ok(Duration::ZERO));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..3 {
+        let gate = gate.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            gate.acquire(&key, deadline).await.unwrap();
+            tx.send(i).unwrap();
+        });
+        tokio::task::yield_now().await;
+    }
+    for expected in 0..3 {
+        assert_eq!(rx.recv().await, Some(expected));
+    }
+    let refused = gate
+        .acquire(&key, Instant::now() + Duration::from_millis(10))
+        .await
+        .unwrap_err();
+    assert!(refused.retry_after >= Duration::from_secs(1));
+    gate.retain_recent();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pause_holds_the_key() {
+    let gate = QuotaGate::new(&config(60, 100, 10));
+    let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    gate.pause(&key, until).await;
+    let waited = gate
+        .acquire(&key, Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert!(waited >= Duration::from_secs(5), "{waited:?}");
+    assert!(gate
+        .acquire(&key, Instant::now() + Duration::from_secs(1))
+        .await
+        .is_ok());
+    gate.pause(&key, Instant::now() + Duration::from_secs(30))
+        .await;
+    assert!(gate
+        .acquire(&key, Instant::now() + Duration::from_secs(1))
+        .await
+        .is_err());
+}
+
+/// A reload applies new quotas to the buckets in use: a spent key stays spent (no fresh
+/// burst), whether its class changed or it moved to an override, and runs at the new rate.
+#[test]
+fn a_reload_keeps_every_bucket_where_it_stands() {
+    let clock = FakeRelativeClock::default();
+    let gate = QuotaGate::with_clock(&config(60, 100, 10), clock.clone());
+    let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+    let other = QuotaKey::new(Api::JsCode2Session, "wx00000000000000b2").unwrap();
+    for _ in 0..10 {
+        assert!(gate.try_take(&key).is_ok());
+    }
+    assert!(gate.try_take(&key).is_err(), "the burst is spent");
+    clock.advance(Duration::from_secs(7));
+
+    // Lower the default and give `other`'s appid an override of its own.
+    let mut lower = config(60, 10, 2);
+    lower.appids.insert(
+        "wx00000000000000b2".into(),
+        QuotaLimit {
+            per_window: 5,
+            burst: 5,
+        },
+    );
+    gate.reconfigure(&lower);
+    assert_eq!(gate.limit(&key).per_window, 10);
+    assert_eq!(gate.limit(&other).per_window, 5);
+    // 7 s after spending 10 at 100/min (one every 0.66 s), the old bucket had refilled
+    // about 10: carried over, the key may take what the new burst allows (2), no more.
+    let taken = (0..10).filter(|_| gate.try_take(&key).is_ok()).count();
+    assert_eq!(taken, 2, "no fresh burst beyond the new limit");
+    // From there, one token every 60 / (10 − 2 + 1) s.
+    let interval = emission_interval(Duration::from_secs(60), gate.limit(&key));
+    clock.advance(interval);
+    assert!(gate.try_take(&key).is_ok());
+    assert!(gate.try_take(&key).is_err());
+
+    // A key spent under one class and moved to another keeps its state.
+    for _ in 0..5 {
+        assert!(gate.try_take(&other).is_ok());
+    }
+    let mut back = config(60, 10, 2);
+    back.appids.insert(
+        "wx00000000000000b2".into(),
+        QuotaLimit {
+            per_window: 6,
+            burst: 6,
+        },
+    );
+    gate.reconfigure(&back);
+    // Five of the new six spent: one left, not a new window's worth.
+    assert!(gate.try_take(&other).is_ok());
+    assert!(gate.try_take(&other).is_err(), "moved, its state kept");
+}
+
+#[test]
+fn idle_keys_are_dropped() {
+    let clock = FakeRelativeClock::default();
+    let gate = QuotaGate::with_clock(&config(60, 100, 10), clock.clone());
+    for i in 0..100_000 {
+        let key = QuotaKey::new(Api::JsCode2Session, format!("wx{i:016x}")).unwrap();
+        assert!(gate.try_take(&key).is_ok());
+    }
+    assert_eq!(gate.len(), 100_000);
+    gate.retain_recent();
+    assert_eq!(gate.len(), 100_000, "recently used keys stay");
+    // A few emission intervals later every bucket is full again: the state is redundant.
+    let interval = emission_interval(
+        Duration::from_secs(60),
+        gate.limit(&QuotaKey::new(Api::Token, "wx").unwrap()),
+    );
+    clock.advance(interval * 3);
+    gate.retain_recent();
+    assert!(gate.is_empty(), "{} keys left", gate.len());
+}
+
+#[test]
+fn next_window_start_is_within_a_window() {
+    let until = next_window_start(Duration::from_secs(60));
+    assert!(until > Duration::ZERO && until <= Duration::from_secs(60));
+}
