@@ -889,14 +889,19 @@ printf 'so CPU%s well above proxy means something else ran there, and CPU%s at 1
 printf 'load side (wrk + upstream), not the proxy, set the pace. Each row is its cell'"'"'s median\n'
 printf 'round by req/s; "rounds" lists the req/s of every round.\n\n'
 
-printf '%-10s %13s %19s %14s %13s\n' workload "wxgate/nginx" "wxgate/nginx-plain" "p99 wxgate ms" "p99 nginx ms"
-for workload in "${WORKLOADS[@]}"; do
-    awk -v w="$workload" -v a="${rps[$workload/wxgate]:-0}" -v n="${rps[$workload/nginx]:-0}" \
-        -v p="${rps[$workload/nginx-plain]:-0}" -v pa="${p99[$workload/wxgate]:-0}" \
-        -v pn="${p99[$workload/nginx]:-0}" '
-        function ratio(x, y) { return (x > 0 && y > 0) ? sprintf("%.2fx", x / y) : "-" }
-        BEGIN { printf "%-10s %13s %19s %14.2f %13.2f\n", w, ratio(a, n), ratio(a, p), pa / 1000, pn / 1000 }'
-done
+# The nginx comparison, when wxgate and at least one nginx were measured.
+if [ -n "${rps[${WORKLOADS[0]}/wxgate]:-}" ] &&
+    { [ -n "${rps[${WORKLOADS[0]}/nginx]:-}" ] || [ -n "${rps[${WORKLOADS[0]}/nginx-plain]:-}" ]; }; then
+    printf '%-10s %13s %19s %14s %13s\n' workload "wxgate/nginx" "wxgate/nginx-plain" "p99 wxgate ms" "p99 nginx ms"
+    for workload in "${WORKLOADS[@]}"; do
+        awk -v w="$workload" -v a="${rps[$workload/wxgate]:-0}" -v n="${rps[$workload/nginx]:-0}" \
+            -v p="${rps[$workload/nginx-plain]:-0}" -v pa="${p99[$workload/wxgate]:-0}" \
+            -v pn="${p99[$workload/nginx]:-0}" '
+            function ratio(x, y) { return (x > 0 && y > 0) ? sprintf("%.2fx", x / y) : "-" }
+            function ms(u) { return (u > 0) ? sprintf("%.2f", u / 1000) : "-" }
+            BEGIN { printf "%-10s %13s %19s %14s %13s\n", w, ratio(a, n), ratio(a, p), ms(pa), ms(pn) }'
+    done
+fi
 
 if [ "$with_redis" = 1 ]; then
     printf '\nwxgate+redis: the quota shared through a redis-server on CPU %s (wxgate on CPU %s); Redis\n' "$REDIS_CPU" "$PROXY_CPU"
