@@ -49,6 +49,15 @@ pub struct Call {
     pub max_wait: Duration,
 }
 
+/// Whether a call's first attempt still needs its quota turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstTurn {
+    /// It waits for its turn, as every retry does.
+    Acquire,
+    /// Its turn was taken already (with `[cluster]`, along with its code exchange's claim).
+    Taken,
+}
+
 /// Sends calls upstream under quota and retry policy.
 pub struct Dispatcher {
     upstream: UpstreamClient,
@@ -94,7 +103,16 @@ impl Dispatcher {
     /// that completes when nobody wants the answer any more; the call then ends with
     /// [`LocalAnswer::CallAbandoned`] before anything is sent. Pass `std::future::pending`
     /// when the caller's own cancellation suffices.
-    pub async fn call<G, F>(&self, call: &Call, mut gone: G) -> CallResult
+    pub async fn call<G, F>(&self, call: &Call, gone: G) -> CallResult
+    where
+        G: FnMut() -> F,
+        F: Future<Output = ()>,
+    {
+        self.call_with(call, gone, FirstTurn::Acquire).await
+    }
+
+    /// [`Dispatcher::call`], for a call whose first turn may have been taken already.
+    pub async fn call_with<G, F>(&self, call: &Call, mut gone: G, first: FirstTurn) -> CallResult
     where
         G: FnMut() -> F,
         F: Future<Output = ()>,
@@ -106,9 +124,12 @@ impl Dispatcher {
         let mut last: Option<CallResult> = None;
         // Counted when the retry is sent: a hold that runs out sends nothing.
         let mut retrying: Option<RetryReason> = None;
+        let mut turn_taken = first == FirstTurn::Taken;
         loop {
-            if let Err(refused) = self.acquire(call, state.quota_deadline, &mut gone).await {
-                return last.unwrap_or(Err(refused));
+            if !std::mem::take(&mut turn_taken) {
+                if let Err(refused) = self.acquire(call, state.quota_deadline, &mut gone).await {
+                    return last.unwrap_or(Err(refused));
+                }
             }
             if let Some(reason) = retrying.take() {
                 self.metrics.retry(call.api, reason);

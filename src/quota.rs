@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 pub use self::key::QuotaKey;
 use self::limits::Limits;
-use crate::cluster::quota::SharedQuota;
+use crate::cluster::quota::{SharedQuota, Turn};
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
 
@@ -179,6 +179,32 @@ impl<C: Clock + Clone> QuotaGate<C> {
                 Box::pin(shared.take(key, limit, interval)).await
             }
         }
+    }
+
+    /// With `[cluster]` counting in Redis and no call of this replica queued for `key`: the
+    /// turn a code exchange's claim takes along, in the same round trip (see
+    /// [`crate::cluster::codes::SharedCodes::claim`]); what it came to is then given to
+    /// [`QuotaGate::claimed_turn`]. `None` otherwise: the call takes its turn through
+    /// [`QuotaGate::acquire`], as any other.
+    pub fn turn_to_claim(&self, key: &QuotaKey) -> Option<Turn> {
+        let shared = self.shared.as_ref()?;
+        let queued = self.lane_count.load(Ordering::Acquire) != 0 && self.lanes.contains_key(key);
+        if queued || !shared.counts_in_redis() {
+            return None;
+        }
+        let limits = self.limits.load();
+        let class = limits.class(key);
+        Some(shared.turn(key, class.limit, class.interval))
+    }
+
+    /// Whether the turn taken along with a claim (the script's `(admitted, wait µs)`) was
+    /// admitted: the call then goes upstream without [`QuotaGate::acquire`]. Otherwise it
+    /// takes its turn as any call does (a lost Redis has degraded the replica meanwhile).
+    pub fn claimed_turn(&self, reply: (i64, i64)) -> bool {
+        self.shared
+            .as_ref()
+            .and_then(|shared| shared.settle(reply))
+            .is_some_and(|turn| turn.is_ok())
     }
 
     /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.

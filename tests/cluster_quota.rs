@@ -127,6 +127,76 @@ async fn three_replicas_keep_one_quota_between_them() {
     }
 }
 
+/// A code exchange takes its first quota turn in the round trip that claims its code: no
+/// quota round trip of its own while the bucket has turns, the same bucket all the same
+/// (past the burst, exchanges wait for their turns and no window holds more than the
+/// quota).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_takes_its_first_turn_with_its_claim() {
+    const QUOTA: u32 = 6;
+    const BURST: u32 = 3;
+    let window = Duration::from_secs(1);
+    let Some(redis) = RedisServer::start_or_skip("an_exchange_takes_its_first_turn_with_its_claim")
+    else {
+        return;
+    };
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(QUOTA);
+        c.window = window;
+    })
+    .await;
+    let replicas = Replicas::start(
+        &upstream,
+        &redis.url(),
+        &format!(
+            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = {BURST}\nmax_wait_ms = 30000\n"
+        ),
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+    let proxy = replicas.pick(0);
+    let client = client();
+    let redis_ops =
+        |text: &str, op: &str| metric(text, "wxgate_redis_duration_seconds_count", &[("op", op)]);
+
+    // The burst: every turn taken along with the claim.
+    for i in 0..BURST {
+        let answer = exchange(&client, proxy, &format!("code-claimed-{i}")).await;
+        assert_eq!(answer, (200, 0));
+    }
+    let text = proxy.metrics().await;
+    assert_eq!(redis_ops(&text, "code_claim"), f64::from(BURST));
+    assert_eq!(
+        redis_ops(&text, "quota"),
+        0.0,
+        "no quota round trip of its own"
+    );
+
+    // Past the burst: the claim finds no turn, the exchange waits for one in its lane.
+    for i in 0..2 * QUOTA {
+        let answer = exchange(&client, proxy, &format!("code-waiting-{i}")).await;
+        assert_eq!(answer, (200, 0));
+    }
+    let text = proxy.metrics().await;
+    assert_eq!(redis_ops(&text, "code_claim"), f64::from(BURST + 2 * QUOTA));
+    assert!(
+        redis_ops(&text, "quota") > 0.0,
+        "turns waited for in the lane"
+    );
+    assert!(
+        metric(&text, "wxgate_quota_wait_seconds_count", &[]) > 0.0,
+        "exchanges waited for their turns"
+    );
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+    let windows: Vec<u64> = calls_per_window(&upstream, window).into_values().collect();
+    assert!(
+        windows.iter().all(|calls| *calls <= u64::from(QUOTA)),
+        "a window held more than the quota: {windows:?}"
+    );
+}
+
 /// WeChat's real quota below the configured one: the first replica to see 45011 pauses the
 /// key in Redis, so the others hold their calls too; every request still succeeds, and
 /// WeChat answers 45011 only a few times per window.

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
 use tokio::time::Instant;
 
+use super::quota::Turn;
 use super::Cluster;
 use crate::metrics::RedisOp;
 
@@ -63,8 +64,9 @@ pub struct SharedAnswer {
 pub enum Claim {
     /// A definitive answer another replica remembered.
     Remembered(SharedAnswer),
-    /// This replica holds the claim: it calls WeChat, then [`SharedCodes::complete`]s.
-    Mine(Ticket),
+    /// This replica holds the claim: it calls WeChat, then [`SharedCodes::complete`]s. With
+    /// the quota script's `(admitted, wait µs)` when a turn was taken along.
+    Mine(Ticket, Option<(i64, i64)>),
     /// Another replica holds it: [`SharedCodes::wait`] for its result.
     Held,
     /// Redis is not available: the exchange goes on as in a single process.
@@ -113,32 +115,59 @@ impl SharedCodes {
         self.cluster.sealing().fingerprint("code", fields)
     }
 
-    /// Looks for a remembered answer, or claims the exchange.
-    pub async fn claim(&self, fingerprint: &str) -> Claim {
+    /// Looks for a remembered answer, or claims the exchange; when `turn` is given and the
+    /// claim is won, the call's quota turn is taken in the same round trip
+    /// ([`super::scripts::CODE_CLAIM_TURN`]).
+    pub async fn claim(&self, fingerprint: &str, turn: Option<&Turn>) -> Claim {
         let cluster = &self.cluster;
         let owner = super::random_id();
-        let mut invocation = cluster.scripts.code_claim.prepare_invoke();
+        let script = match turn {
+            Some(_) => &cluster.scripts.code_claim_turn,
+            None => &cluster.scripts.code_claim,
+        };
+        let mut invocation = script.prepare_invoke();
         invocation
             .key(cluster.key("ca", fingerprint))
             .key(cluster.key("cl", fingerprint))
             .key(cluster.key("cw", fingerprint))
             .arg(&owner)
             .arg(self.lease.as_millis() as u64);
-        let Some((found, sealed)) = cluster
-            .eval::<(i64, Vec<u8>)>(RedisOp::CodeClaim, invocation)
-            .await
-        else {
-            return Claim::Unavailable;
+        if let Some(turn) = turn {
+            // Keys 4 to 6 and arguments 3 to 5.
+            turn.add_to(&mut invocation);
+        }
+        let (found, sealed, admitted, wait) = match turn {
+            Some(_) => {
+                let Some(reply) = cluster
+                    .eval::<(i64, Vec<u8>, i64, i64)>(RedisOp::CodeClaim, invocation)
+                    .await
+                else {
+                    return Claim::Unavailable;
+                };
+                reply
+            }
+            None => {
+                let Some((found, sealed)) = cluster
+                    .eval::<(i64, Vec<u8>)>(RedisOp::CodeClaim, invocation)
+                    .await
+                else {
+                    return Claim::Unavailable;
+                };
+                (found, sealed, 0, 0)
+            }
         };
         match found {
             1 => match self.open(fingerprint, &sealed) {
                 Some(answer) => Claim::Remembered(answer),
                 None => Claim::Unavailable,
             },
-            2 => Claim::Mine(Ticket {
-                fingerprint: fingerprint.to_owned(),
-                owner,
-            }),
+            2 => Claim::Mine(
+                Ticket {
+                    fingerprint: fingerprint.to_owned(),
+                    owner,
+                },
+                turn.map(|_| (admitted, wait)),
+            ),
             _ => Claim::Held,
         }
     }

@@ -2,7 +2,10 @@
 //! replica counts on its own while Redis is away.
 //!
 //! # Shared
-//! Every turn is one `EVALSHA` of [`super::scripts::QUOTA`]: the same GCRA, burst and
+//! Every turn is one run of the GCRA in Redis: its own `EVALSHA` of
+//! [`super::scripts::QUOTA`], or, for the first attempt of a code exchange whose key has
+//! no call queued on this replica, part of the round trip that claims the code
+//! ([`super::scripts::CODE_CLAIM_TURN`]). The same GCRA, burst and
 //! emission interval as the single process (see [`crate::quota`]), kept in one Redis key
 //! per (appid, API) and read on Redis's clock, so the single-process bound holds for all
 //! replicas together: at most `per_window` calls in any span of `window_secs`, retries
@@ -37,6 +40,30 @@ pub struct SharedQuota {
     local: DashMap<QuotaKey, (u64, u32)>,
 }
 
+/// A quota turn as a script takes it: its keys and arguments (see
+/// [`super::scripts::QUOTA`]).
+pub struct Turn {
+    epoch_key: String,
+    bucket_key: String,
+    pause_key: String,
+    epoch: String,
+    interval_micros: u64,
+    tolerance_micros: u64,
+}
+
+impl Turn {
+    /// Appends the turn's three keys and three arguments to `invocation`, after any it has.
+    pub fn add_to(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .key(&self.epoch_key)
+            .key(&self.bucket_key)
+            .key(&self.pause_key)
+            .arg(&self.epoch)
+            .arg(self.interval_micros)
+            .arg(self.tolerance_micros);
+    }
+}
+
 impl SharedQuota {
     /// The shared quota of `cluster`, with windows of `window`.
     pub fn new(cluster: Arc<Cluster>, window: Duration) -> SharedQuota {
@@ -45,6 +72,11 @@ impl SharedQuota {
             window,
             local: DashMap::new(),
         }
+    }
+
+    /// Whether turns are counted in Redis now (shared mode).
+    pub fn counts_in_redis(&self) -> bool {
+        self.cluster.counts_in_redis()
     }
 
     /// Takes a turn of `key` if one is there now; otherwise says how long until the next.
@@ -70,23 +102,37 @@ impl SharedQuota {
         interval: Duration,
     ) -> Option<Result<(), Duration>> {
         let cluster = &self.cluster;
+        let turn = self.turn(key, limit, interval);
+        let mut invocation = cluster.scripts.quota.prepare_invoke();
+        turn.add_to(&mut invocation);
+        let reply: (i64, i64) = cluster.eval(RedisOp::Quota, invocation).await?;
+        self.settle(reply)
+    }
+
+    /// What a script needs to take a turn of `key` in Redis (now, or along with a code
+    /// exchange's claim: see [`super::codes::SharedCodes::claim`]).
+    pub fn turn(&self, key: &QuotaKey, limit: QuotaLimit, interval: Duration) -> Turn {
+        let cluster = &self.cluster;
         let fingerprint = fingerprint(cluster, key);
         let interval_micros = interval.as_micros().max(1) as u64;
-        let tolerance = interval_micros * u64::from(limit.burst.max(1) - 1);
-        let mut invocation = cluster.scripts.quota.prepare_invoke();
-        invocation
-            .key(format!("{}epoch", cluster.prefix))
-            .key(cluster.key("q", &fingerprint))
-            .key(cluster.key("p", &fingerprint))
-            .arg(cluster.epoch())
-            .arg(interval_micros)
-            .arg(tolerance);
-        let (admitted, wait): (i64, i64) = cluster.eval(RedisOp::Quota, invocation).await?;
+        Turn {
+            epoch_key: format!("{}epoch", cluster.prefix),
+            bucket_key: cluster.key("q", &fingerprint),
+            pause_key: cluster.key("p", &fingerprint),
+            epoch: cluster.epoch(),
+            interval_micros,
+            tolerance_micros: interval_micros * u64::from(limit.burst.max(1) - 1),
+        }
+    }
+
+    /// What the script's `(admitted, wait µs)` means: a turn, a wait, or `None` when Redis
+    /// lost the counters (the replica is degraded now).
+    pub fn settle(&self, (admitted, wait): (i64, i64)) -> Option<Result<(), Duration>> {
         match admitted {
             1 => Some(Ok(())),
             0 => Some(Err(Duration::from_micros(wait.max(1) as u64))),
             _ => {
-                cluster.lost_data(RedisOp::Quota);
+                self.cluster.lost_data(RedisOp::Quota);
                 None
             }
         }

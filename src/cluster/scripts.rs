@@ -11,6 +11,32 @@
 //! count (`-1`) and the replica degrades, as for an outage, until the replicas resume
 //! together at a window boundary.
 
+/// The GCRA turn of [`QUOTA`] as a Lua function, so that [`CODE_CLAIM_TURN`] takes a turn
+/// the same way: `turn(epoch key, bucket key, pause key, expected epoch, interval µs,
+/// tolerance µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or `-1, 0`
+/// (epoch lost).
+macro_rules! gcra_turn {
+    () => {
+        r"
+local function turn(epoch_key, bucket_key, pause_key, expected, interval, tolerance)
+  local epoch = redis.call('GET', epoch_key)
+  if epoch ~= expected then return -1, 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local paused = tonumber(redis.call('GET', pause_key) or '0')
+  if paused > now then return 0, paused - now end
+  local tat = tonumber(redis.call('GET', bucket_key) or '0')
+  if tat < now then tat = now end
+  local allowed_at = tat - tonumber(tolerance)
+  if now < allowed_at then return 0, allowed_at - now end
+  tat = tat + tonumber(interval)
+  redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+  return 1, 0
+end
+"
+    };
+}
+
 /// The shared GCRA of one (appid, API), and its 45011 pause.
 ///
 /// `KEYS`: epoch, bucket (the theoretical arrival time, TAT), pause (its end).
@@ -22,21 +48,13 @@
 /// `max(TAT, now) + interval`. This is governor's algorithm, so the single-process bound
 /// carries over: at most `burst + L / interval − 1` calls in any span `L`, which the
 /// interval wxgate picks makes `per_window` per window.
-pub const QUOTA: &str = r"
-local epoch = redis.call('GET', KEYS[1])
-if epoch ~= ARGV[1] then return {-1, 0} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local paused = tonumber(redis.call('GET', KEYS[3]) or '0')
-if paused > now then return {0, paused - now} end
-local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tat < now then tat = now end
-local allowed_at = tat - tonumber(ARGV[3])
-if now < allowed_at then return {0, allowed_at - now} end
-tat = tat + tonumber(ARGV[2])
-redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
-return {1, 0}
-";
+pub const QUOTA: &str = concat!(
+    gcra_turn!(),
+    r"
+local admitted, wait = turn(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+return {admitted, wait}
+"
+);
 
 /// Pauses one (appid, API) until WeChat's next window (plus jitter), after a 45011.
 ///
@@ -111,6 +129,29 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} 
 redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
 return {3, ''}
 ";
+
+/// [`CODE_CLAIM`], and when the claim is won, the call's quota turn ([`QUOTA`]) in the same
+/// round trip: the leader of an exchange then needs no round trip of its own for its first
+/// turn.
+///
+/// `KEYS`: answer, claim, waiters, then the quota's epoch, bucket and pause. `ARGV`: this
+/// claim's owner, lease ms, then the quota's expected epoch, interval µs, tolerance µs.
+/// Returns `{found, sealed answer, admitted, wait µs}`: `found` and the answer as
+/// [`CODE_CLAIM`]'s; `admitted` and the wait as [`QUOTA`]'s when claimed (`found` 2), and
+/// `0, 0` otherwise (no turn taken).
+pub const CODE_CLAIM_TURN: &str = concat!(
+    gcra_turn!(),
+    r"
+local answer = redis.call('GET', KEYS[1])
+if answer then return {1, answer, 0, 0} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
+  return {3, '', 0, 0}
+end
+local admitted, wait = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5])
+return {2, '', admitted, wait}
+"
+);
 
 /// What a waiting replica finds: a remembered answer, the result its holder left for
 /// waiters, or whether the claim still stands.

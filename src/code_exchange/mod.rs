@@ -43,7 +43,7 @@ use crate::api::Api;
 use crate::cluster::codes::SharedCodes;
 use crate::cluster::Cluster;
 use crate::config::CodeCacheConfig;
-use crate::dispatch::{Call, Dispatcher, WechatAnswer};
+use crate::dispatch::{Call, Dispatcher, FirstTurn, WechatAnswer};
 use crate::local_answer::LocalAnswer;
 use crate::metrics::{LookupResult, Metrics, Tier};
 use crate::quota::QuotaKey;
@@ -265,7 +265,8 @@ impl CodeExchange {
                     .await
             }
             None => (
-                self.call(key, &flight, &call, &dispatcher).await,
+                self.call(key, &flight, &call, &dispatcher, FirstTurn::Acquire)
+                    .await,
                 CacheStatus::Miss,
             ),
         };
@@ -283,9 +284,10 @@ impl CodeExchange {
         flight: &Arc<Flight>,
         call: &Call,
         dispatcher: &Dispatcher,
+        first_turn: FirstTurn,
     ) -> ExchangeResult {
         let gone = || self.everyone_gone(key, flight);
-        match dispatcher.call(call, gone).await {
+        match dispatcher.call_with(call, gone, first_turn).await {
             Ok(answer) => {
                 self.settle(key, flight, &answer);
                 ExchangeResult::Upstream(Arc::new(answer))

@@ -10,7 +10,7 @@ use super::flight::{Flight, Led};
 use super::store::{self, Stored};
 use super::{is_definitive, CacheStatus, CodeExchange, CodeKey, ExchangeResult, Remembered};
 use crate::cluster::codes::{Claim, SharedAnswer, SharedCodes, Waited};
-use crate::dispatch::{Call, Dispatcher};
+use crate::dispatch::{Call, Dispatcher, FirstTurn};
 use crate::local_answer::LocalAnswer;
 use crate::metrics::{LookupResult, Tier};
 
@@ -27,11 +27,17 @@ impl CodeExchange {
         call: &Call,
         dispatcher: &Dispatcher,
     ) -> Led {
-        let claim = shared.claim(&fingerprint).await;
+        // The first quota turn rides on the claim when it can (one round trip fewer).
+        let quota = dispatcher.quota();
+        let turn = call
+            .quota_key
+            .as_ref()
+            .and_then(|key| quota.turn_to_claim(key));
+        let claim = shared.claim(&fingerprint, turn.as_ref()).await;
         let found = match &claim {
             Claim::Remembered(_) => Some(LookupResult::Hit),
             Claim::Held => Some(LookupResult::Joined),
-            Claim::Mine(_) => Some(LookupResult::Miss),
+            Claim::Mine(..) => Some(LookupResult::Miss),
             Claim::Unavailable => None,
         };
         if let Some(found) = found {
@@ -46,15 +52,20 @@ impl CodeExchange {
                     CacheStatus::Coalesced,
                 )
             }
-            Claim::Mine(ticket) => {
-                let call = self.call(key, flight, call, dispatcher);
+            Claim::Mine(ticket, turn) => {
+                let first_turn = match turn {
+                    Some(reply) if quota.claimed_turn(reply) => FirstTurn::Taken,
+                    _ => FirstTurn::Acquire,
+                };
+                let call = self.call(key, flight, call, dispatcher, first_turn);
                 let result = shared.holding(&ticket, call).await;
                 let (answer, definitive) = shared_answer(&result);
                 shared.complete(ticket, &answer, definitive).await;
                 (result, CacheStatus::Miss)
             }
             Claim::Unavailable => (
-                self.call(key, flight, call, dispatcher).await,
+                self.call(key, flight, call, dispatcher, FirstTurn::Acquire)
+                    .await,
                 CacheStatus::Miss,
             ),
         }
