@@ -56,6 +56,9 @@ pub enum FirstTurn {
     Acquire,
     /// Its turn was taken already (with `[cluster]`, along with its code exchange's claim).
     Taken,
+    /// It was told a moment ago (with its code exchange's claim) that its turn is not before
+    /// then: it waits in its quota lane without asking again first.
+    NotBefore(Instant),
 }
 
 /// Sends calls upstream under quota and retry policy.
@@ -124,10 +127,12 @@ impl Dispatcher {
         let mut last: Option<CallResult> = None;
         // Counted when the retry is sent: a hold that runs out sends nothing.
         let mut retrying: Option<RetryReason> = None;
-        let mut turn_taken = first == FirstTurn::Taken;
+        let mut first = first;
         loop {
-            if !std::mem::take(&mut turn_taken) {
-                if let Err(refused) = self.acquire(call, state.quota_deadline, &mut gone).await {
+            let turn = std::mem::replace(&mut first, FirstTurn::Acquire);
+            if turn != FirstTurn::Taken {
+                let deadline = state.quota_deadline;
+                if let Err(refused) = self.acquire(call, deadline, turn, &mut gone).await {
                     return last.unwrap_or(Err(refused));
                 }
             }
@@ -184,11 +189,13 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for the call's quota turn (if it has a key) until `deadline`.
+    /// Waits for the call's quota turn (if it has a key) until `deadline`; not before the
+    /// time `turn` may name.
     async fn acquire<G, F>(
         &self,
         call: &Call,
         deadline: Instant,
+        turn: FirstTurn,
         gone: &mut G,
     ) -> Result<(), LocalAnswer>
     where
@@ -201,7 +208,12 @@ impl Dispatcher {
         let turn = tokio::select! {
             // The turn first: usually it is there at once, and `gone` is not needed.
             biased;
-            turn = self.quota.acquire(key, deadline) => turn,
+            turn = async {
+                match turn {
+                    FirstTurn::NotBefore(at) => self.quota.acquire_not_before(key, deadline, at).await,
+                    _ => self.quota.acquire(key, deadline).await,
+                }
+            } => turn,
             () = gone() => return Err(LocalAnswer::CallAbandoned),
         };
         match turn {

@@ -197,14 +197,14 @@ impl<C: Clock + Clone> QuotaGate<C> {
         Some(shared.turn(key, class.limit, class.interval))
     }
 
-    /// Whether the turn taken along with a claim (the script's `(admitted, wait µs)`) was
-    /// admitted: the call then goes upstream without [`QuotaGate::acquire`]. Otherwise it
-    /// takes its turn as any call does (a lost Redis has degraded the replica meanwhile).
-    pub fn claimed_turn(&self, reply: (i64, i64)) -> bool {
-        self.shared
-            .as_ref()
-            .and_then(|shared| shared.settle(reply))
-            .is_some_and(|turn| turn.is_ok())
+    /// What the turn taken along with a claim (the script's `(admitted, wait µs)`) came to:
+    /// `Some(Ok(()))` admitted, so the call goes upstream without [`QuotaGate::acquire`];
+    /// `Some(Err(wait))` not before `wait`, so the call queues at once
+    /// ([`QuotaGate::acquire_not_before`]) instead of asking Redis again first; `None` when
+    /// Redis lost the counters (the replica is degraded now, and the call takes its turn as
+    /// any call does).
+    pub fn claimed_turn(&self, reply: (i64, i64)) -> Option<Result<(), Duration>> {
+        self.shared.as_ref().and_then(|shared| shared.settle(reply))
     }
 
     /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.
@@ -217,11 +217,33 @@ impl<C: Clock + Clone> QuotaGate<C> {
         if no_lane && self.take(key).await.is_ok() {
             return Ok(Duration::ZERO);
         }
+        self.queue(key, deadline, None).await
+    }
+
+    /// [`QuotaGate::acquire`] for a call that has just been told its turn is not before
+    /// `not_before`: it joins its lane at once, and as the lane's head waits until then
+    /// before asking for the turn.
+    pub async fn acquire_not_before(
+        &self,
+        key: &QuotaKey,
+        deadline: Instant,
+        not_before: Instant,
+    ) -> Result<Duration, Refused> {
+        self.queue(key, deadline, Some(not_before)).await
+    }
+
+    /// Waits in `key`'s lane for a turn.
+    async fn queue(
+        &self,
+        key: &QuotaKey,
+        deadline: Instant,
+        not_before: Option<Instant>,
+    ) -> Result<Duration, Refused> {
         let started = Instant::now();
         let lane = self.lane(key);
         lane.waiting.fetch_add(1, Ordering::Relaxed);
         // Boxed: waiting is the exception, and its future is large.
-        let result = Box::pin(self.wait_in_lane(key, &lane, deadline)).await;
+        let result = Box::pin(self.wait_in_lane(key, &lane, deadline, not_before)).await;
         lane.waiting.fetch_sub(1, Ordering::Relaxed);
         drop(lane);
         self.forget_lane_if_idle(key);
@@ -233,6 +255,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
         key: &QuotaKey,
         lane: &Lane,
         deadline: Instant,
+        not_before: Option<Instant>,
     ) -> Result<(), Refused> {
         let refused = || Refused {
             retry_after: self.retry_after(key, lane),
@@ -241,6 +264,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
             return Err(refused());
         };
         // This call is the head of the lane now.
+        if let Some(at) = not_before {
+            if at > deadline {
+                return Err(refused());
+            }
+            tokio::time::sleep_until(at).await;
+        }
         loop {
             if let Some(until) = lane.pause_end() {
                 if until > Instant::now() {

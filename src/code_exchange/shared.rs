@@ -53,9 +53,10 @@ impl CodeExchange {
                 )
             }
             Claim::Mine(ticket, turn) => {
-                let first_turn = match turn {
-                    Some(reply) if quota.claimed_turn(reply) => FirstTurn::Taken,
-                    _ => FirstTurn::Acquire,
+                let first_turn = match turn.and_then(|reply| quota.claimed_turn(reply)) {
+                    Some(Ok(())) => FirstTurn::Taken,
+                    Some(Err(wait)) => FirstTurn::NotBefore(Instant::now() + wait),
+                    None => FirstTurn::Acquire,
                 };
                 let call = self.call(key, flight, call, dispatcher, first_turn);
                 let result = shared.holding(&ticket, call).await;
