@@ -183,7 +183,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// With `[cluster]` counting in Redis and no call of this replica queued for `key`: the
     /// turn a code exchange's claim takes along, in the same round trip (see
-    /// [`crate::cluster::codes::SharedCodes::claim`]); what it came to is then given to
+    /// `cluster::codes::SharedCodes::claim`); what it came to is then given to
     /// [`QuotaGate::claimed_turn`]. `None` otherwise: the call takes its turn through
     /// [`QuotaGate::acquire`], as any other.
     pub fn turn_to_claim(&self, key: &QuotaKey) -> Option<Turn> {
