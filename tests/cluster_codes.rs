@@ -22,8 +22,7 @@ struct Seen {
 
 impl Seen {
     fn errcode(&self) -> i64 {
-        let value: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
-        value["errcode"].as_i64().unwrap_or(0)
+        errcode(&self.body)
     }
 
     fn json(&self) -> serde_json::Value {

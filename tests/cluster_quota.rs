@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use support::cluster::Replicas;
@@ -15,29 +14,25 @@ use wxgate_stand_in::StandIn;
 
 const EXCHANGE: &str = "/sns/jscode2session";
 
-fn errcode(body: &[u8]) -> i64 {
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
-    value["errcode"].as_i64().unwrap_or(0)
-}
-
-async fn exchange(client: &reqwest::Client, proxy: &TestProxy, code: &str) -> (u16, i64) {
-    let answer = client
-        .get(proxy.url(&jscode2session(APPID, SECRET, code)))
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    (status, errcode(&answer.bytes().await.unwrap()))
-}
-
-/// Calls the stand-in received per aligned window, from its log.
-fn calls_per_window(upstream: &StandIn, window: Duration) -> BTreeMap<u128, u64> {
-    let mut windows = BTreeMap::new();
-    for call in upstream.call_log() {
-        let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
-        *windows.entry(at / window.as_nanos()).or_default() += 1;
-    }
-    windows
+/// A stand-in that answers 45011 past `upstream_quota` calls in a window of `window`, and
+/// three replicas in front of it on `redis`, with `quota` as their TOML, all counting in
+/// Redis.
+async fn shared_replicas(
+    redis: &RedisServer,
+    upstream_quota: u32,
+    window: Duration,
+    quota: &str,
+) -> (StandIn, Replicas) {
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(upstream_quota);
+        c.window = window;
+    })
+    .await;
+    let replicas = Replicas::start(&upstream, &redis.url(), quota).await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+    (upstream, replicas)
 }
 
 /// `count` exchanges with fresh codes, all at once, spread over the replicas round robin.
@@ -66,22 +61,15 @@ async fn three_replicas_keep_one_quota_between_them() {
     else {
         return;
     };
-    let upstream = stand_in(|c| {
-        c.quota_per_window = Some(QUOTA);
-        c.window = window;
-    })
-    .await;
-    let replicas = Replicas::start(
-        &upstream,
-        &redis.url(),
+    let (upstream, replicas) = shared_replicas(
+        &redis,
+        QUOTA,
+        window,
         &format!(
             "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 30000\n"
         ),
     )
     .await;
-    replicas
-        .wait_for_state("shared", Duration::from_secs(5))
-        .await;
 
     let answers = burst(&replicas, "code-shared", 5 * QUOTA as usize).await;
     assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
@@ -140,22 +128,15 @@ async fn an_exchange_takes_its_first_turn_with_its_claim() {
     else {
         return;
     };
-    let upstream = stand_in(|c| {
-        c.quota_per_window = Some(QUOTA);
-        c.window = window;
-    })
-    .await;
-    let replicas = Replicas::start(
-        &upstream,
-        &redis.url(),
+    let (upstream, replicas) = shared_replicas(
+        &redis,
+        QUOTA,
+        window,
         &format!(
-            "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = {BURST}\nmax_wait_ms = 30000\n"
-        ),
+        "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = {BURST}\nmax_wait_ms = 30000\n"
+    ),
     )
     .await;
-    replicas
-        .wait_for_state("shared", Duration::from_secs(5))
-        .await;
     let proxy = replicas.pick(0);
     let client = client();
     let redis_ops =
@@ -213,23 +194,16 @@ async fn a_45011_seen_by_one_replica_holds_them_all() {
     else {
         return;
     };
-    let upstream = stand_in(|c| {
-        c.quota_per_window = Some(REAL);
-        c.window = window;
-    })
-    .await;
-    let replicas = Replicas::start(
-        &upstream,
-        &redis.url(),
+    let (upstream, replicas) = shared_replicas(
+        &redis,
+        REAL,
+        window,
         &format!(
             "[quota]\nwindow_secs = 1\nper_window = {}\nburst = 3\nmax_wait_ms = 30000\n[retry]\nmax_hold_ms = 30000\n",
             3 * REAL
         ),
     )
     .await;
-    replicas
-        .wait_for_state("shared", Duration::from_secs(5))
-        .await;
 
     let requests = 4 * REAL as usize;
     let answers = burst(&replicas, "code-paused", requests).await;
@@ -271,22 +245,15 @@ async fn redis_gone_mid_burst_degrades_safely_and_recovers() {
     else {
         return;
     };
-    let upstream = stand_in(|c| {
-        c.quota_per_window = Some(QUOTA);
-        c.window = window;
-    })
-    .await;
-    let replicas = Replicas::start(
-        &upstream,
-        &redis.url(),
+    let (upstream, replicas) = shared_replicas(
+        &redis,
+        QUOTA,
+        window,
         &format!(
             "[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 30000\n"
         ),
     )
     .await;
-    replicas
-        .wait_for_state("shared", Duration::from_secs(5))
-        .await;
     replicas.wait_until_they_know_each_other().await;
 
     let load = burst(&replicas, "code-outage", 4 * QUOTA as usize);

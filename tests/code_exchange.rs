@@ -59,11 +59,6 @@ async fn get(client: &reqwest::Client, url: String) -> Got {
     }
 }
 
-fn errcode(body: &[u8]) -> i64 {
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
-    value["errcode"].as_i64().unwrap_or(0)
-}
-
 #[tokio::test]
 async fn fifty_identical_exchanges_make_one_upstream_call_and_replays_hit() {
     let (upstream, proxy) = setup("").await;

@@ -54,11 +54,6 @@ impl Scripted {
 
 const SESSION: &str = r#"{"session_key":"k","openid":"o"}"#;
 
-fn errcode(body: &[u8]) -> i64 {
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
-    value["errcode"].as_i64().unwrap_or(0)
-}
-
 async fn get(client: &reqwest::Client, url: String) -> (u16, String, String, Bytes) {
     let answer = client.get(url).send().await.unwrap();
     let header = |name: &str| {

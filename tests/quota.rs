@@ -3,8 +3,7 @@
 
 mod support;
 
-use std::collections::BTreeMap;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::join_all;
 use support::*;
@@ -12,31 +11,6 @@ use tokio::io::AsyncWriteExt;
 use wxgate_stand_in::Fault;
 
 const EXCHANGE: &str = "/sns/jscode2session";
-
-fn errcode(body: &[u8]) -> i64 {
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
-    value["errcode"].as_i64().unwrap_or(0)
-}
-
-/// Calls the stand-in received per aligned window, from its log.
-fn calls_per_window(upstream: &wxgate_stand_in::StandIn, window: Duration) -> BTreeMap<u128, u64> {
-    let mut windows = BTreeMap::new();
-    for call in upstream.call_log() {
-        let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
-        *windows.entry(at / window.as_nanos()).or_default() += 1;
-    }
-    windows
-}
-
-async fn exchange(client: &reqwest::Client, proxy: &TestProxy, code: &str) -> (u16, i64) {
-    let answer = client
-        .get(proxy.url(&jscode2session(APPID, SECRET, code)))
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    (status, errcode(&answer.bytes().await.unwrap()))
-}
 
 /// Five times the quota at once, all distinct codes: every request succeeds, WeChat never
 /// says 45011, no window holds more than the quota, and the overloaded windows use at

@@ -14,11 +14,6 @@ use support::*;
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
 
-fn errcode(body: &[u8]) -> i64 {
-    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
-    value["errcode"].as_i64().unwrap_or(0)
-}
-
 /// A quota lowered by `SIGHUP` while requests wait for their turn: every queued request is
 /// answered, and from the reload on no window holds more than the new quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

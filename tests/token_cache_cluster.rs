@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use serde_json::{json, Value};
+use support::cluster::Replicas;
 use support::redis::RedisServer;
-use support::replicas::Replicas;
 use support::sdk::{SdkClient, Style};
 use support::*;
 use tokio::task::JoinSet;
@@ -122,7 +122,7 @@ async fn three_replicas_refresh_once_per_lifetime_and_ride_out_redis_stopping() 
         c.token_overlap = Duration::from_secs(3);
     })
     .await;
-    let replicas = Replicas::start(3, &upstream, &redis.url(), EXTRA).await;
+    let replicas = Replicas::start(&upstream, &redis.url(), EXTRA).await;
     replicas
         .wait_for_state("shared", Duration::from_secs(5))
         .await;
@@ -211,7 +211,7 @@ async fn replicas_share_one_fetch_and_redis_holds_nothing_readable() {
         return;
     };
     let upstream = stand_in(|c| c.latency = Duration::from_millis(50)).await;
-    let replicas = Replicas::start(3, &upstream, &redis.url(), EXTRA).await;
+    let replicas = Replicas::start(&upstream, &redis.url(), EXTRA).await;
     replicas
         .wait_for_state("shared", Duration::from_secs(5))
         .await;
@@ -295,7 +295,7 @@ async fn a_token_refused_through_one_replica_is_dropped_for_all() {
         return;
     };
     let upstream = stand_in(|c| c.token_overlap = Duration::from_millis(300)).await;
-    let replicas = Replicas::start(3, &upstream, &redis.url(), EXTRA).await;
+    let replicas = Replicas::start(&upstream, &redis.url(), EXTRA).await;
     replicas
         .wait_for_state("shared", Duration::from_secs(5))
         .await;

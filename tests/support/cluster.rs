@@ -64,6 +64,15 @@ impl Replicas {
         .await;
     }
 
+    /// The sum of one series over every replica.
+    pub async fn metric_sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut sum = 0.0;
+        for proxy in &self.proxies {
+            sum += metric(&proxy.metrics().await, name, labels);
+        }
+        sum
+    }
+
     async fn wait_for(&self, within: Duration, done: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + within;
         for proxy in &self.proxies {
@@ -76,7 +85,7 @@ impl Replicas {
 }
 
 /// A cluster secret in a file of its own (the environment variable would be shared by every
-/// test of the process).
+/// test of the process); removed when dropped.
 pub struct SecretFile {
     pub path: std::path::PathBuf,
 }

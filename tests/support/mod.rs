@@ -5,13 +5,13 @@
 pub mod child;
 pub mod cluster;
 pub mod redis;
-pub mod replicas;
 pub mod sdk;
 pub mod tls;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -180,6 +180,34 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// The errcode of a WeChat-shaped body (0 when it has none, as WeChat's successes).
+pub fn errcode(body: &[u8]) -> i64 {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap();
+    value["errcode"].as_i64().unwrap_or(0)
+}
+
+/// One `/sns/jscode2session` of the stand-in's default app through `proxy`: its status and
+/// errcode.
+pub async fn exchange(client: &reqwest::Client, proxy: &TestProxy, code: &str) -> (u16, i64) {
+    let answer = client
+        .get(proxy.url(&jscode2session(APPID, SECRET, code)))
+        .send()
+        .await
+        .unwrap();
+    let status = answer.status().as_u16();
+    (status, errcode(&answer.bytes().await.unwrap()))
+}
+
+/// Calls the stand-in received per aligned window of `window`, from its log.
+pub fn calls_per_window(upstream: &StandIn, window: Duration) -> BTreeMap<u128, u64> {
+    let mut windows = BTreeMap::new();
+    for call in upstream.call_log() {
+        let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        *windows.entry(at / window.as_nanos()).or_default() += 1;
+    }
+    windows
 }
 
 /// A `/sns/jscode2session` path and query.
