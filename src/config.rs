@@ -45,6 +45,8 @@ mod cluster;
 mod raw;
 mod read;
 mod server_tls;
+#[cfg(test)]
+mod test_files;
 mod validate;
 
 use std::collections::{BTreeSet, HashMap};

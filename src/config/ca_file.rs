@@ -84,25 +84,7 @@ impl fmt::Debug for CaFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A file in the system's temporary folder, removed when dropped.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(name: &str, contents: &[u8]) -> TempFile {
-            let dir = std::env::temp_dir().join(format!("wxgate-ca-file-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join(name);
-            std::fs::write(&path, contents).unwrap();
-            TempFile(path)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::config::test_files::TempFile;
 
     #[test]
     fn a_ca_file_without_a_usable_certificate_is_refused() {

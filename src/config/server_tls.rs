@@ -148,26 +148,7 @@ impl fmt::Debug for ServerTlsConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A file in the system's temporary folder, removed when dropped.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(name: &str, contents: &[u8]) -> TempFile {
-            let dir =
-                std::env::temp_dir().join(format!("wxgate-server-tls-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join(name);
-            std::fs::write(&path, contents).unwrap();
-            TempFile(path)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
+    use crate::config::test_files::TempFile;
 
     fn self_signed(name: &str) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
