@@ -33,9 +33,6 @@ for tool in nginx wrk curl taskset valgrind callgrind_control; do
     }
 done
 
-BODY='{"session_key":"k3Vq9xTw2LmR8yBn5cZp1A==","openid":"oQx7Kd2Lm9Np4Rs6Tu8Vw0Yz1Ab3"}'
-CONTENT_TYPE='application/json; encoding=utf-8'
-
 if [ -n "${WXGATE_BIN:-}" ]; then
     wxgate_bin="$WXGATE_BIN"
 else
@@ -44,103 +41,10 @@ else
 fi
 [ -x "$wxgate_bin" ] || { printf 'FAIL: no wxgate executable\n' >&2; exit 1; }
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/wxgate-instructions.XXXXXX")"
-pids=()
-cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Free loopback ports below the ephemeral range.
-read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
-free_port() {
-    local port
-    while :; do
-        port=$((10000 + RANDOM % (ephemeral_low - 10000)))
-        case " ${taken:-} " in *" $port "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$port" 2>/dev/null)" ]; then
-            taken="${taken:-} $port"
-            echo "$port"
-            return
-        fi
-    done
-}
-upstream_port="$(free_port)"
-proxy_port="$(free_port)"
-admin_port="$(free_port)"
-
-request_path() {
-    printf '/sns/jscode2session?appid=wx00000000000000a1&secret=stand-in-secret-a1&grant_type=authorization_code&js_code=%s' "$1"
-}
-
-wait_ready() {
-    local port="$1" pid="$2" i
-    for i in $(seq 1 600); do
-        curl -sf -o /dev/null "http://127.0.0.1:$port$(request_path "ready$i")" && return 0
-        kill -0 "$pid" 2>/dev/null || return 1
-        sleep 0.1
-    done
-    return 1
-}
-
-mkdir -p "$work/upstream/tmp"
-cat >"$work/upstream/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-master_process on;
-pid $work/upstream/nginx.pid;
-error_log $work/upstream/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 75s;
-    client_body_temp_path $work/upstream/tmp/body;
-    proxy_temp_path $work/upstream/tmp/proxy;
-    fastcgi_temp_path $work/upstream/tmp/fastcgi;
-    uwsgi_temp_path $work/upstream/tmp/uwsgi;
-    scgi_temp_path $work/upstream/tmp/scgi;
-    server {
-        listen 127.0.0.1:$upstream_port backlog=4096;
-        location / {
-            default_type "$CONTENT_TYPE";
-            return 200 '$BODY';
-        }
-    }
-}
-EOF
-[ "$(id -u)" -ne 0 ] || sed -i '1i user nobody nogroup;' "$work/upstream/nginx.conf"
-taskset -c 0 nginx -p "$work/upstream" -c "$work/upstream/nginx.conf" >>"$work/processes.log" 2>&1 &
-pids+=("$!")
-wait_ready "$upstream_port" "$!" || { printf 'FAIL: the upstream never answered\n' >&2; exit 1; }
-
-cat >"$work/wxgate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$proxy_port"
-admin_listen = "127.0.0.1:$admin_port"
-shutdown_grace_ms = 1000
-
-[upstream]
-base_url = "http://127.0.0.1:$upstream_port"
-
-[code_cache]
-ttl_secs = 300
-max_entries = 10000000
-
-[quota]
-window_secs = 60
-per_window = 100000000
-EOF
-
-run_wrk() {
-    local workload="$1" prefix="$2" seconds="$3"
-    taskset -c 0 wrk -t 1 -c "$CONNECTIONS" -d "${seconds}s" --timeout 10s -s "$here/workload.lua" \
-        "http://127.0.0.1:$proxy_port" -- "$workload" "$prefix" "$DUP_CODES" | sed -n 's/^RESULT //p'
-}
+# wxgate under valgrind answers slowly.
+WRK_TIMEOUT=10
+. "$here/harness.sh"
+harness_start wxgate-instructions
 
 printf 'wxgate: %s\n' "$wxgate_bin"
 printf 'valgrind --tool=callgrind on CPU 1, wrk -t1 -c%s on CPU 0, %ss warm-up, %ss measured\n' \
