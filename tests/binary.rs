@@ -278,12 +278,7 @@ async fn logs_hold_no_secret(json: bool) {
             let line: serde_json::Value = serde_json::from_str(&serving).unwrap();
             return line[name].as_str().unwrap().to_owned();
         }
-        let start = serving.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        serving[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned()
+        log_field(&serving, name)
     };
     let base = format!("http://{}", field("proxy"));
     let admin = format!("http://{}", field("admin"));

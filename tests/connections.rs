@@ -169,18 +169,6 @@ async fn metrics_until(proxy: &TestProxy, what: &str, done: impl Fn(&str) -> boo
     }
 }
 
-fn closed(text: &str, reason: &str) -> f64 {
-    metric(
-        text,
-        "wxgate_connections_closed_total",
-        &[("reason", reason)],
-    )
-}
-
-fn open(text: &str) -> f64 {
-    metric(text, "wxgate_connections_open", &[])
-}
-
 /// The HTTP/2 connection preface a prior-knowledge client opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -216,10 +204,10 @@ async fn silent_sockets_and_a_trickled_head_are_closed_at_the_head_deadline() {
         closed_by_wxgate(stream).await;
     }
     let text = metrics_until(&proxy, "21 head timeouts", |text| {
-        closed(text, "head_timeout") == 21.0 && open(text) == 0.0
+        connections_closed(text, "head_timeout") == 21.0 && connections_open(text) == 0.0
     })
     .await;
-    assert_eq!(closed(&text, "idle"), 0.0);
+    assert_eq!(connections_closed(&text, "idle"), 0.0);
     // wxgate still serves.
     let answer = client().get(proxy.url("/after")).send().await.unwrap();
     assert_eq!(answer.status(), 200);
@@ -240,7 +228,7 @@ async fn an_http2_preface_and_nothing_more_is_closed_at_the_head_deadline() {
     closed_by_wxgate(&mut preface_only).await;
     closed_by_wxgate(&mut settings_only).await;
     metrics_until(&proxy, "2 head timeouts", |text| {
-        closed(text, "head_timeout") == 2.0
+        connections_closed(text, "head_timeout") == 2.0
     })
     .await;
 }
@@ -315,8 +303,11 @@ async fn idle_connections_close_after_the_idle_timeout_but_a_long_request_is_not
             .unwrap()
             .expect("closed cleanly");
     }
-    let text = metrics_until(&proxy, "2 idle closes", |text| closed(text, "idle") >= 2.0).await;
-    assert_eq!(closed(&text, "head_timeout"), 0.0);
+    let text = metrics_until(&proxy, "2 idle closes", |text| {
+        connections_closed(text, "idle") >= 2.0
+    })
+    .await;
+    assert_eq!(connections_closed(&text, "head_timeout"), 0.0);
 }
 
 #[tokio::test]
@@ -328,7 +319,7 @@ async fn at_the_cap_the_longest_idle_connection_makes_room_for_a_new_client() {
     for count in 1..=3 {
         silent.push(connect(proxy.addr).await);
         metrics_until(&proxy, "the connection is open", |text| {
-            open(text) == f64::from(count)
+            connections_open(text) == f64::from(count)
         })
         .await;
     }
@@ -337,8 +328,8 @@ async fn at_the_cap_the_longest_idle_connection_makes_room_for_a_new_client() {
     assert_eq!(answer.status(), 200);
     closed_by_wxgate(&mut silent[0]).await;
     let text = proxy.metrics().await;
-    assert_eq!(closed(&text, "cap"), 1.0);
-    assert_eq!(closed(&text, "refused"), 0.0);
+    assert_eq!(connections_closed(&text, "cap"), 1.0);
+    assert_eq!(connections_closed(&text, "refused"), 0.0);
     for stream in &silent[1..] {
         let mut byte = [0u8; 1];
         assert!(
@@ -378,8 +369,8 @@ async fn at_the_cap_with_every_connection_busy_a_new_one_is_refused() {
         assert_eq!(request.await.unwrap().unwrap().status(), 200);
     }
     let text = proxy.metrics().await;
-    assert_eq!(closed(&text, "refused"), 1.0);
-    assert_eq!(closed(&text, "cap"), 0.0);
+    assert_eq!(connections_closed(&text, "refused"), 1.0);
+    assert_eq!(connections_closed(&text, "cap"), 0.0);
     assert_eq!(upstream.calls("/refused"), 0);
 }
 
@@ -491,15 +482,7 @@ async fn silent_sockets_beyond_the_open_files_limit_do_not_keep_a_client_out() {
             break line;
         }
     };
-    let field = |name: &str| -> String {
-        let start = serving.find(&format!("{name}=")).unwrap() + name.len() + 1;
-        serving[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_owned()
-    };
-    let (proxy, admin) = (field("proxy"), field("admin"));
+    let (proxy, admin) = (log_field(&serving, "proxy"), log_field(&serving, "admin"));
     let proxy_addr: SocketAddr = proxy.parse().unwrap();
     let metrics = || async {
         reqwest::get(format!("http://{admin}/metrics"))
@@ -536,15 +519,16 @@ async fn silent_sockets_beyond_the_open_files_limit_do_not_keep_a_client_out() {
         metric(&text, "wxgate_connections_open", &[]) <= 96.0,
         "{text}"
     );
-    assert!(closed(&text, "cap") > 0.0, "{text}");
+    assert!(connections_closed(&text, "cap") > 0.0, "{text}");
     // The silent sockets are all closed: by the cap, then by the head deadline.
     for stream in &mut silent {
         closed_by_wxgate(stream).await;
     }
     let text = metrics().await;
-    assert!(closed(&text, "head_timeout") > 0.0, "{text}");
+    assert!(connections_closed(&text, "head_timeout") > 0.0, "{text}");
     assert!(
-        closed(&text, "head_timeout") + closed(&text, "cap") >= SILENT as f64,
+        connections_closed(&text, "head_timeout") + connections_closed(&text, "cap")
+            >= SILENT as f64,
         "{text}"
     );
     let answer = fresh
@@ -557,7 +541,7 @@ async fn silent_sockets_beyond_the_open_files_limit_do_not_keep_a_client_out() {
     assert!(log.contains(&format!("limit={OPEN_FILES}")), "{log}");
     // wxgate found the limit and kept its cap below it: (256 - 64 reserved) / 2, the
     // other half free for upstream connections.
-    assert_eq!(field("max_connections"), "96", "{serving}");
+    assert_eq!(log_field(&serving, "max_connections"), "96", "{serving}");
 
     let status = std::process::Command::new("sh")
         .args(["-c", &format!("kill -TERM {}", child.0.id())])

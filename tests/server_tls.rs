@@ -176,18 +176,6 @@ async fn curl(args: Vec<String>) -> Output {
     .unwrap()
 }
 
-fn closed(text: &str, reason: &str) -> f64 {
-    metric(
-        text,
-        "wxgate_connections_closed_total",
-        &[("reason", reason)],
-    )
-}
-
-fn open(text: &str) -> f64 {
-    metric(text, "wxgate_connections_open", &[])
-}
-
 /// An HTTP/1.1 client over `stream`; its connection runs in a task of its own.
 async fn http1_over(
     stream: TlsStream<TcpStream>,
@@ -303,7 +291,7 @@ async fn clients_that_trust_the_ca_are_served_over_http1_and_http2() {
         assert_eq!(https.upstream.code_calls(code), 1, "{code}");
     }
     let text = https.proxy.metrics().await;
-    assert_eq!(closed(&text, "tls_handshake"), 0.0);
+    assert_eq!(connections_closed(&text, "tls_handshake"), 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +338,9 @@ async fn clients_that_do_not_trust_the_ca_and_plain_http_are_refused_by_the_hand
     https
         .metrics_until(
             "three failed handshakes, their connections closed",
-            |text| closed(text, "tls_handshake") == 3.0 && open(text) == 0.0,
+            |text| {
+                connections_closed(text, "tls_handshake") == 3.0 && connections_open(text) == 0.0
+            },
         )
         .await;
 
@@ -358,13 +348,15 @@ async fn clients_that_do_not_trust_the_ca_and_plain_http_are_refused_by_the_hand
     // failed handshake.
     let check = TcpStream::connect(https.proxy.addr).await.unwrap();
     https
-        .metrics_until("the check is accepted", |text| open(text) == 1.0)
+        .metrics_until("the check is accepted", |text| {
+            connections_open(text) == 1.0
+        })
         .await;
     drop(check);
     let text = https
-        .metrics_until("the check is closed", |text| open(text) == 0.0)
+        .metrics_until("the check is closed", |text| connections_open(text) == 0.0)
         .await;
-    assert_eq!(closed(&text, "tls_handshake"), 3.0);
+    assert_eq!(connections_closed(&text, "tls_handshake"), 3.0);
     assert_eq!(https.upstream.total_calls(), 0);
 }
 
@@ -481,10 +473,10 @@ async fn a_handshake_never_finished_is_closed_at_the_head_deadline() {
     }
     let text = https
         .metrics_until("two head timeouts", |text| {
-            closed(text, "head_timeout") == 2.0
+            connections_closed(text, "head_timeout") == 2.0
         })
         .await;
-    assert_eq!(closed(&text, "tls_handshake"), 0.0);
+    assert_eq!(connections_closed(&text, "tls_handshake"), 0.0);
     // wxgate still serves.
     let client = https.trusting_client().build().unwrap();
     let answer = client.get(https.url("/after")).send().await.unwrap();
@@ -516,9 +508,9 @@ async fn a_client_outside_the_allow_list_is_closed_before_any_handshake() {
         .unwrap();
     assert_eq!(answer.status(), 200);
     let text = https.proxy.metrics().await;
-    assert_eq!(closed(&text, "not_allowed"), 1.0);
+    assert_eq!(connections_closed(&text, "not_allowed"), 1.0);
     assert_eq!(
-        closed(&text, "tls_handshake"),
+        connections_closed(&text, "tls_handshake"),
         0.0,
         "no handshake was begun"
     );

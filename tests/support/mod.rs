@@ -10,7 +10,7 @@ pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::oneshot;
@@ -92,23 +92,7 @@ pub fn config(text: &str) -> Config {
 
 /// Starts wxgate with `config` on two free loopback ports.
 pub async fn spawn_proxy(config: Config) -> TestProxy {
-    let listeners = Listeners::bind_local().await.expect("bind loopback");
-    let addr = listeners.proxy_addr();
-    let admin = listeners.admin_addr();
-    let (stop, stopped) = oneshot::channel();
-    let task = tokio::spawn(async move {
-        wxgate::run(listeners, config, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("wxgate runs");
-    });
-    TestProxy {
-        addr,
-        admin,
-        stop: Some(stop),
-        task: Some(task),
-    }
+    spawn(config, None).await
 }
 
 /// Starts wxgate with the configuration file at `path` on two free loopback ports (its
@@ -116,13 +100,16 @@ pub async fn spawn_proxy(config: Config) -> TestProxy {
 /// (`TestProxy::reload`).
 pub async fn spawn_proxy_from_file(path: &Path) -> TestProxy {
     let config = Config::load(path).unwrap_or_else(|errors| panic!("{errors}"));
+    spawn(config, Some(path.to_owned())).await
+}
+
+async fn spawn(config: Config, reload_from: Option<PathBuf>) -> TestProxy {
     let listeners = Listeners::bind_local().await.expect("bind loopback");
     let addr = listeners.proxy_addr();
     let admin = listeners.admin_addr();
     let (stop, stopped) = oneshot::channel();
-    let path = path.to_owned();
     let task = tokio::spawn(async move {
-        wxgate::run_reloadable(listeners, config, Some(path), async {
+        wxgate::run_reloadable(listeners, config, reload_from, async {
             let _ = stopped.await;
         })
         .await
@@ -208,6 +195,27 @@ pub fn calls_per_window(upstream: &StandIn, window: Duration) -> BTreeMap<u128, 
         *windows.entry(at / window.as_nanos()).or_default() += 1;
     }
     windows
+}
+
+/// The value of `name=` in a text log line of wxgate's, e.g. `proxy` in its "wxgate serving"
+/// line.
+pub fn log_field(line: &str, name: &str) -> String {
+    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+    line[start..].split_whitespace().next().unwrap().to_owned()
+}
+
+/// Client connections wxgate closed for `reason`, from its metrics.
+pub fn connections_closed(text: &str, reason: &str) -> f64 {
+    metric(
+        text,
+        "wxgate_connections_closed_total",
+        &[("reason", reason)],
+    )
+}
+
+/// Client connections open, from wxgate's metrics.
+pub fn connections_open(text: &str) -> f64 {
+    metric(text, "wxgate_connections_open", &[])
 }
 
 /// A `/sns/jscode2session` path and query.
