@@ -62,6 +62,9 @@ fail() {
     done
     exit 1
 }
+# install_packages, free_port, start, wait_until.
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$here/lib.sh"
 
 for n in QUOTA WINDOW BURST LOAD_SECONDS CONNECTIONS LATENCY_MS MAX_WAIT_MS; do
     case "${!n}" in
@@ -100,6 +103,7 @@ cleanup() {
             rm -rf "$work"
         fi
     fi
+    install_packages_cleanup
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -113,36 +117,7 @@ command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v python3 >/dev/null 2>&1 || fail "python3 is needed (it reads the stand-in's stats and prints the table)"
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]} (Debian packages)"
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || fail "${missing[*]} missing, not root and no sudo: install them"
-        sudo=(sudo -n)
-    fi
-    command -v apt-get >/dev/null 2>&1 || fail "${missing[*]} missing and no apt-get: install them"
-    # The packages' postinst scripts start nginx (port 80) and redis (port 6379) as system
-    # services; a policy-rc.d that exits 101 stops that. Made only if there is none, and
-    # removed again, also when the install fails.
-    policy=/usr/sbin/policy-rc.d
-    created_policy=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\n# temporary, from wxgate deploy/cluster-demo.sh\nexit 101\n' |
-            "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod 0755 "$policy"
-        created_policy=1
-    fi
-    install_status=0
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-            --no-install-recommends \
-            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-            "${missing[@]}" </dev/null >/dev/null || install_status=$?
-    if [ "$created_policy" = 1 ]; then
-        "${sudo[@]}" rm -f "$policy"
-    fi
-    [ "$install_status" = 0 ] || fail "apt-get install ${missing[*]} failed ($install_status)"
-fi
+[ "${#missing[@]}" = 0 ] || install_packages "${missing[@]}"
 for tool in redis-server redis-cli nginx wrk curl; do
     command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH"
 done
@@ -171,44 +146,6 @@ if [ "$(id -u)" -eq 0 ]; then
     getent group nogroup >/dev/null 2>&1 || worker_user="user nobody;"
     chmod 0711 "$work"
 fi
-
-# A free loopback port in `found_port`, never the same twice. Below the ephemeral range: a
-# port from it can be taken meanwhile as the source port of one of the connections wrk and
-# nginx open.
-read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
-port_span=$((ephemeral_low - 10000))
-[ "$port_span" -ge 1000 ] || port_span=1000
-used_ports=" "
-free_port() {
-    while :; do
-        found_port=$((10000 + RANDOM % port_span))
-        case "$used_ports" in *" $found_port "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$found_port" 2>/dev/null)" ]; then
-            used_ports+="$found_port "
-            return
-        fi
-    done
-}
-
-# start NAME CMD...: runs CMD in the background, output in $work/NAME.log; pid in `started`.
-start() {
-    local name="$1"
-    shift
-    "$@" >"$work/$name.log" 2>&1 </dev/null &
-    started=$!
-    pids+=("$started")
-}
-
-# wait_until SECONDS PID WHAT CMD...: retries CMD every 0.1 s while PID lives.
-wait_until() {
-    local deadline=$((SECONDS + $1)) pid="$2" what="$3"
-    shift 3
-    until "$@" >/dev/null 2>&1; do
-        kill -0 "$pid" 2>/dev/null || fail "$what: the process exited (its log is below)"
-        [ "$SECONDS" -lt "$deadline" ] || fail "timed out waiting for $what"
-        sleep 0.1
-    done
-}
 
 # A value of one replica's /metrics: the sum over the series of `name` whose labels contain
 # `match` (empty: all).

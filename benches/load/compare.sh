@@ -108,6 +108,9 @@ fail() {
     fi
     exit 1
 }
+# install_packages, free_port.
+# shellcheck source=SCRIPTDIR/../../deploy/lib.sh
+. "$here/../../deploy/lib.sh"
 
 # --- cleanup: everything this script starts is in `pids`; temp dirs in `dirs` ----------------
 pids=()
@@ -123,6 +126,7 @@ cleanup() {
     if [ "${#dirs[@]}" -gt 0 ]; then
         rm -rf "${dirs[@]}"
     fi
+    install_packages_cleanup
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -138,48 +142,7 @@ if [ "$with_redis" = 1 ]; then
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
     command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 fi
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]} (Debian packages)"
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || fail "${missing[*]} missing, not root and no sudo"
-        sudo=(sudo -n)
-    fi
-    command -v apt-get >/dev/null 2>&1 || fail "${missing[*]} missing and no apt-get"
-    # Debian's nginx and redis-server postinsts start their services (ports 80, 6379). A
-    # policy-rc.d that exits 101 tells invoke-rc.d / deb-systemd-invoke to start nothing; made
-    # only if there is none, and removed again, also when the install fails.
-    policy=/usr/sbin/policy-rc.d
-    created_policy=0
-    if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\n# temporary, from wxgate benches/load/compare.sh\nexit 101\n' |
-            "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod 0755 "$policy"
-        created_policy=1
-    fi
-    install_status=0
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
-        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-            --no-install-recommends \
-            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-            "${missing[@]}" </dev/null >/dev/null || install_status=$?
-    if [ "$created_policy" = 1 ]; then
-        "${sudo[@]}" rm -f "$policy"
-    fi
-    [ "$install_status" = 0 ] || fail "apt-get install ${missing[*]} failed ($install_status)"
-    # Belt and braces: the package enables its service even when it was not started.
-    for m in "${missing[@]}"; do
-        [ "$m" = nginx ] || [ "$m" = redis-server ] || continue
-        if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-            "${sudo[@]}" systemctl disable --now "$m.service" >/dev/null 2>&1 || true
-        else
-            "${sudo[@]}" update-rc.d "$m" disable >/dev/null 2>&1 || true
-            if [ "$m" = nginx ] && [ -s /run/nginx.pid ]; then
-                "${sudo[@]}" nginx -s stop >/dev/null 2>&1 || true
-            fi
-        fi
-    done
-fi
+[ "${#missing[@]}" = 0 ] || install_packages "${missing[@]}"
 for tool in nginx wrk curl taskset; do
     command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH"
 done
@@ -238,23 +201,6 @@ if [ "$(id -u)" -eq 0 ]; then
     chmod 0711 "$shm"
 fi
 
-# A free loopback port (nothing listens on it now) in `found_port`; never the same twice.
-# Below the ephemeral range: a port from it can be taken meanwhile as the source port of one
-# of the many connections wrk and the proxies open.
-read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
-port_span=$((ephemeral_low - 10000))
-[ "$port_span" -ge 1000 ] || port_span=1000
-used_ports=" "
-free_port() {
-    while :; do
-        found_port=$((10000 + RANDOM % port_span))
-        case "$used_ports" in *" $found_port "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$found_port" 2>/dev/null)" ]; then
-            used_ports+="$found_port "
-            return
-        fi
-    done
-}
 free_port
 upstream_port="$found_port"
 free_port

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# shellcheck disable=SC2154 # the ports are set by free_port (printf -v); `here` by the sourcing script
+# shellcheck disable=SC2154 # `here` is set by the sourcing script
 # The harness shared by builds.sh and instructions.sh (sourced, not run): a work folder
 # removed at exit with every process started, free loopback ports below the ephemeral range,
 # an nginx upstream on CPU 0 answering every /sns/jscode2session with one fixed success body
@@ -12,28 +12,15 @@
 BODY='{"session_key":"k3Vq9xTw2LmR8yBn5cZp1A==","openid":"oQx7Kd2Lm9Np4Rs6Tu8Vw0Yz1Ab3"}'
 CONTENT_TYPE='application/json; encoding=utf-8'
 pids=()
+# free_port.
+# shellcheck source=SCRIPTDIR/../../deploy/lib.sh
+. "$here/../../deploy/lib.sh"
 
 cleanup() {
     local pid
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$work"
-}
-
-# free_port NAME: a loopback port below the ephemeral range that nothing listens on and that
-# no earlier call picked, into the variable NAME.
-free_port() {
-    local port ephemeral_low
-    read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
-    while :; do
-        port=$((10000 + RANDOM % (ephemeral_low - 10000)))
-        case " ${taken:-} " in *" $port "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$port" 2>/dev/null)" ]; then
-            taken="${taken:-} $port"
-            printf -v "$1" '%s' "$port"
-            return
-        fi
-    done
 }
 
 request_path() {
@@ -56,9 +43,12 @@ harness_start() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
     trap cleanup EXIT
     trap 'exit 130' INT TERM
-    free_port upstream_port
-    free_port proxy_port
-    free_port admin_port
+    free_port
+    upstream_port="$found_port"
+    free_port
+    proxy_port="$found_port"
+    free_port
+    admin_port="$found_port"
     mkdir -p "$work/upstream/tmp"
     chmod 0711 "$work"
     cat >"$work/upstream/nginx.conf" <<EOF

@@ -106,6 +106,9 @@ fail() {
     done
     exit 1
 }
+# install_packages, free_port, start, wait_until.
+# shellcheck source=SCRIPTDIR/../../deploy/lib.sh
+. "$here/../../deploy/lib.sh"
 
 for n in DURATION SAMPLE CONNECTIONS LATENCY_MS TTL_SECS WINDOW CODE_QUOTA TOKEN_QUOTA \
     RUSH_EVERY RUSH_FOR WRK_TIMEOUT RSS_TOLERANCE_PCT FD_TOLERANCE; do
@@ -146,6 +149,7 @@ cleanup() {
             rm -rf "$work"
         fi
     fi
+    install_packages_cleanup
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -157,20 +161,7 @@ missing=()
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)
-if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing ${missing[*]} (Debian packages)"
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        command -v sudo >/dev/null 2>&1 || fail "${missing[*]} missing, not root and no sudo: install them"
-        sudo=(sudo -n)
-    fi
-    command -v apt-get >/dev/null 2>&1 || fail "${missing[*]} missing and no apt-get: install them"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null ||
-        fail "apt-get update failed"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-        --no-install-recommends "${missing[@]}" </dev/null >/dev/null ||
-        fail "apt-get install ${missing[*]} failed"
-fi
+[ "${#missing[@]}" = 0 ] || install_packages "${missing[@]}"
 for tool in wrk curl ss; do
     command -v "$tool" >/dev/null 2>&1 || fail "$tool is not on PATH"
 done
@@ -192,44 +183,6 @@ fi
 
 # --- 3. scratch space and ports ---------------------------------------------------------------
 work="$(mktemp -d "${TMPDIR:-/tmp}/wxgate-soak.XXXXXX")"
-
-# A free loopback port in `found_port`, never the same twice. Below the ephemeral range: a
-# port from it can be taken meanwhile as the source port of one of the many connections the
-# load opens.
-read -r ephemeral_low _ </proc/sys/net/ipv4/ip_local_port_range
-port_span=$((ephemeral_low - 10000))
-[ "$port_span" -ge 1000 ] || port_span=1000
-used_ports=" "
-free_port() {
-    while :; do
-        found_port=$((10000 + RANDOM % port_span))
-        case "$used_ports" in *" $found_port "*) continue ;; esac
-        if [ -z "$(ss -Htln "sport = :$found_port" 2>/dev/null)" ]; then
-            used_ports+="$found_port "
-            return
-        fi
-    done
-}
-
-# start NAME CMD...: runs CMD in the background, output in $work/NAME.log; pid in `started`.
-start() {
-    local name="$1"
-    shift
-    "$@" >"$work/$name.log" 2>&1 </dev/null &
-    started=$!
-    pids+=("$started")
-}
-
-# wait_until SECONDS PID WHAT CMD...: retries CMD every 0.1 s while PID lives.
-wait_until() {
-    local deadline=$((SECONDS + $1)) pid="$2" what="$3"
-    shift 3
-    until "$@" >/dev/null 2>&1; do
-        kill -0 "$pid" 2>/dev/null || fail "$what: the process exited (its log is below)"
-        [ "$SECONDS" -lt "$deadline" ] || fail "timed out waiting for $what"
-        sleep 0.1
-    done
-}
 
 now_ms() { date +%s%3N; }
 
