@@ -8,14 +8,11 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use support::tls::TestDir;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-
-const EVENTUALLY: Duration = Duration::from_secs(15);
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()

@@ -14,10 +14,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Generous bound for anything that should happen within a configured deadline of a few
-/// hundred milliseconds: a failure means "never", not "slow".
-const EVENTUALLY: Duration = Duration::from_secs(15);
-
 /// One HTTP/1.1 answer read off a raw socket: status line, headers, and a body of its
 /// `Content-Length`. Reading stops there, so an answer followed by a close (even a reset, as
 /// when wxgate closes with unread bytes from the client) is read whole.
@@ -152,23 +148,6 @@ async fn a_chunked_body_trickled_a_byte_at_a_time_is_cut_at_the_body_deadline() 
     assert_eq!(upstream.calls("/cgi-bin/message/custom/send"), 0);
 }
 
-/// Reads wxgate's metrics until `done` holds of them (events, not sleeps: the metrics say
-/// when wxgate has done something), or panics after [`EVENTUALLY`].
-async fn metrics_until(proxy: &TestProxy, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = tokio::time::Instant::now() + EVENTUALLY;
-    loop {
-        let text = proxy.metrics().await;
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never happened:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// The HTTP/2 connection preface a prior-knowledge client opens with.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -203,10 +182,11 @@ async fn silent_sockets_and_a_trickled_head_are_closed_at_the_head_deadline() {
     for stream in &mut silent {
         closed_by_wxgate(stream).await;
     }
-    let text = metrics_until(&proxy, "21 head timeouts", |text| {
-        connections_closed(text, "head_timeout") == 21.0 && connections_open(text) == 0.0
-    })
-    .await;
+    let text = proxy
+        .metrics_until("21 head timeouts", |text| {
+            connections_closed(text, "head_timeout") == 21.0 && connections_open(text) == 0.0
+        })
+        .await;
     assert_eq!(connections_closed(&text, "idle"), 0.0);
     // wxgate still serves.
     let answer = client().get(proxy.url("/after")).send().await.unwrap();
@@ -227,10 +207,11 @@ async fn an_http2_preface_and_nothing_more_is_closed_at_the_head_deadline() {
         .unwrap();
     closed_by_wxgate(&mut preface_only).await;
     closed_by_wxgate(&mut settings_only).await;
-    metrics_until(&proxy, "2 head timeouts", |text| {
-        connections_closed(text, "head_timeout") == 2.0
-    })
-    .await;
+    proxy
+        .metrics_until("2 head timeouts", |text| {
+            connections_closed(text, "head_timeout") == 2.0
+        })
+        .await;
 }
 
 #[tokio::test]
@@ -303,10 +284,11 @@ async fn idle_connections_close_after_the_idle_timeout_but_a_long_request_is_not
             .unwrap()
             .expect("closed cleanly");
     }
-    let text = metrics_until(&proxy, "2 idle closes", |text| {
-        connections_closed(text, "idle") >= 2.0
-    })
-    .await;
+    let text = proxy
+        .metrics_until("2 idle closes", |text| {
+            connections_closed(text, "idle") >= 2.0
+        })
+        .await;
     assert_eq!(connections_closed(&text, "head_timeout"), 0.0);
 }
 
@@ -318,10 +300,11 @@ async fn at_the_cap_the_longest_idle_connection_makes_room_for_a_new_client() {
     let mut silent = Vec::new();
     for count in 1..=3 {
         silent.push(connect(proxy.addr).await);
-        metrics_until(&proxy, "the connection is open", |text| {
-            connections_open(text) == f64::from(count)
-        })
-        .await;
+        proxy
+            .metrics_until("the connection is open", |text| {
+                connections_open(text) == f64::from(count)
+            })
+            .await;
     }
     // A client at the cap: the oldest silent socket is closed for it, and only that one.
     let answer = client().get(proxy.url("/new-client")).send().await.unwrap();

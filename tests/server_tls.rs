@@ -22,10 +22,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use wxgate_stand_in::StandIn;
 
-/// Generous bound for what should happen within a configured deadline of a few hundred
-/// milliseconds: a failure means "never", not "slow".
-const EVENTUALLY: Duration = Duration::from_secs(15);
-
 /// A wxgate serving HTTPS from certificate files a test CA signed, in front of a stand-in.
 struct HttpsProxy {
     ca: TestCa,
@@ -115,22 +111,6 @@ impl HttpsProxy {
         let stream = connector.connect(name, tcp).await.expect("handshake");
         let shown = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
         (stream, shown)
-    }
-
-    /// Reads wxgate's metrics until `done` holds of them, or panics after [`EVENTUALLY`].
-    async fn metrics_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = tokio::time::Instant::now() + EVENTUALLY;
-        loop {
-            let text = self.proxy.metrics().await;
-            if done(&text) {
-                return text;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{what} never happened:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
     }
 }
 
@@ -336,6 +316,7 @@ async fn clients_that_do_not_trust_the_ca_and_plain_http_are_refused_by_the_hand
     assert!(plain.is_err(), "{plain:?}");
 
     https
+        .proxy
         .metrics_until(
             "three failed handshakes, their connections closed",
             |text| {
@@ -348,12 +329,14 @@ async fn clients_that_do_not_trust_the_ca_and_plain_http_are_refused_by_the_hand
     // failed handshake.
     let check = TcpStream::connect(https.proxy.addr).await.unwrap();
     https
+        .proxy
         .metrics_until("the check is accepted", |text| {
             connections_open(text) == 1.0
         })
         .await;
     drop(check);
     let text = https
+        .proxy
         .metrics_until("the check is closed", |text| connections_open(text) == 0.0)
         .await;
     assert_eq!(connections_closed(&text, "tls_handshake"), 3.0);
@@ -472,6 +455,7 @@ async fn a_handshake_never_finished_is_closed_at_the_head_deadline() {
             .ok();
     }
     let text = https
+        .proxy
         .metrics_until("two head timeouts", |text| {
             connections_closed(text, "head_timeout") == 2.0
         })

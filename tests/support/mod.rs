@@ -23,6 +23,10 @@ pub use wxgate_stand_in::{
     DEFAULT_COMPONENT_ACCESS_TOKEN as COMPONENT_TOKEN, DEFAULT_COMPONENT_APPID as COMPONENT_APPID,
 };
 
+/// Generous bound for what should happen within a configured deadline of a few hundred
+/// milliseconds: a failure means "never", not "slow".
+pub const EVENTUALLY: Duration = Duration::from_secs(15);
+
 /// A wxgate serving on loopback; stopped when dropped.
 pub struct TestProxy {
     pub addr: SocketAddr,
@@ -45,6 +49,23 @@ impl TestProxy {
             .text()
             .await
             .expect("metrics text")
+    }
+
+    /// Reads the metrics until `done` holds of them (events, not sleeps: the metrics say when
+    /// wxgate has done something), or panics after [`EVENTUALLY`] saying `what` never happened.
+    pub async fn metrics_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + EVENTUALLY;
+        loop {
+            let text = self.metrics().await;
+            if done(&text) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} never happened:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// `POST /-/reload` on the admin port (a proxy started from a file): the status and the
