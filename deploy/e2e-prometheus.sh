@@ -46,6 +46,9 @@ repo="$(cd "$here/.." && pwd)"
 
 log() { printf '==> %s\n' "$*"; }
 fail() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+# stop_all.
+# shellcheck source=SCRIPTDIR/lib.sh
+. "$here/lib.sh"
 
 mode=demo
 case "${1:-}" in
@@ -63,19 +66,7 @@ pids=()
 status=1
 
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        # give each a few seconds to exit, then insist
-        for _ in 1 2 3 4 5 6 7 8 9 10; do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.5
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_all
     if [ "$status" -ne 0 ]; then
         for f in "$tmp"/*.log; do
             [ -s "$f" ] || continue

@@ -2,7 +2,8 @@
 # shellcheck disable=SC2154 # `work` belongs to the script that sources this
 # Shell helpers shared by wxgate's scripts (deploy/cluster-demo.sh, deploy/install-prometheus.sh,
 # benches/load/*.sh): sourced, not run. The script that sources it defines `log MESSAGE` and
-# `fail MESSAGE` (which exits); `start` also needs its `work` folder and its `pids` array.
+# `fail MESSAGE` (which exits); `start` also needs its `work` folder, `start` and `stop_all`
+# its `pids` array.
 
 # install_packages PACKAGE...: installs Debian packages with apt-get (as root, or with
 # `sudo -n`), without leaving the services some of them bring (nginx on :80, redis-server on
@@ -86,6 +87,23 @@ start() {
     "$@" >"$work/$name.log" 2>&1 </dev/null &
     started=$!
     pids+=("$started")
+}
+
+# stop_all: asks every process in `pids` to stop (SIGTERM), gives each a few seconds (wxgate
+# drains for its shutdown grace), then insists (SIGKILL).
+stop_all() {
+    local pid
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 20); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
 }
 
 # wait_until SECONDS PID WHAT CMD...: retries CMD every 0.1 s while PID lives.

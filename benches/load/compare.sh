@@ -116,13 +116,7 @@ fail() {
 pids=()
 dirs=()
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_all
     if [ "${#dirs[@]}" -gt 0 ]; then
         rm -rf "${dirs[@]}"
     fi

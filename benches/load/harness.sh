@@ -17,9 +17,7 @@ pids=()
 . "$here/../../deploy/lib.sh"
 
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    stop_all
     rm -rf "$work"
 }
 

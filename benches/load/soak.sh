@@ -129,19 +129,7 @@ pids=()
 work=""
 status=1
 cleanup() {
-    local pid
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${pids[@]}"; do
-        # a few seconds to exit (wxgate drains for shutdown_grace_ms), then insist
-        for _ in $(seq 1 20); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
+    stop_all
     if [ -n "$work" ]; then
         if [ "${KEEP_TMP:-0}" = 1 ] || [ "$status" -ne 0 ]; then
             printf 'logs, configuration and samples kept in %s\n' "$work" >&2
