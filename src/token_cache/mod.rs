@@ -245,7 +245,7 @@ impl TokenCache {
         let slot = slots.entry(key.clone()).or_default();
         let plan = self.settings.load().policy.plan(
             slot.entry.as_ref().map(|entry| &entry.held),
-            self.asked(slot, request, now),
+            self.asked(slot, request, credential, now),
             now,
         );
         match plan {
@@ -283,10 +283,15 @@ impl TokenCache {
     }
 
     /// What `request` asks of `slot`, for [`Policy::plan`].
-    fn asked(&self, slot: &Slot, request: &TokenRequest, now: SystemTime) -> Asked {
+    fn asked(
+        &self,
+        slot: &Slot,
+        request: &TokenRequest,
+        credential: &Credential,
+        now: SystemTime,
+    ) -> Asked {
         let entry = slot.entry.as_ref();
-        let credential_matches =
-            entry.is_some_and(|entry| self.credentials.matches(request, &entry.credential));
+        let credential_matches = entry.is_some_and(|entry| credential.same_as(&entry.credential));
         let refreshing = slot.flights.iter().any(|flight| flight.background);
         let rested = match (slot.refresh_failed_at, entry) {
             (Some(failed), Some(entry)) => {
@@ -319,7 +324,7 @@ impl TokenCache {
         let joinable = slot.flights.iter().find(|flight| {
             !flight.is_done()
                 && (flight.forced || !forced)
-                && self.credentials.matches(request, &flight.credential)
+                && credential.same_as(&flight.credential)
         });
         if let Some(flight) = joinable {
             return Step::Wait {
