@@ -117,15 +117,11 @@ impl SharedCodes {
 
     /// Looks for a remembered answer, or claims the exchange; when `turn` is given and the
     /// claim is won, the call's quota turn is taken in the same round trip
-    /// ([`super::scripts::CODE_CLAIM_TURN`]).
+    /// ([`super::scripts::CODE_CLAIM`]).
     pub async fn claim(&self, fingerprint: &str, turn: Option<&Turn>) -> Claim {
         let cluster = &self.cluster;
         let owner = super::random_id();
-        let script = match turn {
-            Some(_) => &cluster.scripts.code_claim_turn,
-            None => &cluster.scripts.code_claim,
-        };
-        let mut invocation = script.prepare_invoke();
+        let mut invocation = cluster.scripts.code_claim.prepare_invoke();
         invocation
             .key(cluster.key("ca", fingerprint))
             .key(cluster.key("cl", fingerprint))
@@ -136,25 +132,11 @@ impl SharedCodes {
             // Keys 4 to 6 and arguments 3 to 5.
             turn.add_to(&mut invocation);
         }
-        let (found, sealed, admitted, wait) = match turn {
-            Some(_) => {
-                let Some(reply) = cluster
-                    .eval::<(i64, Vec<u8>, i64, i64)>(RedisOp::CodeClaim, invocation)
-                    .await
-                else {
-                    return Claim::Unavailable;
-                };
-                reply
-            }
-            None => {
-                let Some((found, sealed)) = cluster
-                    .eval::<(i64, Vec<u8>)>(RedisOp::CodeClaim, invocation)
-                    .await
-                else {
-                    return Claim::Unavailable;
-                };
-                (found, sealed, 0, 0)
-            }
+        let Some((found, sealed, admitted, wait)) = cluster
+            .eval::<(i64, Vec<u8>, i64, i64)>(RedisOp::CodeClaim, invocation)
+            .await
+        else {
+            return Claim::Unavailable;
         };
         match found {
             1 => match self.open(fingerprint, &sealed) {

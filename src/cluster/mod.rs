@@ -119,7 +119,6 @@ struct Scripts {
     heartbeat: Script,
     resume: Script,
     code_claim: Script,
-    code_claim_turn: Script,
     code_peek: Script,
     code_renew: Script,
     code_complete: Script,
@@ -160,13 +159,14 @@ impl Cluster {
         let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|error| ClusterError::Url(format!("{:?}", error.kind())))?;
         metrics.set_mode(false);
+        let sealing = Sealing::new(config.secret.expose());
         Ok(Cluster {
             connection,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             window,
-            secret_check: Sealing::new(config.secret.expose()).fingerprint("secret check", &[]),
-            sealing: Sealing::new(config.secret.expose()),
+            secret_check: sealing.fingerprint("secret check", &[]),
+            sealing,
             replica: random_id(),
             epoch: Mutex::new(String::new()),
             mode: watch::Sender::new(Mode::Degraded {
@@ -180,7 +180,6 @@ impl Cluster {
                 heartbeat: Script::new(scripts::HEARTBEAT),
                 resume: Script::new(scripts::RESUME),
                 code_claim: Script::new(scripts::CODE_CLAIM),
-                code_claim_turn: Script::new(scripts::CODE_CLAIM_TURN),
                 code_peek: Script::new(scripts::CODE_PEEK),
                 code_renew: Script::new(scripts::CODE_RENEW),
                 code_complete: Script::new(scripts::CODE_COMPLETE),

@@ -11,7 +11,7 @@
 //! count (`-1`) and the replica degrades, as for an outage, until the replicas resume
 //! together at a window boundary.
 
-/// The GCRA turn of [`QUOTA`] as a Lua function, so that [`CODE_CLAIM_TURN`] takes a turn
+/// The GCRA turn of [`QUOTA`] as a Lua function, so that [`CODE_CLAIM`] takes a turn
 /// the same way: `turn(epoch key, bucket key, pause key, expected epoch, interval µs,
 /// tolerance µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or `-1, 0`
 /// (epoch lost).
@@ -56,14 +56,14 @@ return {admitted, wait}
 "
 );
 
-/// Pauses one (appid, API) until WeChat's next window (plus jitter), after a 45011.
+/// Pauses one (appid, API) until WeChat's next window, after a 45011.
 ///
-/// `KEYS`: pause. `ARGV`: window µs, jitter µs. Returns the µs until the pause ends.
+/// `KEYS`: pause. `ARGV`: window µs. Returns the µs until the pause ends.
 pub const PAUSE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[1])
-local resume = (math.floor(now / window) + 1) * window + tonumber(ARGV[2])
+local resume = (math.floor(now / window) + 1) * window
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if resume > current then
   redis.call('SET', KEYS[1], string.format('%.0f', resume), 'PX', math.floor((resume - now) / 1000) + 1)
@@ -116,30 +116,18 @@ return at - now
 ";
 
 /// Looks for a remembered answer of a code exchange, or claims the exchange, in one round
-/// trip.
+/// trip; when the claim is won and the call's quota turn is given (keys 4 to 6), takes that
+/// turn too ([`QUOTA`]'s GCRA), so that the leader of an exchange needs no round trip of its
+/// own for its first turn.
 ///
-/// `KEYS`: answer, claim, waiters. `ARGV`: this claim's owner, lease ms.
-/// Returns `{1, sealed answer}` (remembered), `{2, ''}` (claimed: call WeChat), or
-/// `{3, ''}` (another replica holds the claim; this one is now noted as waiting, so that
-/// the holder publishes its answer).
-pub const CODE_CLAIM: &str = r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {1, answer} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
-redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
-return {3, ''}
-";
-
-/// [`CODE_CLAIM`], and when the claim is won, the call's quota turn ([`QUOTA`]) in the same
-/// round trip: the leader of an exchange then needs no round trip of its own for its first
-/// turn.
-///
-/// `KEYS`: answer, claim, waiters, then the quota's epoch, bucket and pause. `ARGV`: this
-/// claim's owner, lease ms, then the quota's expected epoch, interval µs, tolerance µs.
-/// Returns `{found, sealed answer, admitted, wait µs}`: `found` and the answer as
-/// [`CODE_CLAIM`]'s; `admitted` and the wait as [`QUOTA`]'s when claimed (`found` 2), and
-/// `0, 0` otherwise (no turn taken).
-pub const CODE_CLAIM_TURN: &str = concat!(
+/// `KEYS`: answer, claim, waiters, and optionally the quota's epoch, bucket and pause.
+/// `ARGV`: this claim's owner, lease ms, and with the quota's keys its expected epoch,
+/// interval µs and tolerance µs.
+/// Returns `{found, sealed answer, admitted, wait µs}`: `{1, sealed, 0, 0}` (remembered),
+/// `{2, '', admitted, wait}` (claimed: call WeChat; the turn as [`QUOTA`] returns it, or
+/// `0, 0` when none was asked for), or `{3, '', 0, 0}` (another replica holds the claim;
+/// this one is now noted as waiting, so that the holder publishes its answer).
+pub const CODE_CLAIM: &str = concat!(
     gcra_turn!(),
     r"
 local answer = redis.call('GET', KEYS[1])
@@ -148,6 +136,7 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
   return {3, '', 0, 0}
 end
+if #KEYS < 6 then return {2, '', 0, 0} end
 local admitted, wait = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5])
 return {2, '', admitted, wait}
 "
