@@ -321,7 +321,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             }
         }
         if let Some(shared) = &self.shared {
-            shared.pause(key, Duration::ZERO).await;
+            shared.pause(key).await;
         }
     }
 
@@ -393,11 +393,16 @@ impl<C: Clock + Clone> QuotaGate<C> {
 /// How long until WeChat's next window begins: windows are aligned to multiples of the
 /// window length since the UNIX epoch, as WeChat counts calendar minutes.
 pub fn next_window_start(window: Duration) -> Duration {
-    let now = SystemTime::now()
+    until_next_window(SystemTime::now(), window)
+}
+
+/// How long from `now` until the next calendar window begins (see [`next_window_start`]).
+pub fn until_next_window(now: SystemTime, window: Duration) -> Duration {
+    let since_epoch = now
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
     let window = window.as_nanos().max(1);
-    let next = (now / window + 1) * window;
-    Duration::from_nanos(u64::try_from(next - now).unwrap_or(u64::MAX))
+    let next = (since_epoch / window + 1) * window;
+    Duration::from_nanos(u64::try_from(next - since_epoch).unwrap_or(u64::MAX))
 }

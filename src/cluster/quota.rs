@@ -5,7 +5,7 @@
 //! Every turn is one run of the GCRA in Redis: its own `EVALSHA` of
 //! [`super::scripts::QUOTA`], or, for the first attempt of a code exchange whose key has
 //! no call queued on this replica, part of the round trip that claims the code
-//! ([`super::scripts::CODE_CLAIM_TURN`]). The same GCRA, burst and
+//! ([`super::scripts::CODE_CLAIM`]). The same GCRA, burst and
 //! emission interval as the single process (see [`crate::quota`]), kept in one Redis key
 //! per (appid, API) and read on Redis's clock, so the single-process bound holds for all
 //! replicas together: at most `per_window` calls in any span of `window_secs`, retries
@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use super::{Cluster, Mode};
 use crate::config::QuotaLimit;
 use crate::metrics::RedisOp;
-use crate::quota::QuotaKey;
+use crate::quota::{until_next_window, QuotaKey};
 
 /// The shared side of a quota gate.
 pub struct SharedQuota {
@@ -162,20 +162,18 @@ impl SharedQuota {
         Err(until_next_window(now, self.window))
     }
 
-    /// Pauses `key` in Redis until WeChat's next window (when counting there), so that every
-    /// replica holds it. Returns how long the pause lasts, by Redis's clock.
-    pub async fn pause(&self, key: &QuotaKey, jitter: Duration) -> Option<Duration> {
+    /// Pauses `key` in Redis until WeChat's next window by Redis's clock (when counting
+    /// there), so that every replica holds it.
+    pub async fn pause(&self, key: &QuotaKey) {
         if !self.cluster.counts_in_redis() {
-            return None;
+            return;
         }
         let cluster = &self.cluster;
         let mut invocation = cluster.scripts.pause.prepare_invoke();
         invocation
             .key(cluster.key("p", &fingerprint(cluster, key)))
-            .arg(self.window.as_micros() as u64)
-            .arg(jitter.as_micros() as u64);
-        let micros: u64 = cluster.eval(RedisOp::Pause, invocation).await?;
-        Some(Duration::from_micros(micros))
+            .arg(self.window.as_micros() as u64);
+        let _: Option<u64> = cluster.eval(RedisOp::Pause, invocation).await;
     }
 
     /// Forgets local counts of windows that are over.
@@ -197,15 +195,4 @@ fn fingerprint(cluster: &Cluster, key: &QuotaKey) -> String {
 fn window_index(at: SystemTime, window: Duration) -> u64 {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     (since_epoch.as_nanos() / window.as_nanos().max(1)) as u64
-}
-
-/// How long from `now` until the next calendar window begins.
-fn until_next_window(now: SystemTime, window: Duration) -> Duration {
-    let since_epoch = now
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let window = window.as_nanos().max(1);
-    let next = (since_epoch / window + 1) * window;
-    Duration::from_nanos((next - since_epoch) as u64)
 }

@@ -18,6 +18,9 @@ use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_L
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+/// Lower-case hex digits, for fingerprints.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// The shortest cluster secret accepted, in bytes.
 pub const MIN_SECRET_LEN: usize = 32;
 
@@ -62,7 +65,8 @@ impl Sealing {
         let tag = context.sign();
         let mut hex = String::with_capacity(32);
         for byte in &tag.as_ref()[..16] {
-            hex.push_str(&format!("{byte:02x}"));
+            hex.push(char::from(HEX[usize::from(byte >> 4)]));
+            hex.push(char::from(HEX[usize::from(byte & 0xf)]));
         }
         hex
     }

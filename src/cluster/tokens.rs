@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 
 use redis::Script;
 
-use super::{random_id, Cluster, Mode};
+use super::{random_id, Cluster};
 use crate::metrics::RedisOp;
 use crate::token_cache::{Entry, TokenKey};
 
@@ -91,7 +91,7 @@ impl SharedTokens {
     /// Whether to ask Redis at all: not while degraded (the probe finds Redis again; no
     /// request waits on a Redis that just failed).
     pub fn available(&self) -> bool {
-        !matches!(self.cluster.mode(), Mode::Degraded { .. })
+        self.cluster.reachable()
     }
 
     /// How long a lease lasts.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rustls::{CertificateError, ClientConfig, RootCertStore};
 
 use super::error::CertificateProblem;
-use crate::config::CaFile;
+use crate::config::{tls_provider, CaFile};
 
 /// The client configuration: the webpki roots (Mozilla's, compiled in: no system store to
 /// depend on), plus the authorities of `upstream.ca_file`; TLS 1.2 and 1.3 over ring.
@@ -19,7 +19,7 @@ pub(super) fn client_config(ca_file: Option<&CaFile>) -> ClientConfig {
         // Each was checked to be usable when the configuration was validated.
         roots.add_parsable_certificates(ca_file.certificates().iter().cloned());
     }
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    ClientConfig::builder_with_provider(Arc::new(tls_provider()))
         .with_safe_default_protocol_versions()
         .expect("ring supports rustls's default protocol versions")
         .with_root_certificates(roots)
