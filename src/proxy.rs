@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response};
+use http::{HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
 
@@ -200,7 +200,7 @@ impl Proxy {
         let (parts, body) = request.into_parts();
         let target = read_target(&parts)?;
         context.api = target.api;
-        let body = self.read_body(&parts.headers, body).await?;
+        let body = self.read_body(body).await?;
         let query = target.path_and_query.query().unwrap_or("");
         if let Some(token) = self.tokens.request(target.api, &parts.method, query, &body) {
             return Ok(self.token(token, parts, target, body).await);
@@ -237,18 +237,16 @@ impl Proxy {
     /// it when its length is declared, and answering 408 to one that has not arrived whole
     /// within `server.body_timeout_ms` (a client trickling a byte at a time, or declaring a
     /// body it never sends, would otherwise hold the request open for ever).
-    async fn read_body<B>(&self, headers: &HeaderMap, body: B) -> Result<Bytes, LocalAnswer>
+    async fn read_body<B>(&self, body: B) -> Result<Bytes, LocalAnswer>
     where
         B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let limit = self.max_body_bytes.load(Ordering::Relaxed);
         let too_large = LocalAnswer::BodyTooLarge { limit };
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limit as u64) {
+        // A declared length (hyper's size hint, from `Content-Length`) over the limit is
+        // refused before any of the body is read.
+        if body.size_hint().lower() > limit as u64 {
             return Err(too_large);
         }
         // A GET without a body (every code exchange) skips the collecting machinery.
