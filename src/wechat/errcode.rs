@@ -78,15 +78,13 @@ impl Errcode {
     }
 
     /// The bounded metric label: `0`, `none`, `unexpected`, a code from
-    /// [`KNOWN_ERRCODES`], or `other`.
+    /// [`KNOWN_ERRCODES`], or `other`; the label at [`Errcode::label_index`].
     pub fn label(self) -> &'static str {
-        match self.label_index() {
-            0 => "0",
-            1 => "none",
-            2 => "other",
-            3 => "unexpected",
-            known => KNOWN_ERRCODES[known - FIXED_LABELS.len()].1,
-        }
+        let index = self.label_index();
+        FIXED_LABELS
+            .get(index)
+            .copied()
+            .unwrap_or_else(|| KNOWN_ERRCODES[index - FIXED_LABELS.len()].1)
     }
 
     /// Position of [`Errcode::label`] in [`errcode_labels`], for per-label tables.
