@@ -67,6 +67,12 @@ impl Lane {
     fn pause_end(&self) -> Option<Instant> {
         *self.paused_until.lock()
     }
+
+    /// Whether the lane in the map (`lane`, the map's own reference) can go: no call holds it
+    /// (the map's is the only reference) and no pause lasts past `now`.
+    fn idle(lane: &Arc<Lane>, now: Instant) -> bool {
+        Arc::strong_count(lane) == 1 && lane.pause_end().is_none_or(|until| until <= now)
+    }
 }
 
 /// The quota of every (appid, API) pair.
@@ -340,9 +346,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
         let now = Instant::now();
         // The map holds one reference; any other belongs to a call still using the lane. The
         // check runs under the shard's write lock, so no call can pick the lane up meanwhile.
-        let removed = self.lanes.remove_if(key, |_, lane| {
-            Arc::strong_count(lane) == 1 && lane.pause_end().is_none_or(|until| until <= now)
-        });
+        let removed = self.lanes.remove_if(key, |_, lane| Lane::idle(lane, now));
         if removed.is_some() {
             self.lane_count.fetch_sub(1, Ordering::AcqRel);
         }
@@ -360,12 +364,11 @@ impl<C: Clock + Clone> QuotaGate<C> {
         }
         let now = Instant::now();
         self.lanes.retain(|_, lane| {
-            let keep =
-                Arc::strong_count(lane) > 1 || lane.pause_end().is_some_and(|until| until > now);
-            if !keep {
+            let idle = Lane::idle(lane, now);
+            if idle {
                 self.lane_count.fetch_sub(1, Ordering::AcqRel);
             }
-            keep
+            !idle
         });
     }
 
