@@ -42,6 +42,7 @@ mod base_url;
 mod ca_file;
 mod checks;
 mod cluster;
+mod pem;
 mod raw;
 mod read;
 mod server_tls;

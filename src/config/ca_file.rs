@@ -9,9 +9,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
+
+use super::pem::{read_certificates, PemCertificatesError};
 
 /// The certificates of `upstream.ca_file`, each usable as a trusted root.
 #[derive(Clone, PartialEq, Eq)]
@@ -43,17 +44,11 @@ impl CaFile {
     /// Reads `path` and checks every certificate in it; sections other than certificates
     /// (a key, parameters) are ignored.
     pub fn load(path: &Path) -> Result<CaFile, CaFileError> {
-        let text = std::fs::read(path).map_err(|error| {
-            // An io::Error from `read` says what went wrong, not which file.
-            CaFileError::Unreadable(error.to_string())
+        let certificates = read_certificates(path).map_err(|error| match error {
+            PemCertificatesError::Unreadable(text) => CaFileError::Unreadable(text),
+            PemCertificatesError::NotPem => CaFileError::NotPem,
+            PemCertificatesError::NoCertificate => CaFileError::NoCertificate,
         })?;
-        let certificates = CertificateDer::pem_slice_iter(&text)
-            .map(|certificate| certificate.map(CertificateDer::into_owned))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| CaFileError::NotPem)?;
-        if certificates.is_empty() {
-            return Err(CaFileError::NoCertificate);
-        }
         let mut roots = RootCertStore::empty();
         for (index, certificate) in certificates.iter().enumerate() {
             roots

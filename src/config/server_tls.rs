@@ -17,6 +17,8 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
+use super::pem::{read_certificates, PemCertificatesError};
+
 /// The certificate chain and key of `[server.tls]`, ready for a handshake.
 #[derive(Clone)]
 pub struct ServerTlsConfig {
@@ -66,17 +68,11 @@ pub enum KeyFileError {
 impl ServerTlsConfig {
     /// Reads the certificate chain, the first certificate being the server's own.
     pub fn read_chain(cert_file: &Path) -> Result<Vec<CertificateDer<'static>>, CertFileError> {
-        let text = std::fs::read(cert_file)
-            // An io::Error from `read` says what went wrong, not which file.
-            .map_err(|error| CertFileError::Unreadable(error.to_string()))?;
-        let chain = CertificateDer::pem_slice_iter(&text)
-            .map(|certificate| certificate.map(CertificateDer::into_owned))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| CertFileError::NotPem)?;
-        if chain.is_empty() {
-            return Err(CertFileError::NoCertificate);
-        }
-        Ok(chain)
+        read_certificates(cert_file).map_err(|error| match error {
+            PemCertificatesError::Unreadable(text) => CertFileError::Unreadable(text),
+            PemCertificatesError::NotPem => CertFileError::NotPem,
+            PemCertificatesError::NoCertificate => CertFileError::NoCertificate,
+        })
     }
 
     /// Reads the private key of `key_file` and checks it against `chain` (from
