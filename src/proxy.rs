@@ -287,12 +287,10 @@ impl Proxy {
             }
             Lookup::Absent => {}
         }
-        let query = target.path_and_query.query().unwrap_or("");
-        let fingerprint = self.codes.fingerprint(target.api, query);
         let call = self.call(parts, target, body, Some(exchange.quota_key));
         let (result, status) = self
             .codes
-            .exchange(exchange.key, call, &self.dispatcher, fingerprint)
+            .exchange(exchange.key, call, &self.dispatcher)
             .await;
         Reply::exchanged(result, status)
     }

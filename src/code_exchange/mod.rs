@@ -146,7 +146,7 @@ impl CodeExchange {
 
     /// The fingerprint under which the replicas share this exchange (with `[cluster]` only):
     /// a keyed HMAC of what makes exchanges identical, the same on every replica.
-    pub fn fingerprint(&self, api: Api, query: &str) -> Option<String> {
+    fn fingerprint(&self, api: Api, query: &str) -> Option<String> {
         let shared = self.shared.as_ref()?;
         let params = WechatParams::parse(query);
         let checked = request::check(api, &params).ok()?;
@@ -195,7 +195,6 @@ impl CodeExchange {
         key: CodeKey,
         call: Call,
         dispatcher: &Arc<Dispatcher>,
-        fingerprint: Option<String>,
     ) -> (ExchangeResult, CacheStatus) {
         let now = self.seconds(Instant::now());
         let (flight, receiver) = match self.slots.entry(key) {
@@ -224,17 +223,16 @@ impl CodeExchange {
             }
         };
         self.update_gauge();
-        let call =
-            Box::pin(
-                self.clone()
-                    .lead(key, flight.clone(), call, dispatcher.clone(), fingerprint),
-            );
+        let call = Box::pin(
+            self.clone()
+                .lead(key, flight.clone(), call, dispatcher.clone()),
+        );
         Leader::new(call, flight, receiver).await
     }
 
     /// Makes the call of `flight`, settles its slot and hands the result to any follower.
     /// With `[cluster]` (and Redis reachable), the exchange is first looked up and claimed
-    /// in Redis under its `fingerprint`: a remembered answer or another replica's call
+    /// in Redis under its fingerprint: a remembered answer or another replica's call
     /// answers it without a call of this replica's own.
     async fn lead(
         self: Arc<Self>,
@@ -242,7 +240,6 @@ impl CodeExchange {
         flight: Arc<Flight>,
         call: Call,
         dispatcher: Arc<Dispatcher>,
-        fingerprint: Option<String>,
     ) -> Led {
         // If this future is dropped before it ends (its task cancelled at shutdown, no runtime
         // to move to, a panic), the slot is freed and the followers are answered.
@@ -252,11 +249,15 @@ impl CodeExchange {
             flight: &flight,
             armed: true,
         };
+        // The fingerprint only when Redis will be asked: a leader's, with Redis reachable.
         let shared = self
             .shared
             .as_ref()
-            .zip(fingerprint)
-            .filter(|(shared, _)| shared.available());
+            .filter(|shared| shared.available())
+            .and_then(|shared| {
+                let query = call.request.path_and_query.query().unwrap_or("");
+                Some((shared, self.fingerprint(call.api, query)?))
+            });
         let (result, status) = match shared {
             // Boxed: the Redis round trips make a large future, which the common path (no
             // `[cluster]`) would otherwise carry and copy on every exchange.
