@@ -196,12 +196,15 @@ impl LocalAnswer {
         }
     }
 
-    /// The HTTP response.
+    /// The WeChat-shaped body: `{"errcode":..,"errmsg":..}`.
+    pub fn body(self) -> Bytes {
+        wechat::error_body(self.errcode(), &self.errmsg())
+    }
+
+    /// The HTTP response: [`LocalAnswer::status`], [`LocalAnswer::body`] as JSON, and
+    /// `Retry-After` for a local 45011.
     pub fn response(self) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(wechat::error_body(
-            self.errcode(),
-            &self.errmsg(),
-        )));
+        let mut response = Response::new(Full::new(self.body()));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::flight::{Flight, Led};
@@ -13,6 +14,7 @@ use crate::cluster::codes::{Claim, SharedAnswer, SharedCodes, Waited};
 use crate::dispatch::{Call, Dispatcher, FirstTurn};
 use crate::local_answer::LocalAnswer;
 use crate::metrics::{LookupResult, Tier};
+use crate::wechat::JSON_CONTENT_TYPE;
 
 impl CodeExchange {
     /// With `[cluster]`: the exchange looked up and claimed in Redis under its `fingerprint`
@@ -125,20 +127,13 @@ fn shared_answer(result: &ExchangeResult) -> (SharedAnswer, bool) {
             },
             false,
         ),
-        ExchangeResult::Local(local) => {
-            let response = local.response();
-            let body = local_body(*local);
-            let shared = SharedAnswer {
-                status: response.status(),
-                content_type: response.headers().get(http::header::CONTENT_TYPE).cloned(),
-                body,
-            };
-            (shared, false)
-        }
+        ExchangeResult::Local(local) => (
+            SharedAnswer {
+                status: local.status(),
+                content_type: Some(HeaderValue::from_static(JSON_CONTENT_TYPE)),
+                body: local.body(),
+            },
+            false,
+        ),
     }
-}
-
-/// The body of one of wxgate's own answers.
-fn local_body(answer: LocalAnswer) -> bytes::Bytes {
-    crate::wechat::error_body(answer.errcode(), &answer.errmsg())
 }
