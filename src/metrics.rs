@@ -35,6 +35,17 @@ pub enum Tier {
     Redis,
 }
 
+impl Tier {
+    const ALL: [Tier; 2] = [Tier::Local, Tier::Redis];
+
+    fn label(self) -> &'static str {
+        match self {
+            Tier::Local => "local",
+            Tier::Redis => "redis",
+        }
+    }
+}
+
 /// What a look-up found: the `result` label of `wxgate_code_cache_lookups_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LookupResult {
@@ -293,10 +304,10 @@ impl Metrics {
             quota_wait: per_api(&quota_wait),
             quota_exceeded: per_api(&quota_exceeded),
             retries: per_api_and(&retries, &retry_reasons),
-            code_lookups: ["local", "redis"].map(|tier| {
+            code_lookups: Tier::ALL.map(|tier| {
                 LookupResult::ALL
                     .iter()
-                    .map(|result| code_lookups.with_label_values(&[tier, result.label()]))
+                    .map(|result| code_lookups.with_label_values(&[tier.label(), result.label()]))
                     .collect()
             }),
             inflight,
