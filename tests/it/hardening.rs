@@ -1,17 +1,15 @@
 //! Requests that used to slip past their quota or their cache key, and upstream answers that
 //! used to be remembered wrongly: each reproduced over real HTTP on loopback.
 
-mod support;
-
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::support::*;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::*;
 use tokio::net::TcpListener;
 
 /// An upstream that answers its requests with the given answers in turn (the last one

@@ -2,14 +2,12 @@
 //! `/metrics`, and the binary as a user runs it: the table, `--keep-running` until SIGTERM,
 //! and a clear error for a port that is taken.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{client, jscode2session, metric, APPID, SECRET};
+use crate::support::{client, jscode2session, metric, APPID, SECRET};
 use wxgate::{DemoOptions, DemoReport};
 use wxgate_demo::{Outcome, RetryReason, TokenOutcome};
 

@@ -1,15 +1,13 @@
 //! Replicas as one for code exchanges: three wxgates sharing a real `redis-server`, against
 //! a stand-in that spends each code once and records every code it is sent.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::child::ChildWxgate;
+use crate::support::cluster::{cluster_config_text, Replicas};
+use crate::support::redis::RedisServer;
+use crate::support::*;
 use futures_util::future::join_all;
-use support::child::ChildWxgate;
-use support::cluster::{cluster_config_text, Replicas};
-use support::redis::RedisServer;
-use support::*;
 
 /// An answer as a client sees it.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,18 +3,16 @@
 //! per lifetime for all of them, a Redis outage that callers never notice, a token refused
 //! through one replica dropped for all, and nothing readable in Redis.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::cluster::Replicas;
+use crate::support::redis::RedisServer;
+use crate::support::sdk::{SdkClient, Style};
+use crate::support::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use support::cluster::Replicas;
-use support::redis::RedisServer;
-use support::sdk::{SdkClient, Style};
-use support::*;
 use tokio::task::JoinSet;
 use wxgate_stand_in::{
     StandIn, CHECKED_API_PATH, COMPONENT_TOKEN_PATH, DEFAULT_COMPONENT_APPSECRET,

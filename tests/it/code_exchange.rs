@@ -2,12 +2,10 @@
 //! isolation, a leader that goes away, transient answers, the bound, expiry, local
 //! validation, for both code-exchange endpoints.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::future::join_all;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use wxgate_stand_in::Fault;
 

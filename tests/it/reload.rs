@@ -2,15 +2,13 @@
 //! reload` apply new quotas to the buckets in use with queued requests all answered, refuse a
 //! broken file whole while traffic goes on, and name what needs a restart.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::support::child::ChildWxgate;
+use crate::support::*;
 use futures_util::future::join_all;
-use support::child::ChildWxgate;
-use support::*;
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
 

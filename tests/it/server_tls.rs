@@ -5,18 +5,16 @@
 //! before it keep working; a handshake never finished is closed at the head deadline; and a
 //! client outside `server.allow` is closed before any handshake.
 
-mod support;
-
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::tls::{TestCa, TestDir};
+use crate::support::*;
 use http::Version;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::tls::{TestCa, TestDir};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;

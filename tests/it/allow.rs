@@ -5,12 +5,10 @@
 //! wxgate listens on 127.0.0.1 and the tests connect from 127.0.0.1 and from 127.0.0.2, which
 //! Linux routes over the loopback like all of 127/8.
 
-mod support;
-
 use std::net::{IpAddr, SocketAddr};
 
-use support::tls::TestDir;
-use support::*;
+use crate::support::tls::TestDir;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 

@@ -1,6 +1,5 @@
 //! Shared by the integration tests: a wxgate started in-process on `127.0.0.1:0` in front of
 //! a WeChat stand-in, and small helpers to read its metrics.
-#![allow(dead_code, unused_imports)]
 
 pub mod child;
 pub mod cluster;

@@ -5,12 +5,10 @@
 //! connection cap makes room for a new client, and requests past the shutdown grace get
 //! wxgate's own answer.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

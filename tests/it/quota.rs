@@ -1,12 +1,10 @@
 //! Minute quotas over real HTTP on loopback, against a stand-in that enforces its own quota
 //! over short windows and records every call.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use futures_util::future::join_all;
-use support::*;
 use tokio::io::AsyncWriteExt;
 use wxgate_stand_in::Fault;
 

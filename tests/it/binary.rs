@@ -2,14 +2,12 @@
 //! `check-config`, serving from a config file, logs that never hold a secret, and SIGTERM
 //! draining to exit 0.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use wxgate_stand_in::Fault;
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");

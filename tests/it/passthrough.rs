@@ -1,11 +1,9 @@
 //! The foundation over real HTTP on loopback: pass-through byte for byte, no open relay,
 //! body limit, upstream faults, admin endpoints and metrics, h2c, graceful shutdown.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wxgate_stand_in::Fault;

@@ -2,14 +2,12 @@
 //! client spreading requests over them round robin, against a stand-in that enforces its own
 //! quota over short windows and records every call.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::cluster::Replicas;
+use crate::support::redis::{RedisServer, SlowRelay};
+use crate::support::*;
 use futures_util::future::join_all;
-use support::cluster::Replicas;
-use support::redis::{RedisServer, SlowRelay};
-use support::*;
 use wxgate_stand_in::StandIn;
 
 const EXCHANGE: &str = "/sns/jscode2session";
@@ -367,8 +365,8 @@ async fn a_replica_with_another_secret_does_not_share() {
     let quota = "[quota]\nwindow_secs = 1\nper_window = 300\n";
     let replicas = Replicas::start(&upstream, &redis.url(), quota).await;
     replicas.wait_until_they_know_each_other().await;
-    let other_secret = support::cluster::SecretFile::new();
-    let stranger = spawn_proxy(config(&support::cluster::cluster_config_text(
+    let other_secret = crate::support::cluster::SecretFile::new();
+    let stranger = spawn_proxy(config(&crate::support::cluster::cluster_config_text(
         &upstream,
         &redis.url(),
         &other_secret,

@@ -3,15 +3,13 @@
 //! of expiry, stale tokens dropped once, forced refreshes spaced, SDK-style clients running
 //! unchanged.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::sdk::{SdkClient, Style};
+use crate::support::*;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
-use support::sdk::{SdkClient, Style};
-use support::*;
 use tokio::time::Instant;
 use wxgate_stand_in::{
     StandIn, StandInConfig, CHECKED_API_PATH, COMPONENT_TOKEN_PATH, DEFAULT_COMPONENT_APPSECRET,

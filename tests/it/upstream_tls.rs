@@ -1,10 +1,8 @@
 //! HTTPS to the upstream, as wxgate speaks it to api.weixin.qq.com: against an HTTPS stand-in
 //! whose certificate a test CA signed, trusted through `upstream.ca_file`.
 
-mod support;
-
-use support::tls::TestCa;
-use support::*;
+use crate::support::tls::TestCa;
+use crate::support::*;
 use wxgate_stand_in::{StandIn, StandInTls};
 
 /// An HTTPS stand-in serving `tls`.
