@@ -3,7 +3,7 @@
 //!
 //! Each connection has a [`ConnectionState`] shared by three parties:
 //! - the service wrapper, which counts the connection's requests in flight ([`InFlight`]);
-//! - the connection's own task (`server.rs`), whose watchdog closes it once it has had no
+//! - the connection's own task (`serving.rs`), whose watchdog closes it once it has had no
 //!   request in flight past its deadline ([`Deadlines::verdict`]), whatever bytes trickle in
 //!   meanwhile: a slowloris client cannot push the deadline back;
 //! - [`Connections`], the registry the accept loop consults: at the cap it asks the connection
