@@ -14,23 +14,14 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
 
-use crate::api::Api;
+use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::config::RetryConfig;
-use crate::local_answer::LocalAnswer;
 use crate::metrics::{Metrics, RetryReason};
 use crate::quota::{next_window_start, QuotaGate, QuotaKey};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
-use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest, UpstreamResponse};
+use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
+use crate::wechat::Api;
 use crate::wechat::Errcode;
-
-/// WeChat's answer to a call: the response, and the errcode read from its body.
-#[derive(Debug, Clone)]
-pub struct WechatAnswer {
-    /// Passed back to the client as it is.
-    pub response: UpstreamResponse,
-    /// What the body says.
-    pub errcode: Errcode,
-}
 
 /// What a call ends with: WeChat's answer (the last one, when there were retries), or one of
 /// wxgate's own when WeChat gave none or no quota turn came in time.

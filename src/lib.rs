@@ -71,31 +71,28 @@
 //! - Benches against named baselines; logs that never carry a path, a query or a secret.
 #![forbid(unsafe_code)]
 
-mod admin;
-mod api;
+mod answer;
 mod cluster;
-mod code_exchange;
+mod code_cache;
 mod config;
 #[cfg(feature = "demo")]
 mod demo;
 mod dispatch;
-mod local_answer;
 mod metrics;
 mod proxy;
 mod quota;
-mod reload;
 mod retry;
 mod server;
 mod token_cache;
 mod upstream;
 mod wechat;
 
-pub use api::Api;
 pub use config::{CheckedConfig, Config, EXIT_INVALID_CONFIG};
 pub use metrics::Metrics;
 pub use proxy::{Proxy, CACHE_HEADER};
 pub use quota::{QuotaGate, QuotaKey};
 pub use server::{run, run_reloadable, Listeners};
+pub use wechat::Api;
 
 #[cfg(feature = "demo")]
 pub use demo::{launcher, run_demo, DemoError, DemoOptions, DemoReport};

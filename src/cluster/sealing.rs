@@ -21,9 +21,6 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// Lower-case hex digits, for fingerprints.
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// The shortest cluster secret accepted, in bytes.
-pub const MIN_SECRET_LEN: usize = 32;
-
 /// Fingerprints and sealing under the cluster secret.
 pub struct Sealing {
     fingerprint: hmac::Key,

@@ -6,7 +6,9 @@ use std::path::Path;
 
 use redis::{IntoConnectionInfo, ProtocolVersion};
 
-use crate::cluster::sealing::MIN_SECRET_LEN;
+/// The shortest cluster secret accepted, in bytes: the key of every fingerprint and seal
+/// (256 bits) is derived from it.
+pub const MIN_SECRET_LEN: usize = 32;
 
 /// The environment variable that holds Redis's password, so that it need not sit in a file
 /// (used when the URL has none).

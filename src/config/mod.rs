@@ -56,7 +56,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::api::Api;
+use crate::wechat::Api;
 pub use allow::AllowList;
 pub use base_url::BaseUrl;
 pub use ca_file::CaFile;

@@ -16,7 +16,7 @@ use super::{
     RawRetry, RawServer, RawServerTls, RawTokenCache, RawUpstream, RedisUrl, RetryConfig,
     ServerConfig, ServerTlsConfig, TokenCacheConfig, UpstreamConfig, HOLD_BEYOND_WINDOW,
 };
-use crate::api::Api;
+use crate::wechat::Api;
 
 /// `key!(raw.listen)` is `("listen", &raw.listen)`: a key's name in messages is its field's
 /// name, so the key is spelled once.

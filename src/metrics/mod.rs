@@ -13,9 +13,9 @@ use prometheus::{
     IntGaugeVec, Opts, Registry,
 };
 
-use crate::api::Api;
 use crate::server::CloseReason;
 use crate::upstream::TransportError;
+use crate::wechat::Api;
 use crate::wechat::{errcode_labels, Errcode};
 
 mod cluster;

@@ -31,16 +31,16 @@ use tokio::time::Instant;
 
 use self::reply::Reply;
 use self::target::{prepare_upstream_headers, read_target, request_id, Target};
-use crate::api::Api;
+use crate::answer::LocalAnswer;
 use crate::cluster::Cluster;
-use crate::code_exchange::{CacheStatus, CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
+use crate::code_cache::{CacheStatus, CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
 use crate::config::Config;
 use crate::dispatch::{Call, CallResult, Dispatcher};
-use crate::local_answer::LocalAnswer;
 use crate::metrics::Metrics;
 use crate::quota::{QuotaGate, QuotaKey};
 use crate::token_cache::{is_stale_token_errcode, TokenCache, TokenRequest};
 use crate::upstream::{InvalidBaseUrl, UpstreamClient, UpstreamRequest};
+use crate::wechat::Api;
 use crate::wechat::Errcode;
 
 /// Request header with which a client shortens its own quota wait (milliseconds); consumed

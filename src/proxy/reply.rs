@@ -8,9 +8,9 @@ use http::{header, Response};
 use http_body_util::Full;
 
 use super::CACHE_HEADER;
-use crate::code_exchange::{CacheStatus, ExchangeResult};
-use crate::dispatch::WechatAnswer;
-use crate::local_answer::LocalAnswer;
+use crate::answer::LocalAnswer;
+use crate::answer::WechatAnswer;
+use crate::code_cache::{CacheStatus, ExchangeResult};
 use crate::metrics::Outcome;
 use crate::token_cache::TokenAnswer;
 use crate::wechat::{Errcode, JSON_CONTENT_TYPE};

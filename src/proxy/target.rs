@@ -6,9 +6,9 @@ use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Method};
 
 use super::{MAX_WAIT_HEADER, REQUEST_ID_HEADER};
-use crate::api::{Api, PathClass};
-use crate::local_answer::LocalAnswer;
+use crate::answer::LocalAnswer;
 use crate::upstream::strip_hop_by_hop;
+use crate::wechat::{Api, PathClass};
 
 /// Where a request goes: its API and its path and query, as received.
 pub(super) struct Target {

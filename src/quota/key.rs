@@ -2,7 +2,7 @@
 
 use std::hash::Hash;
 
-use crate::api::Api;
+use crate::wechat::Api;
 use crate::wechat::{is_plausible_appid, MAX_APPID_LEN};
 
 /// What a quota is kept for: one API of one appid. `Copy`, with the appid inline, so that

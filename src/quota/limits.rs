@@ -14,8 +14,8 @@ use governor::state::{NotKeyed, StateStore};
 use governor::{Quota, RateLimiter};
 
 use super::QuotaKey;
-use crate::api::Api;
 use crate::config::{QuotaConfig, QuotaLimit};
+use crate::wechat::Api;
 
 pub(super) type KeyedLimiter<C> =
     RateLimiter<QuotaKey, Buckets, C, NoOpMiddleware<<C as Clock>::Instant>>;

@@ -1,6 +1,6 @@
 use super::limits::emission_interval;
 use super::*;
-use crate::api::Api;
+use crate::wechat::Api;
 use governor::clock::FakeRelativeClock;
 
 fn config(window_secs: u64, per_window: u32, burst: u32) -> QuotaConfig {

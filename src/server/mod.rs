@@ -16,9 +16,11 @@
 //! still in flight when `server.shutdown_grace_ms` ends get wxgate's own 503 `-1`, written
 //! before their connections close.
 
+mod admin;
 mod connections;
 mod open_files;
 mod policy;
+mod reload;
 mod serving;
 mod tls;
 
@@ -32,13 +34,13 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use self::admin::Admin;
+use self::reload::Reloader;
 use self::serving::{join_all, Serving};
-use crate::admin::Admin;
 use crate::cluster::Cluster;
 use crate::config::{Config, ServerConfig};
 use crate::metrics::{ClusterMetrics, Metrics};
 use crate::proxy::Proxy;
-use crate::reload::Reloader;
 
 pub use connections::CloseReason;
 pub(crate) use policy::PortPolicy;

@@ -9,7 +9,7 @@
 //!
 //! Whether TLS is on, like the addresses listened on, is fixed at start (the listener's
 //! sockets and clients' URLs depend on it); a reload that changes it is told so by
-//! `crate::reload::merge`.
+//! `super::reload::merge`.
 
 use std::net::IpAddr;
 

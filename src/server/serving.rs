@@ -20,9 +20,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::admin::Admin;
 use super::connections::{CloseReason, Connections, Deadlines, Notice, Registered, Verdict};
 use super::PortPolicy;
-use crate::admin::Admin;
 use crate::metrics::ConnectionMetrics;
 use crate::proxy::Proxy;
 

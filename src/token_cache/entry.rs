@@ -215,7 +215,7 @@ pub fn from_micros(micros: u64) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::Api;
+    use crate::wechat::Api;
     use http::Method;
 
     fn request(secret: &str) -> TokenRequest {

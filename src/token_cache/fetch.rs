@@ -23,8 +23,8 @@ use super::flight::{Flight, FlightResult};
 use super::policy;
 use super::replicas::Coordinated;
 use super::{Slot, TokenCache, TokenKey};
+use crate::answer::LocalAnswer;
 use crate::dispatch::Call;
-use crate::local_answer::LocalAnswer;
 use crate::wechat::Errcode;
 
 /// What a fetch is for.

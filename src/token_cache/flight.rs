@@ -10,8 +10,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::entry::{Credential, Entry};
-use crate::dispatch::WechatAnswer;
-use crate::local_answer::LocalAnswer;
+use crate::answer::LocalAnswer;
+use crate::answer::WechatAnswer;
 
 /// One fetch for one (key, credential).
 pub struct Flight {

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method};
 use serde::Deserialize;
 
-use crate::api::Api;
 use crate::quota::QuotaKey;
+use crate::wechat::Api;
 use crate::wechat::{is_plausible_appid, WechatParams, JSON_CONTENT_TYPE};
 
 /// The longest secret or ticket wxgate reads (WeChat's secrets are 32 hex digits; tickets a

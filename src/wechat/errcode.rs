@@ -9,7 +9,7 @@
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use crate::api::Api;
+use super::Api;
 
 /// What an upstream body says about the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

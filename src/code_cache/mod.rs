@@ -39,14 +39,15 @@ use tokio::time::Instant;
 use self::flight::{Flight, Leader, Led};
 use self::key::{KeyHasher, KeyMaker};
 use self::store::{ExpiryQueue, Slot, Stored};
-use crate::api::Api;
+use crate::answer::LocalAnswer;
+use crate::answer::WechatAnswer;
 use crate::cluster::codes::SharedCodes;
 use crate::cluster::Cluster;
 use crate::config::CodeCacheConfig;
-use crate::dispatch::{Call, Dispatcher, FirstTurn, WechatAnswer};
-use crate::local_answer::LocalAnswer;
+use crate::dispatch::{Call, Dispatcher, FirstTurn};
 use crate::metrics::{LookupResult, Metrics, Tier};
 use crate::quota::QuotaKey;
+use crate::wechat::Api;
 use crate::wechat::WechatParams;
 
 pub use self::key::CodeKey;

@@ -14,7 +14,7 @@ use std::task::{ready, Context, Poll};
 use tokio::sync::Notify;
 
 use super::{CacheStatus, ExchangeResult};
-use crate::local_answer::LocalAnswer;
+use crate::answer::LocalAnswer;
 
 /// One call in flight: its answer, once there is one, for every caller waiting.
 ///

@@ -19,8 +19,7 @@ use std::borrow::Cow;
 
 use percent_encoding::percent_decode_str;
 
-use crate::local_answer::LocalAnswer;
-use crate::wechat::WechatParams;
+use super::WechatParams;
 
 /// A WeChat API that wxgate recognises; everything else is [`Api::Other`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,6 +40,17 @@ pub enum Api {
     ClearQuota,
     /// Any other path: forwarded as it is, counted under `other`.
     Other,
+}
+
+/// Why the appid whose quota a call spends could not be read: the request is refused (as
+/// `LocalAnswer::RepeatedParameter` or `LocalAnswer::BodyNotJson`), since WeChat could read
+/// another appid than the one counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaAppidError {
+    /// The query or the JSON body names this parameter twice.
+    RepeatedParameter(&'static str),
+    /// The API takes a JSON object naming its appid, and the body is not one.
+    BodyNotJson,
 }
 
 /// How a request path reads to wxgate (see the module documentation).
@@ -147,7 +157,7 @@ impl Api {
         self,
         query: &'a str,
         body: &'a [u8],
-    ) -> Result<Option<Cow<'a, [u8]>>, LocalAnswer> {
+    ) -> Result<Option<Cow<'a, [u8]>>, QuotaAppidError> {
         let body_field = match self {
             Api::Other => return Ok(None),
             Api::StableToken | Api::ClearQuota => Some("appid"),
@@ -156,7 +166,7 @@ impl Api {
         };
         let params = WechatParams::parse(query);
         if params.repeated == Some("appid") {
-            return Err(LocalAnswer::RepeatedParameter("appid"));
+            return Err(QuotaAppidError::RepeatedParameter("appid"));
         }
         if let Some(appid) = params.appid {
             return Ok(Some(appid));
@@ -169,7 +179,7 @@ impl Api {
 }
 
 /// A string field of a JSON object body, `None` when absent or empty.
-fn json_field(body: &[u8], field: &'static str) -> Result<Option<String>, LocalAnswer> {
+fn json_field(body: &[u8], field: &'static str) -> Result<Option<String>, QuotaAppidError> {
     use serde::de::{IgnoredAny, MapAccess, Visitor};
     use std::fmt;
 
@@ -178,7 +188,7 @@ fn json_field(body: &[u8], field: &'static str) -> Result<Option<String>, LocalA
     struct Field(&'static str);
 
     impl<'de> Visitor<'de> for Field {
-        type Value = Result<Option<String>, LocalAnswer>;
+        type Value = Result<Option<String>, QuotaAppidError>;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.write_str("a JSON object")
@@ -196,7 +206,7 @@ fn json_field(body: &[u8], field: &'static str) -> Result<Option<String>, LocalA
                 copies += usize::from(key == self.0);
             }
             if copies > 1 {
-                return Ok(Err(LocalAnswer::RepeatedParameter(self.0)));
+                return Ok(Err(QuotaAppidError::RepeatedParameter(self.0)));
             }
             Ok(Ok(found.filter(|value| !value.is_empty())))
         }
@@ -205,7 +215,7 @@ fn json_field(body: &[u8], field: &'static str) -> Result<Option<String>, LocalA
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let read = serde::Deserializer::deserialize_map(&mut deserializer, Field(field))
         .and_then(|read| deserializer.end().map(|()| read));
-    read.unwrap_or(Err(LocalAnswer::BodyNotJson))
+    read.unwrap_or(Err(QuotaAppidError::BodyNotJson))
 }
 
 /// `path` percent-decoded (lossily: only a known API's ASCII spelling can match), with
@@ -289,12 +299,12 @@ mod tests {
 
     #[test]
     fn the_quota_appid_comes_from_the_query_or_the_json_body() {
-        use LocalAnswer::{BodyNotJson, RepeatedParameter};
+        use QuotaAppidError::{BodyNotJson, RepeatedParameter};
         type Case = (
             Api,
             &'static str,
             &'static str,
-            Result<Option<&'static str>, LocalAnswer>,
+            Result<Option<&'static str>, QuotaAppidError>,
         );
         let cases: [Case; 10] = [
             (Api::Token, "appid=wxa&secret=s", "", Ok(Some("wxa"))),

@@ -10,9 +10,9 @@ use tokio::time::Instant;
 use super::flight::{Flight, Led};
 use super::store::{self, Stored};
 use super::{is_definitive, CacheStatus, CodeExchange, CodeKey, ExchangeResult, Remembered};
+use crate::answer::LocalAnswer;
 use crate::cluster::codes::{Claim, SharedAnswer, SharedCodes, Waited};
 use crate::dispatch::{Call, Dispatcher, FirstTurn};
-use crate::local_answer::LocalAnswer;
 use crate::metrics::{LookupResult, Tier};
 use crate::wechat::JSON_CONTENT_TYPE;
 

@@ -2,9 +2,9 @@
 //! cannot succeed spends neither quota nor a call.
 
 use super::key::Credential;
-use crate::api::Api;
-use crate::local_answer::LocalAnswer;
+use crate::answer::LocalAnswer;
 use crate::quota::QuotaKey;
+use crate::wechat::Api;
 use crate::wechat::{is_plausible_js_code, WechatParams};
 
 /// The fields of a valid exchange, borrowed from its parameters.

@@ -8,7 +8,7 @@ use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 
 use siphasher::sip128::{Hasher128, SipHasher13};
 
-use crate::api::Api;
+use crate::wechat::Api;
 
 /// A 128-bit keyed hash of (API, appid, credential, js_code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

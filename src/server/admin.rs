@@ -10,8 +10,8 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prometheus::{Encoder, Registry, TextEncoder};
 
+use super::reload::{Reloaded, Reloader};
 use crate::cluster::{Cluster, Mode};
-use crate::reload::{Reloaded, Reloader};
 
 /// What the admin endpoints report.
 pub struct Admin {

@@ -13,9 +13,10 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
-use crate::metrics::Outcome;
+use wxgate_contract::Outcome;
+
 use crate::upstream::TransportError;
-use crate::wechat::{self, JSON_CONTENT_TYPE};
+use crate::wechat::{self, QuotaAppidError, JSON_CONTENT_TYPE};
 
 /// An answer wxgate gives itself instead of forwarding WeChat's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +217,15 @@ impl LocalAnswer {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
+    }
+}
+
+impl From<QuotaAppidError> for LocalAnswer {
+    fn from(error: QuotaAppidError) -> LocalAnswer {
+        match error {
+            QuotaAppidError::RepeatedParameter(name) => LocalAnswer::RepeatedParameter(name),
+            QuotaAppidError::BodyNotJson => LocalAnswer::BodyNotJson,
+        }
     }
 }
 
