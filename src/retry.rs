@@ -19,8 +19,9 @@
 
 use std::time::Duration;
 
+use wxgate_contract::RetryReason;
+
 use crate::config::RetryConfig;
-use crate::metrics::RetryReason;
 use crate::upstream::{ConnectionChoice, TransportError};
 use crate::wechat::{Errcode, MINUTE_QUOTA, SYSTEM_BUSY};
 

@@ -1,6 +1,7 @@
 //! What wxgate promises the outside world, spelled once: the response header that tells how a
-//! code exchange (or a token fetch) was answered, the label values of its request and retry metrics, and the
-//! errcodes of its own answers (README, "Metrics" and "Answers wxgate gives itself").
+//! code exchange (or a token fetch) was answered and its values, the label values of its
+//! request and retry metrics, and the errcodes of its own answers (README, "Metrics" and
+//! "Answers wxgate gives itself").
 //!
 //! wxgate writes these; the demo, which must not link wxgate (wxgate's binary runs it), reads
 //! them. A crate of its own so that neither spells them again.
@@ -8,6 +9,57 @@
 /// The response header by which wxgate says how a code exchange or a token fetch was
 /// answered: `miss`, `coalesced` or `hit`.
 pub const CACHE_HEADER: &str = "x-wxgate-cache";
+
+/// How a code exchange or a token fetch was answered: from memory, by joining an identical
+/// call in flight, or by a call of its own. Written in the [`CACHE_HEADER`] of every answer
+/// of the code cache and the token cache ([`CacheStatus::header_value`]), and, for a look-up
+/// of the code cache, the `result` label of `wxgate_code_cache_lookups_total`
+/// ([`CacheStatus::lookup_label`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Nothing remembered or in flight: this request made the call (or, in Redis, claimed it).
+    Miss,
+    /// This request waited for an identical call in flight, here or on another replica.
+    Coalesced,
+    /// This request got a remembered answer (or a cached token).
+    Hit,
+}
+
+impl CacheStatus {
+    /// Every value, in wxgate's label order.
+    pub const ALL: [CacheStatus; 3] = [CacheStatus::Miss, CacheStatus::Coalesced, CacheStatus::Hit];
+
+    /// The value of the [`CACHE_HEADER`]: `miss`, `coalesced` or `hit`.
+    pub fn header_value(self) -> &'static str {
+        match self {
+            CacheStatus::Miss => "miss",
+            CacheStatus::Coalesced => "coalesced",
+            CacheStatus::Hit => "hit",
+        }
+    }
+
+    /// The status a [`CACHE_HEADER`] value says, if it is one.
+    pub fn from_header_value(value: &str) -> Option<CacheStatus> {
+        CacheStatus::ALL
+            .into_iter()
+            .find(|status| status.header_value() == value)
+    }
+
+    /// The `result` label of `wxgate_code_cache_lookups_total`: `miss`, `joined` or `hit`.
+    /// The metric says `joined` where the header says `coalesced` (its name since it was
+    /// first published: dashboards and alerts read it).
+    pub fn lookup_label(self) -> &'static str {
+        match self {
+            CacheStatus::Coalesced => "joined",
+            status => status.header_value(),
+        }
+    }
+
+    /// Position in [`CacheStatus::ALL`], for per-status arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
 
 /// `45011`: minute quota reached; in an answer of wxgate's own, no quota turn in time.
 pub const MINUTE_QUOTA: i64 = 45011;
@@ -133,5 +185,23 @@ impl TokenOutcome {
     /// Position in [`TokenOutcome::ALL`], for per-outcome arrays.
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_statuses_read_back_from_their_header_values() {
+        for status in CacheStatus::ALL {
+            assert_eq!(
+                CacheStatus::from_header_value(status.header_value()),
+                Some(status)
+            );
+            assert_eq!(CacheStatus::ALL[status.index()], status);
+        }
+        assert_eq!(CacheStatus::from_header_value("joined"), None);
+        assert_eq!(CacheStatus::Coalesced.lookup_label(), "joined");
     }
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use reqwest::StatusCode;
 
-use wxgate_contract::{Outcome, MINUTE_QUOTA, SYSTEM_BUSY};
+use wxgate_contract::{CacheStatus, Outcome, MINUTE_QUOTA, SYSTEM_BUSY};
 
 /// One answer as a client sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +42,10 @@ impl Seen {
                 _ => Outcome::Rejected,
             }
         } else {
-            match cache {
-                Some("hit") => Outcome::CacheHit,
-                Some("coalesced") => Outcome::Coalesced,
-                _ => Outcome::Forwarded,
+            match cache.and_then(CacheStatus::from_header_value) {
+                Some(CacheStatus::Hit) => Outcome::CacheHit,
+                Some(CacheStatus::Coalesced) => Outcome::Coalesced,
+                Some(CacheStatus::Miss) | None => Outcome::Forwarded,
             }
         };
         Seen::Answer {

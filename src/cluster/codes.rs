@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use super::quota::Turn;
 use super::Cluster;
-use crate::metrics::RedisOp;
+use super::RedisOp;
 
 /// How often a waiting replica looks in Redis for a result it may have missed.
 const FALLBACK_LOOK: Duration = Duration::from_millis(500);

@@ -26,6 +26,7 @@
 //! by the one replica that holds its lease.
 
 pub mod codes;
+mod metrics;
 mod notices;
 pub mod quota;
 mod scripts;
@@ -44,8 +45,9 @@ use redis::{RedisError, Script};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use self::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
 use crate::config::ClusterConfig;
-use crate::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
+use crate::metrics::Metrics;
 
 use self::notices::Notices;
 use self::sealing::Sealing;
@@ -131,6 +133,9 @@ pub enum ClusterError {
     /// The Redis URL was refused by the client.
     #[error("cluster.redis_url cannot be used: {0}")]
     Url(String),
+    /// The cluster's metrics could not be registered.
+    #[error("cannot register the cluster's metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 impl Cluster {
@@ -139,8 +144,9 @@ impl Cluster {
     pub fn new(
         config: &ClusterConfig,
         window: Duration,
-        metrics: ClusterMetrics,
+        metrics: &Metrics,
     ) -> Result<Cluster, ClusterError> {
+        let metrics = ClusterMetrics::new(metrics)?;
         let client = redis::Client::open(config.redis_url.connection_info())
             .map_err(|error| ClusterError::Url(format!("{:?}", error.kind())))?;
         // RESP3 (set by the URL's parsing): published messages arrive as pushes on the same

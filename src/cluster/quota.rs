@@ -27,9 +27,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio::time::Instant;
 
+use super::RedisOp;
 use super::{Cluster, Mode};
 use crate::config::QuotaLimit;
-use crate::metrics::RedisOp;
 use crate::quota::{until_next_window, QuotaKey};
 
 /// The shared side of a quota gate.

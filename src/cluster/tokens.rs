@@ -25,8 +25,8 @@ use std::time::{Duration, SystemTime};
 
 use redis::Script;
 
+use super::RedisOp;
 use super::{random_id, Cluster};
-use crate::metrics::RedisOp;
 use crate::token_cache::{Entry, TokenKey};
 
 /// An entry outlives its token by this much, so that its tombstone (or its issue time)

@@ -13,7 +13,9 @@ use std::task::{ready, Context, Poll};
 
 use tokio::sync::Notify;
 
-use super::{CacheStatus, ExchangeResult};
+use wxgate_contract::CacheStatus;
+
+use super::ExchangeResult;
 use crate::answer::LocalAnswer;
 
 /// One call in flight: its answer, once there is one, for every caller waiting.

@@ -21,6 +21,7 @@
 
 mod flight;
 mod key;
+mod metrics;
 mod request;
 mod shared;
 mod store;
@@ -32,12 +33,12 @@ use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
-use http::HeaderValue;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use self::flight::{Flight, Leader, Led};
 use self::key::{KeyHasher, KeyMaker};
+use self::metrics::{CodeCacheMetrics, Tier};
 use self::store::{ExpiryQueue, Slot, Stored};
 use crate::answer::LocalAnswer;
 use crate::answer::WechatAnswer;
@@ -45,10 +46,11 @@ use crate::cluster::codes::SharedCodes;
 use crate::cluster::Cluster;
 use crate::config::CodeCacheConfig;
 use crate::dispatch::{Call, Dispatcher, FirstTurn};
-use crate::metrics::{LookupResult, Metrics, Tier};
+use crate::metrics::Metrics;
 use crate::quota::QuotaKey;
 use crate::wechat::Api;
 use crate::wechat::WechatParams;
+use wxgate_contract::CacheStatus;
 
 pub use self::key::CodeKey;
 use self::key::Credential;
@@ -77,7 +79,7 @@ pub struct CodeExchange {
     keys: KeyMaker,
     /// With `[cluster]`: exchanges looked up, claimed and remembered in Redis too.
     shared: Option<SharedCodes>,
-    metrics: Metrics,
+    metrics: CodeCacheMetrics,
 }
 
 /// A checked code exchange: its key, and the quota it spends.
@@ -100,32 +102,10 @@ pub enum ExchangeResult {
     Local(LocalAnswer),
 }
 
-/// Where an exchange's answer came from: the `X-Wxgate-Cache` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheStatus {
-    /// This request made the upstream call.
-    Miss,
-    /// This request waited for an identical call in flight.
-    Coalesced,
-    /// This request got a remembered answer.
-    Hit,
-}
-
-impl CacheStatus {
-    /// The header value.
-    pub fn header_value(self) -> HeaderValue {
-        HeaderValue::from_static(match self {
-            CacheStatus::Miss => "miss",
-            CacheStatus::Coalesced => "coalesced",
-            CacheStatus::Hit => "hit",
-        })
-    }
-}
-
 impl CodeExchange {
     /// An empty exchange with `[code_cache]` settings.
-    pub fn new(config: &CodeCacheConfig, metrics: Metrics) -> CodeExchange {
-        CodeExchange {
+    pub fn new(config: &CodeCacheConfig, metrics: &Metrics) -> prometheus::Result<CodeExchange> {
+        Ok(CodeExchange {
             slots: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
             expiry: Mutex::new(ExpiryQueue::default()),
             base: Instant::now(),
@@ -134,8 +114,8 @@ impl CodeExchange {
             max_entries: AtomicUsize::new(config.max_entries),
             keys: KeyMaker::new(),
             shared: None,
-            metrics,
-        }
+            metrics: CodeCacheMetrics::new(metrics)?,
+        })
     }
 
     /// Shares exchanges with the other replicas of `cluster`; a claim's lease outlives an
@@ -181,11 +161,11 @@ impl CodeExchange {
             None => Lookup::Absent,
         };
         let found = match &lookup {
-            Lookup::Remembered(_) => LookupResult::Hit,
-            Lookup::InFlight(_) => LookupResult::Joined,
-            Lookup::Absent => LookupResult::Miss,
+            Lookup::Remembered(_) => CacheStatus::Hit,
+            Lookup::InFlight(_) => CacheStatus::Coalesced,
+            Lookup::Absent => CacheStatus::Miss,
         };
-        self.metrics.code_lookup(Tier::Local, found);
+        self.metrics.lookup(Tier::Local, found);
         lookup
     }
 
@@ -406,7 +386,7 @@ impl CodeExchange {
     }
 
     fn update_gauge(&self) {
-        self.metrics.code_cache_entries.set(self.len() as i64);
+        self.metrics.entries.set(self.len() as i64);
     }
 }
 

@@ -6,14 +6,15 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 use tokio::time::Instant;
+use wxgate_contract::CacheStatus;
 
 use super::flight::{Flight, Led};
+use super::metrics::Tier;
 use super::store::{self, Stored};
-use super::{is_definitive, CacheStatus, CodeExchange, CodeKey, ExchangeResult, Remembered};
+use super::{is_definitive, CodeExchange, CodeKey, ExchangeResult, Remembered};
 use crate::answer::LocalAnswer;
 use crate::cluster::codes::{Claim, SharedAnswer, SharedCodes, Waited};
 use crate::dispatch::{Call, Dispatcher, FirstTurn};
-use crate::metrics::{LookupResult, Tier};
 use crate::wechat::JSON_CONTENT_TYPE;
 
 impl CodeExchange {
@@ -37,13 +38,13 @@ impl CodeExchange {
             .and_then(|key| quota.turn_to_claim(key));
         let claim = shared.claim(&fingerprint, turn.as_ref()).await;
         let found = match &claim {
-            Claim::Remembered(_) => Some(LookupResult::Hit),
-            Claim::Held => Some(LookupResult::Joined),
-            Claim::Mine(..) => Some(LookupResult::Miss),
+            Claim::Remembered(_) => Some(CacheStatus::Hit),
+            Claim::Held => Some(CacheStatus::Coalesced),
+            Claim::Mine(..) => Some(CacheStatus::Miss),
             Claim::Unavailable => None,
         };
         if let Some(found) = found {
-            self.metrics.code_lookup(Tier::Redis, found);
+            self.metrics.lookup(Tier::Redis, found);
         }
         match claim {
             Claim::Remembered(answer) => (self.remember(key, answer), CacheStatus::Hit),

@@ -15,6 +15,7 @@
 //! names no destination, the configured upstream is the only one. The log line names the
 //! API (a bounded label), never the path or query, so no credential reaches a log.
 
+mod metrics;
 mod reply;
 mod target;
 
@@ -28,14 +29,16 @@ use http::request::Parts;
 use http::{HeaderName, HeaderValue, Method, Request, Response};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::time::Instant;
+use wxgate_contract::CacheStatus;
 
+use self::metrics::RequestMetrics;
 use self::reply::Reply;
 use self::target::{prepare_upstream_headers, read_target, request_id, Target};
 use crate::answer::LocalAnswer;
 use crate::cluster::Cluster;
-use crate::code_cache::{CacheStatus, CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
+use crate::code_cache::{CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
 use crate::config::Config;
-use crate::dispatch::{Call, CallResult, Dispatcher};
+use crate::dispatch::{Call, CallMetrics, CallResult, Dispatcher};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaGate, QuotaKey};
 use crate::token_cache::{is_stale_token_errcode, TokenCache, TokenRequest};
@@ -60,7 +63,7 @@ pub struct Proxy {
     dispatcher: Arc<Dispatcher>,
     codes: Arc<CodeExchange>,
     tokens: Arc<TokenCache>,
-    metrics: Metrics,
+    metrics: RequestMetrics,
     /// `server.max_body_bytes`; a reload may change it.
     max_body_bytes: AtomicUsize,
     /// From the end of a request's head to the end of its body; a reload may change it.
@@ -78,34 +81,46 @@ struct RequestContext {
     request_id: HeaderValue,
 }
 
+/// Why the request pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The upstream client could not be built.
+    #[error("cannot build the upstream client: {0}")]
+    Upstream(#[from] InvalidBaseUrl),
+    /// The pipeline's metrics could not be registered.
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
 impl Proxy {
-    /// Builds the proxy and its upstream client from the configuration.
-    pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, InvalidBaseUrl> {
-        Proxy::with_cluster(config, metrics, None)
+    /// Builds the proxy and its upstream client from the configuration, its components'
+    /// metrics registered in `metrics`' registry.
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Proxy, ProxyError> {
+        Proxy::with_cluster(config, &metrics, None)
     }
 
     /// The proxy of a replica: with a `cluster`, quota turns are counted with the other
     /// replicas, and access tokens are shared with them.
     pub(crate) fn with_cluster(
         config: &Config,
-        metrics: Metrics,
+        metrics: &Metrics,
         cluster: Option<Arc<Cluster>>,
-    ) -> Result<Proxy, InvalidBaseUrl> {
+    ) -> Result<Proxy, ProxyError> {
         let upstream = UpstreamClient::new(&config.upstream)?;
         let mut quota = QuotaGate::new(&config.quota);
-        let mut codes = CodeExchange::new(&config.code_cache, metrics.clone());
+        let mut codes = CodeExchange::new(&config.code_cache, metrics)?;
         if let Some(cluster) = &cluster {
             quota = quota.shared_with(cluster.clone());
             codes = codes.shared_with(cluster.clone(), config.upstream.timeout);
         }
-        let dispatcher = Dispatcher::new(upstream, quota, &config.retry, metrics.clone());
-        let dispatcher = Arc::new(dispatcher);
-        let tokens = TokenCache::new(config, dispatcher.clone(), metrics.tokens.clone(), cluster);
+        let calls = CallMetrics::new(metrics)?;
+        let dispatcher = Arc::new(Dispatcher::new(upstream, quota, &config.retry, calls));
+        let tokens = TokenCache::new(config, dispatcher.clone(), metrics, cluster)?;
         Ok(Proxy {
             dispatcher,
             codes: Arc::new(codes),
             tokens: Arc::new(tokens),
-            metrics,
+            metrics: RequestMetrics::new(metrics)?,
             max_body_bytes: AtomicUsize::new(config.server.max_body_bytes),
             body_timeout_ms: AtomicU64::new(config.server.body_timeout.as_millis() as u64),
             max_wait_ms: AtomicU64::new(config.quota.max_wait.as_millis() as u64),
@@ -136,11 +151,7 @@ impl Proxy {
     pub fn housekeeping(&self) {
         self.codes.expire();
         self.tokens.housekeeping();
-        self.dispatcher.quota().retain_recent();
-        self.dispatcher.upstream().close_idle();
-        self.metrics
-            .quota_keys
-            .set(self.dispatcher.quota().len() as i64);
+        self.dispatcher.housekeeping();
     }
 
     /// Answers one client request. Never fails: every problem becomes a response.
@@ -344,7 +355,7 @@ impl Proxy {
     fn log(&self, context: &RequestContext, reply: &Reply) {
         let elapsed = context.started.elapsed();
         self.metrics
-            .request(context.api, reply.outcome, elapsed.as_secs_f64());
+            .answered(context.api, reply.outcome, elapsed.as_secs_f64());
         tracing::info!(
             target: "wxgate::access",
             request_id = context.request_id.to_str().unwrap_or("-"),

@@ -4,14 +4,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{header, Response};
+use http::{header, HeaderValue, Response};
 use http_body_util::Full;
+use wxgate_contract::{CacheStatus, Outcome};
 
 use super::CACHE_HEADER;
-use crate::answer::LocalAnswer;
-use crate::answer::WechatAnswer;
-use crate::code_cache::{CacheStatus, ExchangeResult};
-use crate::metrics::Outcome;
+use crate::answer::{LocalAnswer, WechatAnswer};
+use crate::code_cache::ExchangeResult;
 use crate::token_cache::TokenAnswer;
 use crate::wechat::{Errcode, JSON_CONTENT_TYPE};
 
@@ -53,7 +52,7 @@ impl Reply {
                 let mut response = Response::new(Full::new(body));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
-                    http::HeaderValue::from_static(JSON_CONTENT_TYPE),
+                    HeaderValue::from_static(JSON_CONTENT_TYPE),
                 );
                 let errcode = (status == CacheStatus::Miss).then_some(Errcode::Success);
                 let outcome = Outcome::Forwarded;
@@ -76,10 +75,10 @@ impl Reply {
             CacheStatus::Coalesced => Outcome::Coalesced,
             CacheStatus::Miss => Outcome::Forwarded,
         };
-        reply
-            .response
-            .headers_mut()
-            .insert(CACHE_HEADER, status.header_value());
+        reply.response.headers_mut().insert(
+            CACHE_HEADER,
+            HeaderValue::from_static(status.header_value()),
+        );
         reply
     }
 
@@ -110,10 +109,10 @@ impl Reply {
         {
             reply.outcome = Outcome::Coalesced;
         }
-        reply
-            .response
-            .headers_mut()
-            .insert(CACHE_HEADER, status.header_value());
+        reply.response.headers_mut().insert(
+            CACHE_HEADER,
+            HeaderValue::from_static(status.header_value()),
+        );
         reply
     }
 }

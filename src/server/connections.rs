@@ -27,7 +27,9 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::metrics::ConnectionMetrics;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::metrics::{Label, Metrics, Series};
 
 /// The open connections of one listener and their cap.
 pub(crate) struct Connections {
@@ -89,6 +91,44 @@ impl CloseReason {
     /// Position in [`CloseReason::ALL`].
     pub fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// The proxy port's client connections: how many are open, the cap, and those wxgate closed
+/// itself, by reason.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Open right now.
+    pub open: IntGauge,
+    /// The cap in force (`server.max_connections`, or less to fit the open-files limit).
+    pub limit: IntGauge,
+    /// By [`CloseReason::index`].
+    closed: Series<IntCounter>,
+}
+
+impl ConnectionMetrics {
+    /// Creates every series in `metrics`' registry.
+    pub fn new(metrics: &Metrics) -> prometheus::Result<ConnectionMetrics> {
+        Ok(ConnectionMetrics {
+            open: metrics.gauge(
+                "wxgate_connections_open",
+                "Client connections open on the proxy port right now.",
+            )?,
+            limit: metrics.gauge(
+                "wxgate_connections_limit",
+                "The cap on open client connections in force: server.max_connections, or less to fit the open-files limit.",
+            )?,
+            closed: metrics.counters(
+                "wxgate_connections_closed_total",
+                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head, or TLS handshake, in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle), not_allowed (from an address outside server.allow), tls_handshake (a failed TLS handshake).",
+                &[Label::new("reason", CloseReason::ALL.map(CloseReason::label))],
+            )?,
+        })
+    }
+
+    /// wxgate closed a connection (or refused a new one) for `reason`.
+    pub fn closed(&self, reason: CloseReason) {
+        self.closed.get(reason.index()).inc();
     }
 }
 
@@ -507,6 +547,16 @@ mod tests {
         assert_eq!(longest_idle(open.into_iter()), Some(3));
         assert_eq!(longest_idle(open[..2].iter().copied()), Some(1));
         assert_eq!(longest_idle(open[..1].iter().copied()), None);
+    }
+
+    #[test]
+    fn closes_are_counted_by_reason_from_the_start() {
+        let registry = prometheus::Registry::new();
+        let metrics = ConnectionMetrics::new(&Metrics::new(&registry).unwrap()).unwrap();
+        metrics.closed(CloseReason::Cap);
+        let text = crate::metrics::exposition(&registry);
+        assert!(text.contains("wxgate_connections_closed_total{reason=\"cap\"} 1"));
+        assert!(text.contains("wxgate_connections_closed_total{reason=\"head_timeout\"} 0"));
     }
 
     #[test]

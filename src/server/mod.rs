@@ -35,14 +35,15 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use self::admin::Admin;
+use self::connections::ConnectionMetrics;
+use self::reload::ReloadMetrics;
 use self::reload::Reloader;
 use self::serving::{join_all, Serving};
 use crate::cluster::Cluster;
 use crate::config::{Config, ServerConfig};
-use crate::metrics::{ClusterMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 
-pub use connections::CloseReason;
 pub(crate) use policy::PortPolicy;
 
 /// How often remembered answers are expired and idle quota keys dropped.
@@ -105,9 +106,9 @@ async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Why wxgate could not start serving.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The upstream client could not be built.
-    #[error("cannot build the upstream client: {0}")]
-    Upstream(#[from] crate::upstream::InvalidBaseUrl),
+    /// The request pipeline could not be built.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
     /// The metrics could not be registered.
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -137,13 +138,10 @@ pub async fn run_reloadable(
 ) -> Result<(), RunError> {
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry)?;
-    let connection_metrics = metrics.connections.clone();
-    let cluster = start_cluster(&config, &registry).await?;
-    let proxy = Arc::new(Proxy::with_cluster(
-        &config,
-        metrics.clone(),
-        cluster.clone(),
-    )?);
+    let connection_metrics = ConnectionMetrics::new(&metrics)?;
+    let reload_metrics = ReloadMetrics::new(&metrics)?;
+    let cluster = start_cluster(&config, &metrics).await?;
+    let proxy = Arc::new(Proxy::with_cluster(&config, &metrics, cluster.clone())?);
     let proxy_port = Arc::new(PortPolicy::proxy(&config.server));
     let admin_port = Arc::new(PortPolicy::admin(&config.server));
     let reloader = config_path.map(|path| {
@@ -153,7 +151,7 @@ pub async fn run_reloadable(
             config.clone(),
             proxy.clone(),
             ports,
-            metrics,
+            reload_metrics,
         ))
     });
     let admin = Arc::new(Admin::new(registry, cluster.clone(), reloader.clone()));
@@ -225,12 +223,11 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<boo
 /// With `[cluster]`: the replica's shared state, after its first heartbeat.
 async fn start_cluster(
     config: &Config,
-    registry: &prometheus::Registry,
+    metrics: &Metrics,
 ) -> Result<Option<Arc<Cluster>>, RunError> {
     let Some(settings) = &config.cluster else {
         return Ok(None);
     };
-    let metrics = ClusterMetrics::new(registry)?;
     let cluster = Arc::new(Cluster::new(settings, config.quota.window, metrics)?);
     // The first heartbeat decides the mode requests start in (shared, or degraded when Redis
     // does not answer); it takes at most `cluster.timeout_ms`.

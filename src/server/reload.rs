@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
+use prometheus::{Gauge, IntCounter, IntGauge};
 
+use super::PortPolicy;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics, Series};
 use crate::proxy::Proxy;
-use crate::server::PortPolicy;
 
 /// Reloads one configuration file into one running proxy.
 pub struct Reloader {
@@ -31,7 +32,7 @@ pub struct Reloader {
     proxy: Arc<Proxy>,
     /// The listeners' policies: allow-list, deadlines, certificate.
     ports: Vec<Arc<PortPolicy>>,
-    metrics: Metrics,
+    metrics: ReloadMetrics,
 }
 
 /// What a reload did.
@@ -56,9 +57,9 @@ impl Reloader {
         current: Config,
         proxy: Arc<Proxy>,
         ports: Vec<Arc<PortPolicy>>,
-        metrics: Metrics,
+        metrics: ReloadMetrics,
     ) -> Reloader {
-        metrics.config_reloaded(true, now_seconds());
+        metrics.reloaded(true, now_seconds());
         Reloader {
             path,
             current: Mutex::new(current),
@@ -81,7 +82,7 @@ impl Reloader {
                 for problem in &errors.0 {
                     tracing::error!(file = %self.path.display(), %problem, "reload refused");
                 }
-                self.metrics.config_reloaded(false, now_seconds());
+                self.metrics.reloaded(false, now_seconds());
                 return Reloaded::Refused { problems: errors.0 };
             }
         };
@@ -95,9 +96,54 @@ impl Reloader {
             port.reconfigure(&effective.server);
         }
         *current = effective;
-        self.metrics.config_reloaded(true, now_seconds());
+        self.metrics.reloaded(true, now_seconds());
         tracing::info!(file = %self.path.display(), "configuration reloaded");
         Reloaded::Applied { needs_restart }
+    }
+}
+
+/// The metrics of configuration loads and reloads. Registered whether or not wxgate serves
+/// from a file: the configuration in force was valid (wxgate starts with no other).
+#[derive(Clone)]
+pub struct ReloadMetrics {
+    /// `[success, failure]`.
+    reloads: Series<IntCounter>,
+    last_success: Gauge,
+    /// 1 while the last load or reload succeeded, 0 after a refused one.
+    last_successful: IntGauge,
+}
+
+impl ReloadMetrics {
+    /// Creates every series in `metrics`' registry.
+    pub fn new(metrics: &Metrics) -> prometheus::Result<ReloadMetrics> {
+        let last_successful = metrics.gauge(
+            "wxgate_config_last_reload_successful",
+            "1 if the last configuration load or reload succeeded, 0 if the last reload was refused (the running configuration stayed).",
+        )?;
+        // The configuration in force was valid: wxgate starts with no other.
+        last_successful.set(1);
+        Ok(ReloadMetrics {
+            reloads: metrics.counters(
+                "wxgate_config_reloads_total",
+                "Configuration loads (at start) and reloads, by result.",
+                &[Label::new("result", ["success", "failure"])],
+            )?,
+            last_success: metrics.float_gauge(
+                "wxgate_config_last_reload_success_timestamp_seconds",
+                "When the configuration was last loaded or reloaded successfully (UNIX time).",
+            )?,
+            last_successful,
+        })
+    }
+
+    /// The configuration was loaded or reloaded (`success`), or a reload was refused, at
+    /// `timestamp` (UNIX seconds).
+    pub fn reloaded(&self, success: bool, timestamp: f64) {
+        self.reloads.get(usize::from(!success)).inc();
+        self.last_successful.set(i64::from(success));
+        if success {
+            self.last_success.set(timestamp);
+        }
     }
 }
 

@@ -21,9 +21,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::admin::Admin;
-use super::connections::{CloseReason, Connections, Deadlines, Notice, Registered, Verdict};
+use super::connections::{
+    CloseReason, ConnectionMetrics, Connections, Deadlines, Notice, Registered, Verdict,
+};
 use super::PortPolicy;
-use crate::metrics::ConnectionMetrics;
 use crate::proxy::Proxy;
 
 /// HTTP/2 pings: a peer that has not acknowledged one within the timeout is dead (its host

@@ -38,6 +38,7 @@ mod budget;
 mod entry;
 mod fetch;
 mod flight;
+mod metrics;
 mod policy;
 mod replicas;
 mod request;
@@ -52,20 +53,21 @@ use bytes::Bytes;
 use http::Method;
 use parking_lot::Mutex;
 use tokio::sync::watch;
+use wxgate_contract::CacheStatus;
 
 use self::budget::FetchBudget;
 use self::entry::{Credential, CredentialKey};
 use self::fetch::{Job, Mode};
 use self::flight::{Flight, FlightResult};
+use self::metrics::{TokenMetrics, TokenOutcome};
 use self::policy::{Asked, Held, Plan, Policy};
 use crate::answer::LocalAnswer;
 use crate::answer::WechatAnswer;
 use crate::cluster::tokens::SharedTokens;
 use crate::cluster::Cluster;
-use crate::code_cache::CacheStatus;
 use crate::config::Config;
 use crate::dispatch::{Call, Dispatcher};
-use crate::metrics::{TokenMetrics, TokenOutcome};
+use crate::metrics::Metrics;
 use crate::wechat::Api;
 
 pub use self::entry::{from_micros, micros, Entry};
@@ -168,9 +170,9 @@ impl TokenCache {
     pub fn new(
         config: &Config,
         dispatcher: Arc<Dispatcher>,
-        metrics: TokenMetrics,
+        metrics: &Metrics,
         cluster: Option<Arc<Cluster>>,
-    ) -> TokenCache {
+    ) -> prometheus::Result<TokenCache> {
         let credentials = match &config.cluster {
             Some(cluster) => CredentialKey::from_cluster_secret(cluster.secret.expose()),
             None => CredentialKey::random(),
@@ -180,15 +182,15 @@ impl TokenCache {
         let attempts = config.retry.busy_attempts + 1;
         let lease_ttl = config.quota.max_wait + config.upstream.timeout * attempts;
         let lease_ttl = lease_ttl + Duration::from_secs(1);
-        TokenCache {
+        Ok(TokenCache {
             slots: Mutex::new(HashMap::new()),
             settings: ArcSwap::from_pointee(Settings::of(&config.token_cache)),
             credentials,
             dispatcher,
             budget: Mutex::new(FetchBudget::default()),
-            metrics,
+            metrics: TokenMetrics::new(metrics)?,
             shared: cluster.map(|cluster| SharedTokens::new(cluster, lease_ttl)),
-        }
+        })
     }
 
     /// The token fetch a request makes, if the cache answers it: a well-formed fetch of a
@@ -224,7 +226,7 @@ impl TokenCache {
                 }
             };
             if let Some(answer) = answer {
-                self.metrics.request(kind, outcome);
+                self.metrics.answered(kind, outcome);
                 return answer;
             }
         }

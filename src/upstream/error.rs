@@ -75,11 +75,6 @@ impl TransportError {
         "certificate",
     ];
 
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        TransportError::LABELS[self.index()]
-    }
-
     /// Position of its label in [`TransportError::LABELS`].
     pub fn index(self) -> usize {
         match self {

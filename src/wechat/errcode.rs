@@ -68,15 +68,6 @@ impl Errcode {
         Errcode::Success
     }
 
-    /// The numeric code: 0 for success, `None` for a body that is not WeChat's.
-    pub fn code(self) -> Option<i64> {
-        match self {
-            Errcode::Success => Some(0),
-            Errcode::Code(code) => Some(code),
-            Errcode::Unexpected | Errcode::NotJson => None,
-        }
-    }
-
     /// The bounded metric label: `0`, `none`, `unexpected`, a code from
     /// [`KNOWN_ERRCODES`], or `other`; the label at [`Errcode::label_index`].
     pub fn label(self) -> &'static str {

@@ -7,21 +7,23 @@
 //! call then waits for its turn behind the pause, for as long as the hold allows), a backoff
 //! sleeps, and a call lost on a reused connection goes on a new one.
 
+mod metrics;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::time::Instant;
+use wxgate_contract::RetryReason;
 
+pub use self::metrics::CallMetrics;
 use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::config::RetryConfig;
-use crate::metrics::{Metrics, RetryReason};
 use crate::quota::{next_window_start, QuotaGate, QuotaKey};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
 use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
-use crate::wechat::Api;
-use crate::wechat::Errcode;
+use crate::wechat::{Api, Errcode};
 
 /// What a call ends with: WeChat's answer (the last one, when there were retries), or one of
 /// wxgate's own when WeChat gave none or no quota turn came in time.
@@ -58,7 +60,7 @@ pub struct Dispatcher {
     quota: QuotaGate,
     /// `[retry]`; a reload swaps it (a call in progress keeps the policy it started with).
     policy: ArcSwap<RetryPolicy>,
-    metrics: Metrics,
+    metrics: CallMetrics,
 }
 
 impl Dispatcher {
@@ -67,7 +69,7 @@ impl Dispatcher {
         upstream: UpstreamClient,
         quota: QuotaGate,
         retry: &RetryConfig,
-        metrics: Metrics,
+        metrics: CallMetrics,
     ) -> Dispatcher {
         Dispatcher {
             policy: ArcSwap::from_pointee(RetryPolicy::new(retry, quota.window())),
@@ -88,9 +90,12 @@ impl Dispatcher {
         &self.quota
     }
 
-    /// The upstream client (for housekeeping).
-    pub fn upstream(&self) -> &UpstreamClient {
-        &self.upstream
+    /// Once a second: drops idle quota keys and upstream connections, and updates the
+    /// gauge of quota keys.
+    pub fn housekeeping(&self) {
+        self.quota.retain_recent();
+        self.upstream.close_idle();
+        self.metrics.quota_keys.set(self.quota.len() as i64);
     }
 
     /// Runs `call` to its end. `gone` is asked, while the call waits for quota, for a future

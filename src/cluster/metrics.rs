@@ -1,10 +1,9 @@
 //! The metrics of a replica's shared state (`[cluster]`): its mode, the live replicas, and
 //! every Redis operation's latency and errors, by operation and kind.
 
-use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
-};
+use prometheus::{Histogram, IntCounter, IntGauge};
+
+use crate::metrics::{Label, Metrics, Series};
 
 /// A kind of Redis operation: the `op` label of the Redis metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,80 +156,54 @@ const REDIS_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct ClusterMetrics {
     /// `wxgate_cluster_state{state="shared"|"degraded"}`: 1 for the replica's mode.
-    shared: IntGauge,
-    degraded: IntGauge,
+    state: Series<IntGauge>,
     /// Live replicas, by the last heartbeat.
     pub replicas: IntGauge,
-    duration: Vec<Histogram>,
-    errors: Vec<Vec<IntCounter>>,
+    duration: Series<Histogram>,
+    errors: Series<IntCounter>,
 }
 
 impl ClusterMetrics {
-    /// Creates every series and registers it with `registry`.
-    pub fn new(registry: &Registry) -> prometheus::Result<ClusterMetrics> {
-        let state = IntGaugeVec::new(
-            Opts::new(
+    /// Creates every series in `metrics`' registry.
+    pub fn new(metrics: &Metrics) -> prometheus::Result<ClusterMetrics> {
+        let op = || Label::new("op", RedisOp::ALL.map(RedisOp::label));
+        Ok(ClusterMetrics {
+            state: metrics.gauges(
                 "wxgate_cluster_state",
                 "1 for the replica's mode: shared (quotas counted in Redis with the other replicas) or degraded (Redis unavailable: limiting locally with this replica's share).",
-            ),
-            &["state"],
-        )?;
-        let replicas = IntGauge::new(
-            "wxgate_cluster_replicas",
-            "Live replicas, by the last heartbeat Redis answered.",
-        )?;
-        let duration = HistogramVec::new(
-            HistogramOpts::new(
+                &[Label::new("state", ["shared", "degraded"])],
+            )?,
+            replicas: metrics.gauge(
+                "wxgate_cluster_replicas",
+                "Live replicas, by the last heartbeat Redis answered.",
+            )?,
+            duration: metrics.histograms(
                 "wxgate_redis_duration_seconds",
                 "Time of one Redis operation, timeouts included.",
-            )
-            .buckets(REDIS_BUCKETS.to_vec()),
-            &["op"],
-        )?;
-        let errors = IntCounterVec::new(
-            Opts::new(
+                REDIS_BUCKETS,
+                &[op()],
+            )?,
+            errors: metrics.counters(
                 "wxgate_redis_errors_total",
                 "Redis operations that failed, by operation and kind.",
-            ),
-            &["op", "kind"],
-        )?;
-        registry.register(Box::new(state.clone()))?;
-        registry.register(Box::new(replicas.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
-        registry.register(Box::new(errors.clone()))?;
-        Ok(ClusterMetrics {
-            shared: state.with_label_values(&["shared"]),
-            degraded: state.with_label_values(&["degraded"]),
-            replicas,
-            duration: RedisOp::ALL
-                .iter()
-                .map(|op| duration.with_label_values(&[op.label()]))
-                .collect(),
-            errors: RedisOp::ALL
-                .iter()
-                .map(|op| {
-                    RedisErrorKind::ALL
-                        .iter()
-                        .map(|kind| errors.with_label_values(&[op.label(), kind.label()]))
-                        .collect()
-                })
-                .collect(),
+                &[op(), Label::new("kind", RedisErrorKind::ALL.map(RedisErrorKind::label))],
+            )?,
         })
     }
 
     /// The replica is in shared mode (`true`) or degraded.
     pub fn set_mode(&self, shared: bool) {
-        self.shared.set(i64::from(shared));
-        self.degraded.set(i64::from(!shared));
+        self.state.get(0).set(i64::from(shared));
+        self.state.get(1).set(i64::from(!shared));
     }
 
     /// A Redis operation took this long.
     pub fn observe(&self, op: RedisOp, seconds: f64) {
-        self.duration[op.index()].observe(seconds);
+        self.duration.get(op.index()).observe(seconds);
     }
 
     /// A Redis operation failed.
     pub fn error(&self, op: RedisOp, kind: RedisErrorKind) {
-        self.errors[op.index()][kind.index()].inc();
+        self.errors.get2(op.index(), kind.index()).inc();
     }
 }
