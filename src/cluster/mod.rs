@@ -1,37 +1,40 @@
-//! Replicas as one: the state several wxgate replicas share through Redis, and what a
-//! replica does when Redis is gone.
+//! The Redis layer: what several wxgate replicas share, and what a replica does when Redis
+//! is gone. It knows connections, scripts, sealing and its own failure modes, never quotas,
+//! codes or tokens: each feature keeps its shared state in its own `shared.rs` and calls
+//! down through [`Cluster::eval`] with one of the [`scripts`].
 //!
 //! Without a `[cluster]` section none of this exists and wxgate is the single process it
 //! always was. With one, [`Cluster`] owns the Redis connection (one multiplexed connection,
 //! redis-rs's `ConnectionManager`, which reconnects by itself with exponential backoff) and
-//! the replica's *mode*:
+//! the replica's *mode* ([`ReplicaMode`]):
 //!
-//! - **shared**: quota turns are counted in Redis ([`quota`]);
+//! - **shared**: quota turns are counted in Redis;
 //! - **degraded**: an operation failed, took longer than `cluster.timeout_ms`, or found Redis
-//!   emptied (a restart, a flush: its epoch changed). The replica limits on its own with its
-//!   share of the quota, logs the change once, and stops sending Redis anything on the
-//!   request path; a background probe (the heartbeat) tries Redis again every
-//!   [`PROBE_INTERVAL`], so no request waits on a dead Redis and no reconnection storm
+//!   emptied (a restart, a flush: its epoch changed, see [`scripts`]). The replica limits on
+//!   its own with its share of the quota, logs the change once, and stops sending Redis
+//!   anything on the request path; a background probe (the heartbeat) tries Redis again
+//!   every [`PROBE_INTERVAL`], so no request waits on a dead Redis and no reconnection storm
 //!   happens;
 //! - **resuming**: Redis answers again; the replicas agreed (in Redis) on a window boundary
 //!   at which they all go back to shared counting, so that no window holds both a local
 //!   count and the shared one.
 //!
-//! A failure of Redis never fails a request: every operation has a fallback.
+//! A failure of Redis never fails a request: every operation gives `None`, and every caller
+//! has a fallback.
 //!
 //! Keys are `{key_prefix}{kind}:{fingerprint}`, fingerprints keyed with the cluster secret
-//! ([`sealing`]), so nothing in a key names an appid, a credential or a code.
+//! ([`sealing`]), so nothing in a key names an appid, a credential or a code; values are
+//! sealed.
 //!
-//! Access tokens are shared too ([`tokens`]): one sealed token per (API, appid), refreshed
-//! by the one replica that holds its lease.
+//! - [`scripts`]: every Lua script, what it is given and its reply type.
+//! - [`sealing`]: keyed fingerprints and sealed values.
+//! - `notices.rs`: pub/sub messages routed to the tasks waiting for them ([`Listener`]).
+//! - `metrics.rs`: `wxgate_cluster_*` and `wxgate_redis_*`.
 
-pub mod codes;
 mod metrics;
 mod notices;
-pub mod quota;
-mod scripts;
+pub mod scripts;
 pub mod sealing;
-pub mod tokens;
 
 use std::fmt;
 use std::future::Future;
@@ -41,7 +44,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::RedisError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -50,6 +53,7 @@ use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
 use self::notices::Notices;
+use self::scripts::{Heartbeat, Resume, Script};
 use self::sealing::Sealing;
 
 /// How often a replica says it is alive, and learns how many replicas are.
@@ -81,14 +85,13 @@ pub struct Cluster {
     /// The epoch this replica counts under (see [`scripts`]); empty until the first
     /// heartbeat.
     epoch: Mutex<String>,
-    mode: watch::Sender<Mode>,
+    mode: watch::Sender<ReplicaMode>,
     /// Live replicas by the last heartbeat Redis answered (kept while Redis is away).
     replicas: AtomicU32,
     /// Whether going back to shared counting must wait for a window boundary agreed with the
     /// other replicas: this replica admitted calls on its own since it degraded, or Redis
     /// lost its counters. Otherwise (an idle replica, or one starting) it goes back at once.
     resume_at_boundary: AtomicBool,
-    scripts: Scripts,
     /// Pub/sub messages for this replica's waiting code exchanges.
     notices: Arc<Notices>,
     /// Redis's push messages, until [`Cluster::start`] hands them to the router.
@@ -98,7 +101,7 @@ pub struct Cluster {
 
 /// Where a replica counts its quota turns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub enum ReplicaMode {
     /// In Redis, with the other replicas.
     Shared,
     /// On its own, with its share of the quota, since `since`.
@@ -115,15 +118,49 @@ pub enum Mode {
     },
 }
 
-struct Scripts {
-    quota: Script,
-    pause: Script,
-    heartbeat: Script,
-    resume: Script,
-    code_claim: Script,
-    code_peek: Script,
-    code_renew: Script,
-    code_complete: Script,
+/// What a key holds: its name in Redis is `{key_prefix}{kind}:{fingerprint}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    /// A quota bucket's theoretical arrival time.
+    QuotaBucket,
+    /// The end of a quota bucket's 45011 pause.
+    QuotaPause,
+    /// A code exchange's remembered answer.
+    CodeAnswer,
+    /// A code exchange's claim.
+    CodeClaim,
+    /// Whether replicas wait for a code exchange's result.
+    CodeWaiters,
+    /// A code exchange's result, left a few seconds for late waiters.
+    CodeResult,
+    /// The pub/sub channel a code exchange's result is published on.
+    CodeChannel,
+    /// A token entry.
+    Token,
+    /// The token entry holding a token, by the token's fingerprint.
+    TokenOf,
+    /// The lease of a token fetch.
+    TokenLease,
+    /// The fetches of a token key on one day.
+    TokenDay,
+}
+
+impl KeyKind {
+    fn name(self) -> &'static str {
+        match self {
+            KeyKind::QuotaBucket => "q",
+            KeyKind::QuotaPause => "p",
+            KeyKind::CodeAnswer => "ca",
+            KeyKind::CodeClaim => "cl",
+            KeyKind::CodeWaiters => "cw",
+            KeyKind::CodeResult => "cr",
+            KeyKind::CodeChannel => "cn",
+            KeyKind::Token => "token",
+            KeyKind::TokenOf => "token-of",
+            KeyKind::TokenLease => "token-lease",
+            KeyKind::TokenDay => "token-day",
+        }
+    }
 }
 
 /// Why the cluster connection could not be set up at all (a Redis that is down is not one
@@ -173,23 +210,13 @@ impl Cluster {
             window,
             secret_check: sealing.fingerprint("secret check", &[]),
             sealing,
-            replica: random_id(),
+            replica: owner_id(),
             epoch: Mutex::new(String::new()),
-            mode: watch::Sender::new(Mode::Degraded {
+            mode: watch::Sender::new(ReplicaMode::Degraded {
                 since: Instant::now(),
             }),
             replicas: AtomicU32::new(1),
             resume_at_boundary: AtomicBool::new(false),
-            scripts: Scripts {
-                quota: Script::new(scripts::QUOTA),
-                pause: Script::new(scripts::PAUSE),
-                heartbeat: Script::new(scripts::HEARTBEAT),
-                resume: Script::new(scripts::RESUME),
-                code_claim: Script::new(scripts::CODE_CLAIM),
-                code_peek: Script::new(scripts::CODE_PEEK),
-                code_renew: Script::new(scripts::CODE_RENEW),
-                code_complete: Script::new(scripts::CODE_COMPLETE),
-            },
             notices: Arc::default(),
             pushes: Mutex::new(Some(pushes)),
             metrics,
@@ -197,7 +224,7 @@ impl Cluster {
     }
 
     /// The replica's mode now.
-    pub fn mode(&self) -> Mode {
+    pub fn mode(&self) -> ReplicaMode {
         *self.mode.borrow()
     }
 
@@ -205,13 +232,13 @@ impl Cluster {
     /// once its resumption time has come.
     pub fn counts_in_redis(&self) -> bool {
         match self.mode() {
-            Mode::Shared => true,
-            Mode::Degraded { .. } => false,
-            Mode::Resuming { at, .. } => {
+            ReplicaMode::Shared => true,
+            ReplicaMode::Degraded { .. } => false,
+            ReplicaMode::Resuming { at, .. } => {
                 if Instant::now() < at {
                     return false;
                 }
-                self.set_mode(Mode::Shared);
+                self.set_mode(ReplicaMode::Shared);
                 true
             }
         }
@@ -227,9 +254,56 @@ impl Cluster {
         &self.sealing
     }
 
+    /// Notes a call admitted out of this replica's own share while degraded: going back to
+    /// shared counting must then wait for a window boundary agreed with the others.
+    pub fn admitted_locally(&self) {
+        self.resume_at_boundary.store(true, Ordering::Release);
+    }
+
+    /// Runs `script` (by hash; loaded again if Redis lost it) as one Redis operation, and
+    /// decodes its reply. `None` when Redis failed (the replica is degraded now); a reply
+    /// that says Redis lost the counters degrades the replica too (see [`scripts`]).
+    pub async fn eval<S: Script>(&self, script: &S) -> Option<S::Reply> {
+        let mut invocation = S::lua().prepare_invoke();
+        script.write(self, &mut invocation);
+        let mut connection = self.connection.clone();
+        let raw: S::Raw = self
+            .run_op(S::OP, async move {
+                invocation.invoke_async(&mut connection).await
+            })
+            .await?;
+        let reply = script.decode(raw);
+        if S::epoch_lost(&reply) {
+            self.lost_data(S::OP);
+        }
+        Some(reply)
+    }
+
+    /// Waits for messages published on the channel of the code exchange `fingerprint`
+    /// ([`KeyKind::CodeChannel`]); `None` if Redis did not take the subscription.
+    pub async fn listen(&self, fingerprint: &str) -> Option<Listener<'_>> {
+        let channel = self.key(KeyKind::CodeChannel, fingerprint);
+        let next = self.notices.register(&channel);
+        let mut connection = self.connection.clone();
+        let subscribed = self.run_op(RedisOp::Subscribe, async {
+            connection.subscribe(&channel).await
+        });
+        subscribed.await?;
+        Some(Listener {
+            cluster: self,
+            channel,
+            next,
+        })
+    }
+
     /// The Redis key of `kind` for `fingerprint`.
-    pub fn key(&self, kind: &str, fingerprint: &str) -> String {
-        format!("{}{kind}:{fingerprint}", self.prefix)
+    fn key(&self, kind: KeyKind, fingerprint: &str) -> String {
+        format!("{}{}:{fingerprint}", self.prefix, kind.name())
+    }
+
+    /// The Redis key of the replicas' own `name` (`epoch`, `replicas`, `secret`, `resume`).
+    fn named(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
     }
 
     /// Starts routing pub/sub messages, then the first heartbeat: shared if Redis answers,
@@ -240,7 +314,7 @@ impl Cluster {
             tokio::spawn(async move { notices.route(pushes).await });
         }
         self.heartbeat().await;
-        if let Mode::Degraded { .. } = self.mode() {
+        if let ReplicaMode::Degraded { .. } = self.mode() {
             tracing::warn!(
                 replicas = self.replicas(),
                 "Redis unavailable at start: limiting locally with this replica's share of each quota until it answers"
@@ -251,17 +325,7 @@ impl Cluster {
     /// Whether Redis answered the last time it was asked (a resuming replica's quota still
     /// counts locally, but it can share code exchanges and tokens).
     pub fn reachable(&self) -> bool {
-        !matches!(self.mode(), Mode::Degraded { .. })
-    }
-
-    /// Subscribes to `channel`; `false` if Redis did not take it.
-    async fn subscribe(&self, channel: &str) -> bool {
-        let mut connection = self.connection.clone();
-        self.run_op(RedisOp::Subscribe, async move {
-            connection.subscribe(channel).await
-        })
-        .await
-        .is_some()
+        !matches!(self.mode(), ReplicaMode::Degraded { .. })
     }
 
     /// Unsubscribes from `channel` (a failure only leaves a subscription nobody reads).
@@ -276,20 +340,20 @@ impl Cluster {
         loop {
             self.heartbeat().await;
             let pause = match self.mode() {
-                Mode::Shared => HEARTBEAT_INTERVAL,
+                ReplicaMode::Shared => HEARTBEAT_INTERVAL,
                 // Wake at the resumption, so the mode (and its metric) turns shared on time
                 // even with no request to notice it.
-                Mode::Resuming { at, .. } => {
+                ReplicaMode::Resuming { at, .. } => {
                     HEARTBEAT_INTERVAL.min(at.saturating_duration_since(Instant::now()))
                 }
-                Mode::Degraded { .. } => PROBE_INTERVAL,
+                ReplicaMode::Degraded { .. } => PROBE_INTERVAL,
             };
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 _ = stop.wait_for(|stop| *stop) => break,
             }
         }
-        let key = format!("{}replicas", self.prefix);
+        let key = self.named("replicas");
         let mut connection = self.connection.clone();
         let mut leave = redis::cmd("ZREM");
         leave.arg(&key).arg(&self.replica);
@@ -299,20 +363,18 @@ impl Cluster {
     /// One heartbeat: counts this replica live, learns the epoch and the live count, and
     /// moves between modes.
     async fn heartbeat(&self) {
-        let mut invocation = self.scripts.heartbeat.prepare_invoke();
-        invocation
-            .key(format!("{}epoch", self.prefix))
-            .key(format!("{}replicas", self.prefix))
-            .key(format!("{}secret", self.prefix))
-            .arg(&self.replica)
-            .arg(HEARTBEAT_TTL.as_millis() as u64)
-            .arg(random_id())
-            .arg(&self.secret_check);
-        let answer: Option<(String, i64, String)> = self.eval(RedisOp::Heartbeat, invocation).await;
-        let Some((epoch, replicas, _)) = answer else {
+        let fresh_epoch = owner_id();
+        let heartbeat = Heartbeat {
+            replica: &self.replica,
+            ttl: HEARTBEAT_TTL,
+            fresh_epoch: &fresh_epoch,
+            secret_check: &self.secret_check,
+        };
+        let Some(reply) = self.eval(&heartbeat).await else {
             return;
         };
-        let Ok(replicas) = u32::try_from(replicas) else {
+        let (epoch, replicas) = (reply.epoch, reply.replicas);
+        let Some(replicas) = replicas else {
             // Another cluster secret: sharing would mix counts this replica cannot read.
             self.metrics
                 .error(RedisOp::Heartbeat, RedisErrorKind::Secret);
@@ -329,47 +391,31 @@ impl Cluster {
             self.lost_data(RedisOp::Heartbeat);
         }
         match self.mode() {
-            Mode::Shared => {}
-            Mode::Resuming { .. } => {
+            ReplicaMode::Shared => {}
+            ReplicaMode::Resuming { .. } => {
                 self.counts_in_redis();
             }
-            Mode::Degraded { .. } if !self.resume_at_boundary.load(Ordering::Acquire) => {
-                self.set_mode(Mode::Shared);
+            ReplicaMode::Degraded { .. } if !self.resume_at_boundary.load(Ordering::Acquire) => {
+                self.set_mode(ReplicaMode::Shared);
             }
-            Mode::Degraded { since } => self.resume(since).await,
+            ReplicaMode::Degraded { since } => self.resume(since).await,
         }
     }
 
     /// Agrees with the other replicas on when to count in Redis again.
     async fn resume(&self, since: Instant) {
-        let mut invocation = self.scripts.resume.prepare_invoke();
-        invocation
-            .key(format!("{}resume", self.prefix))
-            .arg(self.window.as_micros() as u64)
-            .arg(RESUME_MARGIN.as_micros() as u64);
-        let answer: Option<u64> = self.eval(RedisOp::Resume, invocation).await;
-        if let Some(micros) = answer {
-            let at = Instant::now() + Duration::from_micros(micros);
+        let resume = Resume {
+            window: self.window,
+            margin: RESUME_MARGIN,
+        };
+        if let Some(until) = self.eval(&resume).await {
+            let at = Instant::now() + until;
             tracing::info!(
-                in_ms = micros / 1000,
+                in_ms = until.as_millis() as u64,
                 "Redis answers again: shared counting resumes at the next window boundary"
             );
-            self.set_mode(Mode::Resuming { since, at });
+            self.set_mode(ReplicaMode::Resuming { since, at });
         }
-    }
-
-    /// Runs a script (by hash; loaded again if Redis lost it) as one Redis operation.
-    async fn eval<T: redis::FromRedisValue>(
-        &self,
-        op: RedisOp,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Option<T> {
-        let mut connection = self.connection.clone();
-        self.run_op(
-            op,
-            async move { invocation.invoke_async(&mut connection).await },
-        )
-        .await
     }
 
     /// Runs one Redis operation within `cluster.timeout_ms`, timing it; a failure degrades
@@ -399,21 +445,16 @@ impl Cluster {
         self.degrade(op, "Redis lost its data (restarted or flushed)");
     }
 
-    /// Notes a call admitted out of this replica's own share while degraded.
-    fn admitted_locally(&self) {
-        self.resume_at_boundary.store(true, Ordering::Release);
-    }
-
     /// Enters degraded mode (once: an already degraded replica stays as it is).
     fn degrade(&self, op: RedisOp, why: &str) {
         let changed = self.mode.send_if_modified(|mode| match mode {
-            Mode::Degraded { .. } => false,
-            Mode::Resuming { since, .. } => {
-                *mode = Mode::Degraded { since: *since };
+            ReplicaMode::Degraded { .. } => false,
+            ReplicaMode::Resuming { since, .. } => {
+                *mode = ReplicaMode::Degraded { since: *since };
                 true
             }
-            Mode::Shared => {
-                *mode = Mode::Degraded {
+            ReplicaMode::Shared => {
+                *mode = ReplicaMode::Degraded {
                     since: Instant::now(),
                 };
                 true
@@ -430,8 +471,8 @@ impl Cluster {
         }
     }
 
-    fn set_mode(&self, mode: Mode) {
-        let shared = mode == Mode::Shared;
+    fn set_mode(&self, mode: ReplicaMode) {
+        let shared = mode == ReplicaMode::Shared;
         let changed = self.mode.send_if_modified(|current| {
             let changed = *current != mode;
             *current = mode;
@@ -465,7 +506,40 @@ impl fmt::Debug for Cluster {
     }
 }
 
-/// 128 random bits as hex: replica ids, epochs, claim owners.
-fn random_id() -> String {
+/// A fresh random id (128 bits as hex): the owner of a claim or a lease, a replica's id, an
+/// epoch.
+pub fn owner_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// Messages published on one channel, for a task waiting on it (see [`Cluster::listen`]).
+pub struct Listener<'a> {
+    cluster: &'a Cluster,
+    channel: String,
+    next: tokio::sync::oneshot::Receiver<Vec<u8>>,
+}
+
+impl Listener<'_> {
+    /// The next message on the channel; `None` if none can come any more (the router of
+    /// messages stopped). Cancel-safe: a message that arrives meanwhile is kept for the next
+    /// call.
+    pub async fn message(&mut self) -> Option<Vec<u8>> {
+        let message = (&mut self.next).await.ok();
+        self.next = self.cluster.notices.register(&self.channel);
+        message
+    }
+
+    /// Stops listening; the channel is unsubscribed once no task of this replica waits on
+    /// it.
+    pub async fn close(self) {
+        let Listener {
+            cluster,
+            channel,
+            next,
+        } = self;
+        drop(next);
+        if !cluster.notices.still_waited(&channel) {
+            cluster.unsubscribe(&channel).await;
+        }
+    }
 }

@@ -15,8 +15,7 @@ use tokio::sync::Notify;
 
 use wxgate_contract::CacheStatus;
 
-use super::ExchangeResult;
-use crate::answer::LocalAnswer;
+use crate::answer::{Answer, LocalAnswer};
 
 /// One call in flight: its answer, once there is one, for every caller waiting.
 ///
@@ -26,7 +25,7 @@ use crate::answer::LocalAnswer;
 /// of callers waiting is one atomic.
 pub(super) struct Flight {
     /// The call's result: set once, by `publish` when followers wait, or by `abandon`.
-    answer: OnceLock<ExchangeResult>,
+    answer: OnceLock<Answer>,
     /// Wakes the followers once `answer` is set.
     answered: Notify,
     /// Callers waiting for the answer: the leader while it polls, and every follower.
@@ -78,7 +77,7 @@ impl Flight {
     /// Hands `result` to the followers, if any wait. The leader, when it still waits, gets
     /// the result from its own call: publishing only for others lets the leader keep the
     /// only reference, so its response is moved rather than copied.
-    pub(super) fn publish(&self, result: &ExchangeResult) {
+    pub(super) fn publish(&self, result: &Answer) {
         let leader_waits = usize::from(!self.leader_gone.load(Ordering::Acquire));
         if self.waiting() > leader_waits {
             self.set(result.clone());
@@ -87,10 +86,10 @@ impl Flight {
 
     /// Tells every waiter the call ended without an answer.
     pub(super) fn abandon(&self) {
-        self.set(ExchangeResult::Local(LocalAnswer::CallAbandoned));
+        self.set(Answer::Local(LocalAnswer::CallAbandoned));
     }
 
-    fn set(&self, result: ExchangeResult) {
+    fn set(&self, result: Answer) {
         // The first result stands (an abandoned call publishes nothing else).
         let _ = self.answer.set(result);
         self.answered.notify_waiters();
@@ -120,7 +119,7 @@ pub struct Waiter(Subscription);
 
 impl Waiter {
     /// The call's result.
-    pub async fn result(self) -> ExchangeResult {
+    pub async fn result(self) -> Answer {
         let flight = &self.0 .0;
         loop {
             // Registered before the answer is read, so that an answer set in between still
@@ -135,21 +134,21 @@ impl Waiter {
     }
 }
 
+/// The call a leader polls: it ends with the answer and where it came from (WeChat, or,
+/// with `[cluster]`, another replica's memory or call).
+pub(super) type LeaderCall = Pin<Box<dyn Future<Output = (Answer, CacheStatus)> + Send>>;
+
 /// The first caller's side of a call: it polls the call itself and counts as one of its
 /// waiters. Dropped before the call ends, it moves the call to a task of its own.
 pub(super) struct Leader {
-    call: Option<Pin<Box<dyn Future<Output = Led> + Send>>>,
+    call: Option<LeaderCall>,
     flight: Arc<Flight>,
     /// Keeps the leader counted among the flight's waiters while it polls.
     receiver: Option<Subscription>,
 }
 
 impl Leader {
-    pub(super) fn new(
-        call: Pin<Box<dyn Future<Output = Led> + Send>>,
-        flight: Arc<Flight>,
-        receiver: Subscription,
-    ) -> Leader {
+    pub(super) fn new(call: LeaderCall, flight: Arc<Flight>, receiver: Subscription) -> Leader {
         Leader {
             call: Some(call),
             flight,
@@ -158,16 +157,12 @@ impl Leader {
     }
 }
 
-/// What the leader's call ended with, and where its answer came from (WeChat, or, with
-/// `[cluster]`, another replica's memory or call).
-pub(super) type Led = (ExchangeResult, CacheStatus);
-
 impl Future for Leader {
-    type Output = Led;
+    type Output = (Answer, CacheStatus);
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Led> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<(Answer, CacheStatus)> {
         let Some(call) = self.call.as_mut() else {
-            let abandoned = ExchangeResult::Local(LocalAnswer::CallAbandoned);
+            let abandoned = Answer::Local(LocalAnswer::CallAbandoned);
             return Poll::Ready((abandoned, CacheStatus::Miss));
         };
         let result = ready!(call.as_mut().poll(cx));

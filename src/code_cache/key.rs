@@ -16,7 +16,7 @@ pub struct CodeKey(u64, u64);
 
 /// The credential of an exchange, hashed into its key and never stored.
 #[derive(Debug, Clone, Copy)]
-pub enum Credential<'a> {
+pub enum CodeCredential<'a> {
     /// `/sns/jscode2session`: the app secret.
     Secret(&'a [u8]),
     /// `/sns/component/jscode2session`: the platform's appid and access token.
@@ -51,12 +51,12 @@ impl KeyMaker {
         &self,
         api: Api,
         appid: &[u8],
-        credential: Credential<'_>,
+        credential: CodeCredential<'_>,
         js_code: &[u8],
     ) -> CodeKey {
         let fields = match credential {
-            Credential::Secret(secret) => (api.index(), appid, secret, &b""[..], js_code),
-            Credential::Component {
+            CodeCredential::Secret(secret) => (api.index(), appid, secret, &b""[..], js_code),
+            CodeCredential::Component {
                 appid: component,
                 access_token,
             } => (api.index(), appid, component, access_token, js_code),
@@ -117,11 +117,11 @@ mod tests {
     fn keys_differ_by_every_field_and_are_stable() {
         let keys = KeyMaker::new();
         let secret = |api, appid: &[u8], secret: &'static [u8], code: &[u8]| {
-            keys.key(api, appid, Credential::Secret(secret), code)
+            keys.key(api, appid, CodeCredential::Secret(secret), code)
         };
         let base = secret(Api::JsCode2Session, b"wxa", b"s", b"code");
         assert_eq!(base, secret(Api::JsCode2Session, b"wxa", b"s", b"code"));
-        let component = Credential::Component {
+        let component = CodeCredential::Component {
             appid: b"s",
             access_token: b"",
         };
@@ -140,7 +140,7 @@ mod tests {
         let again = other_process.key(
             Api::JsCode2Session,
             b"wxa",
-            Credential::Secret(b"s"),
+            CodeCredential::Secret(b"s"),
             b"code",
         );
         assert_ne!(base, again);
@@ -157,9 +157,9 @@ mod tests {
             let keys = KeyMaker::new();
             let key = |f: &[Vec<u8>]| {
                 let credential = if component {
-                    Credential::Component { appid: &f[1], access_token: &f[2] }
+                    CodeCredential::Component { appid: &f[1], access_token: &f[2] }
                 } else {
-                    Credential::Secret(&f[1])
+                    CodeCredential::Secret(&f[1])
                 };
                 keys.key(Api::JsCode2Session, &f[0], credential, &f[3])
             };

@@ -11,20 +11,21 @@
 //! does it stop when every caller has gone.
 //!
 //! Remembered answers live in one map beside the calls in flight, so a lookup is one probe
-//! (see [`store`] for what a slot holds and how answers expire).
+//! (see [`slots`] for what a slot holds and how answers expire).
 //!
 //! - [`request`]: the parameters of an exchange, checked before anything else.
 //! - [`key`]: the keyed hash of an exchange.
 //! - [`flight`]: a call in flight, its leader and its waiters.
-//! - [`store`]: slots, remembered answers and their expiry.
+//! - [`slots`]: what the map holds, which answers are remembered, and their expiry.
 //! - [`shared`]: with `[cluster]`, the exchange claimed and remembered in Redis.
+//! - `metrics.rs`: look-ups and remembered answers.
 
 mod flight;
 mod key;
 mod metrics;
 mod request;
 mod shared;
-mod store;
+mod slots;
 
 use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,37 +34,34 @@ use std::time::Duration;
 
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
+use http::header;
 use parking_lot::Mutex;
 use tokio::time::Instant;
-
-use self::flight::{Flight, Leader, Led};
-use self::key::{KeyHasher, KeyMaker};
-use self::metrics::{CodeCacheMetrics, Tier};
-use self::store::{ExpiryQueue, Slot, Stored};
-use crate::answer::LocalAnswer;
-use crate::answer::WechatAnswer;
-use crate::cluster::codes::SharedCodes;
-use crate::cluster::Cluster;
-use crate::config::CodeCacheConfig;
-use crate::dispatch::{Call, Dispatcher, FirstTurn};
-use crate::metrics::Metrics;
-use crate::quota::QuotaKey;
-use crate::wechat::Api;
-use crate::wechat::WechatParams;
 use wxgate_contract::CacheStatus;
 
+use self::flight::{Flight, Leader};
 pub use self::key::CodeKey;
-use self::key::Credential;
-pub use self::store::{is_definitive, Lookup, Remembered};
+use self::key::{KeyHasher, KeyMaker};
+use self::metrics::{CodeCacheMetrics, Tier};
+use self::shared::SharedCodes;
+pub use self::slots::Lookup;
+use self::slots::{is_definitive, CodeSlot, ExpiryQueue};
+use crate::answer::{Answer, LocalAnswer, RememberedAnswer, WechatAnswer};
+use crate::cluster::Cluster;
+use crate::config::CodeCacheConfig;
+use crate::dispatch::{Call, Dispatcher};
+use crate::metrics::Metrics;
+use crate::quota::{FirstTurn, QuotaKey};
+use crate::wechat::{Api, WechatParams};
 
 /// Shards of the map of slots (a power of two). Many small shards: a shard's table is
 /// rehashed whole when it grows, and with a million answers in four shards that stalls the
 /// runtime for milliseconds.
 const SHARDS: usize = 256;
 
-/// The code-exchange coalescer and its remembered answers.
-pub struct CodeExchange {
-    slots: DashMap<CodeKey, Slot, BuildHasherDefault<KeyHasher>>,
+/// The code cache: calls in flight coalesced, definitive answers remembered.
+pub struct CodeCache {
+    slots: DashMap<CodeKey, CodeSlot, BuildHasherDefault<KeyHasher>>,
     /// (expiry, key) of every remembered answer, oldest first.
     expiry: Mutex<ExpiryQueue>,
     /// Expiries are whole seconds since this instant, so a stored answer keeps a `u32`.
@@ -84,28 +82,18 @@ pub struct CodeExchange {
 
 /// A checked code exchange: its key, and the quota it spends.
 #[derive(Debug, Clone, Copy)]
-pub struct ExchangeRequest {
+pub struct CodeRequest {
     /// Identifies identical exchanges.
     pub key: CodeKey,
     /// The (appid, API) whose quota the call spends.
     pub quota_key: QuotaKey,
 }
 
-/// The result of an exchange, shared by everyone who asked.
-#[derive(Debug, Clone)]
-pub enum ExchangeResult {
-    /// WeChat's answer (all headers, for the caller and its coalesced followers).
-    Upstream(Arc<WechatAnswer>),
-    /// A remembered answer: status, Content-Type and body, byte for byte.
-    Remembered(Remembered),
-    /// The call ended without a WeChat answer.
-    Local(LocalAnswer),
-}
-
-impl CodeExchange {
-    /// An empty exchange with `[code_cache]` settings.
-    pub fn new(config: &CodeCacheConfig, metrics: &Metrics) -> prometheus::Result<CodeExchange> {
-        Ok(CodeExchange {
+impl CodeCache {
+    /// An empty cache with `[code_cache]` settings, its metrics registered in `metrics`'
+    /// registry.
+    pub fn new(config: &CodeCacheConfig, metrics: &Metrics) -> prometheus::Result<CodeCache> {
+        Ok(CodeCache {
             slots: DashMap::with_hasher_and_shard_amount(Default::default(), SHARDS),
             expiry: Mutex::new(ExpiryQueue::default()),
             base: Instant::now(),
@@ -120,33 +108,16 @@ impl CodeExchange {
 
     /// Shares exchanges with the other replicas of `cluster`; a claim's lease outlives an
     /// upstream call of `call_timeout`.
-    pub fn shared_with(mut self, cluster: Arc<Cluster>, call_timeout: Duration) -> CodeExchange {
+    pub fn shared_with(mut self, cluster: Arc<Cluster>, call_timeout: Duration) -> CodeCache {
         self.shared = Some(SharedCodes::new(cluster, self.ttl(), call_timeout));
         self
     }
 
-    /// The fingerprint under which the replicas share this exchange (with `[cluster]` only):
-    /// a keyed HMAC of what makes exchanges identical, the same on every replica.
-    fn fingerprint(&self, api: Api, query: &str) -> Option<String> {
-        let shared = self.shared.as_ref()?;
-        let params = WechatParams::parse(query);
-        let checked = request::check(api, &params).ok()?;
-        let (kind, first, second): (&[u8], &[u8], &[u8]) = match checked.credential {
-            Credential::Secret(secret) => (b"secret", secret, b""),
-            Credential::Component {
-                appid,
-                access_token,
-            } => (b"component", appid, access_token),
-        };
-        let label = api.label().as_bytes();
-        Some(shared.fingerprint(&[label, checked.appid, kind, first, second, checked.js_code]))
-    }
-
-    /// Checks a code exchange's query (see [`request`]) and keys it.
-    pub fn request(&self, api: Api, query: &str) -> Result<ExchangeRequest, LocalAnswer> {
+    /// Reads a code exchange's query: checked (see [`request`]) and keyed.
+    pub fn read_request(&self, api: Api, query: &str) -> Result<CodeRequest, LocalAnswer> {
         let params = WechatParams::parse(query);
         let checked = request::check(api, &params)?;
-        Ok(ExchangeRequest {
+        Ok(CodeRequest {
             key: self
                 .keys
                 .key(api, checked.appid, checked.credential, checked.js_code),
@@ -176,13 +147,13 @@ impl CodeExchange {
         key: CodeKey,
         call: Call,
         dispatcher: &Arc<Dispatcher>,
-    ) -> (ExchangeResult, CacheStatus) {
+    ) -> (Answer, CacheStatus) {
         let now = self.seconds(Instant::now());
         let (flight, receiver) = match self.slots.entry(key) {
             // Filled since the caller's `lookup`: the same reading, now under the write lock.
             Entry::Occupied(mut occupied) => match occupied.get().lookup(now) {
                 Lookup::Remembered(remembered) => {
-                    return (ExchangeResult::Remembered(remembered), CacheStatus::Hit)
+                    return (Answer::Remembered(remembered), CacheStatus::Hit)
                 }
                 Lookup::InFlight(waiter) => {
                     drop(occupied);
@@ -193,13 +164,13 @@ impl CodeExchange {
                     // holding something else and leave it alone.
                     self.remembered.fetch_sub(1, Ordering::Relaxed);
                     let (flight, receiver) = Flight::new();
-                    occupied.insert(Slot::InFlight(flight.clone()));
+                    occupied.insert(CodeSlot::InFlight(flight.clone()));
                     (flight, receiver)
                 }
             },
             Entry::Vacant(vacant) => {
                 let (flight, receiver) = Flight::new();
-                vacant.insert(Slot::InFlight(flight.clone()));
+                vacant.insert(CodeSlot::InFlight(flight.clone()));
                 (flight, receiver)
             }
         };
@@ -221,11 +192,11 @@ impl CodeExchange {
         flight: Arc<Flight>,
         call: Call,
         dispatcher: Arc<Dispatcher>,
-    ) -> Led {
+    ) -> (Answer, CacheStatus) {
         // If this future is dropped before it ends (its task cancelled at shutdown, no runtime
         // to move to, a panic), the slot is freed and the followers are answered.
         let mut guard = SlotGuard {
-            exchange: &self,
+            cache: &self,
             key,
             flight: &flight,
             armed: true,
@@ -237,26 +208,37 @@ impl CodeExchange {
             .filter(|shared| shared.available())
             .and_then(|shared| {
                 let query = call.request.path_and_query.query().unwrap_or("");
-                Some((shared, self.fingerprint(call.api, query)?))
+                Some((shared, shared.fingerprint(call.api, query)?))
             });
-        let (result, status) = match shared {
+        let (answer, status) = match shared {
             // Boxed: the Redis round trips make a large future, which the common path (no
             // `[cluster]`) would otherwise carry and copy on every exchange.
             Some((shared, fingerprint)) => {
                 Box::pin(self.lead_shared(shared, fingerprint, key, &flight, &call, &dispatcher))
                     .await
             }
-            None => (
-                self.call(key, &flight, &call, &dispatcher, FirstTurn::Acquire)
-                    .await,
-                CacheStatus::Miss,
-            ),
+            None => self.call_alone(key, &flight, &call, &dispatcher).await,
         };
         // The slot no longer holds this flight, so nobody subscribes from now on (and a call
         // abandoned by everyone has nobody left to answer).
         guard.armed = false;
-        flight.publish(&result);
-        (result, status)
+        flight.publish(&answer);
+        (answer, status)
+    }
+
+    /// The call of a flight made by this replica alone (without `[cluster]`, or with Redis
+    /// away): its own quota turn, WeChat's answer.
+    async fn call_alone(
+        &self,
+        key: CodeKey,
+        flight: &Arc<Flight>,
+        call: &Call,
+        dispatcher: &Dispatcher,
+    ) -> (Answer, CacheStatus) {
+        let answer = self
+            .call(key, flight, call, dispatcher, FirstTurn::Acquire)
+            .await;
+        (answer, CacheStatus::Miss)
     }
 
     /// The upstream call of a flight, and its slot settled by the answer.
@@ -267,18 +249,18 @@ impl CodeExchange {
         call: &Call,
         dispatcher: &Dispatcher,
         first_turn: FirstTurn,
-    ) -> ExchangeResult {
+    ) -> Answer {
         let gone = || self.everyone_gone(key, flight);
         match dispatcher.call_with(call, gone, first_turn).await {
             Ok(answer) => {
                 self.settle(key, flight, &answer);
-                ExchangeResult::Upstream(Arc::new(answer))
+                Answer::Wechat(Arc::new(answer))
             }
             // The slot is already gone (see `everyone_gone`).
-            Err(LocalAnswer::CallAbandoned) => ExchangeResult::Local(LocalAnswer::CallAbandoned),
+            Err(LocalAnswer::CallAbandoned) => Answer::Local(LocalAnswer::CallAbandoned),
             Err(local) => {
                 self.forget_flight(key, flight);
-                ExchangeResult::Local(local)
+                Answer::Local(local)
             }
         }
     }
@@ -290,7 +272,7 @@ impl CodeExchange {
             // A follower subscribes under the shard's read lock; this removal takes the write
             // lock, so either the follower is counted here or it finds no flight.
             let removed = self.slots.remove_if(&key, |_, slot| {
-                matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight) && f.waiting() == 0)
+                matches!(slot, CodeSlot::InFlight(f) if Arc::ptr_eq(f, flight) && f.waiting() == 0)
             });
             if removed.is_some() {
                 self.update_gauge();
@@ -303,23 +285,35 @@ impl CodeExchange {
 
     /// Replaces the flight with its answer if the answer is definitive, or frees the slot.
     fn settle(&self, key: CodeKey, flight: &Arc<Flight>, answer: &WechatAnswer) {
-        // Rounded up to the second: an answer is never forgotten early.
         let now = self.seconds(Instant::now());
-        let expires = now + self.ttl().as_secs() as u32 + 1;
-        let stored = is_definitive(answer.response.status, answer.errcode)
-            .then(|| Stored::new(&answer.response, expires))
+        let response = &answer.response;
+        let slot = is_definitive(response.status, answer.errcode)
+            .then(|| {
+                let content_type = response.headers.get(header::CONTENT_TYPE);
+                let encoded =
+                    RememberedAnswer::encode_parts(response.status, content_type, &response.body);
+                CodeSlot::remembered(encoded, self.expiry_from(now))
+            })
             .flatten();
-        match stored {
-            Some(stored) => self.keep(key, stored, now),
+        match slot {
+            Some(slot) => self.keep(key, slot, now),
             None => self.forget_flight(key, flight),
         }
         self.update_gauge();
     }
 
+    /// When an answer remembered at `now` expires: rounded up to the second, so that an
+    /// answer is never forgotten early.
+    fn expiry_from(&self, now: u32) -> u32 {
+        now + self.ttl().as_secs() as u32 + 1
+    }
+
     /// Puts a remembered answer in `key`'s slot, and in the expiry queue.
-    fn keep(&self, key: CodeKey, stored: Stored, now: u32) {
-        let expires = stored.expires;
-        self.slots.insert(key, Slot::Ready(stored));
+    fn keep(&self, key: CodeKey, slot: CodeSlot, now: u32) {
+        let Some(expires) = slot.expires() else {
+            return;
+        };
+        self.slots.insert(key, slot);
         self.remembered.fetch_add(1, Ordering::Relaxed);
         let mut expiry = self.expiry.lock();
         expiry.push_back((expires, key));
@@ -329,7 +323,7 @@ impl CodeExchange {
     fn forget_flight(&self, key: CodeKey, flight: &Arc<Flight>) {
         self.slots.remove_if(
             &key,
-            |_, slot| matches!(slot, Slot::InFlight(f) if Arc::ptr_eq(f, flight)),
+            |_, slot| matches!(slot, CodeSlot::InFlight(f) if Arc::ptr_eq(f, flight)),
         );
         self.update_gauge();
     }
@@ -343,10 +337,9 @@ impl CodeExchange {
                 break;
             }
             expiry.pop_front();
-            let removed = self.slots.remove_if(
-                &key,
-                |_, slot| matches!(slot, Slot::Ready(stored) if stored.expires == expires),
-            );
+            let removed = self
+                .slots
+                .remove_if(&key, |_, slot| slot.expires() == Some(expires));
             if removed.is_some() {
                 self.remembered.fetch_sub(1, Ordering::Relaxed);
             }
@@ -380,7 +373,7 @@ impl CodeExchange {
         self.remembered.load(Ordering::Relaxed)
     }
 
-    /// Whole seconds from the exchange's base to `at`.
+    /// Whole seconds from the cache's base to `at`.
     fn seconds(&self, at: Instant) -> u32 {
         at.saturating_duration_since(self.base).as_secs() as u32
     }
@@ -392,7 +385,7 @@ impl CodeExchange {
 
 /// Frees a call's slot and answers its followers when the call ends unfinished.
 struct SlotGuard<'a> {
-    exchange: &'a CodeExchange,
+    cache: &'a CodeCache,
     key: CodeKey,
     flight: &'a Arc<Flight>,
     armed: bool,
@@ -401,7 +394,7 @@ struct SlotGuard<'a> {
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.exchange.forget_flight(self.key, self.flight);
+            self.cache.forget_flight(self.key, self.flight);
             self.flight.abandon();
         }
     }

@@ -1,7 +1,7 @@
 //! A code exchange's parameters, checked as WeChat would check them, so that a request that
 //! cannot succeed spends neither quota nor a call.
 
-use super::key::Credential;
+use super::key::CodeCredential;
 use crate::answer::LocalAnswer;
 use crate::quota::QuotaKey;
 use crate::wechat::Api;
@@ -10,7 +10,7 @@ use crate::wechat::{is_plausible_js_code, WechatParams};
 /// The fields of a valid exchange, borrowed from its parameters.
 pub(super) struct Checked<'p> {
     pub(super) appid: &'p [u8],
-    pub(super) credential: Credential<'p>,
+    pub(super) credential: CodeCredential<'p>,
     pub(super) js_code: &'p [u8],
     pub(super) quota_key: QuotaKey,
 }
@@ -49,11 +49,11 @@ pub(super) fn check<'p>(
         params.component_appid.as_deref(),
         params.component_access_token.as_deref(),
     ) {
-        (_, Some(appid), Some(access_token)) if component => Credential::Component {
+        (_, Some(appid), Some(access_token)) if component => CodeCredential::Component {
             appid,
             access_token,
         },
-        (Some(secret), _, _) => Credential::Secret(secret),
+        (Some(secret), _, _) => CodeCredential::Secret(secret),
         _ => return Err(LocalAnswer::MissingSecret),
     };
     Ok(Checked {

@@ -20,14 +20,10 @@ use wxgate_contract::RetryReason;
 pub use self::metrics::CallMetrics;
 use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::config::RetryConfig;
-use crate::quota::{next_window_start, QuotaGate, QuotaKey};
+use crate::quota::{next_window_start, FirstTurn, QuotaGate, QuotaKey};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
 use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
 use crate::wechat::{Api, Errcode};
-
-/// What a call ends with: WeChat's answer (the last one, when there were retries), or one of
-/// wxgate's own when WeChat gave none or no quota turn came in time.
-pub type CallResult = Result<WechatAnswer, LocalAnswer>;
 
 /// What one call is.
 #[derive(Debug, Clone)]
@@ -40,18 +36,6 @@ pub struct Call {
     pub request: UpstreamRequest,
     /// How long the call may wait for its first quota turn.
     pub max_wait: Duration,
-}
-
-/// Whether a call's first attempt still needs its quota turn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FirstTurn {
-    /// It waits for its turn, as every retry does.
-    Acquire,
-    /// Its turn was taken already (with `[cluster]`, along with its code exchange's claim).
-    Taken,
-    /// It was told a moment ago (with its code exchange's claim) that its turn is not before
-    /// then: it waits in its quota lane without asking again first.
-    NotBefore(Instant),
 }
 
 /// Sends calls upstream under quota and retry policy.
@@ -98,11 +82,12 @@ impl Dispatcher {
         self.metrics.quota_keys.set(self.quota.len() as i64);
     }
 
-    /// Runs `call` to its end. `gone` is asked, while the call waits for quota, for a future
+    /// Runs `call` to its end: WeChat's answer (the last one, when there were retries), or
+    /// one of wxgate's own when WeChat gave none or no quota turn came in time. `gone` is asked, while the call waits for quota, for a future
     /// that completes when nobody wants the answer any more; the call then ends with
     /// [`LocalAnswer::CallAbandoned`] before anything is sent. Pass `std::future::pending`
     /// when the caller's own cancellation suffices.
-    pub async fn call<G, F>(&self, call: &Call, gone: G) -> CallResult
+    pub async fn call<G, F>(&self, call: &Call, gone: G) -> Result<WechatAnswer, LocalAnswer>
     where
         G: FnMut() -> F,
         F: Future<Output = ()>,
@@ -111,7 +96,12 @@ impl Dispatcher {
     }
 
     /// [`Dispatcher::call`], for a call whose first turn may have been taken already.
-    pub async fn call_with<G, F>(&self, call: &Call, mut gone: G, first: FirstTurn) -> CallResult
+    pub async fn call_with<G, F>(
+        &self,
+        call: &Call,
+        mut gone: G,
+        first: FirstTurn,
+    ) -> Result<WechatAnswer, LocalAnswer>
     where
         G: FnMut() -> F,
         F: Future<Output = ()>,
@@ -120,7 +110,7 @@ impl Dispatcher {
         let mut state = CallState::new(call, &policy);
         // What the client gets if a retry finds no quota turn in time: WeChat's last answer
         // (the 45011 held as long as allowed, or the -1), or the last failure.
-        let mut last: Option<CallResult> = None;
+        let mut last: Option<Result<WechatAnswer, LocalAnswer>> = None;
         // Counted when the retry is sent: a hold that runs out sends nothing.
         let mut retrying: Option<RetryReason> = None;
         let mut first = first;
@@ -226,7 +216,11 @@ impl Dispatcher {
     }
 
     /// Sends one attempt and records it in the metrics.
-    async fn send(&self, call: &Call, connection: ConnectionChoice) -> (CallResult, Attempt) {
+    async fn send(
+        &self,
+        call: &Call,
+        connection: ConnectionChoice,
+    ) -> (Result<WechatAnswer, LocalAnswer>, Attempt) {
         let sent = Instant::now();
         let result = self.upstream.send(&call.request, connection).await;
         let seconds = sent.elapsed().as_secs_f64();

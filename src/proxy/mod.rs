@@ -34,11 +34,11 @@ use wxgate_contract::CacheStatus;
 use self::metrics::RequestMetrics;
 use self::reply::Reply;
 use self::target::{prepare_upstream_headers, read_target, request_id, Target};
-use crate::answer::LocalAnswer;
+use crate::answer::{Answer, LocalAnswer};
 use crate::cluster::Cluster;
-use crate::code_cache::{CodeExchange, ExchangeRequest, ExchangeResult, Lookup};
+use crate::code_cache::{CodeCache, CodeRequest, Lookup};
 use crate::config::Config;
-use crate::dispatch::{Call, CallMetrics, CallResult, Dispatcher};
+use crate::dispatch::{Call, CallMetrics, Dispatcher};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaGate, QuotaKey};
 use crate::token_cache::{is_stale_token_errcode, TokenCache, TokenRequest};
@@ -61,7 +61,7 @@ pub const CACHE_HEADER: HeaderName = HeaderName::from_static(wxgate_contract::CA
 /// The proxy: everything a request needs, shared by all connections.
 pub struct Proxy {
     dispatcher: Arc<Dispatcher>,
-    codes: Arc<CodeExchange>,
+    codes: Arc<CodeCache>,
     tokens: Arc<TokenCache>,
     metrics: RequestMetrics,
     /// `server.max_body_bytes`; a reload may change it.
@@ -108,7 +108,7 @@ impl Proxy {
     ) -> Result<Proxy, ProxyError> {
         let upstream = UpstreamClient::new(&config.upstream)?;
         let mut quota = QuotaGate::new(&config.quota);
-        let mut codes = CodeExchange::new(&config.code_cache, metrics)?;
+        let mut codes = CodeCache::new(&config.code_cache, metrics)?;
         if let Some(cluster) = &cluster {
             quota = quota.shared_with(cluster.clone());
             codes = codes.shared_with(cluster.clone(), config.upstream.timeout);
@@ -213,7 +213,10 @@ impl Proxy {
         context.api = target.api;
         let body = self.read_body(body).await?;
         let query = target.path_and_query.query().unwrap_or("");
-        if let Some(token) = self.tokens.request(target.api, &parts.method, query, &body) {
+        if let Some(token) = self
+            .tokens
+            .read_request(target.api, &parts.method, query, &body)
+        {
             return Ok(self.token(token, parts, target, body).await);
         }
         // A call carrying a token: kept (a reference count) in case WeChat refuses the token.
@@ -221,7 +224,7 @@ impl Proxy {
             .contains("access_token")
             .then(|| target.path_and_query.clone());
         let reply = if target.api.is_code_exchange() && parts.method == Method::GET {
-            let exchange = self.codes.request(target.api, query)?;
+            let exchange = self.codes.read_request(target.api, query)?;
             self.code_exchange(exchange, parts, target, body).await
         } else {
             self.forward(parts, target, body).await?
@@ -241,7 +244,10 @@ impl Proxy {
     async fn token(&self, token: TokenRequest, parts: Parts, target: Target, body: Bytes) -> Reply {
         let quota_key = token.quota_key();
         let call = self.call(parts, target, body, quota_key);
-        Reply::token(self.tokens.answer(token, call).await)
+        match self.tokens.answer(token, call).await {
+            Ok((answer, status)) => Reply::cached(answer, status),
+            Err(local) => Reply::local(local),
+        }
     }
 
     /// Reads the whole body, refusing one larger than `server.max_body_bytes` before reading
@@ -282,7 +288,7 @@ impl Proxy {
     /// flight, the first caller makes the call.
     async fn code_exchange(
         &self,
-        exchange: ExchangeRequest,
+        exchange: CodeRequest,
         parts: Parts,
         target: Target,
         body: Bytes,
@@ -290,20 +296,19 @@ impl Proxy {
         // Replays and followers need nothing below (headers, the upstream request).
         match self.codes.lookup(exchange.key) {
             Lookup::Remembered(remembered) => {
-                let result = ExchangeResult::Remembered(remembered);
-                return Reply::exchanged(result, CacheStatus::Hit);
+                return Reply::cached(Answer::Remembered(remembered), CacheStatus::Hit);
             }
             Lookup::InFlight(waiter) => {
-                return Reply::exchanged(waiter.result().await, CacheStatus::Coalesced)
+                return Reply::cached(waiter.result().await, CacheStatus::Coalesced)
             }
             Lookup::Absent => {}
         }
         let call = self.call(parts, target, body, Some(exchange.quota_key));
-        let (result, status) = self
+        let (answer, status) = self
             .codes
             .exchange(exchange.key, call, &self.dispatcher)
             .await;
-        Reply::exchanged(result, status)
+        Reply::cached(answer, status)
     }
 
     /// Any other request: sent upstream as it is, under its appid's quota when the API is one
@@ -322,8 +327,8 @@ impl Proxy {
         let call = self.call(parts, target, body, quota_key);
         // Boxed: the call's future is large, and hyper moves the future of every request
         // (code exchanges, the hot path, included) whole; one allocation here is cheaper.
-        let result: CallResult = Box::pin(self.dispatcher.call(&call, std::future::pending)).await;
-        Ok(Reply::forwarded(result?))
+        let answer = Box::pin(self.dispatcher.call(&call, std::future::pending)).await?;
+        Ok(Reply::forwarded(answer))
     }
 
     /// The upstream call of a request: its own headers minus what stays local, and how long

@@ -9,9 +9,7 @@ use http_body_util::Full;
 use wxgate_contract::{CacheStatus, Outcome};
 
 use super::CACHE_HEADER;
-use crate::answer::{LocalAnswer, WechatAnswer};
-use crate::code_cache::ExchangeResult;
-use crate::token_cache::TokenAnswer;
+use crate::answer::{Answer, LocalAnswer, RememberedAnswer, WechatAnswer};
 use crate::wechat::{Errcode, JSON_CONTENT_TYPE};
 
 /// What goes back to the client, with what its log line and metrics say of it.
@@ -45,69 +43,53 @@ impl Reply {
         }
     }
 
-    /// The answer of the token cache, with its `X-Wxgate-Cache` header.
-    pub(super) fn token(answer: TokenAnswer) -> Reply {
-        let (mut reply, status) = match answer {
-            TokenAnswer::Token { body, status } => {
-                let mut response = Response::new(Full::new(body));
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(JSON_CONTENT_TYPE),
-                );
-                let errcode = (status == CacheStatus::Miss).then_some(Errcode::Success);
-                let outcome = Outcome::Forwarded;
-                (
-                    Reply {
-                        response,
-                        outcome,
-                        errcode,
-                    },
-                    status,
-                )
-            }
-            TokenAnswer::Wechat { answer, status } => {
-                (Reply::forwarded(Arc::unwrap_or_clone(answer)), status)
-            }
-            TokenAnswer::Local(local) => return Reply::local(local),
-        };
-        reply.outcome = match status {
-            CacheStatus::Hit => Outcome::CacheHit,
-            CacheStatus::Coalesced => Outcome::Coalesced,
-            CacheStatus::Miss => Outcome::Forwarded,
-        };
-        reply.response.headers_mut().insert(
-            CACHE_HEADER,
-            HeaderValue::from_static(status.header_value()),
-        );
-        reply
+    /// A remembered answer replayed: its status, Content-Type and body.
+    fn remembered(answer: RememberedAnswer) -> Reply {
+        let mut response = Response::new(Full::new(answer.body));
+        *response.status_mut() = answer.status;
+        if let Some(content_type) = answer.content_type {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, content_type);
+        }
+        Reply {
+            response,
+            outcome: Outcome::CacheHit,
+            errcode: None,
+        }
     }
 
-    /// The result of a code exchange, with its `X-Wxgate-Cache` header.
-    pub(super) fn exchanged(result: ExchangeResult, status: CacheStatus) -> Reply {
-        let mut reply = match result {
-            // The leader alone usually holds the answer: no copy then.
-            ExchangeResult::Upstream(answer) => Reply::forwarded(Arc::unwrap_or_clone(answer)),
-            ExchangeResult::Remembered(remembered) => {
-                let mut response = Response::new(Full::new(remembered.body()));
-                *response.status_mut() = remembered.status();
-                if let Some(content_type) = remembered.content_type() {
-                    response
-                        .headers_mut()
-                        .insert(header::CONTENT_TYPE, content_type);
-                }
-                Reply {
-                    response,
-                    outcome: Outcome::CacheHit,
-                    errcode: None,
-                }
-            }
-            ExchangeResult::Local(answer) => Reply::local(answer),
+    /// A token written by wxgate; fetched by this request (`miss`), it counts as WeChat's
+    /// success.
+    fn token(body: Bytes, status: CacheStatus) -> Reply {
+        let mut response = Response::new(Full::new(body));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(JSON_CONTENT_TYPE),
+        );
+        Reply {
+            response,
+            outcome: Outcome::Forwarded,
+            errcode: (status == CacheStatus::Miss).then_some(Errcode::Success),
+        }
+    }
+
+    /// An answer of the code cache or the token cache, with its `X-Wxgate-Cache` header:
+    /// a hit counts as one, a follower of a call (here or on another replica) as coalesced.
+    pub(super) fn cached(answer: Answer, status: CacheStatus) -> Reply {
+        let mut reply = match answer {
+            // The leader alone usually holds WeChat's answer: no copy then.
+            Answer::Wechat(answer) => Reply::forwarded(Arc::unwrap_or_clone(answer)),
+            Answer::Remembered(remembered) => Reply::remembered(remembered),
+            Answer::Token(body) => Reply::token(body, status),
+            Answer::Local(local) => Reply::local(local),
         };
-        // A follower of a call, here or on another replica, is counted as coalesced.
-        if status == CacheStatus::Coalesced
-            && matches!(reply.outcome, Outcome::Forwarded | Outcome::CacheHit)
-        {
-            reply.outcome = Outcome::Coalesced;
+        if matches!(reply.outcome, Outcome::Forwarded | Outcome::CacheHit) {
+            match status {
+                CacheStatus::Hit => reply.outcome = Outcome::CacheHit,
+                CacheStatus::Coalesced => reply.outcome = Outcome::Coalesced,
+                CacheStatus::Miss => {}
+            }
         }
         reply.response.headers_mut().insert(
             CACHE_HEADER,

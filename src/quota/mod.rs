@@ -22,11 +22,18 @@
 //! window (see [`next_window_start`]); the lane's head sleeps through the pause, so the calls
 //! behind it do not reach upstream either.
 //!
+//! # Shared with replicas
+//! With `[cluster]`, turns are counted in Redis instead ([`shared`]); the lanes still queue
+//! this replica's callers, so that only the head of a lane talks to Redis.
+//!
 //! - [`key`]: the (appid, API) key.
 //! - [`limits`]: the keyed limiters of one configuration, and the carry-over on a reload.
+//! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
+//!   Redis is away.
 
 mod key;
 mod limits;
+mod shared;
 #[cfg(test)]
 mod tests;
 
@@ -43,9 +50,38 @@ use tokio::time::Instant;
 
 pub use self::key::QuotaKey;
 use self::limits::Limits;
-use crate::cluster::quota::{SharedQuota, Turn};
+use self::shared::SharedQuota;
+pub use self::shared::Turn;
+use crate::cluster::scripts::TurnReply;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
+
+/// Whether a call's first attempt still needs its quota turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstTurn {
+    /// It waits for its turn, as every retry does.
+    Acquire,
+    /// Its turn was taken already (with `[cluster]`, along with its code exchange's claim).
+    Taken,
+    /// It was told a moment ago (with its code exchange's claim) that its turn is not before
+    /// then: it waits in its quota lane without asking again first.
+    NotBefore(Instant),
+}
+
+impl FirstTurn {
+    /// What the turn a claim took along ([`QuotaGate::turn_to_claim`]) came to: taken, so
+    /// the call goes upstream without [`QuotaGate::acquire`]; not before a while, so the
+    /// call queues at once ([`QuotaGate::acquire_not_before`]) instead of asking Redis
+    /// again first; or not counted (no turn rode on the claim, or Redis lost the counters
+    /// and the replica is degraded now), so the call takes its turn as any call does.
+    pub fn after_claim(turn: Option<TurnReply>) -> FirstTurn {
+        match turn {
+            Some(TurnReply::Taken) => FirstTurn::Taken,
+            Some(TurnReply::NotBefore(wait)) => FirstTurn::NotBefore(Instant::now() + wait),
+            Some(TurnReply::EpochLost) | None => FirstTurn::Acquire,
+        }
+    }
+}
 
 /// A call could not get its turn before its deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,9 +122,9 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     /// look a key up in `lanes` at all.
     lane_count: AtomicUsize,
     clock: C,
-    /// With `[cluster]`: turns are counted in Redis (see [`crate::cluster::quota`]); the
-    /// local limiters above are then unused, while the lanes still queue this replica's
-    /// callers, so that only the head of a lane talks to Redis.
+    /// With `[cluster]`: turns are counted in Redis (see [`shared`]); the local limiters
+    /// above are then unused, while the lanes still queue this replica's callers, so that
+    /// only the head of a lane talks to Redis.
     shared: Option<SharedQuota>,
 }
 
@@ -188,10 +224,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
     }
 
     /// With `[cluster]` counting in Redis and no call of this replica queued for `key`: the
-    /// turn a code exchange's claim takes along, in the same round trip (see
-    /// `cluster::codes::SharedCodes::claim`); what it came to is then given to
-    /// [`QuotaGate::claimed_turn`]. `None` otherwise: the call takes its turn through
-    /// [`QuotaGate::acquire`], as any other.
+    /// turn a code exchange's claim takes along, in the same round trip; what it came to is
+    /// settled by [`FirstTurn::after_claim`]. `None` otherwise: the call takes its turn
+    /// through [`QuotaGate::acquire`], as any other.
     pub fn turn_to_claim(&self, key: &QuotaKey) -> Option<Turn> {
         let shared = self.shared.as_ref()?;
         let queued = self.lane_count.load(Ordering::Acquire) != 0 && self.lanes.contains_key(key);
@@ -201,16 +236,6 @@ impl<C: Clock + Clone> QuotaGate<C> {
         let limits = self.limits.load();
         let class = limits.class(key);
         Some(shared.turn(key, class.limit, class.interval))
-    }
-
-    /// What the turn taken along with a claim (the script's `(admitted, wait µs)`) came to:
-    /// `Some(Ok(()))` admitted, so the call goes upstream without [`QuotaGate::acquire`];
-    /// `Some(Err(wait))` not before `wait`, so the call queues at once
-    /// ([`QuotaGate::acquire_not_before`]) instead of asking Redis again first; `None` when
-    /// Redis lost the counters (the replica is degraded now, and the call takes its turn as
-    /// any call does).
-    pub fn claimed_turn(&self, reply: (i64, i64)) -> Option<Result<(), Duration>> {
-        self.shared.as_ref().and_then(|shared| shared.settle(reply))
     }
 
     /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.

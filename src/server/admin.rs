@@ -11,7 +11,7 @@ use http_body_util::Full;
 use prometheus::{Encoder, Registry, TextEncoder};
 
 use super::reload::{Reloaded, Reloader};
-use crate::cluster::{Cluster, Mode};
+use crate::cluster::{Cluster, ReplicaMode};
 
 /// What the admin endpoints report.
 pub struct Admin {
@@ -42,8 +42,8 @@ impl Admin {
     /// load balancer must not take every replica out because Redis is down), and says so.
     fn ready_text(&self) -> &'static str {
         match self.cluster.as_ref().map(|cluster| cluster.mode()) {
-            None | Some(Mode::Shared) => "ready\n",
-            Some(Mode::Degraded { .. } | Mode::Resuming { .. }) => {
+            None | Some(ReplicaMode::Shared) => "ready\n",
+            Some(ReplicaMode::Degraded { .. } | ReplicaMode::Resuming { .. }) => {
                 "ready (degraded: Redis unavailable, quotas limited locally with this replica's share)\n"
             }
         }

@@ -160,8 +160,8 @@ impl Entry {
     }
 
     /// The entry as replicas store it (sealed before it reaches Redis).
-    pub fn to_stored(&self) -> Vec<u8> {
-        let stored = Stored {
+    pub fn to_record(&self) -> Vec<u8> {
+        let record = EntryRecord {
             token: self.token.to_string(),
             issued_us: micros(self.held.issued),
             expires_at_us: micros(self.held.expires_at),
@@ -169,28 +169,28 @@ impl Entry {
             forced_at_us: self.held.forced_at.map(micros),
             credential: self.credential.0,
         };
-        serde_json::to_vec(&stored).expect("a stored entry serializes")
+        serde_json::to_vec(&record).expect("an entry's record serializes")
     }
 
-    /// An entry stored by [`Entry::to_stored`].
-    pub fn from_stored(bytes: &[u8]) -> Option<Entry> {
-        let stored: Stored = serde_json::from_slice(bytes).ok()?;
+    /// An entry stored by [`Entry::to_record`].
+    pub fn from_record(bytes: &[u8]) -> Option<Entry> {
+        let record: EntryRecord = serde_json::from_slice(bytes).ok()?;
         Some(Entry {
-            token: stored.token.into(),
+            token: record.token.into(),
             held: Held {
-                issued: from_micros(stored.issued_us),
-                expires_at: from_micros(stored.expires_at_us),
-                lifetime: Duration::from_millis(stored.lifetime_ms),
-                forced_at: stored.forced_at_us.map(from_micros),
+                issued: from_micros(record.issued_us),
+                expires_at: from_micros(record.expires_at_us),
+                lifetime: Duration::from_millis(record.lifetime_ms),
+                forced_at: record.forced_at_us.map(from_micros),
             },
-            credential: Credential(stored.credential),
+            credential: Credential(record.credential),
         })
     }
 }
 
 /// What a replica writes (inside the sealed value) for an entry.
 #[derive(Serialize, Deserialize)]
-struct Stored {
+struct EntryRecord {
     token: String,
     issued_us: u64,
     expires_at_us: u64,
@@ -295,7 +295,7 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(&written).unwrap();
         assert_eq!(value["access_token"], "T\"1");
         assert_eq!(value["expires_in"], 42);
-        assert_eq!(Entry::from_stored(&entry.to_stored()), Some(entry.clone()));
+        assert_eq!(Entry::from_record(&entry.to_record()), Some(entry.clone()));
         assert!(!format!("{entry:?}").contains("T\\\"1"));
     }
 }

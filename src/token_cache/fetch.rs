@@ -21,7 +21,7 @@ use super::budget::beijing_day;
 use super::entry::{Credential, Entry};
 use super::flight::{Flight, FlightResult};
 use super::policy;
-use super::replicas::Coordinated;
+use super::shared::Coordinated;
 use super::{Slot, TokenCache, TokenKey};
 use crate::answer::LocalAnswer;
 use crate::dispatch::Call;

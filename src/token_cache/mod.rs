@@ -27,12 +27,13 @@
 //! - this file: [`TokenCache`], the request path (decide, then serve, join or start a fetch)
 //!   and the slots it keeps per key;
 //! - `fetch.rs`: one fetch, in a task of its own, and how its result settles in the cache;
-//! - `replicas.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
+//! - `shared.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
 //! - `flight.rs`: a fetch in flight and its waiters;
 //! - `policy.rs`: the decisions, as pure functions;
 //! - `request.rs`: reading a token fetch, and the request of a background refresh;
 //! - `entry.rs`: a cached token, credentials, the JSON of token answers;
-//! - `budget.rs`: fetches per appid and day.
+//! - `budget.rs`: fetches per appid and day;
+//! - `metrics.rs`: requests by outcome, fetches, the day's budget, the lowest lifetime.
 
 mod budget;
 mod entry;
@@ -40,37 +41,33 @@ mod fetch;
 mod flight;
 mod metrics;
 mod policy;
-mod replicas;
 mod request;
+mod shared;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-
-use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
+use arc_swap::ArcSwap;
 use http::Method;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use wxgate_contract::CacheStatus;
 
 use self::budget::FetchBudget;
-use self::entry::{Credential, CredentialKey};
+use self::entry::{Credential, CredentialKey, Entry};
 use self::fetch::{Job, Mode};
 use self::flight::{Flight, FlightResult};
 use self::metrics::{TokenMetrics, TokenOutcome};
 use self::policy::{Asked, Held, Plan, Policy};
-use crate::answer::LocalAnswer;
-use crate::answer::WechatAnswer;
-use crate::cluster::tokens::SharedTokens;
+use self::shared::SharedTokens;
+use crate::answer::{Answer, LocalAnswer};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::dispatch::{Call, Dispatcher};
 use crate::metrics::Metrics;
 use crate::wechat::Api;
 
-pub use self::entry::{from_micros, micros, Entry};
 pub use self::policy::is_stale_token_errcode;
 pub use self::request::{TokenKey, TokenKind, TokenRequest};
 
@@ -132,31 +129,10 @@ impl Slot {
     }
 }
 
-/// The answer to a token request.
-#[derive(Debug, Clone)]
-pub enum TokenAnswer {
-    /// A token, written by wxgate with the lifetime that remains.
-    Token {
-        /// `{"access_token":…,"expires_in":…}` (or `component_access_token`).
-        body: Bytes,
-        /// `hit` (from the cache), `miss` (this request's fetch) or `coalesced` (another's).
-        status: CacheStatus,
-    },
-    /// WeChat's answer to a fetch, when it was not a token, as it came.
-    Wechat {
-        /// The answer.
-        answer: Arc<WechatAnswer>,
-        /// `miss` or `coalesced`.
-        status: CacheStatus,
-    },
-    /// One of wxgate's own answers (no answer from WeChat, no quota turn in time).
-    Local(LocalAnswer),
-}
-
 /// What one round of a request's decision came to.
-enum Step {
+enum Round {
     /// Answered from the cache.
-    Served(TokenAnswer),
+    Served(Answer),
     /// Waits for a fetch; `created` when this request started it.
     Wait {
         receiver: watch::Receiver<Option<FlightResult>>,
@@ -193,9 +169,9 @@ impl TokenCache {
         })
     }
 
-    /// The token fetch a request makes, if the cache answers it: a well-formed fetch of a
-    /// token API, the cache on, the appid not excluded.
-    pub fn request(
+    /// Reads the token fetch a request makes, if the cache answers it: a well-formed fetch of
+    /// a token API, the cache on, the appid not excluded.
+    pub fn read_request(
         &self,
         api: Api,
         method: &Method,
@@ -211,16 +187,22 @@ impl TokenCache {
     }
 
     /// Answers a token request: from the cache, by waiting for a fetch in flight, or by
-    /// starting one (`call` is the request as it would go upstream).
-    pub async fn answer(self: &Arc<Self>, request: TokenRequest, call: Call) -> TokenAnswer {
+    /// starting one (`call` is the request as it would go upstream). A token, or WeChat's
+    /// answer to the fetch, and how it was found; or one of wxgate's own answers (no answer
+    /// from WeChat, no quota turn in time).
+    pub async fn answer(
+        self: &Arc<Self>,
+        request: TokenRequest,
+        call: Call,
+    ) -> Result<(Answer, CacheStatus), LocalAnswer> {
         let credential = self.credentials.credential(&request);
         let kind = request.key().kind;
         self.sync(request.key()).await;
         for _ in 0..MAX_ROUNDS {
-            let (step, outcome) = self.step(&request, &credential, &call);
-            let answer = match step {
-                Step::Served(answer) => Some(answer),
-                Step::Wait { receiver, created } => {
+            let (round, outcome) = self.round(&request, &credential, &call);
+            let answer = match round {
+                Round::Served(answer) => Some(Ok((answer, CacheStatus::Hit))),
+                Round::Wait { receiver, created } => {
                     let result = flight::wait(receiver).await;
                     self.waited(kind, result, created)
                 }
@@ -232,16 +214,16 @@ impl TokenCache {
         }
         // Fetches kept finding nothing to do: a token another replica was refreshing never
         // came. WeChat's own busy answer, so that the caller tries again.
-        TokenAnswer::Local(LocalAnswer::CallAbandoned)
+        Err(LocalAnswer::CallAbandoned)
     }
 
     /// One round: decides under the lock, and serves, joins a fetch or starts one.
-    fn step(
+    fn round(
         self: &Arc<Self>,
         request: &TokenRequest,
         credential: &Credential,
         call: &Call,
-    ) -> (Step, TokenOutcome) {
+    ) -> (Round, TokenOutcome) {
         let now = SystemTime::now();
         let key = request.key();
         let mut slots = self.slots.lock();
@@ -270,17 +252,16 @@ impl TokenCache {
                     self.start(slot, key, credential.clone(), refresh, Mode::Background);
                     outcome = TokenOutcome::Refreshed;
                 }
-                let status = CacheStatus::Hit;
-                (Step::Served(TokenAnswer::Token { body, status }), outcome)
+                (Round::Served(Answer::Token(body)), outcome)
             }
             Plan::Fetch { forced } => {
-                let step =
+                let round =
                     self.join_or_start(slot, request, credential, call, Mode::Fetch { forced });
-                (step, TokenOutcome::Fetched)
+                (round, TokenOutcome::Fetched)
             }
             Plan::Own => {
-                let step = self.join_or_start(slot, request, credential, call, Mode::Own);
-                (step, TokenOutcome::Rejected)
+                let round = self.join_or_start(slot, request, credential, call, Mode::Own);
+                (round, TokenOutcome::Rejected)
             }
         }
     }
@@ -322,7 +303,7 @@ impl TokenCache {
         credential: &Credential,
         call: &Call,
         mode: Mode,
-    ) -> Step {
+    ) -> Round {
         let forced = matches!(mode, Mode::Fetch { forced: true });
         let joinable = slot.flights.iter().find(|flight| {
             !flight.is_done()
@@ -330,13 +311,13 @@ impl TokenCache {
                 && credential.same_as(&flight.credential)
         });
         if let Some(flight) = joinable {
-            return Step::Wait {
+            return Round::Wait {
                 receiver: flight.subscribe(),
                 created: false,
             };
         }
         let receiver = self.start(slot, request.key(), credential.clone(), call.clone(), mode);
-        Step::Wait {
+        Round::Wait {
             receiver,
             created: true,
         }
@@ -368,7 +349,12 @@ impl TokenCache {
     }
 
     /// The answer a waiter gets from a fetch's result; `None` to decide again.
-    fn waited(&self, kind: TokenKind, result: FlightResult, created: bool) -> Option<TokenAnswer> {
+    fn waited(
+        &self,
+        kind: TokenKind,
+        result: FlightResult,
+        created: bool,
+    ) -> Option<Result<(Answer, CacheStatus), LocalAnswer>> {
         let status = if created {
             CacheStatus::Miss
         } else {
@@ -386,10 +372,10 @@ impl TokenCache {
                     CacheStatus::Coalesced
                 };
                 let body = entry.answer_body(kind, left.as_secs());
-                TokenAnswer::Token { body, status }
+                Ok((Answer::Token(body), status))
             }
-            FlightResult::Answer(answer) => TokenAnswer::Wechat { answer, status },
-            FlightResult::Local(local) => TokenAnswer::Local(local),
+            FlightResult::Answer(answer) => Ok((Answer::Wechat(answer), status)),
+            FlightResult::Local(local) => Err(local),
             FlightResult::Again => return None,
         })
     }

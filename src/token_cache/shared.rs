@@ -16,23 +16,69 @@
 //! - **Dropping**: a token WeChat refused is dropped in Redis too (compare-and-delete on its
 //!   fingerprint), found through the token index when this replica never served it.
 //!
+//! What Redis holds (every name a keyed fingerprint, no appid, secret or token readable; the
+//! scripts are [`crate::cluster::scripts`]'): per (API, appid) an entry with the sealed
+//! token, when its fetch was sent (a store only replaces an older entry, and a dropped entry
+//! keeps that time as a tombstone, so that no replica can put the refused token or an older
+//! one back) and the token's own fingerprint (so that a refused token is dropped by
+//! comparing, without opening anything); an index from the token's fingerprint to its
+//! entry; the lease; and the day's fetches, for the budget gauge.
+//!
 //! When Redis fails, the operation gives nothing, the replica degrades (see
 //! [`crate::cluster`]) and the cache goes on with its own copy: no request fails because of
 //! Redis.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::entry::Entry;
+use super::entry::{from_micros, micros, Entry};
 use super::fetch::{Job, Mode};
 use super::flight::FlightResult;
 use super::policy::{self, Need, Reconcile, RemoteView};
 use super::{TokenCache, TokenKey};
-use crate::cluster::tokens::{Remote, SharedTokens};
+use crate::cluster::scripts::{
+    CountFetch, DropToken, FindToken, ReadToken, ReleaseLease, StoreToken, TakeLease, TokenRecord,
+};
+use crate::cluster::{owner_id, Cluster};
 
 /// How often a replica waiting for another's fetch looks again.
 pub(super) const LEASE_POLL: Duration = Duration::from_millis(20);
+
+/// An entry outlives its token by this much, so that its tombstone (or its issue time)
+/// keeps older tokens out while any of them could still work.
+const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(60);
+
+/// The token cache's side of the replicas' shared state.
+pub struct SharedTokens {
+    cluster: Arc<Cluster>,
+    /// How long a lease lasts: longer than a fetch can take (its quota wait and retries).
+    lease_ttl: Duration,
+}
+
+/// What Redis holds for a key, opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Remote {
+    /// Nothing.
+    Missing,
+    /// A token WeChat refused, minted at `issued`: nothing as old may come back.
+    Dropped {
+        /// When the refused token's fetch was sent.
+        issued: SystemTime,
+    },
+    /// A token.
+    Present(Entry),
+}
+
+/// The outcome of trying to take a key's lease.
+#[derive(Debug)]
+struct Lease {
+    /// This replica holds the lease now (and must give it back).
+    taken: bool,
+    /// What Redis held when the lease was tried.
+    remote: Remote,
+}
 
 /// What a fetch does after asking the other replicas.
 pub(super) enum Coordinated {
@@ -41,6 +87,151 @@ pub(super) enum Coordinated {
     /// Nothing to fetch: another replica's token serves (or, for a refresh ahead of expiry,
     /// another replica is making it).
     Done(FlightResult),
+}
+
+impl SharedTokens {
+    /// The shared tokens of `cluster`, leases lasting `lease_ttl`.
+    pub fn new(cluster: Arc<Cluster>, lease_ttl: Duration) -> SharedTokens {
+        SharedTokens { cluster, lease_ttl }
+    }
+
+    /// Whether to ask Redis at all: not while degraded (the probe finds Redis again; no
+    /// request waits on a Redis that just failed).
+    fn available(&self) -> bool {
+        self.cluster.reachable()
+    }
+
+    /// The fingerprint that names `key`'s entry, lease and counter.
+    fn fingerprint(&self, key: &TokenKey) -> String {
+        let api = key.kind.api().label().as_bytes();
+        self.cluster
+            .sealing()
+            .fingerprint("token", &[api, key.appid.as_bytes()])
+    }
+
+    /// The fingerprint of a token itself.
+    fn token_fingerprint(&self, token: &str) -> String {
+        self.cluster
+            .sealing()
+            .fingerprint("token-value", &[token.as_bytes()])
+    }
+
+    /// What Redis holds for `key`; `None` when Redis failed.
+    async fn read(&self, key: &TokenKey) -> Option<Remote> {
+        let fingerprint = self.fingerprint(key);
+        let read = ReadToken {
+            fingerprint: &fingerprint,
+        };
+        let record = self.cluster.eval(&read).await?;
+        Some(self.open(&fingerprint, record))
+    }
+
+    /// Tries to take `key`'s lease for `owner`; `None` when Redis failed.
+    async fn lease(&self, key: &TokenKey, owner: &str) -> Option<Lease> {
+        let fingerprint = self.fingerprint(key);
+        let lease = TakeLease {
+            fingerprint: &fingerprint,
+            owner,
+            ttl: self.lease_ttl,
+        };
+        let reply = self.cluster.eval(&lease).await?;
+        Some(Lease {
+            taken: reply.taken,
+            remote: self.open(&fingerprint, reply.record),
+        })
+    }
+
+    /// Gives `key`'s lease back, if `owner` still holds it.
+    async fn release(&self, key: &TokenKey, owner: &str) {
+        let fingerprint = self.fingerprint(key);
+        let release = ReleaseLease {
+            fingerprint: &fingerprint,
+            owner,
+        };
+        let _ = self.cluster.eval(&release).await;
+    }
+
+    /// Stores `entry` unless Redis holds a newer one: `Some(true)` stored, `Some(false)` kept
+    /// the newer, `None` Redis failed.
+    async fn store(&self, key: &TokenKey, entry: &Entry) -> Option<bool> {
+        let fingerprint = self.fingerprint(key);
+        let token_fingerprint = self.token_fingerprint(&entry.token);
+        let sealed = self
+            .cluster
+            .sealing()
+            .seal(&fingerprint, &entry.to_record());
+        let left = entry
+            .held
+            .expires_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let store = StoreToken {
+            fingerprint: &fingerprint,
+            token_fingerprint: &token_fingerprint,
+            issued_micros: micros(entry.held.issued),
+            sealed: &sealed,
+            keep: left + KEEP_AFTER_EXPIRY,
+        };
+        self.cluster.eval(&store).await
+    }
+
+    /// Drops `token` (refused by WeChat) wherever Redis holds it: under `key` when the
+    /// replica knows it, else where the token index says. `Some(true)` if dropped.
+    async fn drop_token(&self, key: Option<&TokenKey>, token: &str) -> Option<bool> {
+        let token_fingerprint = self.token_fingerprint(token);
+        let fingerprint = match key {
+            Some(key) => self.fingerprint(key),
+            None => {
+                let find = FindToken {
+                    token_fingerprint: &token_fingerprint,
+                };
+                self.cluster.eval(&find).await??
+            }
+        };
+        let drop = DropToken {
+            fingerprint: &fingerprint,
+            token_fingerprint: &token_fingerprint,
+        };
+        self.cluster.eval(&drop).await
+    }
+
+    /// Counts a fetch of `key` on `day`; the count of all replicas, `None` when Redis failed.
+    async fn count_fetch(&self, key: &TokenKey, day: u64) -> Option<u64> {
+        let fingerprint = self.fingerprint(key);
+        let count = CountFetch {
+            fingerprint: &fingerprint,
+            day,
+        };
+        self.cluster.eval(&count).await
+    }
+
+    /// Opens what Redis holds for the entry named by `fingerprint`.
+    fn open(&self, fingerprint: &str, record: TokenRecord) -> Remote {
+        let sealed = match record {
+            TokenRecord::Missing => return Remote::Missing,
+            TokenRecord::Dropped { issued_micros } => {
+                return Remote::Dropped {
+                    issued: from_micros(issued_micros),
+                }
+            }
+            // The entry holds its own issue time.
+            TokenRecord::Sealed { sealed, .. } => sealed,
+        };
+        let entry = self
+            .cluster
+            .sealing()
+            .open(fingerprint, &sealed)
+            .ok()
+            .and_then(|plain| Entry::from_record(&plain));
+        match entry {
+            Some(entry) => Remote::Present(entry),
+            None => {
+                // Another cluster secret, or tampering: unusable, so as good as absent.
+                tracing::warn!("a shared token did not open with this cluster secret: ignored (do all replicas share one cluster secret?)");
+                Remote::Missing
+            }
+        }
+    }
 }
 
 impl TokenCache {
@@ -114,8 +305,8 @@ impl TokenCache {
         let Some(shared) = self.shared() else {
             return Coordinated::Fetch(None);
         };
-        let owner = SharedTokens::owner();
-        let deadline = Instant::now() + shared.lease_ttl();
+        let owner = owner_id();
+        let deadline = Instant::now() + shared.lease_ttl;
         loop {
             let Some(lease) = shared.lease(&job.key, &owner).await else {
                 return Coordinated::Fetch(None);
