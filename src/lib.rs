@@ -78,6 +78,7 @@ mod config;
 #[cfg(feature = "demo")]
 mod demo;
 mod dispatch;
+mod flight;
 mod metrics;
 mod proxy;
 mod quota;

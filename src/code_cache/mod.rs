@@ -7,7 +7,7 @@
 //! The first caller drives the upstream call itself (no task, no hand-over on the common
 //! path), but the call does not belong to it: if that caller goes away, the call moves to a
 //! task of its own and carries on, so its answer is still remembered and given to anyone
-//! waiting (see [`flight`]). Only while the call waits for quota, before anything is sent,
+//! waiting (see [`leader`]). Only while the call waits for quota, before anything is sent,
 //! does it stop when every caller has gone.
 //!
 //! Remembered answers live in one map beside the calls in flight, so a lookup is one probe
@@ -15,13 +15,13 @@
 //!
 //! - [`request`]: the parameters of an exchange, checked before anything else.
 //! - [`key`]: the keyed hash of an exchange.
-//! - [`flight`]: a call in flight, its leader and its waiters.
+//! - [`leader`]: the leader of a call in flight (the flight itself is [`crate::flight`]'s).
 //! - [`slots`]: what the map holds, which answers are remembered, and their expiry.
 //! - [`shared`]: with `[cluster]`, the exchange claimed and remembered in Redis.
 //! - `metrics.rs`: look-ups and remembered answers.
 
-mod flight;
 mod key;
+mod leader;
 mod metrics;
 mod request;
 mod shared;
@@ -39,9 +39,9 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use wxgate_contract::CacheStatus;
 
-use self::flight::{Flight, Leader};
 pub use self::key::CodeKey;
 use self::key::{KeyHasher, KeyMaker};
+use self::leader::{CodeFlight, Leader, LeaderState};
 use self::metrics::{CodeCacheMetrics, Tier};
 use self::shared::SharedCodes;
 pub use self::slots::Lookup;
@@ -149,7 +149,7 @@ impl CodeCache {
         dispatcher: &Arc<Dispatcher>,
     ) -> (Answer, CacheStatus) {
         let now = self.seconds(Instant::now());
-        let (flight, receiver) = match self.slots.entry(key) {
+        let (flight, leader) = match self.slots.entry(key) {
             // Filled since the caller's `lookup`: the same reading, now under the write lock.
             Entry::Occupied(mut occupied) => match occupied.get().lookup(now) {
                 Lookup::Remembered(remembered) => {
@@ -163,15 +163,17 @@ impl CodeCache {
                     // Expired and not yet swept: the expiry queue's record will find the key
                     // holding something else and leave it alone.
                     self.remembered.fetch_sub(1, Ordering::Relaxed);
-                    let (flight, receiver) = Flight::new();
+                    let flight = CodeFlight::new(LeaderState::default());
+                    let leader = flight.join();
                     occupied.insert(CodeSlot::InFlight(flight.clone()));
-                    (flight, receiver)
+                    (flight, leader)
                 }
             },
             Entry::Vacant(vacant) => {
-                let (flight, receiver) = Flight::new();
+                let flight = CodeFlight::new(LeaderState::default());
+                let leader = flight.join();
                 vacant.insert(CodeSlot::InFlight(flight.clone()));
-                (flight, receiver)
+                (flight, leader)
             }
         };
         self.update_gauge();
@@ -179,7 +181,7 @@ impl CodeCache {
             self.clone()
                 .lead(key, flight.clone(), call, dispatcher.clone()),
         );
-        Leader::new(call, flight, receiver).await
+        Leader::new(call, flight, leader).await
     }
 
     /// Makes the call of `flight`, settles its slot and hands the result to any follower.
@@ -189,7 +191,7 @@ impl CodeCache {
     async fn lead(
         self: Arc<Self>,
         key: CodeKey,
-        flight: Arc<Flight>,
+        flight: Arc<CodeFlight>,
         call: Call,
         dispatcher: Arc<Dispatcher>,
     ) -> (Answer, CacheStatus) {
@@ -222,7 +224,7 @@ impl CodeCache {
         // The slot no longer holds this flight, so nobody subscribes from now on (and a call
         // abandoned by everyone has nobody left to answer).
         guard.armed = false;
-        flight.publish(&answer);
+        leader::publish(&flight, &answer);
         (answer, status)
     }
 
@@ -231,7 +233,7 @@ impl CodeCache {
     async fn call_alone(
         &self,
         key: CodeKey,
-        flight: &Arc<Flight>,
+        flight: &Arc<CodeFlight>,
         call: &Call,
         dispatcher: &Dispatcher,
     ) -> (Answer, CacheStatus) {
@@ -245,7 +247,7 @@ impl CodeCache {
     async fn call(
         &self,
         key: CodeKey,
-        flight: &Arc<Flight>,
+        flight: &Arc<CodeFlight>,
         call: &Call,
         dispatcher: &Dispatcher,
         first_turn: FirstTurn,
@@ -266,7 +268,7 @@ impl CodeCache {
     }
 
     /// Completes when no caller waits for `flight` any more and its slot has been removed.
-    async fn everyone_gone(&self, key: CodeKey, flight: &Arc<Flight>) {
+    async fn everyone_gone(&self, key: CodeKey, flight: &Arc<CodeFlight>) {
         loop {
             flight.everyone_left().await;
             // A follower subscribes under the shard's read lock; this removal takes the write
@@ -284,7 +286,7 @@ impl CodeCache {
     }
 
     /// Replaces the flight with its answer if the answer is definitive, or frees the slot.
-    fn settle(&self, key: CodeKey, flight: &Arc<Flight>, answer: &WechatAnswer) {
+    fn settle(&self, key: CodeKey, flight: &Arc<CodeFlight>, answer: &WechatAnswer) {
         let now = self.seconds(Instant::now());
         let response = &answer.response;
         let slot = is_definitive(response.status, answer.errcode)
@@ -320,7 +322,7 @@ impl CodeCache {
         self.evict(&mut expiry, now);
     }
 
-    fn forget_flight(&self, key: CodeKey, flight: &Arc<Flight>) {
+    fn forget_flight(&self, key: CodeKey, flight: &Arc<CodeFlight>) {
         self.slots.remove_if(
             &key,
             |_, slot| matches!(slot, CodeSlot::InFlight(f) if Arc::ptr_eq(f, flight)),
@@ -387,7 +389,7 @@ impl CodeCache {
 struct SlotGuard<'a> {
     cache: &'a CodeCache,
     key: CodeKey,
-    flight: &'a Arc<Flight>,
+    flight: &'a Arc<CodeFlight>,
     armed: bool,
 }
 
@@ -395,7 +397,7 @@ impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.cache.forget_flight(self.key, self.flight);
-            self.flight.abandon();
+            leader::abandon(self.flight);
         }
     }
 }

@@ -30,8 +30,8 @@ use http::HeaderValue;
 use tokio::time::Instant;
 use wxgate_contract::CacheStatus;
 
-use super::flight::Flight;
 use super::key::CodeCredential;
+use super::leader::CodeFlight;
 use super::metrics::Tier;
 use super::request;
 use super::slots::{is_definitive, CodeSlot, MAX_REMEMBERED_BYTES};
@@ -77,7 +77,7 @@ impl CodeCache {
         shared: &SharedCodes,
         fingerprint: String,
         key: CodeKey,
-        flight: &Arc<Flight>,
+        flight: &Arc<CodeFlight>,
         call: &Call,
         dispatcher: &Dispatcher,
     ) -> (Answer, CacheStatus) {

@@ -10,15 +10,15 @@ use std::sync::Arc;
 
 use http::StatusCode;
 
-use super::flight::{Flight, Waiter};
 use super::key::CodeKey;
+use super::leader::{CodeFlight, CodeWaiter};
 use crate::answer::RememberedAnswer;
 use crate::wechat::Errcode;
 
 /// What the map holds for a key.
 pub(super) enum CodeSlot {
     /// A call is being made; followers subscribe to it.
-    InFlight(Arc<Flight>),
+    InFlight(Arc<CodeFlight>),
     /// A remembered answer, encoded ([`RememberedAnswer::encode`]): one allocation, with
     /// WeChat's usual Content-Type not written out.
     Remembered {
@@ -33,7 +33,7 @@ pub enum Lookup {
     /// A remembered answer.
     Remembered(RememberedAnswer),
     /// An identical call is in flight: wait for its answer.
-    InFlight(Waiter),
+    InFlight(CodeWaiter),
     /// Nothing: the call is to be made.
     Absent,
 }
@@ -61,7 +61,7 @@ impl CodeSlot {
                     None => Lookup::Absent,
                 }
             }
-            CodeSlot::InFlight(flight) => Lookup::InFlight(flight.waiter()),
+            CodeSlot::InFlight(flight) => Lookup::InFlight(flight.join()),
             CodeSlot::Remembered { .. } => Lookup::Absent,
         }
     }

@@ -1,8 +1,8 @@
 //! A cached token and what proves who may have it: the [`Entry`], the keyed fingerprint of
-//! the secret that minted it ([`Credential`]), and the two JSON forms of a token (WeChat's
+//! the secret that minted it ([`TokenCredential`]), and the two JSON forms of a token (WeChat's
 //! answer read, wxgate's answer written).
 //!
-//! The secret itself is never kept. A [`Credential`] is HMAC-SHA256 over (API, appid,
+//! The secret itself is never kept. A [`TokenCredential`] is HMAC-SHA256 over (API, appid,
 //! secret) under a key that is random per process, or derived from the cluster secret when
 //! replicas share tokens (so that each replica can check a secret against a token another
 //! one fetched). A presented secret is checked with `hmac::verify`, in constant time.
@@ -33,7 +33,7 @@ pub struct Entry {
     /// Its times, for the decisions of [`super::policy`].
     pub held: Held,
     /// Whose secret minted it.
-    pub credential: Credential,
+    pub credential: TokenCredential,
 }
 
 impl fmt::Debug for Entry {
@@ -46,11 +46,11 @@ impl fmt::Debug for Entry {
 
 /// The keyed fingerprint of the secret that minted a token.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Credential([u8; 32]);
+pub struct TokenCredential([u8; 32]);
 
-impl Credential {
+impl TokenCredential {
     /// Whether two credentials are the same, in constant time.
-    pub fn same_as(&self, other: &Credential) -> bool {
+    pub fn same_as(&self, other: &TokenCredential) -> bool {
         self.0
             .iter()
             .zip(&other.0)
@@ -59,39 +59,39 @@ impl Credential {
     }
 }
 
-impl fmt::Debug for Credential {
+impl fmt::Debug for TokenCredential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Credential(..)")
+        f.write_str("TokenCredential(..)")
     }
 }
 
-/// Makes and checks [`Credential`]s.
-pub struct CredentialKey(hmac::Key);
+/// Makes and checks [`TokenCredential`]s.
+pub struct TokenCredentialKey(hmac::Key);
 
-impl CredentialKey {
+impl TokenCredentialKey {
     /// A key of this process alone (no replicas share its tokens).
-    pub fn random() -> CredentialKey {
+    pub fn random() -> TokenCredentialKey {
         let mut bytes = [0u8; 32];
         SystemRandom::new()
             .fill(&mut bytes)
             .expect("the operating system's random source works");
-        CredentialKey(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
+        TokenCredentialKey(hmac::Key::new(hmac::HMAC_SHA256, &bytes))
     }
 
     /// The key every replica derives from the cluster secret (its own label, so that it is
     /// independent of the keys of fingerprints and sealing).
-    pub fn from_cluster_secret(secret: &[u8]) -> CredentialKey {
+    pub fn from_cluster_secret(secret: &[u8]) -> TokenCredentialKey {
         let root = hmac::Key::new(hmac::HMAC_SHA256, secret);
         let derived = hmac::sign(&root, b"wxgate token credential v1");
-        CredentialKey(hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()))
+        TokenCredentialKey(hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref()))
     }
 
     /// The credential of `request`.
-    pub fn credential(&self, request: &TokenRequest) -> Credential {
+    pub fn credential(&self, request: &TokenRequest) -> TokenCredential {
         let tag = hmac::sign(&self.0, &Self::message(request));
         let mut bytes = [0u8; 32];
         bytes.copy_from_slice(tag.as_ref());
-        Credential(bytes)
+        TokenCredential(bytes)
     }
 
     /// (API, appid, secret), each with its length, so that no two triples write the same
@@ -119,7 +119,7 @@ impl Entry {
         kind: TokenKind,
         body: &[u8],
         issued: SystemTime,
-        credential: Credential,
+        credential: TokenCredential,
         forced_at: Option<SystemTime>,
     ) -> Option<Entry> {
         #[derive(Deserialize)]
@@ -183,7 +183,7 @@ impl Entry {
                 lifetime: Duration::from_millis(record.lifetime_ms),
                 forced_at: record.forced_at_us.map(from_micros),
             },
-            credential: Credential(record.credential),
+            credential: TokenCredential(record.credential),
         })
     }
 }
@@ -226,28 +226,28 @@ mod tests {
 
     #[test]
     fn a_credential_matches_its_own_secret_only() {
-        let key = CredentialKey::random();
+        let key = TokenCredentialKey::random();
         let credential = key.credential(&request("right"));
         assert!(key.credential(&request("right")).same_as(&credential));
         assert!(!key.credential(&request("wrong")).same_as(&credential));
         // Another process: another key, so its credentials mean nothing here.
-        assert!(!CredentialKey::random()
+        assert!(!TokenCredentialKey::random()
             .credential(&request("right"))
             .same_as(&credential));
         // Replicas derive the same key from the cluster secret.
         let secret = [7u8; 32];
-        let a = CredentialKey::from_cluster_secret(&secret);
-        let b = CredentialKey::from_cluster_secret(&secret);
+        let a = TokenCredentialKey::from_cluster_secret(&secret);
+        let b = TokenCredentialKey::from_cluster_secret(&secret);
         assert!(b
             .credential(&request("right"))
             .same_as(&a.credential(&request("right"))));
-        assert_eq!(format!("{credential:?}"), "Credential(..)");
+        assert_eq!(format!("{credential:?}"), "TokenCredential(..)");
     }
 
     #[test]
     fn wechat_answers_are_read_leniently_and_checked() {
         let issued = from_micros(1_700_000_000_000_000);
-        let credential = CredentialKey::random().credential(&request("s"));
+        let credential = TokenCredentialKey::random().credential(&request("s"));
         let read = |kind, body: &str| {
             Entry::from_answer(kind, body.as_bytes(), issued, credential.clone(), None)
         };
@@ -281,7 +281,7 @@ mod tests {
     #[test]
     fn answers_and_stored_entries_round_trip() {
         let issued = from_micros(1_700_000_000_123_456);
-        let credential = CredentialKey::random().credential(&request("s"));
+        let credential = TokenCredentialKey::random().credential(&request("s"));
         let body = r#"{"access_token":"T\"1","expires_in":7200}"#;
         let entry = Entry::from_answer(
             TokenKind::Stable,

@@ -1,5 +1,5 @@
 //! One fetch, in a task of its own: agree with the other replicas on who fetches (see
-//! `replicas.rs`), send it upstream (under quota and retry policy), read WeChat's answer,
+//! `shared.rs`), send it upstream (under quota and retry policy), read WeChat's answer,
 //! store it for the replicas, settle the result in the cache, hand it to every waiter.
 //!
 //! # Settling
@@ -8,6 +8,13 @@
 //! its waiters the newer token instead of overwriting it. The flight leaves its slot under
 //! the same lock that stores the token, and publishes after, so every caller either waits
 //! for this fetch or finds its token.
+//!
+//! # Its flight
+//! Callers wait for a fetch on its [`TokenFlight`] ([`crate::flight`]'s single-flight, the
+//! code cache's too), tagged with what the fetch is for ([`FetchPurpose`]): a caller joins
+//! only a fetch that presents its own secret, and a forced caller only a forced one. They
+//! join under the cache's lock, and the fetch leaves its slot before it sets its result, so
+//! a caller either joins a flight or finds its result in the cache.
 //!
 //! # Cancellation
 //! Nobody's disconnection stops a fetch (it is a task). If the task itself ends without a
@@ -18,18 +25,61 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::budget::beijing_day;
-use super::entry::{Credential, Entry};
-use super::flight::{Flight, FlightResult};
+use super::entry::{Entry, TokenCredential};
 use super::policy;
 use super::shared::Coordinated;
-use super::{Slot, TokenCache, TokenKey};
-use crate::answer::LocalAnswer;
+use super::{TokenCache, TokenKey, TokenSlot};
+use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::dispatch::Call;
+use crate::flight::{Flight, FlightWaiter};
 use crate::wechat::Errcode;
 
-/// What a fetch is for.
+/// A token fetch in flight, and the callers waiting for it.
+pub(super) type TokenFlight = Flight<Fetched, FetchPurpose>;
+
+/// A caller waiting for a token fetch.
+pub(super) type TokenWaiter = FlightWaiter<Fetched, FetchPurpose>;
+
+/// How a fetch ended, for everyone who waited for it.
+#[derive(Debug, Clone)]
+pub(super) enum Fetched {
+    /// A token (served to each waiter with the lifetime that remains when it is served).
+    Token {
+        /// The token now cached.
+        entry: Entry,
+        /// This replica made the upstream call (rather than finding another replica's
+        /// token in Redis).
+        fetched_here: bool,
+    },
+    /// WeChat's answer was not a token (40125, 45009, -1…): passed to every waiter, who
+    /// presented the same secret.
+    Wechat(Arc<WechatAnswer>),
+    /// WeChat gave no answer, or no quota turn came in time.
+    Local(LocalAnswer),
+    /// The fetch found nothing to do (a background refresh another replica was already
+    /// making): the waiters decide again.
+    DecideAgain,
+}
+
+/// What a fetch is for: the tag of its flight.
+pub(super) struct FetchPurpose {
+    /// Whose secret the fetch presents: only callers with the same secret wait for it.
+    pub(super) credential: TokenCredential,
+    /// For the cache, in the background, or for another secret.
+    pub(super) mode: FetchMode,
+}
+
+impl FetchPurpose {
+    /// A forced refresh of a stable token (an unforced caller may wait for it; a forced
+    /// caller does not wait for an unforced fetch).
+    pub(super) fn forced(&self) -> bool {
+        self.mode == FetchMode::Fetch { forced: true }
+    }
+}
+
+/// Which kind of fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Mode {
+pub(super) enum FetchMode {
     /// Nothing usable is cached: a token for the cache (`forced`: a forced stable refresh).
     Fetch {
         /// `force_refresh: true`.
@@ -44,10 +94,15 @@ pub(super) enum Mode {
 /// One fetch to run.
 pub(super) struct Job {
     pub(super) key: TokenKey,
-    pub(super) credential: Credential,
     pub(super) call: Call,
-    pub(super) flight: Arc<Flight>,
-    pub(super) mode: Mode,
+    pub(super) flight: Arc<TokenFlight>,
+}
+
+impl Job {
+    /// What the fetch is for.
+    pub(super) fn purpose(&self) -> &FetchPurpose {
+        self.flight.tag()
+    }
 }
 
 /// Runs `job` to its end: agree with the other replicas, fetch, store, settle, publish.
@@ -61,7 +116,7 @@ pub(super) async fn run(cache: Arc<TokenCache>, job: Job) {
         Coordinated::Done(result) => (result, None),
         Coordinated::Fetch(lease) => (fetch(&cache, &job).await, lease),
     };
-    if let FlightResult::Token {
+    if let Fetched::Token {
         entry,
         fetched_here: true,
     } = &result
@@ -71,20 +126,20 @@ pub(super) async fn run(cache: Arc<TokenCache>, job: Job) {
     cache.release(&job.key, lease).await;
     let result = cache.settle(&job, result);
     guard.armed = false;
-    job.flight.publish(result);
+    job.flight.set(result);
 }
 
 /// Sends the fetch and reads WeChat's answer.
-async fn fetch(cache: &TokenCache, job: &Job) -> FlightResult {
+async fn fetch(cache: &TokenCache, job: &Job) -> Fetched {
     // Before the call (and its quota wait): the token's expiry is counted from here, so it
     // is never later than WeChat's.
     let issued = SystemTime::now();
     let answer = match cache.dispatcher.call(&job.call, std::future::pending).await {
         Ok(answer) => answer,
-        Err(local) => return FlightResult::Local(local),
+        Err(local) => return Fetched::Local(local),
     };
     cache.count_fetch(&job.key).await;
-    let forced_at = (job.mode == Mode::Fetch { forced: true }).then_some(issued);
+    let forced_at = (job.purpose().mode == FetchMode::Fetch { forced: true }).then_some(issued);
     let entry = (answer.errcode == Errcode::Success)
         .then(|| {
             let body = &answer.response.body;
@@ -92,51 +147,51 @@ async fn fetch(cache: &TokenCache, job: &Job) -> FlightResult {
                 job.key.kind,
                 body,
                 issued,
-                job.credential.clone(),
+                job.purpose().credential.clone(),
                 forced_at,
             )
         })
         .flatten();
     match entry {
-        Some(entry) => FlightResult::Token {
+        Some(entry) => Fetched::Token {
             entry,
             fetched_here: true,
         },
         // An error, or a success wxgate cannot read: passed on as it came, not cached.
-        None => FlightResult::Answer(Arc::new(answer)),
+        None => Fetched::Wechat(Arc::new(answer)),
     }
 }
 
 impl TokenCache {
     /// Stores a fetched token if it is the newest, removes the flight from its slot, and
     /// says what the waiters get.
-    fn settle(&self, job: &Job, result: FlightResult) -> FlightResult {
+    fn settle(&self, job: &Job, result: Fetched) -> Fetched {
         let mut slots = self.slots.lock();
         let slot = slots.entry(job.key.clone()).or_default();
         slot.flights
             .retain(|flight| !Arc::ptr_eq(flight, &job.flight));
         match result {
-            FlightResult::Token {
+            Fetched::Token {
                 entry,
                 fetched_here,
             } => {
                 let entry = keep_newest(slot, entry);
-                if job.mode == Mode::Background {
+                if job.purpose().mode == FetchMode::Background {
                     slot.refresh_failed_at = None;
                 }
-                FlightResult::Token {
+                Fetched::Token {
                     entry,
                     fetched_here,
                 }
             }
-            FlightResult::Again => {
+            Fetched::DecideAgain => {
                 // Another replica is refreshing: this one does not try again before the
                 // backoff (its next read of Redis will likely find the new token).
                 slot.refresh_failed_at = Some(SystemTime::now());
-                FlightResult::Again
+                Fetched::DecideAgain
             }
             failed => {
-                if job.mode == Mode::Background {
+                if job.purpose().mode == FetchMode::Background {
                     slot.refresh_failed_at = Some(SystemTime::now());
                     tracing::warn!(
                         api = job.key.kind.api().label(),
@@ -165,7 +220,7 @@ impl TokenCache {
 /// returns the token the waiters get: `fetched`, or the newer cached one when a fetch that
 /// started later has already stored it (the older token would stop working five minutes
 /// after the newer was minted, sooner than its `expires_in` says).
-fn keep_newest(slot: &mut Slot, mut fetched: Entry) -> Entry {
+fn keep_newest(slot: &mut TokenSlot, mut fetched: Entry) -> Entry {
     if fetched.held.forced_at.is_none() {
         // A plain refresh keeps the time of the last forced one: the next forced request
         // within 30 s still gets the token that one minted.
@@ -201,7 +256,7 @@ impl Drop for FlightGuard<'_> {
             drop(slots);
             self.job
                 .flight
-                .publish(FlightResult::Local(LocalAnswer::CallAbandoned));
+                .set(Fetched::Local(LocalAnswer::CallAbandoned));
         }
     }
 }

@@ -9,7 +9,8 @@
 //! - a fetch is answered from the cache when the presented secret is the one that minted the
 //!   cached token (keyed fingerprints, compared in constant time: [`entry`]); any other
 //!   secret makes its own upstream call and gets WeChat's answer, never the cached token;
-//! - one fetch per appid and secret at a time: concurrent callers wait for it ([`flight`]);
+//! - one fetch per appid and secret at a time: concurrent callers wait for it (its flight,
+//!   [`crate::flight`]'s single-flight);
 //! - a cached answer carries the lifetime that remains, never the original; a token is
 //!   refreshed in the background shortly before it expires, while it is still served
 //!   ([`policy`] says when, and why every token handed out stays valid until its
@@ -28,7 +29,6 @@
 //!   and the slots it keeps per key;
 //! - `fetch.rs`: one fetch, in a task of its own, and how its result settles in the cache;
 //! - `shared.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
-//! - `flight.rs`: a fetch in flight and its waiters;
 //! - `policy.rs`: the decisions, as pure functions;
 //! - `request.rs`: reading a token fetch, and the request of a background refresh;
 //! - `entry.rs`: a cached token, credentials, the JSON of token answers;
@@ -38,7 +38,6 @@
 mod budget;
 mod entry;
 mod fetch;
-mod flight;
 mod metrics;
 mod policy;
 mod request;
@@ -51,13 +50,11 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http::Method;
 use parking_lot::Mutex;
-use tokio::sync::watch;
 use wxgate_contract::CacheStatus;
 
 use self::budget::FetchBudget;
-use self::entry::{Credential, CredentialKey, Entry};
-use self::fetch::{Job, Mode};
-use self::flight::{Flight, FlightResult};
+use self::entry::{Entry, TokenCredential, TokenCredentialKey};
+use self::fetch::{FetchMode, FetchPurpose, Fetched, Job, TokenFlight, TokenWaiter};
 use self::metrics::{TokenMetrics, TokenOutcome};
 use self::policy::{Asked, Held, Plan, Policy};
 use self::shared::SharedTokens;
@@ -78,10 +75,10 @@ const MAX_ROUNDS: usize = 3;
 
 /// The token cache of one wxgate.
 pub struct TokenCache {
-    slots: Mutex<HashMap<TokenKey, Slot>>,
+    slots: Mutex<HashMap<TokenKey, TokenSlot>>,
     /// `[token_cache]`; a reload swaps it.
     settings: ArcSwap<Settings>,
-    credentials: CredentialKey,
+    credentials: TokenCredentialKey,
     dispatcher: Arc<Dispatcher>,
     budget: Mutex<FetchBudget>,
     metrics: TokenMetrics,
@@ -110,18 +107,18 @@ impl Settings {
 
 /// What the cache knows of one key.
 #[derive(Default)]
-struct Slot {
+struct TokenSlot {
     /// The token handed out.
     entry: Option<Entry>,
     /// The newest token dropped after WeChat refused it: nothing as old may come back.
     dropped: Option<Held>,
     /// Fetches in flight, one per credential.
-    flights: Vec<Arc<Flight>>,
+    flights: Vec<Arc<TokenFlight>>,
     /// When the last refresh ahead of expiry failed (the next waits a little).
     refresh_failed_at: Option<SystemTime>,
 }
 
-impl Slot {
+impl TokenSlot {
     /// When the newest token this slot knows of (cached or dropped) was issued.
     fn newest_issued(&self) -> Option<SystemTime> {
         let cached = self.entry.as_ref().map(|entry| entry.held.issued);
@@ -134,10 +131,7 @@ enum Round {
     /// Answered from the cache.
     Served(Answer),
     /// Waits for a fetch; `created` when this request started it.
-    Wait {
-        receiver: watch::Receiver<Option<FlightResult>>,
-        created: bool,
-    },
+    Wait { waiter: TokenWaiter, created: bool },
 }
 
 impl TokenCache {
@@ -150,8 +144,8 @@ impl TokenCache {
         cluster: Option<Arc<Cluster>>,
     ) -> prometheus::Result<TokenCache> {
         let credentials = match &config.cluster {
-            Some(cluster) => CredentialKey::from_cluster_secret(cluster.secret.expose()),
-            None => CredentialKey::random(),
+            Some(cluster) => TokenCredentialKey::from_cluster_secret(cluster.secret.expose()),
+            None => TokenCredentialKey::random(),
         };
         // A lease outlives the longest fetch: its quota wait, and every attempt with its
         // retries' timeouts.
@@ -202,8 +196,8 @@ impl TokenCache {
             let (round, outcome) = self.round(&request, &credential, &call);
             let answer = match round {
                 Round::Served(answer) => Some(Ok((answer, CacheStatus::Hit))),
-                Round::Wait { receiver, created } => {
-                    let result = flight::wait(receiver).await;
+                Round::Wait { waiter, created } => {
+                    let result = waiter.result().await;
                     self.waited(kind, result, created)
                 }
             };
@@ -221,7 +215,7 @@ impl TokenCache {
     fn round(
         self: &Arc<Self>,
         request: &TokenRequest,
-        credential: &Credential,
+        credential: &TokenCredential,
         call: &Call,
     ) -> (Round, TokenOutcome) {
         let now = SystemTime::now();
@@ -249,18 +243,29 @@ impl TokenCache {
                         request: request.refresh_request(),
                         ..call.clone()
                     };
-                    self.start(slot, key, credential.clone(), refresh, Mode::Background);
+                    self.start(
+                        slot,
+                        key,
+                        credential.clone(),
+                        refresh,
+                        FetchMode::Background,
+                    );
                     outcome = TokenOutcome::Refreshed;
                 }
                 (Round::Served(Answer::Token(body)), outcome)
             }
             Plan::Fetch { forced } => {
-                let round =
-                    self.join_or_start(slot, request, credential, call, Mode::Fetch { forced });
+                let round = self.join_or_start(
+                    slot,
+                    request,
+                    credential,
+                    call,
+                    FetchMode::Fetch { forced },
+                );
                 (round, TokenOutcome::Fetched)
             }
             Plan::Own => {
-                let round = self.join_or_start(slot, request, credential, call, Mode::Own);
+                let round = self.join_or_start(slot, request, credential, call, FetchMode::Own);
                 (round, TokenOutcome::Rejected)
             }
         }
@@ -269,14 +274,17 @@ impl TokenCache {
     /// What `request` asks of `slot`, for [`Policy::plan`].
     fn asked(
         &self,
-        slot: &Slot,
+        slot: &TokenSlot,
         request: &TokenRequest,
-        credential: &Credential,
+        credential: &TokenCredential,
         now: SystemTime,
     ) -> Asked {
         let entry = slot.entry.as_ref();
         let credential_matches = entry.is_some_and(|entry| credential.same_as(&entry.credential));
-        let refreshing = slot.flights.iter().any(|flight| flight.background);
+        let refreshing = slot
+            .flights
+            .iter()
+            .any(|flight| flight.tag().mode == FetchMode::Background);
         let rested = match (slot.refresh_failed_at, entry) {
             (Some(failed), Some(entry)) => {
                 let backoff = self
@@ -298,27 +306,28 @@ impl TokenCache {
     /// Joins the fetch in flight for the request's secret, or starts one.
     fn join_or_start(
         self: &Arc<Self>,
-        slot: &mut Slot,
+        slot: &mut TokenSlot,
         request: &TokenRequest,
-        credential: &Credential,
+        credential: &TokenCredential,
         call: &Call,
-        mode: Mode,
+        mode: FetchMode,
     ) -> Round {
-        let forced = matches!(mode, Mode::Fetch { forced: true });
+        let forced = mode == FetchMode::Fetch { forced: true };
         let joinable = slot.flights.iter().find(|flight| {
+            let purpose = flight.tag();
             !flight.is_done()
-                && (flight.forced || !forced)
-                && credential.same_as(&flight.credential)
+                && (purpose.forced() || !forced)
+                && credential.same_as(&purpose.credential)
         });
         if let Some(flight) = joinable {
             return Round::Wait {
-                receiver: flight.subscribe(),
+                waiter: flight.join(),
                 created: false,
             };
         }
-        let receiver = self.start(slot, request.key(), credential.clone(), call.clone(), mode);
+        let waiter = self.start(slot, request.key(), credential.clone(), call.clone(), mode);
         Round::Wait {
-            receiver,
+            waiter,
             created: true,
         }
     }
@@ -326,33 +335,29 @@ impl TokenCache {
     /// Starts a fetch in a task of its own; the caller's subscription to it.
     fn start(
         self: &Arc<Self>,
-        slot: &mut Slot,
+        slot: &mut TokenSlot,
         key: &TokenKey,
-        credential: Credential,
+        credential: TokenCredential,
         call: Call,
-        mode: Mode,
-    ) -> watch::Receiver<Option<FlightResult>> {
-        let background = mode == Mode::Background;
-        let forced = matches!(mode, Mode::Fetch { forced: true });
-        let flight = Flight::new(credential.clone(), forced, background);
+        mode: FetchMode,
+    ) -> TokenWaiter {
+        let flight = TokenFlight::new(FetchPurpose { credential, mode });
         slot.flights.push(flight.clone());
-        let receiver = flight.subscribe();
+        let waiter = flight.join();
         let job = Job {
             key: key.clone(),
-            credential,
             call,
             flight,
-            mode,
         };
         tokio::spawn(fetch::run(self.clone(), job));
-        receiver
+        waiter
     }
 
     /// The answer a waiter gets from a fetch's result; `None` to decide again.
     fn waited(
         &self,
         kind: TokenKind,
-        result: FlightResult,
+        result: Fetched,
         created: bool,
     ) -> Option<Result<(Answer, CacheStatus), LocalAnswer>> {
         let status = if created {
@@ -361,7 +366,7 @@ impl TokenCache {
             CacheStatus::Coalesced
         };
         Some(match result {
-            FlightResult::Token {
+            Fetched::Token {
                 entry,
                 fetched_here,
             } => {
@@ -374,9 +379,9 @@ impl TokenCache {
                 let body = entry.answer_body(kind, left.as_secs());
                 Ok((Answer::Token(body), status))
             }
-            FlightResult::Answer(answer) => Ok((Answer::Wechat(answer), status)),
-            FlightResult::Local(local) => Err(local),
-            FlightResult::Again => return None,
+            Fetched::Wechat(answer) => Ok((Answer::Wechat(answer), status)),
+            Fetched::Local(local) => Err(local),
+            Fetched::DecideAgain => return None,
         })
     }
 

@@ -34,8 +34,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::entry::{from_micros, micros, Entry};
-use super::fetch::{Job, Mode};
-use super::flight::FlightResult;
+use super::fetch::{FetchMode, Fetched, Job};
 use super::policy::{self, Need, Reconcile, RemoteView};
 use super::{TokenCache, TokenKey};
 use crate::cluster::scripts::{
@@ -86,7 +85,7 @@ pub(super) enum Coordinated {
     Fetch(Option<String>),
     /// Nothing to fetch: another replica's token serves (or, for a refresh ahead of expiry,
     /// another replica is making it).
-    Done(FlightResult),
+    Done(Fetched),
 }
 
 impl SharedTokens {
@@ -296,11 +295,11 @@ impl TokenCache {
 
     /// Before a fetch: takes the key's lease, or waits for the replica that holds it.
     pub(super) async fn coordinate(&self, job: &Job) -> Coordinated {
-        let need = match job.mode {
-            Mode::Fetch { forced: true } => Need::Forced,
-            Mode::Fetch { forced: false } => Need::Usable,
-            Mode::Background => Need::Refresh,
-            Mode::Own => return Coordinated::Fetch(None),
+        let need = match job.purpose().mode {
+            FetchMode::Fetch { forced: true } => Need::Forced,
+            FetchMode::Fetch { forced: false } => Need::Usable,
+            FetchMode::Background => Need::Refresh,
+            FetchMode::Own => return Coordinated::Fetch(None),
         };
         let Some(shared) = self.shared() else {
             return Coordinated::Fetch(None);
@@ -318,7 +317,7 @@ impl TokenCache {
                     shared.release(&job.key, &owner).await;
                 }
                 let fetched_here = false;
-                return Coordinated::Done(FlightResult::Token {
+                return Coordinated::Done(Fetched::Token {
                     entry,
                     fetched_here,
                 });
@@ -326,8 +325,8 @@ impl TokenCache {
             if lease.taken {
                 return Coordinated::Fetch(Some(owner));
             }
-            if job.mode == Mode::Background {
-                return Coordinated::Done(FlightResult::Again);
+            if job.purpose().mode == FetchMode::Background {
+                return Coordinated::Done(Fetched::DecideAgain);
             }
             if Instant::now() >= deadline {
                 // The holder outlived its lease (or died): fetch, as a single process would.
@@ -348,7 +347,7 @@ impl TokenCache {
     fn served_elsewhere(&self, job: &Job, need: Need) -> Option<Entry> {
         let slots = self.slots.lock();
         let entry = slots.get(&job.key)?.entry.as_ref()?;
-        let same = entry.credential.same_as(&job.credential);
+        let same = entry.credential.same_as(&job.purpose().credential);
         let needed = self.settings.load().policy.fetch_needed(
             Some(&entry.held),
             same,
