@@ -2,70 +2,90 @@
 //!
 //! A backend that logs WeChat mini-program users in changes one setting, its WeChat base URL,
 //! and gets from wxgate what WeChat does not give it: minute quotas that are never exceeded,
-//! single-use login codes that are safe to send twice, and Prometheus metrics.
+//! single-use login codes that are safe to send twice, a central access-token server, and
+//! Prometheus metrics. With `[cluster]`, replicas share all of it through Redis.
 //!
 //! # Layout
-//! The modules are private; the crate root re-exports what the binary, the tests, the benches
-//! and the examples use. A request's path through them, in the order a reader meets it:
-//! - `server`: [`run`] owns the proxy and admin [`Listeners`], a task per connection,
-//!   housekeeping, the cluster's heartbeat, reloads and the drain on shutdown;
-//!   `server/connections` the deadlines of connections without a request, the cap on open
-//!   connections and the cut-off of requests past the shutdown grace; `server/open_files` the
-//!   open-files limit the cap must fit; `server/policy` what a reload changes in a listener
-//!   (`server.allow`, checked at accept, and the deadlines); `server/tls` HTTPS on the proxy
-//!   port (`[server.tls]`) with a certificate a reload replaces; `server/serving` one
-//!   listener's accept loop, a connection's task and its watchdog, and the drain.
-//! - `reload`: the configuration read again on `SIGHUP` or `POST /-/reload`.
-//! - `proxy`: the request pipeline ([`Proxy`]) in named phases over a small per-request
+//! The modules are layers: each uses only the ones below it (`.ci/module_cycles.py` fails
+//! CI on an import cycle). They are private; the crate root re-exports what the binary, the
+//! tests, the benches and the examples use. From the top down:
+//!
+//! - `server/`: [`run`] owns the proxy and admin [`Listeners`]: the accept loops and each
+//!   connection's task (`serving`), the deadlines and the cap of connections
+//!   (`connections`), `server.allow` and the reloadable deadlines (`policy`), HTTPS on the
+//!   proxy port (`tls`), the open-files limit (`open_files`), `/metrics`, `/healthz`,
+//!   `/readyz` and `POST /-/reload` (`admin`), the configuration read again on `SIGHUP`
+//!   (`reload`), housekeeping, the cluster's heartbeat and the drain on shutdown.
+//! - `proxy/`: the request pipeline ([`Proxy`]) in named phases over a small per-request
 //!   context: target → body → token fetch, code exchange or forward → respond → log;
-//!   `proxy/target` the target phase and the headers that go upstream, `proxy/reply` what
-//!   goes back to the client.
-//! - `api`: the WeChat APIs wxgate knows ([`Api`]), how a path is classified as one (variants
-//!   normalised, look-alikes refused), where each names the appid whose quota it spends.
-//! - `code_exchange/`: identical `js_code` exchanges coalesced and their answers remembered:
-//!   `request` (checked parameters), `key` (the keyed hash), `flight` (the call in flight, its
-//!   leader and waiters), `store` (slots, compact answers, expiry), `shared` (with
-//!   `[cluster]`: the exchange claimed and remembered in Redis).
-//! - `token_cache/`: wxgate as the central access-token server: token fetches answered from
-//!   one cached token per appid, refreshed ahead of expiry, dropped when WeChat refuses it;
-//!   decisions in `policy`, fetches in `fetch`, shared with replicas in `cluster/tokens`.
-//! - `dispatch`: one logical upstream call: acquire a quota turn → send → record → decide.
-//! - `retry`: the decision after each attempt, a pure function (`RetryPolicy`).
-//! - `quota`: per-(appid, API) token buckets ([`QuotaGate`]) behind a first-come-first-served
-//!   wait queue, and the 45011 pause; `quota/key` the (appid, API) key, `quota/limits` the
-//!   limiters of one configuration and how a reload carries their buckets over.
-//! - `cluster/`: with `[cluster]`, the state replicas share through Redis: the connection and
-//!   the replica's mode (shared / degraded / resuming), `quota` (the shared GCRA), `codes`
-//!   (claims, waits, remembered answers), `tokens` (shared access tokens), `sealing` (keyed
-//!   fingerprints, sealed values), `notices` (pub/sub), `scripts` (the Lua scripts).
-//! - `upstream`: the pooled HTTP client towards WeChat and the headers it must not forward.
-//! - `local_answer`: every answer wxgate gives itself (status, errcode, errmsg) in one enum.
-//! - `wechat/`: WeChat's formats: errcodes read from bodies (`errcode`), query parameters read
-//!   as bytes (`query`), plausible appids and codes.
-//! - `config/`: `config.toml` → raw serde structs → one validation pass → typed [`Config`].
-//! - `metrics`: the Prometheus [`Metrics`], registered against a registry passed in;
-//!   `metrics/cluster` the `[cluster]` metrics, `metrics/tokens` the token cache's.
-//! - `admin`: `/metrics`, `/healthz`, `/readyz` on their own listener.
+//!   `target` the target phase and the headers that go upstream, `reply` what goes back.
+//! - The features, each with its state, local and shared (`shared.rs` with `[cluster]`):
+//!   - `code_cache/`: code exchanges coalesced and their answers remembered (`request`,
+//!     `key`, `leader`, `slots`, `shared`);
+//!   - `token_cache/`: wxgate as the central access-token server (`policy` decides, `fetch`
+//!     fetches, `shared` meets the other replicas);
+//!   - `quota/`: per-(appid, API) minute quotas ([`QuotaGate`]): turns, lanes, the 45011
+//!     pause (`key`, `limits`, `shared`).
+//! - `dispatch/`: one logical upstream call under quota and retry policy: acquire a turn →
+//!   send → record → decide; `retry`: the decision after each attempt, a pure function.
+//! - `flight`: the single-flight both caches use.
+//! - `cluster/`: the Redis layer: the connection and the replica's mode, heartbeat and
+//!   epoch, sealing, pub/sub notices, and every Lua script with its reply type (`scripts`).
+//!   It knows no feature.
+//! - `answer/`: the vocabulary of answers (`Answer` and its kinds).
+//! - `upstream/`: the pooled HTTP client towards WeChat.
+//! - `metrics/`: the registry components register their own metrics with, and how a family
+//!   is built; `config/`: `config.toml` → raw serde structs → one validation pass → typed
+//!   [`Config`]. Neither knows a feature.
+//! - `wechat/`: WeChat's API and formats: the APIs by path ([`Api`]), errcodes, query
+//!   parameters, plausible appids and codes. The ground floor.
 //! - `demo` (feature `demo`, on by default): the launcher through which the `wxgate-demo`
 //!   crate starts this wxgate for `wxgate demo`.
 //!
 //! The workspace's other crates are not product: `contract/` (`wxgate-contract`, the names
-//! wxgate promises the outside world: its cache header, metric label values, own errcodes),
-//! `stand-in/` (`wxgate-stand-in`, the stand-in for `api.weixin.qq.com` that the tests, the
-//! benches and the demo run against, with its own request parsing) and `demo/`
-//! (`wxgate-demo`, the demo's load and report, which treats wxgate as a black box). Without
-//! the `demo` feature (`--no-default-features`) neither the stand-in nor the demo is linked,
-//! nor is reqwest.
+//! wxgate promises the outside world: its cache header and its values, metric label values,
+//! own errcodes), `stand-in/` (`wxgate-stand-in`, the stand-in for `api.weixin.qq.com` that
+//! the tests, the benches and the demo run against, with its own request parsing) and
+//! `demo/` (`wxgate-demo`, the demo's load and report, which treats wxgate as a black box).
+//! Without the `demo` feature (`--no-default-features`) neither the stand-in nor the demo is
+//! linked, nor is reqwest.
+//!
+//! # Glossary
+//! - **key**: what state is kept under. A quota's is one API of one appid (`QuotaKey`), a
+//!   code exchange's a keyed hash of API, appid, credential and code (`CodeKey`), a token's
+//!   its API and appid (`TokenKey`). In Redis each is a keyed *fingerprint* instead.
+//! - **window**: the span a quota counts in, WeChat's minute by default (`quota.window_secs`),
+//!   aligned to the epoch as WeChat's calendar minutes are (`QuotaConfig::window`).
+//! - **turn**: leave for one attempt of a call to go upstream under its key's quota;
+//!   [`QuotaGate::acquire`] waits for one. With `[cluster]` a turn is counted in Redis
+//!   (`TurnReply`), and a code exchange's first turn may ride on its claim (`Turn`,
+//!   `FirstTurn`).
+//! - **lane**: the first-come-first-served queue of the calls of one key waiting for a turn;
+//!   only its head sleeps until the next turn, and a 45011 pauses it (`quota::Lane`).
+//! - **claim**: with `[cluster]`, a replica's mark in Redis that it is calling WeChat for a
+//!   code exchange, so that no other replica spends the code (`ClaimCode`, `ClaimReply`).
+//! - **lease**: a hold in Redis that ends by itself unless renewed, so that a replica that
+//!   dies releases what it held: a claim's, and the one replica's that fetches a token
+//!   (`TakeLease`).
+//! - **flight**: one call in flight and the callers waiting for its result
+//!   (`flight::Flight`): the code cache's first caller leads it (`CodeFlight`), the token
+//!   cache runs it in a task (`TokenFlight`).
+//! - **remembered answer**: an entry of the code cache: a definitive answer to a code
+//!   exchange, replayed byte for byte to the same exchange sent again, in memory and with
+//!   `[cluster]` in Redis (`RememberedAnswer`).
+//! - **degraded**: a replica whose Redis failed or lost its data: it limits on its own with
+//!   its share of each quota until the replicas resume sharing at a window boundary
+//!   (`ReplicaMode::Degraded`).
 //!
 //! # What is kept on purpose
-//! - The metrics contract: one struct of handles against a registry passed in (several
-//!   proxies in one test process do not collide), bounded label values from enums,
+//! - The metrics contract: each component's struct of handles against a registry passed in
+//!   (several proxies in one test process do not collide), bounded label values from enums,
 //!   every series created at start.
 //! - Configuration errors: every problem of a file at once, with its key path and never its
 //!   value, exit 64 before anything is bound.
 //! - The quota bound, stated with its maths in `quota` and proved on a fake clock; the same
 //!   algorithm counts in Redis for replicas.
-//! - The cancellation rules of a code exchange (`code_exchange`, `flight`): a leader whose
+//! - The cancellation rules of a code exchange (`code_cache`, `leader`): a leader whose
 //!   caller leaves still finishes; a call abandoned by everyone before it is sent spends
 //!   nothing.
 //! - Benches against named baselines; logs that never carry a path, a query or a secret.

@@ -1,5 +1,7 @@
-//! Code exchanges made safe to repeat: identical exchanges in flight share one upstream call,
-//! and definitive answers are remembered for a code's lifetime.
+//! The code cache (`[code_cache]`, `wxgate_code_cache_*`): code exchanges (WeChat's
+//! `jscode2session` calls) made safe to repeat. Identical exchanges in flight share one
+//! upstream call, and definitive answers are remembered for a code's lifetime: each is a
+//! *remembered answer*, an entry of the cache, replayed byte for byte.
 //!
 //! *Identical* means the same API, appid, credential (`secret`, or `component_appid` +
 //! `component_access_token`) and `js_code` (see [`key`] for how they become a key).

@@ -41,7 +41,7 @@ pub(super) fn request_id(headers: &HeaderMap) -> HeaderValue {
 /// asterisk-form target, and dot segments (which an HTTP client would resolve, and so send
 /// somewhere other than the path the request named) are refused; so is a path that looks
 /// like a known API only up to case or `;` parameters. A known API written another way
-/// WeChat reads as the same goes upstream under its documented path (see [`crate::api`]).
+/// WeChat reads as the same goes upstream under its documented path (see [`crate::wechat::Api`]).
 pub(super) fn read_target(parts: &Parts) -> Result<Target, LocalAnswer> {
     let path_and_query = parts
         .uri

@@ -225,7 +225,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// With `[cluster]` counting in Redis and no call of this replica queued for `key`: the
     /// turn a code exchange's claim takes along, in the same round trip; what it came to is
-    /// settled by [`FirstTurn::after_claim`]. `None` otherwise: the call takes its turn
+    /// settled by `FirstTurn::after_claim`. `None` otherwise: the call takes its turn
     /// through [`QuotaGate::acquire`], as any other.
     pub fn turn_to_claim(&self, key: &QuotaKey) -> Option<Turn> {
         let shared = self.shared.as_ref()?;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::Held;
 use super::request::{TokenKind, TokenRequest};
+use crate::wechat::LenientNumber;
 
 /// The longest token wxgate caches (WeChat asks for 512 characters of storage).
 pub const MAX_TOKEN_LEN: usize = 2048;
@@ -122,19 +123,10 @@ impl Entry {
         credential: TokenCredential,
         forced_at: Option<SystemTime>,
     ) -> Option<Entry> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Lenient {
-            Number(u64),
-            Text(String),
-        }
         let value: serde_json::Value = serde_json::from_slice(body).ok()?;
         let token = value.get(kind.token_field())?.as_str()?;
-        let lifetime = match serde_json::from_value::<Lenient>(value.get("expires_in")?.clone()) {
-            Ok(Lenient::Number(secs)) => secs,
-            Ok(Lenient::Text(text)) => text.trim().parse().ok()?,
-            Err(_) => return None,
-        };
+        let expires_in = serde_json::from_value::<LenientNumber>(value.get("expires_in")?.clone());
+        let lifetime = u64::try_from(expires_in.ok()?.value()?).ok()?;
         let plausible = (1..=MAX_TOKEN_LEN).contains(&token.len())
             && (1..=MAX_LIFETIME_SECS).contains(&lifetime);
         let lifetime = Duration::from_secs(lifetime);

@@ -9,7 +9,7 @@
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 
-use super::Api;
+use super::{Api, LenientNumber};
 
 /// What an upstream body says about the call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,17 +30,11 @@ impl Errcode {
         #[derive(Deserialize)]
         struct Probe {
             #[serde(default)]
-            errcode: Option<Lenient>,
+            errcode: Option<LenientNumber>,
             #[serde(default)]
             openid: Option<IgnoredAny>,
             #[serde(default)]
             session_key: Option<IgnoredAny>,
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Lenient {
-            Number(i64),
-            Text(String),
         }
         // A success body is `{"session_key":…}` and most error bodies begin with `{"errcode"`,
         // so anything that does not start like an object is not parsed at all.
@@ -50,13 +44,10 @@ impl Errcode {
         let Ok(probe) = serde_json::from_slice::<Probe>(body) else {
             return Errcode::NotJson;
         };
-        let code = match probe.errcode {
+        let code = match probe.errcode.map(|errcode| errcode.value()) {
             None => 0,
-            Some(Lenient::Number(code)) => code,
-            Some(Lenient::Text(text)) => match text.trim().parse::<i64>() {
-                Ok(code) => code,
-                Err(_) => return Errcode::NotJson,
-            },
+            Some(Some(code)) => code,
+            Some(None) => return Errcode::NotJson,
         };
         if code != 0 {
             return Errcode::Code(code);
