@@ -10,6 +10,9 @@
 //! CI on an import cycle). They are private; the crate root re-exports what the binary, the
 //! tests, the benches and the examples use. From the top down:
 //!
+//! - `cli/`: the commands ([`Cli`], read by clap in `main.rs`): serve, check-config,
+//!   reload (`POST /-/reload` with hyper's client), and demo (feature `demo`, on by
+//!   default: the launcher through which the `wxgate-demo` crate starts this wxgate).
 //! - `server/`: [`run`] owns the proxy and admin [`Listeners`]: the accept loops and each
 //!   connection's task (`serving`), the deadlines and the cap of connections
 //!   (`connections`), `server.allow` and the reloadable deadlines (`policy`), HTTPS on the
@@ -39,8 +42,6 @@
 //!   [`Config`]. Neither knows a feature.
 //! - `wechat/`: WeChat's API and formats: the APIs by path ([`Api`]), errcodes, query
 //!   parameters, plausible appids and codes. The ground floor.
-//! - `demo` (feature `demo`, on by default): the launcher through which the `wxgate-demo`
-//!   crate starts this wxgate for `wxgate demo`.
 //!
 //! The workspace's other crates are not product: `contract/` (`wxgate-contract`, the names
 //! wxgate promises the outside world: its cache header and its values, metric label values,
@@ -92,11 +93,10 @@
 #![forbid(unsafe_code)]
 
 mod answer;
+mod cli;
 mod cluster;
 mod code_cache;
 mod config;
-#[cfg(feature = "demo")]
-mod demo;
 mod dispatch;
 mod flight;
 mod metrics;
@@ -108,6 +108,7 @@ mod token_cache;
 mod upstream;
 mod wechat;
 
+pub use cli::{usage_error, Cli};
 pub use config::{CheckedConfig, Config, EXIT_INVALID_CONFIG};
 pub use metrics::Metrics;
 pub use proxy::{Proxy, CACHE_HEADER};
@@ -116,4 +117,4 @@ pub use server::{run, run_reloadable, Listeners};
 pub use wechat::Api;
 
 #[cfg(feature = "demo")]
-pub use demo::{launcher, run_demo, DemoError, DemoOptions, DemoReport};
+pub use cli::demo::{launcher, run_demo, DemoError, DemoOptions, DemoReport};
