@@ -61,12 +61,26 @@ pub use allow::AllowList;
 pub use base_url::BaseUrl;
 pub use ca_file::CaFile;
 pub use cluster::{ClusterSecret, RedisUrl};
+pub(crate) use raw::RawConfig;
 use raw::{
-    RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota, RawRetry, RawServer,
-    RawServerTls, RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW,
+    RawCluster, RawCodeCache, RawLimit, RawLog, RawQuota, RawRetry, RawServer, RawServerTls,
+    RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW,
 };
 use read::read;
 pub use server_tls::{tls_provider, ServerTlsConfig};
+
+/// `config_key!(server.listen)` is `"server.listen"`: a key path of `config.toml` (a key, or
+/// a whole table), checked at compile time to name fields of the raw configuration, so that
+/// code outside this module can name a key without a misspelling compiling.
+macro_rules! config_key {
+    ($($field:ident).+) => {{
+        let _ = |raw: &$crate::config::RawConfig| {
+            let _ = &raw.$($field).+;
+        };
+        stringify!($($field).+)
+    }};
+}
+pub(crate) use config_key;
 
 /// Exit status for an unusable configuration (`EX_CONFIG` would be 78; operators' scripts
 /// expect `EX_USAGE`, 64, as the contract says).

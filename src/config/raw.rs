@@ -13,24 +13,24 @@ use super::read::{Secret, UrlPassword};
 /// The whole file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawConfig {
-    pub(super) server: RawServer,
-    pub(super) upstream: RawUpstream,
-    pub(super) code_cache: RawCodeCache,
-    pub(super) quota: RawQuota,
-    pub(super) retry: RawRetry,
-    pub(super) token_cache: RawTokenCache,
+pub(crate) struct RawConfig {
+    pub(crate) server: RawServer,
+    pub(crate) upstream: RawUpstream,
+    pub(crate) code_cache: RawCodeCache,
+    pub(crate) quota: RawQuota,
+    pub(crate) retry: RawRetry,
+    pub(crate) token_cache: RawTokenCache,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) cluster: Option<RawCluster>,
-    pub(super) log: RawLog,
+    pub(crate) cluster: Option<RawCluster>,
+    pub(crate) log: RawLog,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawLog {
+pub(crate) struct RawLog {
     /// `text` or `json`.
-    pub(super) format: String,
-    pub(super) level: String,
+    pub(crate) format: String,
+    pub(crate) level: String,
 }
 
 impl Default for RawLog {
@@ -44,33 +44,33 @@ impl Default for RawLog {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawServer {
-    pub(super) listen: String,
-    pub(super) admin_listen: String,
-    pub(super) max_body_bytes: i64,
-    pub(super) shutdown_grace_ms: i64,
-    pub(super) request_head_timeout_ms: i64,
-    pub(super) idle_timeout_ms: i64,
-    pub(super) body_timeout_ms: i64,
-    pub(super) max_connections: i64,
+pub(crate) struct RawServer {
+    pub(crate) listen: String,
+    pub(crate) admin_listen: String,
+    pub(crate) max_body_bytes: i64,
+    pub(crate) shutdown_grace_ms: i64,
+    pub(crate) request_head_timeout_ms: i64,
+    pub(crate) idle_timeout_ms: i64,
+    pub(crate) body_timeout_ms: i64,
+    pub(crate) max_connections: i64,
     /// Absent: every address may connect. Entries are read as any TOML value and their type
     /// checked at validation: the read layer takes a wrongly typed value out, which would
     /// shift the index of every entry after it in the messages.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) allow: Option<Vec<toml::Value>>,
+    pub(crate) allow: Option<Vec<toml::Value>>,
     /// Absent: plain HTTP. Last: TOML writes tables after values.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) tls: Option<RawServerTls>,
+    pub(crate) tls: Option<RawServerTls>,
 }
 
 /// `[server.tls]`: both keys are required once the table is there.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawServerTls {
+pub(crate) struct RawServerTls {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) cert_file: Option<String>,
+    pub(crate) cert_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) key_file: Option<String>,
+    pub(crate) key_file: Option<String>,
 }
 
 impl Default for RawServer {
@@ -92,18 +92,18 @@ impl Default for RawServer {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawUpstream {
+pub(crate) struct RawUpstream {
     /// May carry a password in its userinfo.
-    pub(super) base_url: Secret<UrlPassword>,
-    pub(super) connect_timeout_ms: i64,
-    pub(super) timeout_ms: i64,
-    pub(super) pool_max_idle: i64,
-    pub(super) pool_idle_timeout_ms: i64,
-    pub(super) max_body_bytes: i64,
-    pub(super) max_connections: i64,
+    pub(crate) base_url: Secret<UrlPassword>,
+    pub(crate) connect_timeout_ms: i64,
+    pub(crate) timeout_ms: i64,
+    pub(crate) pool_max_idle: i64,
+    pub(crate) pool_idle_timeout_ms: i64,
+    pub(crate) max_body_bytes: i64,
+    pub(crate) max_connections: i64,
     /// Absent: the webpki roots alone.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) ca_file: Option<String>,
+    pub(crate) ca_file: Option<String>,
 }
 
 impl Default for RawUpstream {
@@ -124,9 +124,9 @@ impl Default for RawUpstream {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawCodeCache {
-    pub(super) ttl_secs: i64,
-    pub(super) max_entries: i64,
+pub(crate) struct RawCodeCache {
+    pub(crate) ttl_secs: i64,
+    pub(crate) max_entries: i64,
 }
 
 impl Default for RawCodeCache {
@@ -140,17 +140,17 @@ impl Default for RawCodeCache {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawQuota {
-    pub(super) window_secs: i64,
-    pub(super) per_window: i64,
+pub(crate) struct RawQuota {
+    pub(crate) window_secs: i64,
+    pub(crate) per_window: i64,
     /// Absent: 10 % of `per_window`, at least 1.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) burst: Option<i64>,
-    pub(super) max_wait_ms: i64,
+    pub(crate) burst: Option<i64>,
+    pub(crate) max_wait_ms: i64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub(super) apis: BTreeMap<String, RawLimit>,
+    pub(crate) apis: BTreeMap<String, RawLimit>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    pub(super) appids: BTreeMap<String, RawLimit>,
+    pub(crate) appids: BTreeMap<String, RawLimit>,
 }
 
 impl Default for RawQuota {
@@ -170,20 +170,20 @@ impl Default for RawQuota {
 /// limit (burst included, unless given); absent `burst` only: 10 % of `per_window`.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawLimit {
+pub(crate) struct RawLimit {
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) per_window: Option<i64>,
+    pub(crate) per_window: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) burst: Option<i64>,
+    pub(crate) burst: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawRetry {
+pub(crate) struct RawRetry {
     /// Absent: the quota window plus [`HOLD_BEYOND_WINDOW`].
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) max_hold_ms: Option<i64>,
-    pub(super) busy_attempts: i64,
+    pub(crate) max_hold_ms: Option<i64>,
+    pub(crate) busy_attempts: i64,
 }
 
 impl Default for RawRetry {
@@ -197,10 +197,10 @@ impl Default for RawRetry {
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawTokenCache {
-    pub(super) enabled: bool,
-    pub(super) refresh_ahead_secs: i64,
-    pub(super) exclude_appids: Vec<String>,
+pub(crate) struct RawTokenCache {
+    pub(crate) enabled: bool,
+    pub(crate) refresh_ahead_secs: i64,
+    pub(crate) exclude_appids: Vec<String>,
 }
 
 impl Default for RawTokenCache {
@@ -218,14 +218,14 @@ impl Default for RawTokenCache {
 /// `[cluster]`: present only when the replicas share state.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
-pub(super) struct RawCluster {
+pub(crate) struct RawCluster {
     /// `redis://` or `rediss://`; may carry a password.
-    pub(super) redis_url: Secret<UrlPassword>,
-    pub(super) key_prefix: String,
-    pub(super) timeout_ms: i64,
+    pub(crate) redis_url: Secret<UrlPassword>,
+    pub(crate) key_prefix: String,
+    pub(crate) timeout_ms: i64,
     /// Absent: the secret comes from `WXGATE_CLUSTER_SECRET`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(super) secret_file: Option<String>,
+    pub(crate) secret_file: Option<String>,
 }
 
 impl Default for RawCluster {

@@ -165,7 +165,7 @@ fn take(value: &mut toml::Value, segments: &[Segment]) -> Option<toml::Value> {
 }
 
 /// How the value of a [`Secret`] is shown.
-pub(super) trait Mask {
+pub(crate) trait Mask {
     /// The text `check-config` and `Debug` show instead of `text`.
     fn mask(text: &str) -> String;
 }
@@ -173,7 +173,7 @@ pub(super) trait Mask {
 /// A URL whose userinfo may hold a password: shown as `https://user:***@host`. A secret
 /// that is not a URL (a shared password) would get a mask that shows `***` alone.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub(super) struct UrlPassword;
+pub(crate) struct UrlPassword;
 
 impl Mask for UrlPassword {
     fn mask(text: &str) -> String {
@@ -184,7 +184,7 @@ impl Mask for UrlPassword {
 /// The text of a key that may hold a secret: read as a plain string; serialized (by
 /// `check-config`) and debug-printed only through its [`Mask`], so neither leaks it.
 #[derive(Clone, Default, PartialEq)]
-pub(super) struct Secret<M> {
+pub(crate) struct Secret<M> {
     text: String,
     mask: PhantomData<M>,
 }

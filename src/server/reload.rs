@@ -6,11 +6,12 @@
 //!   prints it, the running configuration stays, and the failure is counted.
 //! - Settings that need new sockets or a new Redis connection (the listen addresses, TLS
 //!   turned on or off, `[upstream]`, `[cluster]`), the connection cap (fitted to the
-//!   open-files limit at start), `[log]` (set up once) and the quota window (every bucket, the retry policy and
-//!   the replicas' agreement are built on it) are reported as needing a restart and kept as
-//!   they were; everything else takes effect: in the request pipeline (see
-//!   `Proxy::reconfigure`) and in the listeners (`server.allow`, the connection deadlines
-//!   and the TLS certificate, see `PortPolicy::reconfigure`).
+//!   open-files limit at start), `[log]` (set up once) and the quota window (every bucket,
+//!   the retry policy and the replicas' agreement are built on it) are reported as needing a
+//!   restart and kept as they were (`RestartOnly`: each with its key path, checked at
+//!   compile time against the configuration's fields); everything else takes effect: in
+//!   the request pipeline (see `Proxy::reconfigure`) and in the listeners (`server.allow`,
+//!   the connection deadlines and the TLS certificate, see `PortPolicy::reconfigure`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter, IntGauge};
 
 use super::PortPolicy;
-use crate::config::Config;
+use crate::config::{config_key, Config};
 use crate::metrics::{Label, Metrics, Series};
 use crate::proxy::Proxy;
 
@@ -150,47 +151,101 @@ impl ReloadMetrics {
 /// The configuration to run after a reload: `new`, but for what needs a restart, which stays
 /// as in `old`; and the key paths of what changed there.
 pub fn merge(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
-    let mut needs_restart = Vec::new();
-    if new.server.listen != old.server.listen {
-        needs_restart.push("server.listen");
-        new.server.listen = old.server.listen;
-    }
-    if new.server.admin_listen != old.server.admin_listen {
-        needs_restart.push("server.admin_listen");
-        new.server.admin_listen = old.server.admin_listen;
-    }
-    // On or off is the listener's protocol; another certificate (or other files) applies.
-    if new.server.tls.is_some() != old.server.tls.is_some() {
-        needs_restart.push("server.tls");
-        new.server.tls = old.server.tls.clone();
-    }
-    if new.server.max_connections != old.server.max_connections {
-        needs_restart.push("server.max_connections");
-        new.server.max_connections = old.server.max_connections;
-    }
-    if new.upstream != old.upstream {
-        needs_restart.push("upstream");
-        new.upstream = old.upstream.clone();
-    }
-    if new.cluster != old.cluster {
-        needs_restart.push("cluster");
-        new.cluster = old.cluster.clone();
-    }
-    // The log's format and filter are set once, when the process starts.
-    if new.log != old.log {
-        needs_restart.push("log");
-        new.log = old.log.clone();
-    }
-    if new.quota.window != old.quota.window {
-        needs_restart.push("quota.window_secs");
-        new.quota.window = old.quota.window;
-        // A hold shorter than the window kept could never reach WeChat's next window.
-        if new.retry.max_hold < new.quota.window {
-            needs_restart.push("retry.max_hold_ms");
-            new.retry.max_hold = old.retry.max_hold;
+    let needs_restart = RestartOnly::ALL
+        .into_iter()
+        .filter(|key| key.keep(old, &mut new))
+        .map(RestartOnly::key)
+        .collect();
+    (new, needs_restart)
+}
+
+/// A setting a reload does not change: it needs new sockets or a new Redis connection (the
+/// listen addresses, TLS turned on or off, `[upstream]`, `[cluster]`), was fitted at start
+/// (the connection cap, to the open-files limit), is set up once (`[log]`), or is what every
+/// bucket, the retry policy and the replicas' agreement are built on (the quota window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RestartOnly {
+    Listen,
+    AdminListen,
+    Tls,
+    MaxConnections,
+    Upstream,
+    Cluster,
+    Log,
+    QuotaWindow,
+    /// Only with the window kept: a hold shorter than it could never reach WeChat's next
+    /// window.
+    MaxHold,
+}
+
+impl RestartOnly {
+    /// Every one, in the order a reload names them (the hold after the window it depends on).
+    const ALL: [RestartOnly; 9] = [
+        RestartOnly::Listen,
+        RestartOnly::AdminListen,
+        RestartOnly::Tls,
+        RestartOnly::MaxConnections,
+        RestartOnly::Upstream,
+        RestartOnly::Cluster,
+        RestartOnly::Log,
+        RestartOnly::QuotaWindow,
+        RestartOnly::MaxHold,
+    ];
+
+    /// Its key path in `config.toml`.
+    fn key(self) -> &'static str {
+        match self {
+            RestartOnly::Listen => config_key!(server.listen),
+            RestartOnly::AdminListen => config_key!(server.admin_listen),
+            RestartOnly::Tls => config_key!(server.tls),
+            RestartOnly::MaxConnections => config_key!(server.max_connections),
+            RestartOnly::Upstream => config_key!(upstream),
+            RestartOnly::Cluster => config_key!(cluster),
+            RestartOnly::Log => config_key!(log),
+            RestartOnly::QuotaWindow => config_key!(quota.window_secs),
+            RestartOnly::MaxHold => config_key!(retry.max_hold_ms),
         }
     }
-    (new, needs_restart)
+
+    /// Whether `new` changes this setting from `old`; if so, `new` gets `old`'s back.
+    fn keep(self, old: &Config, new: &mut Config) -> bool {
+        match self {
+            RestartOnly::Listen => keep(&old.server.listen, &mut new.server.listen),
+            RestartOnly::AdminListen => {
+                keep(&old.server.admin_listen, &mut new.server.admin_listen)
+            }
+            // On or off is the listener's protocol; another certificate (or other files)
+            // applies.
+            RestartOnly::Tls => {
+                let switched = new.server.tls.is_some() != old.server.tls.is_some();
+                if switched {
+                    new.server.tls = old.server.tls.clone();
+                }
+                switched
+            }
+            RestartOnly::MaxConnections => {
+                keep(&old.server.max_connections, &mut new.server.max_connections)
+            }
+            RestartOnly::Upstream => keep(&old.upstream, &mut new.upstream),
+            RestartOnly::Cluster => keep(&old.cluster, &mut new.cluster),
+            RestartOnly::Log => keep(&old.log, &mut new.log),
+            RestartOnly::QuotaWindow => keep(&old.quota.window, &mut new.quota.window),
+            // A changed window was kept just before: the new hold must still reach it.
+            RestartOnly::MaxHold => {
+                new.retry.max_hold < new.quota.window
+                    && keep(&old.retry.max_hold, &mut new.retry.max_hold)
+            }
+        }
+    }
+}
+
+/// Puts `old` back into `new` if they differ; whether they did.
+fn keep<T: PartialEq + Clone>(old: &T, new: &mut T) -> bool {
+    if new == old {
+        return false;
+    }
+    *new = old.clone();
+    true
 }
 
 fn now_seconds() -> f64 {
