@@ -5,6 +5,17 @@ use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::metrics::{Label, Metrics, Series};
 
+/// The metrics of a replica's shared state, registered only when `[cluster]` is set.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// `wxgate_cluster_state{state="shared"|"degraded"}`: 1 for the replica's mode.
+    state: Series<IntGauge>,
+    /// Live replicas, by the last heartbeat.
+    pub replicas: IntGauge,
+    duration: Series<Histogram>,
+    errors: Series<IntCounter>,
+}
+
 /// A kind of Redis operation: the `op` label of the Redis metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisOp {
@@ -151,17 +162,6 @@ impl RedisErrorKind {
 const REDIS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
-
-/// The metrics of a replica's shared state, registered only when `[cluster]` is set.
-#[derive(Clone)]
-pub struct ClusterMetrics {
-    /// `wxgate_cluster_state{state="shared"|"degraded"}`: 1 for the replica's mode.
-    state: Series<IntGauge>,
-    /// Live replicas, by the last heartbeat.
-    pub replicas: IntGauge,
-    duration: Series<Histogram>,
-    errors: Series<IntCounter>,
-}
 
 impl ClusterMetrics {
     /// Creates every series in `metrics`' registry.

@@ -13,7 +13,7 @@
 //!   emptied (a restart, a flush: its epoch changed, see [`scripts`]). The replica limits on
 //!   its own with its share of the quota, logs the change once, and stops sending Redis
 //!   anything on the request path; a background probe (the heartbeat) tries Redis again
-//!   every [`PROBE_INTERVAL`], so no request waits on a dead Redis and no reconnection storm
+//!   every `PROBE_INTERVAL`, so no request waits on a dead Redis and no reconnection storm
 //!   happens;
 //! - **resuming**: Redis answers again; the replicas agreed (in Redis) on a window boundary
 //!   at which they all go back to shared counting, so that no window holds both a local
@@ -28,17 +28,21 @@
 //!
 //! - [`scripts`]: every Lua script, what it is given and its reply type.
 //! - [`sealing`]: keyed fingerprints and sealed values.
-//! - `notices.rs`: pub/sub messages routed to the tasks waiting for them ([`Listener`]).
+//! - `mode.rs`: the replica's mode and how it moves: heartbeat, probe, degradation,
+//!   resumption.
+//! - `notices.rs`: pub/sub messages routed to the tasks waiting for them
+//!   ([`Cluster::listen`]).
 //! - `metrics.rs`: `wxgate_cluster_*` and `wxgate_redis_*`.
 
 mod metrics;
+mod mode;
 mod notices;
 pub mod scripts;
 pub mod sealing;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,25 +53,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use self::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
+pub use self::mode::ReplicaMode;
 use crate::config::ClusterConfig;
 use crate::metrics::Metrics;
 
 use self::notices::Notices;
-use self::scripts::{Heartbeat, Resume, Script};
+use self::scripts::Script;
 use self::sealing::Sealing;
-
-/// How often a replica says it is alive, and learns how many replicas are.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How often a degraded replica tries Redis again.
-pub const PROBE_INTERVAL: Duration = Duration::from_millis(250);
-
-/// A heartbeat older than this no longer counts its replica as live.
-const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
-
-/// Degraded replicas go back to shared counting at a window boundary at least this far
-/// away, so that every replica (probing every [`PROBE_INTERVAL`]) has seen Redis by then.
-const RESUME_MARGIN: Duration = Duration::from_secs(2);
 
 /// A replica's connection to the shared state, and its mode.
 pub struct Cluster {
@@ -97,25 +89,6 @@ pub struct Cluster {
     /// Redis's push messages, until [`Cluster::start`] hands them to the router.
     pushes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
     metrics: ClusterMetrics,
-}
-
-/// Where a replica counts its quota turns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplicaMode {
-    /// In Redis, with the other replicas.
-    Shared,
-    /// On its own, with its share of the quota, since `since`.
-    Degraded {
-        /// When the replica degraded: the quota window it degraded in counts as spent.
-        since: Instant,
-    },
-    /// Redis answers again; shared counting starts at `at`, a window boundary.
-    Resuming {
-        /// When the replica degraded.
-        since: Instant,
-        /// When it counts in Redis again.
-        at: Instant,
-    },
 }
 
 /// What a key holds: its name in Redis is `{key_prefix}{kind}:{fingerprint}`.
@@ -223,41 +196,9 @@ impl Cluster {
         })
     }
 
-    /// The replica's mode now.
-    pub fn mode(&self) -> ReplicaMode {
-        *self.mode.borrow()
-    }
-
-    /// Whether quota turns are counted in Redis now. A resuming replica turns shared here,
-    /// once its resumption time has come.
-    pub fn counts_in_redis(&self) -> bool {
-        match self.mode() {
-            ReplicaMode::Shared => true,
-            ReplicaMode::Degraded { .. } => false,
-            ReplicaMode::Resuming { at, .. } => {
-                if Instant::now() < at {
-                    return false;
-                }
-                self.set_mode(ReplicaMode::Shared);
-                true
-            }
-        }
-    }
-
-    /// Live replicas, by the last heartbeat (at least 1).
-    pub fn replicas(&self) -> u32 {
-        self.replicas.load(Ordering::Relaxed).max(1)
-    }
-
     /// Fingerprints and sealing under the cluster secret.
     pub fn sealing(&self) -> &Sealing {
         &self.sealing
-    }
-
-    /// Notes a call admitted out of this replica's own share while degraded: going back to
-    /// shared counting must then wait for a window boundary agreed with the others.
-    pub fn admitted_locally(&self) {
-        self.resume_at_boundary.store(true, Ordering::Release);
     }
 
     /// Runs `script` (by hash; loaded again if Redis lost it) as one Redis operation, and
@@ -279,23 +220,6 @@ impl Cluster {
         Some(reply)
     }
 
-    /// Waits for messages published on the channel of the code exchange `fingerprint`
-    /// ([`KeyKind::CodeChannel`]); `None` if Redis did not take the subscription.
-    pub async fn listen(&self, fingerprint: &str) -> Option<Listener<'_>> {
-        let channel = self.key(KeyKind::CodeChannel, fingerprint);
-        let next = self.notices.register(&channel);
-        let mut connection = self.connection.clone();
-        let subscribed = self.run_op(RedisOp::Subscribe, async {
-            connection.subscribe(&channel).await
-        });
-        subscribed.await?;
-        Some(Listener {
-            cluster: self,
-            channel,
-            next,
-        })
-    }
-
     /// The Redis key of `kind` for `fingerprint`.
     fn key(&self, kind: KeyKind, fingerprint: &str) -> String {
         format!("{}{}:{fingerprint}", self.prefix, kind.name())
@@ -304,118 +228,6 @@ impl Cluster {
     /// The Redis key of the replicas' own `name` (`epoch`, `replicas`, `secret`, `resume`).
     fn named(&self, name: &str) -> String {
         format!("{}{name}", self.prefix)
-    }
-
-    /// Starts routing pub/sub messages, then the first heartbeat: shared if Redis answers,
-    /// degraded otherwise.
-    pub async fn start(&self) {
-        if let Some(pushes) = self.pushes.lock().take() {
-            let notices = self.notices.clone();
-            tokio::spawn(async move { notices.route(pushes).await });
-        }
-        self.heartbeat().await;
-        if let ReplicaMode::Degraded { .. } = self.mode() {
-            tracing::warn!(
-                replicas = self.replicas(),
-                "Redis unavailable at start: limiting locally with this replica's share of each quota until it answers"
-            );
-        }
-    }
-
-    /// Whether Redis answered the last time it was asked (a resuming replica's quota still
-    /// counts locally, but it can share code exchanges and tokens).
-    pub fn reachable(&self) -> bool {
-        !matches!(self.mode(), ReplicaMode::Degraded { .. })
-    }
-
-    /// Unsubscribes from `channel` (a failure only leaves a subscription nobody reads).
-    async fn unsubscribe(&self, channel: &str) {
-        let mut connection = self.connection.clone();
-        let _ = tokio::time::timeout(self.timeout, connection.unsubscribe(channel)).await;
-    }
-
-    /// Runs the heartbeat (and, while degraded, the probe) until `stop` turns true, then
-    /// takes this replica out of the live set.
-    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        loop {
-            self.heartbeat().await;
-            let pause = match self.mode() {
-                ReplicaMode::Shared => HEARTBEAT_INTERVAL,
-                // Wake at the resumption, so the mode (and its metric) turns shared on time
-                // even with no request to notice it.
-                ReplicaMode::Resuming { at, .. } => {
-                    HEARTBEAT_INTERVAL.min(at.saturating_duration_since(Instant::now()))
-                }
-                ReplicaMode::Degraded { .. } => PROBE_INTERVAL,
-            };
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                _ = stop.wait_for(|stop| *stop) => break,
-            }
-        }
-        let key = self.named("replicas");
-        let mut connection = self.connection.clone();
-        let mut leave = redis::cmd("ZREM");
-        leave.arg(&key).arg(&self.replica);
-        let _ = tokio::time::timeout(self.timeout, leave.exec_async(&mut connection)).await;
-    }
-
-    /// One heartbeat: counts this replica live, learns the epoch and the live count, and
-    /// moves between modes.
-    async fn heartbeat(&self) {
-        let fresh_epoch = owner_id();
-        let heartbeat = Heartbeat {
-            replica: &self.replica,
-            ttl: HEARTBEAT_TTL,
-            fresh_epoch: &fresh_epoch,
-            secret_check: &self.secret_check,
-        };
-        let Some(reply) = self.eval(&heartbeat).await else {
-            return;
-        };
-        let (epoch, replicas) = (reply.epoch, reply.replicas);
-        let Some(replicas) = replicas else {
-            // Another cluster secret: sharing would mix counts this replica cannot read.
-            self.metrics
-                .error(RedisOp::Heartbeat, RedisErrorKind::Secret);
-            self.degrade(
-                RedisOp::Heartbeat,
-                "the live replicas use another cluster secret: not sharing with them",
-            );
-            return;
-        };
-        self.replicas.store(replicas.max(1), Ordering::Relaxed);
-        self.metrics.replicas.set(i64::from(replicas.max(1)));
-        let known = std::mem::replace(&mut *self.epoch.lock(), epoch.clone());
-        if !known.is_empty() && known != epoch {
-            self.lost_data(RedisOp::Heartbeat);
-        }
-        match self.mode() {
-            ReplicaMode::Shared => {}
-            ReplicaMode::Resuming { .. } => {
-                self.counts_in_redis();
-            }
-            ReplicaMode::Degraded { .. } if !self.resume_at_boundary.load(Ordering::Acquire) => {
-                self.set_mode(ReplicaMode::Shared);
-            }
-            ReplicaMode::Degraded { since } => self.resume(since).await,
-        }
-    }
-
-    /// Agrees with the other replicas on when to count in Redis again.
-    async fn resume(&self, since: Instant) {
-        let resume = Resume {
-            window: self.window,
-            margin: RESUME_MARGIN,
-        };
-        if let Some(until) = self.eval(&resume).await {
-            let at = Instant::now() + until;
-            tracing::info!(
-                in_ms = until.as_millis() as u64,
-                "Redis answers again: shared counting resumes at the next window boundary"
-            );
-            self.set_mode(ReplicaMode::Resuming { since, at });
-        }
     }
 
     /// Runs one Redis operation within `cluster.timeout_ms`, timing it; a failure degrades
@@ -438,58 +250,6 @@ impl Cluster {
         None
     }
 
-    /// Redis no longer holds the counters this replica counted under: degrade, and resume
-    /// only at a window boundary agreed with the others.
-    fn lost_data(&self, op: RedisOp) {
-        self.resume_at_boundary.store(true, Ordering::Release);
-        self.degrade(op, "Redis lost its data (restarted or flushed)");
-    }
-
-    /// Enters degraded mode (once: an already degraded replica stays as it is).
-    fn degrade(&self, op: RedisOp, why: &str) {
-        let changed = self.mode.send_if_modified(|mode| match mode {
-            ReplicaMode::Degraded { .. } => false,
-            ReplicaMode::Resuming { since, .. } => {
-                *mode = ReplicaMode::Degraded { since: *since };
-                true
-            }
-            ReplicaMode::Shared => {
-                *mode = ReplicaMode::Degraded {
-                    since: Instant::now(),
-                };
-                true
-            }
-        });
-        if changed {
-            self.metrics.set_mode(false);
-            tracing::warn!(
-                op = op.label(),
-                reason = why,
-                replicas = self.replicas(),
-                "Redis unavailable: limiting locally with this replica's share of each quota"
-            );
-        }
-    }
-
-    fn set_mode(&self, mode: ReplicaMode) {
-        let shared = mode == ReplicaMode::Shared;
-        let changed = self.mode.send_if_modified(|current| {
-            let changed = *current != mode;
-            *current = mode;
-            changed
-        });
-        if changed {
-            self.metrics.set_mode(shared);
-            if shared {
-                self.resume_at_boundary.store(false, Ordering::Release);
-                tracing::info!(
-                    replicas = self.replicas(),
-                    "Redis available: quotas are counted with the other replicas again"
-                );
-            }
-        }
-    }
-
     /// The epoch to count under (empty before the first heartbeat: then counting fails
     /// over to local, as it must until the replicas agree).
     fn epoch(&self) -> String {
@@ -510,36 +270,4 @@ impl fmt::Debug for Cluster {
 /// epoch.
 pub fn owner_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
-}
-
-/// Messages published on one channel, for a task waiting on it (see [`Cluster::listen`]).
-pub struct Listener<'a> {
-    cluster: &'a Cluster,
-    channel: String,
-    next: tokio::sync::oneshot::Receiver<Vec<u8>>,
-}
-
-impl Listener<'_> {
-    /// The next message on the channel; `None` if none can come any more (the router of
-    /// messages stopped). Cancel-safe: a message that arrives meanwhile is kept for the next
-    /// call.
-    pub async fn message(&mut self) -> Option<Vec<u8>> {
-        let message = (&mut self.next).await.ok();
-        self.next = self.cluster.notices.register(&self.channel);
-        message
-    }
-
-    /// Stops listening; the channel is unsubscribed once no task of this replica waits on
-    /// it.
-    pub async fn close(self) {
-        let Listener {
-            cluster,
-            channel,
-            next,
-        } = self;
-        drop(next);
-        if !cluster.notices.still_waited(&channel) {
-            cluster.unsubscribe(&channel).await;
-        }
-    }
 }

@@ -13,6 +13,8 @@ use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::{Cluster, KeyKind, RedisOp};
+
 /// The waiters of this replica, by Redis channel.
 #[derive(Default)]
 pub struct Notices {
@@ -64,6 +66,63 @@ impl Notices {
             for sender in senders.into_iter().flatten() {
                 let _ = sender.send(payload.clone());
             }
+        }
+    }
+}
+
+impl Cluster {
+    /// Waits for messages published on the channel of the code exchange `fingerprint`
+    /// ([`KeyKind::CodeChannel`]); `None` if Redis did not take the subscription.
+    pub async fn listen(&self, fingerprint: &str) -> Option<Listener<'_>> {
+        let channel = self.key(KeyKind::CodeChannel, fingerprint);
+        let next = self.notices.register(&channel);
+        let mut connection = self.connection.clone();
+        let subscribed = self.run_op(RedisOp::Subscribe, async {
+            connection.subscribe(&channel).await
+        });
+        subscribed.await?;
+        Some(Listener {
+            cluster: self,
+            channel,
+            next,
+        })
+    }
+
+    /// Unsubscribes from `channel` (a failure only leaves a subscription nobody reads).
+    async fn unsubscribe(&self, channel: &str) {
+        let mut connection = self.connection.clone();
+        let _ = tokio::time::timeout(self.timeout, connection.unsubscribe(channel)).await;
+    }
+}
+
+/// Messages published on one channel, for a task waiting on it (see [`Cluster::listen`]).
+pub struct Listener<'a> {
+    cluster: &'a Cluster,
+    channel: String,
+    next: tokio::sync::oneshot::Receiver<Vec<u8>>,
+}
+
+impl Listener<'_> {
+    /// The next message on the channel; `None` if none can come any more (the router of
+    /// messages stopped). Cancel-safe: a message that arrives meanwhile is kept for the next
+    /// call.
+    pub async fn message(&mut self) -> Option<Vec<u8>> {
+        let message = (&mut self.next).await.ok();
+        self.next = self.cluster.notices.register(&self.channel);
+        message
+    }
+
+    /// Stops listening; the channel is unsubscribed once no task of this replica waits on
+    /// it.
+    pub async fn close(self) {
+        let Listener {
+            cluster,
+            channel,
+            next,
+        } = self;
+        drop(next);
+        if !cluster.notices.still_waited(&channel) {
+            cluster.unsubscribe(&channel).await;
         }
     }
 }

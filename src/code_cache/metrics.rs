@@ -6,6 +6,15 @@ use wxgate_contract::CacheStatus;
 
 use crate::metrics::{Label, Metrics, Series};
 
+/// The handles of the code cache's metrics.
+#[derive(Clone)]
+pub struct CodeCacheMetrics {
+    /// By [`Tier`] and [`CacheStatus::index`].
+    lookups: Series<IntCounter>,
+    /// Code-exchange answers remembered right now.
+    pub entries: IntGauge,
+}
+
 /// Where an exchange's answer was looked for: the `tier` label of
 /// `wxgate_code_cache_lookups_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,15 +35,6 @@ impl Tier {
             Tier::Redis => "redis",
         }
     }
-}
-
-/// The handles of the code cache's metrics.
-#[derive(Clone)]
-pub struct CodeCacheMetrics {
-    /// By [`Tier`] and [`CacheStatus::index`].
-    lookups: Series<IntCounter>,
-    /// Code-exchange answers remembered right now.
-    pub entries: IntGauge,
 }
 
 impl CodeCacheMetrics {

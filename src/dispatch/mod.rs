@@ -25,6 +25,15 @@ use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
 use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
 use crate::wechat::{Api, Errcode};
 
+/// Sends calls upstream under quota and retry policy.
+pub struct Dispatcher {
+    upstream: UpstreamClient,
+    quota: QuotaGate,
+    /// `[retry]`; a reload swaps it (a call in progress keeps the policy it started with).
+    policy: ArcSwap<RetryPolicy>,
+    metrics: CallMetrics,
+}
+
 /// What one call is.
 #[derive(Debug, Clone)]
 pub struct Call {
@@ -36,15 +45,6 @@ pub struct Call {
     pub request: UpstreamRequest,
     /// How long the call may wait for its first quota turn.
     pub max_wait: Duration,
-}
-
-/// Sends calls upstream under quota and retry policy.
-pub struct Dispatcher {
-    upstream: UpstreamClient,
-    quota: QuotaGate,
-    /// `[retry]`; a reload swaps it (a call in progress keeps the policy it started with).
-    policy: ArcSwap<RetryPolicy>,
-    metrics: CallMetrics,
 }
 
 impl Dispatcher {

@@ -56,6 +56,23 @@ use crate::cluster::scripts::TurnReply;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
 
+/// The quota of every (appid, API) pair.
+pub struct QuotaGate<C: Clock = TokioClock> {
+    window: Duration,
+    /// The classes of the configuration in force; a reload swaps them (see
+    /// [`QuotaGate::reconfigure`]).
+    limits: ArcSwap<Limits<C>>,
+    lanes: DashMap<QuotaKey, Arc<Lane>>,
+    /// How many lanes exist: while there are none (the common case), the fast path does not
+    /// look a key up in `lanes` at all.
+    lane_count: AtomicUsize,
+    clock: C,
+    /// With `[cluster]`: turns are counted in Redis (see [`shared`]); the local limiters
+    /// above are then unused, while the lanes still queue this replica's callers, so that
+    /// only the head of a lane talks to Redis.
+    shared: Option<SharedQuota>,
+}
+
 /// Whether a call's first attempt still needs its quota turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FirstTurn {
@@ -109,23 +126,6 @@ impl Lane {
     fn idle(lane: &Arc<Lane>, now: Instant) -> bool {
         Arc::strong_count(lane) == 1 && lane.pause_end().is_none_or(|until| until <= now)
     }
-}
-
-/// The quota of every (appid, API) pair.
-pub struct QuotaGate<C: Clock = TokioClock> {
-    window: Duration,
-    /// The classes of the configuration in force; a reload swaps them (see
-    /// [`QuotaGate::reconfigure`]).
-    limits: ArcSwap<Limits<C>>,
-    lanes: DashMap<QuotaKey, Arc<Lane>>,
-    /// How many lanes exist: while there are none (the common case), the fast path does not
-    /// look a key up in `lanes` at all.
-    lane_count: AtomicUsize,
-    clock: C,
-    /// With `[cluster]`: turns are counted in Redis (see [`shared`]); the local limiters
-    /// above are then unused, while the lanes still queue this replica's callers, so that
-    /// only the head of a lane talks to Redis.
-    shared: Option<SharedQuota>,
 }
 
 /// governor's clock read from tokio's, so that the limiter and the sleeps of the queue agree

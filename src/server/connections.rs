@@ -20,16 +20,14 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use prometheus::{IntCounter, IntGauge};
-
-use crate::metrics::{Label, Metrics, Series};
+use super::closes::{CloseReason, ConnectionMetrics};
+use super::deadlines::{idle_since, Deadlines, Verdict};
 
 /// The open connections of one listener and their cap.
 pub(crate) struct Connections {
@@ -44,92 +42,6 @@ pub(crate) struct Connections {
 struct Registry {
     open: HashMap<u64, Arc<ConnectionState>>,
     next_id: u64,
-}
-
-/// Why wxgate closed a client connection itself: the `reason` label of
-/// `wxgate_connections_closed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
-    /// No complete request head within `server.request_head_timeout_ms` of the accept.
-    HeadTimeout,
-    /// No request in flight for `server.idle_timeout_ms` after the last one.
-    Idle,
-    /// Closed while idle to admit a new connection at the cap.
-    Cap,
-    /// A new connection at the cap, with none idle to close instead.
-    Refused,
-    /// A new connection from an address outside `server.allow`, closed unread.
-    NotAllowed,
-    /// With `[server.tls]`: a handshake that failed (a client speaking plain HTTP, or one
-    /// that refused the certificate).
-    TlsHandshake,
-}
-
-impl CloseReason {
-    /// Every value, in label order.
-    pub const ALL: [CloseReason; 6] = [
-        CloseReason::HeadTimeout,
-        CloseReason::Idle,
-        CloseReason::Cap,
-        CloseReason::Refused,
-        CloseReason::NotAllowed,
-        CloseReason::TlsHandshake,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            CloseReason::HeadTimeout => "head_timeout",
-            CloseReason::Idle => "idle",
-            CloseReason::Cap => "cap",
-            CloseReason::Refused => "refused",
-            CloseReason::NotAllowed => "not_allowed",
-            CloseReason::TlsHandshake => "tls_handshake",
-        }
-    }
-
-    /// Position in [`CloseReason::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-}
-
-/// The proxy port's client connections: how many are open, the cap, and those wxgate closed
-/// itself, by reason.
-#[derive(Clone)]
-pub struct ConnectionMetrics {
-    /// Open right now.
-    pub open: IntGauge,
-    /// The cap in force (`server.max_connections`, or less to fit the open-files limit).
-    pub limit: IntGauge,
-    /// By [`CloseReason::index`].
-    closed: Series<IntCounter>,
-}
-
-impl ConnectionMetrics {
-    /// Creates every series in `metrics`' registry.
-    pub fn new(metrics: &Metrics) -> prometheus::Result<ConnectionMetrics> {
-        Ok(ConnectionMetrics {
-            open: metrics.gauge(
-                "wxgate_connections_open",
-                "Client connections open on the proxy port right now.",
-            )?,
-            limit: metrics.gauge(
-                "wxgate_connections_limit",
-                "The cap on open client connections in force: server.max_connections, or less to fit the open-files limit.",
-            )?,
-            closed: metrics.counters(
-                "wxgate_connections_closed_total",
-                "Client connections wxgate closed itself, by reason: head_timeout (no complete request head, or TLS handshake, in time), idle (no request for idle_timeout), cap (closed to admit a new one), refused (a new one at the cap with none idle), not_allowed (from an address outside server.allow), tls_handshake (a failed TLS handshake).",
-                &[Label::new("reason", CloseReason::ALL.map(CloseReason::label))],
-            )?,
-        })
-    }
-
-    /// wxgate closed a connection (or refused a new one) for `reason`.
-    pub fn closed(&self, reason: CloseReason) {
-        self.closed.get(reason.index()).inc();
-    }
 }
 
 /// What one connection is doing, shared by its task, its requests and the registry.
@@ -190,24 +102,6 @@ pub(crate) struct Registered {
 /// hyper calls the service, in the connection's task, so that the task never sees a request
 /// hyper has read as not in flight.
 pub(crate) struct InFlight(Arc<ConnectionState>);
-
-/// The deadlines of connections without a request in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Deadlines {
-    /// From accept to a complete first request head.
-    pub(crate) head: Duration,
-    /// From the end of the last request to the next one.
-    pub(crate) idle: Duration,
-}
-
-/// What the watchdog does when it wakes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// The connection has had no request in flight past its deadline.
-    Close(CloseReason),
-    /// Wake again then.
-    CheckAt(Instant),
-}
 
 impl Connections {
     /// The registry of a listener admitting at most `limit` connections; the proxy port's
@@ -406,11 +300,6 @@ impl ConnectionState {
     }
 }
 
-/// When a connection accepted at `accepted` with this idle mark became idle.
-fn idle_since(accepted: Instant, mark: u64) -> Instant {
-    accepted + Duration::from_millis(mark.saturating_sub(1))
-}
-
 impl InFlight {
     /// Completes once the request is cut off at shutdown (see [`ConnectionState::cut_off`]).
     pub(crate) fn cut_off(&self, version: http::Version) -> impl Future<Output = ()> + Send + '_ {
@@ -460,73 +349,10 @@ impl Drop for Registered {
     }
 }
 
-impl Deadlines {
-    /// The watchdog's decision for a connection accepted at `accepted`, with `in_flight`
-    /// requests and idle mark `mark`, at `now`. A connection with a request in flight is
-    /// never closed here (its request has deadlines of its own); one without is closed past
-    /// the head deadline if it never carried a request, past the idle deadline otherwise.
-    pub(crate) fn verdict(
-        self,
-        now: Instant,
-        accepted: Instant,
-        in_flight: u32,
-        mark: u64,
-    ) -> Verdict {
-        if in_flight > 0 {
-            // The earliest the connection can be overdue: a full idle spell from now.
-            return Verdict::CheckAt(now + self.idle);
-        }
-        let (deadline, reason) = if mark == 0 {
-            (accepted + self.head, CloseReason::HeadTimeout)
-        } else {
-            (idle_since(accepted, mark) + self.idle, CloseReason::Idle)
-        };
-        if now >= deadline {
-            Verdict::Close(reason)
-        } else {
-            Verdict::CheckAt(deadline)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const DEADLINES: Deadlines = Deadlines {
-        head: Duration::from_secs(10),
-        idle: Duration::from_secs(60),
-    };
-
-    #[test]
-    fn a_connection_without_a_request_closes_at_the_head_deadline_then_the_idle_one() {
-        let accepted = Instant::now();
-        let at = |secs| accepted + Duration::from_secs(secs);
-        // Never served: the head deadline, counted from the accept.
-        assert_eq!(
-            DEADLINES.verdict(at(3), accepted, 0, 0),
-            Verdict::CheckAt(at(10))
-        );
-        assert_eq!(
-            DEADLINES.verdict(at(10), accepted, 0, 0),
-            Verdict::Close(CloseReason::HeadTimeout)
-        );
-        // A request in flight is never cut here, however long it takes.
-        assert_eq!(
-            DEADLINES.verdict(at(500), accepted, 1, 0),
-            Verdict::CheckAt(at(560))
-        );
-        // Served, idle since 20 s after the accept: the idle deadline from then.
-        let mark = 20_000 + 1;
-        assert_eq!(
-            DEADLINES.verdict(at(30), accepted, 0, mark),
-            Verdict::CheckAt(at(80))
-        );
-        assert_eq!(
-            DEADLINES.verdict(at(80), accepted, 0, mark),
-            Verdict::Close(CloseReason::Idle)
-        );
-    }
+    use std::time::Duration;
 
     #[test]
     fn the_cap_closes_a_never_served_connection_first_then_the_longest_idle() {
@@ -547,16 +373,6 @@ mod tests {
         assert_eq!(longest_idle(open.into_iter()), Some(3));
         assert_eq!(longest_idle(open[..2].iter().copied()), Some(1));
         assert_eq!(longest_idle(open[..1].iter().copied()), None);
-    }
-
-    #[test]
-    fn closes_are_counted_by_reason_from_the_start() {
-        let registry = prometheus::Registry::new();
-        let metrics = ConnectionMetrics::new(&Metrics::new(&registry).unwrap()).unwrap();
-        metrics.closed(CloseReason::Cap);
-        let text = crate::metrics::exposition(&registry);
-        assert!(text.contains("wxgate_connections_closed_total{reason=\"cap\"} 1"));
-        assert!(text.contains("wxgate_connections_closed_total{reason=\"head_timeout\"} 0"));
     }
 
     #[test]

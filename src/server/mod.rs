@@ -17,7 +17,9 @@
 //! before their connections close.
 
 mod admin;
+mod closes;
 mod connections;
+mod deadlines;
 mod open_files;
 mod policy;
 mod reload;
@@ -35,7 +37,7 @@ use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
 use self::admin::Admin;
-use self::connections::ConnectionMetrics;
+use self::closes::ConnectionMetrics;
 use self::reload::ReloadMetrics;
 use self::reload::Reloader;
 use self::serving::{join_all, Serving};

@@ -15,7 +15,7 @@ use std::net::IpAddr;
 
 use arc_swap::ArcSwap;
 
-use super::connections::Deadlines;
+use super::deadlines::Deadlines;
 use super::tls::ServerTls;
 use crate::config::{AllowList, ServerConfig};
 

@@ -21,9 +21,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::admin::Admin;
-use super::connections::{
-    CloseReason, ConnectionMetrics, Connections, Deadlines, Notice, Registered, Verdict,
-};
+use super::closes::{CloseReason, ConnectionMetrics};
+use super::connections::{Connections, Notice, Registered};
+use super::deadlines::{Deadlines, Verdict};
 use super::PortPolicy;
 use crate::proxy::Proxy;
 

@@ -35,27 +35,6 @@ pub fn error_body(errcode: i64, errmsg: &str) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-/// A whole number as WeChat may write it: a JSON number, or a string holding one (some of
-/// its documentation shows `errcode` and `expires_in` as strings).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(untagged)]
-pub enum LenientNumber {
-    /// `7200`.
-    Number(i64),
-    /// `"7200"`, blanks around it allowed.
-    Text(String),
-}
-
-impl LenientNumber {
-    /// The number; `None` for a string that does not hold one.
-    pub fn value(&self) -> Option<i64> {
-        match self {
-            LenientNumber::Number(number) => Some(*number),
-            LenientNumber::Text(text) => text.trim().parse().ok(),
-        }
-    }
-}
-
 /// The longest appid wxgate accepts (WeChat's are 18 bytes).
 pub const MAX_APPID_LEN: usize = 32;
 
@@ -78,6 +57,27 @@ pub fn is_plausible_js_code(code: impl AsRef<[u8]>) -> bool {
         && code
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
+/// A whole number as WeChat may write it: a JSON number, or a string holding one (some of
+/// its documentation shows `errcode` and `expires_in` as strings).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum LenientNumber {
+    /// `7200`.
+    Number(i64),
+    /// `"7200"`, blanks around it allowed.
+    Text(String),
+}
+
+impl LenientNumber {
+    /// The number; `None` for a string that does not hold one.
+    pub fn value(&self) -> Option<i64> {
+        match self {
+            LenientNumber::Number(number) => Some(*number),
+            LenientNumber::Text(text) => text.trim().parse().ok(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,238 @@
+//! The replica's mode ([`ReplicaMode`]: shared, degraded, resuming) and how it moves between
+//! them: the heartbeat (and, while degraded, the probe) that learns the epoch and the live
+//! replicas, a failure or a lost epoch that degrades, and the resumption agreed in Redis at
+//! a window boundary (see the module documentation of [`crate::cluster`]).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::scripts::{Heartbeat, Resume};
+use super::{owner_id, Cluster, RedisErrorKind, RedisOp};
+
+/// How often a replica says it is alive, and learns how many replicas are.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a degraded replica tries Redis again.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// A heartbeat older than this no longer counts its replica as live.
+const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+
+/// Degraded replicas go back to shared counting at a window boundary at least this far
+/// away, so that every replica (probing every [`PROBE_INTERVAL`]) has seen Redis by then.
+const RESUME_MARGIN: Duration = Duration::from_secs(2);
+
+/// Where a replica counts its quota turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaMode {
+    /// In Redis, with the other replicas.
+    Shared,
+    /// On its own, with its share of the quota, since `since`.
+    Degraded {
+        /// When the replica degraded: the quota window it degraded in counts as spent.
+        since: Instant,
+    },
+    /// Redis answers again; shared counting starts at `at`, a window boundary.
+    Resuming {
+        /// When the replica degraded.
+        since: Instant,
+        /// When it counts in Redis again.
+        at: Instant,
+    },
+}
+
+impl Cluster {
+    /// The replica's mode now.
+    pub fn mode(&self) -> ReplicaMode {
+        *self.mode.borrow()
+    }
+
+    /// Whether quota turns are counted in Redis now. A resuming replica turns shared here,
+    /// once its resumption time has come.
+    pub fn counts_in_redis(&self) -> bool {
+        match self.mode() {
+            ReplicaMode::Shared => true,
+            ReplicaMode::Degraded { .. } => false,
+            ReplicaMode::Resuming { at, .. } => {
+                if Instant::now() < at {
+                    return false;
+                }
+                self.set_mode(ReplicaMode::Shared);
+                true
+            }
+        }
+    }
+
+    /// Live replicas, by the last heartbeat (at least 1).
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Notes a call admitted out of this replica's own share while degraded: going back to
+    /// shared counting must then wait for a window boundary agreed with the others.
+    pub fn admitted_locally(&self) {
+        self.resume_at_boundary.store(true, Ordering::Release);
+    }
+
+    /// Starts routing pub/sub messages, then the first heartbeat: shared if Redis answers,
+    /// degraded otherwise.
+    pub async fn start(&self) {
+        if let Some(pushes) = self.pushes.lock().take() {
+            let notices = self.notices.clone();
+            tokio::spawn(async move { notices.route(pushes).await });
+        }
+        self.heartbeat().await;
+        if let ReplicaMode::Degraded { .. } = self.mode() {
+            tracing::warn!(
+                replicas = self.replicas(),
+                "Redis unavailable at start: limiting locally with this replica's share of each quota until it answers"
+            );
+        }
+    }
+
+    /// Whether Redis answered the last time it was asked (a resuming replica's quota still
+    /// counts locally, but it can share code exchanges and tokens).
+    pub fn reachable(&self) -> bool {
+        !matches!(self.mode(), ReplicaMode::Degraded { .. })
+    }
+
+    /// Runs the heartbeat (and, while degraded, the probe) until `stop` turns true, then
+    /// takes this replica out of the live set.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            self.heartbeat().await;
+            let pause = match self.mode() {
+                ReplicaMode::Shared => HEARTBEAT_INTERVAL,
+                // Wake at the resumption, so the mode (and its metric) turns shared on time
+                // even with no request to notice it.
+                ReplicaMode::Resuming { at, .. } => {
+                    HEARTBEAT_INTERVAL.min(at.saturating_duration_since(Instant::now()))
+                }
+                ReplicaMode::Degraded { .. } => PROBE_INTERVAL,
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                _ = stop.wait_for(|stop| *stop) => break,
+            }
+        }
+        let key = self.named("replicas");
+        let mut connection = self.connection.clone();
+        let mut leave = redis::cmd("ZREM");
+        leave.arg(&key).arg(&self.replica);
+        let _ = tokio::time::timeout(self.timeout, leave.exec_async(&mut connection)).await;
+    }
+
+    /// One heartbeat: counts this replica live, learns the epoch and the live count, and
+    /// moves between modes.
+    async fn heartbeat(&self) {
+        let fresh_epoch = owner_id();
+        let heartbeat = Heartbeat {
+            replica: &self.replica,
+            ttl: HEARTBEAT_TTL,
+            fresh_epoch: &fresh_epoch,
+            secret_check: &self.secret_check,
+        };
+        let Some(reply) = self.eval(&heartbeat).await else {
+            return;
+        };
+        let (epoch, replicas) = (reply.epoch, reply.replicas);
+        let Some(replicas) = replicas else {
+            // Another cluster secret: sharing would mix counts this replica cannot read.
+            self.metrics
+                .error(RedisOp::Heartbeat, RedisErrorKind::Secret);
+            self.degrade(
+                RedisOp::Heartbeat,
+                "the live replicas use another cluster secret: not sharing with them",
+            );
+            return;
+        };
+        self.replicas.store(replicas.max(1), Ordering::Relaxed);
+        self.metrics.replicas.set(i64::from(replicas.max(1)));
+        let known = std::mem::replace(&mut *self.epoch.lock(), epoch.clone());
+        if !known.is_empty() && known != epoch {
+            self.lost_data(RedisOp::Heartbeat);
+        }
+        match self.mode() {
+            ReplicaMode::Shared => {}
+            ReplicaMode::Resuming { .. } => {
+                self.counts_in_redis();
+            }
+            ReplicaMode::Degraded { .. } if !self.resume_at_boundary.load(Ordering::Acquire) => {
+                self.set_mode(ReplicaMode::Shared);
+            }
+            ReplicaMode::Degraded { since } => self.resume(since).await,
+        }
+    }
+
+    /// Agrees with the other replicas on when to count in Redis again.
+    async fn resume(&self, since: Instant) {
+        let resume = Resume {
+            window: self.window,
+            margin: RESUME_MARGIN,
+        };
+        if let Some(until) = self.eval(&resume).await {
+            let at = Instant::now() + until;
+            tracing::info!(
+                in_ms = until.as_millis() as u64,
+                "Redis answers again: shared counting resumes at the next window boundary"
+            );
+            self.set_mode(ReplicaMode::Resuming { since, at });
+        }
+    }
+
+    /// Redis no longer holds the counters this replica counted under: degrade, and resume
+    /// only at a window boundary agreed with the others.
+    pub(super) fn lost_data(&self, op: RedisOp) {
+        self.resume_at_boundary.store(true, Ordering::Release);
+        self.degrade(op, "Redis lost its data (restarted or flushed)");
+    }
+
+    /// Enters degraded mode (once: an already degraded replica stays as it is).
+    pub(super) fn degrade(&self, op: RedisOp, why: &str) {
+        let changed = self.mode.send_if_modified(|mode| match mode {
+            ReplicaMode::Degraded { .. } => false,
+            ReplicaMode::Resuming { since, .. } => {
+                *mode = ReplicaMode::Degraded { since: *since };
+                true
+            }
+            ReplicaMode::Shared => {
+                *mode = ReplicaMode::Degraded {
+                    since: Instant::now(),
+                };
+                true
+            }
+        });
+        if changed {
+            self.metrics.set_mode(false);
+            tracing::warn!(
+                op = op.label(),
+                reason = why,
+                replicas = self.replicas(),
+                "Redis unavailable: limiting locally with this replica's share of each quota"
+            );
+        }
+    }
+
+    fn set_mode(&self, mode: ReplicaMode) {
+        let shared = mode == ReplicaMode::Shared;
+        let changed = self.mode.send_if_modified(|current| {
+            let changed = *current != mode;
+            *current = mode;
+            changed
+        });
+        if changed {
+            self.metrics.set_mode(shared);
+            if shared {
+                self.resume_at_boundary.store(false, Ordering::Release);
+                tracing::info!(
+                    replicas = self.replicas(),
+                    "Redis available: quotas are counted with the other replicas again"
+                );
+            }
+        }
+    }
+}
