@@ -1,3 +1,6 @@
+//! The quota's tests: the bound proved on a fake clock, keys and overrides, the queue, the
+//! pause, the carry-over of buckets on a reload, idle keys dropped.
+
 use super::limits::emission_interval;
 use super::*;
 use crate::wechat::Api;

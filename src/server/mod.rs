@@ -15,6 +15,15 @@
 //! answered (HTTP/1.1 after the response in progress, HTTP/2 with a GOAWAY), and requests
 //! still in flight when `server.shutdown_grace_ms` ends get wxgate's own 503 `-1`, written
 //! before their connections close.
+//!
+//! - [`serving`]: one listener's accept loop, a connection's task and its watchdog, the drain.
+//! - [`connections`]: the open connections, their requests in flight and the cap;
+//!   [`deadlines`] the watchdog's decision; [`closes`] why wxgate closes a connection, and
+//!   the connection metrics.
+//! - [`policy`]: what a reload changes in a listener (`server.allow`, the deadlines);
+//!   [`tls`]: HTTPS on the proxy port; [`open_files`]: the limit the cap must fit.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `POST /-/reload` on their own port;
+//!   [`reload`]: the configuration read again (`SIGHUP`, `POST /-/reload`).
 
 mod admin;
 mod closes;

@@ -27,7 +27,6 @@ use std::time::SystemTime;
 use super::budget::beijing_day;
 use super::entry::{Entry, TokenCredential};
 use super::policy;
-use super::shared::Coordinated;
 use super::{TokenCache, TokenKey, TokenSlot};
 use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::dispatch::Call;
@@ -89,6 +88,15 @@ pub(super) enum FetchMode {
     Background,
     /// Another secret than the cached token's: WeChat's answer for that secret.
     Own,
+}
+
+/// What a fetch does after asking the other replicas.
+pub(super) enum Coordinated {
+    /// Fetch; with the lease's owner id when this replica holds it.
+    Fetch(Option<String>),
+    /// Nothing to fetch: another replica's token serves (or, for a refresh ahead of expiry,
+    /// another replica is making it).
+    Done(Fetched),
 }
 
 /// One fetch to run.

@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::entry::{from_micros, micros, Entry};
-use super::fetch::{FetchMode, Fetched, Job};
+use super::fetch::{Coordinated, FetchMode, Fetched, Job};
 use super::policy::{self, Need, Reconcile, RemoteView};
 use super::{TokenCache, TokenKey};
 use crate::cluster::scripts::{
@@ -77,15 +77,6 @@ struct Lease {
     taken: bool,
     /// What Redis held when the lease was tried.
     remote: Remote,
-}
-
-/// What a fetch does after asking the other replicas.
-pub(super) enum Coordinated {
-    /// Fetch; with the lease's owner id when this replica holds it.
-    Fetch(Option<String>),
-    /// Nothing to fetch: another replica's token serves (or, for a refresh ahead of expiry,
-    /// another replica is making it).
-    Done(Fetched),
 }
 
 impl SharedTokens {
