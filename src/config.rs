@@ -526,12 +526,15 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_documents_every_key() {
-        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+    fn the_configuration_reference_documents_every_key() {
+        let reference = include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/configuration.md"
+        ));
         for key in default_keys() {
             assert!(
-                readme.contains(&format!("| `{key}` |")),
-                "README's configuration table has no row for `{key}`"
+                reference.contains(&format!("| `{key}` |")),
+                "docs/configuration.md's key table has no row for `{key}`"
             );
         }
     }
