@@ -1,12 +1,13 @@
 //! What the stand-in is told at start: the mini programs and third-party platforms it knows,
-//! its quota and window, its latency, the faults it draws at random, whether it logs every
-//! call, and whether it speaks HTTPS.
+//! its limits (rate and daily limits per API, the per-user limit of code exchanges, the day
+//! and the monthly budget of `clear_quota`), its latency, the faults it draws at random,
+//! whether it logs every call, and whether it speaks HTTPS.
 
 use std::time::Duration;
 
 use crate::{
-    FaultMix, DEFAULT_APPID, DEFAULT_APP_SECRET, DEFAULT_COMPONENT_ACCESS_TOKEN,
-    DEFAULT_COMPONENT_APPID, DEFAULT_COMPONENT_APPSECRET,
+    ApiLimits, FaultMix, RateLimit, DEFAULT_APPID, DEFAULT_APP_SECRET,
+    DEFAULT_COMPONENT_ACCESS_TOKEN, DEFAULT_COMPONENT_APPID, DEFAULT_COMPONENT_APPSECRET,
 };
 
 /// What the stand-in knows about the apps and platforms calling it, and how it behaves.
@@ -17,13 +18,37 @@ pub struct StandInConfig {
     /// Third-party platforms: `component_appid`, its `component_access_token`, and the appids
     /// authorized to it.
     pub components: Vec<StandInComponent>,
-    /// Per (appid, API path) quota: at most this many *executed* calls per window; `None` =
-    /// unlimited.
+    /// The default rate limit of the stand-in's code-exchange and token endpoints, per
+    /// (appid, API path): at most this many *executed* calls per [`window`](Self::window);
+    /// `None` = unlimited. [`api_limits`](Self::api_limits) overrides it per API and appid;
+    /// other APIs have no rate limit unless `api_limits` gives one.
     pub quota_per_window: Option<u32>,
     /// Window length for the quota (WeChat: 60 s). Windows are fixed and aligned to multiples of
     /// the window length since the UNIX epoch (`SystemTime`), as WeChat counts calendar minutes.
-    /// A zero window is treated as one nanosecond.
+    /// A zero window is treated as one nanosecond. It is also the window of the stats page's
+    /// `windows`.
     pub window: Duration,
+    /// Rate limits (with their own windows), limits for calls on an account's behalf and
+    /// daily limits, per API path, for every appid or one (see [`ApiLimits`]). Empty by
+    /// default. [`StandIn::set_rate_limit`](crate::StandIn::set_rate_limit) and the like
+    /// change them while the stand-in runs.
+    pub api_limits: Vec<ApiLimits>,
+    /// The limit of each WeChat user's code exchanges, per (appid, exchange path): WeChat's
+    /// 100 a minute by default, answered with the same 45011 as the appid's limit. Only
+    /// codes that name their user are counted (`u<user>_<anything>`, as
+    /// [`StandIn::issue_code`](crate::StandIn::issue_code) makes them); any other code is
+    /// its own user's only code. `None`: no per-user limit.
+    pub user_rate_limit: Option<RateLimit>,
+    /// Length of the day of the daily limits (WeChat: 86,400 s); tests shorten it. Days are
+    /// aligned to multiples of it since the epoch on a clock [`day_offset`](Self::day_offset)
+    /// ahead of UTC. A zero day is treated as one nanosecond.
+    pub day: Duration,
+    /// How far ahead of UTC the day's clock is: WeChat's days end at midnight Beijing time
+    /// (UTC+8), so 8 hours.
+    pub day_offset: Duration,
+    /// How many times a month each account may `clear_quota` (the three clear endpoints
+    /// together, per appid or `component_appid`) before 48006: WeChat's 10.
+    pub clear_quota_per_month: u32,
     /// Added before every answer.
     pub latency: Duration,
     /// Faults drawn at random by the calls that find no queued fault
@@ -59,8 +84,10 @@ impl std::fmt::Debug for StandInTls {
 
 impl Default for StandInConfig {
     /// One app ([`DEFAULT_APPID`], with a unionid), one platform ([`DEFAULT_COMPONENT_APPID`])
-    /// that the app authorized, no quota, 60 s windows, no latency, no random faults, calls
-    /// recorded, tokens as WeChat's (7200 s, the previous one working 300 s more), plain HTTP.
+    /// that the app authorized, no quota, 60 s windows, no per-API limits, WeChat's per-user
+    /// limit (100 code exchanges a minute), days of 86,400 s ending at midnight UTC+8, 10
+    /// clears a month, no latency, no random faults, calls recorded, tokens as WeChat's
+    /// (7200 s, the previous one working 300 s more), plain HTTP.
     fn default() -> Self {
         StandInConfig {
             apps: vec![StandInApp {
@@ -76,6 +103,11 @@ impl Default for StandInConfig {
             }],
             quota_per_window: None,
             window: Duration::from_secs(60),
+            api_limits: Vec::new(),
+            user_rate_limit: Some(RateLimit::new(100, Duration::from_secs(60))),
+            day: Duration::from_secs(86_400),
+            day_offset: Duration::from_secs(8 * 3600),
+            clear_quota_per_month: 10,
             latency: Duration::ZERO,
             random_faults: FaultMix::default(),
             record_calls: true,

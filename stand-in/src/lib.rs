@@ -103,6 +103,8 @@ mod answer;
 mod config;
 mod fault;
 mod ids;
+mod limits;
+mod openapi;
 mod record;
 mod request;
 mod stand_in;
@@ -115,6 +117,7 @@ mod tests;
 
 pub use config::{StandInApp, StandInComponent, StandInConfig, StandInTls};
 pub use fault::{Fault, FaultMix};
+pub use limits::{ApiLimits, RateLimit, UNLIMITED_FIGURE};
 pub use record::{CallRecord, WindowCalls};
 pub use stand_in::StandIn;
 
@@ -140,6 +143,22 @@ pub const TOKEN_PATH: &str = "/cgi-bin/token";
 pub const STABLE_TOKEN_PATH: &str = "/cgi-bin/stable_token";
 /// Path of a third-party platform's token fetch (POST, JSON body).
 pub const COMPONENT_TOKEN_PATH: &str = "/cgi-bin/component/api_component_token";
+/// Path of a third-party platform's token for one account (POST, JSON body
+/// `{component_appid, authorizer_appid, authorizer_refresh_token}`, query
+/// `component_access_token`): answers `{"authorizer_access_token","expires_in",
+/// "authorizer_refresh_token"}`. Calls made with that token are made on the account's behalf
+/// (its APIs' `component_rate_limit`).
+pub const AUTHORIZER_TOKEN_PATH: &str = "/cgi-bin/component/api_authorizer_token";
+/// Path of quota/get (POST, JSON body `{cgi_path}`, query `access_token`): an API's limits
+/// and today's use.
+pub const QUOTA_GET_PATH: &str = "/cgi-bin/openapi/quota/get";
+/// Path of `clear_quota` (POST, JSON body `{appid}`, query `access_token`).
+pub const CLEAR_QUOTA_PATH: &str = "/cgi-bin/clear_quota";
+/// Path of `clear_quota/v2` (POST, JSON body `{appid, appsecret}`).
+pub const CLEAR_QUOTA_V2_PATH: &str = "/cgi-bin/clear_quota/v2";
+/// Path of a platform's `clear_quota` (POST, JSON body `{component_appid}`, query
+/// `component_access_token`).
+pub const COMPONENT_CLEAR_QUOTA_PATH: &str = "/cgi-bin/component/clear_quota";
 /// The API call whose `access_token` the stand-in checks (WeChat's "get API server IPs",
 /// which takes nothing else): 40001 for an unknown or replaced token, 42001 for an expired
 /// one. Every other API path is echoed, token or not.

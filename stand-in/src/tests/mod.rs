@@ -166,7 +166,7 @@ fn advance_clock(upstream: &StandIn, by: Duration) {
 /// Moves the stand-in's clock to one second after the start of its next window, so a few
 /// quick calls cannot straddle a window boundary.
 fn align_clock_to_window(upstream: &StandIn) {
-    let window = upstream.shared.window.as_nanos();
+    let window = upstream.shared.limits.default_window.as_nanos();
     let now = upstream
         .shared
         .now()
