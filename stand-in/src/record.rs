@@ -191,3 +191,43 @@ where
         .map(|entry| (*entry.key(), entry.value().load(Ordering::Relaxed)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(millis: u64, appid: &str) -> CallRecord {
+        CallRecord {
+            at: UNIX_EPOCH + Duration::from_millis(millis),
+            path: "/p".to_owned(),
+            appid: Some(appid.to_owned()),
+            errcode: None,
+        }
+    }
+
+    #[test]
+    fn spans_slide_over_arrivals_in_any_order() {
+        // Logged in answer order, not quite arrival order.
+        let log = [
+            record(1_000, "a"),
+            record(1_900, "a"),
+            record(1_600, "a"),
+            record(1_650, "b"),
+            record(2_100, "a"),
+            record(2_500, "a"),
+        ];
+        let max = |span_ms| max_calls_in_any_span(&log, "/p", "a", Duration::from_millis(span_ms));
+        assert_eq!(max(1_000), 4, "1.6, 1.9, 2.1, 2.5 are within a second");
+        // Half-open: 1.6 and 2.5 are not within 0.9 s of each other.
+        assert_eq!(max(900), 3);
+        assert_eq!(max(1), 1);
+        assert_eq!(
+            max_calls_in_any_span(&log, "/q", "a", Duration::from_secs(9)),
+            0
+        );
+        assert_eq!(
+            max_calls_in_any_span(&[], "/p", "a", Duration::from_secs(9)),
+            0
+        );
+    }
+}

@@ -337,4 +337,26 @@ mod tests {
             assert_eq!(Params::from_json_body(body), Err(47001), "{body:?}");
         }
     }
+
+    #[test]
+    fn a_post_endpoint_takes_its_tokens_from_the_query_and_the_rest_from_its_body() {
+        let parts = |method: &str, uri: &str| {
+            let (parts, ()) = http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .body(())
+                .unwrap()
+                .into_parts();
+            parts
+        };
+        let post = parts("POST", "/cgi-bin/clear_quota?access_token=T&appid=wx-query");
+        let body = Bytes::from_static(br#"{"appid":"wx-body","access_token":"ignored"}"#);
+        let call = ReceivedCall::new(SystemTime::UNIX_EPOCH, Route::ClearQuota, &post, &body);
+        let params = call.params.expect("a JSON body");
+        assert_eq!(owned(&params.access_token), Some("T".into()));
+        assert_eq!(owned(&params.appid), Some("wx-body".into()));
+        let get = parts("GET", "/cgi-bin/clear_quota?access_token=T");
+        let call = ReceivedCall::new(SystemTime::UNIX_EPOCH, Route::ClearQuota, &get, &body);
+        assert_eq!(call.params, Err(43002));
+    }
 }
