@@ -47,6 +47,13 @@ const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// `{"method","uri","headers":{lowercase name: value},"body","body_len"}`, where `uri` is the
 /// path and query exactly as received, repeated headers are joined with `", "`, and `body` is
 /// the request body as lossy UTF-8.
+///
+/// A path that [`StandInConfig::api_limits`](crate::StandInConfig::api_limits) names (or
+/// [`StandIn::set_rate_limit`] and the like) is an account's API as WeChat's are: it needs an
+/// `access_token` the stand-in minted (41001 without, 40001 unknown or replaced, 42001
+/// expired; an `authorizer_access_token` makes it a call on the account's behalf) or a
+/// platform's `component_access_token` (the platform's own call), is counted under that
+/// token's appid, and is echoed only when its limits admit it (else 45011 or 45009).
 pub struct StandIn {
     addr: SocketAddr,
     /// Whether it serves HTTPS.
