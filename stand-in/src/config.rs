@@ -1,13 +1,17 @@
 //! What the stand-in is told at start: the mini programs and third-party platforms it knows,
-//! its limits (rate and daily limits per API, the per-user limit of code exchanges, the day
-//! and the monthly budget of `clear_quota`), its latency, the faults it draws at random,
+//! its limits ([`RateLimit`], [`ApiLimits`] per API, the per-user limit of code exchanges,
+//! the day and the monthly budget of `clear_quota`), its latency, the faults it draws at random,
 //! whether it logs every call, and whether it speaks HTTPS.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
+use serde::Serialize;
+
 use crate::{
-    ApiLimits, FaultMix, RateLimit, DEFAULT_APPID, DEFAULT_APP_SECRET,
-    DEFAULT_COMPONENT_ACCESS_TOKEN, DEFAULT_COMPONENT_APPID, DEFAULT_COMPONENT_APPSECRET,
+    FaultMix, DEFAULT_APPID, DEFAULT_APP_SECRET, DEFAULT_COMPONENT_ACCESS_TOKEN,
+    DEFAULT_COMPONENT_APPID, DEFAULT_COMPONENT_APPSECRET,
 };
 
 /// What the stand-in knows about the apps and platforms calling it, and how it behaves.
@@ -142,4 +146,150 @@ pub struct StandInComponent {
     pub component_access_token: String,
     /// Mini programs that authorized the platform; others get 61003.
     pub authorized_appids: Vec<String>,
+}
+
+/// `call_count` calls per `window`, as quota/get's `rate_limit` reports it
+/// (`{"call_count":N,"refresh_second":S}`). Windows are aligned to multiples of their length
+/// since the UNIX epoch, as WeChat counts calendar minutes.
+///
+/// Written `N/S` on the command line ([`FromStr`]): `20/3` is 20 calls per 3 s window, `S`
+/// may be fractional.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Calls executed per window; past it, 45011.
+    pub call_count: u32,
+    /// The window's length. A zero window is treated as one nanosecond.
+    pub window: Duration,
+}
+
+impl RateLimit {
+    /// `call_count` calls per `window`.
+    pub fn new(call_count: u32, window: Duration) -> RateLimit {
+        RateLimit { call_count, window }
+    }
+
+    /// The window in whole seconds as quota/get reports it (`refresh_second`): rounded up,
+    /// at least 1. A test that reads quota/get should give whole-second windows.
+    pub fn refresh_second(&self) -> u64 {
+        let nanos = self.window.as_nanos().max(1);
+        u64::try_from(nanos.div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
+    }
+}
+
+impl FromStr for RateLimit {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<RateLimit, String> {
+        let (count, secs) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not CALLS/SECONDS, e.g. 20/3"))?;
+        let call_count = count
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{text:?}: {count:?} is not a whole number of calls"))?;
+        let window = secs
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|secs| *secs > 0.0)
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or_else(|| format!("{text:?}: {secs:?} is not a number of seconds above 0"))?;
+        Ok(RateLimit { call_count, window })
+    }
+}
+
+impl fmt::Display for RateLimit {
+    /// The form [`FromStr`] reads.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.call_count, self.window.as_secs_f64())
+    }
+}
+
+/// The limits of one API path, for every appid (`appid: None`) or for one. A figure left
+/// `None` is inherited: an appid's entry from the path's entry for every appid, which in turn
+/// from [`StandInConfig::quota_per_window`] (rate limit only, and only for the stand-in's
+/// code-exchange and token endpoints); `component_rate_limit` from the `rate_limit` in force.
+///
+/// Naming a path that the stand-in otherwise echoes makes it an API that checks its token:
+/// it needs an `access_token` (or `component_access_token`) the stand-in minted, is counted
+/// under that token's appid, and is echoed only when admitted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApiLimits {
+    /// The API path, without the query (e.g. `/wxa/getwxacode`).
+    pub path: String,
+    /// The appid these figures are for; `None`: every appid without an entry of its own.
+    pub appid: Option<String>,
+    /// Calls the account itself may make per window.
+    pub rate_limit: Option<RateLimit>,
+    /// Calls a third-party platform may make on the account's behalf per window, counted
+    /// apart from the account's own: calls with an `authorizer_access_token` (minted by
+    /// `/cgi-bin/component/api_authorizer_token`) and the platform's code exchange.
+    pub component_rate_limit: Option<RateLimit>,
+    /// Calls executed per day (own and on the account's behalf together); past it, 45009.
+    pub daily_limit: Option<u64>,
+}
+
+impl ApiLimits {
+    /// No figures yet for `path`, for every appid.
+    pub fn new(path: impl Into<String>) -> ApiLimits {
+        ApiLimits {
+            path: path.into(),
+            ..ApiLimits::default()
+        }
+    }
+
+    /// For this appid only.
+    pub fn for_appid(mut self, appid: impl Into<String>) -> ApiLimits {
+        self.appid = Some(appid.into());
+        self
+    }
+
+    /// With this rate limit.
+    pub fn with_rate_limit(mut self, limit: RateLimit) -> ApiLimits {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// With this rate limit for calls on the account's behalf.
+    pub fn with_component_rate_limit(mut self, limit: RateLimit) -> ApiLimits {
+        self.component_rate_limit = Some(limit);
+        self
+    }
+
+    /// With this daily limit.
+    pub fn with_daily_limit(mut self, limit: u64) -> ApiLimits {
+        self.daily_limit = Some(limit);
+        self
+    }
+}
+
+impl Serialize for RateLimit {
+    /// As quota/get writes it: `{"call_count":N,"refresh_second":S}`.
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = serializer.serialize_struct("RateLimit", 2)?;
+        out.serialize_field("call_count", &self.call_count)?;
+        out.serialize_field("refresh_second", &self.refresh_second())?;
+        out.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_reads_as_the_command_line_writes_it() {
+        let limit: RateLimit = "20/3".parse().unwrap();
+        assert_eq!(limit, RateLimit::new(20, Duration::from_secs(3)));
+        assert_eq!(limit.to_string().parse::<RateLimit>(), Ok(limit));
+        assert_eq!(
+            "5/0.5".parse::<RateLimit>().unwrap().window,
+            Duration::from_millis(500)
+        );
+        assert_eq!("5/0.5".parse::<RateLimit>().unwrap().refresh_second(), 1);
+        for bad in ["20", "x/3", "20/0", "20/-1", "-1/3", "20/NaN"] {
+            assert!(bad.parse::<RateLimit>().is_err(), "{bad}");
+        }
+    }
 }

@@ -128,12 +128,13 @@
 //! # Layout
 //! - `stand_in.rs`: [`StandIn`], the running server and its handle: start, inject, count;
 //!   the accept loop and the per-request flow (arrival, fault, execution, latency, answer).
-//! - `config.rs`: [`StandInConfig`], [`StandInApp`], [`StandInComponent`]: who may call,
-//!   and the limits it starts with.
+//! - `config.rs`: [`StandInConfig`], [`StandInApp`], [`StandInComponent`]: who may call;
+//!   [`RateLimit`], [`ApiLimits`]: the limits it starts with.
 //! - `upstream.rs`: the state every connection shares and what WeChat does with a call:
 //!   parameter checks, limits, single-use codes, tokens.
-//! - `limits.rs`: [`RateLimit`], [`ApiLimits`], and the counts behind them: windows, days,
-//!   users, monthly clears.
+//! - `limits.rs`: the limits in force and the counts behind them: windows, days, users,
+//!   monthly clears.
+//! - `calendar.rs`: the calendar month of a day.
 //! - `openapi.rs`: quota/get and the `clear_quota` calls.
 //! - `request.rs`: which behaviour a path gets, and the parameters read from a call.
 //! - `answer.rs`: what the stand-in answers: WeChat JSON, the echo, a 502, a closed connection.
@@ -151,6 +152,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 mod answer;
+mod calendar;
 mod config;
 mod fault;
 mod ids;
@@ -166,9 +168,9 @@ mod upstream;
 #[cfg(test)]
 mod tests;
 
-pub use config::{StandInApp, StandInComponent, StandInConfig, StandInTls};
+pub use config::{ApiLimits, RateLimit, StandInApp, StandInComponent, StandInConfig, StandInTls};
 pub use fault::{Fault, FaultMix};
-pub use limits::{ApiLimits, RateLimit, UNLIMITED_FIGURE};
+pub use limits::UNLIMITED_FIGURE;
 pub use record::{CallRecord, WindowCalls};
 pub use stand_in::StandIn;
 

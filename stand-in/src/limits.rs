@@ -23,8 +23,6 @@
 //! [`StandInConfig::day_offset`]: crate::StandInConfig::day_offset
 
 use std::collections::HashMap;
-use std::fmt;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,137 +30,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde::Serialize;
 
-use crate::StandInConfig;
+use crate::calendar::month_of_day;
+use crate::{ApiLimits, RateLimit, StandInConfig};
 
 /// What quota/get reports for a figure the stand-in does not limit: the largest `u32`, so a
 /// client that takes it as a limit never holds a call back for it.
 pub const UNLIMITED_FIGURE: u32 = u32::MAX;
-
-/// `call_count` calls per `window`, as quota/get's `rate_limit` reports it
-/// (`{"call_count":N,"refresh_second":S}`). Windows are aligned to multiples of their length
-/// since the UNIX epoch, as WeChat counts calendar minutes.
-///
-/// Written `N/S` on the command line ([`FromStr`]): `20/3` is 20 calls per 3 s window, `S`
-/// may be fractional.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Calls executed per window; past it, 45011.
-    pub call_count: u32,
-    /// The window's length. A zero window is treated as one nanosecond.
-    pub window: Duration,
-}
-
-impl RateLimit {
-    /// `call_count` calls per `window`.
-    pub fn new(call_count: u32, window: Duration) -> RateLimit {
-        RateLimit { call_count, window }
-    }
-
-    /// The window in whole seconds as quota/get reports it (`refresh_second`): rounded up,
-    /// at least 1. A test that reads quota/get should give whole-second windows.
-    pub fn refresh_second(&self) -> u64 {
-        let nanos = self.window.as_nanos().max(1);
-        u64::try_from(nanos.div_ceil(1_000_000_000)).unwrap_or(u64::MAX)
-    }
-}
-
-impl FromStr for RateLimit {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<RateLimit, String> {
-        let (count, secs) = text
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not CALLS/SECONDS, e.g. 20/3"))?;
-        let call_count = count
-            .trim()
-            .parse::<u32>()
-            .map_err(|_| format!("{text:?}: {count:?} is not a whole number of calls"))?;
-        let window = secs
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|secs| *secs > 0.0)
-            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-            .ok_or_else(|| format!("{text:?}: {secs:?} is not a number of seconds above 0"))?;
-        Ok(RateLimit { call_count, window })
-    }
-}
-
-impl fmt::Display for RateLimit {
-    /// The form [`FromStr`] reads.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.call_count, self.window.as_secs_f64())
-    }
-}
-
-/// The limits of one API path, for every appid (`appid: None`) or for one. A figure left
-/// `None` is inherited: an appid's entry from the path's entry for every appid, which in turn
-/// from [`StandInConfig::quota_per_window`] (rate limit only, and only for the stand-in's
-/// code-exchange and token endpoints); `component_rate_limit` from the `rate_limit` in force.
-///
-/// Naming a path that the stand-in otherwise echoes makes it an API that checks its token:
-/// it needs an `access_token` (or `component_access_token`) the stand-in minted, is counted
-/// under that token's appid, and is echoed only when admitted.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ApiLimits {
-    /// The API path, without the query (e.g. `/wxa/getwxacode`).
-    pub path: String,
-    /// The appid these figures are for; `None`: every appid without an entry of its own.
-    pub appid: Option<String>,
-    /// Calls the account itself may make per window.
-    pub rate_limit: Option<RateLimit>,
-    /// Calls a third-party platform may make on the account's behalf per window, counted
-    /// apart from the account's own: calls with an `authorizer_access_token` (minted by
-    /// `/cgi-bin/component/api_authorizer_token`) and the platform's code exchange.
-    pub component_rate_limit: Option<RateLimit>,
-    /// Calls executed per day (own and on the account's behalf together); past it, 45009.
-    pub daily_limit: Option<u64>,
-}
-
-impl ApiLimits {
-    /// No figures yet for `path`, for every appid.
-    pub fn new(path: impl Into<String>) -> ApiLimits {
-        ApiLimits {
-            path: path.into(),
-            ..ApiLimits::default()
-        }
-    }
-
-    /// For this appid only.
-    pub fn for_appid(mut self, appid: impl Into<String>) -> ApiLimits {
-        self.appid = Some(appid.into());
-        self
-    }
-
-    /// With this rate limit.
-    pub fn with_rate_limit(mut self, limit: RateLimit) -> ApiLimits {
-        self.rate_limit = Some(limit);
-        self
-    }
-
-    /// With this rate limit for calls on the account's behalf.
-    pub fn with_component_rate_limit(mut self, limit: RateLimit) -> ApiLimits {
-        self.component_rate_limit = Some(limit);
-        self
-    }
-
-    /// With this daily limit.
-    pub fn with_daily_limit(mut self, limit: u64) -> ApiLimits {
-        self.daily_limit = Some(limit);
-        self
-    }
-}
-
-impl Serialize for RateLimit {
-    /// As quota/get writes it: `{"call_count":N,"refresh_second":S}`.
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut out = serializer.serialize_struct("RateLimit", 2)?;
-        out.serialize_field("call_count", &self.call_count)?;
-        out.serialize_field("refresh_second", &self.refresh_second())?;
-        out.end()
-    }
-}
 
 /// One call as the limits see it.
 pub(crate) struct KeyCall<'a> {
@@ -604,25 +477,6 @@ fn window_start(at: SystemTime, window: Duration) -> u128 {
     since_epoch - since_epoch % window
 }
 
-/// The month (`year * 12 + month - 1`) of the date `day` days after 1970-01-01, in the
-/// proleptic Gregorian calendar (Howard Hinnant's `civil_from_days`).
-fn month_of_day(day: u128) -> i64 {
-    let days = i64::try_from(day).unwrap_or(i64::MAX / 2) + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let shifted_month = (5 * day_of_year + 2) / 153;
-    let month = if shifted_month < 10 {
-        shifted_month + 3
-    } else {
-        shifted_month - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    year * 12 + month - 1
-}
-
 /// Reads a lock even if a panicking thread poisoned it (see [`crate::lock`]).
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read()
@@ -658,19 +512,6 @@ mod tests {
             user: None,
             at,
         }
-    }
-
-    #[test]
-    fn months_are_calendar_months() {
-        // 1970-01-01 is day 0; 1970-02-01 day 31; 2000-03-01 (leap year) day 11017.
-        assert_eq!(month_of_day(0), 1970 * 12);
-        assert_eq!(month_of_day(30), 1970 * 12);
-        assert_eq!(month_of_day(31), 1970 * 12 + 1);
-        assert_eq!(month_of_day(11_016), 2000 * 12 + 1, "2000-02-29");
-        assert_eq!(month_of_day(11_017), 2000 * 12 + 2, "2000-03-01");
-        // 2024-12-31 is day 20088, 2025-01-01 day 20089.
-        assert_eq!(month_of_day(20_088), 2024 * 12 + 11);
-        assert_eq!(month_of_day(20_089), 2025 * 12);
     }
 
     #[test]
@@ -752,20 +593,5 @@ mod tests {
         assert_eq!(limits.admit(&call("/wxa/a", "wx1", at(112))), Ok(()));
         assert_eq!(limits.admit(&call("/wxa/a", "wx1", at(113))), Err(45011));
         assert_eq!(limits.clears_this_month("wx1", at(113)), 1);
-    }
-
-    #[test]
-    fn a_rate_limit_reads_as_the_command_line_writes_it() {
-        let limit: RateLimit = "20/3".parse().unwrap();
-        assert_eq!(limit, RateLimit::new(20, Duration::from_secs(3)));
-        assert_eq!(limit.to_string().parse::<RateLimit>(), Ok(limit));
-        assert_eq!(
-            "5/0.5".parse::<RateLimit>().unwrap().window,
-            Duration::from_millis(500)
-        );
-        assert_eq!("5/0.5".parse::<RateLimit>().unwrap().refresh_second(), 1);
-        for bad in ["20", "x/3", "20/0", "20/-1", "-1/3", "20/NaN"] {
-            assert!(bad.parse::<RateLimit>().is_err(), "{bad}");
-        }
     }
 }

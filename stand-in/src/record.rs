@@ -12,8 +12,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde::Serialize;
 
-use crate::limits::{ApiLimits, DailyUse, RateLimit};
+use crate::limits::DailyUse;
 use crate::upstream::window_index;
+use crate::{ApiLimits, RateLimit};
 
 /// One call received by the stand-in, kept when [`StandInConfig::record_calls`](crate::StandInConfig::record_calls) is on.
 #[derive(Clone, Debug, PartialEq, Eq)]
