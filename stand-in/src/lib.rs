@@ -46,7 +46,8 @@
 //! - **Daily limits** ([`ApiLimits::daily_limit`], [`StandIn::set_daily_limit`]) over days of
 //!   [`StandInConfig::day`] ending at midnight UTC+8; past one, 45009 until the next day or
 //!   a `clear_quota` ([`StandInConfig::clear_quota_per_month`] a month, 48006 past them).
-//!   [`StandIn::daily_used`] is quota/get's `used`.
+//!   [`StandIn::daily_used`] is quota/get's `used`; [`StandIn::quota_queries`] counts the
+//!   quota/get calls about each (API, appid).
 //! - **The per-user limit** of the code exchanges ([`StandInConfig::user_rate_limit`],
 //!   WeChat's 100 a minute by default): a code shaped `u<user>_<anything>` (see
 //!   [`StandIn::issue_code`]) belongs to `user`, and its openid is the user's in that app

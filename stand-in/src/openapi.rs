@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::answer::Answer;
 use crate::limits::QuotaReport;
+use crate::record::bump;
 use crate::request::{Params, ReceivedCall, Route};
 use crate::upstream::Shared;
 
@@ -37,6 +38,8 @@ impl Shared {
     ) -> Result<Answer, i64> {
         let caller = self.api_caller(params, call.at, false)?;
         let cgi_path = params.cgi_path.as_deref().ok_or(47001)?;
+        let key = format!("{cgi_path} {}", caller.appid);
+        bump(&self.counters.quota_queries, &key);
         self.admit(
             call,
             Route::QuotaGet,

@@ -153,6 +153,8 @@ pub(crate) struct Counters {
     pub(crate) by_errcode: DashMap<i64, AtomicU64>,
     /// Successful token fetches, by `"{path} {appid}"`.
     pub(crate) token_fetches: DashMap<String, AtomicU64>,
+    /// quota/get calls with a working token and a `cgi_path`, by `"{cgi_path} {appid}"`.
+    pub(crate) quota_queries: DashMap<String, AtomicU64>,
     /// Faults injected, by [`Fault::name`](crate::Fault::name).
     pub(crate) by_fault: DashMap<&'static str, AtomicU64>,
 }

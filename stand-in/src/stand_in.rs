@@ -276,6 +276,16 @@ impl StandIn {
         )
     }
 
+    /// quota/get calls about `cgi_path` that reached the stand-in with a working token of
+    /// `appid` (an account's own or an `authorizer_access_token`), whatever they were
+    /// answered (45011 and 76022 included): how often a proxy asked about that key.
+    pub fn quota_queries(&self, cgi_path: &str, appid: &str) -> u64 {
+        read_counter(
+            &self.shared.counters.quota_queries,
+            &format!("{cgi_path} {appid}"),
+        )
+    }
+
     /// Every call received since the start or the last [`reset_counters`](Self::reset_counters),
     /// in arrival order. Empty when [`StandInConfig::record_calls`] is off.
     pub fn call_log(&self) -> Vec<CallRecord> {
@@ -321,6 +331,7 @@ impl StandIn {
         counters.by_code.clear();
         counters.by_errcode.clear();
         counters.token_fetches.clear();
+        counters.quota_queries.clear();
         counters.by_fault.clear();
         lock(&self.shared.log).clear();
     }

@@ -146,6 +146,20 @@ async fn quota_get_is_an_api_with_its_own_limits() {
     assert_eq!(second["quota"]["used"], 2, "{second}");
     assert_eq!(second["rate_limit"]["call_count"], 2, "{second}");
     h.quota_get(&token, body).await.assert_error(45011);
+    h.quota_get(&token, json!({ "cgi_path": "/sns/jscode2session" }))
+        .await
+        .assert_error(45011);
+    // Every query that reached it with a working token, refused or not, per key.
+    assert_eq!(h.upstream.quota_queries(QUOTA_GET_PATH, DEFAULT_APPID), 3);
+    assert_eq!(
+        h.upstream
+            .quota_queries("/sns/jscode2session", DEFAULT_APPID),
+        1
+    );
+    h.quota_get("made-up", json!({ "cgi_path": QUOTA_GET_PATH }))
+        .await
+        .assert_error(40001);
+    assert_eq!(h.upstream.quota_queries(QUOTA_GET_PATH, DEFAULT_APPID), 3);
 }
 
 #[tokio::test]
