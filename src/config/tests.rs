@@ -1,5 +1,5 @@
 //! The configuration's tests: defaults, every problem at once, the printed configuration
-//! reading back, the shipped `config.toml` and the README's table; then the checks of
+//! reading back, the shipped `config.toml` and the configuration reference's table; then the checks of
 //! `validate.rs`, through whole files.
 
 use super::read::{key_path, Segment};
@@ -202,12 +202,15 @@ fn the_shipped_config_toml_holds_every_key_at_its_default() {
 }
 
 #[test]
-fn the_readme_documents_every_key() {
-    let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+fn the_configuration_reference_documents_every_key() {
+    let reference = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ));
     for key in default_keys() {
         assert!(
-            readme.contains(&format!("| `{key}` |")),
-            "README's configuration table has no row for `{key}`"
+            reference.contains(&format!("| `{key}` |")),
+            "docs/configuration.md's key table has no row for `{key}`"
         );
     }
 }

@@ -32,6 +32,11 @@ impl Answer {
         Answer::Wechat { errcode: 0, body }
     }
 
+    /// `{"errcode":0,"errmsg":"ok"}`: what WeChat's management calls answer on success.
+    pub(crate) fn ok() -> Answer {
+        Answer::success(r#"{"errcode":0,"errmsg":"ok"}"#.to_owned())
+    }
+
     pub(crate) fn error(errcode: i64) -> Answer {
         let body = format!(
             r#"{{"errcode":{errcode},"errmsg":"{}, rid: {}"}}"#,
@@ -84,8 +89,13 @@ fn errmsg(errcode: i64) -> &'static str {
         45009 => "reach max api daily quota limit",
         45011 => "api minute-quota reach limit, must slower, retry next minute",
         47001 => "data format error",
+        48006 => "forbid to clear quota because of reaching the limit",
         61003 => "component is not authorized by this account",
         61006 => "component ticket is invalid",
+        61023 => "invalid refresh_token",
+        76003 => "invalid cgi_path",
+        76021 => "cgi_path not found, please check",
+        76022 => "could not use this cgi_path, no permission",
         _ => "unknown error",
     }
 }

@@ -1,5 +1,6 @@
 //! Identifiers shaped like WeChat's: fresh session keys, tokens and request ids, and openids
-//! and unionids derived from the code so that tests can predict them.
+//! and unionids derived from the code (or from the user a code names) so that tests can
+//! predict them; and the codes that name their user.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -88,4 +89,49 @@ pub(crate) fn derived_id(salt: u8, scope: &str, js_code: &str) -> String {
         available -= 6;
     }
     id
+}
+
+/// The WeChat user a `js_code` names, for codes shaped `u<user>_<anything>` (`user` not empty,
+/// without `_`); `None` for any other code, which is then its own user's only code.
+///
+/// WeChat knows whose code it is from the code; the stand-in needs codes to say it, so that
+/// tests can drive one user's logins apart from another's.
+pub(crate) fn code_user(js_code: &str) -> Option<&str> {
+    let (user, _) = js_code.strip_prefix('u')?.split_once('_')?;
+    (!user.is_empty()).then_some(user)
+}
+
+/// A fresh code of `user` (see [`code_user`]).
+pub(crate) fn user_code(user: &str) -> String {
+    format!("u{user}_{}", random_chars(16))
+}
+
+/// The openid of `user` in `appid`: the same for every code of the user.
+pub(crate) fn user_openid(appid: &str, user: &str) -> String {
+    derived_id(b'O', appid, user)
+}
+
+/// The unionid of `user`: the same in every app.
+pub(crate) fn user_unionid(user: &str) -> String {
+    derived_id(b'U', "", user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_name_their_user_when_shaped_so() {
+        assert_eq!(code_user("u42_abc"), Some("42"));
+        assert_eq!(code_user("ualice_"), Some("alice"));
+        assert_eq!(code_user("ualice_x_y"), Some("alice"));
+        for other in ["u_abc", "unique", "code-1", "", "U42_abc"] {
+            assert_eq!(code_user(other), None, "{other}");
+        }
+        let code = user_code("bob");
+        assert_eq!(code_user(&code), Some("bob"));
+        assert_ne!(user_code("bob"), code);
+        assert_ne!(user_openid("wx1", "bob"), user_openid("wx2", "bob"));
+        assert_ne!(user_openid("wx1", "bob"), derived_id(b'o', "wx1", "bob"));
+    }
 }

@@ -1,7 +1,7 @@
 //! What the stand-in remembers about the calls it received: the [`CallRecord`] log, the
 //! counters (by path, by code, by errcode, by fault; connections and TLS handshakes) that tests read
-//! through [`StandIn`](crate::StandIn), and the calls per aligned window ([`WindowCalls`])
-//! read from the log.
+//! through [`StandIn`](crate::StandIn), and what is read from the log: the calls per aligned
+//! window ([`WindowCalls`]) and the most calls within any sliding span.
 
 use std::borrow::Borrow;
 use std::collections::BTreeMap;
@@ -12,16 +12,21 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use serde::Serialize;
 
+use crate::limits::DailyUse;
 use crate::upstream::window_index;
+use crate::{ApiLimits, RateLimit};
 
 /// One call received by the stand-in, kept when [`StandInConfig::record_calls`](crate::StandInConfig::record_calls) is on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CallRecord {
-    /// When the call arrived (its quota window is taken from this time).
+    /// When the call arrived: when the stand-in read its request head (its quota window and
+    /// day are taken from this time).
     pub at: SystemTime,
     /// The request path, without the query.
     pub path: String,
-    /// The `appid` the call named (query, or JSON body for `stable_token`), if any.
+    /// The `appid` the call named (query, or JSON body), else the `component_appid` of a
+    /// platform's own call, else the appid the stand-in minted the call's `access_token` (or
+    /// `component_access_token`) for, if any.
     pub appid: Option<String>,
     /// The errcode answered (0 for a success body); `None` when no WeChat JSON answer was
     /// given: echoes, 502, resets, hangs, lost answers.
@@ -74,6 +79,32 @@ pub(crate) fn calls_per_window(log: &[CallRecord], window: Duration) -> Vec<Wind
         .collect()
 }
 
+/// The most calls of (`appid`, `path`) in `log` whose arrival times lie within `span` of each
+/// other (see [`StandIn::max_calls_in_any_span`](crate::StandIn::max_calls_in_any_span)).
+pub(crate) fn max_calls_in_any_span(
+    log: &[CallRecord],
+    path: &str,
+    appid: &str,
+    span: Duration,
+) -> usize {
+    let mut arrivals: Vec<SystemTime> = log
+        .iter()
+        .filter(|record| record.path == path && record.appid.as_deref() == Some(appid))
+        .map(|record| record.at)
+        .collect();
+    // The log is in the order calls were answered, nearly but not exactly that of arrival.
+    arrivals.sort_unstable();
+    let mut most = 0;
+    let mut first = 0;
+    for (last, at) in arrivals.iter().enumerate() {
+        while at.duration_since(arrivals[first]).unwrap_or_default() >= span {
+            first += 1;
+        }
+        most = most.max(last + 1 - first);
+    }
+    most
+}
+
 /// What `GET /__stand_in/stats` answers (see the crate documentation).
 #[derive(Serialize)]
 pub(crate) struct Stats {
@@ -81,8 +112,16 @@ pub(crate) struct Stats {
     pub(crate) now_unix_ms: u64,
     /// The quota window's length.
     pub(crate) window_ms: u64,
-    /// Calls allowed per (appid, API) and window; `None`: unlimited.
+    /// The default rate limit per (appid, API) and window; `None`: unlimited.
     pub(crate) quota_per_window: Option<u64>,
+    /// The limits configured per API (and appid).
+    pub(crate) api_limits: Vec<ApiLimits>,
+    /// The per-user limit of the code exchanges.
+    pub(crate) user_rate_limit: Option<RateLimit>,
+    pub(crate) day_ms: u64,
+    pub(crate) day_offset_ms: u64,
+    /// Calls executed today per (appid, API), where counted.
+    pub(crate) daily_used: Vec<DailyUse>,
     /// Every call received (the stats requests themselves are not calls).
     pub(crate) total_calls: u64,
     /// Answers given, by errcode (0: success bodies).
@@ -114,6 +153,8 @@ pub(crate) struct Counters {
     pub(crate) by_errcode: DashMap<i64, AtomicU64>,
     /// Successful token fetches, by `"{path} {appid}"`.
     pub(crate) token_fetches: DashMap<String, AtomicU64>,
+    /// quota/get calls with a working token and a `cgi_path`, by `"{cgi_path} {appid}"`.
+    pub(crate) quota_queries: DashMap<String, AtomicU64>,
     /// Faults injected, by [`Fault::name`](crate::Fault::name).
     pub(crate) by_fault: DashMap<&'static str, AtomicU64>,
 }
@@ -152,4 +193,44 @@ where
     map.iter()
         .map(|entry| (*entry.key(), entry.value().load(Ordering::Relaxed)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(millis: u64, appid: &str) -> CallRecord {
+        CallRecord {
+            at: UNIX_EPOCH + Duration::from_millis(millis),
+            path: "/p".to_owned(),
+            appid: Some(appid.to_owned()),
+            errcode: None,
+        }
+    }
+
+    #[test]
+    fn spans_slide_over_arrivals_in_any_order() {
+        // Logged in answer order, not quite arrival order.
+        let log = [
+            record(1_000, "a"),
+            record(1_900, "a"),
+            record(1_600, "a"),
+            record(1_650, "b"),
+            record(2_100, "a"),
+            record(2_500, "a"),
+        ];
+        let max = |span_ms| max_calls_in_any_span(&log, "/p", "a", Duration::from_millis(span_ms));
+        assert_eq!(max(1_000), 4, "1.6, 1.9, 2.1, 2.5 are within a second");
+        // Half-open: 1.6 and 2.5 are not within 0.9 s of each other.
+        assert_eq!(max(900), 3);
+        assert_eq!(max(1), 1);
+        assert_eq!(
+            max_calls_in_any_span(&log, "/q", "a", Duration::from_secs(9)),
+            0
+        );
+        assert_eq!(
+            max_calls_in_any_span(&[], "/p", "a", Duration::from_secs(9)),
+            0
+        );
+    }
 }

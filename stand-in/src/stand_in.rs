@@ -1,5 +1,6 @@
 //! [`StandIn`]: the running stand-in and its handle (start it, inject faults, change its
-//! latency and quota, read what it received), and the server behind it: the accept loop (and
+//! latency and limits, issue codes of users, read what it received and counted), and the
+//! server behind it: the accept loop (and
 //! the TLS handshake, for HTTPS) and what happens to one call from arrival to answer.
 
 use std::collections::BTreeMap;
@@ -22,12 +23,14 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use crate::answer::{json_response, plain, Answer, CloseConnection};
+use crate::ids::{user_code, user_openid, user_unionid};
 use crate::record::{
-    bump, calls_per_window, read_all, read_counter, unix_ms, CallRecord, Stats, WindowCalls,
+    bump, calls_per_window, max_calls_in_any_span, read_all, read_counter, unix_ms, CallRecord,
+    Stats, WindowCalls,
 };
-use crate::request::ReceivedCall;
-use crate::upstream::{Route, Shared, UNLIMITED};
-use crate::{duration_nanos, lock, Fault, StandInConfig, STATS_PATH};
+use crate::request::{ReceivedCall, Route};
+use crate::upstream::Shared;
+use crate::{duration_nanos, lock, Fault, RateLimit, StandInConfig, STATS_PATH};
 
 /// Largest request body the stand-in reads; anything bigger gets 413. WeChat requests are
 /// tiny; the cap only keeps a runaway test from eating memory.
@@ -44,6 +47,13 @@ const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 /// `{"method","uri","headers":{lowercase name: value},"body","body_len"}`, where `uri` is the
 /// path and query exactly as received, repeated headers are joined with `", "`, and `body` is
 /// the request body as lossy UTF-8.
+///
+/// A path that [`StandInConfig::api_limits`](crate::StandInConfig::api_limits) names (or
+/// [`StandIn::set_rate_limit`] and the like) is an account's API as WeChat's are: it needs an
+/// `access_token` the stand-in minted (41001 without, 40001 unknown or replaced, 42001
+/// expired; an `authorizer_access_token` makes it a call on the account's behalf) or a
+/// platform's `component_access_token` (the platform's own call), is counted under that
+/// token's appid, and is echoed only when its limits admit it (else 45011 or 45009).
 pub struct StandIn {
     addr: SocketAddr,
     /// Whether it serves HTTPS.
@@ -150,12 +160,90 @@ impl StandIn {
             .store(duration_nanos(latency), Ordering::Relaxed);
     }
 
-    /// Sets the per (appid, path) quota, from the next call on. Executed calls are only
-    /// counted while a quota is set: turning it on starts every count from zero.
+    /// Sets the default rate limit ([`StandInConfig::quota_per_window`]), from the next call
+    /// on. Executed calls are only counted while some limit applies: turning it on starts
+    /// every count that nothing else kept from zero.
     pub fn set_quota(&self, per_window: Option<u32>) {
+        self.shared.limits.set_default_rate(per_window);
+    }
+
+    /// Sets the rate limit of `path` for `appid` (every appid: `None`), from the next call
+    /// on; `None` inherits again (see [`ApiLimits`](crate::ApiLimits)). A path the stand-in
+    /// echoes becomes an API that checks its token and counts its calls.
+    pub fn set_rate_limit(&self, path: &str, appid: Option<&str>, limit: Option<RateLimit>) {
         self.shared
-            .quota
-            .store(per_window.map_or(UNLIMITED, u64::from), Ordering::Relaxed);
+            .limits
+            .set(path, appid, |figures| figures.rate_limit = limit);
+    }
+
+    /// Sets the limit of `path` for calls a platform makes on `appid`'s behalf (every appid:
+    /// `None`), from the next call on; `None` inherits again.
+    pub fn set_component_rate_limit(
+        &self,
+        path: &str,
+        appid: Option<&str>,
+        limit: Option<RateLimit>,
+    ) {
+        self.shared
+            .limits
+            .set(path, appid, |figures| figures.component_rate_limit = limit);
+    }
+
+    /// Sets the daily limit of `path` for `appid` (every appid: `None`), from the next call
+    /// on; `None` inherits again. Calls already counted today stay counted.
+    pub fn set_daily_limit(&self, path: &str, appid: Option<&str>, limit: Option<u64>) {
+        self.shared
+            .limits
+            .set(path, appid, |figures| figures.daily_limit = limit);
+    }
+
+    /// Sets the per-user limit of the code exchanges ([`StandInConfig::user_rate_limit`]),
+    /// from the next call on.
+    pub fn set_user_rate_limit(&self, limit: Option<RateLimit>) {
+        self.shared.limits.set_user_rate_limit(limit);
+    }
+
+    /// A fresh `js_code` of the WeChat user `user`, shaped `u<user>_<16 random characters>`:
+    /// its exchanges count against that user's limit
+    /// ([`StandInConfig::user_rate_limit`]), and every code of the user gets the same
+    /// openid ([`StandIn::openid_of`]) and unionid. Any code of that shape names its user,
+    /// so a test may also write its own.
+    ///
+    /// # Panics
+    /// When `user` is empty or contains `_` (it would not read back as the same user).
+    pub fn issue_code(&self, user: &str) -> String {
+        assert!(
+            !user.is_empty() && !user.contains('_'),
+            "a user name is not empty and has no `_`: {user:?}"
+        );
+        user_code(user)
+    }
+
+    /// The openid the code exchanges of `appid` answer for `user`'s codes.
+    pub fn openid_of(&self, appid: &str, user: &str) -> String {
+        user_openid(appid, user)
+    }
+
+    /// The unionid the code exchanges answer for `user`'s codes (apps with a unionid).
+    pub fn unionid_of(&self, user: &str) -> String {
+        user_unionid(user)
+    }
+
+    /// Calls of (`appid`, `path`) executed today (the stand-in's day, see
+    /// [`StandInConfig::day`]): what quota/get reports as `used`. Counted only while some
+    /// limit applies to the key; refused calls (45011, 45009) are not counted.
+    pub fn daily_used(&self, path: &str, appid: &str) -> u64 {
+        self.shared
+            .limits
+            .daily_used(path, appid, self.shared.now())
+    }
+
+    /// How many times `appid` (or a platform, by its `component_appid`) cleared its quota
+    /// this month (of the stand-in's days).
+    pub fn clears_this_month(&self, appid: &str) -> u32 {
+        self.shared
+            .limits
+            .clears_this_month(appid, self.shared.now())
     }
 
     /// Calls received on `path` (without query), whatever their answer: faults and 45011
@@ -188,6 +276,16 @@ impl StandIn {
         )
     }
 
+    /// quota/get calls about `cgi_path` that reached the stand-in with a working token of
+    /// `appid` (an account's own or an `authorizer_access_token`), whatever they were
+    /// answered (45011 and 76022 included): how often a proxy asked about that key.
+    pub fn quota_queries(&self, cgi_path: &str, appid: &str) -> u64 {
+        read_counter(
+            &self.shared.counters.quota_queries,
+            &format!("{cgi_path} {appid}"),
+        )
+    }
+
     /// Every call received since the start or the last [`reset_counters`](Self::reset_counters),
     /// in arrival order. Empty when [`StandInConfig::record_calls`] is off.
     pub fn call_log(&self) -> Vec<CallRecord> {
@@ -206,14 +304,23 @@ impl StandIn {
             .unwrap_or(0)
     }
 
+    /// The most calls of (`appid`, `path`) the log shows arriving within any span of length
+    /// `span`, wherever it starts (sliding, not aligned): calls at `t` and `t'` share a span
+    /// when `|t' - t| < span`. Faulted and refused calls count: WeChat counts calls where
+    /// they arrive. Arrival is when the stand-in read the request head. Always 0 when
+    /// [`StandInConfig::record_calls`] is off.
+    pub fn max_calls_in_any_span(&self, path: &str, appid: &str, span: Duration) -> usize {
+        max_calls_in_any_span(&lock(&self.shared.log), path, appid, span)
+    }
+
     /// The calls of the log per aligned window and (appid, path), in window order; what
     /// `GET /__stand_in/stats` lists. Empty when [`StandInConfig::record_calls`] is off.
     pub fn calls_per_window(&self) -> Vec<WindowCalls> {
-        calls_per_window(&lock(&self.shared.log), self.shared.window)
+        calls_per_window(&lock(&self.shared.log), self.shared.limits.default_window)
     }
 
     /// Zeroes every counter and empties the call log. Upstream state is kept: spent codes,
-    /// quota counts and queued faults stay as they are.
+    /// the counts of the limits (windows, days, clears) and queued faults stay as they are.
     pub fn reset_counters(&self) {
         let counters = &self.shared.counters;
         counters.connections.store(0, Ordering::Relaxed);
@@ -224,6 +331,7 @@ impl StandIn {
         counters.by_code.clear();
         counters.by_errcode.clear();
         counters.token_fetches.clear();
+        counters.quota_queries.clear();
         counters.by_fault.clear();
         lock(&self.shared.log).clear();
     }
@@ -366,14 +474,10 @@ async fn handle(
             Answer::Reset
         }
     };
-    // A platform's token fetch names its platform only.
-    let appid = params.and_then(|params| {
-        params.appid.as_deref().or(params
-            .component_appid
-            .as_deref()
-            .filter(|_| route.is_component_token()))
-    });
-    shared.record(at, path, appid, answer.errcode());
+    let appid = params
+        .filter(|_| shared.record_calls)
+        .and_then(|params| shared.logged_appid(route, params));
+    shared.record(at, path, appid.as_deref(), answer.errcode());
 
     let wait = shared.latency().saturating_add(extra_delay);
     if !wait.is_zero() {
@@ -383,19 +487,29 @@ async fn handle(
     answer.into_response().await
 }
 
-/// The answer of [`STATS_PATH`]: counters and calls per window as JSON.
+/// The answer of [`STATS_PATH`]: counters, limits and calls per window as JSON.
 fn stats(shared: &Shared, now: SystemTime) -> Response<Full<Bytes>> {
-    let quota = shared.quota.load(Ordering::Relaxed);
+    let limits = &shared.limits;
+    let (day, day_offset) = limits.day();
     let stats = Stats {
         now_unix_ms: unix_ms(now),
-        window_ms: u64::try_from(shared.window.as_millis()).unwrap_or(u64::MAX),
-        quota_per_window: (quota != UNLIMITED).then_some(quota),
+        window_ms: millis(limits.default_window),
+        quota_per_window: limits.default_rate(),
+        api_limits: limits.configured(),
+        user_rate_limit: limits.user_rate_limit(),
+        day_ms: millis(day),
+        day_offset_ms: millis(day_offset),
+        daily_used: limits.used_today(now, |path| Route::of(path).default_limited()),
         total_calls: shared.counters.total.load(Ordering::Relaxed),
         answers: read_all(&shared.counters.by_errcode),
         faults: read_all(&shared.counters.by_fault),
         record_calls: shared.record_calls,
-        windows: calls_per_window(&lock(&shared.log), shared.window),
+        windows: calls_per_window(&lock(&shared.log), limits.default_window),
     };
     let body = serde_json::to_string(&stats).expect("the stats serialize");
     json_response(body)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -10,6 +10,9 @@
 //!   `expires_in` is the time that remains. With `force_refresh: true` it mints a new token and
 //!   the previous one stops working at once; a forced call less than 30 s after the previous
 //!   forced one returns the current token instead ("否则不会刷新").
+//! - `/cgi-bin/component/api_authorizer_token` mints an `authorizer_access_token`: a
+//!   platform's token for calling an account's APIs on its behalf, retired like
+//!   `/cgi-bin/token`'s. Calls made with it count against the API's `component_rate_limit`.
 //! - A token presented to a checked API (see [`crate::CHECKED_API_PATH`] and the component
 //!   code exchange) is answered 40001 when unknown or replaced, 42001 when expired.
 //!
@@ -39,6 +42,14 @@ pub(crate) enum TokenKind {
     Token,
     Stable,
     Component,
+    /// A platform's token for one account (`authorizer_access_token`).
+    Authorizer,
+}
+
+impl TokenKind {
+    /// The tokens an account's API takes as `access_token`.
+    pub(crate) const ACCESS: [TokenKind; 3] =
+        [TokenKind::Token, TokenKind::Stable, TokenKind::Authorizer];
 }
 
 /// A token handed out: `(token, expires_in)`.
@@ -157,23 +168,52 @@ impl Tokens {
         now: SystemTime,
     ) -> Result<(), i64> {
         let state = lock(&self.state);
-        let minted = state.minted.get(token).filter(|minted| {
-            kinds.contains(&minted.kind) && appid.is_none_or(|appid| minted.appid == appid)
-        });
-        let Some(minted) = minted else {
-            return Err(40001);
-        };
-        if minted
-            .invalid_from
-            .is_some_and(|from| now >= from && from < minted.expires_at)
-        {
-            return Err(40001);
-        }
-        if now >= minted.expires_at {
-            return Err(42001);
-        }
-        Ok(())
+        let minted = state
+            .minted
+            .get(token)
+            .filter(|minted| appid.is_none_or(|appid| minted.appid == appid));
+        works(minted, kinds, now).map(|_| ())
     }
+
+    /// Whose `token` is, if it was minted by one of `kinds` and works at `now`: its kind and
+    /// appid (`component_appid` for a platform's own token); errors as [`Tokens::check`].
+    pub(crate) fn owner(
+        &self,
+        token: &str,
+        kinds: &[TokenKind],
+        now: SystemTime,
+    ) -> Result<(TokenKind, String), i64> {
+        let state = lock(&self.state);
+        works(state.minted.get(token), kinds, now).map(|minted| (minted.kind, minted.appid.clone()))
+    }
+
+    /// The appid `token` was minted for, whether or not it still works: what the call log
+    /// names for a call that presented it.
+    pub(crate) fn minted_for(&self, token: &str) -> Option<String> {
+        let state = lock(&self.state);
+        state.minted.get(token).map(|minted| minted.appid.clone())
+    }
+}
+
+/// `minted` if it is one of `kinds` and works at `now`.
+fn works<'m>(
+    minted: Option<&'m Minted>,
+    kinds: &[TokenKind],
+    now: SystemTime,
+) -> Result<&'m Minted, i64> {
+    let Some(minted) = minted.filter(|minted| kinds.contains(&minted.kind)) else {
+        return Err(40001);
+    };
+    if minted
+        .invalid_from
+        .is_some_and(|from| now >= from && from < minted.expires_at)
+    {
+        return Err(40001);
+    }
+    if now >= minted.expires_at {
+        return Err(42001);
+    }
+    Ok(minted)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The `wxgate-stand-in` binary: it serves on the port it says, enforces the quota it was
-//! given, injects the faults it was given, and its stats page counts the calls per window
+//! The `wxgate-stand-in` binary: it serves on the port it says, enforces the quota and the
+//! limits it was given, injects the faults it was given, and its stats page counts the calls per window
 //! and the faults; a bad command line exits 64.
 
 use std::io::{BufRead, BufReader};
@@ -101,6 +101,42 @@ async fn serves_the_quota_it_was_given_and_counts_calls_per_window() {
         // All in one window: two executed, the third over the quota.
         assert_eq!(errcodes, [0, 0, 45011]);
     }
+}
+
+#[tokio::test]
+async fn serves_the_daily_and_per_api_limits_it_was_given() {
+    let running = Running::start(&[
+        "--daily-limit",
+        &format!("{JSCODE2SESSION_PATH}@{DEFAULT_APPID}=1"),
+        "--rate-limit=/wxa/business=20/3",
+        "--user-rate-limit=off",
+        "--day-secs",
+        "86400",
+    ]);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut errcodes = Vec::new();
+    for code in ["day-1", "day-2"] {
+        let url = format!(
+            "{}{JSCODE2SESSION_PATH}?appid={DEFAULT_APPID}&secret={DEFAULT_APP_SECRET}&js_code={code}&grant_type=authorization_code",
+            running.base_url
+        );
+        let body = get_json(&client, &url).await;
+        errcodes.push(body["errcode"].as_i64().unwrap_or(0));
+    }
+    // A day is 86,400 s: both calls fall in one unless they straddle midnight UTC+8, when
+    // the second is served too.
+    assert!(errcodes == [0, 45009] || errcodes == [0, 0], "{errcodes:?}");
+
+    let stats = get_json(&client, &format!("{}{STATS_PATH}", running.base_url)).await;
+    assert_eq!(stats["day_ms"], 86_400_000, "{stats}");
+    assert_eq!(stats["user_rate_limit"], Value::Null, "{stats}");
+    let limits = stats["api_limits"].as_array().expect("api_limits");
+    assert_eq!(limits.len(), 2, "{stats}");
+    assert_eq!(limits[0]["path"], JSCODE2SESSION_PATH);
+    assert_eq!(limits[0]["appid"], DEFAULT_APPID);
+    assert_eq!(limits[0]["daily_limit"], 1);
+    assert_eq!(limits[1]["rate_limit"]["call_count"], 20);
+    assert_eq!(limits[1]["rate_limit"]["refresh_second"], 3);
 }
 
 #[tokio::test]

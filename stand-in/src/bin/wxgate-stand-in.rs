@@ -1,6 +1,7 @@
 //! `wxgate-stand-in`: the stand-in for `api.weixin.qq.com` as a process of its own, for
 //! scripts that run wxgate as a binary (`deploy/cluster-demo.sh`, `benches/load/soak.sh`): a
-//! quota over a short window, a latency, faults drawn at random, and the calls per window on
+//! quota over a short window, per-API rate and daily limits, the per-user limit of code
+//! exchanges, a latency, faults drawn at random, and the calls per window on
 //! `GET /__stand_in/stats`.
 //!
 //! It prints `listening on ADDR` once its port is bound, then serves until it is killed (it
@@ -16,20 +17,35 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use wxgate_stand_in::{
-    FaultMix, StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET, STATS_PATH,
+    ApiLimits, FaultMix, RateLimit, StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET,
+    STATS_PATH,
 };
 
 const USAGE: &str = "\
 usage: wxgate-stand-in [--listen ADDR] [--quota-per-window N] [--window-secs S]
+                       [--rate-limit KEY=N/S]... [--component-rate-limit KEY=N/S]...
+                       [--daily-limit KEY=N]... [--user-rate-limit N/S|off] [--day-secs S]
                        [--latency-ms MS] [--faults MIX] [--no-call-log]
 
-Serves a stand-in for api.weixin.qq.com (single-use codes, a per-(appid, API) quota over
-windows aligned to the epoch, WeChat's errcodes) and, on GET /__stand_in/stats, the calls it
-received per window as JSON.
+Serves a stand-in for api.weixin.qq.com (single-use codes, per-(appid, API) rate and daily
+limits over windows and days aligned to the epoch, quota/get and clear_quota, WeChat's
+errcodes) and, on GET /__stand_in/stats, its limits and the calls it received per window as
+JSON.
 
   --listen ADDR           address to bind (default 127.0.0.1:0: a free loopback port)
-  --quota-per-window N    calls per (appid, API) and window before 45011 (default: unlimited)
+  --quota-per-window N    calls per (appid, API) and window before 45011, for the code
+                          exchanges and token fetches (default: unlimited)
   --window-secs S         quota window in seconds, may be fractional (default 60)
+  --rate-limit KEY=N/S    N calls per S seconds for the API of KEY: PATH for every appid, or
+                          PATH@APPID for one; a path otherwise echoed then checks its
+                          access_token and is counted (repeatable)
+  --component-rate-limit KEY=N/S
+                          the same, for calls a platform makes on the account's behalf
+  --daily-limit KEY=N     N calls a day before 45009 (repeatable)
+  --user-rate-limit N/S   each WeChat user's code exchanges (codes u<user>_...); off: none
+                          (default 100/60)
+  --day-secs S            length of the day of the daily limits, ending at midnight UTC+8
+                          (default 86400)
   --latency-ms MS         added before every answer (default 0)
   --faults MIX            faults drawn at random, each call on its own: NAME=FRACTION,...
                           with NAME busy (-1), minute-quota (45011), daily-quota (45009),
@@ -82,9 +98,11 @@ async fn serve(args: &Args) -> std::io::Result<Infallible> {
     let _ = writeln!(
         std::io::stdout().lock(),
         "listening on {}\napp {DEFAULT_APPID} (secret {DEFAULT_APP_SECRET}); quota {quota} per \
-         (appid, API) and {:?} window; latency {:?}; faults {}; stats on {}{STATS_PATH}",
+         (appid, API) and {:?} window; {} API limits; latency {:?}; faults {}; stats on \
+         {}{STATS_PATH}",
         stand_in.addr(),
         args.window,
+        args.api_limits.len(),
         args.latency,
         args.faults,
         stand_in.base_url()
@@ -99,6 +117,9 @@ struct Args {
     listen: SocketAddr,
     quota_per_window: Option<u32>,
     window: Duration,
+    api_limits: Vec<ApiLimits>,
+    user_rate_limit: Option<RateLimit>,
+    day: Duration,
     latency: Duration,
     faults: FaultMix,
     record_calls: bool,
@@ -111,6 +132,9 @@ impl Args {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             quota_per_window: None,
             window: Duration::from_secs(60),
+            api_limits: Vec::new(),
+            user_rate_limit: StandInConfig::default().user_rate_limit,
+            day: Duration::from_secs(86_400),
             latency: Duration::ZERO,
             faults: FaultMix::default(),
             record_calls: true,
@@ -153,6 +177,31 @@ impl Args {
                             format!("--window-secs: {text:?} is not a number of seconds above 0")
                         })?;
                 }
+                "--rate-limit" | "--component-rate-limit" | "--daily-limit" => {
+                    let text = value(&name)?;
+                    parsed.add_api_limit(&name, &text)?;
+                }
+                "--user-rate-limit" => {
+                    let text = value("--user-rate-limit")?;
+                    parsed.user_rate_limit = match text.as_str() {
+                        "off" => None,
+                        _ => Some(
+                            text.parse()
+                                .map_err(|problem| format!("--user-rate-limit: {problem}"))?,
+                        ),
+                    };
+                }
+                "--day-secs" => {
+                    let text = value("--day-secs")?;
+                    parsed.day = text
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|secs| *secs > 0.0)
+                        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                        .ok_or_else(|| {
+                            format!("--day-secs: {text:?} is not a number of seconds above 0")
+                        })?;
+                }
                 "--latency-ms" => {
                     let text = value("--latency-ms")?;
                     let millis = text.parse::<u64>().map_err(|_| {
@@ -173,10 +222,59 @@ impl Args {
         Ok(Some(parsed))
     }
 
+    /// One `--rate-limit`, `--component-rate-limit` or `--daily-limit` (`flag`) with its
+    /// `KEY=VALUE`, merged into the entry of its key.
+    fn add_api_limit(&mut self, flag: &str, text: &str) -> Result<(), String> {
+        let (key, figure) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{flag}: {text:?} is not KEY=VALUE"))?;
+        let (path, appid) = match key.split_once('@') {
+            Some((path, appid)) => (path, Some(appid.to_owned())),
+            None => (key, None),
+        };
+        if !path.starts_with('/') || appid.as_deref() == Some("") {
+            return Err(format!("{flag}: {key:?} is not PATH or PATH@APPID"));
+        }
+        let index = match self
+            .api_limits
+            .iter()
+            .position(|entry| entry.path == path && entry.appid == appid)
+        {
+            Some(index) => index,
+            None => {
+                self.api_limits.push(ApiLimits {
+                    appid,
+                    ..ApiLimits::new(path)
+                });
+                self.api_limits.len() - 1
+            }
+        };
+        let entry = &mut self.api_limits[index];
+        let rate = || {
+            figure
+                .parse::<RateLimit>()
+                .map_err(|problem| format!("{flag}: {problem}"))
+        };
+        match flag {
+            "--rate-limit" => entry.rate_limit = Some(rate()?),
+            "--component-rate-limit" => entry.component_rate_limit = Some(rate()?),
+            _ => {
+                let limit = figure
+                    .parse::<u64>()
+                    .map_err(|_| format!("{flag}: {figure:?} is not a whole number of calls"))?;
+                entry.daily_limit = Some(limit);
+            }
+        }
+        Ok(())
+    }
+
     fn config(&self) -> StandInConfig {
         StandInConfig {
             quota_per_window: self.quota_per_window,
             window: self.window,
+            api_limits: self.api_limits.clone(),
+            user_rate_limit: self.user_rate_limit,
+            day: self.day,
             latency: self.latency,
             random_faults: self.faults.clone(),
             record_calls: self.record_calls,
@@ -200,6 +298,12 @@ mod tests {
         assert_eq!(args.listen, SocketAddr::from(([127, 0, 0, 1], 0)));
         assert_eq!(args.quota_per_window, None);
         assert_eq!(args.window, Duration::from_secs(60));
+        assert!(args.api_limits.is_empty());
+        assert_eq!(
+            args.user_rate_limit,
+            Some(RateLimit::new(100, Duration::from_secs(60)))
+        );
+        assert_eq!(args.day, Duration::from_secs(86_400));
         assert_eq!(args.latency, Duration::ZERO);
         assert!(args.faults.is_empty());
         assert!(args.record_calls);
@@ -213,6 +317,14 @@ mod tests {
             "--quota-per-window=40",
             "--window-secs",
             "0.5",
+            "--rate-limit",
+            "/wxa/a=20/3",
+            "--daily-limit=/wxa/a=1000",
+            "--component-rate-limit",
+            "/wxa/a@wx1=5/1",
+            "--user-rate-limit=off",
+            "--day-secs",
+            "120",
             "--latency-ms=20",
             "--faults",
             "busy=0.25,delay:1500=0.5",
@@ -226,6 +338,16 @@ mod tests {
                 listen: SocketAddr::from(([127, 0, 0, 1], 18081)),
                 quota_per_window: Some(40),
                 window: Duration::from_millis(500),
+                api_limits: vec![
+                    ApiLimits::new("/wxa/a")
+                        .with_rate_limit(RateLimit::new(20, Duration::from_secs(3)))
+                        .with_daily_limit(1000),
+                    ApiLimits::new("/wxa/a")
+                        .for_appid("wx1")
+                        .with_component_rate_limit(RateLimit::new(5, Duration::from_secs(1))),
+                ],
+                user_rate_limit: None,
+                day: Duration::from_secs(120),
                 latency: Duration::from_millis(20),
                 faults: FaultMix::new([
                     (Fault::Busy, 0.25),
@@ -254,6 +376,14 @@ mod tests {
             (&["--faults", "busy=0.6,reset=0.6"], "more than 1"),
             (&["--faults", "slow=0.1"], "not a fault"),
             (&["--faults", "delay:soon=0.1"], "milliseconds"),
+            (&["--rate-limit", "/wxa/a"], "KEY=VALUE"),
+            (&["--rate-limit", "wxa/a=1/1"], "PATH or PATH@APPID"),
+            (&["--rate-limit", "/wxa/a@=1/1"], "PATH or PATH@APPID"),
+            (&["--rate-limit", "/wxa/a=20"], "CALLS/SECONDS"),
+            (&["--component-rate-limit", "/wxa/a=1/0"], "above 0"),
+            (&["--daily-limit", "/wxa/a=many"], "whole number"),
+            (&["--user-rate-limit", "100"], "CALLS/SECONDS"),
+            (&["--day-secs", "0"], "above 0"),
             (&["--no-call-log=yes"], "unknown argument"),
             (&["--quota", "3"], "unknown argument"),
             (&["serve"], "unknown argument"),

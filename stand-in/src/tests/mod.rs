@@ -1,8 +1,12 @@
 //! The stand-in's own tests, over loopback with reqwest as the client: the shared harness
-//! here, WeChat's endpoints in `wechat.rs`, tokens in `tokens.rs`, faults, the echo and the
-//! server in `serving.rs`, HTTPS (with a rustls client) in `https.rs`.
+//! here, WeChat's endpoints in `wechat.rs`, tokens in `tokens.rs`, limits (rate, daily,
+//! per-user, on an account's behalf; arrival spans) in `limits.rs`, quota/get and
+//! `clear_quota` in `openapi.rs`, faults, the echo and the server in `serving.rs`, HTTPS
+//! (with a rustls client) in `https.rs`.
 
 mod https;
+mod limits;
+mod openapi;
 mod serving;
 mod tokens;
 mod wechat;
@@ -16,8 +20,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::{
-    duration_nanos, StandIn, StandInConfig, COMPONENT_JSCODE2SESSION_PATH, DEFAULT_APPID,
-    DEFAULT_APP_SECRET, DEFAULT_COMPONENT_APPID, JSCODE2SESSION_PATH, JSON_CONTENT_TYPE,
+    duration_nanos, StandIn, StandInConfig, AUTHORIZER_TOKEN_PATH, CHECKED_API_PATH,
+    COMPONENT_JSCODE2SESSION_PATH, DEFAULT_APPID, DEFAULT_APP_SECRET,
+    DEFAULT_COMPONENT_ACCESS_TOKEN, DEFAULT_COMPONENT_APPID, JSCODE2SESSION_PATH,
+    JSON_CONTENT_TYPE, TOKEN_PATH,
 };
 
 /// A stand-in and a client that talks to it over loopback.
@@ -112,6 +118,56 @@ impl Harness {
             .await
     }
 
+    /// A POST with `body` as its JSON.
+    async fn post(&self, path_and_query: &str, body: &Value) -> Reply {
+        let url = format!("{}{path_and_query}", self.upstream.base_url());
+        self.send(self.client.post(url).body(body.to_string()))
+            .await
+    }
+
+    async fn post_json(&self, path: &str, body: Value) -> Value {
+        self.post(path, &body).await.json()
+    }
+
+    /// A fresh access token of [`DEFAULT_APPID`] from `/cgi-bin/token`.
+    async fn token(&self) -> String {
+        let query = query(&[
+            ("grant_type", "client_credential"),
+            ("appid", DEFAULT_APPID),
+            ("secret", DEFAULT_APP_SECRET),
+        ]);
+        let reply = self.get(&format!("{TOKEN_PATH}?{query}")).await;
+        reply.json()["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// The checked API with `token`: its errcode (0 for success).
+    async fn use_token(&self, token: &str) -> i64 {
+        let reply = self
+            .get(&format!(
+                "{CHECKED_API_PATH}?{}",
+                query(&[("access_token", token)])
+            ))
+            .await;
+        reply.errcode().unwrap_or(0)
+    }
+
+    /// An `authorizer_access_token` of [`DEFAULT_COMPONENT_APPID`] for [`DEFAULT_APPID`].
+    async fn authorizer_token(&self) -> String {
+        let body = serde_json::json!({
+            "component_appid": DEFAULT_COMPONENT_APPID,
+            "authorizer_appid": DEFAULT_APPID,
+            "authorizer_refresh_token": "refresh-a1",
+        });
+        let path = format!(
+            "{AUTHORIZER_TOKEN_PATH}?component_access_token={DEFAULT_COMPONENT_ACCESS_TOKEN}"
+        );
+        let reply = self.post_json(&path, body).await;
+        reply["authorizer_access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{reply}"))
+            .to_owned()
+    }
+
     async fn component_exchange(&self, appid: &str, token: &str, js_code: &str) -> Reply {
         let query = query(&[
             ("appid", appid),
@@ -166,15 +222,21 @@ fn advance_clock(upstream: &StandIn, by: Duration) {
 /// Moves the stand-in's clock to one second after the start of its next window, so a few
 /// quick calls cannot straddle a window boundary.
 fn align_clock_to_window(upstream: &StandIn) {
-    let window = upstream.shared.window.as_nanos();
+    align_clock(upstream, upstream.shared.limits.default_window);
+}
+
+/// Moves the stand-in's clock to one second after the start of the next aligned `period`
+/// (a window, or a day whose offset is a multiple of it).
+fn align_clock(upstream: &StandIn, period: Duration) {
+    let period = period.as_nanos();
     let now = upstream
         .shared
         .now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_nanos();
-    let to_next_window = window - now % window;
-    let skew = to_next_window + Duration::from_secs(1).as_nanos();
+    let to_next = period - now % period;
+    let skew = to_next + Duration::from_secs(1).as_nanos();
     advance_clock(upstream, Duration::from_nanos(skew as u64));
 }
 

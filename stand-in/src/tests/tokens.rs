@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{advance_clock, query, Harness};
+use super::{advance_clock, Harness};
 use crate::{
     StandInConfig, CHECKED_API_PATH, COMPONENT_TOKEN_PATH, DEFAULT_APPID, DEFAULT_APP_SECRET,
     DEFAULT_COMPONENT_APPID, DEFAULT_COMPONENT_APPSECRET, STABLE_TOKEN_PATH, TOKEN_PATH,
@@ -14,36 +14,6 @@ fn short_lived() -> StandInConfig {
         token_lifetime: Duration::from_secs(100),
         token_overlap: Duration::from_secs(10),
         ..StandInConfig::default()
-    }
-}
-
-impl Harness {
-    async fn token(&self) -> String {
-        let query = query(&[
-            ("grant_type", "client_credential"),
-            ("appid", DEFAULT_APPID),
-            ("secret", DEFAULT_APP_SECRET),
-        ]);
-        let reply = self.get(&format!("{TOKEN_PATH}?{query}")).await;
-        reply.json()["access_token"].as_str().unwrap().to_owned()
-    }
-
-    /// The checked API with `token`: its errcode (0 for success).
-    async fn use_token(&self, token: &str) -> i64 {
-        let reply = self
-            .get(&format!(
-                "{CHECKED_API_PATH}?{}",
-                query(&[("access_token", token)])
-            ))
-            .await;
-        reply.errcode().unwrap_or(0)
-    }
-
-    async fn post_json(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
-        let url = format!("{}{path}", self.upstream.base_url());
-        self.send(self.client.post(url).body(body.to_string()))
-            .await
-            .json()
     }
 }
 

@@ -216,7 +216,7 @@ async fn quota_starts_over_in_the_next_aligned_window() {
 
     h.exchange("code-w1").await.assert_session();
     h.exchange("code-w2").await.assert_error(45011);
-    advance_clock(&h.upstream, h.upstream.shared.window);
+    advance_clock(&h.upstream, h.upstream.shared.limits.default_window);
     h.exchange("code-w2").await.assert_session();
 
     // Two calls arrived in the first window (one refused), one in the second.
@@ -238,7 +238,7 @@ async fn calls_per_window_and_the_stats_page_count_what_each_window_received() {
     h.exchange("code-s1").await.assert_session();
     h.exchange("code-s2").await.assert_error(45011);
     h.get("/echo?appid=wx-echo").await;
-    advance_clock(&h.upstream, h.upstream.shared.window);
+    advance_clock(&h.upstream, h.upstream.shared.limits.default_window);
     h.exchange("code-s2").await.assert_session();
 
     let windows = h.upstream.calls_per_window();
@@ -262,7 +262,7 @@ async fn calls_per_window_and_the_stats_page_count_what_each_window_received() {
             (Some(DEFAULT_APPID), JSCODE2SESSION_PATH, 1, 0),
         ]
     );
-    let window_ms = h.upstream.shared.window.as_millis() as u64;
+    let window_ms = h.upstream.shared.limits.default_window.as_millis() as u64;
     assert_eq!(windows[0].start_unix_ms % window_ms, 0);
     assert_eq!(windows[0].start_unix_ms, windows[1].start_unix_ms);
     assert_eq!(
