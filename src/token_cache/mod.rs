@@ -27,7 +27,8 @@
 //! # Layout
 //! - this file: [`TokenCache`], the request path (decide, then serve, join or start a fetch)
 //!   and the slots it keeps per key;
-//! - `fetch.rs`: one fetch, in a task of its own, and how its result settles in the cache;
+//! - `fetch.rs`: one fetch, in a task of its own, the flight its callers wait on, and how
+//!   its result settles in the cache;
 //! - `shared.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
 //! - `policy.rs`: the decisions, as pure functions;
 //! - `request.rs`: reading a token fetch, and the request of a background refresh;
