@@ -24,7 +24,9 @@
 //!
 //! Keys are `{key_prefix}{kind}:{fingerprint}`, fingerprints keyed with the cluster secret
 //! ([`sealing`]), so nothing in a key names an appid, a credential or a code; values are
-//! sealed.
+//! sealed, or carry a MAC, or are bounded by what a replica writes: whatever is read back is
+//! untrusted input, and a value no replica wrote is reported ([`Cluster::forged`]) and costs
+//! no more than losing Redis.
 //!
 //! - [`scripts`]: every Lua script, what it is given and its reply type.
 //! - [`sealing`]: keyed fingerprints and sealed values.
@@ -42,7 +44,7 @@ pub mod sealing;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -70,8 +72,13 @@ pub struct Cluster {
     /// The quota window: replicas resume shared counting at one of its boundaries.
     window: Duration,
     sealing: Sealing,
-    /// This replica's random id in the heartbeat set.
+    /// This replica's random id in its heartbeats.
     replica: String,
+    /// Its last heartbeat in the set (replaced by the next one, removed when it stops).
+    last_heartbeat: Mutex<String>,
+    /// Redis's clock (ms since the epoch) by the last heartbeat, and when that was: what
+    /// the next heartbeat is dated by.
+    redis_clock: Mutex<Option<(u64, Instant)>>,
     /// A fingerprint of the cluster secret: replicas whose checks differ do not share.
     secret_check: String,
     /// The epoch this replica counts under (see [`scripts`]); empty until the first
@@ -86,6 +93,9 @@ pub struct Cluster {
     resume_at_boundary: AtomicBool,
     /// Pub/sub messages for this replica's waiting code exchanges.
     notices: Arc<Notices>,
+    /// The operations ([`RedisOp::index`] as a bit) whose forged values were logged already:
+    /// a forged value is counted every time, logged once per operation.
+    forged_logged: AtomicU32,
     /// Redis's push messages, until [`Cluster::start`] hands them to the router.
     pushes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
     metrics: ClusterMetrics,
@@ -184,6 +194,8 @@ impl Cluster {
             secret_check: sealing.fingerprint("secret check", &[]),
             sealing,
             replica: owner_id(),
+            last_heartbeat: Mutex::new(String::new()),
+            redis_clock: Mutex::new(None),
             epoch: Mutex::new(String::new()),
             mode: watch::Sender::new(ReplicaMode::Degraded {
                 since: Instant::now(),
@@ -191,6 +203,7 @@ impl Cluster {
             replicas: AtomicU32::new(1),
             resume_at_boundary: AtomicBool::new(false),
             notices: Arc::default(),
+            forged_logged: AtomicU32::new(0),
             pushes: Mutex::new(Some(pushes)),
             metrics,
         })
@@ -213,11 +226,30 @@ impl Cluster {
                 invocation.invoke_async(&mut connection).await
             })
             .await?;
+        if let Some(what) = S::forged(&raw) {
+            self.forged(S::OP, what);
+        }
         let reply = script.decode(raw);
         if S::epoch_lost(&reply) {
             self.lost_data(S::OP);
         }
         Some(reply)
+    }
+
+    /// A value read from Redis that no replica wrote (see the threat model in
+    /// `docs/replicas.md`): counted in `wxgate_redis_errors_total{kind="forged"}` every time,
+    /// logged the first time for each operation. The caller goes on as if the value were not
+    /// there, which costs no more than losing Redis.
+    pub fn forged(&self, op: RedisOp, what: &str) {
+        self.metrics.error(op, RedisErrorKind::Forged);
+        let bit = 1 << op.index();
+        if self.forged_logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                op = op.label(),
+                value = what,
+                "a value in Redis was not written by a replica (forged, or written by hand): ignored and replaced; logged once, counted in wxgate_redis_errors_total{{kind=\"forged\"}}"
+            );
+        }
     }
 
     /// The Redis key of `kind` for `fingerprint`.

@@ -2,10 +2,19 @@
 //! them: the heartbeat (and, while degraded, the probe) that learns the epoch and the live
 //! replicas, a failure or a lost epoch that degrades, and the resumption agreed in Redis at
 //! a window boundary (see the module documentation of [`crate::cluster`]).
+//!
+//! # Heartbeats
+//! A heartbeat is `{replica id}.{time}.{MAC}`: the time is Redis's clock in seconds (as the
+//! replica last learned it, moved on by its own monotonic clock since), the MAC is over both
+//! under the cluster secret. A replica counts the distinct replicas whose heartbeats carry a
+//! right MAC and a time no older than [`HEARTBEAT_FRESH`], itself always: a member written
+//! without the secret is not counted (and is reported as forged), and one copied from a
+//! replica that stopped counts for a few seconds at most.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -21,6 +30,15 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A heartbeat older than this no longer counts its replica as live.
 const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+
+/// A heartbeat dated further back than this (by Redis's clock) no longer counts, whatever
+/// its score in the set says: twice [`HEARTBEAT_TTL`], so that a live replica's last
+/// heartbeat, dated from the one before, always counts.
+const HEARTBEAT_FRESH: Duration = Duration::from_secs(10);
+
+/// The most heartbeats read back: beyond, the set holds members no replica wrote, and the
+/// count keeps what it knew (it never drops because of them).
+const MOST_HEARTBEATS: usize = 1024;
 
 /// Degraded replicas go back to shared counting at a window boundary at least this far
 /// away, so that every replica (probing every [`PROBE_INTERVAL`]) has seen Redis by then.
@@ -122,7 +140,7 @@ impl Cluster {
         let key = self.named("replicas");
         let mut connection = self.connection.clone();
         let mut leave = redis::cmd("ZREM");
-        leave.arg(&key).arg(&self.replica);
+        leave.arg(&key).arg(self.last_heartbeat.lock().clone());
         let _ = tokio::time::timeout(self.timeout, leave.exec_async(&mut connection)).await;
     }
 
@@ -130,17 +148,21 @@ impl Cluster {
     /// moves between modes.
     async fn heartbeat(&self) {
         let fresh_epoch = owner_id();
+        let member = self.heartbeat_member();
+        let previous = std::mem::replace(&mut *self.last_heartbeat.lock(), member.clone());
         let heartbeat = Heartbeat {
-            replica: &self.replica,
+            member: &member,
+            previous: &previous,
             ttl: HEARTBEAT_TTL,
             fresh_epoch: &fresh_epoch,
             secret_check: &self.secret_check,
+            most: MOST_HEARTBEATS,
         };
         let Some(reply) = self.eval(&heartbeat).await else {
             return;
         };
-        let (epoch, replicas) = (reply.epoch, reply.replicas);
-        let Some(replicas) = replicas else {
+        *self.redis_clock.lock() = Some((reply.now_ms, Instant::now()));
+        let Some(members) = reply.members else {
             // Another cluster secret: sharing would mix counts this replica cannot read.
             self.metrics
                 .error(RedisOp::Heartbeat, RedisErrorKind::Secret);
@@ -150,8 +172,14 @@ impl Cluster {
             );
             return;
         };
-        self.replicas.store(replicas.max(1), Ordering::Relaxed);
-        self.metrics.replicas.set(i64::from(replicas.max(1)));
+        let mut replicas = self.count_live(&members, reply.now_ms);
+        if reply.held > members.len() as u64 {
+            // Members were left out: the ones read do not tell how many replicas live.
+            replicas = replicas.max(self.replicas());
+        }
+        self.replicas.store(replicas, Ordering::Relaxed);
+        self.metrics.replicas.set(i64::from(replicas));
+        let epoch = reply.epoch;
         let known = std::mem::replace(&mut *self.epoch.lock(), epoch.clone());
         if !known.is_empty() && known != epoch {
             self.lost_data(RedisOp::Heartbeat);
@@ -166,6 +194,58 @@ impl Cluster {
             }
             ReplicaMode::Degraded { since } => self.resume(since).await,
         }
+    }
+
+    /// This replica's heartbeat now: its id, Redis's clock in seconds (as last learned,
+    /// moved on since; the local clock before Redis ever answered) and their MAC.
+    fn heartbeat_member(&self) -> String {
+        let now_ms = match *self.redis_clock.lock() {
+            Some((then_ms, at)) => then_ms + at.elapsed().as_millis() as u64,
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64,
+        };
+        let seconds = (now_ms / 1000).to_string();
+        let mac = self
+            .sealing
+            .mac("heartbeat", &[self.replica.as_bytes(), seconds.as_bytes()]);
+        format!("{}.{seconds}.{mac}", self.replica)
+    }
+
+    /// The replicas whose heartbeats in `members` carry a right MAC and are fresh by Redis's
+    /// clock (`now_ms`), this one included. Members with a wrong MAC are reported as forged.
+    fn count_live(&self, members: &[String], now_ms: u64) -> u32 {
+        let now = now_ms / 1000;
+        let mut live = HashSet::from([self.replica.as_str()]);
+        let mut forged = 0;
+        for member in members {
+            let mut parts = member.splitn(3, '.');
+            let (Some(replica), Some(seconds), Some(mac)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                forged += 1;
+                continue;
+            };
+            let fields = [replica.as_bytes(), seconds.as_bytes()];
+            if !self.sealing.verify("heartbeat", &fields, mac.as_bytes()) {
+                forged += 1;
+                continue;
+            }
+            let fresh = seconds.parse::<u64>().is_ok_and(|at| {
+                at <= now + 1 && now.saturating_sub(at) <= HEARTBEAT_FRESH.as_secs()
+            });
+            if fresh {
+                live.insert(replica);
+            }
+        }
+        if forged > 0 {
+            self.forged(
+                RedisOp::Heartbeat,
+                "heartbeats without the cluster secret's MAC",
+            );
+        }
+        live.len() as u32
     }
 
     /// Agrees with the other replicas on when to count in Redis again.

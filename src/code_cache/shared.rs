@@ -40,7 +40,7 @@ use crate::answer::{Answer, LocalAnswer, RememberedAnswer};
 use crate::cluster::scripts::{
     ClaimCode, ClaimReply, CompleteClaim, PeekCode, PeekReply, RenewClaim,
 };
-use crate::cluster::{owner_id, Cluster};
+use crate::cluster::{owner_id, Cluster, RedisOp};
 use crate::dispatch::{Call, Dispatcher};
 use crate::quota::FirstTurn;
 use crate::wechat::{Api, WechatParams, JSON_CONTENT_TYPE};
@@ -107,14 +107,16 @@ impl CodeCache {
                 self.forget_flight(key, flight);
                 (shared.wait(&fingerprint).await, CacheStatus::Coalesced)
             }
-            Some(ClaimReply::Remembered(sealed)) => match shared.open(&fingerprint, &sealed) {
-                Some(answer) => {
-                    self.metrics.lookup(Tier::Redis, CacheStatus::Hit);
-                    (self.remember(key, answer), CacheStatus::Hit)
+            Some(ClaimReply::Remembered(sealed)) => {
+                match shared.open(&fingerprint, &sealed, RedisOp::CodeClaim) {
+                    Some(answer) => {
+                        self.metrics.lookup(Tier::Redis, CacheStatus::Hit);
+                        (self.remember(key, answer), CacheStatus::Hit)
+                    }
+                    // Sealed under another secret, or tampered with: as if Redis were away.
+                    None => self.call_alone(key, flight, call, dispatcher).await,
                 }
-                // Sealed under another secret, or tampered with: as if Redis were away.
-                None => self.call_alone(key, flight, call, dispatcher).await,
-            },
+            }
             // Redis is not available: the exchange goes on as in a single process.
             None => self.call_alone(key, flight, call, dispatcher).await,
         }
@@ -242,17 +244,20 @@ impl SharedCodes {
         let answer = loop {
             // Looked at after subscribing, so a result published before is not missed.
             match self.cluster.eval(&PeekCode { fingerprint }).await {
-                Some(PeekReply::Answer(sealed)) => match self.open(fingerprint, &sealed) {
-                    Some(answer) => break Answer::Remembered(answer),
-                    None => break Answer::Local(LocalAnswer::ClaimHolderGone),
-                },
+                Some(PeekReply::Answer(sealed)) => {
+                    match self.open(fingerprint, &sealed, RedisOp::CodePeek) {
+                        Some(answer) => break Answer::Remembered(answer),
+                        None => break Answer::Local(LocalAnswer::ClaimHolderGone),
+                    }
+                }
                 Some(PeekReply::Claimed) => {}
                 Some(PeekReply::Gone) => break Answer::Local(LocalAnswer::ClaimHolderGone),
                 None => break Answer::Local(LocalAnswer::ClaimUnreachable),
             }
             tokio::select! {
                 message = listener.message() => {
-                    if let Some(answer) = message.and_then(|sealed| self.open(fingerprint, &sealed)) {
+                    let opened = message.and_then(|sealed| self.open(fingerprint, &sealed, RedisOp::Subscribe));
+                    if let Some(answer) = opened {
                         break Answer::Remembered(answer);
                     }
                 }
@@ -263,16 +268,22 @@ impl SharedCodes {
         answer
     }
 
-    /// Opens a sealed answer; one that does not open (another cluster secret, tampering) is
-    /// treated as absent, and logged without its content.
-    fn open(&self, fingerprint: &str, sealed: &[u8]) -> Option<RememberedAnswer> {
-        match self.cluster.sealing().open(fingerprint, sealed) {
-            Ok(plain) => RememberedAnswer::decode(&plain),
-            Err(error) => {
-                tracing::warn!(%error, "a shared code-exchange answer was ignored");
-                None
-            }
+    /// Opens a sealed answer (read by `op`); one that does not open (tampering, another
+    /// cluster secret) is treated as absent, and reported as forged.
+    fn open(&self, fingerprint: &str, sealed: &[u8], op: RedisOp) -> Option<RememberedAnswer> {
+        let answer = self
+            .cluster
+            .sealing()
+            .open(fingerprint, sealed)
+            .ok()
+            .and_then(|plain| RememberedAnswer::decode(&plain));
+        if answer.is_none() {
+            self.cluster.forged(
+                op,
+                "a code-exchange answer that does not open under this fingerprint",
+            );
         }
+        answer
     }
 }
 

@@ -99,6 +99,7 @@ impl SharedQuota {
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
+            window: self.window,
         }
     }
 

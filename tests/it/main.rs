@@ -7,6 +7,7 @@ mod support;
 mod allow;
 mod binary;
 mod cluster_codes;
+mod cluster_forgery;
 mod cluster_quota;
 mod code_exchange;
 mod connections;

@@ -116,6 +116,50 @@ impl RedisServer {
         Some(line.trim_end().to_owned())
     }
 
+    /// The names of the keys matching `pattern` (`KEYS`), as an attacker lists them.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        match self.reply(&["KEYS", pattern]) {
+            Reply::Array(keys) => keys
+                .into_iter()
+                .filter_map(|key| match key {
+                    Reply::Bulk(Some(key)) => Some(String::from_utf8(key).unwrap()),
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("KEYS answered {other:?}"),
+        }
+    }
+
+    /// A string value (`GET`, `HGET`...), `None` when there is none.
+    pub fn value(&self, args: &[&str]) -> Option<String> {
+        match self.reply(args) {
+            Reply::Bulk(value) => value.map(|value| String::from_utf8_lossy(&value).into_owned()),
+            other => panic!("{args:?} answered {other:?}"),
+        }
+    }
+
+    /// Redis's own clock (`TIME`), in milliseconds since the epoch.
+    pub fn time_ms(&self) -> u64 {
+        let Reply::Array(parts) = self.reply(&["TIME"]) else {
+            panic!("TIME answered otherwise");
+        };
+        let number = |part: &Reply| match part {
+            Reply::Bulk(Some(digits)) => String::from_utf8_lossy(digits).parse::<u64>().unwrap(),
+            other => panic!("TIME answered {other:?}"),
+        };
+        number(&parts[0]) * 1000 + number(&parts[1]) / 1000
+    }
+
+    /// Runs one command; its whole answer.
+    fn reply(&self, args: &[&str]) -> Reply {
+        let mut stream = StdStream::connect(self.addr()).expect("redis answers");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&encode(args)).unwrap();
+        read_reply(&mut BufReader::new(stream))
+    }
+
     /// Every key and its value (strings as they are, other types as `TYPE` + a `DUMP`),
     /// for tests that prove nothing readable is stored.
     pub fn dump(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
