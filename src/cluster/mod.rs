@@ -85,8 +85,12 @@ pub struct Cluster {
     /// heartbeat.
     epoch: Mutex<String>,
     mode: watch::Sender<ReplicaMode>,
-    /// Live replicas by the last heartbeat Redis answered (kept while Redis is away).
+    /// Live replicas as the heartbeats agreed (kept while Redis is away; 0 before the
+    /// first): see `Cluster::replicas`.
     replicas: AtomicU32,
+    /// A count lower than `replicas` seen in shared counting, and since when: it becomes
+    /// the agreed count once it has held for a heartbeat's lifetime.
+    lower_count: Mutex<Option<(u32, Instant)>>,
     /// Whether going back to shared counting must wait for a window boundary agreed with the
     /// other replicas: this replica admitted calls on its own since it degraded, or Redis
     /// lost its counters. Otherwise (an idle replica, or one starting) it goes back at once.
@@ -200,7 +204,8 @@ impl Cluster {
             mode: watch::Sender::new(ReplicaMode::Degraded {
                 since: Instant::now(),
             }),
-            replicas: AtomicU32::new(1),
+            replicas: AtomicU32::new(0),
+            lower_count: Mutex::new(None),
             resume_at_boundary: AtomicBool::new(false),
             notices: Arc::default(),
             forged_logged: AtomicU32::new(0),

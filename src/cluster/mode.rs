@@ -85,7 +85,9 @@ impl Cluster {
         }
     }
 
-    /// Live replicas, by the last heartbeat (at least 1).
+    /// Live replicas, as the heartbeats agreed (at least 1): what a degraded replica's share
+    /// divides the quota by. It drops only after a lower count held for a while in shared
+    /// counting (see `agree_on`), never on a restart of Redis, an epoch change or an outage.
     pub fn replicas(&self) -> u32 {
         self.replicas.load(Ordering::Relaxed).max(1)
     }
@@ -172,15 +174,15 @@ impl Cluster {
             );
             return;
         };
-        let mut replicas = self.count_live(&members, reply.now_ms);
+        let mut counted = self.count_live(&members, reply.now_ms);
         if reply.held > members.len() as u64 {
             // Members were left out: the ones read do not tell how many replicas live.
-            replicas = replicas.max(self.replicas());
+            counted = counted.max(self.replicas());
         }
-        self.replicas.store(replicas, Ordering::Relaxed);
-        self.metrics.replicas.set(i64::from(replicas));
         let epoch = reply.epoch;
         let known = std::mem::replace(&mut *self.epoch.lock(), epoch.clone());
+        let settled = known == epoch && self.mode() == ReplicaMode::Shared;
+        self.agree_on(counted, settled);
         if !known.is_empty() && known != epoch {
             self.lost_data(RedisOp::Heartbeat);
         }
@@ -194,6 +196,23 @@ impl Cluster {
             }
             ReplicaMode::Degraded { since } => self.resume(since).await,
         }
+    }
+
+    /// Takes in the live replicas a heartbeat `counted`: the count shares divide by rises at
+    /// once, and drops only to a lower count that held for [`HEARTBEAT_TTL`] of heartbeats
+    /// while `settled` (shared counting, the epoch unchanged). A Redis that restarted empty,
+    /// a flushed or deleted heartbeat set, or an outage shows fewer replicas than live for
+    /// a while (each is counted again at its next heartbeat): the share a degraded replica
+    /// takes must not grow because of it.
+    fn agree_on(&self, counted: u32, settled: bool) {
+        let mut lower = self.lower_count.lock();
+        let agreed = self.replicas.load(Ordering::Relaxed);
+        let (replicas, still_lower) =
+            agreed_count(agreed, *lower, counted, settled, Instant::now());
+        *lower = still_lower;
+        self.replicas.store(replicas, Ordering::Relaxed);
+        drop(lower);
+        self.metrics.replicas.set(i64::from(replicas));
     }
 
     /// This replica's heartbeat now: its id, Redis's clock in seconds (as last learned,
@@ -314,5 +333,63 @@ impl Cluster {
                 );
             }
         }
+    }
+}
+
+/// The agreed count of live replicas after a heartbeat `counted` them (see
+/// `Cluster::agree_on`): `agreed` so far (0: none yet), `lower` a lower count seen in shared
+/// counting and since when. Returns the agreed count and the lower count still pending.
+fn agreed_count(
+    agreed: u32,
+    lower: Option<(u32, Instant)>,
+    counted: u32,
+    settled: bool,
+    now: Instant,
+) -> (u32, Option<(u32, Instant)>) {
+    if agreed == 0 || counted >= agreed {
+        return (counted, None);
+    }
+    if !settled {
+        return (agreed, None);
+    }
+    let (most, since) = lower.map_or((counted, now), |(most, since)| (most.max(counted), since));
+    if now.duration_since(since) >= HEARTBEAT_TTL {
+        (most, None)
+    } else {
+        (agreed, Some((most, since)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_count_rises_at_once_and_drops_only_after_holding_in_shared_counting() {
+        let start = Instant::now();
+        let later = |secs| start + Duration::from_secs(secs);
+        assert_eq!(
+            agreed_count(0, None, 2, false, start),
+            (2, None),
+            "the first count"
+        );
+        assert_eq!(
+            agreed_count(2, None, 3, false, start),
+            (3, None),
+            "rises at once"
+        );
+        // Redis back empty, or an epoch change, or degraded: a lower count is not taken.
+        assert_eq!(agreed_count(3, None, 1, false, start), (3, None));
+        // In shared counting: taken once it has held for a heartbeat's lifetime, at the
+        // highest it was meanwhile.
+        let (agreed, lower) = agreed_count(3, None, 1, true, start);
+        assert_eq!((agreed, lower), (3, Some((1, start))));
+        let (agreed, lower) = agreed_count(agreed, lower, 2, true, later(2));
+        assert_eq!((agreed, lower), (3, Some((2, start))));
+        assert_eq!(agreed_count(agreed, lower, 2, true, later(5)), (2, None));
+        // Back to the agreed count (a set emptied for a moment): nothing pending any more.
+        assert_eq!(agreed_count(3, lower, 3, true, later(3)), (3, None));
+        // Degraded meanwhile: the pending lower count is forgotten.
+        assert_eq!(agreed_count(3, lower, 2, false, later(6)), (3, None));
     }
 }

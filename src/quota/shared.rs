@@ -15,7 +15,8 @@
 //!
 //! # Degraded
 //! Without Redis, a replica admits at most its *share*, `per_window / live replicas` (the
-//! last count it learned), in each of WeChat's calendar windows, and nothing in the window
+//! count the heartbeats agreed on, [`Cluster::replicas`]: a Redis back empty does not lower
+//! it), in each of WeChat's calendar windows, and nothing in the window
 //! it degraded in: the shared count of that window is unknown to it, so it is taken as
 //! spent. With Redis down for every replica, each calendar window then holds at most
 //! `per_window` calls: the shared ones (before) or the shares (after), never both. Going
