@@ -505,28 +505,39 @@ impl Script for PauseBucket<'_> {
 /// Looks for a remembered answer of a code exchange, or claims the exchange, in one round
 /// trip; when the claim is won and the call's quota turn is given (keys 4 to 6), takes that
 /// turn too ([`QUOTA`]'s GCRA), so that the leader of an exchange needs no round trip of its
-/// own for its first turn.
+/// own for its first turn. A claim without expiry, or longer than twice a lease (replicas
+/// may differ in `upstream.timeout_ms`), no replica wrote: it is taken over and reported.
 ///
 /// `KEYS`: answer, claim, waiters, and optionally the quota's epoch, bucket and pause.
 /// `ARGV`: this claim's owner, lease ms, and with the quota's keys its expected epoch,
 /// interval µs, tolerance µs and window µs.
 /// Returns `{found, sealed answer, admitted, wait µs, forged}`: `{1, sealed, 0, 0, 0}`
 /// (remembered), `{2, '', admitted, wait, forged}` (claimed: call WeChat; the turn as
-/// [`QUOTA`] returns it, or `0, 0, 0` when none was asked for), or `{3, '', 0, 0, 0}`
+/// [`QUOTA`] returns it, or `0, 0` when none was asked for), or `{3, '', 0, 0, forged}`
 /// (another replica holds the claim; this one is now noted as waiting, so that the holder
 /// publishes its answer).
 const CODE_CLAIM: &str = concat!(
     gcra_turn!(),
     r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {1, answer, 0, 0, 0} end
+local forged = 0
+local answer = redis.pcall('GET', KEYS[1])
+if type(answer) == 'string' then return {1, answer, 0, 0, 0} end
+if answer then
+  redis.call('DEL', KEYS[1])
+  forged = 1
+end
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 or left > 2 * tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  forged = 1
+end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
-  return {3, '', 0, 0, 0}
+  return {3, '', 0, 0, forged}
 end
-if #KEYS < 6 then return {2, '', 0, 0, 0} end
-local admitted, wait, forged = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-return {2, '', admitted, wait, forged}
+if #KEYS < 6 then return {2, '', 0, 0, forged} end
+local admitted, wait, turn_forged = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return {2, '', admitted, wait, math.max(forged, turn_forged)}
 "
 );
 
@@ -600,29 +611,47 @@ impl Script for ClaimCode<'_> {
     }
 
     fn forged(raw: &Self::Raw) -> Option<&'static str> {
-        (raw.4 == 1).then_some(FORGED_QUOTA)
+        (raw.4 == 1).then_some("a claim, remembered answer or quota state no replica wrote")
     }
 }
 
 /// What a waiting replica finds: a remembered answer, the result its holder left for
-/// waiters, or whether the claim still stands.
+/// waiters, or whether the claim still stands. A claim without expiry, or longer than
+/// twice a lease, no replica wrote: it counts as gone (and is reported).
 ///
-/// `KEYS`: answer, claim, result. Returns `{1, sealed}` (remembered), `{4, sealed}` (the
-/// holder's result, not remembered), `{3, ''}` (still claimed), or `{0, ''}` (nothing: the
-/// holder went away).
+/// `KEYS`: answer, claim, result. `ARGV`: lease ms. Returns `{1, sealed, forged}`
+/// (remembered), `{4, sealed, forged}` (the holder's result, not remembered), `{3, '',
+/// forged}` (still claimed), or `{0, '', forged}` (nothing: the holder went away).
 const CODE_PEEK: &str = r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {1, answer} end
-local result = redis.call('GET', KEYS[3])
-if result then return {4, result} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {3, ''} end
-return {0, ''}
+local function text(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'string' then return value, 0 end
+  if value then
+    redis.call('DEL', key)
+    return false, 1
+  end
+  return false, 0
+end
+local answer, forged = text(KEYS[1])
+if answer then return {1, answer, 0} end
+local result, bad = text(KEYS[3])
+forged = math.max(forged, bad)
+if result then return {4, result, forged} end
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 or left > 2 * tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return {0, '', 1}
+end
+if left > 0 then return {3, '', forged} end
+return {0, '', forged}
 ";
 
 /// [`CODE_PEEK`].
 pub struct PeekCode<'a> {
     /// The exchange's fingerprint.
     pub fingerprint: &'a str,
+    /// A claim's lease.
+    pub lease: Duration,
 }
 
 /// What a waiting replica found.
@@ -638,7 +667,7 @@ pub enum PeekReply {
 
 impl Script for PeekCode<'_> {
     type Reply = PeekReply;
-    type Raw = (i64, Vec<u8>);
+    type Raw = (i64, Vec<u8>, i64);
     const OP: RedisOp = RedisOp::CodePeek;
 
     fn lua() -> &'static redis::Script {
@@ -649,15 +678,20 @@ impl Script for PeekCode<'_> {
         invocation
             .key(cluster.key(KeyKind::CodeAnswer, self.fingerprint))
             .key(cluster.key(KeyKind::CodeClaim, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeResult, self.fingerprint));
+            .key(cluster.key(KeyKind::CodeResult, self.fingerprint))
+            .arg(millis(self.lease));
     }
 
-    fn decode(&self, (found, sealed): Self::Raw) -> PeekReply {
+    fn decode(&self, (found, sealed, _): Self::Raw) -> PeekReply {
         match found {
             1 | 4 => PeekReply::Answer(sealed),
             3 => PeekReply::Claimed,
             _ => PeekReply::Gone,
         }
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.2 == 1).then_some("a claim or code-exchange answer no replica wrote")
     }
 }
 

@@ -18,7 +18,9 @@
 //!
 //! A code is never sent twice while a live claim holds it; when a claim vanishes without a
 //! result (its holder died and the lease ran out), the waiters answer `-1` and say so,
-//! rather than spend the code again. Values are sealed with the fingerprint as associated
+//! rather than spend the code again. A waiter waits one lease at most, whatever Redis says
+//! (a claim written or kept alive by something else than a replica ends there too), and
+//! a claim without expiry, which no replica writes, is taken over by the next claimant. Values are sealed with the fingerprint as associated
 //! data: nothing stored is readable, and an answer moved to another key does not open.
 
 use std::future::Future;
@@ -236,24 +238,34 @@ impl SharedCodes {
         let _ = self.cluster.eval(&complete).await;
     }
 
-    /// Waits for the result of the replica holding the claim.
+    /// Waits for the result of the replica holding the claim: one lease at most, whatever
+    /// Redis says (a claim kept alive by anyone else than a replica ends there too).
     async fn wait(&self, fingerprint: &str) -> Answer {
+        let deadline = Instant::now() + self.lease;
         let Some(mut listener) = self.cluster.listen(fingerprint).await else {
             return Answer::Local(LocalAnswer::ClaimUnreachable);
         };
+        let peek = PeekCode {
+            fingerprint,
+            lease: self.lease,
+        };
         let answer = loop {
             // Looked at after subscribing, so a result published before is not missed.
-            match self.cluster.eval(&PeekCode { fingerprint }).await {
+            match self.cluster.eval(&peek).await {
                 Some(PeekReply::Answer(sealed)) => {
                     match self.open(fingerprint, &sealed, RedisOp::CodePeek) {
                         Some(answer) => break Answer::Remembered(answer),
                         None => break Answer::Local(LocalAnswer::ClaimHolderGone),
                     }
                 }
+                Some(PeekReply::Claimed) if Instant::now() >= deadline => {
+                    break Answer::Local(LocalAnswer::ClaimHolderGone)
+                }
                 Some(PeekReply::Claimed) => {}
                 Some(PeekReply::Gone) => break Answer::Local(LocalAnswer::ClaimHolderGone),
                 None => break Answer::Local(LocalAnswer::ClaimUnreachable),
             }
+            let next_look = (Instant::now() + FALLBACK_LOOK).min(deadline);
             tokio::select! {
                 message = listener.message() => {
                     let opened = message.and_then(|sealed| self.open(fingerprint, &sealed, RedisOp::Subscribe));
@@ -261,7 +273,7 @@ impl SharedCodes {
                         break Answer::Remembered(answer);
                     }
                 }
-                () = tokio::time::sleep(FALLBACK_LOOK) => {}
+                () = tokio::time::sleep_until(next_look) => {}
             }
         };
         listener.close().await;

@@ -108,12 +108,7 @@ impl RedisServer {
 
     /// Runs one command; the first line of its answer (`+PONG`, `:3`, `$5`...).
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        let mut stream = StdStream::connect(self.addr()).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        stream.write_all(&encode(args)).ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).ok()?;
-        Some(line.trim_end().to_owned())
+        command(self.addr(), args)
     }
 
     /// The names of the keys matching `pattern` (`KEYS`), as an attacker lists them.
@@ -196,6 +191,16 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs one command on the Redis at `addr` (from any thread); the first line of its answer.
+pub fn command(addr: SocketAddr, args: &[&str]) -> Option<String> {
+    let mut stream = StdStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(&encode(args)).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    Some(line.trim_end().to_owned())
 }
 
 fn encode(args: &[&str]) -> Vec<u8> {
