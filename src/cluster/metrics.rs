@@ -146,17 +146,6 @@ impl RedisErrorKind {
         }
     }
 
-    /// For the log line of a degradation.
-    pub fn describe(self) -> &'static str {
-        match self {
-            RedisErrorKind::Timeout => "no answer within cluster.timeout_ms",
-            RedisErrorKind::Connection => "no connection to Redis",
-            RedisErrorKind::Answer => "Redis answered with an error",
-            RedisErrorKind::Secret => "the live replicas use another cluster secret",
-            RedisErrorKind::Forged => "a value in Redis was not written by a replica",
-        }
-    }
-
     /// Position in [`RedisErrorKind::ALL`].
     pub fn index(self) -> usize {
         self as usize

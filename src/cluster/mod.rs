@@ -29,6 +29,7 @@
 //! no more than losing Redis.
 //!
 //! - [`scripts`]: every Lua script, what it is given and its reply type.
+//! - `cause.rs`: why Redis cannot be used, for the log and `check-config --connect`.
 //! - [`sealing`]: keyed fingerprints and sealed values.
 //! - `mode.rs`: the replica's mode and how it moves: heartbeat, probe, degradation,
 //!   resumption.
@@ -36,6 +37,7 @@
 //!   ([`Cluster::listen`]).
 //! - `metrics.rs`: `wxgate_cluster_*` and `wxgate_redis_*`.
 
+mod cause;
 mod metrics;
 mod mode;
 mod notices;
@@ -54,9 +56,10 @@ use redis::RedisError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use self::cause::{try_connection, RedisCause};
 pub use self::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
 pub use self::mode::ReplicaMode;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, RedisUrl};
 use crate::metrics::Metrics;
 
 use self::notices::Notices;
@@ -66,6 +69,10 @@ use self::sealing::Sealing;
 /// A replica's connection to the shared state, and its mode.
 pub struct Cluster {
     connection: ConnectionManager,
+    /// Where Redis is, for a connection of its own that says why Redis cannot be used.
+    redis_url: RedisUrl,
+    /// How long setting a connection up may take.
+    connect_timeout: Duration,
     /// `{key_prefix}`, for every key.
     prefix: String,
     timeout: Duration,
@@ -88,6 +95,13 @@ pub struct Cluster {
     /// Live replicas as the heartbeats agreed (kept while Redis is away; 0 before the
     /// first): see `Cluster::replicas`.
     replicas: AtomicU32,
+    /// `cluster.expected_replicas`: the fewest replicas a share assumes.
+    expected_replicas: u32,
+    /// Whether this replica has counted in Redis since it started (one that never has
+    /// limits its first window by pace: see `Cluster::has_shared`).
+    has_shared: AtomicBool,
+    /// Whether the cause of the current degradation was looked into and logged.
+    diagnosed: AtomicBool,
     /// A count lower than `replicas` seen in shared counting, and since when: it becomes
     /// the agreed count once it has held for a heartbeat's lifetime.
     lower_count: Mutex<Option<(u32, Instant)>>,
@@ -176,10 +190,11 @@ impl Cluster {
         // RESP3 (set by the URL's parsing): published messages arrive as pushes on the same
         // connection, and subscriptions come back by themselves after a reconnection.
         let (push_sender, pushes) = tokio::sync::mpsc::unbounded_channel();
+        let connect_timeout = config.timeout.max(Duration::from_millis(500));
         let manager_config = ConnectionManagerConfig::new()
             .set_push_sender(push_sender)
             .set_automatic_resubscription()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
+            .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(None)
             // Reconnection backs off from 100 ms to at most 2 s: a Redis that comes back
             // is found quickly, and a dead one is not hammered.
@@ -192,6 +207,8 @@ impl Cluster {
         let sealing = Sealing::new(config.secret.expose());
         Ok(Cluster {
             connection,
+            redis_url: config.redis_url.clone(),
+            connect_timeout,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             window,
@@ -205,6 +222,9 @@ impl Cluster {
                 since: Instant::now(),
             }),
             replicas: AtomicU32::new(0),
+            expected_replicas: config.expected_replicas,
+            has_shared: AtomicBool::new(false),
+            diagnosed: AtomicBool::new(false),
             lower_count: Mutex::new(None),
             resume_at_boundary: AtomicBool::new(false),
             notices: Arc::default(),
@@ -277,13 +297,13 @@ impl Cluster {
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, operation).await;
         self.metrics.observe(op, started.elapsed().as_secs_f64());
-        let kind = match result {
+        let (kind, cause) = match result {
             Ok(Ok(value)) => return Some(value),
-            Ok(Err(error)) => RedisErrorKind::of(&error),
-            Err(_) => RedisErrorKind::Timeout,
+            Ok(Err(error)) => (RedisErrorKind::of(&error), RedisCause::of(&error)),
+            Err(_) => (RedisErrorKind::Timeout, RedisCause::Timeout),
         };
         self.metrics.error(op, kind);
-        self.degrade(op, kind.describe());
+        self.degrade(op, cause.describe());
         None
     }
 

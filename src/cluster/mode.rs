@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::cause::try_connection;
 use super::scripts::{Heartbeat, Resume};
 use super::{owner_id, Cluster, RedisErrorKind, RedisOp};
 
@@ -85,11 +86,26 @@ impl Cluster {
         }
     }
 
-    /// Live replicas, as the heartbeats agreed (at least 1): what a degraded replica's share
-    /// divides the quota by. It drops only after a lower count held for a while in shared
-    /// counting (see `agree_on`), never on a restart of Redis, an epoch change or an outage.
+    /// Live replicas, as the heartbeats agreed (at least 1). It drops only after a lower
+    /// count held for a while in shared counting (see `agree_on`), never on a restart of
+    /// Redis, an epoch change or an outage.
     pub fn replicas(&self) -> u32 {
         self.replicas.load(Ordering::Relaxed).max(1)
+    }
+
+    /// A degraded replica's share of `per_window`: divided by the live replicas the
+    /// heartbeats agreed on, and by at least `cluster.expected_replicas` (all a replica that
+    /// started without Redis, and so counted nobody, has to go by).
+    pub fn share(&self, per_window: u32) -> u32 {
+        let replicas = self.replicas.load(Ordering::Relaxed);
+        per_window / replicas.max(self.expected_replicas).max(1)
+    }
+
+    /// Whether this replica has counted in Redis since it started. One that has not (it
+    /// started without Redis) knows nothing any replica took in its first window, not even
+    /// what it took itself before a restart: there it paces its share over the window.
+    pub fn has_shared(&self) -> bool {
+        self.has_shared.load(Ordering::Acquire)
     }
 
     /// Notes a call admitted out of this replica's own share while degraded: going back to
@@ -107,10 +123,23 @@ impl Cluster {
         }
         self.heartbeat().await;
         if let ReplicaMode::Degraded { .. } = self.mode() {
+            let cause = self.diagnose().await;
             tracing::warn!(
-                replicas = self.replicas(),
-                "Redis unavailable at start: limiting locally with this replica's share of each quota until it answers"
+                cause,
+                expected_replicas = self.expected_replicas,
+                "Redis unavailable at start: limiting locally with this replica's share of each quota (per_window / expected_replicas, paced over the first window) until it answers"
             );
+        }
+    }
+
+    /// Why Redis cannot be used, learned on a connection of its own (the replica's own
+    /// connection retries by itself and often says only "timeout"); marks the current
+    /// degradation as looked into.
+    async fn diagnose(&self) -> &'static str {
+        self.diagnosed.store(true, Ordering::Release);
+        match try_connection(&self.redis_url, self.connect_timeout).await {
+            Ok(_) => "Redis answers a connection of its own now: the replica's will follow",
+            Err(cause) => cause.describe(),
         }
     }
 
@@ -125,6 +154,12 @@ impl Cluster {
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             self.heartbeat().await;
+            if matches!(self.mode(), ReplicaMode::Degraded { .. })
+                && !self.diagnosed.load(Ordering::Acquire)
+            {
+                let cause = self.diagnose().await;
+                tracing::warn!(cause, "Redis still unavailable");
+            }
             let pause = match self.mode() {
                 ReplicaMode::Shared => HEARTBEAT_INTERVAL,
                 // Wake at the resumption, so the mode (and its metric) turns shared on time
@@ -307,9 +342,10 @@ impl Cluster {
         });
         if changed {
             self.metrics.set_mode(false);
+            self.diagnosed.store(false, Ordering::Release);
             tracing::warn!(
                 op = op.label(),
-                reason = why,
+                cause = why,
                 replicas = self.replicas(),
                 "Redis unavailable: limiting locally with this replica's share of each quota"
             );
@@ -326,6 +362,7 @@ impl Cluster {
         if changed {
             self.metrics.set_mode(shared);
             if shared {
+                self.has_shared.store(true, Ordering::Release);
                 self.resume_at_boundary.store(false, Ordering::Release);
                 tracing::info!(
                     replicas = self.replicas(),

@@ -18,6 +18,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// More arguments for `redis-server` (`--requirepass`...).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -54,12 +56,27 @@ impl RedisServer {
 
     /// Starts one on `port` (again, after [`RedisServer::stop`]).
     pub fn start_on(port: u16) -> RedisServer {
+        RedisServer::start_on_with(port, &[])
+    }
+
+    /// Starts one on a free port with more arguments for `redis-server`, such as
+    /// `--requirepass PASSWORD`.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        RedisServer::start_on_with(port, extra)
+    }
+
+    fn start_on_with(port: u16, extra: &[&str]) -> RedisServer {
         let dir = std::env::temp_dir().join(format!("wxgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = RedisServer {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         server.restart();
         server
@@ -73,13 +90,18 @@ impl RedisServer {
             .args(["--protected-mode", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts (Debian: apt-get install redis-server)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command(&["PING"]).as_deref() != Some("+PONG") {
+        // A server with a password answers NOAUTH: it is up all the same.
+        let up = |answer: Option<String>| {
+            answer.is_some_and(|line| line == "+PONG" || line.starts_with("-NOAUTH"))
+        };
+        while !up(self.command(&["PING"])) {
             assert!(
                 Instant::now() < deadline,
                 "redis-server never answered PING"
