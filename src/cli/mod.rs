@@ -48,8 +48,8 @@ enum Command {
     /// Validate the configuration and print the effective one (defaults filled in, secrets
     /// masked); exit 64 with every problem if it is invalid.
     CheckConfig {
-        /// Also connect to [cluster]'s Redis (its TLS, password and PING, within 2 s) and
-        /// say why it cannot be used if it cannot: exit 1 then.
+        /// Also connect to the Redis of the cluster section (its TLS, password and PING,
+        /// within 2 s) and say why it cannot be used if it cannot: exit 1 then.
         #[arg(long)]
         connect: bool,
     },
