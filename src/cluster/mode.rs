@@ -198,7 +198,6 @@ impl Cluster {
         let Some(reply) = self.eval(&heartbeat).await else {
             return;
         };
-        *self.redis_clock.lock() = Some((reply.now_ms, Instant::now()));
         let Some(members) = reply.members else {
             // Another cluster secret: sharing would mix counts this replica cannot read.
             self.metrics
@@ -209,6 +208,7 @@ impl Cluster {
             );
             return;
         };
+        *self.redis_clock.lock() = Some((reply.now_ms, Instant::now()));
         let mut counted = self.count_live(&members, reply.now_ms);
         if reply.held > members.len() as u64 {
             // Members were left out: the ones read do not tell how many replicas live.
