@@ -33,8 +33,9 @@
 //!   send → record → decide; `retry`: the decision after each attempt, a pure function.
 //! - `flight`: the single-flight both caches use.
 //! - `cluster/`: the Redis layer: the connection and the replica's mode, heartbeat and
-//!   epoch, sealing, pub/sub notices, and every Lua script with its reply type (`scripts`).
-//!   It knows no feature.
+//!   epoch, sealing and MACs, pub/sub notices, why Redis cannot be used (`cause`), and every
+//!   Lua script with its reply type (`scripts`). Everything it reads back is checked or
+//!   bounded (the threat model in `docs/replicas.md`). It knows no feature.
 //! - `answer/`: the vocabulary of answers (`Answer` and its kinds).
 //! - `upstream/`: the pooled HTTP client towards WeChat.
 //! - `metrics/`: the registry components register their own metrics with, and how a family

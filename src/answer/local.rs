@@ -66,7 +66,7 @@ pub enum LocalAnswer {
     /// The call ended without an answer (it was cancelled, or its task went away).
     CallAbandoned,
     /// With `[cluster]`: another replica was exchanging this code and went away before it
-    /// answered; it may have spent the code.
+    /// answered, or held it for longer than its lease; it may have spent the code.
     ClaimHolderGone,
     /// With `[cluster]`: another replica is exchanging this code, and Redis stopped
     /// answering before its result could be read.
@@ -174,7 +174,7 @@ impl LocalAnswer {
                 "system error (wxgate: the upstream call ended without an answer)"
             }
             LocalAnswer::ClaimHolderGone => {
-                "system error (wxgate: the replica exchanging this code went away before it answered; the code may have been spent)"
+                "system error (wxgate: the replica exchanging this code went away, or held it longer than its lease, before it answered; the code may have been spent)"
             }
             LocalAnswer::ClaimUnreachable => {
                 "system error (wxgate: another replica is exchanging this code and its answer could not be read)"

@@ -47,7 +47,12 @@ enum Command {
     Serve,
     /// Validate the configuration and print the effective one (defaults filled in, secrets
     /// masked); exit 64 with every problem if it is invalid.
-    CheckConfig,
+    CheckConfig {
+        /// Also connect to the Redis of the cluster section (its TLS, password and PING,
+        /// within 2 s) and say why it cannot be used if it cannot: exit 1 then.
+        #[arg(long)]
+        connect: bool,
+    },
     /// Ask the wxgate serving this configuration to read it again (POST /-/reload on its
     /// admin port; `kill -HUP` does the same). Prints what needs a restart, or every problem
     /// of a file it refused; exit 1 if refused or unreachable.
@@ -101,12 +106,16 @@ impl Cli {
                     None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
                 }
             }
-            Command::CheckConfig => {
+            Command::CheckConfig { connect } => {
                 init_tracing("info", false);
                 match load(config_path) {
                     Some(checked) => {
                         println!("# {}: valid\n{}", config_path.display(), checked.to_toml());
-                        ExitCode::SUCCESS
+                        if connect {
+                            connect_to_redis(&checked.config)
+                        } else {
+                            ExitCode::SUCCESS
+                        }
                     }
                     None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
                 }
@@ -139,6 +148,34 @@ fn load(path: &Path) -> Option<CheckedConfig> {
     CheckedConfig::load(path)
         .map_err(|errors| eprintln!("wxgate: {}: {errors}", path.display()))
         .ok()
+}
+
+/// How long `check-config --connect` gives Redis to set a connection up and answer.
+const CONNECT_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `check-config --connect`: tries `[cluster]`'s Redis on a connection of its own. Exit 0 when
+/// it answers (or there is no `[cluster]`), 1 with the cause when it cannot be used.
+fn connect_to_redis(config: &Config) -> ExitCode {
+    let Some(cluster) = &config.cluster else {
+        println!("# no [cluster]: no Redis to connect to");
+        return ExitCode::SUCCESS;
+    };
+    let url = &cluster.redis_url;
+    block_on(async move {
+        match crate::cluster::try_connection(url, CONNECT_WITHIN).await {
+            Ok(took) => {
+                println!(
+                    "# Redis answered at {url} (PING in {} ms)",
+                    took.as_millis()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(cause) => {
+                eprintln!("wxgate: cannot use Redis at {url}: {}", cause.describe());
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 /// `wxgate serve`: binds the configured listeners and serves until SIGTERM or SIGINT,
@@ -250,11 +287,15 @@ mod tests {
         ] {
             let cli = parse_from(args).unwrap();
             assert!(
-                matches!(cli.command, Some(Command::CheckConfig)),
+                matches!(cli.command, Some(Command::CheckConfig { connect: false })),
                 "{args:?}"
             );
             assert_eq!(cli.config, Some(PathBuf::from("a.toml")), "{args:?}");
         }
+        assert!(matches!(
+            parse_from(&["check-config", "--connect"]).unwrap().command,
+            Some(Command::CheckConfig { connect: true })
+        ));
         let serve = parse_from(&["--config", "b.toml"]).unwrap();
         assert!(serve.command.is_none());
         assert!(matches!(

@@ -105,15 +105,19 @@ pub enum RedisErrorKind {
     Answer,
     /// The live replicas use another cluster secret.
     Secret,
+    /// A value in Redis that no replica wrote: it failed its check under the cluster secret
+    /// or is out of the range replicas write (see `docs/replicas.md`, the threat model).
+    Forged,
 }
 
 impl RedisErrorKind {
     /// Every value, in label order.
-    pub const ALL: [RedisErrorKind; 4] = [
+    pub const ALL: [RedisErrorKind; 5] = [
         RedisErrorKind::Timeout,
         RedisErrorKind::Connection,
         RedisErrorKind::Answer,
         RedisErrorKind::Secret,
+        RedisErrorKind::Forged,
     ];
 
     /// The kind of a client error.
@@ -138,16 +142,7 @@ impl RedisErrorKind {
             RedisErrorKind::Connection => "connection",
             RedisErrorKind::Answer => "answer",
             RedisErrorKind::Secret => "secret",
-        }
-    }
-
-    /// For the log line of a degradation.
-    pub fn describe(self) -> &'static str {
-        match self {
-            RedisErrorKind::Timeout => "no answer within cluster.timeout_ms",
-            RedisErrorKind::Connection => "no connection to Redis",
-            RedisErrorKind::Answer => "Redis answered with an error",
-            RedisErrorKind::Secret => "the live replicas use another cluster secret",
+            RedisErrorKind::Forged => "forged",
         }
     }
 

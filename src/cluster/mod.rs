@@ -24,9 +24,12 @@
 //!
 //! Keys are `{key_prefix}{kind}:{fingerprint}`, fingerprints keyed with the cluster secret
 //! ([`sealing`]), so nothing in a key names an appid, a credential or a code; values are
-//! sealed.
+//! sealed, or carry a MAC, or are bounded by what a replica writes: whatever is read back is
+//! untrusted input, and a value no replica wrote is reported ([`Cluster::forged`]) and costs
+//! no more than losing Redis.
 //!
 //! - [`scripts`]: every Lua script, what it is given and its reply type.
+//! - `cause.rs`: why Redis cannot be used, for the log and `check-config --connect`.
 //! - [`sealing`]: keyed fingerprints and sealed values.
 //! - `mode.rs`: the replica's mode and how it moves: heartbeat, probe, degradation,
 //!   resumption.
@@ -34,6 +37,7 @@
 //!   ([`Cluster::listen`]).
 //! - `metrics.rs`: `wxgate_cluster_*` and `wxgate_redis_*`.
 
+mod cause;
 mod metrics;
 mod mode;
 mod notices;
@@ -42,7 +46,7 @@ pub mod sealing;
 
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,9 +56,10 @@ use redis::RedisError;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+pub use self::cause::{try_connection, RedisCause};
 pub use self::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
 pub use self::mode::ReplicaMode;
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, RedisUrl};
 use crate::metrics::Metrics;
 
 use self::notices::Notices;
@@ -64,28 +69,51 @@ use self::sealing::Sealing;
 /// A replica's connection to the shared state, and its mode.
 pub struct Cluster {
     connection: ConnectionManager,
+    /// Where Redis is, for a connection of its own that says why Redis cannot be used.
+    redis_url: RedisUrl,
+    /// How long setting a connection up may take.
+    connect_timeout: Duration,
     /// `{key_prefix}`, for every key.
     prefix: String,
     timeout: Duration,
     /// The quota window: replicas resume shared counting at one of its boundaries.
     window: Duration,
     sealing: Sealing,
-    /// This replica's random id in the heartbeat set.
+    /// This replica's random id in its heartbeats.
     replica: String,
+    /// Its last heartbeat in the set (replaced by the next one, removed when it stops).
+    last_heartbeat: Mutex<String>,
+    /// Redis's clock (ms since the epoch) by the last heartbeat, and when that was: what
+    /// the next heartbeat is dated by.
+    redis_clock: Mutex<Option<(u64, Instant)>>,
     /// A fingerprint of the cluster secret: replicas whose checks differ do not share.
     secret_check: String,
     /// The epoch this replica counts under (see [`scripts`]); empty until the first
     /// heartbeat.
     epoch: Mutex<String>,
     mode: watch::Sender<ReplicaMode>,
-    /// Live replicas by the last heartbeat Redis answered (kept while Redis is away).
+    /// Live replicas as the heartbeats agreed (kept while Redis is away; 0 before the
+    /// first): see `Cluster::replicas`.
     replicas: AtomicU32,
+    /// `cluster.expected_replicas`: the fewest replicas a share assumes.
+    expected_replicas: u32,
+    /// Whether this replica has counted in Redis since it started (one that never has
+    /// limits its first window by pace: see `Cluster::has_shared`).
+    has_shared: AtomicBool,
+    /// Whether the cause of the current degradation was looked into and logged.
+    diagnosed: AtomicBool,
+    /// A count lower than `replicas` seen in shared counting, and since when: it becomes
+    /// the agreed count once it has held for a heartbeat's lifetime.
+    lower_count: Mutex<Option<(u32, Instant)>>,
     /// Whether going back to shared counting must wait for a window boundary agreed with the
     /// other replicas: this replica admitted calls on its own since it degraded, or Redis
     /// lost its counters. Otherwise (an idle replica, or one starting) it goes back at once.
     resume_at_boundary: AtomicBool,
     /// Pub/sub messages for this replica's waiting code exchanges.
     notices: Arc<Notices>,
+    /// The operations ([`RedisOp::index`] as a bit) whose forged values were logged already:
+    /// a forged value is counted every time, logged once per operation.
+    forged_logged: AtomicU32,
     /// Redis's push messages, until [`Cluster::start`] hands them to the router.
     pushes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
     metrics: ClusterMetrics,
@@ -162,10 +190,11 @@ impl Cluster {
         // RESP3 (set by the URL's parsing): published messages arrive as pushes on the same
         // connection, and subscriptions come back by themselves after a reconnection.
         let (push_sender, pushes) = tokio::sync::mpsc::unbounded_channel();
+        let connect_timeout = config.timeout.max(Duration::from_millis(500));
         let manager_config = ConnectionManagerConfig::new()
             .set_push_sender(push_sender)
             .set_automatic_resubscription()
-            .set_connection_timeout(Some(config.timeout.max(Duration::from_millis(500))))
+            .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(None)
             // Reconnection backs off from 100 ms to at most 2 s: a Redis that comes back
             // is found quickly, and a dead one is not hammered.
@@ -178,19 +207,28 @@ impl Cluster {
         let sealing = Sealing::new(config.secret.expose());
         Ok(Cluster {
             connection,
+            redis_url: config.redis_url.clone(),
+            connect_timeout,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             window,
             secret_check: sealing.fingerprint("secret check", &[]),
             sealing,
             replica: owner_id(),
+            last_heartbeat: Mutex::new(String::new()),
+            redis_clock: Mutex::new(None),
             epoch: Mutex::new(String::new()),
             mode: watch::Sender::new(ReplicaMode::Degraded {
                 since: Instant::now(),
             }),
-            replicas: AtomicU32::new(1),
+            replicas: AtomicU32::new(0),
+            expected_replicas: config.expected_replicas,
+            has_shared: AtomicBool::new(false),
+            diagnosed: AtomicBool::new(false),
+            lower_count: Mutex::new(None),
             resume_at_boundary: AtomicBool::new(false),
             notices: Arc::default(),
+            forged_logged: AtomicU32::new(0),
             pushes: Mutex::new(Some(pushes)),
             metrics,
         })
@@ -213,11 +251,30 @@ impl Cluster {
                 invocation.invoke_async(&mut connection).await
             })
             .await?;
+        if let Some(what) = S::forged(&raw) {
+            self.forged(S::OP, what);
+        }
         let reply = script.decode(raw);
         if S::epoch_lost(&reply) {
             self.lost_data(S::OP);
         }
         Some(reply)
+    }
+
+    /// A value read from Redis that no replica wrote (see the threat model in
+    /// `docs/replicas.md`): counted in `wxgate_redis_errors_total{kind="forged"}` every time,
+    /// logged the first time for each operation. The caller goes on as if the value were not
+    /// there, which costs no more than losing Redis.
+    pub fn forged(&self, op: RedisOp, what: &str) {
+        self.metrics.error(op, RedisErrorKind::Forged);
+        let bit = 1 << op.index();
+        if self.forged_logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                op = op.label(),
+                value = what,
+                "a value in Redis was not written by a replica (forged, or written by hand): ignored and replaced; logged once, counted in wxgate_redis_errors_total{{kind=\"forged\"}}"
+            );
+        }
     }
 
     /// The Redis key of `kind` for `fingerprint`.
@@ -240,13 +297,13 @@ impl Cluster {
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, operation).await;
         self.metrics.observe(op, started.elapsed().as_secs_f64());
-        let kind = match result {
+        let (kind, cause) = match result {
             Ok(Ok(value)) => return Some(value),
-            Ok(Err(error)) => RedisErrorKind::of(&error),
-            Err(_) => RedisErrorKind::Timeout,
+            Ok(Err(error)) => (RedisErrorKind::of(&error), RedisCause::of(&error)),
+            Err(_) => (RedisErrorKind::Timeout, RedisCause::Timeout),
         };
         self.metrics.error(op, kind);
-        self.degrade(op, kind.describe());
+        self.degrade(op, cause.describe());
         None
     }
 

@@ -22,6 +22,17 @@
 //! WeChat, as on a replica without Redis), and checking the epoch would not bring it back;
 //! a token entry carries its own issue time and tombstone, and a replica holding a newer copy
 //! stores it again, so nothing there depends on continuity.
+//!
+//! # What the scripts read back
+//! Anybody who can write to Redis can write these keys, without the cluster secret. What
+//! matters is sealed ([`super::sealing`]) or carries a MAC, checked by the replica after the
+//! script (Lua has no HMAC): answers, token entries, heartbeats. What a script compares as
+//! it is (a theoretical arrival time, a pause, a resumption, a lease, a claim) is bounded by
+//! what a replica can have written, and what lies past that bound (or is not even a value of
+//! the key's type) is dropped or clamped and reported back (`forged` in the replies,
+//! [`Script::forged`]), so that a forged value holds a key for about a window at most. The
+//! threat model in `docs/replicas.md` says, key by key, what a writer without the secret
+//! can and cannot do.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -51,6 +62,12 @@ pub trait Script {
     fn epoch_lost(_reply: &Self::Reply) -> bool {
         false
     }
+    /// What the script found that no replica wrote, if anything (out of the range replicas
+    /// write, or not even a value of the key's type): it has dropped or clamped it, and
+    /// [`Cluster::eval`] counts it as forged.
+    fn forged(_raw: &Self::Raw) -> Option<&'static str> {
+        None
+    }
 }
 
 /// The `redis::Script` of a text, made once.
@@ -70,78 +87,162 @@ fn millis(duration: Duration) -> u64 {
     duration.as_millis() as u64
 }
 
-/// The GCRA turn of [`TakeTurn`] as a Lua function, so that [`ClaimCode`] takes a turn the
-/// same way: `turn(epoch key, bucket key, pause key, expected epoch, interval µs, tolerance
-/// µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or `-1, 0` (epoch lost).
-macro_rules! gcra_turn {
+/// Reads a time a replica stored (µs) in a string key: `stored_time(key)` returns the time
+/// (nil when the key is absent) and whether the key held something no replica writes (not a
+/// number, or a key of another type), which it then deletes.
+macro_rules! stored_time {
     () => {
         r"
-local function turn(epoch_key, bucket_key, pause_key, expected, interval, tolerance)
-  local epoch = redis.call('GET', epoch_key)
-  if epoch ~= expected then return -1, 0 end
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local paused = tonumber(redis.call('GET', pause_key) or '0')
-  if paused > now then return 0, paused - now end
-  local tat = tonumber(redis.call('GET', bucket_key) or '0')
-  if tat < now then tat = now end
-  local allowed_at = tat - tonumber(tolerance)
-  if now < allowed_at then return 0, allowed_at - now end
-  tat = tat + tonumber(interval)
-  redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
-  return 1, 0
+local function stored_time(key)
+  local raw = redis.pcall('GET', key)
+  if raw == false then return nil, false end
+  local value = type(raw) == 'string' and tonumber(raw) or nil
+  if value == nil then
+    redis.call('DEL', key)
+    return nil, true
+  end
+  return value, false
 end
 "
+    };
+}
+
+/// The GCRA turn of [`TakeTurn`] as a Lua function, so that [`ClaimCode`] takes a turn the
+/// same way: `turn(epoch key, bucket key, pause key, expected epoch, interval µs, tolerance
+/// µs, window µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or `-1, 0`
+/// (epoch lost), and a third value, 1 when it found a state no replica wrote.
+///
+/// What it reads is bounded by what a replica can have written: a pause ends at the next
+/// window boundary, so one further than a window ahead is dropped; a theoretical arrival
+/// time is at most `tolerance + interval` ahead (a window for any limit that gives a turn a
+/// window), so one further than the larger of the two is clamped to it and written back. A
+/// forged state holds a key for at most about a window.
+macro_rules! gcra_turn {
+    () => {
+        concat!(
+            stored_time!(),
+            r"
+local function turn(epoch_key, bucket_key, pause_key, expected, interval, tolerance, window)
+  local epoch = redis.call('GET', epoch_key)
+  if epoch ~= expected then return -1, 0, 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  interval, tolerance, window = tonumber(interval), tonumber(tolerance), tonumber(window)
+  local paused, forged = stored_time(pause_key)
+  if paused and paused > now + window then
+    redis.call('DEL', pause_key)
+    paused, forged = nil, true
+  end
+  if paused and paused > now then return 0, paused - now, forged and 1 or 0 end
+  local tat, bad = stored_time(bucket_key)
+  forged = forged or bad
+  local reach = math.max(tolerance + interval, window)
+  if tat and tat > now + reach then tat, forged = now + reach, true end
+  if tat == nil or tat < now then tat = now end
+  local flag = forged and 1 or 0
+  local allowed_at = tat - tolerance
+  if now < allowed_at then
+    if forged then
+      redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+    end
+    return 0, allowed_at - now, flag
+  end
+  tat = tat + interval
+  redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+  return 1, 0, flag
+end
+"
+        )
     };
 }
 
 // ---------------------------------------------------------------------------------------
 // The replica: heartbeat and resumption.
 
-/// A replica's heartbeat: it counts itself live, and learns the epoch and how many replicas
-/// are live; unless its cluster secret differs from the live replicas' (their secret check,
-/// a fingerprint under the secret, stands for as long as a heartbeat counts): then it is not
-/// counted.
+/// A replica's heartbeat: it counts itself live, and learns the epoch and the live
+/// replicas' heartbeats; unless its cluster secret differs from the live replicas' (their
+/// secret check, a fingerprint under the secret, stands for as long as a heartbeat counts):
+/// then it is not counted.
 ///
-/// `KEYS`: epoch, replicas (a sorted set of replica ids by last heartbeat, ms), secret check.
-/// `ARGV`: this replica's id, how long a heartbeat counts (ms), a fresh epoch to write if
-/// there is none, this replica's secret check. Returns `{epoch, live replicas, check}`
-/// (`live replicas` is -1 when the checks differ).
+/// A heartbeat is a member of a sorted set, scored by Redis's clock, that carries its MAC
+/// (see `mode.rs`): the script returns the members and the replica counts those whose MAC
+/// is right. What no replica writes is dropped on the way and reported: a secret check
+/// without expiry or with a longer one, keys of another type, members dated ahead of Redis's
+/// clock.
+///
+/// `KEYS`: epoch, replicas (the sorted set), secret check.
+/// `ARGV`: this replica's heartbeat, how long a heartbeat counts (ms), a fresh epoch to write
+/// if there is none, this replica's secret check, its previous heartbeat (removed), the most
+/// members to return.
+/// Returns `{epoch, live members, check, members (newest first), Redis's time ms, forged}`
+/// (`live members` is -1 when the checks differ).
 const HEARTBEAT: &str = r"
-redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ARGV[2])
+local ttl = tonumber(ARGV[2])
+local forged = 0
+local function holds(key, kind)
+  local held = redis.call('TYPE', key)['ok']
+  if held ~= 'none' and held ~= kind then
+    redis.call('DEL', key)
+    forged = 1
+  end
+end
+holds(KEYS[3], 'string')
+local left = redis.call('PTTL', KEYS[3])
+if left == -1 or left > ttl then
+  redis.call('DEL', KEYS[3])
+  forged = 1
+end
+redis.call('SET', KEYS[3], ARGV[4], 'NX', 'PX', ttl)
 local check = redis.call('GET', KEYS[3])
-if check ~= ARGV[4] then return {'', -1, check} end
-redis.call('PEXPIRE', KEYS[3], ARGV[2])
+if check ~= ARGV[4] then return {'', -1, check, {}, 0, forged} end
+redis.call('PEXPIRE', KEYS[3], ttl)
+holds(KEYS[1], 'string')
 redis.call('SET', KEYS[1], ARGV[3], 'NX')
 local epoch = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[2])
+holds(KEYS[2], 'zset')
+if ARGV[5] ~= '' then redis.call('ZREM', KEYS[2], ARGV[5]) end
 redis.call('ZADD', KEYS[2], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - ttl)
+if redis.call('ZREMRANGEBYSCORE', KEYS[2], string.format('(%.0f', now), '+inf') > 0 then
+  forged = 1
+end
 redis.call('PEXPIRE', KEYS[2], ttl * 2)
-return {epoch, redis.call('ZCARD', KEYS[2]), check}
+local members = redis.call('ZREVRANGEBYSCORE', KEYS[2], '+inf', '-inf', 'LIMIT', 0, tonumber(ARGV[6]))
+return {epoch, redis.call('ZCARD', KEYS[2]), check, members, now, forged}
 ";
 
 /// [`HEARTBEAT`].
 pub(super) struct Heartbeat<'a> {
-    pub(super) replica: &'a str,
+    /// This replica's heartbeat: its id, a time and their MAC.
+    pub(super) member: &'a str,
+    /// Its previous heartbeat, or empty.
+    pub(super) previous: &'a str,
     pub(super) ttl: Duration,
     pub(super) fresh_epoch: &'a str,
     pub(super) secret_check: &'a str,
+    /// The most heartbeats read back.
+    pub(super) most: usize,
 }
 
 /// What a heartbeat learned.
 pub(super) struct HeartbeatReply {
     /// The epoch the replicas count under.
     pub(super) epoch: String,
-    /// Live replicas; `None` when they use another cluster secret (this one is not counted).
-    pub(super) replicas: Option<u32>,
+    /// The heartbeats in the set (at most [`Heartbeat::most`], newest first), still to be
+    /// checked; `None` when the live replicas use another cluster secret (this one is not
+    /// counted).
+    pub(super) members: Option<Vec<String>>,
+    /// How many heartbeats the set holds (more than `members` when some were left out).
+    pub(super) held: u64,
+    /// Redis's clock, ms since the epoch.
+    pub(super) now_ms: u64,
 }
 
 impl Script for Heartbeat<'_> {
     type Reply = HeartbeatReply;
-    type Raw = (String, i64, String);
+    type Raw = (String, i64, String, Vec<String>, u64, i64);
     const OP: RedisOp = RedisOp::Heartbeat;
 
     fn lua() -> &'static redis::Script {
@@ -153,17 +254,25 @@ impl Script for Heartbeat<'_> {
             .key(cluster.named("epoch"))
             .key(cluster.named("replicas"))
             .key(cluster.named("secret"))
-            .arg(self.replica)
+            .arg(self.member)
             .arg(millis(self.ttl))
             .arg(self.fresh_epoch)
-            .arg(self.secret_check);
+            .arg(self.secret_check)
+            .arg(self.previous)
+            .arg(self.most);
     }
 
-    fn decode(&self, (epoch, replicas, _check): Self::Raw) -> HeartbeatReply {
+    fn decode(&self, (epoch, held, _check, members, now_ms, _): Self::Raw) -> HeartbeatReply {
         HeartbeatReply {
             epoch,
-            replicas: u32::try_from(replicas).ok(),
+            members: (held >= 0).then_some(members),
+            held: held.max(0) as u64,
+            now_ms,
         }
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.5 == 1).then_some("a secret check, epoch or heartbeat set no replica wrote")
     }
 }
 
@@ -171,18 +280,27 @@ impl Script for Heartbeat<'_> {
 /// least `margin` away, so that every replica has seen Redis again by then and no window
 /// holds both a replica's local count and the shared one.
 ///
-/// `KEYS`: resume. `ARGV`: window µs, margin µs. Returns the µs until the resumption.
-const RESUME: &str = r"
+/// A resumption is at most a window and the margin away: one further ahead (or not a time)
+/// no replica wrote, and is replaced.
+///
+/// `KEYS`: resume. `ARGV`: window µs, margin µs. Returns `{µs until the resumption,
+/// forged}`.
+const RESUME: &str = concat!(
+    stored_time!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current > now then return current - now end
 local window = tonumber(ARGV[1])
+local current, forged = stored_time(KEYS[1])
+if current and current > now + window + tonumber(ARGV[2]) then current, forged = nil, true end
+local flag = forged and 1 or 0
+if current and current > now then return {current - now, flag} end
 local at = (math.floor(now / window) + 1) * window
 if at - now < tonumber(ARGV[2]) then at = at + window end
 redis.call('SET', KEYS[1], string.format('%.0f', at), 'PX', math.floor((at - now + window) / 1000) + 1)
-return at - now
-";
+return {at - now, flag}
+"
+);
 
 /// [`RESUME`]; answers how long until shared counting resumes.
 pub(super) struct Resume {
@@ -192,7 +310,7 @@ pub(super) struct Resume {
 
 impl Script for Resume {
     type Reply = Duration;
-    type Raw = u64;
+    type Raw = (u64, i64);
     const OP: RedisOp = RedisOp::Resume;
 
     fn lua() -> &'static redis::Script {
@@ -206,8 +324,12 @@ impl Script for Resume {
             .arg(micros(self.margin));
     }
 
-    fn decode(&self, micros: u64) -> Duration {
+    fn decode(&self, (micros, _): Self::Raw) -> Duration {
         Duration::from_micros(micros)
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.1 == 1).then_some("a resumption time no replica wrote")
     }
 }
 
@@ -218,8 +340,10 @@ impl Script for Resume {
 ///
 /// `KEYS`: epoch, bucket (the theoretical arrival time, TAT), pause (its end).
 /// `ARGV`: expected epoch, emission interval µs, burst tolerance µs (`(burst − 1) ×
-/// interval`).
-/// Returns `{1, 0}` (admitted), `{0, µs}` (not before that long), or `{-1, 0}` (epoch lost).
+/// interval`), window µs.
+/// Returns `{1, 0, forged}` (admitted), `{0, µs, forged}` (not before that long), or `{-1,
+/// 0, 0}` (epoch lost); `forged` is 1 when the bucket or its pause held a state no replica
+/// wrote (see [`gcra_turn!`]).
 ///
 /// GCRA: a call at `now` conforms if `now ≥ TAT − tolerance`; it then moves TAT to
 /// `max(TAT, now) + interval`. This is governor's algorithm, so the single-process bound
@@ -228,13 +352,14 @@ impl Script for Resume {
 const QUOTA: &str = concat!(
     gcra_turn!(),
     r"
-local admitted, wait = turn(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
-return {admitted, wait}
+local admitted, wait, forged = turn(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+return {admitted, wait, forged}
 "
 );
 
 /// A GCRA bucket of the shared quota: the fingerprint its keys are named by (`q:` its
-/// theoretical arrival time, `p:` its pause), its emission interval and its burst.
+/// theoretical arrival time, `p:` its pause), its emission interval, its burst and its
+/// window.
 #[derive(Debug, Clone)]
 pub struct Bucket {
     /// Names the bucket's keys; says nothing of the (appid, API) behind it.
@@ -243,10 +368,13 @@ pub struct Bucket {
     pub interval: Duration,
     /// Turns that may be taken at once.
     pub burst: u32,
+    /// The quota's window: no replica holds the bucket back further than this (or its
+    /// burst), so a state further ahead is forged (see [`gcra_turn!`]).
+    pub window: Duration,
 }
 
 impl Bucket {
-    /// The three keys and three arguments of a turn ([`gcra_turn!`]), after any the
+    /// The three keys and four arguments of a turn ([`gcra_turn!`]), after any the
     /// invocation has.
     fn write_turn(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
         let interval = micros(self.interval).max(1);
@@ -256,7 +384,8 @@ impl Bucket {
             .key(cluster.key(KeyKind::QuotaPause, &self.fingerprint))
             .arg(cluster.epoch())
             .arg(interval)
-            .arg(interval * u64::from(self.burst.max(1) - 1));
+            .arg(interval * u64::from(self.burst.max(1) - 1))
+            .arg(micros(self.window).max(1));
     }
 }
 
@@ -287,7 +416,7 @@ pub struct TakeTurn<'a>(pub &'a Bucket);
 
 impl Script for TakeTurn<'_> {
     type Reply = TurnReply;
-    type Raw = (i64, i64);
+    type Raw = (i64, i64, i64);
     const OP: RedisOp = RedisOp::Quota;
 
     fn lua() -> &'static redis::Script {
@@ -298,31 +427,43 @@ impl Script for TakeTurn<'_> {
         self.0.write_turn(cluster, invocation);
     }
 
-    fn decode(&self, (admitted, wait): Self::Raw) -> TurnReply {
+    fn decode(&self, (admitted, wait, _): Self::Raw) -> TurnReply {
         TurnReply::from_script(admitted, wait)
     }
 
     fn epoch_lost(reply: &TurnReply) -> bool {
         *reply == TurnReply::EpochLost
     }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.2 == 1).then_some(FORGED_QUOTA)
+    }
 }
 
-/// Pauses one (appid, API) until WeChat's next window, after a 45011.
+/// What a forged quota state is, for the log.
+const FORGED_QUOTA: &str = "a quota bucket or pause further ahead than any replica holds one";
+
+/// Pauses one (appid, API) until WeChat's next window, after a 45011. A pause further than
+/// a window ahead no replica wrote: it is replaced.
 ///
-/// `KEYS`: pause. `ARGV`: window µs. Returns the µs until the pause ends.
-const PAUSE: &str = r"
+/// `KEYS`: pause. `ARGV`: window µs. Returns `{µs until the pause ends, forged}`.
+const PAUSE: &str = concat!(
+    stored_time!(),
+    r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local window = tonumber(ARGV[1])
 local resume = (math.floor(now / window) + 1) * window
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if resume > current then
+local current, forged = stored_time(KEYS[1])
+if current and current > now + window then current, forged = nil, true end
+if resume > (current or 0) then
   redis.call('SET', KEYS[1], string.format('%.0f', resume), 'PX', math.floor((resume - now) / 1000) + 1)
 else
   resume = current
 end
-return resume - now
-";
+return {resume - now, forged and 1 or 0}
+"
+);
 
 /// [`PAUSE`] of the bucket named by `fingerprint`; answers how long the pause lasts.
 pub struct PauseBucket<'a> {
@@ -334,7 +475,7 @@ pub struct PauseBucket<'a> {
 
 impl Script for PauseBucket<'_> {
     type Reply = Duration;
-    type Raw = u64;
+    type Raw = (u64, i64);
     const OP: RedisOp = RedisOp::Pause;
 
     fn lua() -> &'static redis::Script {
@@ -347,8 +488,12 @@ impl Script for PauseBucket<'_> {
             .arg(micros(self.window));
     }
 
-    fn decode(&self, micros: u64) -> Duration {
+    fn decode(&self, (micros, _): Self::Raw) -> Duration {
         Duration::from_micros(micros)
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.1 == 1).then_some(FORGED_QUOTA)
     }
 }
 
@@ -360,27 +505,39 @@ impl Script for PauseBucket<'_> {
 /// Looks for a remembered answer of a code exchange, or claims the exchange, in one round
 /// trip; when the claim is won and the call's quota turn is given (keys 4 to 6), takes that
 /// turn too ([`QUOTA`]'s GCRA), so that the leader of an exchange needs no round trip of its
-/// own for its first turn.
+/// own for its first turn. A claim without expiry, or longer than twice a lease (replicas
+/// may differ in `upstream.timeout_ms`), no replica wrote: it is taken over and reported.
 ///
 /// `KEYS`: answer, claim, waiters, and optionally the quota's epoch, bucket and pause.
 /// `ARGV`: this claim's owner, lease ms, and with the quota's keys its expected epoch,
-/// interval µs and tolerance µs.
-/// Returns `{found, sealed answer, admitted, wait µs}`: `{1, sealed, 0, 0}` (remembered),
-/// `{2, '', admitted, wait}` (claimed: call WeChat; the turn as [`QUOTA`] returns it, or
-/// `0, 0` when none was asked for), or `{3, '', 0, 0}` (another replica holds the claim;
-/// this one is now noted as waiting, so that the holder publishes its answer).
+/// interval µs, tolerance µs and window µs.
+/// Returns `{found, sealed answer, admitted, wait µs, forged}`: `{1, sealed, 0, 0, 0}`
+/// (remembered), `{2, '', admitted, wait, forged}` (claimed: call WeChat; the turn as
+/// [`QUOTA`] returns it, or `0, 0` when none was asked for), or `{3, '', 0, 0, forged}`
+/// (another replica holds the claim; this one is now noted as waiting, so that the holder
+/// publishes its answer).
 const CODE_CLAIM: &str = concat!(
     gcra_turn!(),
     r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {1, answer, 0, 0} end
+local forged = 0
+local answer = redis.pcall('GET', KEYS[1])
+if type(answer) == 'string' then return {1, answer, 0, 0, 0} end
+if answer then
+  redis.call('DEL', KEYS[1])
+  forged = 1
+end
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 or left > 2 * tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  forged = 1
+end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
-  return {3, '', 0, 0}
+  return {3, '', 0, 0, forged}
 end
-if #KEYS < 6 then return {2, '', 0, 0} end
-local admitted, wait = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5])
-return {2, '', admitted, wait}
+if #KEYS < 6 then return {2, '', 0, 0, forged} end
+local admitted, wait, turn_forged = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return {2, '', admitted, wait, math.max(forged, turn_forged)}
 "
 );
 
@@ -413,7 +570,7 @@ pub enum ClaimReply {
 
 impl Script for ClaimCode<'_> {
     type Reply = ClaimReply;
-    type Raw = (i64, Vec<u8>, i64, i64);
+    type Raw = (i64, Vec<u8>, i64, i64, i64);
     const OP: RedisOp = RedisOp::CodeClaim;
 
     fn lua() -> &'static redis::Script {
@@ -428,12 +585,12 @@ impl Script for ClaimCode<'_> {
             .arg(self.owner)
             .arg(millis(self.lease));
         if let Some(bucket) = self.turn {
-            // Keys 4 to 6 and arguments 3 to 5.
+            // Keys 4 to 6 and arguments 3 to 6.
             bucket.write_turn(cluster, invocation);
         }
     }
 
-    fn decode(&self, (found, sealed, admitted, wait): Self::Raw) -> ClaimReply {
+    fn decode(&self, (found, sealed, admitted, wait, _): Self::Raw) -> ClaimReply {
         match found {
             1 => ClaimReply::Remembered(sealed),
             // Without a turn given, the script says `0, 0`, which means nothing.
@@ -452,27 +609,49 @@ impl Script for ClaimCode<'_> {
             }
         )
     }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.4 == 1).then_some("a claim, remembered answer or quota state no replica wrote")
+    }
 }
 
 /// What a waiting replica finds: a remembered answer, the result its holder left for
-/// waiters, or whether the claim still stands.
+/// waiters, or whether the claim still stands. A claim without expiry, or longer than
+/// twice a lease, no replica wrote: it counts as gone (and is reported).
 ///
-/// `KEYS`: answer, claim, result. Returns `{1, sealed}` (remembered), `{4, sealed}` (the
-/// holder's result, not remembered), `{3, ''}` (still claimed), or `{0, ''}` (nothing: the
-/// holder went away).
+/// `KEYS`: answer, claim, result. `ARGV`: lease ms. Returns `{1, sealed, forged}`
+/// (remembered), `{4, sealed, forged}` (the holder's result, not remembered), `{3, '',
+/// forged}` (still claimed), or `{0, '', forged}` (nothing: the holder went away).
 const CODE_PEEK: &str = r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {1, answer} end
-local result = redis.call('GET', KEYS[3])
-if result then return {4, result} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {3, ''} end
-return {0, ''}
+local function text(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'string' then return value, 0 end
+  if value then
+    redis.call('DEL', key)
+    return false, 1
+  end
+  return false, 0
+end
+local answer, forged = text(KEYS[1])
+if answer then return {1, answer, 0} end
+local result, bad = text(KEYS[3])
+forged = math.max(forged, bad)
+if result then return {4, result, forged} end
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 or left > 2 * tonumber(ARGV[1]) then
+  redis.call('DEL', KEYS[2])
+  return {0, '', 1}
+end
+if left > 0 then return {3, '', forged} end
+return {0, '', forged}
 ";
 
 /// [`CODE_PEEK`].
 pub struct PeekCode<'a> {
     /// The exchange's fingerprint.
     pub fingerprint: &'a str,
+    /// A claim's lease.
+    pub lease: Duration,
 }
 
 /// What a waiting replica found.
@@ -488,7 +667,7 @@ pub enum PeekReply {
 
 impl Script for PeekCode<'_> {
     type Reply = PeekReply;
-    type Raw = (i64, Vec<u8>);
+    type Raw = (i64, Vec<u8>, i64);
     const OP: RedisOp = RedisOp::CodePeek;
 
     fn lua() -> &'static redis::Script {
@@ -499,15 +678,20 @@ impl Script for PeekCode<'_> {
         invocation
             .key(cluster.key(KeyKind::CodeAnswer, self.fingerprint))
             .key(cluster.key(KeyKind::CodeClaim, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeResult, self.fingerprint));
+            .key(cluster.key(KeyKind::CodeResult, self.fingerprint))
+            .arg(millis(self.lease));
     }
 
-    fn decode(&self, (found, sealed): Self::Raw) -> PeekReply {
+    fn decode(&self, (found, sealed, _): Self::Raw) -> PeekReply {
         match found {
             1 | 4 => PeekReply::Answer(sealed),
             3 => PeekReply::Claimed,
             _ => PeekReply::Gone,
         }
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.2 == 1).then_some("a claim or code-exchange answer no replica wrote")
     }
 }
 
@@ -613,51 +797,92 @@ impl Script for CompleteClaim<'_> {
 
 // ---------------------------------------------------------------------------------------
 // Access tokens. Per (API, appid), named by its fingerprint: `token:` a hash of `i` (when
-// the fetch that minted the token was sent, µs), `t` (the token's own fingerprint) and `s`
-// (the entry, sealed); `token-lease:` the replica fetching it now; `token-day:` the day's
-// fetches. And `token-of:` (by the token's fingerprint) the entry's fingerprint.
+// the fetch that minted the token was sent, µs), `t` (the token's own fingerprint), `m` (the
+// MAC of the key's fingerprint, `i` and `t`), `s` (the entry, sealed) and, once the token
+// was refused, `d` (the MAC that says so, in place of `s`); `token-lease:` the replica
+// fetching it now; `token-day:` the day's fetches. And `token-of:` (by the token's
+// fingerprint) the entry's fingerprint.
+//
+// The scripts compare `i` and `t` as they are (Lua has no HMAC); the replica checks the MACs
+// and the seal of what they read back ([`TokenRecord`]), and tells [`StoreToken`] to
+// replace an entry it found forged.
 
-/// What Redis holds for one token key.
+/// What Redis holds for one token key, as read: nothing is checked yet (the token cache
+/// checks the MACs and opens the seal).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenRecord {
     /// Nothing.
     Missing,
-    /// A tombstone: a token minted then was refused, and dropped.
-    Dropped {
-        /// When the refused token's fetch was sent, µs since the epoch.
-        issued_micros: u64,
-    },
-    /// A token entry.
-    Sealed {
-        /// When its fetch was sent, µs since the epoch.
-        issued_micros: u64,
-        /// The entry, sealed.
-        sealed: Vec<u8>,
-    },
+    /// An entry's fields (empty where the entry lacks one).
+    Stored(TokenFields),
 }
 
+/// The fields of a token entry, as Redis holds them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TokenFields {
+    /// `i`: when the token's fetch was sent, µs since the epoch, in decimal.
+    pub issued: String,
+    /// `s`: the entry, sealed; empty once the token was refused (a tombstone).
+    pub sealed: Vec<u8>,
+    /// `t`: the token's own fingerprint.
+    pub token_fingerprint: String,
+    /// `m`: the MAC of (key fingerprint, `i`, `t`).
+    pub mac: String,
+    /// `d`: the MAC of (key fingerprint, `t`) that says the token was refused.
+    pub dropped: String,
+}
+
+/// The raw fields of an entry, as the scripts return them: `i`, `s`, `t`, `m`, `d`.
+type RawFields = (String, Vec<u8>, String, String, String);
+
 impl TokenRecord {
-    /// From the hash's `i` and `s` (absent or empty: not there).
-    fn from_hash(issued: Option<String>, sealed: Option<Vec<u8>>) -> TokenRecord {
-        let Some(issued_micros) = issued.and_then(|issued| issued.parse().ok()) else {
-            return TokenRecord::Missing;
+    fn from_fields((issued, sealed, token_fingerprint, mac, dropped): RawFields) -> TokenRecord {
+        let fields = TokenFields {
+            issued,
+            sealed,
+            token_fingerprint,
+            mac,
+            dropped,
         };
-        match sealed.filter(|sealed| !sealed.is_empty()) {
-            None => TokenRecord::Dropped { issued_micros },
-            Some(sealed) => TokenRecord::Sealed {
-                issued_micros,
-                sealed,
-            },
+        if fields == TokenFields::default() {
+            TokenRecord::Missing
+        } else {
+            TokenRecord::Stored(fields)
         }
     }
 }
 
-/// Reads a token entry's issue time and sealed value.
+/// `entry(key)` returns an entry's fields `i`, `s`, `t`, `m`, `d` (empty strings for what
+/// it lacks) and 1 when the key held something else than a hash, which it then deletes.
+macro_rules! token_entry {
+    () => {
+        r"
+local function entry(key)
+  local fields = redis.pcall('HMGET', key, 'i', 's', 't', 'm', 'd')
+  if fields.err then
+    redis.call('DEL', key)
+    return {'', '', '', '', ''}, 1
+  end
+  for n = 1, 5 do fields[n] = fields[n] or '' end
+  return fields, 0
+end
+"
+    };
+}
+
+/// What a forged token entry is, for the log.
+const FORGED_TOKEN: &str = "a token entry or lease no replica wrote";
+
+/// Reads a token entry.
 ///
-/// `KEYS`: entry. Returns `{i, s}` (nil for what the entry lacks).
-const TOKEN_READ: &str = r"
-return redis.call('HMGET', KEYS[1], 'i', 's')
-";
+/// `KEYS`: entry. Returns `{i, s, t, m, d, forged}`.
+const TOKEN_READ: &str = concat!(
+    token_entry!(),
+    r"
+local fields, forged = entry(KEYS[1])
+return {fields[1], fields[2], fields[3], fields[4], fields[5], forged}
+"
+);
 
 /// [`TOKEN_READ`].
 pub struct ReadToken<'a> {
@@ -667,7 +892,7 @@ pub struct ReadToken<'a> {
 
 impl Script for ReadToken<'_> {
     type Reply = TokenRecord;
-    type Raw = (Option<String>, Option<Vec<u8>>);
+    type Raw = (String, Vec<u8>, String, String, String, i64);
     const OP: RedisOp = RedisOp::TokenRead;
 
     fn lua() -> &'static redis::Script {
@@ -678,21 +903,36 @@ impl Script for ReadToken<'_> {
         invocation.key(cluster.key(KeyKind::Token, self.fingerprint));
     }
 
-    fn decode(&self, (issued, sealed): Self::Raw) -> TokenRecord {
-        TokenRecord::from_hash(issued, sealed)
+    fn decode(&self, (i, s, t, m, d, _): Self::Raw) -> TokenRecord {
+        TokenRecord::from_fields((i, s, t, m, d))
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.5 == 1).then_some(FORGED_TOKEN)
     }
 }
 
 /// Takes the lease if free, and reads the entry in the same step, so that a replica that
-/// takes the lease right after another stored a token sees that token.
+/// takes the lease right after another stored a token sees that token. A lease without
+/// expiry, or longer than twice what replicas set (they may differ in their settings), no
+/// replica wrote: it is taken over.
 ///
-/// `KEYS`: lease, entry. `ARGV`: owner, lease ms. Returns `{1 taken | 0 busy, i, s}` (empty
-/// strings for what the entry lacks).
-const TOKEN_LEASE: &str = r"
+/// `KEYS`: lease, entry. `ARGV`: owner, lease ms. Returns `{1 taken | 0 busy, i, s, t, m, d,
+/// forged}`.
+const TOKEN_LEASE: &str = concat!(
+    token_entry!(),
+    r"
+local forged = 0
+local left = redis.call('PTTL', KEYS[1])
+if left == -1 or left > 2 * tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  forged = 1
+end
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-local entry = redis.call('HMGET', KEYS[2], 'i', 's')
-return {taken and 1 or 0, entry[1] or '', entry[2] or ''}
-";
+local fields, bad = entry(KEYS[2])
+return {taken and 1 or 0, fields[1], fields[2], fields[3], fields[4], fields[5], math.max(forged, bad)}
+"
+);
 
 /// [`TOKEN_LEASE`].
 pub struct TakeLease<'a> {
@@ -715,7 +955,7 @@ pub struct LeaseReply {
 
 impl Script for TakeLease<'_> {
     type Reply = LeaseReply;
-    type Raw = (i64, String, Vec<u8>);
+    type Raw = (i64, String, Vec<u8>, String, String, String, i64);
     const OP: RedisOp = RedisOp::TokenLease;
 
     fn lua() -> &'static redis::Script {
@@ -730,11 +970,15 @@ impl Script for TakeLease<'_> {
             .arg(millis(self.ttl));
     }
 
-    fn decode(&self, (taken, issued, sealed): Self::Raw) -> LeaseReply {
+    fn decode(&self, (taken, i, s, t, m, d, _): Self::Raw) -> LeaseReply {
         LeaseReply {
             taken: taken == 1,
-            record: TokenRecord::from_hash(Some(issued), Some(sealed)),
+            record: TokenRecord::from_fields((i, s, t, m, d)),
         }
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.6 == 1).then_some(FORGED_TOKEN)
     }
 }
 
@@ -775,21 +1019,32 @@ impl Script for ReleaseLease<'_> {
     }
 }
 
-/// Stores an entry unless Redis holds one as new or newer (or a newer tombstone).
+/// Stores an entry unless Redis holds one as new or newer (or a newer tombstone), by the
+/// issue times as they are: the replica checks the entry it is shown, and when it was
+/// forged stores again, replacing the entry if its issue time is still the forged one (so
+/// that a newer entry another replica stored meanwhile stays).
 ///
 /// `KEYS`: entry, token index. `ARGV`: issued µs, token fingerprint, sealed entry, ms to
-/// keep, entry fingerprint. Returns 1 if stored.
-const TOKEN_STORE: &str = r"
-local current = tonumber(redis.call('HGET', KEYS[1], 'i') or '0')
-if current >= tonumber(ARGV[1]) then return 0 end
+/// keep, entry fingerprint, MAC, the issue time of a forged entry to replace (or empty).
+/// Returns `{1, '', '', '', '', ''}` if stored, else `{0, i, s, t, m, d}`: what Redis
+/// holds.
+const TOKEN_STORE: &str = concat!(
+    token_entry!(),
+    r"
+local fields = entry(KEYS[1])
+local current = tonumber(fields[1])
+if current and current >= tonumber(ARGV[1]) and fields[1] ~= ARGV[7] then
+  return {0, fields[1], fields[2], fields[3], fields[4], fields[5]}
+end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'i', ARGV[1], 't', ARGV[2], 's', ARGV[3])
+redis.call('HSET', KEYS[1], 'i', ARGV[1], 't', ARGV[2], 's', ARGV[3], 'm', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
-return 1
-";
+return {1, '', '', '', '', ''}
+"
+);
 
-/// [`TOKEN_STORE`]; answers whether the entry was stored (`false`: Redis holds a newer one).
+/// [`TOKEN_STORE`].
 pub struct StoreToken<'a> {
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
@@ -799,13 +1054,26 @@ pub struct StoreToken<'a> {
     pub issued_micros: u64,
     /// The entry, sealed.
     pub sealed: &'a [u8],
+    /// The MAC of (fingerprint, issue time, token fingerprint).
+    pub mac: &'a str,
     /// How long Redis keeps the entry and its index.
     pub keep: Duration,
+    /// The issue time (`i`, as stored) of a forged entry this store replaces.
+    pub replacing: Option<&'a str>,
+}
+
+/// What a store came to.
+#[derive(Debug)]
+pub enum StoreReply {
+    /// The entry is stored.
+    Stored,
+    /// Redis holds an entry as new or newer (by its issue time as it is, unchecked).
+    Kept(TokenRecord),
 }
 
 impl Script for StoreToken<'_> {
-    type Reply = bool;
-    type Raw = i64;
+    type Reply = StoreReply;
+    type Raw = (i64, String, Vec<u8>, String, String, String);
     const OP: RedisOp = RedisOp::TokenStore;
 
     fn lua() -> &'static redis::Script {
@@ -820,11 +1088,17 @@ impl Script for StoreToken<'_> {
             .arg(self.token_fingerprint)
             .arg(self.sealed)
             .arg(millis(self.keep))
-            .arg(self.fingerprint);
+            .arg(self.fingerprint)
+            .arg(self.mac)
+            .arg(self.replacing.unwrap_or(""));
     }
 
-    fn decode(&self, stored: i64) -> bool {
-        stored == 1
+    fn decode(&self, (stored, i, s, t, m, d): Self::Raw) -> StoreReply {
+        if stored == 1 {
+            StoreReply::Stored
+        } else {
+            StoreReply::Kept(TokenRecord::from_fields((i, s, t, m, d)))
+        }
     }
 }
 
@@ -832,10 +1106,13 @@ impl Script for StoreToken<'_> {
 ///
 /// `KEYS`: token index. Returns the entry's fingerprint, or nil.
 const TOKEN_FIND: &str = r"
-return redis.call('GET', KEYS[1])
+local found = redis.pcall('GET', KEYS[1])
+if type(found) == 'string' then return found end
+return false
 ";
 
-/// [`TOKEN_FIND`]; answers the fingerprint of the entry holding the token, if any.
+/// [`TOKEN_FIND`]; answers the fingerprint of the entry holding the token, if any (the
+/// index is plain text: a wrong one only makes [`DropToken`] compare and find nothing).
 pub struct FindToken<'a> {
     /// The token's own fingerprint.
     pub token_fingerprint: &'a str,
@@ -859,12 +1136,15 @@ impl Script for FindToken<'_> {
     }
 }
 
-/// Drops the entry if it still holds the refused token; keeps `i` as a tombstone.
+/// Drops the entry if it still holds the refused token: its sealed token goes, its issue
+/// time, token fingerprint and MAC stay as a tombstone, with the MAC that says the token was
+/// refused.
 ///
-/// `KEYS`: entry. `ARGV`: token fingerprint. Returns 1 if dropped.
+/// `KEYS`: entry. `ARGV`: token fingerprint, its refusal's MAC. Returns 1 if dropped.
 const TOKEN_DROP: &str = r"
-if redis.call('HGET', KEYS[1], 't') == ARGV[1] then
-  redis.call('HDEL', KEYS[1], 's', 't')
+if redis.pcall('HGET', KEYS[1], 't') == ARGV[1] then
+  redis.call('HDEL', KEYS[1], 's')
+  redis.call('HSET', KEYS[1], 'd', ARGV[2])
   return 1
 end
 return 0
@@ -876,6 +1156,8 @@ pub struct DropToken<'a> {
     pub fingerprint: &'a str,
     /// The refused token's own fingerprint.
     pub token_fingerprint: &'a str,
+    /// The MAC of (fingerprint, token fingerprint) that says the token was refused.
+    pub mac: &'a str,
 }
 
 impl Script for DropToken<'_> {
@@ -890,7 +1172,8 @@ impl Script for DropToken<'_> {
     fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
         invocation
             .key(cluster.key(KeyKind::Token, self.fingerprint))
-            .arg(self.token_fingerprint);
+            .arg(self.token_fingerprint)
+            .arg(self.mac);
     }
 
     fn decode(&self, dropped: i64) -> bool {
@@ -902,7 +1185,11 @@ impl Script for DropToken<'_> {
 ///
 /// `KEYS`: counter. `ARGV`: ms to keep. Returns the count.
 const TOKEN_COUNT: &str = r"
-local count = redis.call('INCR', KEYS[1])
+local count = redis.pcall('INCR', KEYS[1])
+if type(count) ~= 'number' then
+  redis.call('DEL', KEYS[1])
+  count = redis.call('INCR', KEYS[1])
+end
 if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return count
 ";

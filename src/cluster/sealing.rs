@@ -1,15 +1,21 @@
-//! What makes the shared state unreadable to anyone with access to Redis: keys are keyed
-//! fingerprints, values are sealed (encrypted and authenticated).
+//! What makes the shared state unreadable to anyone with access to Redis, and what a
+//! replica written value proves: keys are keyed fingerprints, values are sealed (encrypted
+//! and authenticated) or carry a MAC.
 //!
-//! Both keys come from the cluster secret that every replica shares (`[cluster] secret_file`
-//! or `WXGATE_CLUSTER_SECRET`), through HMAC-SHA256 with a label per use, so that the
-//! fingerprint key and the sealing key are independent. ring provides HMAC and
-//! ChaCha20-Poly1305 (it is already in the tree for TLS): no hand-written cryptography.
+//! The three keys come from the cluster secret that every replica shares (`[cluster]
+//! secret_file` or `WXGATE_CLUSTER_SECRET`), through HMAC-SHA256 with a label per use, so
+//! that the fingerprint key, the MAC key and the sealing key are independent. ring provides
+//! HMAC and ChaCha20-Poly1305 (it is already in the tree for TLS): no hand-written
+//! cryptography.
 //!
 //! - A **fingerprint** of (what, fields…) is HMAC-SHA256 over the fields, each written with
 //!   its length so that no two field lists write the same bytes, truncated to 128 bits and
 //!   written as 32 hex characters. Without the secret, a fingerprint says nothing of the
 //!   appid, credential or code behind it, and nobody can aim at a chosen key.
+//! - A **MAC** of (what, fields…) is written the same way under its own key: a value stored
+//!   in plain text (a token entry's issue time, a heartbeat) carries the MAC of what it
+//!   states, and a replica believes it only if the MAC is right ([`Sealing::verify`]).
+//!   Nobody without the secret can write a value that passes.
 //! - A **sealed** value is a random 96-bit nonce followed by ChaCha20-Poly1305 ciphertext
 //!   and tag, with the key's fingerprint as associated data: a value moved to another key
 //!   does not open.
@@ -24,6 +30,7 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 /// Fingerprints and sealing under the cluster secret.
 pub struct Sealing {
     fingerprint: hmac::Key,
+    mac: hmac::Key,
     seal: LessSafeKey,
     random: SystemRandom,
 }
@@ -40,6 +47,7 @@ impl Sealing {
         let derive = |label: &[u8]| hmac::sign(&root, label);
         let fingerprint =
             hmac::Key::new(hmac::HMAC_SHA256, derive(b"wxgate fingerprint v1").as_ref());
+        let mac = hmac::Key::new(hmac::HMAC_SHA256, derive(b"wxgate mac v1").as_ref());
         let seal_key = derive(b"wxgate seal v1");
         let seal = LessSafeKey::new(
             UnboundKey::new(&CHACHA20_POLY1305, seal_key.as_ref())
@@ -47,6 +55,7 @@ impl Sealing {
         );
         Sealing {
             fingerprint,
+            mac,
             seal,
             random: SystemRandom::new(),
         }
@@ -54,18 +63,23 @@ impl Sealing {
 
     /// The fingerprint of `fields` for the use `what` (`quota`, `code`, `token`…).
     pub fn fingerprint(&self, what: &str, fields: &[&[u8]]) -> String {
-        let mut context = hmac::Context::with_key(&self.fingerprint);
-        for field in std::iter::once(what.as_bytes()).chain(fields.iter().copied()) {
-            context.update(&(field.len() as u64).to_be_bytes());
-            context.update(field);
-        }
-        let tag = context.sign();
-        let mut hex = String::with_capacity(32);
-        for byte in &tag.as_ref()[..16] {
-            hex.push(char::from(HEX[usize::from(byte >> 4)]));
-            hex.push(char::from(HEX[usize::from(byte & 0xf)]));
-        }
-        hex
+        hex_tag(&self.fingerprint, what, fields)
+    }
+
+    /// The MAC of `fields` for the use `what`, as 32 hex characters.
+    pub fn mac(&self, what: &str, fields: &[&[u8]]) -> String {
+        hex_tag(&self.mac, what, fields)
+    }
+
+    /// Whether `mac` is the MAC of `fields` for the use `what` (compared in constant time).
+    pub fn verify(&self, what: &str, fields: &[&[u8]], mac: &[u8]) -> bool {
+        let expected = self.mac(what, fields);
+        expected.len() == mac.len()
+            && expected
+                .bytes()
+                .zip(mac)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
     }
 
     /// Seals `plain` for the key whose fingerprint is `fingerprint`.
@@ -105,6 +119,23 @@ impl Sealing {
     }
 }
 
+/// HMAC-SHA256 under `key` of `what` and `fields`, each written with its length, truncated
+/// to 128 bits and written as 32 hex characters.
+fn hex_tag(key: &hmac::Key, what: &str, fields: &[&[u8]]) -> String {
+    let mut context = hmac::Context::with_key(key);
+    for field in std::iter::once(what.as_bytes()).chain(fields.iter().copied()) {
+        context.update(&(field.len() as u64).to_be_bytes());
+        context.update(field);
+    }
+    let tag = context.sign();
+    let mut hex = String::with_capacity(32);
+    for byte in &tag.as_ref()[..16] {
+        hex.push(char::from(HEX[usize::from(byte >> 4)]));
+        hex.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    hex
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +162,21 @@ mod tests {
         let other = Sealing::new(b"another secret, also 32 bytes!!!");
         assert_ne!(a, other.fingerprint("code", &[b"wxa", b"secret", b"code"]));
         assert!(!a.contains("wxa"));
+    }
+
+    #[test]
+    fn macs_verify_only_their_own_fields_under_their_own_secret() {
+        let sealing = Sealing::new(SECRET);
+        let mac = sealing.mac("token-entry", &[b"f", b"17"]);
+        assert!(sealing.verify("token-entry", &[b"f", b"17"], mac.as_bytes()));
+        assert!(!sealing.verify("token-entry", &[b"f", b"18"], mac.as_bytes()));
+        assert!(!sealing.verify("token-dropped", &[b"f", b"17"], mac.as_bytes()));
+        assert!(!sealing.verify("token-entry", &[b"f", b"17"], &mac.as_bytes()[1..]));
+        assert!(!sealing.verify("token-entry", &[b"f", b"17"], b""));
+        // Independent of the fingerprint of the same fields.
+        assert_ne!(mac, sealing.fingerprint("token-entry", &[b"f", b"17"]));
+        let other = Sealing::new(b"another secret, also 32 bytes!!!");
+        assert!(!other.verify("token-entry", &[b"f", b"17"], mac.as_bytes()));
     }
 
     #[test]

@@ -18,7 +18,9 @@
 //!
 //! A code is never sent twice while a live claim holds it; when a claim vanishes without a
 //! result (its holder died and the lease ran out), the waiters answer `-1` and say so,
-//! rather than spend the code again. Values are sealed with the fingerprint as associated
+//! rather than spend the code again. A waiter waits one lease at most, whatever Redis says
+//! (a claim written or kept alive by something else than a replica ends there too), and
+//! a claim without expiry, which no replica writes, is taken over by the next claimant. Values are sealed with the fingerprint as associated
 //! data: nothing stored is readable, and an answer moved to another key does not open.
 
 use std::future::Future;
@@ -40,7 +42,7 @@ use crate::answer::{Answer, LocalAnswer, RememberedAnswer};
 use crate::cluster::scripts::{
     ClaimCode, ClaimReply, CompleteClaim, PeekCode, PeekReply, RenewClaim,
 };
-use crate::cluster::{owner_id, Cluster};
+use crate::cluster::{owner_id, Cluster, RedisOp};
 use crate::dispatch::{Call, Dispatcher};
 use crate::quota::FirstTurn;
 use crate::wechat::{Api, WechatParams, JSON_CONTENT_TYPE};
@@ -107,14 +109,16 @@ impl CodeCache {
                 self.forget_flight(key, flight);
                 (shared.wait(&fingerprint).await, CacheStatus::Coalesced)
             }
-            Some(ClaimReply::Remembered(sealed)) => match shared.open(&fingerprint, &sealed) {
-                Some(answer) => {
-                    self.metrics.lookup(Tier::Redis, CacheStatus::Hit);
-                    (self.remember(key, answer), CacheStatus::Hit)
+            Some(ClaimReply::Remembered(sealed)) => {
+                match shared.open(&fingerprint, &sealed, RedisOp::CodeClaim) {
+                    Some(answer) => {
+                        self.metrics.lookup(Tier::Redis, CacheStatus::Hit);
+                        (self.remember(key, answer), CacheStatus::Hit)
+                    }
+                    // Sealed under another secret, or tampered with: as if Redis were away.
+                    None => self.call_alone(key, flight, call, dispatcher).await,
                 }
-                // Sealed under another secret, or tampered with: as if Redis were away.
-                None => self.call_alone(key, flight, call, dispatcher).await,
-            },
+            }
             // Redis is not available: the exchange goes on as in a single process.
             None => self.call_alone(key, flight, call, dispatcher).await,
         }
@@ -234,45 +238,64 @@ impl SharedCodes {
         let _ = self.cluster.eval(&complete).await;
     }
 
-    /// Waits for the result of the replica holding the claim.
+    /// Waits for the result of the replica holding the claim: one lease at most, whatever
+    /// Redis says (a claim kept alive by anyone else than a replica ends there too).
     async fn wait(&self, fingerprint: &str) -> Answer {
+        let deadline = Instant::now() + self.lease;
         let Some(mut listener) = self.cluster.listen(fingerprint).await else {
             return Answer::Local(LocalAnswer::ClaimUnreachable);
         };
+        let peek = PeekCode {
+            fingerprint,
+            lease: self.lease,
+        };
         let answer = loop {
             // Looked at after subscribing, so a result published before is not missed.
-            match self.cluster.eval(&PeekCode { fingerprint }).await {
-                Some(PeekReply::Answer(sealed)) => match self.open(fingerprint, &sealed) {
-                    Some(answer) => break Answer::Remembered(answer),
-                    None => break Answer::Local(LocalAnswer::ClaimHolderGone),
-                },
+            match self.cluster.eval(&peek).await {
+                Some(PeekReply::Answer(sealed)) => {
+                    match self.open(fingerprint, &sealed, RedisOp::CodePeek) {
+                        Some(answer) => break Answer::Remembered(answer),
+                        None => break Answer::Local(LocalAnswer::ClaimHolderGone),
+                    }
+                }
+                Some(PeekReply::Claimed) if Instant::now() >= deadline => {
+                    break Answer::Local(LocalAnswer::ClaimHolderGone)
+                }
                 Some(PeekReply::Claimed) => {}
                 Some(PeekReply::Gone) => break Answer::Local(LocalAnswer::ClaimHolderGone),
                 None => break Answer::Local(LocalAnswer::ClaimUnreachable),
             }
+            let next_look = (Instant::now() + FALLBACK_LOOK).min(deadline);
             tokio::select! {
                 message = listener.message() => {
-                    if let Some(answer) = message.and_then(|sealed| self.open(fingerprint, &sealed)) {
+                    let opened = message.and_then(|sealed| self.open(fingerprint, &sealed, RedisOp::Subscribe));
+                    if let Some(answer) = opened {
                         break Answer::Remembered(answer);
                     }
                 }
-                () = tokio::time::sleep(FALLBACK_LOOK) => {}
+                () = tokio::time::sleep_until(next_look) => {}
             }
         };
         listener.close().await;
         answer
     }
 
-    /// Opens a sealed answer; one that does not open (another cluster secret, tampering) is
-    /// treated as absent, and logged without its content.
-    fn open(&self, fingerprint: &str, sealed: &[u8]) -> Option<RememberedAnswer> {
-        match self.cluster.sealing().open(fingerprint, sealed) {
-            Ok(plain) => RememberedAnswer::decode(&plain),
-            Err(error) => {
-                tracing::warn!(%error, "a shared code-exchange answer was ignored");
-                None
-            }
+    /// Opens a sealed answer (read by `op`); one that does not open (tampering, another
+    /// cluster secret) is treated as absent, and reported as forged.
+    fn open(&self, fingerprint: &str, sealed: &[u8], op: RedisOp) -> Option<RememberedAnswer> {
+        let answer = self
+            .cluster
+            .sealing()
+            .open(fingerprint, sealed)
+            .ok()
+            .and_then(|plain| RememberedAnswer::decode(&plain));
+        if answer.is_none() {
+            self.cluster.forged(
+                op,
+                "a code-exchange answer that does not open under this fingerprint",
+            );
         }
+        answer
     }
 }
 

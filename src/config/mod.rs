@@ -258,6 +258,10 @@ pub struct ClusterConfig {
     /// The longest one Redis operation may take before the replica stops waiting for it and
     /// degrades.
     pub timeout: Duration,
+    /// The fewest replicas a degraded replica's share assumes: its share of a quota is
+    /// `per_window / max(expected_replicas, live replicas)`, and a replica that starts
+    /// without Redis (and so has counted nobody) divides by it alone.
+    pub expected_replicas: u32,
     /// Shared by the replicas: keys fingerprints and seals what they store.
     pub secret: ClusterSecret,
 }

@@ -223,6 +223,7 @@ pub(crate) struct RawCluster {
     pub(crate) redis_url: Secret<UrlPassword>,
     pub(crate) key_prefix: String,
     pub(crate) timeout_ms: i64,
+    pub(crate) expected_replicas: i64,
     /// Absent: the secret comes from `WXGATE_CLUSTER_SECRET`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) secret_file: Option<String>,
@@ -234,6 +235,8 @@ impl Default for RawCluster {
             redis_url: Secret::new(""),
             key_prefix: "wxgate:".into(),
             timeout_ms: 50,
+            // Production runs two or more replicas.
+            expected_replicas: 2,
             secret_file: None,
         }
     }

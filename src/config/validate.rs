@@ -249,6 +249,7 @@ fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
             None
         };
     let timeout = c.millis(key!(raw.timeout_ms), 1..=10_000);
+    let expected_replicas = c.int(key!(raw.expected_replicas), 1..=1000);
     let secret = ClusterSecret::load(
         raw.secret_file.as_deref().map(std::path::Path::new),
         env(CLUSTER_SECRET_ENV),
@@ -258,6 +259,7 @@ fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
         redis_url: redis_url?,
         key_prefix: key_prefix?,
         timeout: timeout?,
+        expected_replicas: expected_replicas?,
         secret: secret?,
     })
 }

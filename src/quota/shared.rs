@@ -15,12 +15,20 @@
 //!
 //! # Degraded
 //! Without Redis, a replica admits at most its *share*, `per_window / live replicas` (the
-//! last count it learned), in each of WeChat's calendar windows, and nothing in the window
+//! count the heartbeats agreed on, [`Cluster::replicas`]: a Redis back empty does not lower
+//! it), in each of WeChat's calendar windows, and nothing in the window
 //! it degraded in: the shared count of that window is unknown to it, so it is taken as
 //! spent. With Redis down for every replica, each calendar window then holds at most
 //! `per_window` calls: the shared ones (before) or the shares (after), never both. Going
 //! back, the replicas switch at one window boundary they agree on in Redis (see
 //! [`ReplicaMode::Resuming`]).
+//!
+//! A replica that starts without Redis has counted nobody: its share divides by
+//! `cluster.expected_replicas` ([`Cluster::share`]), and in the window it started in, where
+//! it cannot know what was taken (by the others before Redis went, or by itself before a
+//! restart), it paces that share from its start, one turn every `window / share` and none at
+//! once: so it serves from its start, and however often it restarts within a window, its
+//! lives together take at most its share of it.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,6 +107,7 @@ impl SharedQuota {
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
+            window: self.window,
         }
     }
 
@@ -116,21 +125,35 @@ impl SharedQuota {
             // Shared since the check above; the turn is counted locally all the same.
             ReplicaMode::Shared => Instant::now(),
         };
-        let share = limit.per_window / self.cluster.replicas();
+        let share = self.cluster.share(limit.per_window);
         let now = SystemTime::now();
         let window = window_index(now, self.window);
         let degraded_in = window_index(now - since.elapsed(), self.window);
+        let allowed = if window != degraded_in {
+            share
+        } else if !self.cluster.has_shared() {
+            // Started without Redis: its share, paced from its start (see the module
+            // documentation).
+            paced(share, since.elapsed(), self.window)
+        } else {
+            0
+        };
         let mut entry = self.local.entry(*key).or_insert((window, 0));
         if entry.0 != window {
             *entry = (window, 0);
         }
-        if window != degraded_in && entry.1 < share {
+        if entry.1 < allowed {
             entry.1 += 1;
             drop(entry);
             self.cluster.admitted_locally();
             return Ok(());
         }
-        Err(until_next_window(now, self.window))
+        let next_window = until_next_window(now, self.window);
+        if allowed < share {
+            // Paced: the next turn comes with the pace, if this window has one left.
+            return Err(next_window.min(self.window / share.max(1)));
+        }
+        Err(next_window)
     }
 
     /// Pauses `key` in Redis until WeChat's next window by Redis's clock (when counting
@@ -154,8 +177,35 @@ impl SharedQuota {
     }
 }
 
+/// The turns of `share` a replica may have taken `elapsed` after it started without Redis,
+/// paced over `window`: one every `window / share`, none at once. However often a replica
+/// restarts within a window, its lives together take at most its share of it.
+fn paced(share: u32, elapsed: Duration, window: Duration) -> u32 {
+    let paced = elapsed.as_nanos() * u128::from(share) / window.as_nanos().max(1);
+    paced.min(u128::from(share)) as u32
+}
+
 /// The calendar window `at` falls in (windows aligned to the epoch, as WeChat's minutes).
 fn window_index(at: SystemTime, window: Duration) -> u64 {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     (since_epoch.as_nanos() / window.as_nanos().max(1)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_paced_over_the_window_starts_with_nothing_and_ends_with_the_share() {
+        let window = Duration::from_secs(60);
+        let at = |secs| paced(6, Duration::from_secs(secs), window);
+        assert_eq!(at(0), 0, "none at once");
+        assert_eq!(at(9), 0);
+        assert_eq!(at(10), 1, "one every window / share");
+        assert_eq!(at(59), 5);
+        assert_eq!(at(600), 6, "never more than the share");
+        // Lives of 25 s and 35 s in one window: five turns together, within the share.
+        assert!(at(25) + at(35) <= 6);
+        assert_eq!(paced(0, Duration::from_secs(30), window), 0);
+    }
 }

@@ -24,6 +24,15 @@
 //! comparing, without opening anything); an index from the token's fingerprint to its
 //! entry; the lease; and the day's fetches, for the budget gauge.
 //!
+//! # What Redis says is checked
+//! The issue time and the token's fingerprint are plain text, for the scripts to compare,
+//! so an entry carries their MAC under the cluster secret, and a tombstone the MAC that says
+//! its token was refused; the sealed token holds its issue time too. A replica believes an
+//! entry only if all of it checks ([`SharedTokens::check`]); one that does not is reported
+//! as forged and treated as absent: the replica keeps its own token (it fetches no more
+//! than it would without Redis) and stores it over the forged entry, so that nothing forged
+//! blocks a store for long.
+//!
 //! When Redis fails, the operation gives nothing, the replica degrades (see
 //! [`crate::cluster`]) and the cache goes on with its own copy: no request fails because of
 //! Redis.
@@ -38,9 +47,10 @@ use super::fetch::{Coordinated, FetchMode, Fetched, Job};
 use super::policy::{self, Need, Reconcile, RemoteView};
 use super::{TokenCache, TokenKey};
 use crate::cluster::scripts::{
-    CountFetch, DropToken, FindToken, ReadToken, ReleaseLease, StoreToken, TakeLease, TokenRecord,
+    CountFetch, DropToken, FindToken, ReadToken, ReleaseLease, StoreReply, StoreToken, TakeLease,
+    TokenFields, TokenRecord,
 };
-use crate::cluster::{owner_id, Cluster};
+use crate::cluster::{owner_id, Cluster, RedisOp};
 
 /// How often a replica waiting for another's fetch looks again.
 pub(super) const LEASE_POLL: Duration = Duration::from_millis(20);
@@ -56,7 +66,7 @@ pub struct SharedTokens {
     lease_ttl: Duration,
 }
 
-/// What Redis holds for a key, opened.
+/// What Redis holds for a key, checked and opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Remote {
     /// Nothing.
@@ -68,6 +78,21 @@ enum Remote {
     },
     /// A token.
     Present(Entry),
+    /// An entry no replica wrote (its MACs or seal do not check): as good as absent, and to
+    /// be replaced.
+    Forged {
+        /// Its issue time as stored, which the store that replaces it names.
+        issued: String,
+    },
+}
+
+/// What storing an entry came to.
+#[derive(Debug)]
+enum Stored {
+    /// Redis holds it now.
+    Yes,
+    /// Redis holds an entry as new or newer: this.
+    Kept(Remote),
 }
 
 /// The outcome of trying to take a key's lease.
@@ -113,7 +138,7 @@ impl SharedTokens {
             fingerprint: &fingerprint,
         };
         let record = self.cluster.eval(&read).await?;
-        Some(self.open(&fingerprint, record))
+        Some(self.open(&fingerprint, record, RedisOp::TokenRead))
     }
 
     /// Tries to take `key`'s lease for `owner`; `None` when Redis failed.
@@ -127,7 +152,7 @@ impl SharedTokens {
         let reply = self.cluster.eval(&lease).await?;
         Some(Lease {
             taken: reply.taken,
-            remote: self.open(&fingerprint, reply.record),
+            remote: self.open(&fingerprint, reply.record, RedisOp::TokenLease),
         })
     }
 
@@ -141,28 +166,63 @@ impl SharedTokens {
         let _ = self.cluster.eval(&release).await;
     }
 
-    /// Stores `entry` unless Redis holds a newer one: `Some(true)` stored, `Some(false)` kept
-    /// the newer, `None` Redis failed.
-    async fn store(&self, key: &TokenKey, entry: &Entry) -> Option<bool> {
+    /// Stores `entry` unless Redis holds a newer one (by its issue time): `None` when Redis
+    /// failed. `replacing`: the issue time of a forged entry this replica read, which the
+    /// store replaces. A forged entry found in the way is replaced the same way.
+    async fn store(
+        &self,
+        key: &TokenKey,
+        entry: &Entry,
+        replacing: Option<&str>,
+    ) -> Option<Stored> {
         let fingerprint = self.fingerprint(key);
         let token_fingerprint = self.token_fingerprint(&entry.token);
-        let sealed = self
-            .cluster
-            .sealing()
-            .seal(&fingerprint, &entry.to_record());
+        let sealing = self.cluster.sealing();
+        let sealed = sealing.seal(&fingerprint, &entry.to_record());
+        let issued_micros = micros(entry.held.issued);
+        let issued = issued_micros.to_string();
+        let mac = sealing.mac(
+            ENTRY_MAC,
+            &[
+                fingerprint.as_bytes(),
+                issued.as_bytes(),
+                token_fingerprint.as_bytes(),
+            ],
+        );
         let left = entry
             .held
             .expires_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();
-        let store = StoreToken {
+        let mut store = StoreToken {
             fingerprint: &fingerprint,
             token_fingerprint: &token_fingerprint,
-            issued_micros: micros(entry.held.issued),
+            issued_micros,
             sealed: &sealed,
+            mac: &mac,
             keep: left + KEEP_AFTER_EXPIRY,
+            replacing,
         };
-        self.cluster.eval(&store).await
+        let kept = match self.cluster.eval(&store).await? {
+            StoreReply::Stored => return Some(Stored::Yes),
+            StoreReply::Kept(record) => self.open(&fingerprint, record, RedisOp::TokenStore),
+        };
+        let Remote::Forged { issued } = &kept else {
+            return Some(Stored::Kept(kept));
+        };
+        if replacing.is_some() {
+            // Forged again since: the next request tries again.
+            return Some(Stored::Kept(kept));
+        }
+        store.replacing = Some(issued);
+        match self.cluster.eval(&store).await? {
+            StoreReply::Stored => Some(Stored::Yes),
+            StoreReply::Kept(record) => Some(Stored::Kept(self.open(
+                &fingerprint,
+                record,
+                RedisOp::TokenStore,
+            ))),
+        }
     }
 
     /// Drops `token` (refused by WeChat) wherever Redis holds it: under `key` when the
@@ -178,9 +238,14 @@ impl SharedTokens {
                 self.cluster.eval(&find).await??
             }
         };
+        let mac = self.cluster.sealing().mac(
+            DROPPED_MAC,
+            &[fingerprint.as_bytes(), token_fingerprint.as_bytes()],
+        );
         let drop = DropToken {
             fingerprint: &fingerprint,
             token_fingerprint: &token_fingerprint,
+            mac: &mac,
         };
         self.cluster.eval(&drop).await
     }
@@ -195,34 +260,59 @@ impl SharedTokens {
         self.cluster.eval(&count).await
     }
 
-    /// Opens what Redis holds for the entry named by `fingerprint`.
-    fn open(&self, fingerprint: &str, record: TokenRecord) -> Remote {
-        let sealed = match record {
-            TokenRecord::Missing => return Remote::Missing,
-            TokenRecord::Dropped { issued_micros } => {
-                return Remote::Dropped {
-                    issued: from_micros(issued_micros),
-                }
-            }
-            // The entry holds its own issue time.
-            TokenRecord::Sealed { sealed, .. } => sealed,
+    /// Checks and opens what Redis holds for the entry named by `fingerprint` (read by
+    /// `op`); reports what does not check as forged.
+    fn open(&self, fingerprint: &str, record: TokenRecord, op: RedisOp) -> Remote {
+        let TokenRecord::Stored(fields) = record else {
+            return Remote::Missing;
         };
-        let entry = self
-            .cluster
-            .sealing()
-            .open(fingerprint, &sealed)
-            .ok()
-            .and_then(|plain| Entry::from_record(&plain));
-        match entry {
-            Some(entry) => Remote::Present(entry),
+        match self.check(fingerprint, &fields) {
+            Some(remote) => remote,
             None => {
-                // Another cluster secret, or tampering: unusable, so as good as absent.
-                tracing::warn!("a shared token did not open with this cluster secret: ignored (do all replicas share one cluster secret?)");
-                Remote::Missing
+                self.cluster
+                    .forged(op, "a token entry whose MAC or seal does not check");
+                Remote::Forged {
+                    issued: fields.issued,
+                }
             }
         }
     }
+
+    /// What an entry's fields prove, if they check: its MAC over (fingerprint, issue time,
+    /// token fingerprint); then either the MAC of its refusal (a tombstone) or its sealed
+    /// token, which opens under this fingerprint and holds that issue time.
+    fn check(&self, fingerprint: &str, fields: &TokenFields) -> Option<Remote> {
+        let sealing = self.cluster.sealing();
+        let issued_micros: u64 = fields.issued.parse().ok()?;
+        let token_fingerprint = fields.token_fingerprint.as_bytes();
+        let stated = [
+            fingerprint.as_bytes(),
+            fields.issued.as_bytes(),
+            token_fingerprint,
+        ];
+        if !sealing.verify(ENTRY_MAC, &stated, fields.mac.as_bytes()) {
+            return None;
+        }
+        let issued = from_micros(issued_micros);
+        if !fields.dropped.is_empty() {
+            let refused = [fingerprint.as_bytes(), token_fingerprint];
+            return sealing
+                .verify(DROPPED_MAC, &refused, fields.dropped.as_bytes())
+                .then_some(Remote::Dropped { issued });
+        }
+        // `m` binds the token's fingerprint to the issue time, and the seal the token to the
+        // same issue time: one fetch, one token.
+        let plain = sealing.open(fingerprint, &fields.sealed).ok()?;
+        let entry = Entry::from_record(&plain)?;
+        (entry.held.issued == issued).then_some(Remote::Present(entry))
+    }
 }
+
+/// The MAC an entry carries: over (key fingerprint, issue time, token fingerprint).
+const ENTRY_MAC: &str = "token-entry";
+
+/// The MAC a tombstone carries: over (key fingerprint, token fingerprint).
+const DROPPED_MAC: &str = "token-dropped";
 
 impl TokenCache {
     /// Redis, when configured and not away.
@@ -238,10 +328,14 @@ impl TokenCache {
         let Some(remote) = shared.read(key).await else {
             return;
         };
+        let forged = match &remote {
+            Remote::Forged { issued } => Some(issued.clone()),
+            _ => None,
+        };
         if let Some(seed) = self.apply_remote(key, remote) {
             // Refused when another replica stored a newer one meanwhile: the next read
             // takes that one.
-            let _ = shared.store(key, &seed).await;
+            let _ = shared.store(key, &seed, forged.as_deref()).await;
         }
     }
 
@@ -250,8 +344,10 @@ impl TokenCache {
         let Some(shared) = self.shared() else {
             return;
         };
-        if shared.store(key, entry).await == Some(false) {
-            self.sync(key).await;
+        if let Some(Stored::Kept(remote)) = shared.store(key, entry, None).await {
+            // Redis holds a newer token, or a newer tombstone: it comes first. (Nothing to
+            // seed: Redis holds nothing older.)
+            let _ = self.apply_remote(key, remote);
         }
     }
 
@@ -262,7 +358,7 @@ impl TokenCache {
         let mut slots = self.slots.lock();
         let slot = slots.entry(key.clone()).or_default();
         let view = match &remote {
-            Remote::Missing => RemoteView::Missing,
+            Remote::Missing | Remote::Forged { .. } => RemoteView::Missing,
             Remote::Dropped { issued } => RemoteView::Dropped(*issued),
             Remote::Present(entry) => RemoteView::Present(entry.held.issued),
         };

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::child::ChildWxgate;
 use crate::support::cluster::{cluster_config_text, Replicas};
-use crate::support::redis::RedisServer;
+use crate::support::redis::{command as redis_command, RedisServer};
 use crate::support::*;
 use futures_util::future::join_all;
 
@@ -355,4 +355,68 @@ async fn nothing_readable_is_stored_in_redis() {
             assert!(!value.windows(readable.len()).any(|w| w == readable));
         }
     }
+}
+
+/// A claim that does not end (written by hand, or kept alive by somebody else): a retry of
+/// its code on another replica is answered within the claim's lease (`upstream.timeout_ms` +
+/// 2 s, four seconds here) whatever Redis says. A claim without expiry no replica wrote: it
+/// is taken over (WeChat then says the code was used); one kept alive from outside makes
+/// the waiter answer `-1`, as when the holder went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_never_ends_holds_a_retry_at_most_a_lease() {
+    const LEASE: Duration = Duration::from_secs(4);
+    let Some(redis) =
+        RedisServer::start_or_skip("a_claim_that_never_ends_holds_a_retry_at_most_a_lease")
+    else {
+        return;
+    };
+    let upstream = stand_in(|_| {}).await;
+    let replicas = started(&redis, &upstream).await;
+    let client = client();
+    let path = jscode2session(APPID, SECRET, "code-claimed-for-good");
+    assert_eq!(get(&client, replicas.pick(0).url(&path)).await.errcode(), 0);
+    let answers = redis.keys("wxgate:ca:*");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let claim = answers[0].replace("wxgate:ca:", "wxgate:cl:");
+    // The remembered answer goes; a claim without expiry takes its place.
+    redis.command(&["DEL", &answers[0]]);
+    redis.command(&["SET", &claim, "somebody"]);
+    let retry = tokio::time::timeout(2 * LEASE, get(&client, replicas.pick(1).url(&path)))
+        .await
+        .expect("a retry waited for a claim without expiry for more than two leases");
+    assert_eq!(
+        retry.errcode(),
+        40163,
+        "taken over: WeChat says the code was used"
+    );
+    assert!(
+        replicas
+            .metric_sum("wxgate_redis_errors_total", &[("kind", "forged")])
+            .await
+            >= 1.0
+    );
+
+    // The remembered answer (40163 now) goes again, and somebody keeps a claim alive with a
+    // short expiry, again and again.
+    redis.command(&["DEL", &answers[0]]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let (stop, claim, addr) = (stop.clone(), claim.clone(), redis.addr());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                redis_command(addr, &["SET", &claim, "somebody", "PX", "1000"]);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let retry = tokio::time::timeout(2 * LEASE, get(&client, replicas.pick(2).url(&path))).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    keeper.join().unwrap();
+    let retry = retry.expect("a retry waited for a claim kept alive for more than two leases");
+    assert_eq!(
+        (retry.status, retry.errcode()),
+        (502, -1),
+        "{:?}",
+        retry.json()
+    );
 }

@@ -403,3 +403,77 @@ async fn a_replica_with_another_secret_does_not_share() {
         );
     }
 }
+
+/// Redis down for a while, then back empty, while callers keep calling every replica: a
+/// replica whose first heartbeat lands in the emptied Redis sees itself alone there, but the
+/// share it limits itself to stays a third of the quota until the replicas count in Redis
+/// again, so no window holds more than the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_empty_keeps_every_window_within_the_quota() {
+    const QUOTA: u32 = 12;
+    let window = Duration::from_secs(1);
+    let Some(mut redis) =
+        RedisServer::start_or_skip("redis_back_empty_keeps_every_window_within_the_quota")
+    else {
+        return;
+    };
+    // Calls that find no turn within 200 ms are refused (a local 45011): the callers keep
+    // coming at every replica, as a busy front end's do.
+    let (upstream, replicas) = shared_replicas(
+        &redis,
+        QUOTA,
+        window,
+        &format!("[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 200\n"),
+    )
+    .await;
+    replicas.wait_until_they_know_each_other().await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers = (0..6).map(|caller| {
+        let (client, stop) = (client(), stop.clone());
+        let proxy = replicas.pick(caller);
+        async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let code = format!("code-back-{caller}-{i}");
+                let (status, _) = exchange(&client, proxy, &code).await;
+                assert_eq!(status, 200);
+                i += 1;
+            }
+        }
+    });
+    let window_of = |at: std::time::SystemTime| {
+        at.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() / window.as_nanos()
+    };
+    let outage = async {
+        while upstream.calls(EXCHANGE) < u64::from(QUOTA) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        redis.stop();
+        replicas
+            .wait_for_state("degraded", Duration::from_secs(5))
+            .await;
+        // The replicas limit themselves to their shares: calls reach WeChat two windows
+        // after the one they degraded in.
+        let stopped = window_of(std::time::SystemTime::now());
+        while !upstream
+            .call_log()
+            .iter()
+            .any(|call| window_of(call.at) > stopped + 1)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        redis.restart();
+        replicas
+            .wait_for_state("shared", Duration::from_secs(10))
+            .await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    tokio::join!(join_all(callers), outage);
+    let windows: Vec<u64> = calls_per_window(&upstream, window).into_values().collect();
+    assert!(
+        windows.iter().all(|calls| *calls <= u64::from(QUOTA)),
+        "a window held more than the quota: {windows:?}"
+    );
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+}

@@ -7,7 +7,9 @@ mod support;
 mod allow;
 mod binary;
 mod cluster_codes;
+mod cluster_forgery;
 mod cluster_quota;
+mod cluster_unusable;
 mod code_exchange;
 mod connections;
 #[cfg(feature = "demo")]

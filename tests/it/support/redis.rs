@@ -18,6 +18,8 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    /// More arguments for `redis-server` (`--requirepass`...).
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -54,12 +56,27 @@ impl RedisServer {
 
     /// Starts one on `port` (again, after [`RedisServer::stop`]).
     pub fn start_on(port: u16) -> RedisServer {
+        RedisServer::start_on_with(port, &[])
+    }
+
+    /// Starts one on a free port with more arguments for `redis-server`, such as
+    /// `--requirepass PASSWORD`.
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        RedisServer::start_on_with(port, extra)
+    }
+
+    fn start_on_with(port: u16, extra: &[&str]) -> RedisServer {
         let dir = std::env::temp_dir().join(format!("wxgate-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut server = RedisServer {
             child: None,
             port,
             dir,
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         server.restart();
         server
@@ -73,13 +90,18 @@ impl RedisServer {
             .args(["--protected-mode", "no", "--loglevel", "warning"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server starts (Debian: apt-get install redis-server)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.command(&["PING"]).as_deref() != Some("+PONG") {
+        // A server with a password answers NOAUTH: it is up all the same.
+        let up = |answer: Option<String>| {
+            answer.is_some_and(|line| line == "+PONG" || line.starts_with("-NOAUTH"))
+        };
+        while !up(self.command(&["PING"])) {
             assert!(
                 Instant::now() < deadline,
                 "redis-server never answered PING"
@@ -108,12 +130,51 @@ impl RedisServer {
 
     /// Runs one command; the first line of its answer (`+PONG`, `:3`, `$5`...).
     pub fn command(&self, args: &[&str]) -> Option<String> {
-        let mut stream = StdStream::connect(self.addr()).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        stream.write_all(&encode(args)).ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).ok()?;
-        Some(line.trim_end().to_owned())
+        command(self.addr(), args)
+    }
+
+    /// The names of the keys matching `pattern` (`KEYS`), as an attacker lists them.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        match self.reply(&["KEYS", pattern]) {
+            Reply::Array(keys) => keys
+                .into_iter()
+                .filter_map(|key| match key {
+                    Reply::Bulk(Some(key)) => Some(String::from_utf8(key).unwrap()),
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("KEYS answered {other:?}"),
+        }
+    }
+
+    /// A string value (`GET`, `HGET`...), `None` when there is none.
+    pub fn value(&self, args: &[&str]) -> Option<String> {
+        match self.reply(args) {
+            Reply::Bulk(value) => value.map(|value| String::from_utf8_lossy(&value).into_owned()),
+            other => panic!("{args:?} answered {other:?}"),
+        }
+    }
+
+    /// Redis's own clock (`TIME`), in milliseconds since the epoch.
+    pub fn time_ms(&self) -> u64 {
+        let Reply::Array(parts) = self.reply(&["TIME"]) else {
+            panic!("TIME answered otherwise");
+        };
+        let number = |part: &Reply| match part {
+            Reply::Bulk(Some(digits)) => String::from_utf8_lossy(digits).parse::<u64>().unwrap(),
+            other => panic!("TIME answered {other:?}"),
+        };
+        number(&parts[0]) * 1000 + number(&parts[1]) / 1000
+    }
+
+    /// Runs one command; its whole answer.
+    fn reply(&self, args: &[&str]) -> Reply {
+        let mut stream = StdStream::connect(self.addr()).expect("redis answers");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(&encode(args)).unwrap();
+        read_reply(&mut BufReader::new(stream))
     }
 
     /// Every key and its value (strings as they are, other types as `TYPE` + a `DUMP`),
@@ -152,6 +213,16 @@ impl Drop for RedisServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs one command on the Redis at `addr` (from any thread); the first line of its answer.
+pub fn command(addr: SocketAddr, args: &[&str]) -> Option<String> {
+    let mut stream = StdStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(&encode(args)).ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    Some(line.trim_end().to_owned())
 }
 
 fn encode(args: &[&str]) -> Vec<u8> {
