@@ -9,6 +9,11 @@ use super::*;
 
 /// The configuration every replica of a test runs: the stand-in upstream, `[cluster]` on
 /// `redis_url` with the secret in `secret`, and the test's `extra` TOML.
+///
+/// `cluster.timeout_ms` is 300 ms, six times the default: on a two-core machine running the
+/// whole suite, a Redis round trip under a burst of 200 requests can take longer than 100 ms,
+/// and a replica that degrades then fetches on its own (what the tests of degradation cause
+/// on purpose, with delays of seconds).
 pub fn cluster_config_text(
     upstream: &StandIn,
     redis_url: &str,
@@ -18,7 +23,7 @@ pub fn cluster_config_text(
     config_text(
         &upstream.base_url(),
         &format!(
-            "{extra}\n[cluster]\nredis_url = \"{redis_url}\"\nsecret_file = \"{}\"\ntimeout_ms = 100\n",
+            "{extra}\n[cluster]\nredis_url = \"{redis_url}\"\nsecret_file = \"{}\"\ntimeout_ms = 300\n",
             secret.path.display()
         ),
     )
