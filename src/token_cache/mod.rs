@@ -16,9 +16,10 @@
 //!   ([`policy`] says when, and why every token handed out stays valid until its
 //!   `expires_in`);
 //! - `force_refresh` of a stable token goes upstream at most once per 30 s per appid;
-//! - when WeChat answers 40001, 40014 or 42001 to any call that carried a cached token, that
-//!   token is dropped (once: a second failure of the same token drops nothing more), so the
-//!   next fetch refreshes it; a token can never be replaced by an older one.
+//! - when WeChat answers 40001, 40014 or 42001 to a call that carried a cached token (alone,
+//!   once: [`carried`]), that token is dropped (once: a second failure of the same token
+//!   drops nothing more), so the next fetch refreshes it; a token can never be replaced by
+//!   an older one.
 //!
 //! The three token APIs (`/cgi-bin/token`, `/cgi-bin/stable_token`,
 //! `/cgi-bin/component/api_component_token`) have separate entries ([`request`]). Fetches
@@ -32,11 +33,13 @@
 //! - `shared.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
 //! - `policy.rs`: the decisions, as pure functions;
 //! - `request.rs`: reading a token fetch, and the request of a background refresh;
+//! - `carried.rs`: the token an API call carries (refused when repeated);
 //! - `entry.rs`: a cached token, credentials, the JSON of token answers;
 //! - `budget.rs`: fetches per appid and day;
 //! - `metrics.rs`: requests by outcome, fetches, the day's budget, the lowest lifetime.
 
 mod budget;
+mod carried;
 mod entry;
 mod fetch;
 mod metrics;
@@ -66,6 +69,7 @@ use crate::dispatch::{Call, Dispatcher};
 use crate::metrics::Metrics;
 use crate::wechat::Api;
 
+pub use self::carried::{carried_token, Carried, RepeatedToken};
 pub use self::policy::is_stale_token_errcode;
 pub use self::request::{TokenKey, TokenKind, TokenRequest};
 
@@ -387,15 +391,20 @@ impl TokenCache {
     }
 
     /// WeChat answered 40001, 40014 or 42001 to a call whose query was `query`: the cached
-    /// tokens it carried (`access_token`, `component_access_token`) are dropped, if the cache
-    /// still holds them, so that the next fetch refreshes them.
+    /// token it carried (`access_token` or `component_access_token`) is dropped, if the cache
+    /// still holds it, so that the next fetch refreshes it. Only a call that carried one
+    /// token, once, drops it: of two, WeChat's answer does not say which it refused (see
+    /// [`carried`]).
     pub async fn forget_stale(&self, query: &str) {
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let named = name == "access_token" || name == "component_access_token";
-            if named && (1..=entry::MAX_TOKEN_LEN).contains(&value.len()) {
-                let keys = self.drop_local(&value);
-                self.drop_shared(&keys, &value).await;
-            }
+        let Ok(Carried::One(token)) = carried_token(query) else {
+            return;
+        };
+        let Ok(token) = std::str::from_utf8(&token) else {
+            return;
+        };
+        if (1..=entry::MAX_TOKEN_LEN).contains(&token.len()) {
+            let keys = self.drop_local(token);
+            self.drop_shared(&keys, token).await;
         }
     }
 

@@ -382,3 +382,54 @@ async fn off_excluded_and_malformed_fetches_go_upstream_as_they_are() {
     }
     assert_eq!(upstream.calls(TOKEN_PATH), 2);
 }
+
+/// `?access_token=bogus&access_token=T`: WeChat could read the bogus copy and answer 40001,
+/// and the cached T would be dropped for it. A repeated token is refused (40097, WeChat-
+/// shaped) before anything goes upstream, so twenty rounds of that call cost no fetch and T
+/// stays cached; a call carrying two different tokens under the two names drops neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_access_token_is_refused_and_drops_nothing() {
+    let (upstream, proxy) = start(|c| c.token_overlap = Duration::from_millis(200), "").await;
+    let client = client();
+    let token = token_of(&fetch(&client, &proxy, SECRET).await);
+    let fetches_before = upstream.token_fetches(TOKEN_PATH, APPID);
+    for round in 0..20 {
+        let query = match round % 4 {
+            0 => format!("access_token=bogus&access_token={token}"),
+            1 => format!("access_token={token}&access_token=bogus"),
+            2 => format!("access_token=bogus&access_token={token}&component_access_token=x"),
+            _ => format!("component_access_token=bogus&component_access_token={token}"),
+        };
+        let answer = client
+            .get(proxy.url(&format!("{CHECKED_API_PATH}?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["errcode"], 40097, "{query}: {body}");
+        let errmsg = body["errmsg"].as_str().unwrap();
+        assert!(errmsg.contains("access_token given twice"), "{errmsg}");
+        assert!(!errmsg.contains(&token), "{errmsg}");
+        assert_eq!(token_of(&fetch(&client, &proxy, SECRET).await), token);
+    }
+    assert_eq!(upstream.calls(CHECKED_API_PATH), 0);
+    // Two tokens under the two names, WeChat refuses one: which one is not said, so neither
+    // is dropped.
+    let both = format!("{CHECKED_API_PATH}?access_token=bogus&component_access_token={token}");
+    let (body, _) = get_json(&client, proxy.url(&both)).await;
+    assert_eq!(body["errcode"], 40001, "{body}");
+    assert_eq!(token_of(&fetch(&client, &proxy, SECRET).await), token);
+    assert_eq!(upstream.token_fetches(TOKEN_PATH, APPID), fetches_before);
+    // The token alone, refused: dropped, and the next fetch refreshes it (as before).
+    get_json(
+        &client,
+        format!("{}{}", upstream.base_url(), token_path(SECRET)),
+    )
+    .await;
+    while use_token(&client, &upstream.base_url(), &token).await != 40001 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(use_token(&client, &proxy.url(""), &token).await, 40001);
+    assert_ne!(token_of(&fetch(&client, &proxy, SECRET).await), token);
+}
