@@ -175,3 +175,52 @@ async fn a_broken_reload_is_refused_and_wxgate_reload_reports() {
         2.0
     );
 }
+
+/// `POST /-/reload` on the admin port: its status and text (`within` bounds the wait: a
+/// reload that never answers fails the test instead of hanging it).
+async fn post_reload(admin: std::net::SocketAddr, within: Duration) -> (u16, String) {
+    let answer = reqwest::Client::builder()
+        .timeout(within)
+        .build()
+        .unwrap()
+        .post(format!("http://{admin}/-/reload"))
+        .send()
+        .await
+        .expect("the reload is answered");
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
+/// A reload of a file that names a file larger than wxgate reads (a sparse file of 64 MiB,
+/// then `/dev/zero`, which never ends) is refused with the key named, and the running
+/// configuration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_a_file_too_large_is_refused_by_its_key() {
+    let upstream = stand_in(|_| {}).await;
+    let good = config_text(&upstream.base_url(), "");
+    let wxgate = ChildWxgate::start(&good);
+    let large = wxgate.config_path.with_extension("large.pem");
+    std::fs::File::create(&large)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let files = [large.display().to_string(), "/dev/zero".to_owned()];
+    for (i, file) in files.into_iter().enumerate() {
+        wxgate.rewrite(&good.replace(
+            "[upstream]\n",
+            &format!("[upstream]\nca_file = \"{file}\"\n"),
+        ));
+        let (status, text) = post_reload(wxgate.admin, EVENTUALLY).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(
+            text.contains("upstream.ca_file: is larger than 4 MiB"),
+            "{text}"
+        );
+        let answer = client()
+            .get(wxgate.url(&jscode2session(APPID, SECRET, &format!("code-after-{i}"))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(errcode(&answer.bytes().await.unwrap()), 0);
+    }
+    let _ = std::fs::remove_file(&large);
+}
