@@ -247,6 +247,9 @@ pub struct TokenCacheConfig {
     pub refresh_ahead: Duration,
     /// Appids (or component appids) whose token fetches are forwarded, never cached.
     pub exclude_appids: BTreeSet<String>,
+    /// The most keys (API, appid) holding a token or a refused token's memory; past it the
+    /// token stored longest ago goes first.
+    pub max_entries: usize,
 }
 
 /// `[cluster]`.
