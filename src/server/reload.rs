@@ -410,4 +410,40 @@ mod tests {
         let (_, nothing) = merge(&old, old.clone());
         assert!(nothing.is_empty());
     }
+    /// A reload while another waits for its files is answered at once and does nothing
+    /// (nor counts); while as many reads as allowed still hang, a reload reads nothing and
+    /// counts as a failure.
+    #[tokio::test]
+    async fn reloads_do_not_pile_up_behind_reads_that_hang() {
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let config = Config::default();
+        let proxy = Arc::new(Proxy::new(&config, metrics.clone()).unwrap());
+        let path = PathBuf::from("/nonexistent/wxgate/config.toml");
+        let reload_metrics = ReloadMetrics::new(&metrics).unwrap();
+        let reloader = Arc::new(Reloader::new(
+            path,
+            config,
+            proxy,
+            Vec::new(),
+            reload_metrics,
+        ));
+        let failures = || reloader.metrics.reloads.get(1).get();
+
+        reloader.pending.store(true, Ordering::Release);
+        assert_eq!(reloader.reload().await, Reloaded::InProgress);
+        assert_eq!(failures(), 0);
+        reloader.pending.store(false, Ordering::Release);
+
+        reloader.reading.store(MAX_HUNG_READS, Ordering::Release);
+        assert_eq!(reloader.reload().await, Reloaded::Hung);
+        assert_eq!(failures(), 1);
+        // One of them ends: a reload reads again (here a file that is not there).
+        reloader
+            .reading
+            .store(MAX_HUNG_READS - 1, Ordering::Release);
+        assert!(matches!(reloader.reload().await, Reloaded::Refused { .. }));
+        assert_eq!(failures(), 2);
+        assert_eq!(reloader.reading.load(Ordering::Acquire), MAX_HUNG_READS - 1);
+    }
 }
