@@ -122,13 +122,11 @@ impl Reloader {
 
     /// One reload, unless another is waiting for its files.
     async fn reload_here(&self) -> Reloaded {
-        if self.pending.swap(true, Ordering::AcqRel) {
+        let Some(_pending) = PendingReload::take(&self.pending) else {
             tracing::warn!(file = %self.path.display(), "a reload is in progress: this one does nothing");
             return Reloaded::InProgress;
-        }
-        let reloaded = self.read_and_apply().await;
-        self.pending.store(false, Ordering::Release);
-        reloaded
+        };
+        self.read_and_apply().await
     }
 
     /// Reads and checks the file off the runtime, within [`READ_DEADLINE`], then applies it.
@@ -199,6 +197,23 @@ impl Reloader {
         self.metrics.reloaded(true, now_seconds());
         tracing::info!(file = %self.path.display(), "configuration reloaded");
         Reloaded::Applied { needs_restart }
+    }
+}
+
+/// The one reload waiting for its files: the flag is given back when it ends, however it
+/// ends.
+struct PendingReload<'a>(&'a AtomicBool);
+
+impl PendingReload<'_> {
+    /// The flag, unless another reload holds it.
+    fn take(pending: &AtomicBool) -> Option<PendingReload<'_>> {
+        (!pending.swap(true, Ordering::AcqRel)).then_some(PendingReload(pending))
+    }
+}
+
+impl Drop for PendingReload<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
