@@ -37,8 +37,8 @@ pub enum LocalAnswer {
     },
     /// An API that takes a JSON body (and names its appid there) got something else.
     BodyNotJson,
-    /// A code exchange names one of WeChat's parameters twice: WeChat and wxgate could read
-    /// different copies.
+    /// A request names one of WeChat's parameters twice (a code exchange's, an appid, a
+    /// token): WeChat and wxgate could read different copies.
     RepeatedParameter(&'static str),
     /// A code exchange lacks `appid`.
     MissingAppid,

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 
+use super::files::TooLarge;
 use super::pem::{read_certificates, PemCertificatesError};
 
 /// The certificates of `upstream.ca_file`, each usable as a trusted root.
@@ -27,6 +28,9 @@ pub enum CaFileError {
     /// The file could not be read (the I/O error's text, which does not name the file).
     #[error("cannot be read ({0})")]
     Unreadable(String),
+    /// The file is larger than wxgate reads.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     /// A PEM section is broken (no end line, bad base64).
     #[error("is not a well-formed PEM file")]
     NotPem,
@@ -46,6 +50,7 @@ impl CaFile {
     pub fn load(path: &Path) -> Result<CaFile, CaFileError> {
         let certificates = read_certificates(path).map_err(|error| match error {
             PemCertificatesError::Unreadable(text) => CaFileError::Unreadable(text),
+            PemCertificatesError::TooLarge(error) => CaFileError::TooLarge(error),
             PemCertificatesError::NotPem => CaFileError::NotPem,
             PemCertificatesError::NoCertificate => CaFileError::NoCertificate,
         })?;

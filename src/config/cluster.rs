@@ -6,6 +6,8 @@ use std::path::Path;
 
 use redis::{IntoConnectionInfo, ProtocolVersion};
 
+use super::files::{read_limited, FileError, TooLarge};
+
 /// The shortest cluster secret accepted, in bytes: the key of every fingerprint and seal
 /// (256 bits) is derived from it.
 pub const MIN_SECRET_LEN: usize = 32;
@@ -119,6 +121,9 @@ pub enum ClusterSecretError {
     /// The file could not be read.
     #[error("cannot read the secret file: {0}")]
     Unreadable(String),
+    /// The file is larger than wxgate reads.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     /// Too short to be a key.
     #[error(
         "the cluster secret has {0} bytes; at least 32 are needed (e.g. `openssl rand -hex 32`)"
@@ -134,8 +139,12 @@ impl ClusterSecret {
         env: Option<String>,
     ) -> Result<ClusterSecret, ClusterSecretError> {
         let text = match (file, env) {
-            (Some(path), _) => std::fs::read(path)
-                .map_err(|error| ClusterSecretError::Unreadable(error.kind().to_string()))?,
+            (Some(path), _) => read_limited(path).map_err(|error| match error {
+                FileError::Unreadable(error) => {
+                    ClusterSecretError::Unreadable(error.kind().to_string())
+                }
+                FileError::TooLarge(error) => ClusterSecretError::TooLarge(error),
+            })?,
             (None, Some(value)) => value.into_bytes(),
             (None, None) => return Err(ClusterSecretError::Missing),
         };

@@ -42,6 +42,7 @@ mod base_url;
 mod ca_file;
 mod checks;
 mod cluster;
+mod files;
 mod pem;
 mod raw;
 mod read;
@@ -246,6 +247,9 @@ pub struct TokenCacheConfig {
     pub refresh_ahead: Duration,
     /// Appids (or component appids) whose token fetches are forwarded, never cached.
     pub exclude_appids: BTreeSet<String>,
+    /// The most keys (API, appid) holding a token or a refused token's memory; past it the
+    /// token stored longest ago goes first.
+    pub max_entries: usize,
 }
 
 /// `[cluster]`.
@@ -313,11 +317,15 @@ pub struct CheckedConfig {
 }
 
 impl CheckedConfig {
-    /// Reads and validates a file.
+    /// Reads and validates a file (of at most [`files::MAX_FILE_BYTES`]).
     pub fn load(path: &Path) -> Result<CheckedConfig, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|error| {
-            ConfigErrors(vec![format!("cannot read {}: {error}", path.display())])
+        let cannot =
+            |why: String| ConfigErrors(vec![format!("cannot read {}: {why}", path.display())]);
+        let bytes = files::read_limited(path).map_err(|error| match error {
+            files::FileError::Unreadable(error) => cannot(error.to_string()),
+            files::FileError::TooLarge(error) => cannot(error.to_string()),
         })?;
+        let text = String::from_utf8(bytes).map_err(|_| cannot("not UTF-8 text".into()))?;
         CheckedConfig::from_toml_str(&text)
     }
 

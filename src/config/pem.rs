@@ -5,10 +5,14 @@ use std::path::Path;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
+use super::files::{read_limited, FileError, TooLarge};
+
 /// Why a PEM file gave no certificates; each file's own error says it in its words.
 pub enum PemCertificatesError {
     /// The file could not be read (the I/O error's text, which does not name the file).
     Unreadable(String),
+    /// The file is larger than wxgate reads.
+    TooLarge(TooLarge),
     /// A PEM section is broken (no end line, bad base64).
     NotPem,
     /// No `-----BEGIN CERTIFICATE-----` section.
@@ -20,9 +24,11 @@ pub enum PemCertificatesError {
 pub fn read_certificates(
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, PemCertificatesError> {
-    let text = std::fs::read(path)
-        // An io::Error from `read` says what went wrong, not which file.
-        .map_err(|error| PemCertificatesError::Unreadable(error.to_string()))?;
+    let text = read_limited(path).map_err(|error| match error {
+        // An io::Error says what went wrong, not which file.
+        FileError::Unreadable(error) => PemCertificatesError::Unreadable(error.to_string()),
+        FileError::TooLarge(error) => PemCertificatesError::TooLarge(error),
+    })?;
     let certificates = CertificateDer::pem_slice_iter(&text)
         .map(|certificate| certificate.map(CertificateDer::into_owned))
         .collect::<Result<Vec<_>, _>>()

@@ -201,6 +201,7 @@ pub(crate) struct RawTokenCache {
     pub(crate) enabled: bool,
     pub(crate) refresh_ahead_secs: i64,
     pub(crate) exclude_appids: Vec<String>,
+    pub(crate) max_entries: i64,
 }
 
 impl Default for RawTokenCache {
@@ -211,6 +212,8 @@ impl Default for RawTokenCache {
             // fetch.
             refresh_ahead_secs: 240,
             exclude_appids: Vec::new(),
+            // Far beyond the appids one backend serves (about 50 MB at most).
+            max_entries: 100_000,
         }
     }
 }

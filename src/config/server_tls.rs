@@ -17,6 +17,7 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::CertifiedKey;
 
+use super::files::{read_limited, FileError, TooLarge};
 use super::pem::{read_certificates, PemCertificatesError};
 
 /// The certificate chain and key of `[server.tls]`, ready for a handshake.
@@ -34,6 +35,9 @@ pub enum CertFileError {
     /// The file could not be read (the I/O error's text, which does not name the file).
     #[error("cannot be read ({0})")]
     Unreadable(String),
+    /// The file is larger than wxgate reads.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     /// A PEM section is broken (no end line, bad base64).
     #[error("is not a well-formed PEM file")]
     NotPem,
@@ -48,6 +52,9 @@ pub enum KeyFileError {
     /// The file could not be read (the I/O error's text, which does not name the file).
     #[error("cannot be read ({0})")]
     Unreadable(String),
+    /// The file is larger than wxgate reads.
+    #[error(transparent)]
+    TooLarge(#[from] TooLarge),
     /// A PEM section is broken (no end line, bad base64).
     #[error("is not a well-formed PEM file")]
     NotPem,
@@ -70,6 +77,7 @@ impl ServerTlsConfig {
     pub fn read_chain(cert_file: &Path) -> Result<Vec<CertificateDer<'static>>, CertFileError> {
         read_certificates(cert_file).map_err(|error| match error {
             PemCertificatesError::Unreadable(text) => CertFileError::Unreadable(text),
+            PemCertificatesError::TooLarge(error) => CertFileError::TooLarge(error),
             PemCertificatesError::NotPem => CertFileError::NotPem,
             PemCertificatesError::NoCertificate => CertFileError::NoCertificate,
         })
@@ -84,8 +92,10 @@ impl ServerTlsConfig {
         key_file: &Path,
         cert_key: &str,
     ) -> Result<ServerTlsConfig, KeyFileError> {
-        let text =
-            std::fs::read(key_file).map_err(|error| KeyFileError::Unreadable(error.to_string()))?;
+        let text = read_limited(key_file).map_err(|error| match error {
+            FileError::Unreadable(error) => KeyFileError::Unreadable(error.to_string()),
+            FileError::TooLarge(error) => KeyFileError::TooLarge(error),
+        })?;
         // pem's own errors quote the offending line, which may be part of the key: each is
         // replaced by a message of wxgate's.
         let key = PrivateKeyDer::from_pem_slice(&text).map_err(|error| match error {

@@ -405,3 +405,49 @@ fn appid_override_wins_over_api_override() {
         }
     );
 }
+
+#[test]
+fn files_larger_than_the_limit_are_refused_by_their_key_unread() {
+    let dir = std::env::temp_dir().join(format!("wxgate-validate-large-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Sparse: 64 MiB of zeros that take no room on disk.
+    let large = dir.join("large.pem");
+    std::fs::File::create(&large)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let certificate = rcgen::CertificateParams::new(vec!["wxgate.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let cert_file = dir.join("cert.pem");
+    std::fs::write(&cert_file, certificate.pem()).unwrap();
+    let cert_file = cert_file.display().to_string();
+    for file in [large.display().to_string(), "/dev/zero".to_owned()] {
+        let limit = "is larger than 4 MiB (the most wxgate reads of a file)";
+        for (key, text) in [
+            (
+                "upstream.ca_file",
+                format!("[upstream]\nca_file = {file:?}\n"),
+            ),
+            (
+                "server.tls.cert_file",
+                format!("[server.tls]\ncert_file = {file:?}\nkey_file = {cert_file:?}\n"),
+            ),
+            (
+                "server.tls.key_file",
+                format!("[server.tls]\ncert_file = {cert_file:?}\nkey_file = {file:?}\n"),
+            ),
+            (
+                "cluster.secret_file",
+                format!("[cluster]\nredis_url = \"redis://127.0.0.1:1\"\nsecret_file = {file:?}\n"),
+            ),
+        ] {
+            assert_eq!(problems(&text), [format!("{key}: {limit}")], "{file}");
+        }
+        let errors = CheckedConfig::load(Path::new(&file)).unwrap_err().0;
+        assert_eq!(errors, [format!("cannot read {file}: {limit}")]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

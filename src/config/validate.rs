@@ -294,6 +294,7 @@ fn check_log(c: &mut Checks, raw: &RawLog) -> Option<LogConfig> {
 /// it with a longer `expires_in`.
 fn check_token_cache(c: &mut Checks, raw: &RawTokenCache) -> Option<TokenCacheConfig> {
     let refresh_ahead = c.secs(key!(raw.refresh_ahead_secs), 1..=299);
+    let max_entries = c.int(key!(raw.max_entries), 1..=10_000_000);
     let (exclude_key, excluded) = key!(raw.exclude_appids);
     let mut exclude_appids = BTreeSet::new();
     for (index, appid) in excluded.iter().enumerate() {
@@ -307,6 +308,7 @@ fn check_token_cache(c: &mut Checks, raw: &RawTokenCache) -> Option<TokenCacheCo
         enabled: raw.enabled,
         refresh_ahead: refresh_ahead?,
         exclude_appids,
+        max_entries: max_entries?,
     })
 }
 

@@ -5,7 +5,8 @@
 //! 2. [`body`](Proxy::read_body): read whole, within `server.max_body_bytes`.
 //! 3. [`token`](Proxy::token) (a token fetch, answered by the token cache),
 //!    [`code exchange`](Proxy::code_exchange) (a replay, a follower or a leader) or
-//!    [`forward`](Proxy::forward) (any other request, under its appid's quota). When WeChat
+//!    [`forward`](Proxy::forward) (any other request, under its appid's quota). A call that
+//!    names `access_token` or `component_access_token` twice is refused (40097). When WeChat
 //!    answers a call that carried a cached token with 40001, 40014 or 42001, the token cache
 //!    drops that token before the answer goes back.
 //! 4. respond: WeChat's answer as it came, or one of wxgate's own ([`LocalAnswer`]).
@@ -41,7 +42,9 @@ use crate::config::Config;
 use crate::dispatch::{Call, CallMetrics, Dispatcher};
 use crate::metrics::Metrics;
 use crate::quota::{QuotaGate, QuotaKey};
-use crate::token_cache::{is_stale_token_errcode, TokenCache, TokenRequest};
+use crate::token_cache::{
+    carried_token, is_stale_token_errcode, RepeatedToken, TokenCache, TokenRequest,
+};
 use crate::upstream::{InvalidBaseUrl, UpstreamClient, UpstreamRequest};
 use crate::wechat::Api;
 use crate::wechat::Errcode;
@@ -219,10 +222,16 @@ impl Proxy {
         {
             return Ok(self.token(token, parts, target, body).await);
         }
-        // A call carrying a token: kept (a reference count) in case WeChat refuses the token.
-        let carried = query
-            .contains("access_token")
-            .then(|| target.path_and_query.clone());
+        // A call carrying a token: refused if it names one twice (WeChat could refuse the
+        // copy wxgate does not drop), else kept (a reference count) in case WeChat refuses
+        // the token. Calls without one pay a substring search only.
+        let carried = if query.contains("access_token") {
+            carried_token(query)
+                .map_err(|RepeatedToken(name)| LocalAnswer::RepeatedParameter(name))?;
+            Some(target.path_and_query.clone())
+        } else {
+            None
+        };
         let reply = if target.api.is_code_exchange() && parts.method == Method::GET {
             let exchange = self.codes.read_request(target.api, query)?;
             self.code_exchange(exchange, parts, target, body).await

@@ -10,7 +10,7 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use super::reload::{Reloaded, Reloader};
+use super::reload::{Reloaded, Reloader, MAX_HUNG_READS, READ_DEADLINE};
 use crate::cluster::{Cluster, ReplicaMode};
 
 /// What the admin endpoints report.
@@ -61,7 +61,7 @@ impl Admin {
         request: Request<B>,
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         if request.uri().path() == "/-/reload" {
-            return Ok(self.reload(request.method()));
+            return Ok(self.reload(request.method()).await);
         }
         if request.method() != Method::GET && request.method() != Method::HEAD {
             return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n"));
@@ -100,8 +100,9 @@ impl Admin {
 
 impl Admin {
     /// `POST /-/reload` (Prometheus's habit): 200 and what needs a restart, or 400 and every
-    /// problem of the file (the running configuration stays).
-    fn reload(&self, method: &Method) -> Response<Full<Bytes>> {
+    /// problem of the file (the running configuration stays); 409 while another reload waits
+    /// for its files, 503 when the files were not read in time.
+    async fn reload(&self, method: &Method) -> Response<Full<Bytes>> {
         if method != Method::POST {
             return text(StatusCode::METHOD_NOT_ALLOWED, "only POST\n");
         }
@@ -111,7 +112,7 @@ impl Admin {
                 "not serving from a file: nothing to reload\n",
             );
         };
-        match reloader.reload() {
+        match reloader.reload().await {
             Reloaded::Applied { needs_restart } if needs_restart.is_empty() => {
                 text(StatusCode::OK, "reloaded\n")
             }
@@ -127,6 +128,23 @@ impl Admin {
                 &format!(
                     "refused, the running configuration stays:\n  - {}\n",
                     problems.join("\n  - ")
+                ),
+            ),
+            Reloaded::InProgress => text(
+                StatusCode::CONFLICT,
+                "a reload is in progress: this one did nothing; try again once it is answered\n",
+            ),
+            Reloaded::TimedOut => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "timed out: the configuration's files were not read within {} s (a FIFO, or a hung mount?); the running configuration stays\n",
+                    READ_DEADLINE.as_secs()
+                ),
+            ),
+            Reloaded::Hung => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "refused: {MAX_HUNG_READS} earlier reads of the configuration's files still hang (a FIFO, or a hung mount?); the running configuration stays; restart wxgate to reload\n"
                 ),
             ),
         }

@@ -219,7 +219,10 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, mut stop: watch::Receiver<boo
             tokio::select! {
                 Some(()) = hangups.recv() => {
                     tracing::info!("SIGHUP received: reloading the configuration");
-                    reloader.reload();
+                    // In a task: this loop goes on, and a SIGHUP while the reload waits for
+                    // its files is answered "in progress" (logged) rather than queued.
+                    let reloader = reloader.clone();
+                    tokio::spawn(async move { reloader.reload().await });
                 }
                 _ = stop.wait_for(|stop| *stop) => return,
             }

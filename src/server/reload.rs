@@ -12,18 +12,39 @@
 //!   compile time against the configuration's fields); everything else takes effect: in
 //!   the request pipeline (see `Proxy::reconfigure`) and in the listeners (`server.allow`,
 //!   the connection deadlines and the TLS certificate, see `PortPolicy::reconfigure`).
+//!
+//! # A file that hangs
+//! The files are read (and the configuration checked) on a thread of their own, never on the
+//! runtime: a path on a FIFO or on a hung NFS or FUSE mount blocks that thread alone, while
+//! requests, `/healthz` and shutdown go on. A reload whose files are not read within
+//! [`READ_DEADLINE`] is answered "timed out" and counted as a failure; its thread is left to
+//! finish (or not) and its result is thrown away. One reload at a time: another asked for
+//! meanwhile is answered at once ("a reload is in progress"), never queued; and while
+//! [`MAX_HUNG_READS`] reads still hang past their deadline, a reload is refused without
+//! starting another thread.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use prometheus::{Gauge, IntCounter, IntGauge};
+use tokio::sync::oneshot;
 
 use super::PortPolicy;
-use crate::config::{config_key, Config};
+use crate::config::{config_key, Config, ConfigErrors};
 use crate::metrics::{Label, Metrics, Series};
 use crate::proxy::Proxy;
+
+/// How long a reload waits for its files to be read and checked: far longer than any local
+/// file takes, short enough that an operator gets an answer (`wxgate reload` waits 30 s).
+pub const READ_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How many reads may still hang past their deadline, each holding a thread, before reloads
+/// are refused without trying: enough to reload once a FIFO or a dead mount has been
+/// replaced by a file, few enough that a path that always hangs cannot pile threads up.
+pub const MAX_HUNG_READS: usize = 4;
 
 /// Reloads one configuration file into one running proxy.
 pub struct Reloader {
@@ -34,6 +55,10 @@ pub struct Reloader {
     /// The listeners' policies: allow-list, deadlines, certificate.
     ports: Vec<Arc<PortPolicy>>,
     metrics: ReloadMetrics,
+    /// A reload is waiting for its files: another one is answered at once.
+    pending: AtomicBool,
+    /// Threads still reading files, those of reloads already answered "timed out" included.
+    reading: Arc<AtomicUsize>,
 }
 
 /// What a reload did.
@@ -49,6 +74,13 @@ pub enum Reloaded {
         /// Every problem, as `check-config` prints them.
         problems: Vec<String>,
     },
+    /// Another reload is waiting for its files: this one did nothing.
+    InProgress,
+    /// The files were not read within [`READ_DEADLINE`]; the running configuration stays.
+    TimedOut,
+    /// [`MAX_HUNG_READS`] earlier reads still hang: nothing was read; the running
+    /// configuration stays.
+    Hung,
 }
 
 impl Reloader {
@@ -67,6 +99,8 @@ impl Reloader {
             proxy,
             ports,
             metrics,
+            pending: AtomicBool::new(false),
+            reading: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -75,9 +109,43 @@ impl Reloader {
         self.current.lock().server.shutdown_grace
     }
 
-    /// Reads the file again and applies what can change while serving.
-    pub fn reload(&self) -> Reloaded {
-        let new = match Config::load(&self.path) {
+    /// Reads the file again and applies what can change while serving, in a task of its
+    /// own: a caller that stops waiting (an admin client hanging up) cancels nothing.
+    pub async fn reload(self: &Arc<Self>) -> Reloaded {
+        let reloader = self.clone();
+        tokio::spawn(async move { reloader.reload_here().await })
+            .await
+            .unwrap_or_else(|_| Reloaded::Refused {
+                problems: vec!["the reload ended before its answer (wxgate is stopping)".into()],
+            })
+    }
+
+    /// One reload, unless another is waiting for its files.
+    async fn reload_here(&self) -> Reloaded {
+        let Some(_pending) = PendingReload::take(&self.pending) else {
+            tracing::warn!(file = %self.path.display(), "a reload is in progress: this one does nothing");
+            return Reloaded::InProgress;
+        };
+        self.read_and_apply().await
+    }
+
+    /// Reads and checks the file off the runtime, within [`READ_DEADLINE`], then applies it.
+    async fn read_and_apply(&self) -> Reloaded {
+        let hung = self.reading.load(Ordering::Acquire);
+        if hung >= MAX_HUNG_READS {
+            tracing::error!(file = %self.path.display(), hung, "reload refused: earlier reads of the configuration's files still hang (a FIFO, or a hung mount?); restart wxgate to reload");
+            self.metrics.reloaded(false, now_seconds());
+            return Reloaded::Hung;
+        }
+        let loaded = match tokio::time::timeout(READ_DEADLINE, self.load_on_a_thread()).await {
+            Ok(loaded) => loaded,
+            Err(_) => {
+                tracing::error!(file = %self.path.display(), deadline_secs = READ_DEADLINE.as_secs(), "reload timed out: the configuration's files were not read in time (a FIFO, or a hung mount?); the running configuration stays");
+                self.metrics.reloaded(false, now_seconds());
+                return Reloaded::TimedOut;
+            }
+        };
+        let new = match loaded {
             Ok(new) => new,
             Err(errors) => {
                 for problem in &errors.0 {
@@ -87,6 +155,35 @@ impl Reloader {
                 return Reloaded::Refused { problems: errors.0 };
             }
         };
+        self.apply(new)
+    }
+
+    /// `Config::load` of the file on a thread of its own (counted in `reading` while it
+    /// runs); its result, if the thread gives one.
+    async fn load_on_a_thread(&self) -> Result<Config, ConfigErrors> {
+        let (sender, receiver) = oneshot::channel();
+        let path = self.path.clone();
+        let reading = ReadingThread::start(&self.reading);
+        let spawned = std::thread::Builder::new()
+            .name("wxgate-reload".into())
+            .spawn(move || {
+                let _reading = reading;
+                let _ = sender.send(Config::load(&path));
+            });
+        if let Err(error) = spawned {
+            return Err(ConfigErrors(vec![format!(
+                "cannot start a thread to read the file: {error}"
+            )]));
+        }
+        receiver.await.unwrap_or_else(|_| {
+            Err(ConfigErrors(vec![
+                "the thread reading the file ended without a result".into(),
+            ]))
+        })
+    }
+
+    /// Puts `new` in force, but for what needs a restart.
+    fn apply(&self, new: Config) -> Reloaded {
         let mut current = self.current.lock();
         let (effective, needs_restart) = merge(&current, new);
         for key in &needs_restart {
@@ -100,6 +197,40 @@ impl Reloader {
         self.metrics.reloaded(true, now_seconds());
         tracing::info!(file = %self.path.display(), "configuration reloaded");
         Reloaded::Applied { needs_restart }
+    }
+}
+
+/// The one reload waiting for its files: the flag is given back when it ends, however it
+/// ends.
+struct PendingReload<'a>(&'a AtomicBool);
+
+impl PendingReload<'_> {
+    /// The flag, unless another reload holds it.
+    fn take(pending: &AtomicBool) -> Option<PendingReload<'_>> {
+        (!pending.swap(true, Ordering::AcqRel)).then_some(PendingReload(pending))
+    }
+}
+
+impl Drop for PendingReload<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// One thread reading the configuration's files, counted while it lives (also past its
+/// reload's deadline, for [`MAX_HUNG_READS`]).
+struct ReadingThread(Arc<AtomicUsize>);
+
+impl ReadingThread {
+    fn start(reading: &Arc<AtomicUsize>) -> ReadingThread {
+        reading.fetch_add(1, Ordering::AcqRel);
+        ReadingThread(reading.clone())
+    }
+}
+
+impl Drop for ReadingThread {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -293,5 +424,41 @@ mod tests {
         assert_eq!(effective.code_cache.ttl.as_secs(), 60);
         let (_, nothing) = merge(&old, old.clone());
         assert!(nothing.is_empty());
+    }
+    /// A reload while another waits for its files is answered at once and does nothing
+    /// (nor counts); while as many reads as allowed still hang, a reload reads nothing and
+    /// counts as a failure.
+    #[tokio::test]
+    async fn reloads_do_not_pile_up_behind_reads_that_hang() {
+        let registry = prometheus::Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let config = Config::default();
+        let proxy = Arc::new(Proxy::new(&config, metrics.clone()).unwrap());
+        let path = PathBuf::from("/nonexistent/wxgate/config.toml");
+        let reload_metrics = ReloadMetrics::new(&metrics).unwrap();
+        let reloader = Arc::new(Reloader::new(
+            path,
+            config,
+            proxy,
+            Vec::new(),
+            reload_metrics,
+        ));
+        let failures = || reloader.metrics.reloads.get(1).get();
+
+        reloader.pending.store(true, Ordering::Release);
+        assert_eq!(reloader.reload().await, Reloaded::InProgress);
+        assert_eq!(failures(), 0);
+        reloader.pending.store(false, Ordering::Release);
+
+        reloader.reading.store(MAX_HUNG_READS, Ordering::Release);
+        assert_eq!(reloader.reload().await, Reloaded::Hung);
+        assert_eq!(failures(), 1);
+        // One of them ends: a reload reads again (here a file that is not there).
+        reloader
+            .reading
+            .store(MAX_HUNG_READS - 1, Ordering::Release);
+        assert!(matches!(reloader.reload().await, Reloaded::Refused { .. }));
+        assert_eq!(failures(), 2);
+        assert_eq!(reloader.reading.load(Ordering::Acquire), MAX_HUNG_READS - 1);
     }
 }

@@ -27,7 +27,8 @@ use std::time::SystemTime;
 use super::budget::beijing_day;
 use super::entry::{Entry, TokenCredential};
 use super::policy;
-use super::{TokenCache, TokenKey, TokenSlot};
+use super::slots::TokenSlot;
+use super::{TokenCache, TokenKey};
 use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::dispatch::Call;
 use crate::flight::{Flight, FlightWaiter};
@@ -146,7 +147,7 @@ async fn fetch(cache: &TokenCache, job: &Job) -> Fetched {
         Ok(answer) => answer,
         Err(local) => return Fetched::Local(local),
     };
-    cache.count_fetch(&job.key).await;
+    cache.metrics.fetch(job.key.kind);
     let forced_at = (job.purpose().mode == FetchMode::Fetch { forced: true }).then_some(issued);
     let entry = (answer.errcode == Errcode::Success)
         .then(|| {
@@ -161,10 +162,13 @@ async fn fetch(cache: &TokenCache, job: &Job) -> Fetched {
         })
         .flatten();
     match entry {
-        Some(entry) => Fetched::Token {
-            entry,
-            fetched_here: true,
-        },
+        Some(entry) => {
+            cache.count_minted(&job.key).await;
+            Fetched::Token {
+                entry,
+                fetched_here: true,
+            }
+        }
         // An error, or a success wxgate cannot read: passed on as it came, not cached.
         None => Fetched::Wechat(Arc::new(answer)),
     }
@@ -175,7 +179,8 @@ impl TokenCache {
     /// says what the waiters get.
     fn settle(&self, job: &Job, result: Fetched) -> Fetched {
         let mut slots = self.slots.lock();
-        let slot = slots.entry(job.key.clone()).or_default();
+        let mut slot = slots.slot(&job.key);
+        let slot = &mut *slot;
         slot.flights
             .retain(|flight| !Arc::ptr_eq(flight, &job.flight));
         match result {
@@ -211,10 +216,11 @@ impl TokenCache {
         }
     }
 
-    /// Counts a fetch WeChat answered: the fetch counter and the day's budget (in Redis
-    /// too, when shared, so that every replica reports all replicas' fetches).
-    async fn count_fetch(&self, key: &TokenKey) {
-        self.metrics.fetch(key.kind);
+    /// Counts a fetch that minted a token against the day's budget (in Redis too, when
+    /// shared, so that every replica reports all replicas' fetches). A fetch WeChat answered
+    /// without a token (40013, 40125…) spends no budget wxgate watches, and counting it would
+    /// let made-up appids fill the budget's map.
+    async fn count_minted(&self, key: &TokenKey) {
         let now = SystemTime::now();
         let shared = self.count_shared(key, beijing_day(now)).await;
         let mut budget = self.budget.lock();
@@ -257,7 +263,7 @@ impl Drop for FlightGuard<'_> {
     fn drop(&mut self) {
         if self.armed {
             let mut slots = self.cache.slots.lock();
-            if let Some(slot) = slots.get_mut(&self.job.key) {
+            if let Some(mut slot) = slots.slot_if_present(&self.job.key) {
                 slot.flights
                     .retain(|flight| !Arc::ptr_eq(flight, &self.job.flight));
             }

@@ -17,6 +17,9 @@ pub struct TokenMetrics {
     /// `wxgate_token_expiry_seconds`: the lowest remaining lifetime of any cached token
     /// (NaN while none is cached).
     pub expiry: Gauge,
+    /// `wxgate_token_cache_entries`: keys holding a token or a refused token's memory (set
+    /// by the slots, see `slots.rs`).
+    pub entries: IntGauge,
 }
 
 impl TokenMetrics {
@@ -28,6 +31,10 @@ impl TokenMetrics {
             "The lowest remaining lifetime of any cached token, in seconds (NaN while none is cached).",
         )?;
         expiry.set(f64::NAN);
+        let entries = metrics.gauge(
+            "wxgate_token_cache_entries",
+            "Keys (API, appid) the token cache holds a token for, or a refused token's memory until it expires; at most token_cache.max_entries.",
+        )?;
         Ok(TokenMetrics {
             requests: metrics.counters(
                 "wxgate_token_requests_total",
@@ -36,15 +43,16 @@ impl TokenMetrics {
             )?,
             fetches: metrics.counters(
                 "wxgate_token_fetches_total",
-                "Token fetches the token cache sent to WeChat that got an answer (refreshes and fetches for other secrets included).",
+                "Token fetches the token cache sent to WeChat that got an answer, a token or an error (refreshes and fetches for other secrets included).",
                 &[api()],
             )?,
             fetches_today_max: metrics.gauges(
                 "wxgate_token_fetches_today_max",
-                "The most token fetches of any one appid today (the day begins at midnight UTC+8, as WeChat's daily quota; /cgi-bin/token allows 2000).",
+                "The most token fetches of any one appid today that minted a token (the day begins at midnight UTC+8, as WeChat's daily quota; /cgi-bin/token allows 2000).",
                 &[api()],
             )?,
             expiry,
+            entries,
         })
     }
 
@@ -86,6 +94,7 @@ mod tests {
             "wxgate_token_fetches_total{api=\"/cgi-bin/token\"} 1",
             "wxgate_token_fetches_today_max{api=\"/cgi-bin/token\"} 3",
             "wxgate_token_expiry_seconds NaN",
+            "wxgate_token_cache_entries 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -16,35 +16,40 @@
 //!   ([`policy`] says when, and why every token handed out stays valid until its
 //!   `expires_in`);
 //! - `force_refresh` of a stable token goes upstream at most once per 30 s per appid;
-//! - when WeChat answers 40001, 40014 or 42001 to any call that carried a cached token, that
-//!   token is dropped (once: a second failure of the same token drops nothing more), so the
-//!   next fetch refreshes it; a token can never be replaced by an older one.
+//! - when WeChat answers 40001, 40014 or 42001 to a call that carried a cached token (alone,
+//!   once: [`carried`]), that token is dropped (once: a second failure of the same token
+//!   drops nothing more), so the next fetch refreshes it; a token can never be replaced by
+//!   an older one.
 //!
 //! The three token APIs (`/cgi-bin/token`, `/cgi-bin/stable_token`,
 //! `/cgi-bin/component/api_component_token`) have separate entries ([`request`]). Fetches
 //! count against the quota like any call, and against the day's budget ([`budget`]).
 //!
 //! # Layout
-//! - this file: [`TokenCache`], the request path (decide, then serve, join or start a fetch)
-//!   and the slots it keeps per key;
+//! - this file: [`TokenCache`], the request path (decide, then serve, join or start a fetch);
+//! - `slots.rs`: what is kept per key, at most `max_entries` keys, with the index that finds
+//!   a refused token in one lookup and the order that evicts the oldest first;
 //! - `fetch.rs`: one fetch, in a task of its own, the flight its callers wait on, and how
 //!   its result settles in the cache;
 //! - `shared.rs`: with `[cluster]`, one token per key for all replicas (Redis, a lease);
 //! - `policy.rs`: the decisions, as pure functions;
 //! - `request.rs`: reading a token fetch, and the request of a background refresh;
+//! - `carried.rs`: the token an API call carries (refused when repeated);
 //! - `entry.rs`: a cached token, credentials, the JSON of token answers;
 //! - `budget.rs`: fetches per appid and day;
 //! - `metrics.rs`: requests by outcome, fetches, the day's budget, the lowest lifetime.
 
 mod budget;
+mod carried;
 mod entry;
 mod fetch;
 mod metrics;
 mod policy;
 mod request;
 mod shared;
+mod slots;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -54,11 +59,12 @@ use parking_lot::Mutex;
 use wxgate_contract::CacheStatus;
 
 use self::budget::FetchBudget;
-use self::entry::{Entry, TokenCredential, TokenCredentialKey};
+use self::entry::{TokenCredential, TokenCredentialKey};
 use self::fetch::{FetchMode, FetchPurpose, Fetched, Job, TokenFlight, TokenWaiter};
 use self::metrics::{TokenMetrics, TokenOutcome};
-use self::policy::{Asked, Held, Plan, Policy};
+use self::policy::{Asked, Plan, Policy};
 use self::shared::SharedTokens;
+use self::slots::{TokenSlot, TokenSlots};
 use crate::answer::{Answer, LocalAnswer};
 use crate::cluster::Cluster;
 use crate::config::Config;
@@ -66,6 +72,7 @@ use crate::dispatch::{Call, Dispatcher};
 use crate::metrics::Metrics;
 use crate::wechat::Api;
 
+pub use self::carried::{carried_token, Carried, RepeatedToken};
 pub use self::policy::is_stale_token_errcode;
 pub use self::request::{TokenKey, TokenKind, TokenRequest};
 
@@ -76,7 +83,7 @@ const MAX_ROUNDS: usize = 3;
 
 /// The token cache of one wxgate.
 pub struct TokenCache {
-    slots: Mutex<HashMap<TokenKey, TokenSlot>>,
+    slots: Mutex<TokenSlots>,
     /// `[token_cache]`; a reload swaps it.
     settings: ArcSwap<Settings>,
     credentials: TokenCredentialKey,
@@ -106,27 +113,6 @@ impl Settings {
     }
 }
 
-/// What the cache knows of one key.
-#[derive(Default)]
-struct TokenSlot {
-    /// The token handed out.
-    entry: Option<Entry>,
-    /// The newest token dropped after WeChat refused it: nothing as old may come back.
-    dropped: Option<Held>,
-    /// Fetches in flight, one per credential.
-    flights: Vec<Arc<TokenFlight>>,
-    /// When the last refresh ahead of expiry failed (the next waits a little).
-    refresh_failed_at: Option<SystemTime>,
-}
-
-impl TokenSlot {
-    /// When the newest token this slot knows of (cached or dropped) was issued.
-    fn newest_issued(&self) -> Option<SystemTime> {
-        let cached = self.entry.as_ref().map(|entry| entry.held.issued);
-        cached.max(self.dropped.map(|held| held.issued))
-    }
-}
-
 /// What one round of a request's decision came to.
 enum Round {
     /// Answered from the cache.
@@ -153,13 +139,15 @@ impl TokenCache {
         let attempts = config.retry.busy_attempts + 1;
         let lease_ttl = config.quota.max_wait + config.upstream.timeout * attempts;
         let lease_ttl = lease_ttl + Duration::from_secs(1);
+        let metrics = TokenMetrics::new(metrics)?;
+        let slots = TokenSlots::new(config.token_cache.max_entries, metrics.entries.clone());
         Ok(TokenCache {
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(slots),
             settings: ArcSwap::from_pointee(Settings::of(&config.token_cache)),
             credentials,
             dispatcher,
             budget: Mutex::new(FetchBudget::default()),
-            metrics: TokenMetrics::new(metrics)?,
+            metrics,
             shared: cluster.map(|cluster| SharedTokens::new(cluster, lease_ttl)),
         })
     }
@@ -222,7 +210,8 @@ impl TokenCache {
         let now = SystemTime::now();
         let key = request.key();
         let mut slots = self.slots.lock();
-        let slot = slots.entry(key.clone()).or_default();
+        let mut slot = slots.slot(key);
+        let slot = &mut *slot;
         let plan = self.settings.load().policy.plan(
             slot.entry.as_ref().map(|entry| &entry.held),
             self.asked(slot, request, credential, now),
@@ -387,72 +376,57 @@ impl TokenCache {
     }
 
     /// WeChat answered 40001, 40014 or 42001 to a call whose query was `query`: the cached
-    /// tokens it carried (`access_token`, `component_access_token`) are dropped, if the cache
-    /// still holds them, so that the next fetch refreshes them.
+    /// token it carried (`access_token` or `component_access_token`) is dropped, if the cache
+    /// still holds it, so that the next fetch refreshes it. Only a call that carried one
+    /// token, once, drops it: of two, WeChat's answer does not say which it refused (see
+    /// [`carried`]).
     pub async fn forget_stale(&self, query: &str) {
-        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-            let named = name == "access_token" || name == "component_access_token";
-            if named && (1..=entry::MAX_TOKEN_LEN).contains(&value.len()) {
-                let keys = self.drop_local(&value);
-                self.drop_shared(&keys, &value).await;
-            }
+        let Ok(Carried::One(token)) = carried_token(query) else {
+            return;
+        };
+        let Ok(token) = std::str::from_utf8(&token) else {
+            return;
+        };
+        if (1..=entry::MAX_TOKEN_LEN).contains(&token.len()) {
+            let key = self.drop_local(token);
+            self.drop_shared(key.as_slice(), token).await;
         }
     }
 
-    /// Drops the cached token equal to `token`, wherever it is; the keys it was cached under.
-    fn drop_local(&self, token: &str) -> Vec<TokenKey> {
-        let mut dropped = Vec::new();
+    /// Drops the cached token equal to `token`, wherever it is (one lookup in the token
+    /// index, not a look at every key); the key it was cached under.
+    fn drop_local(&self, token: &str) -> Option<TokenKey> {
         let mut slots = self.slots.lock();
-        for (key, slot) in slots.iter_mut() {
-            let cached = slot.entry.as_ref().map(|entry| &*entry.token);
-            if policy::drops_cached(cached, token) {
-                slot.dropped = slot.entry.take().map(|entry| entry.held);
-                dropped.push(key.clone());
-                tracing::info!(
-                    api = key.kind.api().label(),
-                    "WeChat refused a cached token (40001, 40014 or 42001): dropped, the next fetch refreshes it"
-                );
-            }
+        let key = slots.key_of(token)?;
+        let mut slot = slots.slot(&key);
+        let cached = slot.entry.as_ref().map(|entry| &*entry.token);
+        if !policy::drops_cached(cached, token) {
+            return None;
         }
-        dropped
+        slot.dropped = slot.entry.take().map(|entry| entry.held);
+        tracing::info!(
+            api = key.kind.api().label(),
+            "WeChat refused a cached token (40001, 40014 or 42001): dropped, the next fetch refreshes it"
+        );
+        drop(slot);
+        Some(key)
     }
 
     /// Applies `[token_cache]` of a new configuration: from now on tokens are refreshed by
     /// the new `refresh_ahead_secs`, and `enabled` and `exclude_appids` decide which fetches
-    /// the cache answers (tokens already cached stay until they expire or are refused).
+    /// the cache answers (tokens already cached stay until they expire or are refused); a
+    /// lower `max_entries` evicts the oldest at once.
     pub fn reconfigure(&self, config: &crate::config::TokenCacheConfig) {
         self.settings.store(Arc::new(Settings::of(config)));
+        self.slots.lock().set_max_entries(config.max_entries);
     }
 
     /// Once a second: forgets what has expired, and updates the gauges.
     pub fn housekeeping(&self) {
         let now = SystemTime::now();
-        let mut lowest: Option<f64> = None;
-        let mut slots = self.slots.lock();
-        slots.retain(|_, slot| {
-            let left = |held: &Held| policy::remaining(held, now);
-            if slot
-                .entry
-                .as_ref()
-                .is_some_and(|entry| left(&entry.held).is_zero())
-            {
-                slot.entry = None;
-            }
-            if slot
-                .dropped
-                .as_ref()
-                .is_some_and(|held| left(held).is_zero())
-            {
-                slot.dropped = None;
-            }
-            if let Some(entry) = &slot.entry {
-                let seconds = left(&entry.held).as_secs_f64();
-                lowest = Some(lowest.map_or(seconds, |lowest| lowest.min(seconds)));
-            }
-            slot.entry.is_some() || slot.dropped.is_some() || !slot.flights.is_empty()
-        });
-        drop(slots);
-        self.metrics.expiry.set(lowest.unwrap_or(f64::NAN));
+        let lowest = self.slots.lock().expire(now);
+        let lowest = lowest.map_or(f64::NAN, |left| left.as_secs_f64());
+        self.metrics.expiry.set(lowest);
         let mut budget = self.budget.lock();
         for kind in TokenKind::ALL {
             self.metrics

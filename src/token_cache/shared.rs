@@ -356,7 +356,7 @@ impl TokenCache {
     fn apply_remote(&self, key: &TokenKey, remote: Remote) -> Option<Entry> {
         let now = SystemTime::now();
         let mut slots = self.slots.lock();
-        let slot = slots.entry(key.clone()).or_default();
+        let mut slot = slots.slot(key);
         let view = match &remote {
             Remote::Missing | Remote::Forged { .. } => RemoteView::Missing,
             Remote::Dropped { issued } => RemoteView::Dropped(*issued),

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 pub use self::api::{Api, PathClass, QuotaAppidError};
 pub use self::errcode::{errcode_labels, Errcode};
-pub use self::query::WechatParams;
+pub use self::query::{query_pairs, WechatParams};
 
 /// The Content-Type WeChat uses for JSON, and that wxgate uses for its own answers.
 pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";

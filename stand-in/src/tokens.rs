@@ -55,11 +55,17 @@ impl TokenKind {
 /// A token handed out: `(token, expires_in)`.
 pub(crate) type Issued = (String, u64);
 
+/// Long-dead tokens are forgotten once `minted` has grown to twice what the last sweep
+/// left, and at least this many.
+const SWEEP_AT_LEAST: usize = 1024;
+
 #[derive(Default)]
 struct State {
     minted: HashMap<String, Minted>,
     current: HashMap<(TokenKind, String), String>,
     forced_at: HashMap<String, SystemTime>,
+    /// The size of `minted` at which long-dead tokens are next forgotten.
+    sweep_at: usize,
 }
 
 struct Minted {
@@ -135,10 +141,15 @@ impl Tokens {
         now: SystemTime,
         previous_until: SystemTime,
     ) -> Issued {
-        // Forget tokens long dead, so a long run does not grow without bound.
-        state
-            .minted
-            .retain(|_, minted| minted.valid_until() + self.overlap > now);
+        // Forget tokens long dead, so a long run does not grow without bound; only once the
+        // map has doubled since the last time, so that a mint costs the same with two
+        // hundred thousand appids as with one (a sweep looks at every token).
+        if state.minted.len() >= state.sweep_at {
+            state
+                .minted
+                .retain(|_, minted| minted.valid_until() + self.overlap > now);
+            state.sweep_at = (2 * state.minted.len()).max(SWEEP_AT_LEAST);
+        }
         let token = random_chars(128);
         state.minted.insert(
             token.clone(),

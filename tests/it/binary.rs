@@ -553,3 +553,57 @@ fn check_json_log(log: &str, client_request_id: &str) {
     assert_eq!(named["api"], "/sns/jscode2session");
     assert!(access.iter().any(|line| line["errcode"] == "40125"));
 }
+
+/// A file larger than wxgate reads (a sparse file of 64 MiB, then `/dev/zero`, which never
+/// ends) where the configuration names a file is refused by `check-config`, and at start,
+/// with the key named and nothing of the file quoted; the configuration file itself too.
+#[test]
+fn files_larger_than_the_limit_are_refused_by_their_key() {
+    let large = temp_config("large.pem", "");
+    std::fs::File::options()
+        .write(true)
+        .open(&large)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let cases = |file: &std::path::Path| {
+        let file = file.display();
+        [
+            (
+                "upstream.ca_file",
+                format!("[upstream]\nca_file = \"{file}\"\n"),
+            ),
+            (
+                "server.tls.cert_file",
+                format!("[server.tls]\ncert_file = \"{file}\"\nkey_file = \"{file}\"\n"),
+            ),
+            (
+                "cluster.secret_file",
+                format!(
+                    "[cluster]\nredis_url = \"redis://127.0.0.1:1\"\nsecret_file = \"{file}\"\n"
+                ),
+            ),
+        ]
+    };
+    for file in [large.as_path(), std::path::Path::new("/dev/zero")] {
+        for (key, text) in cases(file) {
+            let path = temp_config("names-a-large-file.toml", &text);
+            let stderr = check_config_refuses(&path);
+            assert!(
+                stderr.contains(&format!("{key}: is larger than 4 MiB")),
+                "{key}: {stderr}"
+            );
+            let start = Command::new(WXGATE)
+                .arg("--config")
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert_eq!(start.status.code(), Some(64), "{key}");
+            let stderr = String::from_utf8_lossy(&start.stderr);
+            assert!(stderr.contains(key), "{key}: {stderr}");
+        }
+        let stderr = check_config_refuses(file);
+        assert!(stderr.contains("is larger than 4 MiB"), "{stderr}");
+    }
+    let _ = std::fs::remove_file(&large);
+}

@@ -175,3 +175,146 @@ async fn a_broken_reload_is_refused_and_wxgate_reload_reports() {
         2.0
     );
 }
+
+/// `POST /-/reload` on the admin port: its status and text (`within` bounds the wait: a
+/// reload that never answers fails the test instead of hanging it).
+async fn post_reload(admin: std::net::SocketAddr, within: Duration) -> (u16, String) {
+    let answer = reqwest::Client::builder()
+        .timeout(within)
+        .build()
+        .unwrap()
+        .post(format!("http://{admin}/-/reload"))
+        .send()
+        .await
+        .expect("the reload is answered");
+    (answer.status().as_u16(), answer.text().await.unwrap())
+}
+
+/// The configuration file replaced by a FIFO that nobody writes (a read that hangs, as on a
+/// hung NFS or FUSE mount): the reload reads it off the runtime, so meanwhile requests,
+/// `/healthz` and a second reload are answered, the reload itself is answered "timed out" at
+/// its deadline and counted as a failure, a reload of a good file applies although the first
+/// read still hangs, and SIGTERM exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_whose_file_hangs_stops_nothing() {
+    let upstream = stand_in(|_| {}).await;
+    let good = config_text(&upstream.base_url(), "");
+    let mut wxgate = ChildWxgate::start(&good);
+    std::fs::remove_file(&wxgate.config_path).unwrap();
+    let made = Command::new("mkfifo")
+        .arg(&wxgate.config_path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // Two reloads at once: one reads the FIFO and waits, the other is answered at once.
+    let admin = wxgate.admin;
+    let reloads =
+        [0, 1].map(|_| tokio::spawn(post_reload(admin, EVENTUALLY + Duration::from_secs(10))));
+    let (done, _, pending) = futures_util::future::select_all(reloads).await;
+    let second = done.unwrap();
+    assert_eq!(second.0, 409, "{second:?}");
+    assert!(second.1.contains("a reload is in progress"), "{second:?}");
+    let first = pending.into_iter().next().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(EVENTUALLY)
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let answer = client
+            .get(wxgate.url(&jscode2session(APPID, SECRET, &format!("code-hung-{i}"))))
+            .send()
+            .await
+            .expect("a request is answered while a reload hangs");
+        assert_eq!(errcode(&answer.bytes().await.unwrap()), 0);
+    }
+    let health = client
+        .get(format!("http://{admin}/healthz"))
+        .send()
+        .await
+        .expect("/healthz answers while a reload hangs");
+    assert_eq!(health.status(), 200);
+
+    let (status, text) = first.await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("timed out"), "{text}");
+    let metrics = client
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "wxgate_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&metrics, "wxgate_config_last_reload_successful", &[]),
+        0.0
+    );
+
+    // The path holds a file again: a reload applies, though the first read still hangs.
+    std::fs::remove_file(&wxgate.config_path).unwrap();
+    wxgate.rewrite(&good);
+    let third = post_reload(admin, EVENTUALLY).await;
+    assert_eq!(third, (200, "reloaded\n".to_owned()));
+
+    assert_eq!(wxgate.terminate(EVENTUALLY), Some(0));
+}
+
+/// A reload pending on a hung file when SIGTERM arrives: wxgate drains and exits 0 without
+/// waiting for the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_reload_exits_0() {
+    let upstream = stand_in(|_| {}).await;
+    let mut wxgate = ChildWxgate::start(&config_text(&upstream.base_url(), ""));
+    std::fs::remove_file(&wxgate.config_path).unwrap();
+    let made = Command::new("mkfifo")
+        .arg(&wxgate.config_path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    wxgate.hangup();
+    wxgate.wait_for_log_count("SIGHUP received", 1, EVENTUALLY);
+    assert_eq!(wxgate.terminate(EVENTUALLY), Some(0));
+}
+
+/// A reload of a file that names a file larger than wxgate reads (a sparse file of 64 MiB,
+/// then `/dev/zero`, which never ends) is refused with the key named, and the running
+/// configuration stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_naming_a_file_too_large_is_refused_by_its_key() {
+    let upstream = stand_in(|_| {}).await;
+    let good = config_text(&upstream.base_url(), "");
+    let wxgate = ChildWxgate::start(&good);
+    let large = wxgate.config_path.with_extension("large.pem");
+    std::fs::File::create(&large)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let files = [large.display().to_string(), "/dev/zero".to_owned()];
+    for (i, file) in files.into_iter().enumerate() {
+        wxgate.rewrite(&good.replace(
+            "[upstream]\n",
+            &format!("[upstream]\nca_file = \"{file}\"\n"),
+        ));
+        let (status, text) = post_reload(wxgate.admin, EVENTUALLY).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(
+            text.contains("upstream.ca_file: is larger than 4 MiB"),
+            "{text}"
+        );
+        let answer = client()
+            .get(wxgate.url(&jscode2session(APPID, SECRET, &format!("code-after-{i}"))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(errcode(&answer.bytes().await.unwrap()), 0);
+    }
+    let _ = std::fs::remove_file(&large);
+}

@@ -382,3 +382,155 @@ async fn off_excluded_and_malformed_fetches_go_upstream_as_they_are() {
     }
     assert_eq!(upstream.calls(TOKEN_PATH), 2);
 }
+
+/// `?access_token=bogus&access_token=T`: WeChat could read the bogus copy and answer 40001,
+/// and the cached T would be dropped for it. A repeated token is refused (40097, WeChat-
+/// shaped) before anything goes upstream, so twenty rounds of that call cost no fetch and T
+/// stays cached; a call carrying two different tokens under the two names drops neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_access_token_is_refused_and_drops_nothing() {
+    let (upstream, proxy) = start(|c| c.token_overlap = Duration::from_millis(200), "").await;
+    let client = client();
+    let token = token_of(&fetch(&client, &proxy, SECRET).await);
+    let fetches_before = upstream.token_fetches(TOKEN_PATH, APPID);
+    for round in 0..20 {
+        let query = match round % 4 {
+            0 => format!("access_token=bogus&access_token={token}"),
+            1 => format!("access_token={token}&access_token=bogus"),
+            2 => format!("access_token=bogus&access_token={token}&component_access_token=x"),
+            _ => format!("component_access_token=bogus&component_access_token={token}"),
+        };
+        let answer = client
+            .get(proxy.url(&format!("{CHECKED_API_PATH}?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200);
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["errcode"], 40097, "{query}: {body}");
+        let errmsg = body["errmsg"].as_str().unwrap();
+        assert!(errmsg.contains("access_token given twice"), "{errmsg}");
+        assert!(!errmsg.contains(&token), "{errmsg}");
+        assert_eq!(token_of(&fetch(&client, &proxy, SECRET).await), token);
+    }
+    assert_eq!(upstream.calls(CHECKED_API_PATH), 0);
+    // Two tokens under the two names, WeChat refuses one: which one is not said, so neither
+    // is dropped.
+    let both = format!("{CHECKED_API_PATH}?access_token=bogus&component_access_token={token}");
+    let (body, _) = get_json(&client, proxy.url(&both)).await;
+    assert_eq!(body["errcode"], 40001, "{body}");
+    assert_eq!(token_of(&fetch(&client, &proxy, SECRET).await), token);
+    assert_eq!(upstream.token_fetches(TOKEN_PATH, APPID), fetches_before);
+    // The token alone, refused: dropped, and the next fetch refreshes it (as before).
+    get_json(
+        &client,
+        format!("{}{}", upstream.base_url(), token_path(SECRET)),
+    )
+    .await;
+    while use_token(&client, &upstream.base_url(), &token).await != 40001 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(use_token(&client, &proxy.url(""), &token).await, 40001);
+    assert_ne!(token_of(&fetch(&client, &proxy, SECRET).await), token);
+}
+
+/// Fetches for thousands of appids WeChat does not know (40013) or with a wrong secret
+/// (40125) mint no token: they leave nothing cached and count nothing against the day's
+/// budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_that_mint_no_token_leave_nothing_behind() {
+    let (upstream, proxy) = start(|_| {}, "").await;
+    let client = client();
+    // Hexadecimal then `u`: never the stand-in's own appid.
+    let appids: Vec<String> = (0..2_000).map(|i| format!("wx{i:015x}u")).collect();
+    for chunk in appids.chunks(200) {
+        let answers = join_all(chunk.iter().map(|appid| {
+            let path = format!("{TOKEN_PATH}?grant_type=client_credential&appid={appid}&secret=s");
+            get_json(&client, proxy.url(&path))
+        }))
+        .await;
+        for (body, _) in &answers {
+            assert_eq!(body["errcode"], 40013, "{body}");
+        }
+    }
+    assert_eq!(
+        fetch(&client, &proxy, "wrong-secret").await["errcode"],
+        40125
+    );
+    assert_eq!(upstream.calls(TOKEN_PATH), 2_001);
+    let text = proxy
+        .metrics_until("the cache emptied", |text| {
+            metric(text, "wxgate_token_cache_entries", &[]) == 0.0
+        })
+        .await;
+    let today = |api| metric(&text, "wxgate_token_fetches_today_max", &[("api", api)]);
+    assert_eq!(today(TOKEN_PATH), 0.0, "{text}");
+    // A token minted: counted.
+    token_of(&fetch(&client, &proxy, SECRET).await);
+    proxy
+        .metrics_until("the fetch counted", |text| {
+            metric(
+                text,
+                "wxgate_token_fetches_today_max",
+                &[("api", TOKEN_PATH)],
+            ) == 1.0
+                && metric(text, "wxgate_token_cache_entries", &[]) == 1.0
+        })
+        .await;
+}
+
+/// `token_cache.max_entries`: past it the oldest token goes first (its next fetch goes
+/// upstream again), the newest stay; and calls carrying garbage tokens, each refused with
+/// 40001, drop none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_holds_at_most_max_entries_the_oldest_going_first() {
+    let apps: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("wx{i:016x}"), format!("secret-{i}")))
+        .collect();
+    let registered = apps.clone();
+    let (upstream, proxy) = start(
+        move |c| {
+            c.apps.extend(registered.into_iter().map(|(appid, secret)| {
+                wxgate_stand_in::StandInApp {
+                    appid,
+                    secret,
+                    unionid: false,
+                }
+            }))
+        },
+        "[token_cache]\nmax_entries = 10\n",
+    )
+    .await;
+    let client = client();
+    let path = |(appid, secret): &(String, String)| {
+        format!("{TOKEN_PATH}?grant_type=client_credential&appid={appid}&secret={secret}")
+    };
+    let mut tokens = Vec::new();
+    for app in &apps {
+        tokens.push(token_of(&get_json(&client, proxy.url(&path(app))).await.0));
+    }
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "wxgate_token_cache_entries", &[]), 10.0);
+    // Garbage tokens: refused by WeChat, and nothing is dropped.
+    let base = proxy.url("");
+    for i in 0..200 {
+        assert_eq!(
+            use_token(&client, &base, &format!("garbage-{i}")).await,
+            40001
+        );
+    }
+    // The ten newest are still cached; the oldest went first.
+    for (app, token) in apps.iter().zip(&tokens).skip(20) {
+        let (body, cache) = get_json(&client, proxy.url(&path(app))).await;
+        assert_eq!(
+            (token_of(&body), cache.as_deref()),
+            (token.clone(), Some("hit"))
+        );
+    }
+    let (body, cache) = get_json(&client, proxy.url(&path(&apps[0]))).await;
+    assert_eq!(cache.as_deref(), Some("miss"));
+    assert_ne!(token_of(&body), tokens[0]);
+    assert_eq!(upstream.token_fetches(TOKEN_PATH, &apps[0].0), 2);
+    let text = proxy.metrics().await;
+    assert_eq!(metric(&text, "wxgate_token_cache_entries", &[]), 10.0);
+}

@@ -1,6 +1,6 @@
 //! The `wxgate` binary as a child process on free loopback ports, for tests that need the
 //! process itself: killing a replica outright (`SIGKILL`: no drain, no goodbye to Redis),
-//! reloading its configuration file (`SIGHUP`), reading its log.
+//! reloading its configuration file (`SIGHUP`), reading its log, stopping it (`SIGTERM`).
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
@@ -120,6 +120,28 @@ impl ChildWxgate {
     /// Waits until a line holding `needle` has been logged.
     pub fn wait_for_log(&mut self, needle: &str, within: Duration) {
         self.wait_for_log_count(needle, 1, within);
+    }
+
+    /// Sends it `SIGTERM` and waits until it exits (panicking if it has not within
+    /// `within`, which means "never", not "slow"); its exit code.
+    pub fn terminate(&mut self, within: Duration) -> Option<i32> {
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", self.child.id())])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                return exit.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wxgate did not exit after SIGTERM:\n{}",
+                self.log().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Kills it outright (`SIGKILL`).
