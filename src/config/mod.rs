@@ -64,7 +64,7 @@ pub use cluster::{ClusterSecret, RedisUrl};
 pub(crate) use raw::RawConfig;
 use raw::{
     RawCluster, RawCodeCache, RawLimit, RawLog, RawQuota, RawRetry, RawServer, RawServerTls,
-    RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW,
+    RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW, MARGIN_AT_A_MINUTE,
 };
 use read::read;
 pub use server_tls::{tls_provider, ServerTlsConfig};
@@ -208,6 +208,10 @@ pub struct QuotaConfig {
     pub appids: HashMap<String, QuotaLimit>,
     /// How long a request may wait for its turn before wxgate answers 45011 itself.
     pub max_wait: Duration,
+    /// How much more one call may take than another to reach WeChat: calls the bound
+    /// separates by a window leave at least a window plus this apart, so that the bound
+    /// holds where WeChat counts, at their arrival (see `crate::quota`).
+    pub arrival_margin: Duration,
 }
 
 impl QuotaConfig {

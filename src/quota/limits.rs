@@ -81,7 +81,7 @@ impl<C: Clock + Clone> Limits<C> {
             if let Some(i) = classes.iter().position(|c| c.limit == limit) {
                 return i;
             }
-            let interval = emission_interval(config.window, limit);
+            let interval = emission_interval(config.window + config.arrival_margin, limit);
             let burst = NonZeroU32::new(limit.burst.max(1)).unwrap_or(NonZeroU32::MIN);
             let quota = Quota::with_period(interval)
                 .expect("the interval is at least one nanosecond")
@@ -161,10 +161,11 @@ impl<C: Clock + Clone> Limits<C> {
     }
 }
 
-/// `window / (per_window − burst + 1)`, rounded up to the nanosecond so that a window never
-/// holds one call too many.
-pub fn emission_interval(window: Duration, limit: QuotaLimit) -> Duration {
+/// `span / (per_window − burst + 1)`, rounded up to the nanosecond so that a span never
+/// holds one call too many. wxgate's span is the window plus the arrival margin (see
+/// [`crate::quota`]).
+pub fn emission_interval(span: Duration, limit: QuotaLimit) -> Duration {
     let spaced = u128::from(limit.per_window.saturating_sub(limit.burst)) + 1;
-    let nanos = window.as_nanos().div_ceil(spaced).max(1);
+    let nanos = span.as_nanos().div_ceil(spaced).max(1);
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }

@@ -37,8 +37,39 @@ use crate::config::QuotaLimit;
 pub struct SharedQuota {
     cluster: Arc<Cluster>,
     window: Duration,
-    /// Calls admitted locally while degraded: (calendar window index, count) per key.
-    local: DashMap<QuotaKey, (u64, u32)>,
+    /// `quota.arrival_margin_ms`: a call admitted this close to a window's end may reach
+    /// WeChat in the next one, so it counts against both.
+    margin: Duration,
+    /// Calls admitted locally while degraded, per key.
+    local: DashMap<QuotaKey, LocalCount>,
+}
+
+/// A key's calls admitted locally in one calendar window, and those of them admitted in its
+/// last `margin`, which count against the next window too.
+#[derive(Debug, Clone, Copy)]
+struct LocalCount {
+    window: u64,
+    admitted: u32,
+    late: u32,
+}
+
+impl LocalCount {
+    /// The count of `window`: the late calls of the window before it, if that is the one
+    /// counted.
+    fn roll(&mut self, window: u64) {
+        if self.window != window {
+            let carried = if self.window + 1 == window {
+                self.late
+            } else {
+                0
+            };
+            *self = LocalCount {
+                window,
+                admitted: carried,
+                late: 0,
+            };
+        }
+    }
 }
 
 /// A quota turn to be taken in Redis along with another script's round trip (a code
@@ -54,11 +85,13 @@ impl Turn {
 }
 
 impl SharedQuota {
-    /// The shared quota of `cluster`, with windows of `window`.
-    pub fn new(cluster: Arc<Cluster>, window: Duration) -> SharedQuota {
+    /// The shared quota of `cluster`, with windows of `window` and calls that may reach
+    /// WeChat up to `margin` apart.
+    pub fn new(cluster: Arc<Cluster>, window: Duration, margin: Duration) -> SharedQuota {
         SharedQuota {
             cluster,
             window,
+            margin,
             local: DashMap::new(),
         }
     }
@@ -120,12 +153,17 @@ impl SharedQuota {
         let now = SystemTime::now();
         let window = window_index(now, self.window);
         let degraded_in = window_index(now - since.elapsed(), self.window);
-        let mut entry = self.local.entry(*key).or_insert((window, 0));
-        if entry.0 != window {
-            *entry = (window, 0);
-        }
-        if window != degraded_in && entry.1 < share {
-            entry.1 += 1;
+        let mut entry = self.local.entry(*key).or_insert(LocalCount {
+            window,
+            admitted: 0,
+            late: 0,
+        });
+        entry.roll(window);
+        if window != degraded_in && entry.admitted < share {
+            entry.admitted += 1;
+            if until_next_window(now, self.window) <= self.margin {
+                entry.late += 1;
+            }
             drop(entry);
             self.cluster.admitted_locally();
             return Ok(());
@@ -150,7 +188,8 @@ impl SharedQuota {
     /// Forgets local counts of windows that are over.
     pub fn retain_recent(&self) {
         let window = window_index(SystemTime::now(), self.window);
-        self.local.retain(|_, (index, _)| *index == window);
+        // A window's late calls still count against the next one.
+        self.local.retain(|_, count| count.window + 1 >= window);
     }
 }
 

@@ -13,6 +13,7 @@ mod connections;
 #[cfg(feature = "demo")]
 mod demo;
 mod hardening;
+mod limits;
 mod passthrough;
 mod quota;
 mod reload;
