@@ -187,7 +187,7 @@ pub struct CodeCacheConfig {
 }
 
 /// One quota: how many calls a window admits and how many may leave at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuotaLimit {
     /// Calls per window for one (appid, API); the bound wxgate guarantees.
     pub per_window: u32,

@@ -130,7 +130,11 @@ impl Dispatcher {
             if !attempt.may_be_retried() {
                 return result;
             }
-            let progress = state.progress(self.quota.window());
+            // WeChat's next window for this key: its own, when WeChat stated one.
+            let window = call
+                .quota_key
+                .map_or(self.quota.window(), |key| self.quota.window_of(&key));
+            let progress = state.progress(window);
             let Decision::Retry {
                 reason,
                 after,

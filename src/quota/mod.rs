@@ -36,13 +36,26 @@
 //! With `[cluster]`, turns are counted in Redis instead ([`shared`]); the lanes still queue
 //! this replica's callers, so that only the head of a lane talks to Redis.
 //!
-//! - [`key`]: the (appid, API) key.
-//! - [`limits`]: the keyed limiters of one configuration, and the carry-over on a reload.
+//! # Limits per key
+//! Each key's limit has a *source* ([`LimitSource`]); the first of these that has a figure
+//! for it gives it: the configuration when it names the key (`quota.appids`, `quota.apis`),
+//! WeChat's own figure (quota/get), a limit learned from WeChat's 45011, the default
+//! (`quota.per_window`). A figure from WeChat or a learned one comes with its own window
+//! ([`Figure`]); keys with the same limit and window share a class (one governor keyed
+//! limiter), and a key whose limit changes takes its bucket to its new class.
+//!
+//! - [`key`]: the (appid, API) key; [`paths`]: the numbers of API paths outside `Api`.
+//! - [`limits`]: a class, the classes of one configuration, and how a bucket moves between
+//!   classes; [`buckets`]: a class's bucket states and the turns of the current window.
+//! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes.
 //! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
 //!   Redis is away.
 
+mod buckets;
+mod figures;
 mod key;
 mod limits;
+mod paths;
 mod shared;
 #[cfg(test)]
 mod tests;
@@ -58,13 +71,18 @@ use governor::clock::Clock;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+pub use self::figures::Figure;
+use self::figures::KeyFigures;
 pub use self::key::QuotaKey;
-use self::limits::Limits;
+use self::limits::{carry, LimitClass, Limits};
+pub use self::paths::ApiPaths;
 use self::shared::SharedQuota;
 pub use self::shared::Turn;
 use crate::cluster::scripts::TurnReply;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
+use crate::wechat::Api;
+pub use wxgate_contract::LimitSource;
 
 /// The quota of every (appid, API) pair.
 pub struct QuotaGate<C: Clock = TokioClock> {
@@ -74,6 +92,10 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     /// The classes of the configuration in force; a reload swaps them (see
     /// [`QuotaGate::reconfigure`]).
     limits: ArcSwap<Limits<C>>,
+    /// The limits of single keys the configuration does not name.
+    figures: KeyFigures<C>,
+    /// The numbers of the API paths outside [`Api`] that keys name.
+    paths: Arc<ApiPaths>,
     lanes: DashMap<QuotaKey, Arc<Lane>>,
     /// How many lanes exist: while there are none (the common case), the fast path does not
     /// look a key up in `lanes` at all.
@@ -110,6 +132,17 @@ impl FirstTurn {
             Some(TurnReply::EpochLost) | None => FirstTurn::Acquire,
         }
     }
+}
+
+/// The limit in force for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimit {
+    /// Calls per window, and how many may leave at once.
+    pub limit: QuotaLimit,
+    /// The window it counts in.
+    pub window: Duration,
+    /// Where it comes from.
+    pub source: LimitSource,
 }
 
 /// A call could not get its turn before its deadline.
@@ -177,6 +210,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
             window: config.window,
             margin: config.arrival_margin,
             limits: ArcSwap::from_pointee(Limits::new(config, &clock)),
+            figures: KeyFigures::new(config.arrival_margin),
+            paths: Arc::default(),
             lanes: DashMap::new(),
             lane_count: AtomicUsize::new(0),
             clock,
@@ -189,33 +224,125 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// nothing starts a fresh burst. Calls already waiting keep their place.
     pub fn reconfigure(&self, config: &QuotaConfig) {
         let new = Arc::new(Limits::new(config, &self.clock));
-        let old = self.limits.swap(new.clone());
+        let old = self.limits.swap(new);
+        let old_figures = self.figures.remake(config.arrival_margin, &self.clock);
         // Twice: turns taken from the old buckets while the first pass ran are carried too
         // (a bucket's state only moves forward, so the later of two readings is kept).
-        new.carry_over(&old, &self.clock);
-        new.carry_over(&old, &self.clock);
+        for _ in 0..2 {
+            for class in &old.classes {
+                self.carry_from(class);
+            }
+            for class in &old_figures {
+                self.carry_from(class);
+            }
+        }
+    }
+
+    /// Moves every bucket of `old` to the class its key has now.
+    fn carry_from(&self, old: &LimitClass<C>) {
+        for (key, _) in old.buckets.states() {
+            self.resolve(&key, |to, _| carry(&key, old, to, &self.clock));
+        }
+    }
+
+    /// Calls `f` with the class of `key` and where its limit comes from: the configuration
+    /// when it names the key, else the key's figure (WeChat's, learned), else the default.
+    #[inline]
+    fn resolve<R>(&self, key: &QuotaKey, f: impl FnOnce(&LimitClass<C>, LimitSource) -> R) -> R {
+        let limits = self.limits.load();
+        if let Some(class) = limits.named(key) {
+            return f(class, LimitSource::Config);
+        }
+        self.figures.with(key, |figured| match figured {
+            Some(figured) => f(&figured.class, figured.figure.source),
+            None => f(limits.default_class(), LimitSource::Default),
+        })
+    }
+
+    /// Gives `key` a limit of its own (WeChat's, or a learned one), or takes it away
+    /// (`None`); whether anything changed. Its bucket moves along: no fresh burst.
+    pub fn set_figure(&self, key: &QuotaKey, figure: Option<Figure>) -> bool {
+        self.figures
+            .set(key, figure, &self.limits.load(), &self.clock)
+    }
+
+    /// `key`'s own limit, if it has one (whether or not the configuration names the key).
+    pub fn figure(&self, key: &QuotaKey) -> Option<Figure> {
+        self.figures.get(key)
+    }
+
+    /// Every key with a limit of its own.
+    pub fn figures(&self) -> Vec<(QuotaKey, Figure)> {
+        self.figures.all()
+    }
+
+    /// The limit in force for `key`, its window and its source.
+    pub fn key_limit(&self, key: &QuotaKey) -> KeyLimit {
+        self.resolve(key, |class, source| KeyLimit {
+            limit: class.limit,
+            window: class.window,
+            source,
+        })
+    }
+
+    /// The limit the configuration gives `key` (named, or the default): what a learned limit
+    /// climbs back to.
+    pub fn configured_limit(&self, key: &QuotaKey) -> (QuotaLimit, LimitSource) {
+        let limits = self.limits.load();
+        match limits.named(key) {
+            Some(class) => (class.limit, LimitSource::Config),
+            None => (limits.default_class().limit, LimitSource::Default),
+        }
+    }
+
+    /// The window `key`'s limit counts in.
+    pub fn window_of(&self, key: &QuotaKey) -> Duration {
+        self.resolve(key, |class, _| class.window)
+    }
+
+    /// Turns `key` took in its current calendar window, on this replica.
+    pub fn turns(&self, key: &QuotaKey) -> u32 {
+        self.resolve(key, |class, _| class.turns(key, SystemTime::now()))
+    }
+
+    /// The key of `appid` calling `path`, an API outside [`Api`]: `None` for a path that is
+    /// not shaped like WeChat's, or past the most paths wxgate numbers (see [`ApiPaths`]).
+    pub fn key_for_path(&self, path: &str, appid: &str) -> Option<QuotaKey> {
+        let number = self.paths.number(path)?;
+        Some(QuotaKey::new(Api::Other, appid)?.with_path(number))
+    }
+
+    /// The path of `key`'s API: its documented path, or the path numbered in the key.
+    pub fn api_path(&self, key: &QuotaKey) -> Arc<str> {
+        match key.api() {
+            Api::Other => self
+                .paths
+                .path(key.path())
+                .unwrap_or_else(|| Arc::from("other")),
+            api => Arc::from(api.label()),
+        }
     }
 
     /// Counts turns in Redis with the other replicas of `cluster`.
     pub fn shared_with(mut self, cluster: Arc<Cluster>) -> QuotaGate<C> {
-        self.shared = Some(SharedQuota::new(cluster, self.window, self.margin));
+        self.shared = Some(SharedQuota::new(cluster, self.margin, self.paths.clone()));
         self
     }
 
-    /// The quota that applies to `key`, and its emission interval.
+    /// The quota that applies to `key`.
     pub fn limit(&self, key: &QuotaKey) -> QuotaLimit {
-        self.limits.load().class(key).limit
+        self.resolve(key, |class, _| class.limit)
     }
 
     /// Takes a token if one is there now; otherwise says how long until the next one.
     /// Ignores the queue and the pause: [`QuotaGate::acquire`] is what calls use.
     pub fn try_take(&self, key: &QuotaKey) -> Result<(), Duration> {
-        self.limits
-            .load()
-            .class(key)
-            .limiter
-            .check_key(key)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        self.resolve(key, |class, _| {
+            class
+                .limiter
+                .check_key(key)
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        })
     }
 
     /// Takes a turn, in Redis when shared, if one is there now; otherwise says how long
@@ -224,14 +351,11 @@ impl<C: Clock + Clone> QuotaGate<C> {
         match &self.shared {
             None => self.try_take(key),
             Some(shared) => {
-                let (limit, interval) = {
-                    let limits = self.limits.load();
-                    let class = limits.class(key);
-                    (class.limit, class.interval)
-                };
+                let (limit, interval, window) =
+                    self.resolve(key, |class, _| (class.limit, class.interval, class.window));
                 // Boxed: a Redis round trip is a large future, which every caller of
                 // `acquire` would otherwise carry (and copy) even without `[cluster]`.
-                Box::pin(shared.take(key, limit, interval)).await
+                Box::pin(shared.take(key, limit, interval, window)).await
             }
         }
     }
@@ -246,9 +370,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
         if queued || !shared.counts_in_redis() {
             return None;
         }
-        let limits = self.limits.load();
-        let class = limits.class(key);
-        Some(shared.turn(key, class.limit, class.interval))
+        Some(self.resolve(key, |class, _| {
+            shared.turn(key, class.limit, class.interval)
+        }))
     }
 
     /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.
@@ -341,15 +465,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// pause, whichever is later; at least a second, at most a window.
     fn retry_after(&self, key: &QuotaKey, lane: &Lane) -> Duration {
         let queued = lane.waiting.load(Ordering::Relaxed) as u32;
-        let interval = self.limits.load().class(key).interval;
+        let (interval, window) = self.resolve(key, |class, _| (class.interval, class.window));
         let mut wait = interval.saturating_mul(queued.max(1));
         if let Some(until) = lane.pause_end() {
             wait = wait.max(until.saturating_duration_since(Instant::now()));
         }
-        wait.clamp(
-            Duration::from_secs(1),
-            self.window.max(Duration::from_secs(1)),
-        )
+        wait.clamp(Duration::from_secs(1), window.max(Duration::from_secs(1)))
     }
 
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
@@ -365,7 +486,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             }
         }
         if let Some(shared) = &self.shared {
-            shared.pause(key).await;
+            shared.pause(key, self.window_of(key)).await;
         }
     }
 
@@ -400,6 +521,10 @@ impl<C: Clock + Clone> QuotaGate<C> {
             class.limiter.retain_recent();
             class.limiter.shrink_to_fit();
         }
+        for class in self.figures.classes() {
+            class.limiter.retain_recent();
+            class.limiter.shrink_to_fit();
+        }
         let now = Instant::now();
         self.lanes.retain(|_, lane| {
             let idle = Lane::idle(lane, now);
@@ -412,12 +537,15 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// Keys with quota state (an estimate while calls are running).
     pub fn len(&self) -> usize {
-        self.limits
+        let configured: usize = self
+            .limits
             .load()
             .classes
             .iter()
             .map(|c| c.limiter.len())
-            .sum()
+            .sum();
+        let figured: usize = self.figures.classes().iter().map(|c| c.limiter.len()).sum();
+        configured + figured
     }
 
     /// Whether no key has quota state.

@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::{until_next_window, QuotaKey};
+use super::{until_next_window, ApiPaths, QuotaKey};
 use crate::cluster::scripts::{Bucket, PauseBucket, TakeTurn, TurnReply};
 use crate::cluster::{Cluster, ReplicaMode};
 use crate::config::QuotaLimit;
@@ -36,18 +36,21 @@ use crate::config::QuotaLimit;
 /// The shared side of a quota gate.
 pub struct SharedQuota {
     cluster: Arc<Cluster>,
-    window: Duration,
     /// `quota.arrival_margin_ms`: a call admitted this close to a window's end may reach
     /// WeChat in the next one, so it counts against both.
     margin: Duration,
     /// Calls admitted locally while degraded, per key.
     local: DashMap<QuotaKey, LocalCount>,
+    /// The paths of the keys' APIs outside `Api`, which their fingerprints name.
+    paths: Arc<ApiPaths>,
 }
 
 /// A key's calls admitted locally in one calendar window, and those of them admitted in its
 /// last `margin`, which count against the next window too.
 #[derive(Debug, Clone, Copy)]
 struct LocalCount {
+    /// The window's length (the key's) and index.
+    length: Duration,
     window: u64,
     admitted: u32,
     late: u32,
@@ -67,6 +70,7 @@ impl LocalCount {
                 window,
                 admitted: carried,
                 late: 0,
+                ..*self
             };
         }
     }
@@ -85,14 +89,14 @@ impl Turn {
 }
 
 impl SharedQuota {
-    /// The shared quota of `cluster`, with windows of `window` and calls that may reach
-    /// WeChat up to `margin` apart.
-    pub fn new(cluster: Arc<Cluster>, window: Duration, margin: Duration) -> SharedQuota {
+    /// The shared quota of `cluster`, with calls that may reach WeChat up to `margin` apart,
+    /// and the paths its keys may name.
+    pub fn new(cluster: Arc<Cluster>, margin: Duration, paths: Arc<ApiPaths>) -> SharedQuota {
         SharedQuota {
             cluster,
-            window,
             margin,
             local: DashMap::new(),
+            paths,
         }
     }
 
@@ -101,12 +105,14 @@ impl SharedQuota {
         self.cluster.counts_in_redis()
     }
 
-    /// Takes a turn of `key` if one is there now; otherwise says how long until the next.
+    /// Takes a turn of `key` (its limit counting in `window`) if one is there now;
+    /// otherwise says how long until the next.
     pub async fn take(
         &self,
         key: &QuotaKey,
         limit: QuotaLimit,
         interval: Duration,
+        window: Duration,
     ) -> Result<(), Duration> {
         if self.cluster.counts_in_redis() {
             let bucket = self.bucket(key, limit, interval);
@@ -117,7 +123,7 @@ impl SharedQuota {
                 Some(TurnReply::EpochLost) | None => {}
             }
         }
-        self.take_locally(key, limit)
+        self.take_locally(key, limit, window)
     }
 
     /// The turn a code exchange's claim takes along (see the module documentation).
@@ -135,15 +141,28 @@ impl SharedQuota {
         }
     }
 
-    fn fingerprint(&self, key: &QuotaKey) -> String {
-        self.cluster.sealing().fingerprint(
-            "quota",
-            &[key.api().label().as_bytes(), key.appid().as_bytes()],
-        )
+    /// A known API's own calls are named by its label and the appid, as they always were
+    /// (replicas of another version still count with them); an API outside `Api` by its
+    /// path, and calls on an account's behalf apart.
+    pub(super) fn fingerprint(&self, key: &QuotaKey) -> String {
+        let appid = key.appid().as_bytes();
+        let path = self.paths.path(key.path());
+        let api = path.as_deref().unwrap_or(key.api().label()).as_bytes();
+        let sealing = self.cluster.sealing();
+        if key.is_on_behalf() {
+            sealing.fingerprint("quota", &[api, appid, b"on behalf"])
+        } else {
+            sealing.fingerprint("quota", &[api, appid])
+        }
     }
 
-    /// A turn out of this replica's share of the current calendar window.
-    fn take_locally(&self, key: &QuotaKey, limit: QuotaLimit) -> Result<(), Duration> {
+    /// A turn out of this replica's share of the current calendar window of `window`.
+    fn take_locally(
+        &self,
+        key: &QuotaKey,
+        limit: QuotaLimit,
+        window_length: Duration,
+    ) -> Result<(), Duration> {
         let since = match self.cluster.mode() {
             ReplicaMode::Degraded { since } | ReplicaMode::Resuming { since, .. } => since,
             // Shared since the check above; the turn is counted locally all the same.
@@ -151,45 +170,48 @@ impl SharedQuota {
         };
         let share = limit.per_window / self.cluster.replicas();
         let now = SystemTime::now();
-        let window = window_index(now, self.window);
-        let degraded_in = window_index(now - since.elapsed(), self.window);
+        let window = window_index(now, window_length);
+        let degraded_in = window_index(now - since.elapsed(), window_length);
         let mut entry = self.local.entry(*key).or_insert(LocalCount {
+            length: window_length,
             window,
             admitted: 0,
             late: 0,
         });
+        entry.length = window_length;
         entry.roll(window);
         if window != degraded_in && entry.admitted < share {
             entry.admitted += 1;
-            if until_next_window(now, self.window) <= self.margin {
+            if until_next_window(now, window_length) <= self.margin {
                 entry.late += 1;
             }
             drop(entry);
             self.cluster.admitted_locally();
             return Ok(());
         }
-        Err(until_next_window(now, self.window))
+        Err(until_next_window(now, window_length))
     }
 
-    /// Pauses `key` in Redis until WeChat's next window by Redis's clock (when counting
-    /// there), so that every replica holds it.
-    pub async fn pause(&self, key: &QuotaKey) {
+    /// Pauses `key` in Redis until WeChat's next window (of `window`) by Redis's clock (when
+    /// counting there), so that every replica holds it.
+    pub async fn pause(&self, key: &QuotaKey, window: Duration) {
         if !self.cluster.counts_in_redis() {
             return;
         }
         let fingerprint = self.fingerprint(key);
         let pause = PauseBucket {
             fingerprint: &fingerprint,
-            window: self.window,
+            window,
         };
         let _ = self.cluster.eval(&pause).await;
     }
 
     /// Forgets local counts of windows that are over.
     pub fn retain_recent(&self) {
-        let window = window_index(SystemTime::now(), self.window);
+        let now = SystemTime::now();
         // A window's late calls still count against the next one.
-        self.local.retain(|_, count| count.window + 1 >= window);
+        self.local
+            .retain(|_, count| count.window + 1 >= window_index(now, count.length));
     }
 }
 

@@ -290,3 +290,76 @@ fn the_margin_keeps_the_bound_where_calls_arrive() {
     let slow_first = |i: usize| if i < 2 { 10 } else { 0 };
     assert_eq!(most_arrivals(&without, slow_first, window_ms), 21);
 }
+
+/// A key's own limit (WeChat's, learned) applies in its own window, the configuration still
+/// wins where it names the key, and a key that changes limits keeps its bucket: spent stays
+/// spent.
+#[test]
+fn figures_give_keys_limits_of_their_own_and_keep_their_buckets() {
+    let clock = FakeRelativeClock::default();
+    let mut quota = config(60, 100, 10);
+    quota.appids.insert(
+        "wx00000000000000b2".into(),
+        QuotaLimit {
+            per_window: 7,
+            burst: 7,
+        },
+    );
+    let gate = QuotaGate::with_clock(&quota, clock.clone());
+    let key = QuotaKey::new(Api::Token, "wx00000000000000a1").unwrap();
+    let named = QuotaKey::new(Api::Token, "wx00000000000000b2").unwrap();
+    assert_eq!(gate.key_limit(&key).source, LimitSource::Default);
+    for _ in 0..4 {
+        assert!(gate.try_take(&key).is_ok());
+    }
+    assert_eq!(gate.turns(&key), 4);
+    let stated = Figure {
+        limit: QuotaLimit {
+            per_window: 5,
+            burst: 5,
+        },
+        window: Duration::from_secs(2),
+        source: LimitSource::Wechat,
+    };
+    assert!(gate.set_figure(&key, Some(stated)));
+    assert!(!gate.set_figure(&key, Some(stated)), "unchanged");
+    let limit = gate.key_limit(&key);
+    assert_eq!(
+        (limit.limit, limit.window, limit.source),
+        (stated.limit, stated.window, LimitSource::Wechat)
+    );
+    assert_eq!(gate.window_of(&key), Duration::from_secs(2));
+    // Four spent at the old rate are four of the new five: one left, not a fresh five.
+    assert!(gate.try_take(&key).is_ok());
+    assert!(gate.try_take(&key).is_err(), "moved with its bucket");
+    assert_eq!(gate.turns(&key), 5, "its turns moved along");
+    // The configuration names `named`: its figure is kept, but the configuration's applies.
+    assert!(gate.set_figure(&named, Some(stated)));
+    assert_eq!(gate.key_limit(&named).source, LimitSource::Config);
+    assert_eq!(gate.limit(&named).per_window, 7);
+    // Back to the default: the key keeps its debt, in turns of the default's spacing.
+    assert!(gate.set_figure(&key, None));
+    assert_eq!(gate.key_limit(&key).source, LimitSource::Default);
+    let taken = (0..20).filter(|_| gate.try_take(&key).is_ok()).count();
+    assert_eq!(taken, 5, "ten of the burst, five of them spent");
+    gate.retain_recent();
+    assert!(!gate.is_empty());
+}
+
+#[test]
+fn paths_outside_the_known_apis_get_keys_of_their_own() {
+    let gate = QuotaGate::with_clock(&config(60, 100, 10), FakeRelativeClock::default());
+    let a = gate
+        .key_for_path("/wxa/getwxacode", "wx00000000000000a1")
+        .unwrap();
+    let b = gate
+        .key_for_path("/wxa/msg_sec_check", "wx00000000000000a1")
+        .unwrap();
+    assert_ne!(a, b);
+    assert_eq!(&*gate.api_path(&a), "/wxa/getwxacode");
+    assert_eq!(a.api(), Api::Other);
+    assert_ne!(a, a.on_behalf());
+    assert_eq!(a.on_behalf().own(), a);
+    assert!(gate.key_for_path("/sns/x", "wx00000000000000a1").is_none());
+    assert!(gate.key_for_path("/wxa/x", "not an appid").is_none());
+}
