@@ -28,7 +28,11 @@
 //!   - `token_cache/`: wxgate as the central access-token server (`policy` decides, `fetch`
 //!     fetches, `shared` meets the other replicas);
 //!   - `quota/`: per-(appid, API) minute quotas ([`QuotaGate`]): turns, lanes, the 45011
-//!     pause (`key`, `limits`, `shared`).
+//!     pause, each key's limit and its source (`key`, `paths`, `limits`, `buckets`,
+//!     `figures`, `shared`);
+//!   - `discovery/`: the limits WeChat states, asked with quota/get for the keys with
+//!     traffic, and the access tokens whose appid wxgate knows (`tokens`, `answer`). It
+//!     sends its queries through `dispatch`, so it sits above it.
 //! - `dispatch/`: one logical upstream call under quota and retry policy: acquire a turn →
 //!   send → record → decide; `retry`: the decision after each attempt, a pure function.
 //! - `flight`: the single-flight both caches use.
@@ -97,6 +101,7 @@ mod cli;
 mod cluster;
 mod code_cache;
 mod config;
+mod discovery;
 mod dispatch;
 mod flight;
 mod metrics;

@@ -212,6 +212,15 @@ pub struct QuotaConfig {
     /// separates by a window leave at least a window plus this apart, so that the bound
     /// holds where WeChat counts, at their arrival (see `crate::quota`).
     pub arrival_margin: Duration,
+    /// Whether wxgate asks WeChat (quota/get) for the limits of the keys with traffic it
+    /// holds a token for.
+    pub discover: bool,
+    /// How long an answer of quota/get (or its error) stands before the key is asked about
+    /// again.
+    pub discovery_interval: Duration,
+    /// How long the first call of a key waits for its first answer before it goes on under
+    /// the default.
+    pub discovery_wait: Duration,
 }
 
 impl QuotaConfig {

@@ -150,6 +150,9 @@ pub(crate) struct RawQuota {
     /// Absent: [`MARGIN_AT_A_MINUTE`] scaled to `window_secs` (0.42 % of the window).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) arrival_margin_ms: Option<i64>,
+    pub(crate) discover: bool,
+    pub(crate) discovery_interval_secs: i64,
+    pub(crate) discovery_wait_ms: i64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) apis: BTreeMap<String, RawLimit>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -164,6 +167,9 @@ impl Default for RawQuota {
             burst: None,
             max_wait_ms: 3_000,
             arrival_margin_ms: None,
+            discover: true,
+            discovery_interval_secs: 300,
+            discovery_wait_ms: 1_000,
             apis: BTreeMap::new(),
             appids: BTreeMap::new(),
         }

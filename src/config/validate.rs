@@ -334,6 +334,8 @@ fn check_quota(
         Some(ms) => c.millis((margin_key, ms), 0..=60_000),
         None => window.map(default_margin),
     };
+    let discovery_interval = c.secs(key!(raw.discovery_interval_secs), 1..=86_400);
+    let discovery_wait = c.millis(key!(raw.discovery_wait_ms), 0..=60_000);
     let mut apis = HashMap::new();
     for (path, limit) in &raw.apis {
         let mut o = c.nested(name!(raw.apis), path);
@@ -373,6 +375,9 @@ fn check_quota(
             appids,
             max_wait: max_wait?,
             arrival_margin: arrival_margin?,
+            discover: raw.discover,
+            discovery_interval: discovery_interval?,
+            discovery_wait: discovery_wait?,
         })
     })();
     (quota, window_key)

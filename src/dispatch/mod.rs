@@ -126,6 +126,9 @@ impl Dispatcher {
                 self.metrics.retry(call.api, reason);
             }
             let (result, attempt) = self.send(call, state.connection).await;
+            if let (Some(key), Attempt::Answered(errcode)) = (&call.quota_key, attempt) {
+                self.quota.answered(key, errcode);
+            }
             // Nearly every answer is final: no clock or random number is needed for it.
             if !attempt.may_be_retried() {
                 return result;

@@ -105,6 +105,11 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     /// above are then unused, while the lanes still queue this replica's callers, so that
     /// only the head of a lane talks to Redis.
     shared: Option<SharedQuota>,
+    /// Keys WeChat answered 45011 or 45009 since discovery last looked: their stated figure
+    /// is in doubt.
+    refused: Mutex<std::collections::HashSet<QuotaKey>>,
+    /// How many keys `refused` holds: while none, a call does not look.
+    refused_count: AtomicUsize,
 }
 
 /// Whether a call's first attempt still needs its quota turn.
@@ -132,6 +137,14 @@ impl FirstTurn {
             Some(TurnReply::EpochLost) | None => FirstTurn::Acquire,
         }
     }
+}
+
+/// The burst of a limit WeChat stated or wxgate learned: 2 % of it, at least one. Small, so
+/// that under sustained load a window uses `(per_window − burst + 1) / per_window` ≥ 98 % of
+/// the figure (less the margin's share): these figures are WeChat's own, with no room above
+/// them.
+pub fn figure_burst(per_window: u32) -> u32 {
+    (per_window / 50).max(1)
 }
 
 /// The limit in force for one key.
@@ -216,6 +229,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
             lane_count: AtomicUsize::new(0),
             clock,
             shared: None,
+            refused: Mutex::default(),
+            refused_count: AtomicUsize::new(0),
         }
     }
 
@@ -274,6 +289,36 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// Every key with a limit of its own.
     pub fn figures(&self) -> Vec<(QuotaKey, Figure)> {
         self.figures.all()
+    }
+
+    /// WeChat answered a call of `key` with `errcode`. A 45011 or a 45009 puts the key's
+    /// stated figure in doubt (see [`QuotaGate::take_refused`]).
+    pub fn answered(&self, key: &QuotaKey, errcode: crate::wechat::Errcode) {
+        use crate::wechat::{Errcode, DAILY_QUOTA, MINUTE_QUOTA};
+        if let Errcode::Code(MINUTE_QUOTA | DAILY_QUOTA) = errcode {
+            if key.api().is_code_exchange() {
+                // Never stated: quota/get cannot be asked about them.
+                return;
+            }
+            let mut refused = self.refused.lock();
+            // Bounded by the keys with traffic; discovery takes them out.
+            if refused.len() < 100_000 && refused.insert(key.own()) {
+                self.refused_count.fetch_add(1, Ordering::Release);
+            }
+        }
+    }
+
+    /// Whether WeChat answered a call of `key` (its own calls or on its behalf) 45011 or
+    /// 45009 since this was last asked.
+    pub fn take_refused(&self, key: &QuotaKey) -> bool {
+        if self.refused_count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let removed = self.refused.lock().remove(&key.own());
+        if removed {
+            self.refused_count.fetch_sub(1, Ordering::Release);
+        }
+        removed
     }
 
     /// The limit in force for `key`, its window and its source.
@@ -524,6 +569,14 @@ impl<C: Clock + Clone> QuotaGate<C> {
         for class in self.figures.classes() {
             class.limiter.retain_recent();
             class.limiter.shrink_to_fit();
+        }
+        {
+            // Doubts discovery never takes (it is off, or the keys went quiet) go in bulk.
+            let mut refused = self.refused.lock();
+            if refused.len() > 1_000 {
+                refused.clear();
+                self.refused_count.store(0, Ordering::Release);
+            }
         }
         let now = Instant::now();
         self.lanes.retain(|_, lane| {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 pub use self::api::{Api, PathClass, QuotaAppidError};
 pub use self::errcode::{errcode_labels, Errcode};
-pub use self::query::WechatParams;
+pub use self::query::{query_pairs, WechatParams};
 
 /// The Content-Type WeChat uses for JSON, and that wxgate uses for its own answers.
 pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
@@ -23,6 +23,10 @@ pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
 pub use wxgate_contract::MINUTE_QUOTA;
 /// `-1`: system busy; worth another try.
 pub use wxgate_contract::SYSTEM_BUSY;
+
+/// `45009`: the day's quota of this API is spent; nothing helps before WeChat's midnight
+/// (UTC+8) but `clear_quota`.
+pub const DAILY_QUOTA: i64 = 45009;
 
 /// `40097`: invalid arguments; wxgate's answer to a request it cannot read.
 pub const INVALID_ARGS: i64 = 40097;

@@ -4,14 +4,73 @@
 //! and `wxgate quota`. The stand-in's limits are never written into wxgate's configuration
 //! unless a test says so.
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
 
 use futures_util::future::join_all;
+use wxgate_stand_in::{ApiLimits, RateLimit, StandIn};
 
 use crate::support::tls::TestCa;
 use crate::support::*;
 
 const EXCHANGE: &str = "/sns/jscode2session";
+
+/// An API the stand-in limits and checks the token of, unknown to wxgate's `Api`.
+const WXA: &str = "/wxa/msg_sec_check";
+
+/// Calls of `path` the stand-in received per aligned window of `window`, in window order.
+fn path_calls_per_window(upstream: &StandIn, path: &str, window: Duration) -> Vec<u64> {
+    let mut windows: BTreeMap<u128, u64> = BTreeMap::new();
+    for call in upstream.call_log().iter().filter(|call| call.path == path) {
+        let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        *windows.entry(at / window.as_nanos()).or_default() += 1;
+    }
+    windows.into_values().collect()
+}
+
+/// The share of `limit` the windows of an overload used: the windows between the first and
+/// the last (partly idle).
+fn middle_use(windows: &[u64], limit: u32) -> f64 {
+    assert!(windows.len() >= 4, "too few windows: {windows:?}");
+    let middle = &windows[1..windows.len() - 1];
+    middle.iter().sum::<u64>() as f64 / (middle.len() as f64 * f64::from(limit))
+}
+
+/// An access token of the stand-in's app, fetched through `proxy` (wxgate's token cache
+/// answers it, so wxgate knows whose it is).
+async fn token_through(client: &reqwest::Client, proxy: &TestProxy) -> String {
+    let answer: serde_json::Value = client
+        .get(proxy.url(&format!(
+            "/cgi-bin/token?grant_type=client_credential&appid={APPID}&secret={SECRET}"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    answer["access_token"].as_str().unwrap().to_owned()
+}
+
+/// `n` calls of `path` with `token` at once: their statuses and errcodes.
+async fn calls_with_token(
+    client: &reqwest::Client,
+    proxy: &TestProxy,
+    path: &str,
+    token: &str,
+    n: u32,
+) -> Vec<(u16, i64)> {
+    join_all((0..n).map(|i| {
+        let client = client.clone();
+        let url = proxy.url(&format!("{path}?access_token={token}&n={i}"));
+        async move {
+            let answer = client.post(url).body("{}").send().await.unwrap();
+            let status = answer.status().as_u16();
+            (status, errcode(&answer.bytes().await.unwrap()))
+        }
+    }))
+    .await
+}
 
 /// Done when 1: a burst of five times the quota, sent as a new user's first calls (wxgate
 /// opens fresh TLS connections to WeChat for the first of them, and reuses them after), in
@@ -55,4 +114,94 @@ async fn a_burst_through_fresh_connections_never_exceeds_the_quota_where_wechat_
         );
         assert_eq!(upstream.answers(45011), 0, "run {run}");
     }
+}
+
+/// Done when 2: an API whose limit at WeChat (the stand-in: 20 per 2 s) is far below wxgate's
+/// configured figure (200): once wxgate holds a token of the appid, it asks quota/get before
+/// the first call goes, so a burst of five times the limit meets no 45011 at all, and the
+/// windows of the overload use at least 90 % of WeChat's figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_wechat_states_is_used_before_any_45011() {
+    const LIMIT: u32 = 20;
+    let window = Duration::from_secs(2);
+    let upstream = stand_in(|c| {
+        c.api_limits = vec![ApiLimits::new(WXA).with_rate_limit(RateLimit::new(LIMIT, window))];
+    })
+    .await;
+    let proxy = spawn_proxy(config(&config_text(
+        &upstream.base_url(),
+        "[quota]\nwindow_secs = 2\nper_window = 200\narrival_margin_ms = 50\nmax_wait_ms = 30000\n",
+    )))
+    .await;
+    let client = client();
+    let token = token_through(&client, &proxy).await;
+    let answers = calls_with_token(&client, &proxy, WXA, &token, 5 * LIMIT).await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+    assert!(upstream.quota_queries(WXA, APPID) >= 1);
+    let used = middle_use(&path_calls_per_window(&upstream, WXA, window), LIMIT);
+    assert!(
+        used >= 0.9,
+        "the overloaded windows used {used:.2} of WeChat's figure"
+    );
+    let text = proxy.metrics().await;
+    assert!(
+        metric(
+            &text,
+            "wxgate_quota_discovery_queries_total",
+            &[("result", "ok")]
+        ) >= 1.0
+    );
+}
+
+/// A platform's calls on an account's behalf (with the `authorizer_access_token` a call
+/// through wxgate minted) are held to WeChat's `component_rate_limit`, apart from the
+/// account's own calls and their `rate_limit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_on_an_accounts_behalf_use_the_component_rate_limit() {
+    const OWN: u32 = 40;
+    const ON_BEHALF: u32 = 10;
+    let window = Duration::from_secs(2);
+    let upstream = stand_in(|c| {
+        c.api_limits = vec![ApiLimits::new(WXA)
+            .with_rate_limit(RateLimit::new(OWN, window))
+            .with_component_rate_limit(RateLimit::new(ON_BEHALF, window))];
+    })
+    .await;
+    let proxy = spawn_proxy(config(&config_text(
+        &upstream.base_url(),
+        "[quota]\nwindow_secs = 2\nper_window = 200\narrival_margin_ms = 50\nmax_wait_ms = 30000\n",
+    )))
+    .await;
+    let client = client();
+    let answer: serde_json::Value = client
+        .post(proxy.url(&format!(
+            "/cgi-bin/component/api_authorizer_token?component_access_token={COMPONENT_TOKEN}"
+        )))
+        .body(
+            serde_json::json!({
+                "component_appid": COMPONENT_APPID,
+                "authorizer_appid": APPID,
+                "authorizer_refresh_token": "refresh",
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = answer["authorizer_access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let answers = calls_with_token(&client, &proxy, WXA, &token, 3 * ON_BEHALF).await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+    let windows = path_calls_per_window(&upstream, WXA, window);
+    assert!(
+        windows.iter().all(|calls| *calls <= u64::from(ON_BEHALF)),
+        "{windows:?}"
+    );
 }
