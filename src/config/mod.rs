@@ -221,6 +221,10 @@ pub struct QuotaConfig {
     /// How long the first call of a key waits for its first answer before it goes on under
     /// the default.
     pub discovery_wait: Duration,
+    /// How long a limit learned from WeChat's 45011 is held before it climbs back.
+    pub learned_hold: Duration,
+    /// The floor under a learned limit, in percent of the configured figure.
+    pub learned_floor_percent: u32,
 }
 
 impl QuotaConfig {

@@ -153,6 +153,8 @@ pub(crate) struct RawQuota {
     pub(crate) discover: bool,
     pub(crate) discovery_interval_secs: i64,
     pub(crate) discovery_wait_ms: i64,
+    pub(crate) learned_hold_secs: i64,
+    pub(crate) learned_floor_percent: i64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) apis: BTreeMap<String, RawLimit>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -170,6 +172,8 @@ impl Default for RawQuota {
             discover: true,
             discovery_interval_secs: 300,
             discovery_wait_ms: 1_000,
+            learned_hold_secs: 600,
+            learned_floor_percent: 50,
             apis: BTreeMap::new(),
             appids: BTreeMap::new(),
         }

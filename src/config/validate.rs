@@ -336,6 +336,8 @@ fn check_quota(
     };
     let discovery_interval = c.secs(key!(raw.discovery_interval_secs), 1..=86_400);
     let discovery_wait = c.millis(key!(raw.discovery_wait_ms), 0..=60_000);
+    let learned_hold = c.secs(key!(raw.learned_hold_secs), 0..=86_400);
+    let learned_floor_percent = c.int(key!(raw.learned_floor_percent), 1..=100);
     let mut apis = HashMap::new();
     for (path, limit) in &raw.apis {
         let mut o = c.nested(name!(raw.apis), path);
@@ -378,6 +380,8 @@ fn check_quota(
             discover: raw.discover,
             discovery_interval: discovery_interval?,
             discovery_wait: discovery_wait?,
+            learned_hold: learned_hold?,
+            learned_floor_percent: learned_floor_percent?,
         })
     })();
     (quota, window_key)

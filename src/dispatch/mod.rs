@@ -20,7 +20,7 @@ use wxgate_contract::RetryReason;
 pub use self::metrics::CallMetrics;
 use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::config::RetryConfig;
-use crate::quota::{next_window_start, FirstTurn, QuotaGate, QuotaKey};
+use crate::quota::{next_window_start, FirstTurn, QuotaGate, QuotaKey, Refusal};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
 use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
 use crate::wechat::{Api, Errcode};
@@ -126,9 +126,10 @@ impl Dispatcher {
                 self.metrics.retry(call.api, reason);
             }
             let (result, attempt) = self.send(call, state.connection).await;
-            if let (Some(key), Attempt::Answered(errcode)) = (&call.quota_key, attempt) {
-                self.quota.answered(key, errcode);
-            }
+            let refusal = match (&call.quota_key, attempt) {
+                (Some(key), Attempt::Answered(errcode)) => self.quota.answered(key, errcode),
+                _ => None,
+            };
             // Nearly every answer is final: no clock or random number is needed for it.
             if !attempt.may_be_retried() {
                 return result;
@@ -147,7 +148,7 @@ impl Dispatcher {
                 return result;
             };
             state.connection = connection;
-            self.before_retry(call, &mut state, reason, Instant::now() + after)
+            self.before_retry(call, &mut state, reason, Instant::now() + after, refusal)
                 .await;
             last = Some(result);
             retrying = Some(reason);
@@ -155,18 +156,24 @@ impl Dispatcher {
     }
 
     /// Waits for a retry: a 45011 pauses the call's quota key until `resume` (the call then
-    /// waits for its turn behind the pause, as long as the hold allows); a backoff sleeps.
+    /// waits for its turn behind the pause, as long as the hold allows), unless it may be
+    /// one user's limit (`refusal`: then only this call is held); a backoff sleeps.
     async fn before_retry(
         &self,
         call: &Call,
         state: &mut CallState,
         reason: RetryReason,
         resume: Instant,
+        refusal: Option<Refusal>,
     ) {
         match (reason, &call.quota_key) {
             (RetryReason::MinuteQuota, Some(key)) => {
-                // Boxed: rare, and large with `[cluster]`.
-                Box::pin(self.quota.pause(key, resume)).await;
+                if refusal == Some(Refusal::Hold) {
+                    tokio::time::sleep_until(resume).await;
+                } else {
+                    // Boxed: rare, and large with `[cluster]`.
+                    Box::pin(self.quota.pause(key, resume)).await;
+                }
                 state.quota_deadline = state.hold_deadline;
             }
             (RetryReason::MinuteQuota, None) => tokio::time::sleep_until(resume).await,

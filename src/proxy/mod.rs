@@ -113,7 +113,7 @@ impl Proxy {
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Proxy, ProxyError> {
         let upstream = UpstreamClient::new(&config.upstream)?;
-        let mut quota = QuotaGate::new(&config.quota);
+        let mut quota = QuotaGate::new(&config.quota).with_metrics(metrics)?;
         let mut codes = CodeCache::new(&config.code_cache, metrics)?;
         if let Some(cluster) = &cluster {
             quota = quota.shared_with(cluster.clone());

@@ -47,14 +47,18 @@
 //! - [`key`]: the (appid, API) key; [`paths`]: the numbers of API paths outside `Api`.
 //! - [`limits`]: a class, the classes of one configuration, and how a bucket moves between
 //!   classes; [`buckets`]: a class's bucket states and the turns of the current window.
-//! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes.
+//! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes;
+//!   [`learned`]: limits learned from WeChat's 45011, the per-user limit, the climb back.
+//! - [`metrics`]: keys by source, learned changes.
 //! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
 //!   Redis is away.
 
 mod buckets;
 mod figures;
 mod key;
+mod learned;
 mod limits;
+mod metrics;
 mod paths;
 mod shared;
 #[cfg(test)]
@@ -74,7 +78,11 @@ use tokio::time::Instant;
 pub use self::figures::Figure;
 use self::figures::KeyFigures;
 pub use self::key::QuotaKey;
+pub use self::learned::Refusal;
+use self::learned::{KeyStanding, LearnSettings, Learner};
 use self::limits::{carry, LimitClass, Limits};
+use self::metrics::LearnedChange;
+pub use self::metrics::QuotaMetrics;
 pub use self::paths::ApiPaths;
 use self::shared::SharedQuota;
 pub use self::shared::Turn;
@@ -110,6 +118,18 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     refused: Mutex<std::collections::HashSet<QuotaKey>>,
     /// How many keys `refused` holds: while none, a call does not look.
     refused_count: AtomicUsize,
+    /// Limits learned from WeChat's 45011.
+    learner: Learner,
+    learn_settings: ArcSwap<LearnSettings>,
+    metrics: Option<QuotaMetrics>,
+}
+
+fn learn_settings(config: &QuotaConfig) -> LearnSettings {
+    LearnSettings {
+        hold: config.learned_hold,
+        floor_percent: config.learned_floor_percent,
+        margin: config.arrival_margin,
+    }
 }
 
 /// Whether a call's first attempt still needs its quota turn.
@@ -231,6 +251,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
             shared: None,
             refused: Mutex::default(),
             refused_count: AtomicUsize::new(0),
+            learner: Learner::default(),
+            learn_settings: ArcSwap::from_pointee(learn_settings(config)),
+            metrics: None,
         }
     }
 
@@ -238,6 +261,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// use: each key keeps its state, so a lowered quota slows it from where it stands and
     /// nothing starts a fresh burst. Calls already waiting keep their place.
     pub fn reconfigure(&self, config: &QuotaConfig) {
+        self.learn_settings.store(Arc::new(learn_settings(config)));
         let new = Arc::new(Limits::new(config, &self.clock));
         let old = self.limits.swap(new);
         let old_figures = self.figures.remake(config.arrival_margin, &self.clock);
@@ -291,21 +315,127 @@ impl<C: Clock + Clone> QuotaGate<C> {
         self.figures.all()
     }
 
-    /// WeChat answered a call of `key` with `errcode`. A 45011 or a 45009 puts the key's
-    /// stated figure in doubt (see [`QuotaGate::take_refused`]).
-    pub fn answered(&self, key: &QuotaKey, errcode: crate::wechat::Errcode) {
-        use crate::wechat::{Errcode, DAILY_QUOTA, MINUTE_QUOTA};
-        if let Errcode::Code(MINUTE_QUOTA | DAILY_QUOTA) = errcode {
-            if key.api().is_code_exchange() {
-                // Never stated: quota/get cannot be asked about them.
-                return;
+    /// Registers the quota's metrics in `metrics`' registry.
+    pub fn with_metrics(mut self, metrics: &crate::metrics::Metrics) -> prometheus::Result<Self> {
+        self.metrics = Some(QuotaMetrics::new(metrics)?);
+        Ok(self)
+    }
+
+    /// WeChat answered a call of `key` with `errcode`. A 45011 is evidence of the key's
+    /// limit (see [`learned`]): what it means for the call comes back. A 45011 or a 45009
+    /// puts the key's stated figure in doubt (see [`QuotaGate::take_refused`]). Any other
+    /// answer but -1 shows the call passed WeChat's limits.
+    pub fn answered(&self, key: &QuotaKey, errcode: crate::wechat::Errcode) -> Option<Refusal> {
+        use crate::wechat::{Errcode, DAILY_QUOTA, MINUTE_QUOTA, SYSTEM_BUSY};
+        match errcode {
+            Errcode::Code(MINUTE_QUOTA) => {
+                self.doubt(key);
+                Some(self.refused_by_minute_quota(key))
             }
-            let mut refused = self.refused.lock();
-            // Bounded by the keys with traffic; discovery takes them out.
-            if refused.len() < 100_000 && refused.insert(key.own()) {
-                self.refused_count.fetch_add(1, Ordering::Release);
+            Errcode::Code(DAILY_QUOTA) => {
+                self.doubt(key);
+                None
+            }
+            Errcode::Code(SYSTEM_BUSY) => None,
+            _ => {
+                self.learner.succeeded(key);
+                None
             }
         }
+    }
+
+    /// A 45011 for `key`: learns from it where the key's limit is not stated.
+    fn refused_by_minute_quota(&self, key: &QuotaKey) -> Refusal {
+        let now = SystemTime::now();
+        let (limit, window, source, turns) = self.resolve(key, |class, source| {
+            (class.limit, class.window, source, class.turns(key, now))
+        });
+        let standing = KeyStanding {
+            source,
+            limit,
+            window: (buckets::window_index(now, window), window),
+            turns,
+            configured: self.configured_limit(key).0.per_window,
+        };
+        let outcome = self
+            .learner
+            .refused(key, standing, &self.learn_settings.load());
+        if let Some(figure) = outcome.learned {
+            if self.set_figure(key, Some(figure)) {
+                self.count_learned(LearnedChange::Lowered);
+                tracing::warn!(
+                    api = key.api().label(),
+                    per_window = figure.limit.per_window,
+                    window_secs = figure.window.as_secs_f64(),
+                    "WeChat answered 45011 under the configured limit: a lower limit learned"
+                );
+            }
+        }
+        outcome.refusal
+    }
+
+    fn count_learned(&self, change: LearnedChange) {
+        if let Some(metrics) = &self.metrics {
+            metrics.learned(change);
+        }
+    }
+
+    /// Puts `key`'s stated figure in doubt.
+    fn doubt(&self, key: &QuotaKey) {
+        if key.api().is_code_exchange() {
+            // Never stated: quota/get cannot be asked about them.
+            return;
+        }
+        let mut refused = self.refused.lock();
+        // Bounded by the keys with traffic; discovery takes them out.
+        if refused.len() < 100_000 && refused.insert(key.own()) {
+            self.refused_count.fetch_add(1, Ordering::Release);
+        }
+    }
+
+    /// Moves the learned limits along their climb (once a second).
+    fn climb(&self) {
+        let hold = self.learn_settings.load().hold;
+        let changes = self.learner.climb(Instant::now(), hold, |key| {
+            self.configured_limit(key).0.per_window
+        });
+        for (key, figure) in changes {
+            // WeChat's own figure, stated since, wins over a learned one.
+            if self
+                .figure(&key)
+                .is_some_and(|current| current.source == LimitSource::Wechat)
+            {
+                continue;
+            }
+            if self.set_figure(&key, figure) {
+                let change = match figure {
+                    Some(_) => LearnedChange::Raised,
+                    None => LearnedChange::Ended,
+                };
+                self.count_learned(change);
+            }
+        }
+    }
+
+    /// The keys with quota state or a limit of their own, counted by the source of their
+    /// limit, into the gauge.
+    fn count_sources(&self) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let mut keys: std::collections::HashSet<QuotaKey> = std::collections::HashSet::new();
+        for class in &self.limits.load().classes {
+            keys.extend(class.buckets.states().into_iter().map(|(key, _)| key));
+        }
+        for class in self.figures.classes() {
+            keys.extend(class.buckets.states().into_iter().map(|(key, _)| key));
+        }
+        keys.extend(self.figures.all().into_iter().map(|(key, _)| key));
+        let mut counts = [0i64; LimitSource::ALL.len()];
+        for key in keys {
+            counts[self.resolve(&key, |_, source| source).index()] += 1;
+        }
+        metrics.set_keys_by_source(counts);
     }
 
     /// Whether WeChat answered a call of `key` (its own calls or on its behalf) 45011 or
@@ -559,6 +689,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// Drops the state of keys that have been idle long enough to have a full bucket again,
     /// and lanes whose pause is over; run on a timer so that many appids stay cheap.
     pub fn retain_recent(&self) {
+        self.climb();
+        self.count_sources();
         if let Some(shared) = &self.shared {
             shared.retain_recent();
         }

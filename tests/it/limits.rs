@@ -205,3 +205,147 @@ async fn calls_on_an_accounts_behalf_use_the_component_rate_limit() {
         "{windows:?}"
     );
 }
+
+/// Exchanges with fresh codes from `workers` clients, back to back, until `stop`: the
+/// answers, all of which the test checks.
+fn sustained_exchanges(
+    proxy: &TestProxy,
+    workers: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tag: &'static str,
+) -> tokio::task::JoinSet<Vec<(u16, i64)>> {
+    let mut set = tokio::task::JoinSet::new();
+    for worker in 0..workers {
+        let client = client();
+        let url = proxy.url("");
+        let stop = stop.clone();
+        set.spawn(async move {
+            let mut answers = Vec::new();
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let code = format!("code-{tag}-{worker}-{n}");
+                n += 1;
+                let answer = client
+                    .get(format!("{url}{}", jscode2session(APPID, SECRET, &code)))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = answer.status().as_u16();
+                answers.push((status, errcode(&answer.bytes().await.unwrap())));
+            }
+            answers
+        });
+    }
+    set
+}
+
+/// The stand-in's calls of `path` per aligned window of `window`: (window start in ns since
+/// the epoch, calls, of which answered 45011).
+fn windows_of(upstream: &StandIn, path: &str, window: Duration) -> Vec<(u128, u64, u64)> {
+    let mut windows: BTreeMap<u128, (u64, u64)> = BTreeMap::new();
+    for call in upstream.call_log().iter().filter(|call| call.path == path) {
+        let at = call.at.duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        let entry = windows.entry(at / window.as_nanos()).or_default();
+        entry.0 += 1;
+        entry.1 += u64::from(call.errcode == Some(45011));
+    }
+    windows
+        .into_iter()
+        .map(|(index, (calls, refused))| (index * window.as_nanos(), calls, refused))
+        .collect()
+}
+
+/// Done when 3: code exchanges, which WeChat states no limit for, with the stand-in's limit
+/// (20 a second) at half wxgate's configured figure (40). WeChat answers 45011 in one window
+/// at most, wxgate learns what it accepted there and none comes after, and the windows from
+/// then on use at least 85 % of the real limit. With the stand-in's limit raised back to 40,
+/// wxgate climbs back once the learned figure's hold ends, a step per window: 19 to 36 (90 %)
+/// takes 8 windows, as docs/guarantees.md says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_learned_from_45011_holds_then_climbs_back() {
+    const REAL: u32 = 20;
+    const CONFIGURED: u32 = 40;
+    const HOLD_SECS: u64 = 6;
+    let window = Duration::from_secs(1);
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(REAL);
+        c.window = window;
+    })
+    .await;
+    let proxy = spawn_proxy(config(&config_text(
+        &upstream.base_url(),
+        &format!(
+            "[quota]\nwindow_secs = 1\nper_window = {CONFIGURED}\nmax_wait_ms = 60000\nlearned_hold_secs = {HOLD_SECS}\n[retry]\nmax_hold_ms = 60000\n"
+        ),
+    )))
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = sustained_exchanges(&proxy, 60, stop.clone(), "learn");
+
+    // Phase one: WeChat's 45011 comes, and five windows pass after it (within the hold).
+    let text = proxy
+        .metrics_until("a limit learned", |text| {
+            metric(
+                text,
+                "wxgate_quota_learned_changes_total",
+                &[("direction", "lowered")],
+            ) >= 1.0
+        })
+        .await;
+    assert!(
+        metric(
+            &text,
+            "wxgate_quota_keys_by_source",
+            &[("source", "learned")]
+        ) <= 1.0
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let phase_one = windows_of(&upstream, EXCHANGE, window);
+    let refused: Vec<_> = phase_one.iter().filter(|w| w.2 > 0).collect();
+    assert_eq!(refused.len(), 1, "45011 in one window only: {phase_one:?}");
+    let learned_at = refused[0].0;
+    let after: Vec<u64> = phase_one
+        .iter()
+        .filter(|w| w.0 > learned_at)
+        .map(|w| w.1)
+        .collect();
+    // The last window is still filling.
+    let whole = &after[..after.len() - 1];
+    assert!(whole.len() >= 3, "{phase_one:?}");
+    for calls in whole {
+        assert!(
+            *calls as f64 >= 0.85 * f64::from(REAL),
+            "a window used {calls} of {REAL}: {phase_one:?}"
+        );
+    }
+
+    // Phase two: WeChat's limit back at 40. After the hold, a step per window up to 36.
+    upstream.set_quota(Some(CONFIGURED));
+    let bound = Duration::from_secs(HOLD_SECS) + window * (8 + 2);
+    let deadline = UNIX_EPOCH + Duration::from_nanos(learned_at as u64) + bound;
+    loop {
+        let reached = windows_of(&upstream, EXCHANGE, window)
+            .iter()
+            .any(|w| w.1 as f64 >= 0.9 * f64::from(CONFIGURED));
+        if reached {
+            break;
+        }
+        assert!(
+            std::time::SystemTime::now() < deadline,
+            "no window reached 90 % of {CONFIGURED} within {bound:?}: {:?}",
+            windows_of(&upstream, EXCHANGE, window)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    while let Some(answers) = load.join_next().await {
+        let answers = answers.unwrap();
+        assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    }
+    let windows = windows_of(&upstream, EXCHANGE, window);
+    assert_eq!(
+        windows.iter().filter(|w| w.2 > 0).count(),
+        1,
+        "no 45011 on the climb: {windows:?}"
+    );
+}
