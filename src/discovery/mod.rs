@@ -4,8 +4,10 @@
 //! for the account's own calls, `component_rate_limit` for a platform's calls on its behalf
 //! (see [`crate::quota`] for how a key's limit is chosen; the configuration still wins).
 //!
-//! - **Which keys**: any with traffic but the code exchanges (`/sns/*`: WeChat answers 76022),
-//!   once a token of the appid is known ([`tokens`]). The first call of a new key waits for
+//! - **Which keys**: those of an account's API calls, the calls made with its access token
+//!   (token fetches carry none, and the token cache watches their budget), but the code
+//!   exchanges (`/sns/*`: WeChat answers 76022), once a token of the appid is known
+//!   ([`tokens`]). The first call of a new key waits for
 //!   the first answer, at most `quota.discovery_wait_ms`, so that it does not go out under a
 //!   default higher than WeChat's figure; then it goes on under the default.
 //! - **How often**: an answer, or an error (76021, 76022, a refused token, no answer), stands

@@ -382,9 +382,12 @@ impl Proxy {
             .api
             .quota_appid(query, &body)?
             .and_then(|appid| QuotaKey::new(target.api, appid));
-        let quota_key = named.or_else(|| self.token_key(&target, query));
+        let carries_token = query.contains("access_token");
+        let quota_key = named.or_else(|| carries_token.then(|| self.token_key(&target, query))?);
         context.quota_key = quota_key;
-        if let Some(key) = quota_key {
+        // The calls quota/get is about: an account's API calls, made with its token (token
+        // fetches carry none, and the token cache watches their budget).
+        if let (Some(key), true) = (quota_key, carries_token) {
             Box::pin(self.discovery.prepare(key)).await;
         }
         let authorizer = (target.path_and_query.path() == observe::AUTHORIZER_TOKEN_PATH)
@@ -410,9 +413,6 @@ impl Proxy {
     /// The quota key of a call that names no appid but carries an access token whose appid
     /// wxgate knows.
     fn token_key(&self, target: &Target, query: &str) -> Option<QuotaKey> {
-        if !query.contains("access_token") {
-            return None;
-        }
         let owner = self
             .discovery
             .tokens()
