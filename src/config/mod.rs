@@ -225,6 +225,8 @@ pub struct QuotaConfig {
     pub learned_hold: Duration,
     /// The floor under a learned limit, in percent of the configured figure.
     pub learned_floor_percent: u32,
+    /// WeChat's day, which ends at midnight UTC+8: 86,400 s, shorter only in tests.
+    pub day: Duration,
 }
 
 impl QuotaConfig {

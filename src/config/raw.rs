@@ -155,6 +155,8 @@ pub(crate) struct RawQuota {
     pub(crate) discovery_wait_ms: i64,
     pub(crate) learned_hold_secs: i64,
     pub(crate) learned_floor_percent: i64,
+    /// For tests only: the length of WeChat's day (its daily quotas end at midnight UTC+8).
+    pub(crate) day_secs: i64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) apis: BTreeMap<String, RawLimit>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -174,6 +176,7 @@ impl Default for RawQuota {
             discovery_wait_ms: 1_000,
             learned_hold_secs: 600,
             learned_floor_percent: 50,
+            day_secs: 86_400,
             apis: BTreeMap::new(),
             appids: BTreeMap::new(),
         }

@@ -338,6 +338,7 @@ fn check_quota(
     let discovery_wait = c.millis(key!(raw.discovery_wait_ms), 0..=60_000);
     let learned_hold = c.secs(key!(raw.learned_hold_secs), 0..=86_400);
     let learned_floor_percent = c.int(key!(raw.learned_floor_percent), 1..=100);
+    let day = c.secs(key!(raw.day_secs), 1..=86_400);
     let mut apis = HashMap::new();
     for (path, limit) in &raw.apis {
         let mut o = c.nested(name!(raw.apis), path);
@@ -382,6 +383,7 @@ fn check_quota(
             discovery_wait: discovery_wait?,
             learned_hold: learned_hold?,
             learned_floor_percent: learned_floor_percent?,
+            day: day?,
         })
     })();
     (quota, window_key)

@@ -240,6 +240,9 @@ impl Discovery {
                 if let Some(rate) = stated.component_rate {
                     gate.set_figure(&key.on_behalf(), Some(stated_figure(rate)));
                 }
+                if stated.daily.is_some_and(|daily| daily.remain > 0) {
+                    gate.lift_daily(key);
+                }
             }
             Err(Unstated::Token) => self.book.refused(token.as_bytes()),
             Err(_) => {}

@@ -5,7 +5,8 @@
 //! covers retries. What happens after an attempt is decided in [`crate::retry`]; this loop
 //! only carries it out: a 45011 pauses the call's quota key until WeChat's next window (the
 //! call then waits for its turn behind the pause, for as long as the hold allows), a backoff
-//! sleeps, and a call lost on a reused connection goes on a new one.
+//! sleeps, and a call lost on a reused connection goes on a new one. A call of a key whose
+//! daily quota WeChat said is spent (45009) is answered at once, sending nothing.
 
 mod metrics;
 
@@ -106,6 +107,13 @@ impl Dispatcher {
         G: FnMut() -> F,
         F: Future<Output = ()>,
     {
+        if let Some(until) = call
+            .quota_key
+            .as_ref()
+            .and_then(|key| self.quota.daily_block(key))
+        {
+            return Err(LocalAnswer::DailyQuota { until });
+        }
         let policy = self.policy.load_full();
         let mut state = CallState::new(call, &policy);
         // What the client gets if a retry finds no quota turn in time: WeChat's last answer

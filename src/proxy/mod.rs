@@ -398,6 +398,11 @@ impl Proxy {
         // (code exchanges, the hot path, included) whole; one allocation here is cheaper.
         let answer = Box::pin(self.dispatcher.call(&call, std::future::pending)).await?;
         if answer.errcode == Errcode::Success {
+            let path = call.request.path_and_query.path();
+            if let Some(appid) = observe::cleared_appid(path, &call.request.body) {
+                // The account's day starts over: so do wxgate's 45009 answers for it.
+                self.dispatcher.quota().lift_daily_appid(&appid);
+            }
             let body = &answer.response.body;
             match (call.api, named, authorizer) {
                 (Api::Token | Api::StableToken, Some(key), _) => {

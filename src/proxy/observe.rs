@@ -14,6 +14,19 @@ use crate::wechat::{query_pairs, LenientNumber};
 /// calls on the account's behalf (`authorizer_appid` in the request's body).
 pub(super) const AUTHORIZER_TOKEN_PATH: &str = "/cgi-bin/component/api_authorizer_token";
 
+/// The account whose daily counts a successful `clear_quota` call at `path` with `body`
+/// started over: `appid` (`/cgi-bin/clear_quota`, `/v2`), or the platform's
+/// `component_appid` (`/cgi-bin/component/clear_quota`).
+pub(super) fn cleared_appid(path: &str, body: &[u8]) -> Option<String> {
+    let field = match path {
+        "/cgi-bin/clear_quota" | "/cgi-bin/clear_quota/v2" => "appid",
+        "/cgi-bin/component/clear_quota" => "component_appid",
+        _ => return None,
+    };
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    Some(value.get(field)?.as_str()?.to_owned())
+}
+
 /// The `access_token` a query carries, percent-decoded; `None` without one, or when it is
 /// given twice (WeChat could read the other copy).
 pub(super) fn access_token(query: &str) -> Option<Cow<'_, [u8]>> {
@@ -71,6 +84,23 @@ mod tests {
             Some(("T".into(), Duration::from_secs(7200)))
         );
         assert_eq!(minted_token(br#"{"errcode":40001}"#, "access_token"), None);
+        assert_eq!(
+            cleared_appid(
+                "/cgi-bin/clear_quota/v2",
+                br#"{"appid":"wxa","appsecret":"s"}"#
+            )
+            .as_deref(),
+            Some("wxa")
+        );
+        assert_eq!(
+            cleared_appid(
+                "/cgi-bin/component/clear_quota",
+                br#"{"component_appid":"wxc"}"#
+            )
+            .as_deref(),
+            Some("wxc")
+        );
+        assert_eq!(cleared_appid("/cgi-bin/other", br#"{"appid":"wxa"}"#), None);
         assert_eq!(
             authorizer_appid(br#"{"component_appid":"c","authorizer_appid":"wxa"}"#).as_deref(),
             Some("wxa")

@@ -5,7 +5,8 @@
 use prometheus::{IntCounter, IntGauge};
 use wxgate_contract::LimitSource;
 
-use crate::metrics::{Label, Metrics, Series};
+use crate::metrics::{api_label, Label, Metrics, Series};
+use crate::wechat::Api;
 
 /// How a learned limit changed: the `direction` label of
 /// `wxgate_quota_learned_changes_total`.
@@ -39,6 +40,8 @@ impl LearnedChange {
 pub struct QuotaMetrics {
     keys_by_source: Series<IntGauge>,
     learned_changes: Series<IntCounter>,
+    local_daily: Series<IntCounter>,
+    daily_blocked: IntGauge,
 }
 
 impl QuotaMetrics {
@@ -54,6 +57,15 @@ impl QuotaMetrics {
                 "wxgate_quota_learned_changes_total",
                 "Changes of limits learned from WeChat's 45011: lowered (a 45011 taught a lower figure), raised (a step of the climb back), ended (back at the configured figure).",
                 &[Label::new("direction", LearnedChange::ALL.map(LearnedChange::label))],
+            )?,
+            local_daily: metrics.counters(
+                "wxgate_quota_local_daily_answers_total",
+                "Calls wxgate answered 45009 itself, sending nothing, because WeChat's daily quota of their key was spent.",
+                &[api_label()],
+            )?,
+            daily_blocked: metrics.gauge(
+                "wxgate_quota_daily_blocked_keys",
+                "(appid, API) pairs whose daily quota WeChat said is spent (45009), answered locally until WeChat's midnight.",
             )?,
         })
     }
@@ -72,5 +84,15 @@ impl QuotaMetrics {
         for (index, count) in counts.into_iter().enumerate() {
             self.keys_by_source.get(index).set(count);
         }
+    }
+
+    /// wxgate answered a call of `api` 45009 itself.
+    pub fn local_daily(&self, api: Api) {
+        self.local_daily.get(api.index()).inc();
+    }
+
+    /// Sets the keys blocked for the day.
+    pub fn set_daily_blocked(&self, keys: usize) {
+        self.daily_blocked.set(keys as i64);
     }
 }

@@ -49,11 +49,13 @@
 //!   classes; [`buckets`]: a class's bucket states and the turns of the current window.
 //! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes;
 //!   [`learned`]: limits learned from WeChat's 45011, the per-user limit, the climb back.
-//! - [`metrics`]: keys by source, learned changes.
+//! - [`daily`]: keys WeChat's 45009 blocked until its day ends.
+//! - [`metrics`]: keys by source, learned changes, daily blocks.
 //! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
 //!   Redis is away.
 
 mod buckets;
+mod daily;
 mod figures;
 mod key;
 mod learned;
@@ -75,6 +77,7 @@ use governor::clock::Clock;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use self::daily::DailyBlocks;
 pub use self::figures::Figure;
 use self::figures::KeyFigures;
 pub use self::key::QuotaKey;
@@ -121,6 +124,8 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     /// Limits learned from WeChat's 45011.
     learner: Learner,
     learn_settings: ArcSwap<LearnSettings>,
+    /// Keys whose daily quota WeChat said is spent.
+    daily: DailyBlocks,
     metrics: Option<QuotaMetrics>,
 }
 
@@ -253,6 +258,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             refused_count: AtomicUsize::new(0),
             learner: Learner::default(),
             learn_settings: ArcSwap::from_pointee(learn_settings(config)),
+            daily: DailyBlocks::new(config.day),
             metrics: None,
         }
     }
@@ -262,6 +268,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// nothing starts a fresh burst. Calls already waiting keep their place.
     pub fn reconfigure(&self, config: &QuotaConfig) {
         self.learn_settings.store(Arc::new(learn_settings(config)));
+        self.daily.set_day(config.day);
         let new = Arc::new(Limits::new(config, &self.clock));
         let old = self.limits.swap(new);
         let old_figures = self.figures.remake(config.arrival_margin, &self.clock);
@@ -334,6 +341,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
             }
             Errcode::Code(DAILY_QUOTA) => {
                 self.doubt(key);
+                let until = self.daily.block(key, SystemTime::now());
+                tracing::warn!(
+                    api = key.api().label(),
+                    until = %crate::wechat::beijing_time(until),
+                    "WeChat answered 45009: this API's daily quota is spent; wxgate answers its calls itself until WeChat's day ends"
+                );
                 None
             }
             Errcode::Code(SYSTEM_BUSY) => None,
@@ -378,6 +391,43 @@ impl<C: Clock + Clone> QuotaGate<C> {
         if let Some(metrics) = &self.metrics {
             metrics.learned(change);
         }
+    }
+
+    /// Until when `key`'s calls are answered 45009 by wxgate itself (WeChat said its daily
+    /// quota is spent), if they are now; such a call is counted as answered locally.
+    #[inline]
+    pub fn daily_block(&self, key: &QuotaKey) -> Option<SystemTime> {
+        let until = self.daily.until(key, SystemTime::now())?;
+        if let Some(metrics) = &self.metrics {
+            metrics.local_daily(key.api());
+        }
+        Some(until)
+    }
+
+    /// Lifts `key`'s daily block (quota/get says some of its quota remains).
+    pub fn lift_daily(&self, key: &QuotaKey) {
+        if self.daily.lift(key) {
+            tracing::info!(
+                api = key.api().label(),
+                "quota/get reports daily quota left: the 45009 block lifted"
+            );
+        }
+    }
+
+    /// Lifts the daily blocks of every key of `appid` (a `clear_quota` of it went through).
+    pub fn lift_daily_appid(&self, appid: &str) {
+        let lifted = self.daily.lift_appid(appid);
+        if lifted > 0 {
+            tracing::info!(
+                keys = lifted,
+                "clear_quota went through: 45009 blocks lifted"
+            );
+        }
+    }
+
+    /// Every key blocked for the day, and until when.
+    pub fn daily_blocks(&self) -> Vec<(QuotaKey, SystemTime)> {
+        self.daily.all()
     }
 
     /// Puts `key`'s stated figure in doubt.
@@ -691,6 +741,10 @@ impl<C: Clock + Clone> QuotaGate<C> {
     pub fn retain_recent(&self) {
         self.climb();
         self.count_sources();
+        let blocked = self.daily.expire(SystemTime::now());
+        if let Some(metrics) = &self.metrics {
+            metrics.set_daily_blocked(blocked);
+        }
         if let Some(shared) = &self.shared {
             shared.retain_recent();
         }

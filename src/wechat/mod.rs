@@ -1,18 +1,20 @@
 //! What wxgate knows of WeChat's API, the ground floor every other module stands on: the
 //! APIs it recognises by path and whose appid each one's quota is ([`api`]), its errcodes and
 //! how an answer's body is read ([`errcode`]), how its query parameters are read ([`query`]),
-//! and what its identifiers look like. Nothing here knows wxgate's own modules.
+//! its day ([`day`]), and what its identifiers look like. Nothing here knows wxgate's own modules.
 //!
 //! WeChat answers errors with HTTP 200 and `{"errcode":N,"errmsg":"…"}`; successes carry no
 //! `errcode` (or `0`).
 
 mod api;
+mod day;
 mod errcode;
 mod query;
 
 use bytes::Bytes;
 
 pub use self::api::{Api, PathClass, QuotaAppidError};
+pub use self::day::{beijing_time, day_end};
 pub use self::errcode::{errcode_labels, Errcode};
 pub use self::query::{query_pairs, WechatParams};
 

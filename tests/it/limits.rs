@@ -349,3 +349,112 @@ async fn a_limit_learned_from_45011_holds_then_climbs_back() {
         "no 45011 on the climb: {windows:?}"
     );
 }
+
+/// Done when 5: after WeChat's 45009, wxgate answers the key's calls itself, sending
+/// nothing, for the rest of WeChat's day (six seconds here, as the stand-in's); a
+/// `clear_quota` through wxgate lifts that at once, and the next day does too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_daily_quota_is_answered_locally_until_the_day_ends_or_a_clear() {
+    const DAILY: u64 = 4;
+    let day = Duration::from_secs(6);
+    let upstream = stand_in(|c| {
+        c.api_limits = vec![ApiLimits::new(WXA).with_daily_limit(DAILY)];
+        c.day = day;
+    })
+    .await;
+    let proxy = spawn_proxy(config(&config_text(
+        &upstream.base_url(),
+        "[quota]\nday_secs = 6\n",
+    )))
+    .await;
+    let client = client();
+    let token = token_through(&client, &proxy).await;
+    let call = |n: usize| {
+        let client = client.clone();
+        let url = proxy.url(&format!("{WXA}?access_token={token}&n={n}"));
+        async move {
+            let answer = client.post(url).body("{}").send().await.unwrap();
+            let body: serde_json::Value = answer.json().await.unwrap();
+            (
+                body["errcode"].as_i64().unwrap_or(0),
+                body["errmsg"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    // Days are aligned to multiples of six seconds since the epoch (as midnight UTC+8 is):
+    // start with most of a day ahead.
+    let into_day = || {
+        std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            % day.as_millis() as u64
+    };
+    if into_day() > 1_000 {
+        tokio::time::sleep(Duration::from_millis(
+            day.as_millis() as u64 - into_day() + 50,
+        ))
+        .await;
+    }
+    let spend = |first: usize| {
+        let call = &call;
+        async move {
+            for n in first..first + DAILY as usize {
+                assert_eq!(call(n).await.0, 0, "call {n} within the day's quota");
+            }
+            let (errcode, errmsg) = call(first + 100).await;
+            assert_eq!(errcode, 45009, "{errmsg}");
+            assert!(!errmsg.contains("wxgate"), "WeChat's own: {errmsg}");
+        }
+    };
+    spend(0).await;
+    let upstream_calls = upstream.calls(WXA);
+    for n in 0..3 {
+        let (errcode, errmsg) = call(200 + n).await;
+        assert_eq!(errcode, 45009);
+        assert!(
+            errmsg.contains("answered by wxgate") && errmsg.contains("+08:00"),
+            "{errmsg}"
+        );
+    }
+    assert_eq!(
+        upstream.calls(WXA),
+        upstream_calls,
+        "nothing sent while blocked"
+    );
+    let text = proxy.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "wxgate_quota_local_daily_answers_total",
+            &[("api", "other")]
+        ),
+        3.0
+    );
+    proxy
+        .metrics_until("the key counted as blocked", |text| {
+            metric(text, "wxgate_quota_daily_blocked_keys", &[]) == 1.0
+        })
+        .await;
+
+    // clear_quota through wxgate: WeChat's day starts over for the appid, and so does wxgate.
+    let cleared: serde_json::Value = client
+        .post(proxy.url(&format!("/cgi-bin/clear_quota?access_token={token}")))
+        .body(serde_json::json!({ "appid": APPID }).to_string())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cleared["errcode"], 0, "{cleared}");
+    spend(300).await;
+    assert_eq!(call(400).await.0, 45009);
+    let blocked_calls = upstream.calls(WXA);
+
+    // The next day (the stand-in's, and wxgate's): calls go to WeChat again.
+    let next_day = day.as_millis() as u64 - into_day() + 50;
+    tokio::time::sleep(Duration::from_millis(next_day)).await;
+    assert_eq!(call(500).await.0, 0);
+    assert_eq!(upstream.calls(WXA), blocked_calls + 1);
+}
