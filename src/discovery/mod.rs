@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use wxgate_contract::LimitSource;
 
 use self::answer::Rate;
-pub use self::answer::{Stated, Unstated};
+pub use self::answer::{Daily, Stated, Unstated};
 use self::metrics::DiscoveryMetrics;
 pub use self::tokens::TokenBook;
 use crate::config::{QuotaConfig, QuotaLimit};
@@ -246,6 +246,17 @@ impl Discovery {
             }
             Err(Unstated::Token) => self.book.refused(token.as_bytes()),
             Err(_) => {}
+        }
+    }
+
+    /// What WeChat last stated of `key`'s daily quota, where it stated a limit.
+    pub fn daily(&self, key: &QuotaKey) -> Option<Daily> {
+        let state = self.keys.get(&key.own())?;
+        match state.answer {
+            Some(Ok(Stated {
+                daily: Some(daily), ..
+            })) if daily.limit < u64::from(u32::MAX) => Some(daily),
+            _ => None,
         }
     }
 

@@ -42,7 +42,7 @@ use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::dispatch::{Call, CallMetrics, Dispatcher};
 use crate::metrics::Metrics;
-use crate::quota::{QuotaGate, QuotaKey};
+use crate::quota::{DailyRow, KeyRow, QuotaGate, QuotaKey};
 use crate::token_cache::{is_stale_token_errcode, TokenCache, TokenKind, TokenRequest};
 use crate::upstream::{InvalidBaseUrl, UpstreamClient, UpstreamRequest};
 use crate::wechat::Api;
@@ -162,6 +162,33 @@ impl Proxy {
         self.tokens.housekeeping();
         self.discovery.housekeeping();
         self.dispatcher.housekeeping();
+    }
+
+    /// Every (appid, API) with recent traffic, as `GET /quota` shows it (at most `most`,
+    /// busiest first), and how many more there are.
+    pub fn quota_table(&self, most: usize) -> (Vec<KeyRow>, usize) {
+        let gate = self.dispatcher.quota();
+        let mut rows: Vec<KeyRow> = gate
+            .keys()
+            .iter()
+            .map(|key| {
+                let mut row = gate.row(key);
+                row.daily = self.discovery.daily(key).map(|daily| DailyRow {
+                    used: daily.used,
+                    limit: daily.limit,
+                });
+                row
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.calls
+                .cmp(&a.calls)
+                .then_with(|| (&a.appid, &a.api, a.on_behalf).cmp(&(&b.appid, &b.api, b.on_behalf)))
+        });
+        let omitted = rows.len().saturating_sub(most);
+        rows.truncate(most);
+        rows.sort_by(|a, b| (&a.appid, &a.api, a.on_behalf).cmp(&(&b.appid, &b.api, b.on_behalf)));
+        (rows, omitted)
     }
 
     /// Answers one client request. Never fails: every problem becomes a response.

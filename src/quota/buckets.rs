@@ -2,7 +2,12 @@
 //! each the turns taken in the current calendar window of the class: what a window of a key
 //! held when WeChat answered 45011 (the evidence a learned limit rests on), and the `calls`
 //! of `GET /quota`. Counting rides on the lookup the limiter makes anyway: no second map.
+//!
+//! A bucket that is full again is dropped (every second, governor's `retain_recent`); if it
+//! took turns in the current window, its count is kept aside until the window ends, so that
+//! `GET /quota` still shows the key's calls (at most [`MAX_RECENT`] keys per class).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -11,8 +16,12 @@ use dashmap::DashMap;
 use governor::nanos::Nanos;
 use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed, StateStore};
+use parking_lot::Mutex;
 
 use super::QuotaKey;
+
+/// The most keys per class whose dropped buckets' counts are kept for the window.
+const MAX_RECENT: usize = 10_000;
 
 /// The bucket states of one class, shared between its limiter and the gate (which reads,
 /// moves and counts them).
@@ -21,6 +30,8 @@ pub(super) struct Buckets {
     map: Arc<DashMap<QuotaKey, Bucket>>,
     /// The class's window: turns are counted per calendar window of this length.
     window: Duration,
+    /// Keys whose full bucket was dropped, with their turns of the window then current.
+    recent: Arc<Mutex<HashMap<QuotaKey, (u64, u32)>>>,
 }
 
 /// One key's GCRA state (its theoretical arrival time) and its turns this window.
@@ -77,6 +88,7 @@ impl Buckets {
         Buckets {
             map: Arc::default(),
             window,
+            recent: Arc::default(),
         }
     }
 
@@ -88,9 +100,27 @@ impl Buckets {
     /// Turns `key` took in the calendar window `at` falls in.
     pub(super) fn turns(&self, key: &QuotaKey, at: SystemTime) -> u32 {
         let window = self.window_at(at);
-        self.map
-            .get(key)
-            .map_or(0, |bucket| bucket.turns.in_window(window))
+        if let Some(bucket) = self.map.get(key) {
+            return bucket.turns.in_window(window);
+        }
+        match self.recent.lock().get(key) {
+            Some((counted, turns)) if *counted == window => *turns,
+            _ => 0,
+        }
+    }
+
+    /// Every key with a bucket, or with turns in the window `at` falls in.
+    pub(super) fn keys(&self, at: SystemTime) -> Vec<QuotaKey> {
+        let window = self.window_at(at);
+        let mut keys: Vec<QuotaKey> = self.map.iter().map(|entry| *entry.key()).collect();
+        let recent = self.recent.lock();
+        keys.extend(
+            recent
+                .iter()
+                .filter(|(key, (counted, _))| *counted == window && !self.map.contains_key(*key))
+                .map(|(key, _)| *key),
+        );
+        keys
     }
 
     /// Every key with a bucket, and its state (its TAT, relative to the limiter's start).
@@ -163,8 +193,17 @@ impl StateStore for Buckets {
 
 impl ShrinkableKeyedStateStore<QuotaKey> for Buckets {
     fn retain_recent(&self, drop_below: Nanos) {
-        self.map
-            .retain(|_, bucket| read_state(&bucket.state).is_some_and(|tat| tat > drop_below));
+        let window = self.window_at(SystemTime::now());
+        let mut recent = self.recent.lock();
+        recent.retain(|_, (counted, _)| *counted == window);
+        self.map.retain(|key, bucket| {
+            let keep = read_state(&bucket.state).is_some_and(|tat| tat > drop_below);
+            let turns = bucket.turns.in_window(window);
+            if !keep && turns > 0 && recent.len() < MAX_RECENT {
+                recent.insert(*key, (window, turns));
+            }
+            keep
+        });
     }
 
     fn shrink_to_fit(&self) {

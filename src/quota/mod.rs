@@ -50,7 +50,8 @@
 //! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes;
 //!   [`learned`]: limits learned from WeChat's 45011, the per-user limit, the climb back.
 //! - [`daily`]: keys WeChat's 45009 blocked until its day ends.
-//! - [`metrics`]: keys by source, learned changes, daily blocks.
+//! - [`metrics`]: keys by source, learned changes, daily blocks; [`table`]: the keys with
+//!   recent traffic as `GET /quota` shows them.
 //! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
 //!   Redis is away.
 
@@ -63,6 +64,7 @@ mod limits;
 mod metrics;
 mod paths;
 mod shared;
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -89,6 +91,7 @@ pub use self::metrics::QuotaMetrics;
 pub use self::paths::ApiPaths;
 use self::shared::SharedQuota;
 pub use self::shared::Turn;
+pub use self::table::{DailyRow, KeyRow};
 use crate::cluster::scripts::TurnReply;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
@@ -360,9 +363,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// A 45011 for `key`: learns from it where the key's limit is not stated.
     fn refused_by_minute_quota(&self, key: &QuotaKey) -> Refusal {
         let now = SystemTime::now();
-        let (limit, window, source, turns) = self.resolve(key, |class, source| {
-            (class.limit, class.window, source, class.turns(key, now))
-        });
+        let (limit, window, source) =
+            self.resolve(key, |class, source| (class.limit, class.window, source));
+        let turns = self.turns(key);
         let standing = KeyStanding {
             source,
             limit,
@@ -467,22 +470,13 @@ impl<C: Clock + Clone> QuotaGate<C> {
         }
     }
 
-    /// The keys with quota state or a limit of their own, counted by the source of their
-    /// limit, into the gauge.
+    /// The keys with recent traffic, counted by the source of their limit, into the gauge.
     fn count_sources(&self) {
         let Some(metrics) = &self.metrics else {
             return;
         };
-        let mut keys: std::collections::HashSet<QuotaKey> = std::collections::HashSet::new();
-        for class in &self.limits.load().classes {
-            keys.extend(class.buckets.states().into_iter().map(|(key, _)| key));
-        }
-        for class in self.figures.classes() {
-            keys.extend(class.buckets.states().into_iter().map(|(key, _)| key));
-        }
-        keys.extend(self.figures.all().into_iter().map(|(key, _)| key));
         let mut counts = [0i64; LimitSource::ALL.len()];
-        for key in keys {
+        for key in self.keys() {
             counts[self.resolve(&key, |_, source| source).index()] += 1;
         }
         metrics.set_keys_by_source(counts);
@@ -527,6 +521,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// Turns `key` took in its current calendar window, on this replica.
     pub fn turns(&self, key: &QuotaKey) -> u32 {
+        if let Some(shared) = &self.shared {
+            return shared.turns(key);
+        }
         self.resolve(key, |class, _| class.turns(key, SystemTime::now()))
     }
 

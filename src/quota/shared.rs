@@ -43,6 +43,8 @@ pub struct SharedQuota {
     local: DashMap<QuotaKey, LocalCount>,
     /// The paths of the keys' APIs outside `Api`, which their fingerprints name.
     paths: Arc<ApiPaths>,
+    /// This replica's turns per key in its current window (counted in Redis, shown here).
+    counted: DashMap<QuotaKey, (Duration, u64, u32)>,
 }
 
 /// A key's calls admitted locally in one calendar window, and those of them admitted in its
@@ -97,6 +99,7 @@ impl SharedQuota {
             margin,
             local: DashMap::new(),
             paths,
+            counted: DashMap::new(),
         }
     }
 
@@ -117,13 +120,52 @@ impl SharedQuota {
         if self.cluster.counts_in_redis() {
             let bucket = self.bucket(key, limit, interval);
             match self.cluster.eval(&TakeTurn(&bucket)).await {
-                Some(TurnReply::Taken) => return Ok(()),
+                Some(TurnReply::Taken) => {
+                    self.count(key, window);
+                    return Ok(());
+                }
                 Some(TurnReply::NotBefore(wait)) => return Err(wait),
                 // Redis failed or lost the counters: the replica is degraded now.
                 Some(TurnReply::EpochLost) | None => {}
             }
         }
-        self.take_locally(key, limit, window)
+        let taken = self.take_locally(key, limit, window);
+        if taken.is_ok() {
+            self.count(key, window);
+        }
+        taken
+    }
+
+    /// Counts one of this replica's turns of `key`, in its window of `window`.
+    fn count(&self, key: &QuotaKey, window: Duration) {
+        let index = window_index(SystemTime::now(), window);
+        let mut counted = self.counted.entry(*key).or_insert((window, index, 0));
+        if counted.1 != index {
+            *counted = (window, index, 0);
+        }
+        counted.2 += 1;
+    }
+
+    /// This replica's turns of `key` in its current window.
+    pub fn turns(&self, key: &QuotaKey) -> u32 {
+        self.counted.get(key).map_or(0, |counted| {
+            let (window, index, turns) = *counted;
+            if window_index(SystemTime::now(), window) == index {
+                turns
+            } else {
+                0
+            }
+        })
+    }
+
+    /// The keys with turns in their current window.
+    pub fn keys(&self) -> Vec<QuotaKey> {
+        let now = SystemTime::now();
+        self.counted
+            .iter()
+            .filter(|entry| window_index(now, entry.value().0) == entry.value().1)
+            .map(|entry| *entry.key())
+            .collect()
     }
 
     /// The turn a code exchange's claim takes along (see the module documentation).
@@ -212,6 +254,8 @@ impl SharedQuota {
         // A window's late calls still count against the next one.
         self.local
             .retain(|_, count| count.window + 1 >= window_index(now, count.length));
+        self.counted
+            .retain(|_, (window, index, _)| *index == window_index(now, *window));
     }
 }
 

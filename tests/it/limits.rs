@@ -458,3 +458,147 @@ async fn a_spent_daily_quota_is_answered_locally_until_the_day_ends_or_a_clear()
     assert_eq!(call(500).await.0, 0);
     assert_eq!(upstream.calls(WXA), blocked_calls + 1);
 }
+
+/// The quota table of `proxy` (`GET /quota` on its admin port).
+async fn quota_table(proxy: &TestProxy) -> serde_json::Value {
+    reqwest::get(format!("http://{}/quota", proxy.admin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The row of (`appid`, `api`) in `table`.
+fn row<'a>(table: &'a serde_json::Value, appid: &str, api: &str) -> &'a serde_json::Value {
+    table["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["appid"] == appid && row["api"] == api && row["on_behalf"] == false)
+        .unwrap_or_else(|| panic!("no row for {appid} {api}: {table}"))
+}
+
+/// Logins of `codes`, all at once: their statuses and errcodes.
+async fn logins(proxy: &TestProxy, codes: &[String]) -> Vec<(u16, i64)> {
+    let client = client();
+    join_all(codes.iter().map(|code| exchange(&client, proxy, code))).await
+}
+
+/// Done when 4: code2Session's per-user limit (here 5 a second) answers the same 45011 as
+/// the appid's. One user hammering logins alone forms a row of 45011s that looks like the
+/// appid's limit: what it teaches stops at the floor (half the configured 40). With the
+/// other users' logins mixed in, their successes break the rows: they all go on, and the
+/// limit never goes under the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_past_the_per_user_limit_teaches_no_less_than_the_floor() {
+    const CONFIGURED: u32 = 40;
+    let upstream = stand_in(|c| {
+        c.user_rate_limit = Some(RateLimit::new(5, Duration::from_secs(1)));
+    })
+    .await;
+    let proxy = spawn_proxy(config(&config_text(
+        &upstream.base_url(),
+        &format!(
+            "[quota]\nwindow_secs = 1\nper_window = {CONFIGURED}\nlearned_floor_percent = 50\nmax_wait_ms = 30000\n[retry]\nmax_hold_ms = 30000\n"
+        ),
+    )))
+    .await;
+    let floor = f64::from(CONFIGURED / 2);
+
+    // Alone: the hammering user's refusals form rows, and a limit is learned, at the floor.
+    let hammer: Vec<String> = (0..30).map(|_| upstream.issue_code("hammer")).collect();
+    let answers = logins(&proxy, &hammer).await;
+    assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+    assert!(upstream.answers(45011) >= 3, "the user's limit was reached");
+    let table = quota_table(&proxy).await;
+    let exchange_row = row(&table, APPID, EXCHANGE);
+    assert!(
+        exchange_row["limit"].as_f64().unwrap() >= floor,
+        "under the floor: {exchange_row}"
+    );
+    assert_eq!(exchange_row["source"], "learned", "{exchange_row}");
+    assert_eq!(
+        exchange_row["limit"].as_f64().unwrap(),
+        floor,
+        "{exchange_row}"
+    );
+
+    // Mixed: the others' logins go on while the same user hammers on.
+    let mut codes: Vec<String> = (0..30).map(|_| upstream.issue_code("hammer")).collect();
+    let others: Vec<String> = (0..20)
+        .map(|i| upstream.issue_code(&format!("user{i}")))
+        .collect();
+    codes.extend(others.iter().cloned());
+    fastrand::shuffle(&mut codes);
+    let answers = logins(&proxy, &codes).await;
+    for (code, answer) in codes.iter().zip(&answers) {
+        if others.contains(code) {
+            assert_eq!(*answer, (200, 0), "another user's login");
+        }
+    }
+    let table = quota_table(&proxy).await;
+    let exchange_row = row(&table, APPID, EXCHANGE);
+    assert!(
+        exchange_row["limit"].as_f64().unwrap() >= floor,
+        "under the floor: {exchange_row}"
+    );
+}
+
+/// Done when 7: `wxgate quota`, with the admin port from the configuration file, prints the
+/// table: the limit WeChat stated for an API and its source, the calls of the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wxgate_quota_prints_the_table() {
+    let window = Duration::from_secs(60);
+    let upstream = stand_in(|c| {
+        c.api_limits = vec![ApiLimits::new(WXA).with_rate_limit(RateLimit::new(50, window))];
+    })
+    .await;
+    let text = config_text(&upstream.base_url(), "");
+    let proxy = spawn_proxy(config(&text)).await;
+    let client = client();
+    let token = token_through(&client, &proxy).await;
+    let answers = calls_with_token(&client, &proxy, WXA, &token, 3).await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+
+    let dir = crate::support::tls::TestDir::new("quota-command");
+    let file = dir.path("wxgate.toml");
+    std::fs::write(
+        &file,
+        format!("[server]\nadmin_listen = \"{}\"\n{text}", proxy.admin),
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["quota", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("APPID") && lines[0].contains("SOURCE"),
+        "{stdout}"
+    );
+    let wxa = lines
+        .iter()
+        .find(|line| line.contains(WXA))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(wxa.contains(APPID), "{stdout}");
+    assert!(
+        wxa.contains("50/60 s") && wxa.contains("wechat"),
+        "{stdout}"
+    );
+    let cells: Vec<&str> = wxa.split_whitespace().collect();
+    assert!(cells.contains(&"3"), "three calls this window: {stdout}");
+
+    // Nobody at the admin port: exit 1, saying so.
+    drop(proxy);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["quota", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the admin port"));
+}
