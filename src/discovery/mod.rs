@@ -20,11 +20,15 @@
 //! - **Daily quotas**: the answer's `quota {daily_limit, used, remain}` feeds the metrics,
 //!   and `remain > 0` lifts a 45009 block early ([`crate::quota`]).
 //!
+//! - **Replicas** (`[cluster]`): one query per key per interval for all of them, its answer
+//!   shared in Redis ([`shared`]); the early query after a 45011 waits for that lease too.
+//!
 //! Files: [`tokens`] (the tokens whose appid wxgate knows), [`answer`] (quota/get's answer,
-//! read), [`metrics`].
+//! read), [`shared`], [`metrics`].
 
 mod answer;
 mod metrics;
+mod shared;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -41,7 +45,9 @@ use wxgate_contract::LimitSource;
 use self::answer::Rate;
 pub use self::answer::{Daily, Stated, Unstated};
 use self::metrics::DiscoveryMetrics;
+use self::shared::{Found, SharedDiscovery};
 pub use self::tokens::TokenBook;
+use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
 use crate::dispatch::{Call, Dispatcher};
 use crate::metrics::Metrics;
@@ -57,7 +63,12 @@ pub struct Discovery {
     keys: DashMap<QuotaKey, KeyState>,
     settings: ArcSwap<Settings>,
     metrics: DiscoveryMetrics,
+    /// With `[cluster]`: one query per key per interval for all replicas.
+    shared: Option<SharedDiscovery>,
 }
+
+/// How soon a replica looks again for an answer another replica is asking for.
+const LOOK_AGAIN: Duration = Duration::from_millis(50);
 
 /// `[quota]`'s discovery settings.
 struct Settings {
@@ -94,11 +105,13 @@ struct KeyState {
 }
 
 impl Discovery {
-    /// Discovery for `[quota]`, asking through `dispatcher`.
+    /// Discovery for `[quota]`, asking through `dispatcher`, sharing its answers with the
+    /// other replicas of `cluster` when there is one.
     pub fn new(
         config: &QuotaConfig,
         dispatcher: Arc<Dispatcher>,
         metrics: &Metrics,
+        cluster: Option<Arc<Cluster>>,
     ) -> prometheus::Result<Discovery> {
         Ok(Discovery {
             dispatcher,
@@ -106,6 +119,7 @@ impl Discovery {
             keys: DashMap::new(),
             settings: ArcSwap::from_pointee(Settings::of(config)),
             metrics: DiscoveryMetrics::new(metrics)?,
+            shared: cluster.map(SharedDiscovery::new),
         })
     }
 
@@ -143,21 +157,24 @@ impl Discovery {
             if let Some(flight) = &state.flight {
                 (state.answer.is_none().then(|| flight.clone()), None)
             } else if self.due(&state, &own, &settings, now) {
-                let Some((token, on_behalf)) = self.book.token_for(own.appid()) else {
+                let token = self.book.token_for(own.appid());
+                // Alone, a replica asks only with a token; with others, it may find their
+                // answer without one.
+                if token.is_none() && self.shared.is_none() {
                     return;
-                };
+                }
                 let (done, flight) = watch::channel(false);
                 state.flight = Some(flight.clone());
                 state.asked = Some(now);
                 state.doubted = false;
                 let wait = state.answer.is_none().then_some(flight);
-                (wait, Some((token, on_behalf, done)))
+                (wait, Some((token, done)))
             } else {
                 (None, None)
             }
         };
-        if let Some((token, on_behalf, done)) = start {
-            tokio::spawn(self.clone().query(own, token, on_behalf, done));
+        if let Some((token, done)) = start {
+            tokio::spawn(self.clone().discover(own, token, done));
         }
         if let Some(mut flight) = wait {
             let _ = tokio::time::timeout(settings.wait, flight.wait_for(|done| *done)).await;
@@ -174,21 +191,90 @@ impl Discovery {
             || state.doubted && since >= self.dispatcher.quota().window_of(key)
     }
 
-    /// Asks WeChat about `key` with `token`, applies the answer, and lets the waiters go.
-    async fn query(
+    /// Learns `key`'s limits: from the other replicas' answer, or by asking WeChat with
+    /// `token`; applies them, and lets the waiters go.
+    async fn discover(
         self: Arc<Self>,
         key: QuotaKey,
-        token: Arc<str>,
-        on_behalf: bool,
+        token: Option<(Arc<str>, bool)>,
         done: watch::Sender<bool>,
     ) {
-        let result = self.ask(&key, &token, on_behalf).await;
-        self.apply(&key, &result, &token);
+        let found = self.find(&key, token.is_some()).await;
+        let (result, age) = match found {
+            Some((Some(result), age)) => (Some(result), age),
+            Some((None, _)) => match &token {
+                Some((token, on_behalf)) => {
+                    let result = self.ask(&key, token, *on_behalf).await;
+                    self.share(&key, &result).await;
+                    (Some(result), Duration::ZERO)
+                }
+                None => (None, Duration::ZERO),
+            },
+            None => (None, Duration::ZERO),
+        };
+        if let Some(result) = &result {
+            let token = token.as_ref().map(|(token, _)| &**token);
+            self.apply(&key, result, token);
+        }
         if let Some(mut state) = self.keys.get_mut(&key) {
-            state.answer = Some(result);
+            match result {
+                Some(result) => {
+                    state.answer = Some(result);
+                    // Asked this long ago by another replica: the interval ends for all.
+                    state.asked = Some(Instant::now() - age);
+                }
+                // Nobody could answer: look again on a call a moment from now.
+                None => {
+                    let interval = self.settings.load().interval;
+                    state.asked = Some(Instant::now() + LOOK_AGAIN * 20 - interval);
+                }
+            }
             state.flight = None;
         }
         let _ = done.send(true);
+    }
+
+    /// With `[cluster]`: what the other replicas found about `key`, as `Some((Some(answer),
+    /// age))`; `Some((None, _))` when this replica is to ask (it holds the lease, or Redis is
+    /// gone); `None` when another replica asks and its answer did not come within
+    /// `quota.discovery_wait_ms`. Without `[cluster]`: `Some((None, _))`.
+    async fn find(
+        &self,
+        key: &QuotaKey,
+        can_ask: bool,
+    ) -> Option<(Option<Result<Stated, Unstated>>, Duration)> {
+        let (Some(shared), Some(fingerprint)) = (
+            &self.shared,
+            self.dispatcher.quota().shared_fingerprint(key),
+        ) else {
+            return Some((None, Duration::ZERO));
+        };
+        let settings = self.settings.load();
+        let deadline = Instant::now() + settings.wait.max(LOOK_AGAIN);
+        loop {
+            match shared.find(&fingerprint, can_ask, settings.interval).await {
+                Found::Answer(answer, age) => return Some((Some(answer), age)),
+                Found::Ask | Found::Alone if can_ask => return Some((None, Duration::ZERO)),
+                Found::Ask | Found::Alone | Found::Busy => {}
+            }
+            if Instant::now() + LOOK_AGAIN > deadline {
+                return None;
+            }
+            tokio::time::sleep(LOOK_AGAIN).await;
+        }
+    }
+
+    /// With `[cluster]`: stores this replica's answer about `key` for the others.
+    async fn share(&self, key: &QuotaKey, result: &Result<Stated, Unstated>) {
+        let (Some(shared), Some(fingerprint)) = (
+            &self.shared,
+            self.dispatcher.quota().shared_fingerprint(key),
+        ) else {
+            return;
+        };
+        shared
+            .store(&fingerprint, result, self.settings.load().interval)
+            .await;
     }
 
     /// One call of quota/get about `key`.
@@ -229,7 +315,7 @@ impl Discovery {
 
     /// Uses an answer: WeChat's figures become the limits of `key` and of its calls on the
     /// account's behalf; a refused token is forgotten.
-    fn apply(&self, key: &QuotaKey, result: &Result<Stated, Unstated>, token: &str) {
+    fn apply(&self, key: &QuotaKey, result: &Result<Stated, Unstated>, token: Option<&str>) {
         self.metrics.queried(result.map(|_| ()));
         let gate = self.dispatcher.quota();
         match result {
@@ -244,7 +330,11 @@ impl Discovery {
                     gate.lift_daily(key);
                 }
             }
-            Err(Unstated::Token) => self.book.refused(token.as_bytes()),
+            Err(Unstated::Token) => {
+                if let Some(token) = token {
+                    self.book.refused(token.as_bytes());
+                }
+            }
             Err(_) => {}
         }
     }

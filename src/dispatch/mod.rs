@@ -24,7 +24,7 @@ use crate::config::RetryConfig;
 use crate::quota::{next_window_start, FirstTurn, QuotaGate, QuotaKey, Refusal};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
 use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
-use crate::wechat::{Api, Errcode};
+use crate::wechat::{Api, Errcode, MINUTE_QUOTA};
 
 /// Sends calls upstream under quota and retry policy.
 pub struct Dispatcher {
@@ -135,7 +135,14 @@ impl Dispatcher {
             }
             let (result, attempt) = self.send(call, state.connection).await;
             let refusal = match (&call.quota_key, attempt) {
-                (Some(key), Attempt::Answered(errcode)) => self.quota.answered(key, errcode),
+                (Some(key), Attempt::Answered(Errcode::Code(MINUTE_QUOTA))) => {
+                    // Boxed: rare, and large with `[cluster]`.
+                    Some(Box::pin(self.quota.refused(key)).await)
+                }
+                (Some(key), Attempt::Answered(errcode)) => {
+                    self.quota.answered(key, errcode);
+                    None
+                }
                 _ => None,
             };
             // Nearly every answer is final: no clock or random number is needed for it.

@@ -21,7 +21,7 @@ mod reply;
 mod target;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +74,9 @@ pub struct Proxy {
     body_timeout_ms: AtomicU64,
     /// `quota.max_wait_ms`; a reload may change it.
     max_wait_ms: AtomicU64,
+    /// With `[cluster]`: whether the housekeeping's read of the limits other replicas learned
+    /// is still running (one at a time).
+    syncing: Arc<AtomicBool>,
 }
 
 /// What the phases learn about a request, for its log line and its metrics.
@@ -121,8 +124,13 @@ impl Proxy {
         }
         let calls = CallMetrics::new(metrics)?;
         let dispatcher = Arc::new(Dispatcher::new(upstream, quota, &config.retry, calls));
-        let tokens = TokenCache::new(config, dispatcher.clone(), metrics, cluster)?;
-        let discovery = Arc::new(Discovery::new(&config.quota, dispatcher.clone(), metrics)?);
+        let tokens = TokenCache::new(config, dispatcher.clone(), metrics, cluster.clone())?;
+        let discovery = Arc::new(Discovery::new(
+            &config.quota,
+            dispatcher.clone(),
+            metrics,
+            cluster,
+        )?);
         Ok(Proxy {
             dispatcher,
             discovery,
@@ -132,6 +140,7 @@ impl Proxy {
             max_body_bytes: AtomicUsize::new(config.server.max_body_bytes),
             body_timeout_ms: AtomicU64::new(config.server.body_timeout.as_millis() as u64),
             max_wait_ms: AtomicU64::new(config.quota.max_wait.as_millis() as u64),
+            syncing: Arc::default(),
         })
     }
 
@@ -162,6 +171,14 @@ impl Proxy {
         self.tokens.housekeeping();
         self.discovery.housekeeping();
         self.dispatcher.housekeeping();
+        if self.dispatcher.quota().is_shared() && !self.syncing.swap(true, Ordering::AcqRel) {
+            let dispatcher = self.dispatcher.clone();
+            let syncing = self.syncing.clone();
+            tokio::spawn(async move {
+                dispatcher.quota().sync_learned().await;
+                syncing.store(false, Ordering::Release);
+            });
+        }
     }
 
     /// Every (appid, API) with recent traffic, as `GET /quota` shows it (at most `most`,

@@ -316,9 +316,28 @@ impl Learner {
     }
 
     /// The figure learned for `key` and when, if any.
-    #[cfg(test)]
     pub(super) fn learned(&self, key: &QuotaKey) -> Option<Learned> {
         self.keys.lock().get(key)?.learned
+    }
+}
+
+impl Learner {
+    /// Takes what another replica learned for `key`, if it is newer than what this one
+    /// knows; whether it did.
+    pub(super) fn adopt(&self, key: &QuotaKey, learned: Learned) -> bool {
+        let mut keys = self.keys.lock();
+        if keys.len() >= MAX_LEARNING && !keys.contains_key(key) {
+            return false;
+        }
+        let learning = keys.entry(*key).or_default();
+        let newer = learning
+            .learned
+            .is_none_or(|current| current.at + Duration::from_millis(1) < learned.at);
+        if newer {
+            learning.learned = Some(learned);
+        }
+        self.count.store(keys.len(), Ordering::Release);
+        newer
     }
 }
 

@@ -50,6 +50,8 @@
 //! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes;
 //!   [`learned`]: limits learned from WeChat's 45011, the per-user limit, the climb back.
 //! - [`daily`]: keys WeChat's 45009 blocked until its day ends.
+//! - [`sources`]: the gate's side of all this: figures, sources, what a 45011 or a 45009
+//!   teaches, the learned limits shared with replicas.
 //! - [`metrics`]: keys by source, learned changes, daily blocks; [`table`]: the keys with
 //!   recent traffic as `GET /quota` shows them.
 //! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
@@ -64,6 +66,7 @@ mod limits;
 mod metrics;
 mod paths;
 mod shared;
+mod sources;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -84,9 +87,8 @@ pub use self::figures::Figure;
 use self::figures::KeyFigures;
 pub use self::key::QuotaKey;
 pub use self::learned::Refusal;
-use self::learned::{KeyStanding, LearnSettings, Learner};
+use self::learned::{LearnSettings, Learner};
 use self::limits::{carry, LimitClass, Limits};
-use self::metrics::LearnedChange;
 pub use self::metrics::QuotaMetrics;
 pub use self::paths::ApiPaths;
 use self::shared::SharedQuota;
@@ -95,7 +97,6 @@ pub use self::table::{DailyRow, KeyRow};
 use crate::cluster::scripts::TurnReply;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
-use crate::wechat::Api;
 pub use wxgate_contract::LimitSource;
 
 /// The quota of every (appid, API) pair.
@@ -308,241 +309,10 @@ impl<C: Clock + Clone> QuotaGate<C> {
         })
     }
 
-    /// Gives `key` a limit of its own (WeChat's, or a learned one), or takes it away
-    /// (`None`); whether anything changed. Its bucket moves along: no fresh burst.
-    pub fn set_figure(&self, key: &QuotaKey, figure: Option<Figure>) -> bool {
-        self.figures
-            .set(key, figure, &self.limits.load(), &self.clock)
-    }
-
-    /// `key`'s own limit, if it has one (whether or not the configuration names the key).
-    pub fn figure(&self, key: &QuotaKey) -> Option<Figure> {
-        self.figures.get(key)
-    }
-
-    /// Every key with a limit of its own.
-    pub fn figures(&self) -> Vec<(QuotaKey, Figure)> {
-        self.figures.all()
-    }
-
     /// Registers the quota's metrics in `metrics`' registry.
     pub fn with_metrics(mut self, metrics: &crate::metrics::Metrics) -> prometheus::Result<Self> {
         self.metrics = Some(QuotaMetrics::new(metrics)?);
         Ok(self)
-    }
-
-    /// WeChat answered a call of `key` with `errcode`. A 45011 is evidence of the key's
-    /// limit (see [`learned`]): what it means for the call comes back. A 45011 or a 45009
-    /// puts the key's stated figure in doubt (see [`QuotaGate::take_refused`]). Any other
-    /// answer but -1 shows the call passed WeChat's limits.
-    pub fn answered(&self, key: &QuotaKey, errcode: crate::wechat::Errcode) -> Option<Refusal> {
-        use crate::wechat::{Errcode, DAILY_QUOTA, MINUTE_QUOTA, SYSTEM_BUSY};
-        match errcode {
-            Errcode::Code(MINUTE_QUOTA) => {
-                self.doubt(key);
-                Some(self.refused_by_minute_quota(key))
-            }
-            Errcode::Code(DAILY_QUOTA) => {
-                self.doubt(key);
-                let until = self.daily.block(key, SystemTime::now());
-                tracing::warn!(
-                    api = key.api().label(),
-                    until = %crate::wechat::beijing_time(until),
-                    "WeChat answered 45009: this API's daily quota is spent; wxgate answers its calls itself until WeChat's day ends"
-                );
-                None
-            }
-            Errcode::Code(SYSTEM_BUSY) => None,
-            _ => {
-                self.learner.succeeded(key);
-                None
-            }
-        }
-    }
-
-    /// A 45011 for `key`: learns from it where the key's limit is not stated.
-    fn refused_by_minute_quota(&self, key: &QuotaKey) -> Refusal {
-        let now = SystemTime::now();
-        let (limit, window, source) =
-            self.resolve(key, |class, source| (class.limit, class.window, source));
-        let turns = self.turns(key);
-        let standing = KeyStanding {
-            source,
-            limit,
-            window: (buckets::window_index(now, window), window),
-            turns,
-            configured: self.configured_limit(key).0.per_window,
-        };
-        let outcome = self
-            .learner
-            .refused(key, standing, &self.learn_settings.load());
-        if let Some(figure) = outcome.learned {
-            if self.set_figure(key, Some(figure)) {
-                self.count_learned(LearnedChange::Lowered);
-                tracing::warn!(
-                    api = key.api().label(),
-                    per_window = figure.limit.per_window,
-                    window_secs = figure.window.as_secs_f64(),
-                    "WeChat answered 45011 under the configured limit: a lower limit learned"
-                );
-            }
-        }
-        outcome.refusal
-    }
-
-    fn count_learned(&self, change: LearnedChange) {
-        if let Some(metrics) = &self.metrics {
-            metrics.learned(change);
-        }
-    }
-
-    /// Until when `key`'s calls are answered 45009 by wxgate itself (WeChat said its daily
-    /// quota is spent), if they are now; such a call is counted as answered locally.
-    #[inline]
-    pub fn daily_block(&self, key: &QuotaKey) -> Option<SystemTime> {
-        let until = self.daily.until(key, SystemTime::now())?;
-        if let Some(metrics) = &self.metrics {
-            metrics.local_daily(key.api());
-        }
-        Some(until)
-    }
-
-    /// Lifts `key`'s daily block (quota/get says some of its quota remains).
-    pub fn lift_daily(&self, key: &QuotaKey) {
-        if self.daily.lift(key) {
-            tracing::info!(
-                api = key.api().label(),
-                "quota/get reports daily quota left: the 45009 block lifted"
-            );
-        }
-    }
-
-    /// Lifts the daily blocks of every key of `appid` (a `clear_quota` of it went through).
-    pub fn lift_daily_appid(&self, appid: &str) {
-        let lifted = self.daily.lift_appid(appid);
-        if lifted > 0 {
-            tracing::info!(
-                keys = lifted,
-                "clear_quota went through: 45009 blocks lifted"
-            );
-        }
-    }
-
-    /// Every key blocked for the day, and until when.
-    pub fn daily_blocks(&self) -> Vec<(QuotaKey, SystemTime)> {
-        self.daily.all()
-    }
-
-    /// Puts `key`'s stated figure in doubt.
-    fn doubt(&self, key: &QuotaKey) {
-        if key.api().is_code_exchange() {
-            // Never stated: quota/get cannot be asked about them.
-            return;
-        }
-        let mut refused = self.refused.lock();
-        // Bounded by the keys with traffic; discovery takes them out.
-        if refused.len() < 100_000 && refused.insert(key.own()) {
-            self.refused_count.fetch_add(1, Ordering::Release);
-        }
-    }
-
-    /// Moves the learned limits along their climb (once a second).
-    fn climb(&self) {
-        let hold = self.learn_settings.load().hold;
-        let changes = self.learner.climb(Instant::now(), hold, |key| {
-            self.configured_limit(key).0.per_window
-        });
-        for (key, figure) in changes {
-            // WeChat's own figure, stated since, wins over a learned one.
-            if self
-                .figure(&key)
-                .is_some_and(|current| current.source == LimitSource::Wechat)
-            {
-                continue;
-            }
-            if self.set_figure(&key, figure) {
-                let change = match figure {
-                    Some(_) => LearnedChange::Raised,
-                    None => LearnedChange::Ended,
-                };
-                self.count_learned(change);
-            }
-        }
-    }
-
-    /// The keys with recent traffic, counted by the source of their limit, into the gauge.
-    fn count_sources(&self) {
-        let Some(metrics) = &self.metrics else {
-            return;
-        };
-        let mut counts = [0i64; LimitSource::ALL.len()];
-        for key in self.keys() {
-            counts[self.resolve(&key, |_, source| source).index()] += 1;
-        }
-        metrics.set_keys_by_source(counts);
-    }
-
-    /// Whether WeChat answered a call of `key` (its own calls or on its behalf) 45011 or
-    /// 45009 since this was last asked.
-    pub fn take_refused(&self, key: &QuotaKey) -> bool {
-        if self.refused_count.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let removed = self.refused.lock().remove(&key.own());
-        if removed {
-            self.refused_count.fetch_sub(1, Ordering::Release);
-        }
-        removed
-    }
-
-    /// The limit in force for `key`, its window and its source.
-    pub fn key_limit(&self, key: &QuotaKey) -> KeyLimit {
-        self.resolve(key, |class, source| KeyLimit {
-            limit: class.limit,
-            window: class.window,
-            source,
-        })
-    }
-
-    /// The limit the configuration gives `key` (named, or the default): what a learned limit
-    /// climbs back to.
-    pub fn configured_limit(&self, key: &QuotaKey) -> (QuotaLimit, LimitSource) {
-        let limits = self.limits.load();
-        match limits.named(key) {
-            Some(class) => (class.limit, LimitSource::Config),
-            None => (limits.default_class().limit, LimitSource::Default),
-        }
-    }
-
-    /// The window `key`'s limit counts in.
-    pub fn window_of(&self, key: &QuotaKey) -> Duration {
-        self.resolve(key, |class, _| class.window)
-    }
-
-    /// Turns `key` took in its current calendar window, on this replica.
-    pub fn turns(&self, key: &QuotaKey) -> u32 {
-        if let Some(shared) = &self.shared {
-            return shared.turns(key);
-        }
-        self.resolve(key, |class, _| class.turns(key, SystemTime::now()))
-    }
-
-    /// The key of `appid` calling `path`, an API outside [`Api`]: `None` for a path that is
-    /// not shaped like WeChat's, or past the most paths wxgate numbers (see [`ApiPaths`]).
-    pub fn key_for_path(&self, path: &str, appid: &str) -> Option<QuotaKey> {
-        let number = self.paths.number(path)?;
-        Some(QuotaKey::new(Api::Other, appid)?.with_path(number))
-    }
-
-    /// The path of `key`'s API: its documented path, or the path numbered in the key.
-    pub fn api_path(&self, key: &QuotaKey) -> Arc<str> {
-        match key.api() {
-            Api::Other => self
-                .paths
-                .path(key.path())
-                .unwrap_or_else(|| Arc::from("other")),
-            api => Arc::from(api.label()),
-        }
     }
 
     /// Counts turns in Redis with the other replicas of `cluster`.
@@ -593,7 +363,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             return None;
         }
         Some(self.resolve(key, |class, _| {
-            shared.turn(key, class.limit, class.interval)
+            shared.turn(key, class.limit, class.interval, class.window)
         }))
     }
 

@@ -29,7 +29,10 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::{until_next_window, ApiPaths, QuotaKey};
-use crate::cluster::scripts::{Bucket, PauseBucket, TakeTurn, TurnReply};
+use crate::cluster::scripts::{
+    limit_record_key, Bucket, LimitRecord, PauseBucket, ReadLearned, ReadTurns, StoreLimit,
+    TakeTurn, TurnReply,
+};
 use crate::cluster::{Cluster, ReplicaMode};
 use crate::config::QuotaLimit;
 
@@ -118,7 +121,7 @@ impl SharedQuota {
         window: Duration,
     ) -> Result<(), Duration> {
         if self.cluster.counts_in_redis() {
-            let bucket = self.bucket(key, limit, interval);
+            let bucket = self.bucket(key, limit, interval, window);
             match self.cluster.eval(&TakeTurn(&bucket)).await {
                 Some(TurnReply::Taken) => {
                     self.count(key, window);
@@ -169,24 +172,37 @@ impl SharedQuota {
     }
 
     /// The turn a code exchange's claim takes along (see the module documentation).
-    pub fn turn(&self, key: &QuotaKey, limit: QuotaLimit, interval: Duration) -> Turn {
-        Turn(self.bucket(key, limit, interval))
+    pub fn turn(
+        &self,
+        key: &QuotaKey,
+        limit: QuotaLimit,
+        interval: Duration,
+        window: Duration,
+    ) -> Turn {
+        Turn(self.bucket(key, limit, interval, window))
     }
 
     /// The Redis bucket of `key`: named by a fingerprint that names neither the appid nor
     /// the API.
-    fn bucket(&self, key: &QuotaKey, limit: QuotaLimit, interval: Duration) -> Bucket {
+    fn bucket(
+        &self,
+        key: &QuotaKey,
+        limit: QuotaLimit,
+        interval: Duration,
+        window: Duration,
+    ) -> Bucket {
         Bucket {
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
+            window,
         }
     }
 
     /// A known API's own calls are named by its label and the appid, as they always were
     /// (replicas of another version still count with them); an API outside `Api` by its
     /// path, and calls on an account's behalf apart.
-    pub(super) fn fingerprint(&self, key: &QuotaKey) -> String {
+    pub fn fingerprint(&self, key: &QuotaKey) -> String {
         let appid = key.appid().as_bytes();
         let path = self.paths.path(key.path());
         let api = path.as_deref().unwrap_or(key.api().label()).as_bytes();
@@ -256,6 +272,84 @@ impl SharedQuota {
             .retain(|_, count| count.window + 1 >= window_index(now, count.length));
         self.counted
             .retain(|_, (window, index, _)| *index == window_index(now, *window));
+    }
+}
+
+/// A limit learned from 45011 as the replicas share it: the figure, when it was learned
+/// (wall clock, so that every replica climbs alike), and its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedRecord {
+    /// The figure learned.
+    pub base: u32,
+    /// When, in milliseconds since the epoch.
+    pub at_ms: u64,
+    /// The key's window, in milliseconds.
+    pub window_ms: u64,
+}
+
+/// The most keys whose learned limits one read asks for.
+pub const READ_AT_ONCE: usize = 256;
+
+impl SharedQuota {
+    /// The turns every replica took of `key` in its current window (its limit counting in
+    /// `window`); `None` when Redis does not answer.
+    pub async fn total_turns(&self, key: &QuotaKey, window: Duration) -> Option<u32> {
+        if !self.cluster.counts_in_redis() {
+            return None;
+        }
+        let fingerprint = self.fingerprint(key);
+        self.cluster
+            .eval(&ReadTurns {
+                fingerprint: &fingerprint,
+                window,
+            })
+            .await
+    }
+
+    /// Stores the limit this replica learned for `key`, sealed, for `keep`.
+    pub async fn publish_learned(&self, key: &QuotaKey, record: LearnedRecord, keep: Duration) {
+        let Ok(plain) = serde_json::to_vec(&record) else {
+            return;
+        };
+        let fingerprint = self.fingerprint(key);
+        let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, &fingerprint);
+        let sealed = self.cluster.sealing().seal(&sealed_for, &plain);
+        let store = StoreLimit {
+            record: LimitRecord::Learned,
+            fingerprint: &fingerprint,
+            sealed: &sealed,
+            keep,
+        };
+        let _ = self.cluster.eval(&store).await;
+    }
+
+    /// The limits the replicas learned for `keys` (at most [`READ_AT_ONCE`]); a record that
+    /// does not open is ignored.
+    pub async fn read_learned(&self, keys: &[QuotaKey]) -> Vec<(QuotaKey, LearnedRecord)> {
+        if !self.cluster.counts_in_redis() || keys.is_empty() {
+            return Vec::new();
+        }
+        let keys = &keys[..keys.len().min(READ_AT_ONCE)];
+        let fingerprints: Vec<String> = keys.iter().map(|key| self.fingerprint(key)).collect();
+        let Some(records) = self
+            .cluster
+            .eval(&ReadLearned {
+                fingerprints: &fingerprints,
+            })
+            .await
+        else {
+            return Vec::new();
+        };
+        let sealing = self.cluster.sealing();
+        keys.iter()
+            .zip(&fingerprints)
+            .zip(records)
+            .filter_map(|((key, fingerprint), sealed)| {
+                let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, fingerprint);
+                let plain = sealing.open(&sealed_for, &sealed?).ok()?;
+                Some((*key, serde_json::from_slice(&plain).ok()?))
+            })
+            .collect()
     }
 }
 

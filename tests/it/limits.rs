@@ -602,3 +602,139 @@ async fn wxgate_quota_prints_the_table() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the admin port"));
 }
+
+/// Done when 6: three replicas sharing a real Redis ask quota/get once for the key between
+/// them, all three use WeChat's figure, and a burst spread over them meets no 45011.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_use_one_discovered_limit_asked_once() {
+    use crate::support::cluster::Replicas;
+    use crate::support::redis::RedisServer;
+    const LIMIT: u32 = 20;
+    let window = Duration::from_secs(2);
+    let Some(redis) =
+        RedisServer::start_or_skip("three_replicas_use_one_discovered_limit_asked_once")
+    else {
+        return;
+    };
+    let upstream = stand_in(|c| {
+        c.api_limits = vec![ApiLimits::new(WXA).with_rate_limit(RateLimit::new(LIMIT, window))];
+    })
+    .await;
+    let replicas = Replicas::start(
+        &upstream,
+        &redis.url(),
+        "[quota]\nwindow_secs = 2\nper_window = 200\narrival_margin_ms = 50\nmax_wait_ms = 30000\n",
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+    let client = client();
+    // Each replica hands out the one shared token, and so knows whose it is.
+    let mut token = String::new();
+    for proxy in &replicas.proxies {
+        token = token_through(&client, proxy).await;
+    }
+    let answers = join_all((0..5 * LIMIT as usize).map(|i| {
+        let client = client.clone();
+        let url = replicas
+            .pick(i)
+            .url(&format!("{WXA}?access_token={token}&n={i}"));
+        async move {
+            let answer = client.post(url).body("{}").send().await.unwrap();
+            (
+                answer.status().as_u16(),
+                errcode(&answer.bytes().await.unwrap()),
+            )
+        }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
+    assert_eq!(
+        upstream.quota_queries(WXA, APPID),
+        1,
+        "one query for all three"
+    );
+    for proxy in &replicas.proxies {
+        let table = quota_table(proxy).await;
+        let wxa = row(&table, APPID, WXA);
+        assert_eq!(wxa["source"], "wechat", "{wxa}");
+        assert_eq!(wxa["limit"], LIMIT, "{wxa}");
+    }
+    let used = middle_use(&path_calls_per_window(&upstream, WXA, window), LIMIT);
+    assert!(
+        used >= 0.9,
+        "the overloaded windows used {used:.2} of WeChat's figure"
+    );
+}
+
+/// With `[cluster]`, a limit one replica learned from WeChat's 45011 is applied by all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_apply_a_limit_one_learned() {
+    use crate::support::cluster::Replicas;
+    use crate::support::redis::RedisServer;
+    const REAL: u32 = 10;
+    let window = Duration::from_secs(1);
+    let Some(redis) = RedisServer::start_or_skip("three_replicas_apply_a_limit_one_learned") else {
+        return;
+    };
+    let upstream = stand_in(|c| {
+        c.quota_per_window = Some(REAL);
+        c.window = window;
+    })
+    .await;
+    let replicas = Replicas::start(
+        &upstream,
+        &redis.url(),
+        "[quota]\nwindow_secs = 1\nper_window = 20\nmax_wait_ms = 30000\nlearned_hold_secs = 600\n[retry]\nmax_hold_ms = 30000\n",
+    )
+    .await;
+    replicas
+        .wait_for_state("shared", Duration::from_secs(5))
+        .await;
+    let client = client();
+    let answers = join_all((0..40).map(|i| {
+        let client = client.clone();
+        let proxy = replicas.pick(i);
+        async move { exchange(&client, proxy, &format!("code-shared-learn-{i}")).await }
+    }))
+    .await;
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    assert!(
+        replicas
+            .metric_sum(
+                "wxgate_quota_learned_changes_total",
+                &[("direction", "lowered")]
+            )
+            .await
+            >= 1.0
+    );
+    // Every replica comes to apply the learned figure (read from Redis within a second or so).
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        let mut limits = Vec::new();
+        for proxy in &replicas.proxies {
+            let table = quota_table(proxy).await;
+            let learned = table["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|row| row["api"] == EXCHANGE && row["source"] == "learned")
+                .map(|row| row["limit"].as_u64().unwrap());
+            limits.push(learned);
+        }
+        if limits.iter().all(|limit| limit.is_some_and(|l| l < 20)) {
+            assert!(
+                limits.windows(2).all(|pair| pair[0] == pair[1]),
+                "{limits:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every replica applies the learned limit: {limits:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
