@@ -65,18 +65,21 @@ pub enum Unstated {
     Token,
     /// Another errcode (-1, 45011, 45009…), or an answer that is not quota/get's.
     Other,
-    /// No answer from WeChat, or no quota turn in time.
+    /// Sent, and no answer from WeChat.
     NoAnswer,
+    /// Not sent: no quota turn in time for quota/get itself, or its daily quota is spent.
+    NotSent,
 }
 
 impl Unstated {
     /// Every value, in label order.
-    pub const ALL: [Unstated; 5] = [
+    pub const ALL: [Unstated; 6] = [
         Unstated::UnknownApi,
         Unstated::NotQueryable,
         Unstated::Token,
         Unstated::Other,
         Unstated::NoAnswer,
+        Unstated::NotSent,
     ];
 
     /// The label value.
@@ -87,6 +90,7 @@ impl Unstated {
             Unstated::Token => "token",
             Unstated::Other => "other",
             Unstated::NoAnswer => "no_answer",
+            Unstated::NotSent => "not_sent",
         }
     }
 }
@@ -116,7 +120,10 @@ struct RateBody {
 
 /// Reads what a call of quota/get came to.
 pub fn read(result: &Result<WechatAnswer, LocalAnswer>) -> Result<Stated, Unstated> {
-    let answer = result.as_ref().map_err(|_| Unstated::NoAnswer)?;
+    let answer = result.as_ref().map_err(|local| match local {
+        LocalAnswer::Upstream(_) => Unstated::NoAnswer,
+        _ => Unstated::NotSent,
+    })?;
     match answer.errcode {
         Errcode::Success | Errcode::Unexpected => {}
         Errcode::Code(76021) => return Err(Unstated::UnknownApi),

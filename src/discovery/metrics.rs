@@ -26,7 +26,7 @@ impl DiscoveryMetrics {
         Ok(DiscoveryMetrics {
             queries: metrics.counters(
                 "wxgate_quota_discovery_queries_total",
-                "quota/get calls wxgate made to learn a key's limits, by what they came to: ok, or why WeChat stated nothing (unknown_api 76021, not_queryable 76022, token, other, no_answer).",
+                "quota/get calls wxgate made to learn a key's limits, by what they came to: ok, or why WeChat stated nothing (unknown_api 76021, not_queryable 76022, token, other, no_answer), or not_sent (no quota turn for quota/get itself).",
                 &[Label::new("result", results())],
             )?,
             daily_used_max: metrics.float_gauge(

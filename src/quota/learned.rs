@@ -14,9 +14,11 @@
 //! appid's limit. Were a user's 45011 taken for the appid's, one user hammering logins would
 //! lower the limit, and the pause stop everyone else's logins. So a 45011 of a code exchange
 //! counts as the appid's only when [`CORROBORATING`] refusals come in a row in one window,
-//! with no success between: past the appid's limit WeChat refuses every call of the window,
-//! while a user's limit leaves the other users' calls through, and their successes break the
-//! row. Until then only the refused call is held to the next window; the key is not paused.
+//! with no success between, or when the window before ended with its refusals unbroken (a
+//! configured figure just above WeChat's overshoots by one or two calls a window): past the
+//! appid's limit WeChat refuses every call of the window, while a user's limit leaves the
+//! other users' calls through, and their successes break the row. Until then only the
+//! refused call is held to the next window; the key is not paused.
 //! A user alone on the appid still forms a row: the floor bounds what that can teach, and the
 //! climb undoes it.
 //!
@@ -74,12 +76,34 @@ pub struct Evidence {
     window: u64,
     refused: u32,
     in_a_row: u32,
+    /// What WeChat evidently accepted in the window, as of its last refusal.
+    accepted: u32,
+}
+
+/// What the refusals of a key's window show, after one more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// Refusals in this window.
+    pub refused: u32,
+    /// Of them, the last ones with no success between.
+    pub in_a_row: u32,
+    /// What WeChat evidently accepted in this window: its turns less its refusals.
+    pub accepted: u32,
+    /// When this refusal is the first of a window right after one whose refusals no
+    /// success followed: what WeChat accepted in that window. A window that ended so is
+    /// the appid's limit too (one refusal or two a window never form a row).
+    pub clean_before: Option<u32>,
 }
 
 impl Evidence {
-    /// One more 45011 in window `window`: refusals in the window, and in a row.
-    pub fn refused(&mut self, window: u64) -> (u32, u32) {
+    /// One more 45011 in window `window`, which has had `turns` turns.
+    pub fn refused(&mut self, window: u64, turns: u32) -> Row {
+        let mut clean_before = None;
         if self.window != window {
+            let clean = self.refused > 0 && self.in_a_row == self.refused;
+            if clean && self.window + 1 == window {
+                clean_before = Some(self.accepted);
+            }
             *self = Evidence {
                 window,
                 ..Evidence::default()
@@ -87,7 +111,13 @@ impl Evidence {
         }
         self.refused += 1;
         self.in_a_row += 1;
-        (self.refused, self.in_a_row)
+        self.accepted = turns.saturating_sub(self.refused);
+        Row {
+            refused: self.refused,
+            in_a_row: self.in_a_row,
+            accepted: self.accepted,
+            clean_before,
+        }
     }
 
     /// A call of the key succeeded: the row is broken.
@@ -230,18 +260,22 @@ impl Learner {
         }
         let learning = keys.get_mut(key).expect("inserted above");
         learning.refused_at = Some(Instant::now());
-        let (refused, in_a_row) = learning.evidence.refused(at.window.0);
+        let row = learning.evidence.refused(at.window.0, at.turns);
         let needed = if key.api().is_code_exchange() {
             CORROBORATING
         } else {
             1
         };
-        if in_a_row < needed {
-            return Outcome {
-                refusal: Refusal::Hold,
-                learned: None,
-            };
-        }
+        let accepted = match (row.in_a_row >= needed, row.clean_before) {
+            (true, _) => row.accepted,
+            (false, Some(accepted)) => accepted,
+            (false, None) => {
+                return Outcome {
+                    refusal: Refusal::Hold,
+                    learned: None,
+                }
+            }
+        };
         let learns = matches!(at.source, LimitSource::Default | LimitSource::Learned);
         // Learned once per window: the row goes on growing, the evidence does not.
         let already = learning.learned.is_some_and(|learned| {
@@ -253,7 +287,6 @@ impl Learner {
                 learned: None,
             };
         }
-        let accepted = at.turns.saturating_sub(refused);
         let floor = floor(at.configured, settings.floor_percent);
         let figure = learned_figure(
             accepted,
@@ -408,11 +441,21 @@ mod tests {
     #[test]
     fn a_row_of_refusals_is_broken_by_a_success_and_by_a_new_window() {
         let mut evidence = Evidence::default();
-        assert_eq!(evidence.refused(1), (1, 1));
-        assert_eq!(evidence.refused(1), (2, 2));
+        let counts = |row: Row| (row.refused, row.in_a_row, row.clean_before);
+        assert_eq!(counts(evidence.refused(1, 9)), (1, 1, None));
+        assert_eq!(
+            evidence.refused(1, 10).accepted,
+            8,
+            "ten turns, two refused"
+        );
         evidence.succeeded();
-        assert_eq!(evidence.refused(1), (3, 1));
-        assert_eq!(evidence.refused(2), (1, 1), "a new window starts over");
+        assert_eq!(counts(evidence.refused(1, 11)), (3, 1, None));
+        // A new window starts over; the one before was broken by a success.
+        assert_eq!(counts(evidence.refused(2, 5)), (1, 1, None));
+        // Window 2 ended with its refusals unbroken: the first of window 3 says so.
+        assert_eq!(evidence.refused(3, 6).clean_before, Some(4));
+        // Not when a window lies between.
+        assert_eq!(evidence.refused(5, 6).clean_before, None);
     }
 
     fn refused(source: LimitSource, turns: u32) -> KeyStanding {
