@@ -55,10 +55,16 @@ impl DailyBlocks {
         until
     }
 
-    /// Until when `key` is blocked, if it is at `now`.
+    /// Whether any key is blocked: while none, a call looks no further (not even at the
+    /// clock).
     #[inline]
+    pub(super) fn any(&self) -> bool {
+        self.count.load(Ordering::Acquire) != 0
+    }
+
+    /// Until when `key` is blocked, if it is at `now`.
     pub(super) fn until(&self, key: &QuotaKey, now: SystemTime) -> Option<SystemTime> {
-        if self.count.load(Ordering::Acquire) == 0 {
+        if !self.any() {
             return None;
         }
         let until = *self.blocked.lock().get(&key.own())?;

@@ -154,6 +154,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// quota is spent), if they are now; such a call is counted as answered locally.
     #[inline]
     pub fn daily_block(&self, key: &QuotaKey) -> Option<SystemTime> {
+        if !self.daily.any() {
+            return None;
+        }
         let until = self.daily.until(key, SystemTime::now())?;
         if let Some(metrics) = &self.metrics {
             metrics.local_daily(key.api());
