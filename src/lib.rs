@@ -28,7 +28,11 @@
 //!   - `token_cache/`: wxgate as the central access-token server (`policy` decides, `fetch`
 //!     fetches, `shared` meets the other replicas);
 //!   - `quota/`: per-(appid, API) minute quotas ([`QuotaGate`]): turns, lanes, the 45011
-//!     pause (`key`, `limits`, `shared`).
+//!     pause, each key's limit and its source (`key`, `paths`, `limits`, `buckets`,
+//!     `figures`, `shared`);
+//!   - `discovery/`: the limits WeChat states, asked with quota/get for the keys with
+//!     traffic, and the access tokens whose appid wxgate knows (`tokens`, `answer`). It
+//!     sends its queries through `dispatch`, so it sits above it.
 //! - `dispatch/`: one logical upstream call under quota and retry policy: acquire a turn →
 //!   send → record → decide; `retry`: the decision after each attempt, a pure function.
 //! - `flight`: the single-flight both caches use.
@@ -57,7 +61,16 @@
 //!   code exchange's a keyed hash of API, appid, credential and code (`CodeKey`), a token's
 //!   its API and appid (`TokenKey`). In Redis each is a keyed *fingerprint* instead.
 //! - **window**: the span a quota counts in, WeChat's minute by default (`quota.window_secs`),
-//!   aligned to the epoch as WeChat's calendar minutes are (`QuotaConfig::window`).
+//!   or the window WeChat states for a key; aligned to the epoch as WeChat's calendar minutes
+//!   are (`QuotaConfig::window`).
+//! - **arrival margin**: how much later one call may reach WeChat than another
+//!   (`quota.arrival_margin_ms`); calls the bound separates by a window leave a window plus
+//!   the margin apart, so that the bound holds where WeChat counts.
+//! - **source**: where the limit in force for a key comes from, in this order: `config`,
+//!   `wechat`, `learned`, `default` (`LimitSource`).
+//! - **figure**: a limit of one key from outside the configuration, with its own window:
+//!   stated by WeChat (quota/get, asked by `discovery`) or learned from its 45011
+//!   (`quota::Figure`).
 //! - **turn**: leave for one attempt of a call to go upstream under its key's quota;
 //!   [`QuotaGate::acquire`] waits for one. With `[cluster]` a turn is counted in Redis
 //!   (`TurnReply`), and a code exchange's first turn may ride on its claim (`Turn`,
@@ -85,8 +98,8 @@
 //!   every series created at start.
 //! - Configuration errors: every problem of a file at once, with its key path and never its
 //!   value, exit 64 before anything is bound.
-//! - The quota bound, stated with its maths in `quota` and proved on a fake clock; the same
-//!   algorithm counts in Redis for replicas.
+//! - The quota bound, stated with its maths in `quota` (the arrival margin included) and
+//!   proved on a fake clock; the same algorithm counts in Redis for replicas.
 //! - The cancellation rules of a code exchange (`code_cache`, `leader`): a leader whose
 //!   caller leaves still finishes; a call abandoned by everyone before it is sent spends
 //!   nothing.
@@ -98,6 +111,7 @@ mod cli;
 mod cluster;
 mod code_cache;
 mod config;
+mod discovery;
 mod dispatch;
 mod flight;
 mod metrics;

@@ -188,6 +188,47 @@ impl TokenOutcome {
     }
 }
 
+/// Where the minute limit in force for an (appid, API) came from: the `source` label of
+/// `wxgate_quota_keys_by_source`, and the `source` of `GET /quota`. In this order, the first
+/// that has a figure for a key gives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitSource {
+    /// `quota.appids` or `quota.apis` names the key.
+    Config,
+    /// WeChat stated it (quota/get's `rate_limit`, or `component_rate_limit` for calls a
+    /// platform makes on an account's behalf).
+    Wechat,
+    /// Learned from WeChat's 45011 where it states nothing.
+    Learned,
+    /// `quota.per_window`.
+    Default,
+}
+
+impl LimitSource {
+    /// Every value, in wxgate's label order.
+    pub const ALL: [LimitSource; 4] = [
+        LimitSource::Config,
+        LimitSource::Wechat,
+        LimitSource::Learned,
+        LimitSource::Default,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            LimitSource::Config => "config",
+            LimitSource::Wechat => "wechat",
+            LimitSource::Learned => "learned",
+            LimitSource::Default => "default",
+        }
+    }
+
+    /// Position in [`LimitSource::ALL`], for per-source arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

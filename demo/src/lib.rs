@@ -64,7 +64,7 @@ pub use client::ClientCounts;
 pub use launch::{Launch, LaunchError, ProxyStart, Serve, Shutdown};
 pub use metrics::MetricsCounts;
 pub use plan::DemoOptions;
-pub use report::DemoReport;
+pub use report::{DemoReport, LimitShown};
 pub use run::{run, DemoError};
 pub use tokens::TokenCounts;
 pub use wxgate_contract::{Outcome, RetryReason, TokenOutcome};

@@ -29,6 +29,10 @@ pub struct MetricsCounts {
     pub token_refreshes: u64,
     /// `wxgate_token_fetches_total`: token fetches wxgate sent to WeChat.
     pub token_fetches: u64,
+    /// `wxgate_quota_discovery_queries_total` but `result="not_sent"`: quota/get calls wxgate
+    /// made on its own to learn WeChat's limits, each one upstream call no client request
+    /// made.
+    pub limit_queries: u64,
 }
 
 impl MetricsCounts {
@@ -64,6 +68,10 @@ impl MetricsCounts {
                 &[("outcome", TokenOutcome::Refreshed.label())],
             ),
             token_fetches: sum("wxgate_token_fetches_total", &[]),
+            limit_queries: sum("wxgate_quota_discovery_queries_total", &[]).saturating_sub(sum(
+                "wxgate_quota_discovery_queries_total",
+                &[("result", "not_sent")],
+            )),
             quota_wait_within: (quota_waits > 0)
                 .then(|| {
                     bucket_holding_all(&samples, "wxgate_quota_wait_seconds_bucket", quota_waits)

@@ -5,8 +5,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use wxgate_stand_in::JSCODE2SESSION_PATH;
-
 /// What `wxgate demo` is asked to do.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -67,9 +65,13 @@ pub(crate) struct Plan {
     pub(crate) window_secs: u64,
     /// Executed calls per window and (appid, API) at the stand-in.
     pub(crate) upstream_quota: u32,
-    /// wxgate's per_window for `/sns/jscode2session`: a quarter above the stand-in's, so that
-    /// WeChat answers 45011 whenever the load fills a window.
+    /// wxgate's per_window (every API): a quarter above the stand-in's, so that WeChat
+    /// answers 45011 once the load fills a window, and wxgate learns the real figure for the
+    /// code exchange (WeChat states none for it).
     pub(crate) exchange_per_window: u32,
+    /// The stand-in's limit of the API the token backends call, which quota/get reports: wxgate
+    /// discovers it and uses it instead of its own per_window.
+    pub(crate) api_quota: u32,
     /// wxgate's burst, for every API.
     pub(crate) burst: u32,
     /// How long a call may be held across 45011s: its first wait, three windows, and another
@@ -90,6 +92,7 @@ impl Plan {
             window_secs,
             upstream_quota,
             exchange_per_window: upstream_quota + upstream_quota / 4,
+            api_quota: upstream_quota * 3,
             burst: (upstream_quota / 5).max(1),
             max_hold: Duration::from_secs(window_secs * 3) + MAX_WAIT * 2,
             burst_size: (upstream_quota as usize * 3 / 2).max(40),
@@ -116,25 +119,20 @@ timeout_ms = 5000
 
 [quota]
 window_secs = {window}
-# Every API: exactly the stand-in's quota.
-per_window = {quota}
-burst = {burst}
-max_wait_ms = {max_wait}
-
-# The code exchange: a little above what the stand-in admits, so WeChat's 45011 happens.
-[quota.apis."{exchange}"]
+# Every API: a little above what the stand-in admits. WeChat's 45011 happens on the code
+# exchange, and wxgate learns its real figure from it; for the API the token backends call,
+# wxgate asks WeChat (quota/get) and uses the figure it states.
 per_window = {exchange_quota}
 burst = {burst}
+max_wait_ms = {max_wait}
 
 [retry]
 max_hold_ms = {max_hold}
 busy_attempts = 2
 "#,
             window = self.window_secs,
-            quota = self.upstream_quota,
             burst = self.burst,
             max_wait = MAX_WAIT.as_millis(),
-            exchange = JSCODE2SESSION_PATH,
             exchange_quota = self.exchange_per_window,
             max_hold = self.max_hold.as_millis(),
         )

@@ -45,6 +45,33 @@ pub struct DemoReport {
     pub metrics_text: String,
     /// Calls the stand-in received.
     pub upstream_calls: u64,
+    /// The limits in force at the end, from `GET /quota`.
+    pub limits: Vec<LimitShown>,
+}
+
+/// One key's limit as wxgate's `GET /quota` showed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitShown {
+    /// The API's path.
+    pub api: String,
+    /// Calls per window.
+    pub limit: u32,
+    /// The window, in seconds.
+    pub window_secs: f64,
+    /// `config`, `wechat`, `learned` or `default`.
+    pub source: String,
+}
+
+impl LimitShown {
+    /// Where the limit comes from, in words.
+    fn source_in_words(&self) -> &'static str {
+        match self.source.as_str() {
+            "wechat" => "stated by WeChat (asked with quota/get)",
+            "learned" => "learned from WeChat's 45011",
+            "config" => "configured for this key",
+            _ => "the configured default",
+        }
+    }
 }
 
 impl DemoReport {
@@ -73,18 +100,19 @@ impl DemoReport {
         self.metrics.retries(RetryReason::MinuteQuota)
     }
 
-    /// The left side of the identity: upstream calls − retries − token refreshes + saved +
-    /// answered locally.
+    /// The left side of the identity: upstream calls − retries − token refreshes − limit
+    /// queries + saved + answered locally.
     pub fn accounted(&self) -> i128 {
         i128::from(self.upstream_calls)
             - i128::from(self.retries_sent())
             - i128::from(self.metrics.token_refreshes)
+            - i128::from(self.metrics.limit_queries)
             + i128::from(self.saved())
             + i128::from(self.answered_locally())
     }
 
-    /// Whether upstream calls − retries − token refreshes + saved + answered by wxgate =
-    /// client requests.
+    /// Whether upstream calls − retries − token refreshes − limit queries + saved + answered
+    /// by wxgate = client requests.
     pub fn adds_up(&self) -> bool {
         self.accounted() == i128::from(self.client.requests)
     }
@@ -285,13 +313,28 @@ impl fmt::Display for DemoReport {
                 t.refused
             ),
         )?;
+        if !self.limits.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "Limits in force (GET /quota):")?;
+            for limit in &self.limits {
+                writeln!(
+                    f,
+                    "  {:<40}{:>5} per {} s  {}",
+                    limit.api,
+                    limit.limit,
+                    limit.window_secs,
+                    limit.source_in_words()
+                )?;
+            }
+        }
         writeln!(f)?;
 
         // The identity, each number under its name.
-        let terms: [(&str, &str, i128); 7] = [
+        let terms: [(&str, &str, i128); 8] = [
             ("", "upstream calls", i128::from(self.upstream_calls)),
             (" − ", "retries", i128::from(self.retries_sent())),
             (" − ", "refreshes", i128::from(m.token_refreshes)),
+            (" − ", "limit queries", i128::from(m.limit_queries)),
             (
                 " + ",
                 "coalesced",
@@ -362,6 +405,7 @@ mod tests {
             metrics,
             metrics_text: String::new(),
             upstream_calls,
+            limits: Vec::new(),
         }
     }
 

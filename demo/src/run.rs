@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use wxgate_stand_in::{
-    StandIn, StandInConfig, DEFAULT_APPID, DEFAULT_APP_SECRET, JSCODE2SESSION_PATH, TOKEN_PATH,
+    ApiLimits, RateLimit, StandIn, StandInConfig, CHECKED_API_PATH, DEFAULT_APPID,
+    DEFAULT_APP_SECRET, JSCODE2SESSION_PATH, TOKEN_PATH,
 };
 
 use crate::launch::{wait_until_ready, Launch, LaunchError, Serving};
@@ -20,7 +21,7 @@ use crate::plan::{
     DemoOptions, Plan, MAX_WAIT, TOKEN_LIFETIME, TOKEN_OVERLAP, UPSTREAM_LATENCY, USERS,
 };
 use crate::progress::spawn_progress;
-use crate::report::DemoReport;
+use crate::report::{DemoReport, LimitShown};
 use crate::tokens::{token_backend, TOKEN_BACKENDS};
 
 /// Runs the demo: starts the stand-in and wxgate (through `launch`, see [`Launch`]), drives the load for `options.duration`
@@ -39,9 +40,13 @@ pub async fn run(
     let (proxy_listener, proxy_addr) = bind("--listen", options.listen).await?;
     let (admin_listener, admin_addr) = bind("--admin-listen", options.admin_listen).await?;
 
+    let window = Duration::from_secs(plan.window_secs);
     let upstream = StandIn::start(StandInConfig {
         quota_per_window: Some(plan.upstream_quota),
-        window: Duration::from_secs(plan.window_secs),
+        window,
+        // The API the token backends call: a limit quota/get states.
+        api_limits: vec![ApiLimits::new(CHECKED_API_PATH)
+            .with_rate_limit(RateLimit::new(plan.api_quota, window))],
         latency: UPSTREAM_LATENCY,
         token_lifetime: TOKEN_LIFETIME,
         token_overlap: TOKEN_OVERLAP,
@@ -112,6 +117,7 @@ pub async fn run(
     let metrics_text = scrape(&client, admin_addr)
         .await
         .map_err(|error| DemoError::Metrics(format!("http://{admin_addr}/metrics: {error}")))?;
+    let limits = limits_in_force(&client, admin_addr).await;
     let report = DemoReport {
         requested: options.duration,
         load_time,
@@ -128,6 +134,7 @@ pub async fn run(
         metrics: MetricsCounts::from_text(&metrics_text),
         upstream_calls: upstream.total_calls(),
         metrics_text,
+        limits,
     };
     println!();
     print!("{report}");
@@ -228,6 +235,33 @@ pub(crate) async fn scrape(
         .await
 }
 
+/// The limits in force, from wxgate's `GET /quota` (none if it cannot be read).
+async fn limits_in_force(client: &reqwest::Client, admin: SocketAddr) -> Vec<LimitShown> {
+    let table: Option<serde_json::Value> = async {
+        let answer = client
+            .get(format!("http://{admin}/quota"))
+            .send()
+            .await
+            .ok()?;
+        serde_json::from_slice(&answer.bytes().await.ok()?).ok()
+    }
+    .await;
+    let Some(keys) = table.as_ref().and_then(|table| table["keys"].as_array()) else {
+        return Vec::new();
+    };
+    keys.iter()
+        .filter(|row| row["on_behalf"] == false)
+        .filter_map(|row| {
+            Some(LimitShown {
+                api: row["api"].as_str()?.to_owned(),
+                limit: u32::try_from(row["limit"].as_u64()?).ok()?,
+                window_secs: row["window_secs"].as_f64()?,
+                source: row["source"].as_str()?.to_owned(),
+            })
+        })
+        .collect()
+}
+
 fn print_keep_running(proxy: SocketAddr, admin: SocketAddr, upstream: &StandIn) {
     let exchange = |code: &str| {
         format!(
@@ -254,4 +288,6 @@ fn print_keep_running(proxy: SocketAddr, admin: SocketAddr, upstream: &StandIn) 
         "  curl -s 'http://{proxy}{TOKEN_PATH}?grant_type=client_credential&appid={DEFAULT_APPID}&secret={DEFAULT_APP_SECRET}'"
     );
     println!("  curl -s http://{admin}/metrics | grep '^wxgate_requests_total'");
+    println!("  # every key's limit and where it comes from (or: wxgate quota --config FILE)");
+    println!("  curl -s http://{admin}/quota");
 }

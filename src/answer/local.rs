@@ -7,7 +7,7 @@
 //! token can leak through an errmsg.
 
 use std::borrow::Cow;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
@@ -61,6 +61,12 @@ pub enum LocalAnswer {
         /// Sent as `Retry-After` (whole seconds, at least one).
         retry_after: Duration,
     },
+    /// WeChat answered 45009 for this (appid, API): its daily quota is spent, and wxgate
+    /// answers its calls itself, sending nothing, until WeChat's day ends.
+    DailyQuota {
+        /// When WeChat's day ends (midnight UTC+8), said in the errmsg.
+        until: SystemTime,
+    },
     /// WeChat gave no answer.
     Upstream(TransportError),
     /// The call ended without an answer (it was cancelled, or its task went away).
@@ -98,7 +104,8 @@ impl LocalAnswer {
             | LocalAnswer::InvalidGrantType
             | LocalAnswer::ImplausibleAppid
             | LocalAnswer::ImplausibleCode
-            | LocalAnswer::LocalQuota { .. } => StatusCode::OK,
+            | LocalAnswer::LocalQuota { .. }
+            | LocalAnswer::DailyQuota { .. } => StatusCode::OK,
         }
     }
 
@@ -118,6 +125,7 @@ impl LocalAnswer {
             LocalAnswer::ImplausibleAppid => 40013,
             LocalAnswer::ImplausibleCode => 40029,
             LocalAnswer::LocalQuota { .. } => wechat::MINUTE_QUOTA,
+            LocalAnswer::DailyQuota { .. } => wechat::DAILY_QUOTA,
             // -1 tells SDKs to try again (another replica, or this one once restarted).
             LocalAnswer::Upstream(_)
             | LocalAnswer::CallAbandoned
@@ -167,6 +175,13 @@ impl LocalAnswer {
             LocalAnswer::LocalQuota { .. } => {
                 "api minute-quota reach limit, must slower, retry next minute (wxgate: local quota)"
             }
+            // Worded like WeChat's, then who answered and until when.
+            LocalAnswer::DailyQuota { until } => {
+                return Cow::Owned(format!(
+                    "reach max api daily quota limit (wxgate: WeChat said this API's daily quota is spent; answered by wxgate without calling WeChat until {})",
+                    wechat::beijing_time(until)
+                ))
+            }
             LocalAnswer::Upstream(error) => {
                 return Cow::Owned(format!("system error (wxgate: {error})"))
             }
@@ -188,7 +203,7 @@ impl LocalAnswer {
     /// How the request counts in `wxgate_requests_total`.
     pub fn outcome(self) -> Outcome {
         match self {
-            LocalAnswer::LocalQuota { .. } => Outcome::LocalLimit,
+            LocalAnswer::LocalQuota { .. } | LocalAnswer::DailyQuota { .. } => Outcome::LocalLimit,
             LocalAnswer::Upstream(_)
             | LocalAnswer::CallAbandoned
             | LocalAnswer::ClaimHolderGone
@@ -264,6 +279,9 @@ mod tests {
                 after: Duration::from_millis(250),
             },
             LocalAnswer::ShuttingDown,
+            LocalAnswer::DailyQuota {
+                until: std::time::UNIX_EPOCH + Duration::from_secs(1_735_747_200),
+            },
         ];
         for answer in all {
             let response = answer.response();
@@ -281,6 +299,15 @@ mod tests {
         assert_eq!(
             LocalAnswer::Upstream(TransportError::Timeout).status(),
             StatusCode::GATEWAY_TIMEOUT
+        );
+        let daily = LocalAnswer::DailyQuota {
+            until: std::time::UNIX_EPOCH + Duration::from_secs(1_735_747_200),
+        };
+        assert_eq!((daily.status(), daily.errcode()), (StatusCode::OK, 45009));
+        assert!(
+            daily.errmsg().contains("until 2025-01-02T00:00:00+08:00"),
+            "{}",
+            daily.errmsg()
         );
         let slow = LocalAnswer::BodyTimeout {
             after: Duration::from_millis(250),

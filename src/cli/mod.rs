@@ -1,12 +1,15 @@
 //! The command line: what `wxgate` is asked to do ([`Cli`], read by clap) and each command's
 //! body, so that the binary only parses and hands over: serve (the default), check-config,
-//! reload ([`reload`]) and demo ([`demo`], with the `demo` feature).
+//! reload ([`reload`]), quota ([`quota`]) and demo ([`demo`], with the `demo` feature);
+//! [`admin`] is how reload and quota reach a running wxgate.
 //!
 //! Every command that reads the configuration reads it first, and exits 64 with every
 //! problem before anything else happens (no port bound, nothing sent).
 
+mod admin;
 #[cfg(feature = "demo")]
 pub mod demo;
+mod quota;
 mod reload;
 
 use std::ffi::OsString;
@@ -57,6 +60,12 @@ enum Command {
     /// admin port; `kill -HUP` does the same). Prints what needs a restart, or every problem
     /// of a file it refused; exit 1 if refused or unreachable.
     Reload,
+    /// Print the quota table of the wxgate serving this configuration (GET /quota on its
+    /// admin port): every (appid, API) with recent traffic, the limit in force and its
+    /// source (config, wechat, learned, default), the window, the calls this window, callers
+    /// waiting, a 45011 pause, the daily quota where WeChat stated one; exit 1 if
+    /// unreachable.
+    Quota,
     /// A WeChat stand-in, wxgate in front of it and N s of load, then a table.
     ///
     /// No credentials or internet needed. Port 0 picks a free port. Exits 1 if its numbers do
@@ -103,6 +112,13 @@ impl Cli {
                 init_tracing("info", false);
                 match load(config_path) {
                     Some(checked) => reload::reload(checked.config.server.admin_listen),
+                    None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
+                }
+            }
+            Command::Quota => {
+                init_tracing("info", false);
+                match load(config_path) {
+                    Some(checked) => quota::quota(checked.config.server.admin_listen),
                     None => ExitCode::from(EXIT_INVALID_CONFIG as u8),
                 }
             }

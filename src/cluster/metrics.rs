@@ -47,11 +47,17 @@ pub enum RedisOp {
     TokenDrop,
     /// Counting a fetch in the day's budget.
     TokenCount,
+    /// Reading a key's limit WeChat stated, or taking the lease to ask for it.
+    LimitLease,
+    /// Storing a key's limit (WeChat's answer, or a learned one), or reading a window's turns.
+    LimitStore,
+    /// Reading the learned limits of the keys with traffic.
+    LimitRead,
 }
 
 impl RedisOp {
     /// Every value, in label order.
-    pub const ALL: [RedisOp; 14] = [
+    pub const ALL: [RedisOp; 17] = [
         RedisOp::Heartbeat,
         RedisOp::Resume,
         RedisOp::Quota,
@@ -66,6 +72,9 @@ impl RedisOp {
         RedisOp::TokenStore,
         RedisOp::TokenDrop,
         RedisOp::TokenCount,
+        RedisOp::LimitLease,
+        RedisOp::LimitStore,
+        RedisOp::LimitRead,
     ];
 
     /// The label value.
@@ -85,6 +94,9 @@ impl RedisOp {
             RedisOp::TokenStore => "token_store",
             RedisOp::TokenDrop => "token_drop",
             RedisOp::TokenCount => "token_count",
+            RedisOp::LimitLease => "limit_lease",
+            RedisOp::LimitStore => "limit_store",
+            RedisOp::LimitRead => "limit_read",
         }
     }
 

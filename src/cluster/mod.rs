@@ -144,6 +144,14 @@ enum KeyKind {
     TokenLease,
     /// The fetches of a token key on one day.
     TokenDay,
+    /// A quota bucket's turns in its current window.
+    QuotaCount,
+    /// WeChat's answer to quota/get about one key, sealed.
+    LimitStated,
+    /// The lease of the one replica asking quota/get about a key.
+    LimitLease,
+    /// A limit learned from 45011 for one key, sealed.
+    LimitLearned,
 }
 
 impl KeyKind {
@@ -160,6 +168,10 @@ impl KeyKind {
             KeyKind::TokenOf => "token-of",
             KeyKind::TokenLease => "token-lease",
             KeyKind::TokenDay => "token-day",
+            KeyKind::QuotaCount => "qn",
+            KeyKind::LimitStated => "ls",
+            KeyKind::LimitLease => "ll",
+            KeyKind::LimitLearned => "lr",
         }
     }
 }

@@ -108,9 +108,12 @@ end
 }
 
 /// The GCRA turn of [`TakeTurn`] as a Lua function, so that [`ClaimCode`] takes a turn the
-/// same way: `turn(epoch key, bucket key, pause key, expected epoch, interval µs, tolerance
-/// µs, window µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or `-1, 0`
-/// (epoch lost), and a third value, 1 when it found a state no replica wrote.
+/// same way: `turn(epoch key, bucket key, pause key, count key, expected epoch, interval µs,
+/// tolerance µs, window µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or
+/// `-1, 0` (epoch lost), and a third value, 1 when it found a state no replica wrote. An
+/// admitted turn is also counted in the count key (a hash: `w` the window's index, `n` its
+/// turns), what a learned limit rests on ([`ReadTurns`]); a count key of another type is
+/// dropped and reported.
 ///
 /// What it reads is bounded by what a replica can have written: a pause ends at the next
 /// window boundary, so one further than a window ahead is dropped; a theoretical arrival
@@ -122,7 +125,7 @@ macro_rules! gcra_turn {
         concat!(
             stored_time!(),
             r"
-local function turn(epoch_key, bucket_key, pause_key, expected, interval, tolerance, window)
+local function turn(epoch_key, bucket_key, pause_key, count_key, expected, interval, tolerance, window)
   local epoch = redis.call('GET', epoch_key)
   if epoch ~= expected then return -1, 0, 0 end
   local t = redis.call('TIME')
@@ -149,6 +152,18 @@ local function turn(epoch_key, bucket_key, pause_key, expected, interval, tolera
   end
   tat = tat + interval
   redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
+  local w = string.format('%.0f', math.floor(now / window))
+  local counted = redis.pcall('HGET', count_key, 'w')
+  if type(counted) == 'table' then
+    redis.call('DEL', count_key)
+    counted, flag = false, 1
+  end
+  if counted == w then
+    redis.call('HINCRBY', count_key, 'n', 1)
+  else
+    redis.call('HSET', count_key, 'w', w, 'n', 1)
+  end
+  redis.call('PEXPIRE', count_key, math.floor(2 * window / 1000) + 1)
   return 1, 0, flag
 end
 "
@@ -338,7 +353,8 @@ impl Script for Resume {
 
 /// The shared GCRA of one (appid, API), and its 45011 pause.
 ///
-/// `KEYS`: epoch, bucket (the theoretical arrival time, TAT), pause (its end).
+/// `KEYS`: epoch, bucket (the theoretical arrival time, TAT), pause (its end), count (the
+/// turns of the current window).
 /// `ARGV`: expected epoch, emission interval µs, burst tolerance µs (`(burst − 1) ×
 /// interval`), window µs.
 /// Returns `{1, 0, forged}` (admitted), `{0, µs, forged}` (not before that long), or `{-1,
@@ -352,14 +368,14 @@ impl Script for Resume {
 const QUOTA: &str = concat!(
     gcra_turn!(),
     r"
-local admitted, wait, forged = turn(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+local admitted, wait, forged = turn(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 return {admitted, wait, forged}
 "
 );
 
 /// A GCRA bucket of the shared quota: the fingerprint its keys are named by (`q:` its
-/// theoretical arrival time, `p:` its pause), its emission interval, its burst and its
-/// window.
+/// theoretical arrival time, `p:` its pause, `qn:` its turns this window), its emission
+/// interval, its burst and its window.
 #[derive(Debug, Clone)]
 pub struct Bucket {
     /// Names the bucket's keys; says nothing of the (appid, API) behind it.
@@ -368,13 +384,14 @@ pub struct Bucket {
     pub interval: Duration,
     /// Turns that may be taken at once.
     pub burst: u32,
-    /// The quota's window: no replica holds the bucket back further than this (or its
-    /// burst), so a state further ahead is forged (see [`gcra_turn!`]).
+    /// The quota's window: its turns are counted in it, and no replica holds the bucket back
+    /// further than this (or its burst), so a state further ahead is forged (see
+    /// [`gcra_turn!`]).
     pub window: Duration,
 }
 
 impl Bucket {
-    /// The three keys and four arguments of a turn ([`gcra_turn!`]), after any the
+    /// The four keys and four arguments of a turn ([`gcra_turn!`]), after any the
     /// invocation has.
     fn write_turn(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
         let interval = micros(self.interval).max(1);
@@ -382,6 +399,7 @@ impl Bucket {
             .key(cluster.named("epoch"))
             .key(cluster.key(KeyKind::QuotaBucket, &self.fingerprint))
             .key(cluster.key(KeyKind::QuotaPause, &self.fingerprint))
+            .key(cluster.key(KeyKind::QuotaCount, &self.fingerprint))
             .arg(cluster.epoch())
             .arg(interval)
             .arg(interval * u64::from(self.burst.max(1) - 1))
@@ -508,7 +526,7 @@ impl Script for PauseBucket<'_> {
 /// own for its first turn. A claim without expiry, or longer than twice a lease (replicas
 /// may differ in `upstream.timeout_ms`), no replica wrote: it is taken over and reported.
 ///
-/// `KEYS`: answer, claim, waiters, and optionally the quota's epoch, bucket and pause.
+/// `KEYS`: answer, claim, waiters, and optionally the quota's epoch, bucket, pause and count.
 /// `ARGV`: this claim's owner, lease ms, and with the quota's keys its expected epoch,
 /// interval µs, tolerance µs and window µs.
 /// Returns `{found, sealed answer, admitted, wait µs, forged}`: `{1, sealed, 0, 0, 0}`
@@ -535,8 +553,8 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
   return {3, '', 0, 0, forged}
 end
-if #KEYS < 6 then return {2, '', 0, 0, forged} end
-local admitted, wait, turn_forged = turn(KEYS[4], KEYS[5], KEYS[6], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+if #KEYS < 7 then return {2, '', 0, 0, forged} end
+local admitted, wait, turn_forged = turn(KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
 return {2, '', admitted, wait, math.max(forged, turn_forged)}
 "
 );
@@ -585,7 +603,7 @@ impl Script for ClaimCode<'_> {
             .arg(self.owner)
             .arg(millis(self.lease));
         if let Some(bucket) = self.turn {
-            // Keys 4 to 6 and arguments 3 to 6.
+            // Keys 4 to 7 and arguments 3 to 6.
             bucket.write_turn(cluster, invocation);
         }
     }
@@ -1220,5 +1238,239 @@ impl Script for CountFetch<'_> {
 
     fn decode(&self, count: u64) -> u64 {
         count
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits per key. Per (appid, API), named by its quota fingerprint: `ls:` WeChat's answer to
+// quota/get about it, sealed; `ll:` the lease of the one replica asking; `lr:` a limit
+// learned from 45011, sealed; and `qn:` the turns of its current window (above).
+
+/// Reads WeChat's answer about a key, or, when asked to, takes the lease to ask for it: the
+/// lease lasts the discovery interval and is never given back, so that one query per key per
+/// interval goes out across the replicas.
+///
+/// A lease or an answer without expiry or kept longer than twice the interval, and an answer
+/// key of another type, no replica wrote: they are dropped and reported, so a writer without the secret
+/// holds a key's discovery back for at most an interval per write.
+///
+/// `KEYS`: answer, lease. `ARGV`: owner, lease ms, `1` to take the lease (else `0`).
+/// Returns `{1, sealed, forged}` (an answer), `{2, '', forged}` (the lease taken: ask),
+/// `{3, '', forged}` (neither: another replica asks now, or the lease was not to be taken).
+const LIMIT_LEASE: &str = r"
+local forged = 0
+local answer = redis.pcall('GET', KEYS[1])
+if type(answer) == 'string' then
+  local kept = redis.call('PTTL', KEYS[1])
+  if kept ~= -1 and kept <= 2 * tonumber(ARGV[2]) then return {1, answer, 0} end
+end
+if answer then
+  redis.call('DEL', KEYS[1])
+  forged = 1
+end
+local left = redis.call('PTTL', KEYS[2])
+if left == -1 or left > 2 * tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  forged = 1
+end
+if ARGV[3] == '1' and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, '', forged}
+end
+return {3, '', forged}
+";
+
+/// [`LIMIT_LEASE`].
+pub struct LeaseLimit<'a> {
+    /// The key's quota fingerprint.
+    pub fingerprint: &'a str,
+    /// Who takes the lease (a fresh [`super::owner_id`]).
+    pub owner: &'a str,
+    /// How long it lasts: the discovery interval.
+    pub lease: Duration,
+    /// Whether to take it (this replica holds a token to ask with).
+    pub take: bool,
+}
+
+/// What [`LeaseLimit`] found.
+#[derive(Debug)]
+pub enum LimitLeaseReply {
+    /// Another replica's answer of WeChat's, sealed.
+    Stated(Vec<u8>),
+    /// The lease is this replica's: it asks WeChat, then stores the answer.
+    Taken,
+    /// No answer yet, and the lease is not this replica's.
+    Busy,
+}
+
+impl Script for LeaseLimit<'_> {
+    type Reply = LimitLeaseReply;
+    type Raw = (i64, Vec<u8>, i64);
+    const OP: RedisOp = RedisOp::LimitLease;
+
+    fn lua() -> &'static redis::Script {
+        lua!(LIMIT_LEASE)
+    }
+
+    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+        invocation
+            .key(cluster.key(KeyKind::LimitStated, self.fingerprint))
+            .key(cluster.key(KeyKind::LimitLease, self.fingerprint))
+            .arg(self.owner)
+            .arg(millis(self.lease).max(1))
+            .arg(if self.take { "1" } else { "0" });
+    }
+
+    fn decode(&self, (found, sealed, _): Self::Raw) -> LimitLeaseReply {
+        match found {
+            1 => LimitLeaseReply::Stated(sealed),
+            2 => LimitLeaseReply::Taken,
+            _ => LimitLeaseReply::Busy,
+        }
+    }
+
+    fn forged(raw: &Self::Raw) -> Option<&'static str> {
+        (raw.2 == 1).then_some(
+            "a limit's answer or discovery lease without expiry, or a key of another type",
+        )
+    }
+}
+
+/// Which record of a key's limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitRecord {
+    /// WeChat's answer to quota/get.
+    Stated,
+    /// A limit learned from 45011.
+    Learned,
+}
+
+impl LimitRecord {
+    fn kind(self) -> KeyKind {
+        match self {
+            LimitRecord::Stated => KeyKind::LimitStated,
+            LimitRecord::Learned => KeyKind::LimitLearned,
+        }
+    }
+}
+
+/// Stores a key's record, sealed, for a while.
+///
+/// `KEYS`: record. `ARGV`: sealed record, ms to keep. Returns 1.
+const LIMIT_STORE: &str = r"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// [`LIMIT_STORE`].
+pub struct StoreLimit<'a> {
+    /// Which record.
+    pub record: LimitRecord,
+    /// The key's quota fingerprint.
+    pub fingerprint: &'a str,
+    /// The record, sealed for `record`'s Redis key.
+    pub sealed: &'a [u8],
+    /// How long Redis keeps it.
+    pub keep: Duration,
+}
+
+impl Script for StoreLimit<'_> {
+    type Reply = ();
+    type Raw = i64;
+    const OP: RedisOp = RedisOp::LimitStore;
+
+    fn lua() -> &'static redis::Script {
+        lua!(LIMIT_STORE)
+    }
+
+    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+        invocation
+            .key(cluster.key(self.record.kind(), self.fingerprint))
+            .arg(self.sealed)
+            .arg(millis(self.keep).max(1));
+    }
+
+    fn decode(&self, _stored: i64) {}
+}
+
+/// The Redis key a record is sealed for (its associated data, so that a record moved to
+/// another key does not open).
+pub fn limit_record_key(cluster: &Cluster, record: LimitRecord, fingerprint: &str) -> String {
+    cluster.key(record.kind(), fingerprint)
+}
+
+/// Reads the learned limits of several keys at once.
+///
+/// `KEYS`: records. Returns their values (`false` for none).
+const LIMIT_READ: &str = r"
+return redis.call('MGET', unpack(KEYS))
+";
+
+/// [`LIMIT_READ`], for at most a few hundred keys (Lua's `unpack` takes a few thousand).
+pub struct ReadLearned<'a> {
+    /// The keys' quota fingerprints.
+    pub fingerprints: &'a [String],
+}
+
+impl Script for ReadLearned<'_> {
+    type Reply = Vec<Option<Vec<u8>>>;
+    type Raw = Vec<Option<Vec<u8>>>;
+    const OP: RedisOp = RedisOp::LimitRead;
+
+    fn lua() -> &'static redis::Script {
+        lua!(LIMIT_READ)
+    }
+
+    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+        for fingerprint in self.fingerprints {
+            invocation.key(cluster.key(KeyKind::LimitLearned, fingerprint));
+        }
+    }
+
+    fn decode(&self, records: Self::Raw) -> Self::Reply {
+        records
+    }
+}
+
+/// The turns all replicas took of a bucket in its current window (its count key, written by
+/// every turn: [`gcra_turn!`]).
+///
+/// `KEYS`: count. `ARGV`: window µs. Returns the turns.
+const QUOTA_COUNT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local w = string.format('%.0f', math.floor(now / tonumber(ARGV[1])))
+local counted = redis.pcall('HMGET', KEYS[1], 'w', 'n')
+if type(counted) == 'table' and counted.err == nil and counted[1] == w then
+  return math.floor(tonumber(counted[2] or '0') or 0)
+end
+return 0
+";
+
+/// [`QUOTA_COUNT`]. The count is plain: tampered with, it can only move a learned limit
+/// between its floor and the configured figure, as losing Redis would.
+pub struct ReadTurns<'a> {
+    /// The bucket's fingerprint.
+    pub fingerprint: &'a str,
+    /// Its window.
+    pub window: Duration,
+}
+
+impl Script for ReadTurns<'_> {
+    type Reply = u32;
+    type Raw = i64;
+    const OP: RedisOp = RedisOp::LimitRead;
+
+    fn lua() -> &'static redis::Script {
+        lua!(QUOTA_COUNT)
+    }
+
+    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+        invocation
+            .key(cluster.key(KeyKind::QuotaCount, self.fingerprint))
+            .arg(micros(self.window).max(1));
+    }
+
+    fn decode(&self, turns: i64) -> u32 {
+        u32::try_from(turns).unwrap_or(0)
     }
 }

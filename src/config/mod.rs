@@ -65,7 +65,7 @@ pub use cluster::{ClusterSecret, RedisUrl};
 pub(crate) use raw::RawConfig;
 use raw::{
     RawCluster, RawCodeCache, RawLimit, RawLog, RawQuota, RawRetry, RawServer, RawServerTls,
-    RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW,
+    RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW, MARGIN_AT_A_MINUTE,
 };
 use read::read;
 pub use server_tls::{tls_provider, ServerTlsConfig};
@@ -188,7 +188,7 @@ pub struct CodeCacheConfig {
 }
 
 /// One quota: how many calls a window admits and how many may leave at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuotaLimit {
     /// Calls per window for one (appid, API); the bound wxgate guarantees.
     pub per_window: u32,
@@ -209,6 +209,25 @@ pub struct QuotaConfig {
     pub appids: HashMap<String, QuotaLimit>,
     /// How long a request may wait for its turn before wxgate answers 45011 itself.
     pub max_wait: Duration,
+    /// How much more one call may take than another to reach WeChat: calls the bound
+    /// separates by a window leave at least a window plus this apart, so that the bound
+    /// holds where WeChat counts, at their arrival (see `crate::quota`).
+    pub arrival_margin: Duration,
+    /// Whether wxgate asks WeChat (quota/get) for the limits of the keys with traffic it
+    /// holds a token for.
+    pub discover: bool,
+    /// How long an answer of quota/get (or its error) stands before the key is asked about
+    /// again.
+    pub discovery_interval: Duration,
+    /// How long the first call of a key waits for its first answer before it goes on under
+    /// the default.
+    pub discovery_wait: Duration,
+    /// How long a limit learned from WeChat's 45011 is held before it climbs back.
+    pub learned_hold: Duration,
+    /// The floor under a learned limit, in percent of the configured figure.
+    pub learned_floor_percent: u32,
+    /// WeChat's day, which ends at midnight UTC+8: 86,400 s, shorter only in tests.
+    pub day: Duration,
 }
 
 impl QuotaConfig {

@@ -147,6 +147,16 @@ pub(crate) struct RawQuota {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) burst: Option<i64>,
     pub(crate) max_wait_ms: i64,
+    /// Absent: [`MARGIN_AT_A_MINUTE`] scaled to `window_secs` (0.42 % of the window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) arrival_margin_ms: Option<i64>,
+    pub(crate) discover: bool,
+    pub(crate) discovery_interval_secs: i64,
+    pub(crate) discovery_wait_ms: i64,
+    pub(crate) learned_hold_secs: i64,
+    pub(crate) learned_floor_percent: i64,
+    /// For tests only: the length of WeChat's day (its daily quotas end at midnight UTC+8).
+    pub(crate) day_secs: i64,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) apis: BTreeMap<String, RawLimit>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
@@ -160,6 +170,13 @@ impl Default for RawQuota {
             per_window: 5_000,
             burst: None,
             max_wait_ms: 3_000,
+            arrival_margin_ms: None,
+            discover: true,
+            discovery_interval_secs: 300,
+            discovery_wait_ms: 1_000,
+            learned_hold_secs: 600,
+            learned_floor_percent: 50,
+            day_secs: 86_400,
             apis: BTreeMap::new(),
             appids: BTreeMap::new(),
         }
@@ -244,6 +261,12 @@ impl Default for RawCluster {
         }
     }
 }
+
+/// `quota.arrival_margin_ms`'s default for WeChat's minute: what a fresh connection's
+/// handshakes (two or three round trips to a WeChat tens of milliseconds away) add to one
+/// call and not to another, with room to spare; 0.42 % of a minute's quota. Shorter
+/// windows get a proportionally shorter default (see `docs/guarantees.md`).
+pub(super) const MARGIN_AT_A_MINUTE: Duration = Duration::from_millis(250);
 
 /// `retry.max_hold_ms`'s default beyond the window: time for the held request's next call.
 pub(super) const HOLD_BEYOND_WINDOW: Duration = Duration::from_secs(5);

@@ -15,6 +15,7 @@ use super::{
     QuotaConfig, QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota,
     RawRetry, RawServer, RawServerTls, RawTokenCache, RawUpstream, RedisUrl, RetryConfig,
     ServerConfig, ServerTlsConfig, TokenCacheConfig, UpstreamConfig, HOLD_BEYOND_WINDOW,
+    MARGIN_AT_A_MINUTE,
 };
 use crate::wechat::Api;
 
@@ -99,6 +100,7 @@ impl RawConfig {
                 raw.burst = Some(limit.burst.into());
             }
         }
+        self.quota.arrival_margin_ms = Some(millis(quota.arrival_margin));
         self.retry.max_hold_ms = Some(millis(config.retry.max_hold));
         self
     }
@@ -331,6 +333,16 @@ fn check_quota(
     let (per_window, value) = key!(raw.per_window);
     let default = check_limit(c, (per_window, Some(*value)), key!(raw.burst), None);
     let max_wait = c.millis(key!(raw.max_wait_ms), 0..=3_600_000);
+    let (margin_key, margin) = key!(raw.arrival_margin_ms);
+    let arrival_margin = match margin {
+        Some(ms) => c.millis((margin_key, ms), 0..=60_000),
+        None => window.map(default_margin),
+    };
+    let discovery_interval = c.secs(key!(raw.discovery_interval_secs), 1..=86_400);
+    let discovery_wait = c.millis(key!(raw.discovery_wait_ms), 0..=60_000);
+    let learned_hold = c.secs(key!(raw.learned_hold_secs), 0..=86_400);
+    let learned_floor_percent = c.int(key!(raw.learned_floor_percent), 1..=100);
+    let day = c.secs(key!(raw.day_secs), 1..=86_400);
     let mut apis = HashMap::new();
     for (path, limit) in &raw.apis {
         let mut o = c.nested(name!(raw.apis), path);
@@ -369,9 +381,23 @@ fn check_quota(
             apis,
             appids,
             max_wait: max_wait?,
+            arrival_margin: arrival_margin?,
+            discover: raw.discover,
+            discovery_interval: discovery_interval?,
+            discovery_wait: discovery_wait?,
+            learned_hold: learned_hold?,
+            learned_floor_percent: learned_floor_percent?,
+            day: day?,
         })
     })();
     (quota, window_key)
+}
+
+/// `quota.arrival_margin_ms`'s default: [`MARGIN_AT_A_MINUTE`] for WeChat's minute, the same
+/// share of a shorter or longer window (whole milliseconds).
+fn default_margin(window: Duration) -> Duration {
+    let millis = MARGIN_AT_A_MINUTE.as_millis() * window.as_millis() / 60_000;
+    Duration::from_millis(u64::try_from(millis).unwrap_or(u64::MAX))
 }
 
 fn check_override(

@@ -5,7 +5,8 @@
 //! covers retries. What happens after an attempt is decided in [`crate::retry`]; this loop
 //! only carries it out: a 45011 pauses the call's quota key until WeChat's next window (the
 //! call then waits for its turn behind the pause, for as long as the hold allows), a backoff
-//! sleeps, and a call lost on a reused connection goes on a new one.
+//! sleeps, and a call lost on a reused connection goes on a new one. A call of a key whose
+//! daily quota WeChat said is spent (45009) is answered at once, sending nothing.
 
 mod metrics;
 
@@ -20,10 +21,10 @@ use wxgate_contract::RetryReason;
 pub use self::metrics::CallMetrics;
 use crate::answer::{LocalAnswer, WechatAnswer};
 use crate::config::RetryConfig;
-use crate::quota::{next_window_start, FirstTurn, QuotaGate, QuotaKey};
+use crate::quota::{next_window_start, FirstTurn, QuotaGate, QuotaKey, Refusal};
 use crate::retry::{Attempt, Decision, Progress, RetryPolicy};
 use crate::upstream::{ConnectionChoice, UpstreamClient, UpstreamRequest};
-use crate::wechat::{Api, Errcode};
+use crate::wechat::{Api, Errcode, MINUTE_QUOTA};
 
 /// Sends calls upstream under quota and retry policy.
 pub struct Dispatcher {
@@ -106,6 +107,13 @@ impl Dispatcher {
         G: FnMut() -> F,
         F: Future<Output = ()>,
     {
+        if let Some(until) = call
+            .quota_key
+            .as_ref()
+            .and_then(|key| self.quota.daily_block(key))
+        {
+            return Err(LocalAnswer::DailyQuota { until });
+        }
         let policy = self.policy.load_full();
         let mut state = CallState::new(call, &policy);
         // What the client gets if a retry finds no quota turn in time: WeChat's last answer
@@ -126,11 +134,26 @@ impl Dispatcher {
                 self.metrics.retry(call.api, reason);
             }
             let (result, attempt) = self.send(call, state.connection).await;
+            let refusal = match (&call.quota_key, attempt) {
+                (Some(key), Attempt::Answered(Errcode::Code(MINUTE_QUOTA))) => {
+                    // Boxed: rare, and large with `[cluster]`.
+                    Some(Box::pin(self.quota.refused(key)).await)
+                }
+                (Some(key), Attempt::Answered(errcode)) => {
+                    self.quota.answered(key, errcode);
+                    None
+                }
+                _ => None,
+            };
             // Nearly every answer is final: no clock or random number is needed for it.
             if !attempt.may_be_retried() {
                 return result;
             }
-            let progress = state.progress(self.quota.window());
+            // WeChat's next window for this key: its own, when WeChat stated one.
+            let window = call
+                .quota_key
+                .map_or(self.quota.window(), |key| self.quota.window_of(&key));
+            let progress = state.progress(window);
             let Decision::Retry {
                 reason,
                 after,
@@ -140,7 +163,7 @@ impl Dispatcher {
                 return result;
             };
             state.connection = connection;
-            self.before_retry(call, &mut state, reason, Instant::now() + after)
+            self.before_retry(call, &mut state, reason, Instant::now() + after, refusal)
                 .await;
             last = Some(result);
             retrying = Some(reason);
@@ -148,18 +171,24 @@ impl Dispatcher {
     }
 
     /// Waits for a retry: a 45011 pauses the call's quota key until `resume` (the call then
-    /// waits for its turn behind the pause, as long as the hold allows); a backoff sleeps.
+    /// waits for its turn behind the pause, as long as the hold allows), unless it may be
+    /// one user's limit (`refusal`: then only this call is held); a backoff sleeps.
     async fn before_retry(
         &self,
         call: &Call,
         state: &mut CallState,
         reason: RetryReason,
         resume: Instant,
+        refusal: Option<Refusal>,
     ) {
         match (reason, &call.quota_key) {
             (RetryReason::MinuteQuota, Some(key)) => {
-                // Boxed: rare, and large with `[cluster]`.
-                Box::pin(self.quota.pause(key, resume)).await;
+                if refusal == Some(Refusal::Hold) {
+                    tokio::time::sleep_until(resume).await;
+                } else {
+                    // Boxed: rare, and large with `[cluster]`.
+                    Box::pin(self.quota.pause(key, resume)).await;
+                }
                 state.quota_deadline = state.hold_deadline;
             }
             (RetryReason::MinuteQuota, None) => tokio::time::sleep_until(resume).await,

@@ -17,11 +17,12 @@
 //! API (a bounded label), never the path or query, so no credential reaches a log.
 
 mod metrics;
+mod observe;
 mod reply;
 mod target;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,11 +40,12 @@ use crate::answer::{Answer, LocalAnswer};
 use crate::cluster::Cluster;
 use crate::code_cache::{CodeCache, CodeRequest, Lookup};
 use crate::config::Config;
+use crate::discovery::Discovery;
 use crate::dispatch::{Call, CallMetrics, Dispatcher};
 use crate::metrics::Metrics;
-use crate::quota::{QuotaGate, QuotaKey};
+use crate::quota::{DailyRow, KeyRow, QuotaGate, QuotaKey};
 use crate::token_cache::{
-    carried_token, is_stale_token_errcode, RepeatedToken, TokenCache, TokenRequest,
+    carried_token, is_stale_token_errcode, RepeatedToken, TokenCache, TokenKind, TokenRequest,
 };
 use crate::upstream::{InvalidBaseUrl, UpstreamClient, UpstreamRequest};
 use crate::wechat::Api;
@@ -64,6 +66,8 @@ pub const CACHE_HEADER: HeaderName = HeaderName::from_static(wxgate_contract::CA
 /// The proxy: everything a request needs, shared by all connections.
 pub struct Proxy {
     dispatcher: Arc<Dispatcher>,
+    /// The limits WeChat states, and the tokens whose appid wxgate knows.
+    discovery: Arc<Discovery>,
     codes: Arc<CodeCache>,
     tokens: Arc<TokenCache>,
     metrics: RequestMetrics,
@@ -73,6 +77,9 @@ pub struct Proxy {
     body_timeout_ms: AtomicU64,
     /// `quota.max_wait_ms`; a reload may change it.
     max_wait_ms: AtomicU64,
+    /// With `[cluster]`: whether the housekeeping's read of the limits other replicas learned
+    /// is still running (one at a time).
+    syncing: Arc<AtomicBool>,
 }
 
 /// What the phases learn about a request, for its log line and its metrics.
@@ -82,6 +89,8 @@ struct RequestContext {
     api: Api,
     /// In the access line and the response's `X-Request-Id`.
     request_id: HeaderValue,
+    /// The quota the request's call spends, once known.
+    quota_key: Option<QuotaKey>,
 }
 
 /// Why the request pipeline could not be built.
@@ -110,7 +119,7 @@ impl Proxy {
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Proxy, ProxyError> {
         let upstream = UpstreamClient::new(&config.upstream)?;
-        let mut quota = QuotaGate::new(&config.quota);
+        let mut quota = QuotaGate::new(&config.quota).with_metrics(metrics)?;
         let mut codes = CodeCache::new(&config.code_cache, metrics)?;
         if let Some(cluster) = &cluster {
             quota = quota.shared_with(cluster.clone());
@@ -118,15 +127,23 @@ impl Proxy {
         }
         let calls = CallMetrics::new(metrics)?;
         let dispatcher = Arc::new(Dispatcher::new(upstream, quota, &config.retry, calls));
-        let tokens = TokenCache::new(config, dispatcher.clone(), metrics, cluster)?;
+        let tokens = TokenCache::new(config, dispatcher.clone(), metrics, cluster.clone())?;
+        let discovery = Arc::new(Discovery::new(
+            &config.quota,
+            dispatcher.clone(),
+            metrics,
+            cluster,
+        )?);
         Ok(Proxy {
             dispatcher,
+            discovery,
             codes: Arc::new(codes),
             tokens: Arc::new(tokens),
             metrics: RequestMetrics::new(metrics)?,
             max_body_bytes: AtomicUsize::new(config.server.max_body_bytes),
             body_timeout_ms: AtomicU64::new(config.server.body_timeout.as_millis() as u64),
             max_wait_ms: AtomicU64::new(config.quota.max_wait.as_millis() as u64),
+            syncing: Arc::default(),
         })
     }
 
@@ -136,6 +153,7 @@ impl Proxy {
     /// to keep (see `crate::reload`).
     pub fn reconfigure(&self, config: &Config) {
         self.dispatcher.quota().reconfigure(&config.quota);
+        self.discovery.reconfigure(&config.quota);
         self.dispatcher.reconfigure(&config.retry);
         self.codes.reconfigure(&config.code_cache);
         self.tokens.reconfigure(&config.token_cache);
@@ -154,7 +172,43 @@ impl Proxy {
     pub fn housekeeping(&self) {
         self.codes.expire();
         self.tokens.housekeeping();
+        self.discovery.housekeeping();
         self.dispatcher.housekeeping();
+        if self.dispatcher.quota().is_shared() && !self.syncing.swap(true, Ordering::AcqRel) {
+            let dispatcher = self.dispatcher.clone();
+            let syncing = self.syncing.clone();
+            tokio::spawn(async move {
+                dispatcher.quota().sync_learned().await;
+                syncing.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// Every (appid, API) with recent traffic, as `GET /quota` shows it (at most `most`,
+    /// busiest first), and how many more there are.
+    pub fn quota_table(&self, most: usize) -> (Vec<KeyRow>, usize) {
+        let gate = self.dispatcher.quota();
+        let mut rows: Vec<KeyRow> = gate
+            .keys()
+            .iter()
+            .map(|key| {
+                let mut row = gate.row(key);
+                row.daily = self.discovery.daily(key).map(|daily| DailyRow {
+                    used: daily.used,
+                    limit: daily.limit,
+                });
+                row
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            b.calls
+                .cmp(&a.calls)
+                .then_with(|| (&a.appid, &a.api, a.on_behalf).cmp(&(&b.appid, &b.api, b.on_behalf)))
+        });
+        let omitted = rows.len().saturating_sub(most);
+        rows.truncate(most);
+        rows.sort_by(|a, b| (&a.appid, &a.api, a.on_behalf).cmp(&(&b.appid, &b.api, b.on_behalf)));
+        (rows, omitted)
     }
 
     /// Answers one client request. Never fails: every problem becomes a response.
@@ -186,6 +240,7 @@ impl Proxy {
             method: request.method().clone(),
             api: Api::Other,
             request_id: request_id(request.headers()),
+            quota_key: None,
         };
         // The answer is polled first: one that is ready never looks at the cut-off.
         let mut reply = tokio::select! {
@@ -234,18 +289,42 @@ impl Proxy {
         };
         let reply = if target.api.is_code_exchange() && parts.method == Method::GET {
             let exchange = self.codes.read_request(target.api, query)?;
+            context.quota_key = Some(exchange.quota_key);
             self.code_exchange(exchange, parts, target, body).await
         } else {
-            self.forward(parts, target, body).await?
+            self.forward(context, parts, target, body).await?
         };
-        if let (Some(carried), Some(Errcode::Code(code))) = (carried, reply.errcode) {
-            if is_stale_token_errcode(code) {
-                // Before the answer goes back: the caller's next fetch gets a fresh token.
-                let query = carried.query().unwrap_or("");
-                self.tokens.forget_stale(query).await;
-            }
+        if let Some(carried) = carried {
+            self.carried_token(context, &carried, reply.errcode).await;
         }
         Ok(reply)
+    }
+
+    /// WeChat answered a call that carried a token: a refused token is dropped from the token
+    /// cache (before the answer goes back: the caller's next fetch gets a fresh token) and
+    /// forgotten; a token accepted on a call that names its appid is tied to that appid.
+    async fn carried_token(
+        &self,
+        context: &RequestContext,
+        carried: &http::uri::PathAndQuery,
+        errcode: Option<Errcode>,
+    ) {
+        let query = carried.query().unwrap_or("");
+        match errcode {
+            Some(Errcode::Code(code)) if is_stale_token_errcode(code) => {
+                self.tokens.forget_stale(query).await;
+                if let Some(token) = observe::access_token(query) {
+                    self.discovery.tokens().refused(&token);
+                }
+            }
+            Some(Errcode::Success) => {
+                if let (Some(key), Some(token)) = (&context.quota_key, observe::access_token(query))
+                {
+                    self.discovery.tokens().presented(&token, key.appid());
+                }
+            }
+            _ => {}
+        }
     }
 
     /// A token fetch: from the cache, or from the one fetch in flight for its appid and
@@ -253,9 +332,30 @@ impl Proxy {
     async fn token(&self, token: TokenRequest, parts: Parts, target: Target, body: Bytes) -> Reply {
         let quota_key = token.quota_key();
         let call = self.call(parts, target, body, quota_key);
+        let (kind, appid) = (token.key().kind, token.key().appid.clone());
         match self.tokens.answer(token, call).await {
-            Ok((answer, status)) => Reply::cached(answer, status),
+            Ok((answer, status)) => {
+                let body = match &answer {
+                    Answer::Token(body) => Some(body),
+                    Answer::Wechat(answer) => Some(&answer.response.body),
+                    _ => None,
+                };
+                if let (Some(body), TokenKind::Token | TokenKind::Stable) = (body, kind) {
+                    self.minted(body, "access_token", &appid, false);
+                }
+                Reply::cached(answer, status)
+            }
             Err(local) => Reply::local(local),
+        }
+    }
+
+    /// A token answer for `appid` passed through: calls carrying its token spend `appid`'s
+    /// quota (on its behalf, for a platform's token).
+    fn minted(&self, body: &[u8], field: &str, appid: &str, on_behalf: bool) {
+        if let Some((token, lifetime)) = observe::minted_token(body, field) {
+            self.discovery
+                .tokens()
+                .minted(token.as_bytes(), appid, on_behalf, lifetime);
         }
     }
 
@@ -321,23 +421,72 @@ impl Proxy {
     }
 
     /// Any other request: sent upstream as it is, under its appid's quota when the API is one
-    /// wxgate knows and the appid is in the query.
+    /// wxgate knows and names its appid, or when the call carries an access token whose appid
+    /// wxgate knows (then under WeChat's own figure, once discovered).
     async fn forward(
         &self,
+        context: &mut RequestContext,
         parts: Parts,
         target: Target,
         body: Bytes,
     ) -> Result<Reply, LocalAnswer> {
         let query = target.path_and_query.query().unwrap_or("");
-        let quota_key = target
+        let named = target
             .api
             .quota_appid(query, &body)?
             .and_then(|appid| QuotaKey::new(target.api, appid));
+        let carries_token = query.contains("access_token");
+        let quota_key = named.or_else(|| carries_token.then(|| self.token_key(&target, query))?);
+        context.quota_key = quota_key;
+        // The calls quota/get is about: an account's API calls, made with its token (token
+        // fetches carry none, and the token cache watches their budget).
+        if let (Some(key), true) = (quota_key, carries_token) {
+            Box::pin(self.discovery.prepare(key)).await;
+        }
+        let authorizer = (target.path_and_query.path() == observe::AUTHORIZER_TOKEN_PATH)
+            .then(|| observe::authorizer_appid(&body))
+            .flatten();
         let call = self.call(parts, target, body, quota_key);
         // Boxed: the call's future is large, and hyper moves the future of every request
         // (code exchanges, the hot path, included) whole; one allocation here is cheaper.
         let answer = Box::pin(self.dispatcher.call(&call, std::future::pending)).await?;
+        if answer.errcode == Errcode::Success {
+            let path = call.request.path_and_query.path();
+            if let Some(appid) = observe::cleared_appid(path, &call.request.body) {
+                // The account's day starts over: so do wxgate's 45009 answers for it.
+                self.dispatcher.quota().lift_daily_appid(&appid);
+            }
+            let body = &answer.response.body;
+            match (call.api, named, authorizer) {
+                (Api::Token | Api::StableToken, Some(key), _) => {
+                    self.minted(body, "access_token", key.appid(), false);
+                }
+                (_, _, Some(appid)) => self.minted(body, "authorizer_access_token", &appid, true),
+                _ => {}
+            }
+        }
         Ok(Reply::forwarded(answer))
+    }
+
+    /// The quota key of a call that names no appid but carries an access token whose appid
+    /// wxgate knows.
+    fn token_key(&self, target: &Target, query: &str) -> Option<QuotaKey> {
+        let owner = self
+            .discovery
+            .tokens()
+            .owner(&observe::access_token(query)?)?;
+        let key = match target.api {
+            Api::Other => self
+                .dispatcher
+                .quota()
+                .key_for_path(target.path_and_query.path(), owner.appid())?,
+            api => QuotaKey::new(api, owner.appid())?,
+        };
+        Some(if owner.on_behalf {
+            key.on_behalf()
+        } else {
+            key
+        })
     }
 
     /// The upstream call of a request: its own headers minus what stays local, and how long

@@ -4,11 +4,21 @@
 //! # The bound
 //! governor's GCRA with emission interval `T` and burst `b` admits at most `b + L/T − 1`
 //! calls in any half-open span of length `L` (`b` at once, then one every `T`). wxgate picks
-//! `T = window / (per_window − b + 1)` (rounded up to the nanosecond), so any span of one
-//! window, calendar-aligned or not, admits at most `per_window` calls: retries go through the
-//! same limiter, so they are included. (`Quota::per_minute(N)` alone would admit `2N − 1`.)
-//! Under sustained overload a window admits `per_window − b + 1` calls, 91 % of the quota with
-//! the default burst of 10 %.
+//! `T = (window + margin) / (per_window − b + 1)` (rounded up to the nanosecond), so any
+//! span of one window plus the *arrival margin* (`quota.arrival_margin_ms`) admits at most
+//! `per_window` calls: retries go through the same limiter, so they are included.
+//! (`Quota::per_minute(N)` alone would admit `2N − 1`.) Under sustained overload a window
+//! admits `(per_window − b + 1) · window / (window + margin)` calls.
+//!
+//! # The margin
+//! WeChat counts calls where they *arrive*, and a call that opens a fresh connection (TCP and
+//! TLS handshakes) arrives later after leaving than one on a kept-alive connection. If the
+//! delays of any two calls differ by at most the margin, two calls that arrive less than a
+//! window apart left less than a window plus the margin apart, and no such span holds more
+//! than `per_window` departures: the bound holds at WeChat's door. Without the margin, a
+//! burst whose first call opened a connection puts `per_window + 1` calls into one window
+//! where WeChat counts. The cost is `margin / window` of the quota (0.42 % with the default
+//! 250 ms on WeChat's minute).
 //!
 //! # The queue
 //! A call that finds no token joins its key's *lane*, a fair (FIFO) `tokio::sync::Mutex`:
@@ -26,14 +36,38 @@
 //! With `[cluster]`, turns are counted in Redis instead ([`shared`]); the lanes still queue
 //! this replica's callers, so that only the head of a lane talks to Redis.
 //!
-//! - [`key`]: the (appid, API) key.
-//! - [`limits`]: the keyed limiters of one configuration, and the carry-over on a reload.
+//! # Limits per key
+//! Each key's limit has a *source* ([`LimitSource`]); the first of these that has a figure
+//! for it gives it: the configuration when it names the key (`quota.appids`, `quota.apis`),
+//! WeChat's own figure (quota/get), a limit learned from WeChat's 45011, the default
+//! (`quota.per_window`). A figure from WeChat or a learned one comes with its own window
+//! ([`Figure`]); keys with the same limit and window share a class (one governor keyed
+//! limiter), and a key whose limit changes takes its bucket to its new class.
+//!
+//! - [`key`]: the (appid, API) key; [`paths`]: the numbers of API paths outside `Api`.
+//! - [`limits`]: a class, the classes of one configuration, and how a bucket moves between
+//!   classes; [`buckets`]: a class's bucket states and the turns of the current window.
+//! - [`figures`]: the figures of single keys (WeChat's, learned) and their classes;
+//!   [`learned`]: limits learned from WeChat's 45011, the per-user limit, the climb back.
+//! - [`daily`]: keys WeChat's 45009 blocked until its day ends.
+//! - [`sources`]: the gate's side of all this: figures, sources, what a 45011 or a 45009
+//!   teaches, the learned limits shared with replicas.
+//! - [`metrics`]: keys by source, learned changes, daily blocks; [`table`]: the keys with
+//!   recent traffic as `GET /quota` shows them.
 //! - [`shared`]: with `[cluster]`, the turns counted in Redis, and the share counted while
 //!   Redis is away.
 
+mod buckets;
+mod daily;
+mod figures;
 mod key;
+mod learned;
 mod limits;
+mod metrics;
+mod paths;
 mod shared;
+mod sources;
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -48,20 +82,35 @@ use governor::clock::Clock;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use self::daily::DailyBlocks;
+pub use self::figures::Figure;
+use self::figures::KeyFigures;
 pub use self::key::QuotaKey;
-use self::limits::Limits;
+pub use self::learned::Refusal;
+use self::learned::{LearnSettings, Learner};
+use self::limits::{carry, LimitClass, Limits};
+pub use self::metrics::QuotaMetrics;
+pub use self::paths::ApiPaths;
 use self::shared::SharedQuota;
 pub use self::shared::Turn;
+pub use self::table::{DailyRow, KeyRow};
 use crate::cluster::scripts::TurnReply;
 use crate::cluster::Cluster;
 use crate::config::{QuotaConfig, QuotaLimit};
+pub use wxgate_contract::LimitSource;
 
 /// The quota of every (appid, API) pair.
 pub struct QuotaGate<C: Clock = TokioClock> {
     window: Duration,
+    /// `quota.arrival_margin_ms`.
+    margin: Duration,
     /// The classes of the configuration in force; a reload swaps them (see
     /// [`QuotaGate::reconfigure`]).
     limits: ArcSwap<Limits<C>>,
+    /// The limits of single keys the configuration does not name.
+    figures: KeyFigures<C>,
+    /// The numbers of the API paths outside [`Api`] that keys name.
+    paths: Arc<ApiPaths>,
     lanes: DashMap<QuotaKey, Arc<Lane>>,
     /// How many lanes exist: while there are none (the common case), the fast path does not
     /// look a key up in `lanes` at all.
@@ -71,6 +120,25 @@ pub struct QuotaGate<C: Clock = TokioClock> {
     /// above are then unused, while the lanes still queue this replica's callers, so that
     /// only the head of a lane talks to Redis.
     shared: Option<SharedQuota>,
+    /// Keys WeChat answered 45011 or 45009 since discovery last looked: their stated figure
+    /// is in doubt.
+    refused: Mutex<std::collections::HashSet<QuotaKey>>,
+    /// How many keys `refused` holds: while none, a call does not look.
+    refused_count: AtomicUsize,
+    /// Limits learned from WeChat's 45011.
+    learner: Learner,
+    learn_settings: ArcSwap<LearnSettings>,
+    /// Keys whose daily quota WeChat said is spent.
+    daily: DailyBlocks,
+    metrics: Option<QuotaMetrics>,
+}
+
+fn learn_settings(config: &QuotaConfig) -> LearnSettings {
+    LearnSettings {
+        hold: config.learned_hold,
+        floor_percent: config.learned_floor_percent,
+        margin: config.arrival_margin,
+    }
 }
 
 /// Whether a call's first attempt still needs its quota turn.
@@ -98,6 +166,25 @@ impl FirstTurn {
             Some(TurnReply::EpochLost) | None => FirstTurn::Acquire,
         }
     }
+}
+
+/// The burst of a limit WeChat stated or wxgate learned: 2 % of it, at least one. Small, so
+/// that under sustained load a window uses `(per_window − burst + 1) / per_window` ≥ 98 % of
+/// the figure (less the margin's share): these figures are WeChat's own, with no room above
+/// them.
+pub fn figure_burst(per_window: u32) -> u32 {
+    (per_window / 50).max(1)
+}
+
+/// The limit in force for one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimit {
+    /// Calls per window, and how many may leave at once.
+    pub limit: QuotaLimit,
+    /// The window it counts in.
+    pub window: Duration,
+    /// Where it comes from.
+    pub source: LimitSource,
 }
 
 /// A call could not get its turn before its deadline.
@@ -163,11 +250,20 @@ impl<C: Clock + Clone> QuotaGate<C> {
     pub fn with_clock(config: &QuotaConfig, clock: C) -> QuotaGate<C> {
         QuotaGate {
             window: config.window,
+            margin: config.arrival_margin,
             limits: ArcSwap::from_pointee(Limits::new(config, &clock)),
+            figures: KeyFigures::new(config.arrival_margin),
+            paths: Arc::default(),
             lanes: DashMap::new(),
             lane_count: AtomicUsize::new(0),
             clock,
             shared: None,
+            refused: Mutex::default(),
+            refused_count: AtomicUsize::new(0),
+            learner: Learner::default(),
+            learn_settings: ArcSwap::from_pointee(learn_settings(config)),
+            daily: DailyBlocks::new(config.day),
+            metrics: None,
         }
     }
 
@@ -175,34 +271,70 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// use: each key keeps its state, so a lowered quota slows it from where it stands and
     /// nothing starts a fresh burst. Calls already waiting keep their place.
     pub fn reconfigure(&self, config: &QuotaConfig) {
+        self.learn_settings.store(Arc::new(learn_settings(config)));
+        self.daily.set_day(config.day);
         let new = Arc::new(Limits::new(config, &self.clock));
-        let old = self.limits.swap(new.clone());
+        let old = self.limits.swap(new);
+        let old_figures = self.figures.remake(config.arrival_margin, &self.clock);
         // Twice: turns taken from the old buckets while the first pass ran are carried too
         // (a bucket's state only moves forward, so the later of two readings is kept).
-        new.carry_over(&old, &self.clock);
-        new.carry_over(&old, &self.clock);
+        for _ in 0..2 {
+            for class in &old.classes {
+                self.carry_from(class);
+            }
+            for class in &old_figures {
+                self.carry_from(class);
+            }
+        }
+    }
+
+    /// Moves every bucket of `old` to the class its key has now.
+    fn carry_from(&self, old: &LimitClass<C>) {
+        for (key, _) in old.buckets.states() {
+            self.resolve(&key, |to, _| carry(&key, old, to, &self.clock));
+        }
+    }
+
+    /// Calls `f` with the class of `key` and where its limit comes from: the configuration
+    /// when it names the key, else the key's figure (WeChat's, learned), else the default.
+    #[inline]
+    fn resolve<R>(&self, key: &QuotaKey, f: impl FnOnce(&LimitClass<C>, LimitSource) -> R) -> R {
+        let limits = self.limits.load();
+        if let Some(class) = limits.named(key) {
+            return f(class, LimitSource::Config);
+        }
+        self.figures.with(key, |figured| match figured {
+            Some(figured) => f(&figured.class, figured.figure.source),
+            None => f(limits.default_class(), LimitSource::Default),
+        })
+    }
+
+    /// Registers the quota's metrics in `metrics`' registry.
+    pub fn with_metrics(mut self, metrics: &crate::metrics::Metrics) -> prometheus::Result<Self> {
+        self.metrics = Some(QuotaMetrics::new(metrics)?);
+        Ok(self)
     }
 
     /// Counts turns in Redis with the other replicas of `cluster`.
     pub fn shared_with(mut self, cluster: Arc<Cluster>) -> QuotaGate<C> {
-        self.shared = Some(SharedQuota::new(cluster, self.window));
+        self.shared = Some(SharedQuota::new(cluster, self.margin, self.paths.clone()));
         self
     }
 
-    /// The quota that applies to `key`, and its emission interval.
+    /// The quota that applies to `key`.
     pub fn limit(&self, key: &QuotaKey) -> QuotaLimit {
-        self.limits.load().class(key).limit
+        self.resolve(key, |class, _| class.limit)
     }
 
     /// Takes a token if one is there now; otherwise says how long until the next one.
     /// Ignores the queue and the pause: [`QuotaGate::acquire`] is what calls use.
     pub fn try_take(&self, key: &QuotaKey) -> Result<(), Duration> {
-        self.limits
-            .load()
-            .class(key)
-            .limiter
-            .check_key(key)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        self.resolve(key, |class, _| {
+            class
+                .limiter
+                .check_key(key)
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        })
     }
 
     /// Takes a turn, in Redis when shared, if one is there now; otherwise says how long
@@ -211,14 +343,11 @@ impl<C: Clock + Clone> QuotaGate<C> {
         match &self.shared {
             None => self.try_take(key),
             Some(shared) => {
-                let (limit, interval) = {
-                    let limits = self.limits.load();
-                    let class = limits.class(key);
-                    (class.limit, class.interval)
-                };
+                let (limit, interval, window) =
+                    self.resolve(key, |class, _| (class.limit, class.interval, class.window));
                 // Boxed: a Redis round trip is a large future, which every caller of
                 // `acquire` would otherwise carry (and copy) even without `[cluster]`.
-                Box::pin(shared.take(key, limit, interval)).await
+                Box::pin(shared.take(key, limit, interval, window)).await
             }
         }
     }
@@ -233,9 +362,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
         if queued || !shared.counts_in_redis() {
             return None;
         }
-        let limits = self.limits.load();
-        let class = limits.class(key);
-        Some(shared.turn(key, class.limit, class.interval))
+        Some(self.resolve(key, |class, _| {
+            shared.turn(key, class.limit, class.interval, class.window)
+        }))
     }
 
     /// Waits for `key`'s turn, at most until `deadline`. Returns how long it waited.
@@ -328,15 +457,12 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// pause, whichever is later; at least a second, at most a window.
     fn retry_after(&self, key: &QuotaKey, lane: &Lane) -> Duration {
         let queued = lane.waiting.load(Ordering::Relaxed) as u32;
-        let interval = self.limits.load().class(key).interval;
+        let (interval, window) = self.resolve(key, |class, _| (class.interval, class.window));
         let mut wait = interval.saturating_mul(queued.max(1));
         if let Some(until) = lane.pause_end() {
             wait = wait.max(until.saturating_duration_since(Instant::now()));
         }
-        wait.clamp(
-            Duration::from_secs(1),
-            self.window.max(Duration::from_secs(1)),
-        )
+        wait.clamp(Duration::from_secs(1), window.max(Duration::from_secs(1)))
     }
 
     /// Holds every call of `key` until `until` (WeChat said 45011: its window is spent).
@@ -352,7 +478,7 @@ impl<C: Clock + Clone> QuotaGate<C> {
             }
         }
         if let Some(shared) = &self.shared {
-            shared.pause(key).await;
+            shared.pause(key, self.window_of(key)).await;
         }
     }
 
@@ -380,12 +506,30 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// Drops the state of keys that have been idle long enough to have a full bucket again,
     /// and lanes whose pause is over; run on a timer so that many appids stay cheap.
     pub fn retain_recent(&self) {
+        self.climb();
+        self.count_sources();
+        let blocked = self.daily.expire(SystemTime::now());
+        if let Some(metrics) = &self.metrics {
+            metrics.set_daily_blocked(blocked);
+        }
         if let Some(shared) = &self.shared {
             shared.retain_recent();
         }
         for class in &self.limits.load().classes {
             class.limiter.retain_recent();
             class.limiter.shrink_to_fit();
+        }
+        for class in self.figures.classes() {
+            class.limiter.retain_recent();
+            class.limiter.shrink_to_fit();
+        }
+        {
+            // Doubts discovery never takes (it is off, or the keys went quiet) go in bulk.
+            let mut refused = self.refused.lock();
+            if refused.len() > 1_000 {
+                refused.clear();
+                self.refused_count.store(0, Ordering::Release);
+            }
         }
         let now = Instant::now();
         self.lanes.retain(|_, lane| {
@@ -399,12 +543,15 @@ impl<C: Clock + Clone> QuotaGate<C> {
 
     /// Keys with quota state (an estimate while calls are running).
     pub fn len(&self) -> usize {
-        self.limits
+        let configured: usize = self
+            .limits
             .load()
             .classes
             .iter()
             .map(|c| c.limiter.len())
-            .sum()
+            .sum();
+        let figured: usize = self.figures.classes().iter().map(|c| c.limiter.len()).sum();
+        configured + figured
     }
 
     /// Whether no key has quota state.

@@ -36,17 +36,57 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::{until_next_window, QuotaKey};
-use crate::cluster::scripts::{Bucket, PauseBucket, TakeTurn, TurnReply};
+use super::{until_next_window, ApiPaths, QuotaKey};
+use crate::cluster::scripts::{
+    limit_record_key, Bucket, LimitRecord, PauseBucket, ReadLearned, ReadTurns, StoreLimit,
+    TakeTurn, TurnReply,
+};
 use crate::cluster::{Cluster, ReplicaMode};
 use crate::config::QuotaLimit;
 
 /// The shared side of a quota gate.
 pub struct SharedQuota {
     cluster: Arc<Cluster>,
-    window: Duration,
-    /// Calls admitted locally while degraded: (calendar window index, count) per key.
-    local: DashMap<QuotaKey, (u64, u32)>,
+    /// `quota.arrival_margin_ms`: a call admitted this close to a window's end may reach
+    /// WeChat in the next one, so it counts against both.
+    margin: Duration,
+    /// Calls admitted locally while degraded, per key.
+    local: DashMap<QuotaKey, LocalCount>,
+    /// The paths of the keys' APIs outside `Api`, which their fingerprints name.
+    paths: Arc<ApiPaths>,
+    /// This replica's turns per key in its current window (counted in Redis, shown here).
+    counted: DashMap<QuotaKey, (Duration, u64, u32)>,
+}
+
+/// A key's calls admitted locally in one calendar window, and those of them admitted in its
+/// last `margin`, which count against the next window too.
+#[derive(Debug, Clone, Copy)]
+struct LocalCount {
+    /// The window's length (the key's) and index.
+    length: Duration,
+    window: u64,
+    admitted: u32,
+    late: u32,
+}
+
+impl LocalCount {
+    /// The count of `window`: the late calls of the window before it, if that is the one
+    /// counted.
+    fn roll(&mut self, window: u64) {
+        if self.window != window {
+            let carried = if self.window + 1 == window {
+                self.late
+            } else {
+                0
+            };
+            *self = LocalCount {
+                window,
+                admitted: carried,
+                late: 0,
+                ..*self
+            };
+        }
+    }
 }
 
 /// A quota turn to be taken in Redis along with another script's round trip (a code
@@ -62,12 +102,15 @@ impl Turn {
 }
 
 impl SharedQuota {
-    /// The shared quota of `cluster`, with windows of `window`.
-    pub fn new(cluster: Arc<Cluster>, window: Duration) -> SharedQuota {
+    /// The shared quota of `cluster`, with calls that may reach WeChat up to `margin` apart,
+    /// and the paths its keys may name.
+    pub fn new(cluster: Arc<Cluster>, margin: Duration, paths: Arc<ApiPaths>) -> SharedQuota {
         SharedQuota {
             cluster,
-            window,
+            margin,
             local: DashMap::new(),
+            paths,
+            counted: DashMap::new(),
         }
     }
 
@@ -76,50 +119,116 @@ impl SharedQuota {
         self.cluster.counts_in_redis()
     }
 
-    /// Takes a turn of `key` if one is there now; otherwise says how long until the next.
+    /// Takes a turn of `key` (its limit counting in `window`) if one is there now;
+    /// otherwise says how long until the next.
     pub async fn take(
         &self,
         key: &QuotaKey,
         limit: QuotaLimit,
         interval: Duration,
+        window: Duration,
     ) -> Result<(), Duration> {
         if self.cluster.counts_in_redis() {
-            let bucket = self.bucket(key, limit, interval);
+            let bucket = self.bucket(key, limit, interval, window);
             match self.cluster.eval(&TakeTurn(&bucket)).await {
-                Some(TurnReply::Taken) => return Ok(()),
+                Some(TurnReply::Taken) => {
+                    self.count(key, window);
+                    return Ok(());
+                }
                 Some(TurnReply::NotBefore(wait)) => return Err(wait),
                 // Redis failed or lost the counters: the replica is degraded now.
                 Some(TurnReply::EpochLost) | None => {}
             }
         }
-        self.take_locally(key, limit)
+        let taken = self.take_locally(key, limit, window);
+        if taken.is_ok() {
+            self.count(key, window);
+        }
+        taken
+    }
+
+    /// Counts one of this replica's turns of `key`, in its window of `window`.
+    fn count(&self, key: &QuotaKey, window: Duration) {
+        let index = window_index(SystemTime::now(), window);
+        let mut counted = self.counted.entry(*key).or_insert((window, index, 0));
+        if counted.1 != index {
+            *counted = (window, index, 0);
+        }
+        counted.2 += 1;
+    }
+
+    /// This replica's turns of `key` in its current window.
+    pub fn turns(&self, key: &QuotaKey) -> u32 {
+        self.counted.get(key).map_or(0, |counted| {
+            let (window, index, turns) = *counted;
+            if window_index(SystemTime::now(), window) == index {
+                turns
+            } else {
+                0
+            }
+        })
+    }
+
+    /// The keys with turns in their current window.
+    pub fn keys(&self) -> Vec<QuotaKey> {
+        let now = SystemTime::now();
+        self.counted
+            .iter()
+            .filter(|entry| window_index(now, entry.value().0) == entry.value().1)
+            .map(|entry| *entry.key())
+            .collect()
     }
 
     /// The turn a code exchange's claim takes along (see the module documentation).
-    pub fn turn(&self, key: &QuotaKey, limit: QuotaLimit, interval: Duration) -> Turn {
-        Turn(self.bucket(key, limit, interval))
+    pub fn turn(
+        &self,
+        key: &QuotaKey,
+        limit: QuotaLimit,
+        interval: Duration,
+        window: Duration,
+    ) -> Turn {
+        Turn(self.bucket(key, limit, interval, window))
     }
 
     /// The Redis bucket of `key`: named by a fingerprint that names neither the appid nor
     /// the API.
-    fn bucket(&self, key: &QuotaKey, limit: QuotaLimit, interval: Duration) -> Bucket {
+    fn bucket(
+        &self,
+        key: &QuotaKey,
+        limit: QuotaLimit,
+        interval: Duration,
+        window: Duration,
+    ) -> Bucket {
         Bucket {
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
-            window: self.window,
+            window,
         }
     }
 
-    fn fingerprint(&self, key: &QuotaKey) -> String {
-        self.cluster.sealing().fingerprint(
-            "quota",
-            &[key.api().label().as_bytes(), key.appid().as_bytes()],
-        )
+    /// A known API's own calls are named by its label and the appid, as they always were
+    /// (replicas of another version still count with them); an API outside `Api` by its
+    /// path, and calls on an account's behalf apart.
+    pub fn fingerprint(&self, key: &QuotaKey) -> String {
+        let appid = key.appid().as_bytes();
+        let path = self.paths.path(key.path());
+        let api = path.as_deref().unwrap_or(key.api().label()).as_bytes();
+        let sealing = self.cluster.sealing();
+        if key.is_on_behalf() {
+            sealing.fingerprint("quota", &[api, appid, b"on behalf"])
+        } else {
+            sealing.fingerprint("quota", &[api, appid])
+        }
     }
 
-    /// A turn out of this replica's share of the current calendar window.
-    fn take_locally(&self, key: &QuotaKey, limit: QuotaLimit) -> Result<(), Duration> {
+    /// A turn out of this replica's share of the current calendar window of `window`.
+    fn take_locally(
+        &self,
+        key: &QuotaKey,
+        limit: QuotaLimit,
+        window_length: Duration,
+    ) -> Result<(), Duration> {
         let since = match self.cluster.mode() {
             ReplicaMode::Degraded { since } | ReplicaMode::Resuming { since, .. } => since,
             // Shared since the check above; the turn is counted locally all the same.
@@ -127,53 +236,142 @@ impl SharedQuota {
         };
         let share = self.cluster.share(limit.per_window);
         let now = SystemTime::now();
-        let window = window_index(now, self.window);
-        let degraded_in = window_index(now - since.elapsed(), self.window);
+        let window = window_index(now, window_length);
+        let degraded_in = window_index(now - since.elapsed(), window_length);
         let allowed = if window != degraded_in {
             share
         } else if !self.cluster.has_shared() {
             // Started without Redis: its share, paced from its start (see the module
             // documentation).
-            paced(share, since.elapsed(), self.window)
+            paced(share, since.elapsed(), window_length)
         } else {
             0
         };
-        let mut entry = self.local.entry(*key).or_insert((window, 0));
-        if entry.0 != window {
-            *entry = (window, 0);
-        }
-        if entry.1 < allowed {
-            entry.1 += 1;
+        let mut entry = self.local.entry(*key).or_insert(LocalCount {
+            length: window_length,
+            window,
+            admitted: 0,
+            late: 0,
+        });
+        entry.length = window_length;
+        entry.roll(window);
+        if entry.admitted < allowed {
+            entry.admitted += 1;
+            if until_next_window(now, window_length) <= self.margin {
+                entry.late += 1;
+            }
             drop(entry);
             self.cluster.admitted_locally();
             return Ok(());
         }
-        let next_window = until_next_window(now, self.window);
+        let next_window = until_next_window(now, window_length);
         if allowed < share {
             // Paced: the next turn comes with the pace, if this window has one left.
-            return Err(next_window.min(self.window / share.max(1)));
+            return Err(next_window.min(window_length / share.max(1)));
         }
         Err(next_window)
     }
 
-    /// Pauses `key` in Redis until WeChat's next window by Redis's clock (when counting
-    /// there), so that every replica holds it.
-    pub async fn pause(&self, key: &QuotaKey) {
+    /// Pauses `key` in Redis until WeChat's next window (of `window`) by Redis's clock (when
+    /// counting there), so that every replica holds it.
+    pub async fn pause(&self, key: &QuotaKey, window: Duration) {
         if !self.cluster.counts_in_redis() {
             return;
         }
         let fingerprint = self.fingerprint(key);
         let pause = PauseBucket {
             fingerprint: &fingerprint,
-            window: self.window,
+            window,
         };
         let _ = self.cluster.eval(&pause).await;
     }
 
     /// Forgets local counts of windows that are over.
     pub fn retain_recent(&self) {
-        let window = window_index(SystemTime::now(), self.window);
-        self.local.retain(|_, (index, _)| *index == window);
+        let now = SystemTime::now();
+        // A window's late calls still count against the next one.
+        self.local
+            .retain(|_, count| count.window + 1 >= window_index(now, count.length));
+        self.counted
+            .retain(|_, (window, index, _)| *index == window_index(now, *window));
+    }
+}
+
+/// A limit learned from 45011 as the replicas share it: the figure, when it was learned
+/// (wall clock, so that every replica climbs alike), and its window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LearnedRecord {
+    /// The figure learned.
+    pub base: u32,
+    /// When, in milliseconds since the epoch.
+    pub at_ms: u64,
+    /// The key's window, in milliseconds.
+    pub window_ms: u64,
+}
+
+/// The most keys whose learned limits one read asks for.
+pub const READ_AT_ONCE: usize = 256;
+
+impl SharedQuota {
+    /// The turns every replica took of `key` in its current window (its limit counting in
+    /// `window`); `None` when Redis does not answer.
+    pub async fn total_turns(&self, key: &QuotaKey, window: Duration) -> Option<u32> {
+        if !self.cluster.counts_in_redis() {
+            return None;
+        }
+        let fingerprint = self.fingerprint(key);
+        self.cluster
+            .eval(&ReadTurns {
+                fingerprint: &fingerprint,
+                window,
+            })
+            .await
+    }
+
+    /// Stores the limit this replica learned for `key`, sealed, for `keep`.
+    pub async fn publish_learned(&self, key: &QuotaKey, record: LearnedRecord, keep: Duration) {
+        let Ok(plain) = serde_json::to_vec(&record) else {
+            return;
+        };
+        let fingerprint = self.fingerprint(key);
+        let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, &fingerprint);
+        let sealed = self.cluster.sealing().seal(&sealed_for, &plain);
+        let store = StoreLimit {
+            record: LimitRecord::Learned,
+            fingerprint: &fingerprint,
+            sealed: &sealed,
+            keep,
+        };
+        let _ = self.cluster.eval(&store).await;
+    }
+
+    /// The limits the replicas learned for `keys` (at most [`READ_AT_ONCE`]); a record that
+    /// does not open is ignored.
+    pub async fn read_learned(&self, keys: &[QuotaKey]) -> Vec<(QuotaKey, LearnedRecord)> {
+        if !self.cluster.counts_in_redis() || keys.is_empty() {
+            return Vec::new();
+        }
+        let keys = &keys[..keys.len().min(READ_AT_ONCE)];
+        let fingerprints: Vec<String> = keys.iter().map(|key| self.fingerprint(key)).collect();
+        let Some(records) = self
+            .cluster
+            .eval(&ReadLearned {
+                fingerprints: &fingerprints,
+            })
+            .await
+        else {
+            return Vec::new();
+        };
+        let sealing = self.cluster.sealing();
+        keys.iter()
+            .zip(&fingerprints)
+            .zip(records)
+            .filter_map(|((key, fingerprint), sealed)| {
+                let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, fingerprint);
+                let plain = sealing.open(&sealed_for, &sealed?).ok()?;
+                Some((*key, serde_json::from_slice(&plain).ok()?))
+            })
+            .collect()
     }
 }
 

@@ -6,9 +6,10 @@ use super::*;
 use crate::wechat::Api;
 use governor::clock::FakeRelativeClock;
 
+/// A `[quota]` without an arrival margin: the GCRA's own bound, window for window.
 fn config(window_secs: u64, per_window: u32, burst: u32) -> QuotaConfig {
     let text = format!(
-        "[quota]\nwindow_secs = {window_secs}\nper_window = {per_window}\nburst = {burst}\n"
+        "[quota]\nwindow_secs = {window_secs}\nper_window = {per_window}\nburst = {burst}\narrival_margin_ms = 0\n"
     );
     crate::Config::from_toml_str(&text).unwrap().quota
 }
@@ -221,4 +222,144 @@ fn idle_keys_are_dropped() {
 fn next_window_start_is_within_a_window() {
     let until = next_window_start(Duration::from_secs(60));
     assert!(until > Duration::ZERO && until <= Duration::from_secs(60));
+}
+
+/// Most arrivals in any half-open span of `window_ms`, calls admitted at `admitted_ms` and
+/// each delayed on its way by `delay_ms(i)`.
+fn most_arrivals(admitted_ms: &[u64], delay_ms: impl Fn(usize) -> u64, window_ms: u64) -> usize {
+    let mut arrivals: Vec<u64> = admitted_ms
+        .iter()
+        .enumerate()
+        .map(|(i, at)| at + delay_ms(i))
+        .collect();
+    arrivals.sort_unstable();
+    max_in_any_window(&arrivals, window_ms)
+}
+
+/// Admissions of a client trying every millisecond for `windows` windows.
+fn admitted_every_ms(quota: &QuotaConfig, windows: u64) -> Vec<u64> {
+    let clock = FakeRelativeClock::default();
+    let gate = QuotaGate::with_clock(quota, clock.clone());
+    let key = QuotaKey::new(Api::JsCode2Session, "wx00000000000000a1").unwrap();
+    let window_ms = quota.window.as_millis() as u64;
+    let mut admitted = Vec::new();
+    for ms in 0..windows * window_ms {
+        if gate.try_take(&key).is_ok() {
+            admitted.push(ms);
+        }
+        clock.advance(Duration::from_millis(1));
+    }
+    admitted
+}
+
+/// The margin, proved on a fake clock: calls that reach WeChat up to `arrival_margin_ms`
+/// later than others still never put more than `per_window` into one window where they
+/// arrive, however the delays fall; without the margin, one slow first call is enough for
+/// `per_window + 1` (the fresh connection of a burst's first call).
+#[test]
+fn the_margin_keeps_the_bound_where_calls_arrive() {
+    let window_ms = 3_000;
+    let mut quota = config(3, 20, 2);
+    quota.arrival_margin = Duration::from_millis(100);
+    let admitted = admitted_every_ms(&quota, 5);
+    let first_slow = |i: usize| if i < 2 { 100 } else { 0 };
+    let alternating = |i: usize| if i.is_multiple_of(2) { 100 } else { 0 };
+    let scattered = |i: usize| (i as u64 * 37) % 101;
+    for (name, most) in [
+        (
+            "first slow",
+            most_arrivals(&admitted, first_slow, window_ms),
+        ),
+        (
+            "alternating",
+            most_arrivals(&admitted, alternating, window_ms),
+        ),
+        ("scattered", most_arrivals(&admitted, scattered, window_ms)),
+    ] {
+        assert!(most <= 20, "{name}: {most} arrivals in one window");
+    }
+    // Its cost: the spacing grows by margin / window, 3.3 % here.
+    let in_window_two = admitted
+        .iter()
+        .filter(|&&ms| (2 * window_ms..3 * window_ms).contains(&ms))
+        .count();
+    assert!(in_window_two >= 18, "{in_window_two}");
+
+    let without = admitted_every_ms(&config(3, 20, 2), 5);
+    // The burst's two calls each open a connection.
+    let slow_first = |i: usize| if i < 2 { 10 } else { 0 };
+    assert_eq!(most_arrivals(&without, slow_first, window_ms), 21);
+}
+
+/// A key's own limit (WeChat's, learned) applies in its own window, the configuration still
+/// wins where it names the key, and a key that changes limits keeps its bucket: spent stays
+/// spent.
+#[test]
+fn figures_give_keys_limits_of_their_own_and_keep_their_buckets() {
+    let clock = FakeRelativeClock::default();
+    let mut quota = config(60, 100, 10);
+    quota.appids.insert(
+        "wx00000000000000b2".into(),
+        QuotaLimit {
+            per_window: 7,
+            burst: 7,
+        },
+    );
+    let gate = QuotaGate::with_clock(&quota, clock.clone());
+    let key = QuotaKey::new(Api::Token, "wx00000000000000a1").unwrap();
+    let named = QuotaKey::new(Api::Token, "wx00000000000000b2").unwrap();
+    assert_eq!(gate.key_limit(&key).source, LimitSource::Default);
+    for _ in 0..4 {
+        assert!(gate.try_take(&key).is_ok());
+    }
+    assert_eq!(gate.turns(&key), 4);
+    let stated = Figure {
+        limit: QuotaLimit {
+            per_window: 5,
+            burst: 5,
+        },
+        window: Duration::from_secs(2),
+        source: LimitSource::Wechat,
+    };
+    assert!(gate.set_figure(&key, Some(stated)));
+    assert!(!gate.set_figure(&key, Some(stated)), "unchanged");
+    let limit = gate.key_limit(&key);
+    assert_eq!(
+        (limit.limit, limit.window, limit.source),
+        (stated.limit, stated.window, LimitSource::Wechat)
+    );
+    assert_eq!(gate.window_of(&key), Duration::from_secs(2));
+    // Four spent at the old rate are four of the new five: one left, not a fresh five.
+    assert!(gate.try_take(&key).is_ok());
+    assert!(gate.try_take(&key).is_err(), "moved with its bucket");
+    assert_eq!(gate.turns(&key), 5, "its turns moved along");
+    // The configuration names `named`: its figure is kept, but the configuration's applies.
+    assert!(gate.set_figure(&named, Some(stated)));
+    assert_eq!(gate.key_limit(&named).source, LimitSource::Config);
+    assert_eq!(gate.limit(&named).per_window, 7);
+    // Back to the default: the key keeps its debt, in turns of the default's spacing.
+    assert!(gate.set_figure(&key, None));
+    assert_eq!(gate.key_limit(&key).source, LimitSource::Default);
+    let taken = (0..20).filter(|_| gate.try_take(&key).is_ok()).count();
+    assert_eq!(taken, 5, "ten of the burst, five of them spent");
+    gate.retain_recent();
+    assert!(!gate.is_empty());
+}
+
+#[test]
+fn paths_outside_the_known_apis_get_keys_of_their_own() {
+    let gate = QuotaGate::with_clock(&config(60, 100, 10), FakeRelativeClock::default());
+    let a = gate
+        .key_for_path("/wxa/getwxacode", "wx00000000000000a1")
+        .unwrap();
+    let b = gate
+        .key_for_path("/wxa/msg_sec_check", "wx00000000000000a1")
+        .unwrap();
+    assert_ne!(a, b);
+    assert_eq!(&*gate.api_path(&a), "/wxa/getwxacode");
+    assert_eq!(a.api(), Api::Other);
+    assert_ne!(a, a.on_behalf());
+    assert_eq!(a.on_behalf().own(), a);
+    assert!(gate.key_for_path("/sns/x", "wx00000000000000a1").is_none());
+    assert!(gate.key_for_path("/wxa/x", "not an appid").is_none());
 }

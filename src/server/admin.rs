@@ -1,5 +1,5 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, on a port of their own so that a
-//! backend never reaches them through the proxy port.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/quota`, on a port of their own so
+//! that a backend never reaches them through the proxy port.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +12,10 @@ use prometheus::{Encoder, Registry, TextEncoder};
 
 use super::reload::{Reloaded, Reloader, MAX_HUNG_READS, READ_DEADLINE};
 use crate::cluster::{Cluster, ReplicaMode};
+use crate::proxy::Proxy;
+
+/// The most keys `GET /quota` lists (the busiest); it says how many more there are.
+const MOST_KEYS: usize = 1000;
 
 /// What the admin endpoints report.
 pub struct Admin {
@@ -21,21 +25,40 @@ pub struct Admin {
     cluster: Option<Arc<Cluster>>,
     /// Serving from a file: `POST /-/reload` reads it again.
     reloader: Option<Arc<Reloader>>,
+    /// What `GET /quota` shows.
+    proxy: Arc<Proxy>,
 }
 
 impl Admin {
-    /// Admin endpoints over `registry`; not ready until [`Admin::set_ready`].
+    /// Admin endpoints over `registry` and `proxy`'s quotas; not ready until
+    /// [`Admin::set_ready`].
     pub fn new(
         registry: Registry,
         cluster: Option<Arc<Cluster>>,
         reloader: Option<Arc<Reloader>>,
+        proxy: Arc<Proxy>,
     ) -> Admin {
         Admin {
             registry,
             ready: AtomicBool::new(false),
             cluster,
             reloader,
+            proxy,
         }
+    }
+
+    /// `GET /quota`: every (appid, API) with recent traffic, as JSON: `{"keys": [...],
+    /// "omitted": N}` (see `quota::KeyRow`). Appids are shown as they are: the admin port is
+    /// the operator's.
+    fn quota(&self) -> Response<Full<Bytes>> {
+        let (keys, omitted) = self.proxy.quota_table(MOST_KEYS);
+        let body = serde_json::json!({ "keys": keys, "omitted": omitted });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
     }
 
     /// `/readyz`'s body when ready: a degraded replica still serves, so it stays ready (a
@@ -86,13 +109,14 @@ impl Admin {
                 }
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/quota" => self.quota(),
             "/readyz" if self.ready.load(Ordering::Relaxed) => {
                 text(StatusCode::OK, self.ready_text())
             }
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /healthz, /readyz\n",
+                "not found: try /metrics, /healthz, /readyz, /quota\n",
             ),
         })
     }

@@ -165,7 +165,12 @@ pub async fn run_reloadable(
             reload_metrics,
         ))
     });
-    let admin = Arc::new(Admin::new(registry, cluster.clone(), reloader.clone()));
+    let admin = Arc::new(Admin::new(
+        registry,
+        cluster.clone(),
+        reloader.clone(),
+        proxy.clone(),
+    ));
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(reloader) = &reloader {
         tokio::spawn(reload_on_sighup(reloader.clone(), stop_rx.clone()));

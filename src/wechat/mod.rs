@@ -1,18 +1,20 @@
 //! What wxgate knows of WeChat's API, the ground floor every other module stands on: the
 //! APIs it recognises by path and whose appid each one's quota is ([`api`]), its errcodes and
 //! how an answer's body is read ([`errcode`]), how its query parameters are read ([`query`]),
-//! and what its identifiers look like. Nothing here knows wxgate's own modules.
+//! its day ([`day`]), and what its identifiers look like. Nothing here knows wxgate's own modules.
 //!
 //! WeChat answers errors with HTTP 200 and `{"errcode":N,"errmsg":"…"}`; successes carry no
 //! `errcode` (or `0`).
 
 mod api;
+mod day;
 mod errcode;
 mod query;
 
 use bytes::Bytes;
 
 pub use self::api::{Api, PathClass, QuotaAppidError};
+pub use self::day::{beijing_time, day_end};
 pub use self::errcode::{errcode_labels, Errcode};
 pub use self::query::{query_pairs, WechatParams};
 
@@ -23,6 +25,10 @@ pub const JSON_CONTENT_TYPE: &str = "application/json; encoding=utf-8";
 pub use wxgate_contract::MINUTE_QUOTA;
 /// `-1`: system busy; worth another try.
 pub use wxgate_contract::SYSTEM_BUSY;
+
+/// `45009`: the day's quota of this API is spent; nothing helps before WeChat's midnight
+/// (UTC+8) but `clear_quota`.
+pub const DAILY_QUOTA: i64 = 45009;
 
 /// `40097`: invalid arguments; wxgate's answer to a request it cannot read.
 pub const INVALID_ARGS: i64 = 40097;

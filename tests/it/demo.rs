@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::support::{client, jscode2session, metric, APPID, SECRET};
 use wxgate::{DemoOptions, DemoReport};
 use wxgate_demo::{Outcome, RetryReason, TokenOutcome};
+use wxgate_stand_in::CHECKED_API_PATH;
 
 const WXGATE: &str = env!("CARGO_BIN_EXE_wxgate");
 
@@ -51,6 +52,15 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
         "wxgate_token_requests_total",
         &[("outcome", TokenOutcome::Refreshed.label())],
     );
+    // So is a quota/get wxgate sends to learn a limit WeChat states (those not sent, for
+    // want of a quota turn, reached nobody).
+    let limit_queries = metric(text, "wxgate_quota_discovery_queries_total", &[])
+        - metric(
+            text,
+            "wxgate_quota_discovery_queries_total",
+            &[("result", "not_sent")],
+        );
+    let own_calls = refreshes + limit_queries;
     let answered = metric(text, "wxgate_upstream_requests_total", &[]);
     let unanswered = metric(text, "wxgate_upstream_transport_errors_total", &[]);
     assert_eq!(requests as u64, report.client.requests, "{report}");
@@ -60,7 +70,7 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
         "{report}"
     );
     assert_eq!(
-        report.upstream_calls as f64 - retries - refreshes
+        report.upstream_calls as f64 - retries - own_calls
             + outcome(Outcome::CacheHit)
             + outcome(Outcome::Coalesced)
             + outcome(Outcome::LocalLimit)
@@ -69,12 +79,21 @@ async fn a_short_run_adds_up_agrees_with_metrics_and_exercises_every_path() {
         "{report}"
     );
     assert_eq!(
-        report.upstream_calls as f64 - retries - refreshes,
+        report.upstream_calls as f64 - retries - own_calls,
         outcome(Outcome::Forwarded) + outcome(Outcome::UpstreamError),
         "every request that reached WeChat made one call plus its retries\n{report}"
     );
 
-    // Everything the demo is there to show happened.
+    // Everything the demo is there to show happened: one limit WeChat stated, one learned.
+    let source = |api: &str| {
+        report
+            .limits
+            .iter()
+            .find(|limit| limit.api == api)
+            .map(|limit| limit.source.as_str())
+    };
+    assert_eq!(source(CHECKED_API_PATH), Some("wechat"), "{report}");
+    assert_eq!(source("/sns/jscode2session"), Some("learned"), "{report}");
     let m = &report.metrics;
     assert!(m.outcome(Outcome::CacheHit) > 0, "replays hit\n{report}");
     assert!(

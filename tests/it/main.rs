@@ -15,6 +15,7 @@ mod connections;
 #[cfg(feature = "demo")]
 mod demo;
 mod hardening;
+mod limits;
 mod passthrough;
 mod quota;
 mod reload;
