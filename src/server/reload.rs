@@ -459,6 +459,13 @@ mod tests {
             .store(MAX_HUNG_READS - 1, Ordering::Release);
         assert!(matches!(reloader.reload().await, Reloaded::Refused { .. }));
         assert_eq!(failures(), 2);
+        // The reading thread counts itself until it has ended, a moment after its answer.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while reloader.reading.load(Ordering::Acquire) != MAX_HUNG_READS - 1
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         assert_eq!(reloader.reading.load(Ordering::Acquire), MAX_HUNG_READS - 1);
     }
 }
