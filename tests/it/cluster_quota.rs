@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::Replicas;
-use crate::support::redis::{RedisServer, SlowRelay};
+use crate::support::redis::RedisServer;
 use crate::support::*;
 use futures_util::future::join_all;
-use wxgate_stand_in::StandIn;
+use wxgate_stand_in::{Delay, DelayRelay, StandIn};
 
 const EXCHANGE: &str = "/sns/jscode2session";
 
@@ -309,12 +309,14 @@ async fn a_slow_redis_degrades_within_the_timeout_instead_of_stalling() {
     else {
         return;
     };
-    let relay = SlowRelay::start(redis.addr()).await;
+    // A relay without delay to begin with: Redis made slow at will.
+    let relay = DelayRelay::start("127.0.0.1:0", redis.addr(), Delay::NONE, Delay::NONE)
+        .expect("a relay on a free port");
     let upstream = stand_in(|_| {}).await;
     // A roomy quota: each replica's share is plenty for the few requests below.
     let replicas = Replicas::start(
         &upstream,
-        &relay.url(),
+        &format!("redis://{}", relay.addr()),
         "[quota]\nwindow_secs = 1\nper_window = 300\nmax_wait_ms = 3000\n",
     )
     .await;
