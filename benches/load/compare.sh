@@ -698,7 +698,7 @@ printf 'wrk %s: %d thread, %d connections, %ss per round after a %ss warm-up, %d
     "$(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" "$WRK_THREADS" "$CONNECTIONS" "$DURATION" "$WARMUP" "$ROUNDS" "$DUP_CODES"
 printf 'pinning: proxy under test alone on CPU %s; upstream nginx and wrk on CPU %s\n' "$PROXY_CPU" "$LOAD_CPU"
 printf 'logging: wxgate RUST_LOG=warn (no access line); every nginx access_log off\n'
-printf 'busy before the run (other processes): %s\n' "$idle_busy"
+printf 'busy before the run (other processes): %s; load average %s\n' "$idle_busy" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%s\n' "$(nginx -v 2>&1)"
 printf 'wxgate: %s (%s)\n\n' "$wxgate_bin" "$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo '+local changes')"
 
@@ -788,6 +788,8 @@ for workload in "${WORKLOADS[@]}"; do
         fi
         [ "$non2xx" = 0 ] || notes="$non2xx non-2xx! $notes"
         [ "$socket_errors" = 0 ] || notes="$socket_errors socket errors! $notes"
+        # The machine's 1-minute load average after the round: other work than this run's.
+        notes="${notes:+$notes, }load $(cut -d' ' -f1 /proc/loadavg)"
         [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
         stop_pid=""
         if with_a_redis "$name"; then
@@ -917,6 +919,7 @@ if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
     done
 fi
 stop "$upstream_pid"
+printf '\nload average at the end: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 printf '\n%-10s %-16s %8s %8s %8s %8s %6s %6s %6s  %s\n' \
     workload contender "req/s" "p50 ms" "p99 ms" "RSS MiB" proxy "CPU$PROXY_CPU" "CPU$LOAD_CPU" notes
