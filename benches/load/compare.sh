@@ -23,6 +23,13 @@
 #                so that the load side is the same as for the other contenders; in production
 #                Redis has its own host, so this row's throughput is pessimistic, and its
 #                loopback round trips optimistic);
+#   wxgate+redis-1ms (only when asked for) the same with Redis at a distance: redis-server
+#                behind wxgate-relay (the stand-in crate's delaying relay, built with it),
+#                REDIS_DELAY_MS ± REDIS_JITTER_MS each way (default 1 ms ± 0.3 ms), both on
+#                REDIS_CPU, in a network namespace of their own joined by a veth pair when
+#                run as root (else on loopback). Reported against the wxgate row with the p50
+#                it adds, the Redis round trips per request and the round trip measured through
+#                the relay (redis-cli --latency, one second before each round);
 #
 # each under three workloads (workload.lua): unique codes, duplicate codes (a set of 100) and
 # mixed (80 % unique, 20 % from the set). Pinning, on a 2-core machine: the proxy under test
@@ -52,7 +59,9 @@
 # Settings (environment): ROUNDS (default 3), DURATION (s per round, default 5), WARMUP (s,
 # default 1), CONNECTIONS (default 64), DUP_CODES (default 100), PROXY_CPU (1), LOAD_CPU (0),
 # REDIS_CPU (PROXY_CPU), CONTENDERS (space-separated, default "direct wxgate nginx
-# nginx-plain"; add wxgate+redis, e.g. CONTENDERS="direct wxgate wxgate+redis"), WORKLOADS
+# nginx-plain"; add wxgate+redis or wxgate+redis-1ms, e.g. CONTENDERS="wxgate wxgate+redis-1ms"),
+# REDIS_DELAY_MS, REDIS_JITTER_MS and RELAY_BIN (a wxgate-relay executable) for
+# wxgate+redis-1ms, WORKLOADS
 # (space-separated subset, default all), WXGATE_BIN (measure this wxgate executable instead
 # of building the repository's), OPEN_RATES (per cent of nginx-plain's closed-loop req/s,
 # default "25 50 80"; empty: no open loop; none either without nginx-plain), OPEN_DURATION
@@ -83,13 +92,17 @@ if [ "${#OPEN_RATES[@]}" -gt 0 ] && [[ " ${CONTENDERS[*]} " != *" nginx-plain "*
     printf '==> no open loop: its rates are per cent of nginx-plain'"'"'s req/s, and nginx-plain is not a contender\n' >&2
     OPEN_RATES=()
 fi
+REDIS_DELAY_MS="${REDIS_DELAY_MS:-1}"
+REDIS_JITTER_MS="${REDIS_JITTER_MS:-0.3}"
 with_redis=0
+with_distance=0
 for name in "${CONTENDERS[@]}"; do
     case "$name" in
     direct | wxgate | nginx | nginx-plain) ;;
     wxgate+redis) with_redis=1 ;;
+    wxgate+redis-1ms) with_redis=1 with_distance=1 ;;
     *)
-        printf 'FAIL: unknown contender %s (direct, wxgate, nginx, nginx-plain, wxgate+redis)\n' "$name" >&2
+        printf 'FAIL: unknown contender %s (direct, wxgate, nginx, nginx-plain, wxgate+redis, wxgate+redis-1ms)\n' "$name" >&2
         exit 64
         ;;
     esac
@@ -115,8 +128,10 @@ fail() {
 # --- cleanup: everything this script starts is in `pids`; temp dirs in `dirs` ----------------
 pids=()
 dirs=()
+distance_ns=""
 cleanup() {
     stop_all
+    [ -z "$distance_ns" ] || ip netns del "$distance_ns" 2>/dev/null || true
     if [ "${#dirs[@]}" -gt 0 ]; then
         rm -rf "${dirs[@]}"
     fi
@@ -169,6 +184,9 @@ if [ "$cpus" -le "$PROXY_CPU" ] || [ "$cpus" -le "$LOAD_CPU" ] || [ "$cpus" -le 
     fail "needs CPUs $LOAD_CPU, $PROXY_CPU and $REDIS_CPU; this machine has $cpus"
 fi
 
+# Whether contender `name` shares through a Redis of its own.
+with_a_redis() { case "$1" in wxgate+redis | wxgate+redis-1ms) return 0 ;; *) return 1 ;; esac; }
+
 # --- 2. wxgate in release mode --------------------------------------------------------------
 if [ -n "${WXGATE_BIN:-}" ]; then
     # Another build to compare (e.g. a patched copy of the repository).
@@ -179,6 +197,13 @@ else
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
 fi
 [ -x "$wxgate_bin" ] || fail "no wxgate executable (${wxgate_bin:-cargo reported none})"
+relay_bin="${RELAY_BIN:-}"
+if [ "$with_distance" = 1 ] && [ -z "$relay_bin" ]; then
+    log "cargo build --release -p wxgate-stand-in --bin wxgate-relay"
+    relay_bin="$(cd "$repo" && cargo build --release -p wxgate-stand-in --bin wxgate-relay \
+        --message-format=json-render-diagnostics | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)"
+fi
+[ "$with_distance" = 0 ] || [ -x "$relay_bin" ] || fail "no wxgate-relay executable (${relay_bin:-cargo reported none})"
 
 # --- 3. scratch space -------------------------------------------------------------------------
 work="$(mktemp -d "${TMPDIR:-/tmp}/wxgate-load.XXXXXX")"
@@ -203,6 +228,8 @@ free_port
 admin_port="$found_port"
 free_port
 redis_port="$found_port"
+free_port
+relay_port="$found_port"
 
 request_path() {
     printf '/sns/jscode2session?appid=wx00000000000000a1&secret=stand-in-secret-a1&grant_type=authorization_code&js_code=%s' "$1"
@@ -351,8 +378,14 @@ EOF
 }
 
 # wxgate+redis: the same configuration, with the quota shared through the redis-server this
-# script starts (as replicas share it).
+# script starts (as replicas share it); wxgate+redis-1ms: through the relay in front of it
+# (`distance_host`:`distance_port`).
 write_wxgate_cluster_conf() {
+    local name="${1:-wxgate+redis}" redis_addr="127.0.0.1:$redis_port" file="$work/wxgate-cluster.toml"
+    if [ "$name" = wxgate+redis-1ms ]; then
+        redis_addr="$distance_host:$distance_port"
+        file="$work/wxgate-distance.toml"
+    fi
     od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$work/cluster-secret"
     chmod 0600 "$work/cluster-secret"
     {
@@ -360,15 +393,15 @@ write_wxgate_cluster_conf() {
         cat <<EOF
 
 [cluster]
-redis_url = "redis://127.0.0.1:$redis_port/0"
+redis_url = "redis://$redis_addr/0"
 key_prefix = "wxgate-load:"
 # The default: an operation slower than this degrades wxgate to counting on its own, which
 # the notes column reports (the row is then not a measurement of the shared quota).
 timeout_ms = 50
 secret_file = "$work/cluster-secret"
 EOF
-    } >"$work/wxgate-cluster.toml"
-    echo "$work/wxgate-cluster.toml"
+    } >"$file"
+    echo "$file"
 }
 
 # Starts `cmd...` on CPU `cpu` in the background; its pid is in `started`.
@@ -522,38 +555,92 @@ answer="$(curl -sf -D "$work/headers" "http://127.0.0.1:$upstream_port$(request_
 [ "$answer" = "$BODY" ] || fail "the upstream answers $answer"
 grep -qi "^content-type: $CONTENT_TYPE" "$work/headers" || fail "the upstream's Content-Type is wrong"
 wxgate_conf="$(write_wxgate_conf)"
+# wxgate+redis-1ms: Redis and its relay in a network namespace of their own, joined to this
+# one by a veth pair (a /30 of 10.79.0.0/16 drawn from the pid, so that two runs do not
+# collide), when this is root and namespaces can be made; else both on loopback. Sets
+# `distance_host`, `distance_port` and `distance_where`; `redis_ns` runs a command on Redis's
+# side.
+redis_ns=()
+if [ "$with_distance" = 1 ]; then
+    distance_host=127.0.0.1
+    distance_port="$relay_port"
+    distance_where="on loopback"
+    if [ "$(id -u)" -eq 0 ] && command -v ip >/dev/null 2>&1 && ip netns add "wxload$$" 2>/dev/null; then
+        distance_ns="wxload$$"
+        net="10.79.$((($$ >> 6) & 255)).$((($$ & 63) * 4))"
+        near="${net%.*}.$((${net##*.} + 1))"
+        distance_host="${net%.*}.$((${net##*.} + 2))"
+        distance_port=6379
+        ip link add "wxl$$" type veth peer name eth0 netns "$distance_ns"
+        ip addr add "$near/30" dev "wxl$$"
+        ip link set "wxl$$" up
+        ip -n "$distance_ns" addr add "$distance_host/30" dev eth0
+        ip -n "$distance_ns" link set eth0 up
+        ip -n "$distance_ns" link set lo up
+        redis_ns=(ip netns exec "$distance_ns")
+        distance_where="in network namespace $distance_ns ($distance_host, over a veth pair)"
+    fi
+    log "wxgate+redis-1ms: Redis $distance_where, behind wxgate-relay ($REDIS_DELAY_MS ms ± $REDIS_JITTER_MS ms each way)"
+fi
 if [ "$with_redis" = 1 ]; then
     wxgate_cluster_conf="$(write_wxgate_cluster_conf)"
 fi
+if [ "$with_distance" = 1 ]; then
+    wxgate_distance_conf="$(write_wxgate_cluster_conf wxgate+redis-1ms)"
+fi
 
-# Starts an empty redis-server (no persistence) on REDIS_CPU for wxgate+redis; sets
-# `redis_pid`.
+# Starts an empty redis-server (no persistence) on REDIS_CPU for contender `name`, and for
+# wxgate+redis-1ms its relay; sets `redis_pid` (and `relay_pid`, else empty).
 start_redis() {
-    local attempt
+    local name="$1" attempt ns_side=() port="$redis_port"
+    relay_pid=""
+    if [ "$name" = wxgate+redis-1ms ] && [ -n "$distance_ns" ]; then
+        # A namespace of its own: its loopback's ports are all free.
+        ns_side=("${redis_ns[@]}")
+        port=6379
+    fi
     for attempt in 1 2 3; do
         rm -rf "$work/redis"
         mkdir -p "$work/redis"
-        start_on "$REDIS_CPU" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" \
+        start_on "$REDIS_CPU" "${ns_side[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" \
             --appendonly no --protected-mode no --dir "$work/redis" --loglevel warning
         redis_pid="$started"
         for _ in $(seq 1 50); do
-            if [ "$(redis-cli -h 127.0.0.1 -p "$redis_port" ping 2>/dev/null)" = PONG ]; then
-                return 0
+            if [ "$("${ns_side[@]}" redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; then
+                break 2
             fi
             kill -0 "$redis_pid" 2>/dev/null || break
             sleep 0.1
         done
         stop "$redis_pid"
+        [ "$attempt" -lt 3 ] || fail "redis-server never answered on port $port (see $work/processes.log)"
+        [ -z "$distance_ns" ] || [ "$name" != wxgate+redis-1ms ] || continue
         # The port was taken meanwhile: another one, in the configuration too.
         free_port
         redis_port="$found_port"
+        port="$redis_port"
         wxgate_cluster_conf="$(write_wxgate_cluster_conf)"
     done
-    fail "redis-server never answered on 127.0.0.1:$redis_port (see $work/processes.log)"
+    [ "$name" = wxgate+redis-1ms ] || return 0
+    start_on "$REDIS_CPU" "${ns_side[@]}" "$relay_bin" --listen "$distance_host:$distance_port" \
+        --to "127.0.0.1:$port" --delay-ms "$REDIS_DELAY_MS" --jitter-ms "$REDIS_JITTER_MS"
+    relay_pid="$started"
+    for _ in $(seq 1 50); do
+        [ "$(redis-cli -h "$distance_host" -p "$distance_port" ping 2>/dev/null)" = PONG ] && return 0
+        kill -0 "$relay_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    fail "Redis never answered through the relay on $distance_host:$distance_port (see $work/processes.log)"
+}
+
+# The average round trip of a PING through the relay over one second, in ms.
+distance_rtt() {
+    redis-cli -h "$distance_host" -p "$distance_port" --latency --raw -i 1 2>/dev/null | awk '{ print $3 }' || true
 }
 
 # Starts contender `name`; sets `proxy_pid` (the serving process, for RSS and CPU) and
-# `stop_pid` (what to stop), and for wxgate+redis `redis_pid`.
+# `stop_pid` (what to stop), and for wxgate+redis and wxgate+redis-1ms `redis_pid` (and
+# `relay_pid`).
 start_contender() {
     local name="$1" conf
     case "$name" in
@@ -563,9 +650,11 @@ start_contender() {
         stop_pid="$started"
         proxy_pid="$started"
         ;;
-    wxgate+redis)
-        start_redis
-        start_on "$PROXY_CPU" env RUST_LOG=warn "$wxgate_bin" --config "$wxgate_cluster_conf"
+    wxgate+redis | wxgate+redis-1ms)
+        start_redis "$name"
+        conf="$wxgate_cluster_conf"
+        [ "$name" = wxgate+redis ] || conf="$wxgate_distance_conf"
+        start_on "$PROXY_CPU" env RUST_LOG=warn "$wxgate_bin" --config "$conf"
         stop_pid="$started"
         proxy_pid="$started"
         ;;
@@ -577,12 +666,12 @@ start_contender() {
         ;;
     esac
     wait_ready "$proxy_port" "$started" || fail "$name never answered on 127.0.0.1:$proxy_port"
-    if [ "$name" = wxgate+redis ]; then
+    if with_a_redis "$name"; then
         # Counting in Redis (its first heartbeat answered), not on its own.
         local i
         for i in $(seq 1 50); do
             [ "$(wxgate_metric wxgate_cluster_state 'state="shared"')" = 1 ] && break
-            [ "$i" -lt 50 ] || fail "wxgate+redis never counted in Redis (wxgate_cluster_state)"
+            [ "$i" -lt 50 ] || fail "$name never counted in Redis (wxgate_cluster_state)"
             sleep 0.1
         done
     fi
@@ -609,12 +698,12 @@ printf 'wrk %s: %d thread, %d connections, %ss per round after a %ss warm-up, %d
     "$(wrk -v 2>&1 | awk 'NR == 1 { print $2 }')" "$WRK_THREADS" "$CONNECTIONS" "$DURATION" "$WARMUP" "$ROUNDS" "$DUP_CODES"
 printf 'pinning: proxy under test alone on CPU %s; upstream nginx and wrk on CPU %s\n' "$PROXY_CPU" "$LOAD_CPU"
 printf 'logging: wxgate RUST_LOG=warn (no access line); every nginx access_log off\n'
-printf 'busy before the run (other processes): %s\n' "$idle_busy"
+printf 'busy before the run (other processes): %s; load average %s\n' "$idle_busy" "$(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%s\n' "$(nginx -v 2>&1)"
 printf 'wxgate: %s (%s)\n\n' "$wxgate_bin" "$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo '?')$(cd "$repo" && git diff --quiet HEAD 2>/dev/null || echo '+local changes')"
 
 # Per cell and round: requests/s and the row; then per cell: the median round's.
-declare -A round_rps round_row round_p99 round_redis rps p99 redis_trips
+declare -A round_rps round_row round_p50 round_p99 round_redis round_rtt rps p50 p99 redis_trips rtts
 rows=()
 proxy_pid=""
 stop_pid=""
@@ -635,7 +724,9 @@ for workload in "${WORKLOADS[@]}"; do
         if [ -n "$proxy_pid" ]; then
             ticks_before="$(cpu_ticks "$proxy_pid")"
         fi
-        if [ "$name" = wxgate+redis ]; then
+        rtt="-"
+        [ "$name" != wxgate+redis-1ms ] || rtt="$(distance_rtt)"
+        if with_a_redis "$name"; then
             redis_ops_before="$(wxgate_metric wxgate_redis_duration_seconds_count "")"
             redis_errors_before="$(wxgate_metric wxgate_redis_errors_total "")"
             redis_ticks_before="$(cpu_ticks "$redis_pid")"
@@ -658,19 +749,20 @@ for workload in "${WORKLOADS[@]}"; do
             rss="$(peak_rss_mib "$proxy_pid")"
         fi
         redis_per_request="-"
-        if [ "$name" = wxgate+redis ]; then
+        if with_a_redis "$name"; then
             redis_ops="$(($(wxgate_metric wxgate_redis_duration_seconds_count "") - redis_ops_before))"
             redis_errors="$(($(wxgate_metric wxgate_redis_errors_total "") - redis_errors_before))"
             redis_per_request="$(awk -v o="$redis_ops" -v r="$requests" 'BEGIN { printf "%.2f", (r > 0) ? o / r : 0 }')"
             redis_cpu="$(awk -v t="$(($(cpu_ticks "$redis_pid") - redis_ticks_before))" -v hz="$tick_hz" \
                 -v d="$duration_us" 'BEGIN { printf "%.0f%%", 100 * (t / hz) / (d / 1e6) }')"
             notes="Redis $redis_per_request trips/req, redis-server CPU $redis_cpu"
+            [ "$rtt" = - ] || notes="$notes, RTT ${rtt:-?} ms"
             if [ "$redis_errors" != 0 ] || [ "$(wxgate_metric wxgate_cluster_state 'state="shared"')" != 1 ]; then
                 notes="$redis_errors Redis errors, degraded: not a shared-quota measurement! $notes"
             fi
         fi
         case "$name" in
-        wxgate | wxgate+redis)
+        wxgate | wxgate+redis | wxgate+redis-1ms)
             # What wxgate says it did: anything but forwarded/hit/coalesced would be a
             # local answer counted as a success by wrk (e.g. a local 45011 is HTTP 200).
             other=$(($(wxgate_metric wxgate_requests_total 'outcome="local_limit"') +
@@ -688,7 +780,7 @@ for workload in "${WORKLOADS[@]}"; do
         if [ -n "$proxy_pid" ]; then
             # CPU time on the proxy's CPU that the proxy did not use: someone else's work.
             own="${proxy_cpu%\%}"
-            if [ "$name" = wxgate+redis ] && [ "$REDIS_CPU" = "$PROXY_CPU" ]; then
+            if with_a_redis "$name" && [ "$REDIS_CPU" = "$PROXY_CPU" ]; then
                 own=$((own + ${redis_cpu%\%})) # the contender's Redis shares the CPU by design
             fi
             foreign="$(awk -v busy="${proxy_cpu_busy%\%}" -v own="$own" 'BEGIN { printf "%d", busy - own }')"
@@ -696,16 +788,21 @@ for workload in "${WORKLOADS[@]}"; do
         fi
         [ "$non2xx" = 0 ] || notes="$non2xx non-2xx! $notes"
         [ "$socket_errors" = 0 ] || notes="$socket_errors socket errors! $notes"
+        # The machine's 1-minute load average after the round: other work than this run's.
+        notes="${notes:+$notes, }load $(cut -d' ' -f1 /proc/loadavg)"
         [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
         stop_pid=""
-        if [ "$name" = wxgate+redis ]; then
+        if with_a_redis "$name"; then
             stop "$redis_pid"
+            [ -z "$relay_pid" ] || stop "$relay_pid"
         fi
         cell="$workload/$name"
         round_rps[$cell/$round]="$rate"
+        round_p50[$cell/$round]="$p50_us"
+        round_rtt[$cell/$round]="$rtt"
         round_p99[$cell/$round]="$p99_us"
         round_redis[$cell/$round]="$redis_per_request"
-        round_row[$cell/$round]="$(printf '%-10s %-12s %8s %8.2f %8.2f %8s %6s %6s %6s  %s' \
+        round_row[$cell/$round]="$(printf '%-10s %-16s %8s %8.2f %8.2f %8s %6s %6s %6s  %s' \
             "$workload" "$name" "$rate" "$(awk -v u="$p50_us" 'BEGIN { print u / 1000 }')" \
             "$(awk -v u="$p99_us" 'BEGIN { print u / 1000 }')" "$rss" "$proxy_cpu" \
             "$proxy_cpu_busy" "$load_cpu" "$notes")"
@@ -720,7 +817,9 @@ for workload in "${WORKLOADS[@]}"; do
             sort -n | awk '{ r[NR] = $2 } END { print r[int(NR / 2) + 1] }')"
         all="$(for round in $(seq 1 "$ROUNDS"); do printf '%s ' "${round_rps[$cell/$round]}"; done)"
         rps[$cell]="${round_rps[$cell/$median]}"
+        p50[$cell]="${round_p50[$cell/$median]}"
         p99[$cell]="${round_p99[$cell/$median]}"
+        rtts[$cell]="${round_rtt[$cell/$median]}"
         redis_trips[$cell]="${round_redis[$cell/$median]}"
         row="${round_row[$cell/$median]}"
         [ "$ROUNDS" = 1 ] || row="$row  (rounds: ${all% })"
@@ -769,8 +868,9 @@ if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
                 fi
                 [ -z "$stop_pid" ] || [ "$name" = direct ] || stop "$stop_pid"
                 stop_pid=""
-                if [ "$name" = wxgate+redis ]; then
+                if with_a_redis "$name"; then
                     stop "$redis_pid"
+                    [ -z "$relay_pid" ] || stop "$relay_pid"
                 fi
                 kept="$(awk -v a="$achieved" -v r="$rate" 'BEGIN { print (a >= 0.97 * r) ? "yes" : "no" }')"
                 notes=""
@@ -785,7 +885,7 @@ if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
                 cell="$workload/$percent/$name"
                 open_round_p99[$cell/$round]="$p99_us"
                 open_round_kept[$cell/$round]="$kept"
-                open_round_row[$cell/$round]="$(printf '%-10s %8s %4s%% %-12s %8s %4s %8.2f %8.2f %9.2f %6s %6s %6s  %s' \
+                open_round_row[$cell/$round]="$(printf '%-10s %8s %4s%% %-16s %8s %4s %8.2f %8.2f %9.2f %6s %6s %6s  %s' \
                     "$workload" "$rate" "$percent" "$name" "$achieved" "$kept" \
                     "$(awk -v u="$p50_us" 'BEGIN { print u / 1000 }')" \
                     "$(awk -v u="$p99_us" 'BEGIN { print u / 1000 }')" \
@@ -819,8 +919,9 @@ if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
     done
 fi
 stop "$upstream_pid"
+printf '\nload average at the end: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 
-printf '\n%-10s %-12s %8s %8s %8s %8s %6s %6s %6s  %s\n' \
+printf '\n%-10s %-16s %8s %8s %8s %8s %6s %6s %6s  %s\n' \
     workload contender "req/s" "p50 ms" "p99 ms" "RSS MiB" proxy "CPU$PROXY_CPU" "CPU$LOAD_CPU" notes
 printf '%s\n' "${rows[@]}"
 printf '\nRSS MiB: peak RSS (VmHWM) of the proxy process (nginx: its worker). proxy: the proxy\n'
@@ -857,6 +958,26 @@ if [ "$with_redis" = 1 ]; then
     done
 fi
 
+if [ "$with_distance" = 1 ]; then
+    printf '\nwxgate+redis-1ms: Redis %s, on CPU %s with its relay (%s ms ± %s ms each way; wxgate on CPU %s).\n' \
+        "$distance_where" "$REDIS_CPU" "$REDIS_DELAY_MS" "$REDIS_JITTER_MS" "$PROXY_CPU"
+    printf 'added p50: its p50 minus wxgate'"'"'s; RTT: a PING'"'"'s round trip through the relay (redis-cli\n'
+    printf -- '--latency, averaged over one second before the round); trips: Redis operations per request.\n'
+    printf '%-10s %18s %11s %17s %11s %8s %8s %13s\n' workload "redis-1ms/wxgate" "p50 wxgate" "p50 redis-1ms" "added p50" trips "RTT ms" "trips x RTT"
+    for workload in "${WORKLOADS[@]}"; do
+        awk -v w="$workload" -v a="${rps[$workload/wxgate+redis-1ms]:-0}" -v b="${rps[$workload/wxgate]:-0}" \
+            -v pa="${p50[$workload/wxgate+redis-1ms]:-0}" -v pb="${p50[$workload/wxgate]:-0}" \
+            -v trips="${redis_trips[$workload/wxgate+redis-1ms]:--}" -v rtt="${rtts[$workload/wxgate+redis-1ms]:--}" '
+            function ratio(x, y) { return (x > 0 && y > 0) ? sprintf("%.2fx", x / y) : "-" }
+            function ms(u) { return (u > 0) ? sprintf("%.2f", u / 1000) : "-" }
+            BEGIN {
+                added = (pa > 0 && pb > 0) ? sprintf("%.2f", (pa - pb) / 1000) : "-"
+                cost = (trips != "-" && rtt != "-" && rtt != "") ? sprintf("%.2f", trips * rtt) : "-"
+                printf "%-10s %18s %11s %17s %11s %8s %8s %13s\n", w, ratio(a, b), ms(pb), ms(pa), added, trips, rtt, cost
+            }'
+    done
+fi
+
 if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
     if [ "$open_tool" = oha ]; then
         printf '\nOpen loop: oha %s -q RATE --latency-correction, %d connections, %ss per round after a\n' \
@@ -869,7 +990,7 @@ if [ "${#OPEN_RATES[@]}" -gt 0 ]; then
         printf 'request; the rate is approximate and the latencies are NOT corrected for coordinated\n'
         printf 'omission. RATE = %s %% of nginx-plain'"'"'s closed-loop req/s above.\n' "${OPEN_RATES[*]}"
     fi
-    printf '\n%-10s %8s %5s %-12s %8s %4s %8s %8s %9s %6s %6s %6s  %s\n' \
+    printf '\n%-10s %8s %5s %-16s %8s %4s %8s %8s %9s %6s %6s %6s  %s\n' \
         workload rate "" contender achieved kept "p50 ms" "p99 ms" "p99.9 ms" proxy "CPU$PROXY_CPU" "CPU$LOAD_CPU" notes
     printf '%s\n' "${open_rows[@]}"
     printf '\nkept: the achieved rate was at least 97 %% of the offered one in every round. proxy, CPU%s,\n' "$PROXY_CPU"

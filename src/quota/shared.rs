@@ -229,14 +229,25 @@ impl SharedQuota {
         limit: QuotaLimit,
         window_length: Duration,
     ) -> Result<(), Duration> {
-        let since = match self.cluster.mode() {
-            ReplicaMode::Degraded { since } | ReplicaMode::Resuming { since, .. } => since,
+        let (since, resume_at) = match self.cluster.mode() {
+            ReplicaMode::Degraded { since } => (since, None),
+            ReplicaMode::Resuming { since, at } => (since, Some(at)),
             // Shared since the check above; the turn is counted locally all the same.
-            ReplicaMode::Shared => Instant::now(),
+            ReplicaMode::Shared => (Instant::now(), None),
         };
         let share = self.cluster.share(limit.per_window);
         let now = SystemTime::now();
         let window = window_index(now, window_length);
+        if let Some(at) = resume_at {
+            // The window shared counting resumes in is Redis's alone. `at` runs late by the
+            // way back of Redis's answer, so this replica's clock reaches that window first:
+            // callers woken at the boundary wait for `at` instead of taking a local turn of
+            // a window the others already count in Redis.
+            let until = at.saturating_duration_since(Instant::now());
+            if window >= nearest_boundary_window(now + until, window_length) {
+                return Err(until.max(Duration::from_millis(1)));
+            }
+        }
         let degraded_in = window_index(now - since.elapsed(), window_length);
         let allowed = if window != degraded_in {
             share
@@ -383,6 +394,11 @@ fn paced(share: u32, elapsed: Duration, window: Duration) -> u32 {
     paced.min(u128::from(share)) as u32
 }
 
+/// The window that starts at the window boundary nearest to `at`.
+fn nearest_boundary_window(at: SystemTime, window: Duration) -> u64 {
+    window_index(at + window / 2, window)
+}
+
 /// The calendar window `at` falls in (windows aligned to the epoch, as WeChat's minutes).
 fn window_index(at: SystemTime, window: Duration) -> u64 {
     let since_epoch = at.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -405,5 +421,21 @@ mod tests {
         // Lives of 25 s and 35 s in one window: five turns together, within the share.
         assert!(at(25) + at(35) <= 6);
         assert_eq!(paced(0, Duration::from_secs(30), window), 0);
+    }
+
+    #[test]
+    fn the_resumption_window_is_the_one_at_the_nearest_boundary() {
+        let window = Duration::from_secs(2);
+        let at = |ms| UNIX_EPOCH + Duration::from_millis(ms);
+        // A resumption agreed for the boundary at 10 s, learned a little late or early.
+        assert_eq!(nearest_boundary_window(at(10_000), window), 5);
+        assert_eq!(nearest_boundary_window(at(10_006), window), 5);
+        assert_eq!(nearest_boundary_window(at(10_999), window), 5);
+        assert_eq!(nearest_boundary_window(at(9_001), window), 5);
+        assert_eq!(
+            window_index(at(9_999), window),
+            4,
+            "the window before it is local"
+        );
     }
 }

@@ -122,6 +122,22 @@
 //!
 //! It prints `listening on ADDR` once bound and serves until it is killed.
 //!
+//! # The relay
+//! [`DelayRelay`] is not WeChat: it puts a peer at a distance. Each direction of each
+//! connection holds every chunk for a [`Delay`] drawn for it (`base ± jitter`), keeping the
+//! stream's order, and the delays can be changed while it runs. wxgate's tests make a slow
+//! Redis with it; `deploy/datacentre.sh` puts Redis a millisecond and WeChat tens of
+//! milliseconds away from the replicas, and `benches/load/compare.sh` measures a Redis at a
+//! distance through it. `wxgate-relay` runs it as a process:
+//!
+//! ```text
+//! wxgate-relay --listen ADDR --to ADDR [--delay-ms MS] [--jitter-ms MS]
+//!              [--reverse-delay-ms MS] [--reverse-jitter-ms MS]
+//! ```
+//!
+//! The delays are what the client's bytes get on their way to `--to`; the reverse ones
+//! (default: the same) what the answers get. It prints `relaying ADDR -> ADDR` once bound.
+//!
 //! It does not depend on wxgate: it reads queries with `form_urlencoded` and JSON bodies with
 //! `serde_json` on its own (see `request.rs`), so a parsing bug in wxgate cannot hide behind
 //! the same bug in its test double.
@@ -144,7 +160,10 @@
 //! - `record.rs`: [`CallRecord`], the counters behind [`StandIn::calls`] and the like, and
 //!   [`WindowCalls`] with the stats page's body.
 //! - `tokens.rs`: access tokens: lifetimes, the overlap, stable and component tokens.
+//! - `relay.rs`: [`DelayRelay`], a TCP relay that delays each direction by a [`Delay`]
+//!   (base ± jitter per chunk, order kept): a Redis or a WeChat at a distance.
 //! - `bin/wxgate-stand-in.rs`: the binary (command line, then [`StandIn::start_on`]).
+//! - `bin/wxgate-relay.rs`: [`DelayRelay`] as a process of its own.
 //! - `ids.rs`: session keys, openids, tokens and request ids shaped like WeChat's; the codes
 //!   that name their user.
 #![forbid(unsafe_code)]
@@ -160,6 +179,7 @@ mod ids;
 mod limits;
 mod openapi;
 mod record;
+mod relay;
 mod request;
 mod stand_in;
 mod tls;
@@ -173,6 +193,7 @@ pub use config::{ApiLimits, RateLimit, StandInApp, StandInComponent, StandInConf
 pub use fault::{Fault, FaultMix};
 pub use limits::UNLIMITED_FIGURE;
 pub use record::{CallRecord, WindowCalls};
+pub use relay::{Delay, DelayRelay};
 pub use stand_in::StandIn;
 
 /// The mini program registered by [`StandInConfig::default`].

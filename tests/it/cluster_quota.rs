@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::Replicas;
-use crate::support::redis::{RedisServer, SlowRelay};
+use crate::support::redis::RedisServer;
 use crate::support::*;
 use futures_util::future::join_all;
-use wxgate_stand_in::StandIn;
+use wxgate_stand_in::{Delay, DelayRelay, StandIn};
 
 const EXCHANGE: &str = "/sns/jscode2session";
 
@@ -21,12 +21,22 @@ async fn shared_replicas(
     window: Duration,
     quota: &str,
 ) -> (StandIn, Replicas) {
+    shared_replicas_on(&redis.url(), upstream_quota, window, quota).await
+}
+
+/// [`shared_replicas`] on the Redis at `redis_url`.
+async fn shared_replicas_on(
+    redis_url: &str,
+    upstream_quota: u32,
+    window: Duration,
+    quota: &str,
+) -> (StandIn, Replicas) {
     let upstream = stand_in(|c| {
         c.quota_per_window = Some(upstream_quota);
         c.window = window;
     })
     .await;
-    let replicas = Replicas::start(&upstream, &redis.url(), quota).await;
+    let replicas = Replicas::start(&upstream, redis_url, quota).await;
     replicas
         .wait_for_state("shared", Duration::from_secs(5))
         .await;
@@ -309,12 +319,14 @@ async fn a_slow_redis_degrades_within_the_timeout_instead_of_stalling() {
     else {
         return;
     };
-    let relay = SlowRelay::start(redis.addr()).await;
+    // A relay without delay to begin with: Redis made slow at will.
+    let relay = DelayRelay::start("127.0.0.1:0", redis.addr(), Delay::NONE, Delay::NONE)
+        .expect("a relay on a free port");
     let upstream = stand_in(|_| {}).await;
     // A roomy quota: each replica's share is plenty for the few requests below.
     let replicas = Replicas::start(
         &upstream,
-        &relay.url(),
+        &format!("redis://{}", relay.addr()),
         "[quota]\nwindow_secs = 1\nper_window = 300\nmax_wait_ms = 3000\n",
     )
     .await;
@@ -410,17 +422,40 @@ async fn a_replica_with_another_secret_does_not_share() {
 /// again, so no window holds more than the quota.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_back_empty_keeps_every_window_within_the_quota() {
-    const QUOTA: u32 = 12;
-    let window = Duration::from_secs(1);
-    let Some(mut redis) =
+    let Some(redis) =
         RedisServer::start_or_skip("redis_back_empty_keeps_every_window_within_the_quota")
     else {
         return;
     };
+    back_empty_within_the_quota(redis, None).await;
+}
+
+/// The same with Redis 20 ms away each way: a replica learns the boundary it resumes at
+/// 20 ms late, and its callers woken at that boundary must not take a turn of its share in
+/// a window the others already count in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_empty_at_a_distance_keeps_every_window_within_the_quota() {
+    let Some(redis) = RedisServer::start_or_skip(
+        "redis_back_empty_at_a_distance_keeps_every_window_within_the_quota",
+    ) else {
+        return;
+    };
+    let away = Delay::fixed(Duration::from_millis(20));
+    let relay =
+        DelayRelay::start("127.0.0.1:0", redis.addr(), away, away).expect("a relay on a free port");
+    back_empty_within_the_quota(redis, Some(&relay)).await;
+}
+
+/// Redis stopped while callers keep calling every replica, then started again empty; the
+/// replicas talk to it through `relay` if there is one.
+async fn back_empty_within_the_quota(mut redis: RedisServer, relay: Option<&DelayRelay>) {
+    const QUOTA: u32 = 12;
+    let window = Duration::from_secs(1);
+    let redis_url = relay.map_or_else(|| redis.url(), |relay| format!("redis://{}", relay.addr()));
     // Calls that find no turn within 200 ms are refused (a local 45011): the callers keep
     // coming at every replica, as a busy front end's do.
-    let (upstream, replicas) = shared_replicas(
-        &redis,
+    let (upstream, replicas) = shared_replicas_on(
+        &redis_url,
         QUOTA,
         window,
         &format!("[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 200\n"),
@@ -467,6 +502,16 @@ async fn redis_back_empty_keeps_every_window_within_the_quota() {
         replicas
             .wait_for_state("shared", Duration::from_secs(10))
             .await;
+        // The window the replicas resumed in, whole, under the same load: the one where a
+        // replica's own share and the shared count could meet.
+        let resumed = window_of(std::time::SystemTime::now());
+        while !upstream
+            .call_log()
+            .iter()
+            .any(|call| window_of(call.at) > resumed)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     };
     tokio::join!(join_all(callers), outage);

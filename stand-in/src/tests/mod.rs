@@ -2,11 +2,12 @@
 //! here, WeChat's endpoints in `wechat.rs`, tokens in `tokens.rs`, limits (rate, daily,
 //! per-user, on an account's behalf; arrival spans) in `limits.rs`, quota/get and
 //! `clear_quota` in `openapi.rs`, faults, the echo and the server in `serving.rs`, HTTPS
-//! (with a rustls client) in `https.rs`.
+//! (with a rustls client) in `https.rs`; the delaying relay in `relay.rs`.
 
 mod https;
 mod limits;
 mod openapi;
+mod relay;
 mod serving;
 mod tokens;
 mod wechat;

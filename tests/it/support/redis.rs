@@ -1,17 +1,12 @@
 //! A real `redis-server` per test (Debian's package: `.ci/run` installs it), on a free
-//! loopback port, without persistence; stopped when dropped. And a TCP relay that can delay
-//! everything it carries, to make a Redis slow on demand.
+//! loopback port, without persistence; stopped when dropped. (A Redis slow on demand is one
+//! behind the stand-in crate's `DelayRelay`.)
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 /// A `redis-server` of the test's own.
 pub struct RedisServer {
@@ -264,82 +259,5 @@ fn read_reply(reader: &mut impl BufRead) -> Reply {
             Reply::Array((0..count.max(0)).map(|_| read_reply(reader)).collect())
         }
         _ => Reply::Line(line.to_owned()),
-    }
-}
-
-/// A TCP relay to `target` that holds every chunk it carries for its current delay: a Redis
-/// made slow at will.
-pub struct SlowRelay {
-    addr: SocketAddr,
-    delay_ms: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl SlowRelay {
-    /// A relay on a free loopback port, without delay to begin with.
-    pub async fn start(target: SocketAddr) -> SlowRelay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let delay = delay_ms.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let delay = delay.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else {
-                        return;
-                    };
-                    let (client_read, client_write) = client.into_split();
-                    let (server_read, server_write) = server.into_split();
-                    tokio::join!(
-                        pipe(client_read, server_write, delay.clone()),
-                        pipe(server_read, client_write, delay),
-                    );
-                });
-            }
-        });
-        SlowRelay {
-            addr,
-            delay_ms,
-            task,
-        }
-    }
-
-    /// `redis://` of the relay.
-    pub fn url(&self) -> String {
-        format!("redis://{}", self.addr)
-    }
-
-    /// From now on, every chunk waits this long.
-    pub fn set_delay(&self, delay: Duration) {
-        self.delay_ms
-            .store(delay.as_millis() as u64, Ordering::SeqCst);
-    }
-}
-
-impl Drop for SlowRelay {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn pipe(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay_ms: Arc<AtomicU64>,
-) {
-    let mut buffer = vec![0; 16 * 1024];
-    loop {
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        let delay = delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
-            return;
-        }
     }
 }
