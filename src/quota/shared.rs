@@ -88,8 +88,8 @@ impl SharedQuota {
             match self.cluster.eval(&TakeTurn(&bucket)).await {
                 Some(TurnReply::Taken) => return Ok(()),
                 Some(TurnReply::NotBefore(wait)) => return Err(wait),
-                // Redis failed or lost the counters: the replica is degraded now.
-                Some(TurnReply::EpochLost) | None => {}
+                // Redis failed: the replica is degraded now.
+                None => {}
             }
         }
         self.take_locally(key, limit)
@@ -101,9 +101,10 @@ impl SharedQuota {
     }
 
     /// The Redis bucket of `key`: named by a fingerprint that names neither the appid nor
-    /// the API.
+    /// the API, in the appid's slot.
     fn bucket(&self, key: &QuotaKey, limit: QuotaLimit, interval: Duration) -> Bucket {
         Bucket {
+            tag: self.cluster.appid_tag(key.appid().as_bytes()),
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
@@ -163,7 +164,9 @@ impl SharedQuota {
             return;
         }
         let fingerprint = self.fingerprint(key);
+        let tag = self.cluster.appid_tag(key.appid().as_bytes());
         let pause = PauseBucket {
+            tag: &tag,
             fingerprint: &fingerprint,
             window: self.window,
         };
