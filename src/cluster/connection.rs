@@ -100,11 +100,12 @@ impl RedisConnection {
                 )
                 .use_protocol(redis::ProtocolVersion::RESP3)
                 .connection_timeout(connect_timeout)
-                // Retries within an operation stay short: past `cluster.timeout_ms` the
-                // replica stops waiting anyway, and its probe tries again.
-                .retries(2)
+                // A MOVED or ASK (resharding, a failover) is followed at once; other retries
+                // stay short: past `cluster.timeout_ms` the replica stops waiting anyway, and
+                // its probe tries again.
+                .retries(5)
                 .min_retry_wait(10)
-                .max_retry_wait(200);
+                .max_retry_wait(100);
                 if let Some(certificates) = certificates {
                     builder = builder.certs(certificates);
                 }

@@ -99,7 +99,8 @@ impl RedisOp {
 pub enum RedisErrorKind {
     /// No answer within `cluster.timeout_ms`.
     Timeout,
-    /// No connection (refused, reset, closed, reconnecting).
+    /// No connection (refused, reset, closed, reconnecting), or a shard or primary failing
+    /// over.
     Connection,
     /// Redis answered with an error (a script error, out of memory, no permission...).
     Answer,
@@ -128,6 +129,15 @@ impl RedisErrorKind {
             || error.is_connection_dropped()
             || error.is_connection_refusal()
             || error.is_unrecoverable_error()
+            // A shard or a primary failing over: Redis Cluster's MOVED, TRYAGAIN,
+            // CLUSTERDOWN..., and a primary demoted to a replica (READONLY).
+            || error.is_cluster_error()
+            || matches!(
+                error.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::ReadOnly | redis::ServerErrorKind::MasterDown
+                )
+            )
         {
             RedisErrorKind::Connection
         } else {

@@ -214,7 +214,8 @@ async fn redis_cluster_spreads_the_keys_and_survives_a_primary_killed() {
         .await;
     replicas.wait_until_they_know_each_other().await;
 
-    // The default app first: its bucket is the only one, and names its shard.
+    // The default app first: its bucket's epoch (a key without expiry) is the only one, and
+    // names its shard.
     assert_eq!(
         exchange(&client(), replicas.pick(0), "code-first").await,
         (200, 0)
@@ -222,7 +223,7 @@ async fn redis_cluster_spreads_the_keys_and_survives_a_primary_killed() {
     let buckets: Vec<String> = cluster
         .primaries()
         .iter()
-        .flat_map(|node| node.keys("wxgate:q:*"))
+        .flat_map(|node| node.keys("wxgate:qe:*"))
         .collect();
     assert_eq!(buckets.len(), 1, "{buckets:?}");
     let shard = cluster.primary_of(&buckets[0]);
