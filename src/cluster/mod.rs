@@ -227,7 +227,7 @@ impl Tag {
 pub enum ClusterError {
     /// The Redis client refused the settings.
     #[error("[cluster]'s Redis cannot be used: {0}")]
-    Url(String),
+    Client(String),
     /// The cluster's metrics could not be registered.
     #[error("cannot register the cluster's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -247,7 +247,7 @@ impl Cluster {
         let (push_sender, pushes) = tokio::sync::mpsc::unbounded_channel();
         let connect_timeout = config.timeout.max(Duration::from_millis(500));
         let redis = RedisConnection::new(&config.redis, push_sender, connect_timeout)
-            .map_err(|error| ClusterError::Url(format!("{:?}", error.kind())))?;
+            .map_err(|error| ClusterError::Client(format!("{:?}", error.kind())))?;
         metrics.set_mode(false);
         let sealing = Sealing::new(config.secret.expose());
         Ok(Cluster {
