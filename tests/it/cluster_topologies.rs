@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::cluster::Replicas;
+use crate::support::cluster::{section_config_text, Replicas};
 use crate::support::redis::{command_as, RedisServer};
 use crate::support::tls::TestCa;
 use crate::support::topology::{
@@ -91,6 +91,27 @@ async fn token_of(proxy: &TestProxy, appid: &str) -> String {
         .to_owned()
 }
 
+/// `wxgate check-config --connect` with the replicas' configuration: its exit code and
+/// what it printed.
+fn check_connect(upstream: &StandIn, redis: &str, replicas: &Replicas) -> (Option<i32>, String) {
+    let text = section_config_text(upstream, redis, &replicas.secret, "");
+    let path = std::env::temp_dir().join(format!(
+        "wxgate-topology-{}-{}.toml",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    std::fs::write(&path, text).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_wxgate"))
+        .args(["check-config", "--connect", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code(), printed)
+}
+
 /// The guarantees of a burst at five times the quota while Redis fails over: every request
 /// answered, WeChat never says 45011, no window holds more than the quota.
 fn assert_within_the_quota(answers: &[(u16, i64)], upstream: &StandIn) {
@@ -139,6 +160,13 @@ async fn sentinel_failover_mid_burst_keeps_the_quota_and_the_codes() {
         .wait_for_state("shared", Duration::from_secs(10))
         .await;
     replicas.wait_until_they_know_each_other().await;
+    let (code, printed) = check_connect(&upstream, &redis, &replicas);
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(
+        printed.contains("# [cluster]: Redis Sentinel: the primary of")
+            && printed.contains("# Redis answered: Redis Sentinel"),
+        "{printed}"
+    );
 
     // A code answered before the failover, its answer replicated.
     let (before, cache) = exchange_of(replicas.pick(0), APPID, "code-before-failover").await;
@@ -213,6 +241,12 @@ async fn redis_cluster_spreads_the_keys_and_survives_a_primary_killed() {
         .wait_for_state("shared", Duration::from_secs(10))
         .await;
     replicas.wait_until_they_know_each_other().await;
+    let (code, printed) = check_connect(&upstream, &redis, &replicas);
+    assert_eq!(code, Some(0), "{printed}");
+    assert!(
+        printed.contains("# Redis answered: Redis Cluster: 6 seed node(s)"),
+        "{printed}"
+    );
 
     // The default app first: its bucket's epoch (a key without expiry) is the only one, and
     // names its shard.
@@ -251,6 +285,49 @@ async fn redis_cluster_spreads_the_keys_and_survives_a_primary_killed() {
         APPIDS.len() as u64,
         "one token fetch per appid for every replica"
     );
+    // One code sent to the three replicas at once, WeChat slow: the two that find the claim
+    // wait on the code's sharded channel, on the shard of its keys, and get the holder's
+    // answer.
+    upstream.set_latency(Duration::from_millis(1500));
+    let path = jscode2session(APPIDS[0], SECRET, "code-waited-for");
+    let client = client();
+    let answers = join_all((0..3).map(|i| {
+        let (client, url) = (client.clone(), replicas.pick(i).url(&path));
+        async move { client.get(url).send().await.unwrap().bytes().await.unwrap() }
+    }));
+    let ports: Vec<u16> = cluster.primaries().iter().map(|node| node.port()).collect();
+    let subscribed = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            for port in &ports {
+                let channels = crate::support::topology::cli(
+                    *port,
+                    &["PUBSUB", "SHARDCHANNELS", "wxgate:cn:*"],
+                );
+                if channels.contains("wxgate:cn:{") {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    });
+    let (answers, subscribed) = tokio::join!(answers, subscribed);
+    upstream.set_latency(Duration::ZERO);
+    assert!(
+        subscribed.unwrap(),
+        "no replica waited on a sharded channel"
+    );
+    assert!(answers
+        .iter()
+        .all(|answer| *answer == answers[0] && errcode(answer) == 0));
+    assert_eq!(
+        replicas
+            .metric_sum("wxgate_redis_errors_total", &[("op", "subscribe")])
+            .await,
+        0.0
+    );
+
     let spread = cluster.keys_per_primary();
     assert!(
         spread.iter().filter(|keys| **keys > 0).count() >= 2,
