@@ -117,6 +117,7 @@ impl Cluster {
     /// Starts routing pub/sub messages, then the first heartbeat: shared if Redis answers,
     /// degraded otherwise.
     pub async fn start(&self) {
+        tracing::info!(redis = %self.target.describe(), "sharing with the other replicas through Redis");
         if let Some(pushes) = self.pushes.lock().take() {
             let notices = self.notices.clone();
             tokio::spawn(async move { notices.route(pushes).await });
