@@ -17,8 +17,12 @@ use wxgate_stand_in::{StandIn, StandInApp, TOKEN_PATH};
 
 const EXCHANGE: &str = "/sns/jscode2session";
 
-/// Calls spaced 1/12 s apart (burst 1) in windows of a second, as in `cluster_quota.rs`.
-const QUOTA: u32 = 12;
+/// Calls spaced 1/6 s apart (burst 1) in windows of a second: a call admitted just before a
+/// window boundary reaches the stand-in in the next window only if it takes longer than
+/// that spacing to get there, which this suite (a dozen Redis servers, three wxgates and the
+/// rest of the tests on two cores) stays under. (wxgate's bound is on calls leaving it;
+/// WeChat counts them arriving.)
+const QUOTA: u32 = 6;
 
 fn quota_toml() -> String {
     format!("[quota]\nwindow_secs = 1\nper_window = {QUOTA}\nburst = 1\nmax_wait_ms = 60000\n[retry]\nmax_hold_ms = 60000\n")
@@ -116,10 +120,14 @@ fn check_connect(upstream: &StandIn, redis: &str, replicas: &Replicas) -> (Optio
 /// answered, WeChat never says 45011, no window holds more than the quota.
 fn assert_within_the_quota(answers: &[(u16, i64)], upstream: &StandIn) {
     assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
-    assert_eq!(upstream.answers(45011), 0, "WeChat never said 45011");
     let windows: Vec<u64> = calls_per_window(upstream, Duration::from_secs(1))
         .into_values()
         .collect();
+    assert_eq!(
+        upstream.answers(45011),
+        0,
+        "WeChat never said 45011: calls per window {windows:?}"
+    );
     assert!(
         windows.iter().all(|calls| *calls <= u64::from(QUOTA)),
         "a window held more than the quota: {windows:?}"
@@ -129,13 +137,23 @@ fn assert_within_the_quota(answers: &[(u16, i64)], upstream: &StandIn) {
 /// No Redis error but the ones a failover causes (no `CROSSSLOT`, no permission refused):
 /// `kind="answer"` counts errors Redis answered with.
 async fn assert_no_refusal(replicas: &Replicas) {
-    assert_eq!(
-        replicas
-            .metric_sum("wxgate_redis_errors_total", &[("kind", "answer")])
-            .await,
-        0.0,
-        "Redis refused an operation"
-    );
+    let refused = replicas
+        .metric_sum("wxgate_redis_errors_total", &[("kind", "answer")])
+        .await;
+    if refused > 0.0 {
+        let mut series = Vec::new();
+        for proxy in &replicas.proxies {
+            let text = proxy.metrics().await;
+            series.extend(
+                text.lines()
+                    .filter(|line| {
+                        line.starts_with("wxgate_redis_errors_total") && !line.ends_with(" 0")
+                    })
+                    .map(str::to_owned),
+            );
+        }
+        panic!("Redis refused {refused} operations: {series:#?}");
+    }
 }
 
 /// Sentinel: a primary, its replica and three sentinels. The primary is killed in the middle
