@@ -36,8 +36,9 @@
 //! - `dispatch/`: one logical upstream call under quota and retry policy: acquire a turn →
 //!   send → record → decide; `retry`: the decision after each attempt, a pure function.
 //! - `flight`: the single-flight both caches use.
-//! - `cluster/`: the Redis layer: the connection and the replica's mode, heartbeat and
-//!   epoch, sealing and MACs, pub/sub notices, why Redis cannot be used (`cause`), and every
+//! - `cluster/`: the Redis layer: the connection in each Redis form (one endpoint,
+//!   Sentinel, Redis Cluster) and the replica's mode, heartbeat and epochs, the key layout
+//!   (tags), sealing and MACs, pub/sub notices, why Redis cannot be used (`cause`), and every
 //!   Lua script with its reply type (`scripts`). Everything it reads back is checked or
 //!   bounded (the threat model in `docs/replicas.md`). It knows no feature.
 //! - `answer/`: the vocabulary of answers (`Answer` and its kinds).
@@ -59,7 +60,11 @@
 //! # Glossary
 //! - **key**: what state is kept under. A quota's is one API of one appid (`QuotaKey`), a
 //!   code exchange's a keyed hash of API, appid, credential and code (`CodeKey`), a token's
-//!   its API and appid (`TokenKey`). In Redis each is a keyed *fingerprint* instead.
+//!   its API and appid (`TokenKey`). In Redis each is a keyed *fingerprint* instead, after
+//!   a *tag*.
+//! - **tag**: the Redis Cluster hash tag in a key's name, which alone chooses the key's slot:
+//!   everything of one appid has the appid's tag, so every script's keys share one slot
+//!   (`cluster::Tag`, `Cluster::key`).
 //! - **window**: the span a quota counts in, WeChat's minute by default (`quota.window_secs`),
 //!   or the window WeChat states for a key; aligned to the epoch as WeChat's calendar minutes
 //!   are (`QuotaConfig::window`).

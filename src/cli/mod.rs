@@ -126,7 +126,11 @@ impl Cli {
                 init_tracing("info", false);
                 match load(config_path) {
                     Some(checked) => {
-                        println!("# {}: valid\n{}", config_path.display(), checked.to_toml());
+                        println!("# {}: valid", config_path.display());
+                        if let Some(cluster) = &checked.config.cluster {
+                            println!("# [cluster]: {}", cluster.redis.describe());
+                        }
+                        println!("{}", checked.to_toml());
                         if connect {
                             connect_to_redis(&checked.config)
                         } else {
@@ -176,18 +180,16 @@ fn connect_to_redis(config: &Config) -> ExitCode {
         println!("# no [cluster]: no Redis to connect to");
         return ExitCode::SUCCESS;
     };
-    let url = &cluster.redis_url;
+    let target = &cluster.redis;
+    let form = target.describe();
     block_on(async move {
-        match crate::cluster::try_connection(url, CONNECT_WITHIN).await {
+        match crate::cluster::try_connection(target, CONNECT_WITHIN).await {
             Ok(took) => {
-                println!(
-                    "# Redis answered at {url} (PING in {} ms)",
-                    took.as_millis()
-                );
+                println!("# Redis answered: {form} (PING in {} ms)", took.as_millis());
                 ExitCode::SUCCESS
             }
             Err(cause) => {
-                eprintln!("wxgate: cannot use Redis at {url}: {}", cause.describe());
+                eprintln!("wxgate: cannot use Redis ({form}): {}", cause.describe());
                 ExitCode::FAILURE
             }
         }

@@ -14,7 +14,8 @@ use std::time::Duration;
 use redis::{AsyncConnectionConfig, ErrorKind, RedisError};
 use tokio::time::Instant;
 
-use crate::config::RedisUrl;
+use super::connection::{ask_sentinels, client, sentinel_settings};
+use crate::config::{RedisForm, RedisTarget};
 
 /// Why Redis could not be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +37,10 @@ pub enum RedisCause {
     Connection,
     /// Redis answered with an error.
     Answer,
+    /// The sentinels answer, but none names a primary of `cluster.sentinel_master`.
+    UnknownMaster,
+    /// Redis refused a command wxgate needs: the ACL user lacks a permission.
+    NoPermission,
 }
 
 impl RedisCause {
@@ -46,6 +51,8 @@ impl RedisCause {
         }
         match error.kind() {
             ErrorKind::AuthenticationFailed => RedisCause::Authentication,
+            ErrorKind::MasterNameNotFoundBySentinel => RedisCause::UnknownMaster,
+            ErrorKind::Server(redis::ServerErrorKind::NoPerm) => RedisCause::NoPermission,
             ErrorKind::RESP3NotSupported => RedisCause::TooOld,
             ErrorKind::Parse | ErrorKind::UnexpectedReturnType => RedisCause::Protocol,
             _ if matches!(error.code(), Some("WRONGPASS" | "NOAUTH")) => RedisCause::Authentication,
@@ -61,10 +68,10 @@ impl RedisCause {
     pub fn describe(self) -> &'static str {
         match self {
             RedisCause::Authentication => {
-                "authentication failed: Redis refused the password (cluster.redis_url or WXGATE_REDIS_PASSWORD)"
+                "authentication failed: Redis refused the user or password (cluster.redis_url, or WXGATE_REDIS_USERNAME and WXGATE_REDIS_PASSWORD; the sentinels' WXGATE_SENTINEL_PASSWORD)"
             }
             RedisCause::Protocol => {
-                "protocol error: what answers at cluster.redis_url does not speak Redis's protocol (not a Redis, or something else in the way)"
+                "protocol error: what answers at [cluster]'s address does not speak Redis's protocol (not a Redis, or something else in the way)"
             }
             RedisCause::TooOld => {
                 "protocol error: Redis older than 6.0 (wxgate needs RESP3)"
@@ -73,7 +80,7 @@ impl RedisCause {
                 "timeout: no answer in time (a server that accepts connections and never answers, or a network that drops them)"
             }
             RedisCause::Refused => {
-                "connection refused: nothing listens at cluster.redis_url's host and port"
+                "connection refused: nothing listens at [cluster]'s host and port"
             }
             RedisCause::Tls => {
                 "TLS handshake failed: rediss:// to a Redis without TLS, or a certificate not trusted"
@@ -82,6 +89,12 @@ impl RedisCause {
                 "no connection: the host does not resolve, or the connection was reset or closed"
             }
             RedisCause::Answer => "Redis answered with an error",
+            RedisCause::UnknownMaster => {
+                "no sentinel names a primary of cluster.sentinel_master (is it the name of their sentinel monitor line?)"
+            }
+            RedisCause::NoPermission => {
+                "no permission: the ACL user may not run a command wxgate needs (EVALSHA, EVAL, SCRIPT LOAD, SUBSCRIBE, SSUBSCRIBE, PING; see docs/replicas.md)"
+            }
         }
     }
 }
@@ -102,15 +115,63 @@ fn is_tls(error: &RedisError) -> bool {
     false
 }
 
-/// Connects to the Redis of `url` on a connection of its own (its handshake: TLS, `HELLO 3`,
-/// `AUTH`) and sends `PING`, all within `within`: how long it took, or why it failed.
-pub async fn try_connection(url: &RedisUrl, within: Duration) -> Result<Duration, RedisCause> {
-    let client =
-        redis::Client::open(url.connection_info()).map_err(|error| RedisCause::of(&error))?;
+/// Connects to the Redis of `target` on a connection of its own (its handshake: TLS,
+/// `HELLO 3`, `AUTH`) and sends `PING`, all within `within`: how long it took, or why it
+/// failed. With Sentinel, the sentinels are asked for the primary first; with Redis
+/// Cluster, every seed node is tried, and one that answers is enough.
+pub async fn try_connection(
+    target: &RedisTarget,
+    within: Duration,
+) -> Result<Duration, RedisCause> {
+    let certificates = target.tls_certificates();
+    let started = Instant::now();
+    let nodes: Vec<redis::ConnectionInfo> = match &target.form {
+        RedisForm::Standalone(url) => vec![url.connection_info()],
+        RedisForm::Cluster { nodes, settings } => nodes
+            .iter()
+            .map(|node| settings.connection_info(node))
+            .collect(),
+        RedisForm::Sentinel {
+            sentinels,
+            master,
+            nodes,
+            sentinel_credentials,
+        } => {
+            let settings = sentinel_settings(nodes, sentinel_credentials);
+            let sentinels: Vec<redis::Client> = sentinels
+                .iter()
+                .map(|sentinel| client(settings.connection_info(sentinel), certificates.clone()))
+                .collect::<Result<_, _>>()
+                .map_err(|error| RedisCause::of(&error))?;
+            let primary = ask_sentinels(&sentinels, master, within)
+                .await
+                .map_err(|error| RedisCause::of(&error))?;
+            vec![nodes.connection_info(&primary)]
+        }
+    };
+    let mut first_cause = None;
+    for node in nodes {
+        let left = within.saturating_sub(started.elapsed());
+        match ping(node, certificates.clone(), left).await {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(cause) => {
+                first_cause.get_or_insert(cause);
+            }
+        }
+    }
+    Err(first_cause.unwrap_or(RedisCause::Connection))
+}
+
+/// `PING` on a connection of its own to `node`, within `within`.
+async fn ping(
+    node: redis::ConnectionInfo,
+    certificates: Option<redis::TlsCertificates>,
+    within: Duration,
+) -> Result<(), RedisCause> {
+    let client = client(node.clone(), certificates).map_err(|error| RedisCause::of(&error))?;
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(within))
         .set_response_timeout(Some(within));
-    let started = Instant::now();
     let attempt = async {
         let mut connection = client
             .get_multiplexed_async_connection_with_config(&config)
@@ -120,13 +181,13 @@ pub async fn try_connection(url: &RedisUrl, within: Duration) -> Result<Duration
             .await
     };
     let cause = match tokio::time::timeout(within, attempt).await {
-        Ok(Ok(_)) => return Ok(started.elapsed()),
+        Ok(Ok(_)) => return Ok(()),
         Ok(Err(error)) => RedisCause::of(&error),
         Err(_) => RedisCause::Timeout,
     };
     // A Redis without TLS takes a TLS handshake for the start of a command and waits for
     // the rest: to the client, a timeout. Asked in plain text, it answers.
-    if let redis::ConnectionAddr::TcpTls { host, port, .. } = url.connection_info().addr() {
+    if let redis::ConnectionAddr::TcpTls { host, port, .. } = node.addr() {
         if cause != RedisCause::Tls && speaks_plain_redis(host, *port, within).await {
             return Err(RedisCause::Tls);
         }

@@ -106,12 +106,32 @@ impl RedisOp {
     }
 }
 
+/// Whether `error` says a shard or a primary is failing over: Redis Cluster's `MOVED`,
+/// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, a slot whose node the client does not
+/// know yet, a primary demoted to a replica (`READONLY`) or still loading its data, no
+/// primary named by the sentinels.
+fn failing_over(error: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    error.is_cluster_error()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::BusyLoading
+            ) | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::MasterNameNotFoundBySentinel
+                | ErrorKind::NoValidReplicasFoundBySentinel
+        )
+}
+
 /// Why a Redis operation failed: the `kind` label of `wxgate_redis_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RedisErrorKind {
     /// No answer within `cluster.timeout_ms`.
     Timeout,
-    /// No connection (refused, reset, closed, reconnecting).
+    /// No connection (refused, reset, closed, reconnecting), or a shard or primary failing
+    /// over.
     Connection,
     /// Redis answered with an error (a script error, out of memory, no permission...).
     Answer,
@@ -140,6 +160,7 @@ impl RedisErrorKind {
             || error.is_connection_dropped()
             || error.is_connection_refusal()
             || error.is_unrecoverable_error()
+            || failing_over(error)
         {
             RedisErrorKind::Connection
         } else {
@@ -212,5 +233,40 @@ impl ClusterMetrics {
     /// A Redis operation failed.
     pub fn error(&self, op: RedisOp, kind: RedisErrorKind) {
         self.errors.get2(op.index(), kind.index()).inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    use super::RedisErrorKind;
+
+    #[test]
+    fn a_failover_is_a_connection_error_and_a_refusal_an_answer() {
+        let kind = |kind: ErrorKind| RedisErrorKind::of(&RedisError::from((kind, "detail")));
+        for failing_over in [
+            ErrorKind::Server(ServerErrorKind::Moved),
+            ErrorKind::Server(ServerErrorKind::ClusterDown),
+            ErrorKind::Server(ServerErrorKind::TryAgain),
+            ErrorKind::Server(ServerErrorKind::ReadOnly),
+            ErrorKind::Server(ServerErrorKind::MasterDown),
+            ErrorKind::Server(ServerErrorKind::BusyLoading),
+            ErrorKind::ClusterConnectionNotFound,
+            ErrorKind::MasterNameNotFoundBySentinel,
+        ] {
+            assert_eq!(
+                kind(failing_over),
+                RedisErrorKind::Connection,
+                "{failing_over:?}"
+            );
+        }
+        for refused in [
+            ErrorKind::Server(ServerErrorKind::CrossSlot),
+            ErrorKind::Server(ServerErrorKind::NoPerm),
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+        ] {
+            assert_eq!(kind(refused), RedisErrorKind::Answer, "{refused:?}");
+        }
     }
 }

@@ -4,9 +4,9 @@
 //! down through [`Cluster::eval`] with one of the [`scripts`].
 //!
 //! Without a `[cluster]` section none of this exists and wxgate is the single process it
-//! always was. With one, [`Cluster`] owns the Redis connection (one multiplexed connection,
-//! redis-rs's `ConnectionManager`, which reconnects by itself with exponential backoff) and
-//! the replica's *mode* ([`ReplicaMode`]):
+//! always was. With one, [`Cluster`] owns the Redis connection (in the form `[cluster]`
+//! names: one endpoint, Sentinel or Redis Cluster; see `connection.rs`) and the replica's
+//! *mode* ([`ReplicaMode`]):
 //!
 //! - **shared**: quota turns are counted in Redis;
 //! - **degraded**: an operation failed, took longer than `cluster.timeout_ms`, or found Redis
@@ -22,13 +22,20 @@
 //! A failure of Redis never fails a request: every operation gives `None`, and every caller
 //! has a fallback.
 //!
-//! Keys are `{key_prefix}{kind}:{fingerprint}`, fingerprints keyed with the cluster secret
-//! ([`sealing`]), so nothing in a key names an appid, a credential or a code; values are
-//! sealed, or carry a MAC, or are bounded by what a replica writes: whatever is read back is
-//! untrusted input, and a value no replica wrote is reported ([`Cluster::forged`]) and costs
-//! no more than losing Redis.
+//! Keys are `{key_prefix}{kind}:{{tag}}{fingerprint}` ([`Cluster::key`], the one rule every
+//! key follows), fingerprints keyed with the cluster secret ([`sealing`]), so nothing in a
+//! key names an appid, a credential or a code. The `{tag}` is a Redis Cluster *hash tag*
+//! ([`Tag`]): Redis hashes only what is between the braces to choose a key's slot, so every
+//! key of one appid (its quota buckets and pauses, its code exchanges, its tokens) lands in
+//! one slot, and the replicas' own keys (heartbeats, epoch, secret check, resumption) in
+//! another. A script's keys then always share one slot, which Redis Cluster and the
+//! cluster-mode proxies require of a script (else `CROSSSLOT`). Values are sealed, or carry a
+//! MAC, or are bounded by what a replica writes: whatever is read back is untrusted input,
+//! and a value no replica wrote is reported ([`Cluster::forged`]) and costs no more than
+//! losing Redis.
 //!
 //! - [`scripts`]: every Lua script, what it is given and its reply type.
+//! - `connection.rs`: the connection in each Redis form.
 //! - `cause.rs`: why Redis cannot be used, for the log and `check-config --connect`.
 //! - [`sealing`]: keyed fingerprints and sealed values.
 //! - `mode.rs`: the replica's mode and how it moves: heartbeat, probe, degradation,
@@ -38,11 +45,14 @@
 //! - `metrics.rs`: `wxgate_cluster_*` and `wxgate_redis_*`.
 
 mod cause;
+mod connection;
 mod metrics;
 mod mode;
 mod notices;
 pub mod scripts;
 pub mod sealing;
+#[cfg(test)]
+mod slots;
 
 use std::fmt;
 use std::future::Future;
@@ -50,8 +60,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use dashmap::DashMap;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::RedisError;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -59,18 +69,19 @@ use tokio::time::Instant;
 pub use self::cause::{try_connection, RedisCause};
 pub use self::metrics::{ClusterMetrics, RedisErrorKind, RedisOp};
 pub use self::mode::ReplicaMode;
-use crate::config::{ClusterConfig, RedisUrl};
+use crate::config::{ClusterConfig, RedisTarget};
 use crate::metrics::Metrics;
 
+use self::connection::RedisConnection;
 use self::notices::Notices;
 use self::scripts::Script;
 use self::sealing::Sealing;
 
 /// A replica's connection to the shared state, and its mode.
 pub struct Cluster {
-    connection: ConnectionManager,
+    redis: RedisConnection,
     /// Where Redis is, for a connection of its own that says why Redis cannot be used.
-    redis_url: RedisUrl,
+    target: RedisTarget,
     /// How long setting a connection up may take.
     connect_timeout: Duration,
     /// `{key_prefix}`, for every key.
@@ -88,8 +99,8 @@ pub struct Cluster {
     redis_clock: Mutex<Option<(u64, Instant)>>,
     /// A fingerprint of the cluster secret: replicas whose checks differ do not share.
     secret_check: String,
-    /// The epoch this replica counts under (see [`scripts`]); empty until the first
-    /// heartbeat.
+    /// The replicas' epoch as this replica learned it (see [`scripts`]); empty until the
+    /// first heartbeat.
     epoch: Mutex<String>,
     mode: watch::Sender<ReplicaMode>,
     /// Live replicas as the heartbeats agreed (kept while Redis is away; 0 before the
@@ -109,6 +120,9 @@ pub struct Cluster {
     /// other replicas: this replica admitted calls on its own since it degraded, or Redis
     /// lost its counters. Otherwise (an idle replica, or one starting) it goes back at once.
     resume_at_boundary: AtomicBool,
+    /// The epoch of every quota bucket this replica counted in, by the name of its epoch
+    /// key: a bucket whose epoch changed was lost by Redis (see [`scripts`]).
+    bucket_epochs: DashMap<String, String>,
     /// Pub/sub messages for this replica's waiting code exchanges.
     notices: Arc<Notices>,
     /// The operations ([`RedisOp::index`] as a bit) whose forged values were logged already:
@@ -119,9 +133,19 @@ pub struct Cluster {
     metrics: ClusterMetrics,
 }
 
-/// What a key holds: its name in Redis is `{key_prefix}{kind}:{fingerprint}`.
+/// What a key holds: its name in Redis is `{key_prefix}{kind}:{{tag}}{fingerprint}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeyKind {
+    /// The replicas' epoch (under [`Tag::replicas`]; see [`scripts`]).
+    Epoch,
+    /// The replicas' heartbeats.
+    Replicas,
+    /// The fingerprint of the cluster secret the live replicas use.
+    SecretCheck,
+    /// When degraded replicas count in Redis again.
+    Resume,
+    /// The epoch of a quota bucket: a random value that changes when Redis lost the bucket.
+    QuotaEpoch,
     /// A quota bucket's theoretical arrival time.
     QuotaBucket,
     /// The end of a quota bucket's 45011 pause.
@@ -157,6 +181,11 @@ enum KeyKind {
 impl KeyKind {
     fn name(self) -> &'static str {
         match self {
+            KeyKind::Epoch => "epoch",
+            KeyKind::Replicas => "replicas",
+            KeyKind::SecretCheck => "secret",
+            KeyKind::Resume => "resume",
+            KeyKind::QuotaEpoch => "qe",
             KeyKind::QuotaBucket => "q",
             KeyKind::QuotaPause => "p",
             KeyKind::CodeAnswer => "ca",
@@ -176,13 +205,41 @@ impl KeyKind {
     }
 }
 
+/// A Redis Cluster hash tag: the part of a key's name between braces, which alone chooses
+/// the key's slot, so that keys with one tag live on one shard and one script may use them
+/// together. Everything of one appid has the appid's tag ([`Cluster::appid_tag`]); the
+/// replicas' own keys have [`Tag::replicas`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tag(String);
+
+impl Tag {
+    /// The tag of the replicas' own keys (heartbeats, epoch, secret check, resumption).
+    fn replicas() -> Tag {
+        Tag("replicas".into())
+    }
+
+    /// The tag of a key that no script uses with another (the token index): part of its own
+    /// fingerprint, which spreads such keys over the slots.
+    fn own(fingerprint: &str) -> Tag {
+        Tag(fingerprint.chars().take(16).collect())
+    }
+
+    /// A tag as Redis held it (the token index): hex digits only, else `None` (written by
+    /// no replica).
+    fn read(text: &str) -> Option<Tag> {
+        let plausible =
+            (1..=32).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit());
+        plausible.then(|| Tag(text.to_owned()))
+    }
+}
+
 /// Why the cluster connection could not be set up at all (a Redis that is down is not one
 /// of these: wxgate then starts degraded).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
-    /// The Redis URL was refused by the client.
-    #[error("cluster.redis_url cannot be used: {0}")]
-    Url(String),
+    /// The Redis client refused the settings.
+    #[error("[cluster]'s Redis cannot be used: {0}")]
+    Client(String),
     /// The cluster's metrics could not be registered.
     #[error("cannot register the cluster's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -197,29 +254,17 @@ impl Cluster {
         metrics: &Metrics,
     ) -> Result<Cluster, ClusterError> {
         let metrics = ClusterMetrics::new(metrics)?;
-        let client = redis::Client::open(config.redis_url.connection_info())
-            .map_err(|error| ClusterError::Url(format!("{:?}", error.kind())))?;
-        // RESP3 (set by the URL's parsing): published messages arrive as pushes on the same
+        // RESP3 (set by every form): published messages arrive as pushes on the same
         // connection, and subscriptions come back by themselves after a reconnection.
         let (push_sender, pushes) = tokio::sync::mpsc::unbounded_channel();
         let connect_timeout = config.timeout.max(Duration::from_millis(500));
-        let manager_config = ConnectionManagerConfig::new()
-            .set_push_sender(push_sender)
-            .set_automatic_resubscription()
-            .set_connection_timeout(Some(connect_timeout))
-            .set_response_timeout(None)
-            // Reconnection backs off from 100 ms to at most 2 s: a Redis that comes back
-            // is found quickly, and a dead one is not hammered.
-            .set_min_delay(Duration::from_millis(100))
-            .set_max_delay(Duration::from_secs(2))
-            .set_number_of_retries(3);
-        let connection = ConnectionManager::new_lazy_with_config(client, manager_config)
-            .map_err(|error| ClusterError::Url(format!("{:?}", error.kind())))?;
+        let redis = RedisConnection::new(&config.redis, push_sender, connect_timeout)
+            .map_err(|error| ClusterError::Client(format!("{:?}", error.kind())))?;
         metrics.set_mode(false);
         let sealing = Sealing::new(config.secret.expose());
         Ok(Cluster {
-            connection,
-            redis_url: config.redis_url.clone(),
+            redis,
+            target: config.redis.clone(),
             connect_timeout,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
@@ -239,6 +284,7 @@ impl Cluster {
             diagnosed: AtomicBool::new(false),
             lower_count: Mutex::new(None),
             resume_at_boundary: AtomicBool::new(false),
+            bucket_epochs: DashMap::new(),
             notices: Arc::default(),
             forged_logged: AtomicU32::new(0),
             pushes: Mutex::new(Some(pushes)),
@@ -252,25 +298,41 @@ impl Cluster {
     }
 
     /// Runs `script` (by hash; loaded again if Redis lost it) as one Redis operation, and
-    /// decodes its reply. `None` when Redis failed (the replica is degraded now); a reply
-    /// that says Redis lost the counters degrades the replica too (see [`scripts`]).
+    /// decodes its reply. `None` when Redis failed (the replica is degraded now). A script
+    /// that counts under an epoch teaches the replica the epoch its counters are under now
+    /// (see [`scripts`]).
     pub async fn eval<S: Script>(&self, script: &S) -> Option<S::Reply> {
+        let mut keys_and_args = Invocation::default();
+        script.write(self, &mut keys_and_args);
         let mut invocation = S::lua().prepare_invoke();
-        script.write(self, &mut invocation);
-        let mut connection = self.connection.clone();
-        let raw: S::Raw = self
-            .run_op(S::OP, async move {
-                invocation.invoke_async(&mut connection).await
-            })
-            .await?;
+        for key in &keys_and_args.keys {
+            invocation.key(key);
+        }
+        for arg in &keys_and_args.args {
+            invocation.arg(arg.as_slice());
+        }
+        let raw: S::Raw = self.run_op(S::OP, self.redis.invoke(&invocation)).await?;
         if let Some(what) = S::forged(&raw) {
             self.forged(S::OP, what);
         }
-        let reply = script.decode(raw);
-        if S::epoch_lost(&reply) {
-            self.lost_data(S::OP);
+        if let (Some(key), Some((epoch, lost))) = (script.epoch_key(self), S::epoch_seen(&raw)) {
+            if lost {
+                tracing::warn!(
+                    op = S::OP.label(),
+                    "Redis lost a quota bucket (a shard restarted empty or failed over to a replica that had not received it): the bucket is held until the next window boundary"
+                );
+            }
+            self.bucket_epochs.insert(key, epoch);
         }
-        Some(reply)
+        Some(script.decode(raw))
+    }
+
+    /// The epoch this replica last saw in the epoch key `key` (empty: none yet).
+    fn known_epoch(&self, key: &str) -> String {
+        self.bucket_epochs
+            .get(key)
+            .map(|epoch| epoch.clone())
+            .unwrap_or_default()
     }
 
     /// A value read from Redis that no replica wrote (see the threat model in
@@ -289,14 +351,25 @@ impl Cluster {
         }
     }
 
-    /// The Redis key of `kind` for `fingerprint`.
-    fn key(&self, kind: KeyKind, fingerprint: &str) -> String {
-        format!("{}{}:{fingerprint}", self.prefix, kind.name())
+    /// The tag of every key of `appid` (its quota buckets, code exchanges and tokens): a
+    /// keyed fingerprint, so that the tag names no appid either. 64 bits are plenty: two
+    /// appids with one tag only share a slot.
+    pub fn appid_tag(&self, appid: &[u8]) -> Tag {
+        let mut tag = self.sealing.fingerprint("tag", &[appid]);
+        tag.truncate(16);
+        Tag(tag)
     }
 
-    /// The Redis key of the replicas' own `name` (`epoch`, `replicas`, `secret`, `resume`).
-    fn named(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
+    /// The Redis key of `kind` for `fingerprint`, in the slot of `tag`: the one rule every
+    /// key follows. A script's keys must share one tag (see [`Tag`]).
+    fn key(&self, kind: KeyKind, tag: &Tag, fingerprint: &str) -> String {
+        format!("{}{}:{{{}}}{fingerprint}", self.prefix, kind.name(), tag.0)
+    }
+
+    /// The Redis key of the replicas' own `kind` (epoch, heartbeats, secret check,
+    /// resumption), all in the slot of [`Tag::replicas`].
+    fn replicas_key(&self, kind: KeyKind) -> String {
+        self.key(kind, &Tag::replicas(), "")
     }
 
     /// Runs one Redis operation within `cluster.timeout_ms`, timing it; a failure degrades
@@ -319,10 +392,10 @@ impl Cluster {
         None
     }
 
-    /// The epoch to count under (empty before the first heartbeat: then counting fails
-    /// over to local, as it must until the replicas agree).
-    fn epoch(&self) -> String {
-        self.epoch.lock().clone()
+    /// Whether results of code exchanges are published on sharded channels (Redis
+    /// Cluster).
+    fn sharded_notices(&self) -> bool {
+        self.redis.sharded()
     }
 }
 
@@ -332,6 +405,27 @@ impl fmt::Debug for Cluster {
             .field("prefix", &self.prefix)
             .field("mode", &self.mode())
             .finish_non_exhaustive()
+    }
+}
+
+/// The keys and arguments of one run of a script, in the order its text reads them.
+#[derive(Debug, Default)]
+pub struct Invocation {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation {
+    /// Appends a key.
+    fn key(&mut self, key: String) -> &mut Self {
+        self.keys.push(key);
+        self
+    }
+
+    /// Appends an argument, as Redis receives it.
+    fn arg(&mut self, arg: impl redis::ToRedisArgs) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::cause::try_connection;
 use super::scripts::{Heartbeat, Resume};
-use super::{owner_id, Cluster, RedisErrorKind, RedisOp};
+use super::{owner_id, Cluster, KeyKind, RedisErrorKind, RedisOp};
 
 /// How often a replica says it is alive, and learns how many replicas are.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -117,6 +117,7 @@ impl Cluster {
     /// Starts routing pub/sub messages, then the first heartbeat: shared if Redis answers,
     /// degraded otherwise.
     pub async fn start(&self) {
+        tracing::info!(redis = %self.target.describe(), "sharing with the other replicas through Redis");
         if let Some(pushes) = self.pushes.lock().take() {
             let notices = self.notices.clone();
             tokio::spawn(async move { notices.route(pushes).await });
@@ -137,7 +138,7 @@ impl Cluster {
     /// degradation as looked into.
     async fn diagnose(&self) -> &'static str {
         self.diagnosed.store(true, Ordering::Release);
-        match try_connection(&self.redis_url, self.connect_timeout).await {
+        match try_connection(&self.target, self.connect_timeout).await {
             Ok(_) => "Redis answers a connection of its own now: the replica's will follow",
             Err(cause) => cause.describe(),
         }
@@ -174,16 +175,19 @@ impl Cluster {
                 _ = stop.wait_for(|stop| *stop) => break,
             }
         }
-        let key = self.named("replicas");
-        let mut connection = self.connection.clone();
+        let key = self.replicas_key(KeyKind::Replicas);
         let mut leave = redis::cmd("ZREM");
         leave.arg(&key).arg(self.last_heartbeat.lock().clone());
-        let _ = tokio::time::timeout(self.timeout, leave.exec_async(&mut connection)).await;
+        let _ = tokio::time::timeout(self.timeout, self.redis.exec(&leave)).await;
     }
 
     /// One heartbeat: counts this replica live, learns the epoch and the live count, and
     /// moves between modes.
     async fn heartbeat(&self) {
+        if self.redis.refresh().await {
+            // Another primary (Sentinel): what this replica waits on is subscribed there.
+            self.notices.resubscribe(self).await;
+        }
         let fresh_epoch = owner_id();
         let member = self.heartbeat_member();
         let previous = std::mem::replace(&mut *self.last_heartbeat.lock(), member.clone());
@@ -322,6 +326,9 @@ impl Cluster {
     /// only at a window boundary agreed with the others.
     pub(super) fn lost_data(&self, op: RedisOp) {
         self.resume_at_boundary.store(true, Ordering::Release);
+        // Every bucket is lost with the rest, and is counted afresh from the agreed window
+        // boundary: no bucket's epoch is to be compared with the old one any more.
+        self.bucket_epochs.clear();
         self.degrade(op, "Redis lost its data (restarted or flushed)");
     }
 

@@ -1,8 +1,9 @@
 //! Redis pub/sub messages, routed to the tasks waiting for them.
 //!
-//! The replica's one Redis connection speaks RESP3, so subscriptions share it with ordinary
+//! The replica's Redis connection speaks RESP3, so subscriptions share it with ordinary
 //! commands, and published messages arrive as *push* messages on a channel that redis-rs
-//! feeds. [`Notices`] keeps, per Redis channel, the waiters of this replica; one task reads
+//! feeds. On Redis Cluster the channels are sharded (`SSUBSCRIBE`): a channel is in the slot
+//! of its code exchange's keys, and only that shard carries its messages. [`Notices`] keeps, per Redis channel, the waiters of this replica; one task reads
 //! the pushes and hands each message to the waiters of its channel. A replica subscribes to
 //! a channel only while one of its requests waits on it (another replica's code exchange),
 //! so idle replicas receive nothing.
@@ -13,7 +14,7 @@ use parking_lot::Mutex;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Cluster, KeyKind, RedisOp};
+use super::{Cluster, KeyKind, RedisOp, Tag};
 
 /// The waiters of this replica, by Redis channel.
 #[derive(Default)]
@@ -51,11 +52,27 @@ impl Notices {
         true
     }
 
+    /// The channels somebody on this replica waits on.
+    fn channels(&self) -> Vec<String> {
+        self.waiting
+            .lock()
+            .keys()
+            .map(|channel| String::from_utf8_lossy(channel).into_owned())
+            .collect()
+    }
+
+    /// Subscribes again to every channel waited on (on a new connection: another primary).
+    pub async fn resubscribe(&self, cluster: &Cluster) {
+        for channel in self.channels() {
+            let _ = tokio::time::timeout(cluster.timeout, cluster.redis.subscribe(&channel)).await;
+        }
+    }
+
     /// Hands every message pushed by Redis to the waiters of its channel, until the
     /// connection's push channel closes.
     pub async fn route(&self, mut pushes: mpsc::UnboundedReceiver<PushInfo>) {
         while let Some(push) = pushes.recv().await {
-            if push.kind != PushKind::Message {
+            if !matches!(push.kind, PushKind::Message | PushKind::SMessage) {
                 continue;
             }
             let [Value::BulkString(channel), Value::BulkString(payload), ..] = push.data.as_slice()
@@ -72,14 +89,12 @@ impl Notices {
 
 impl Cluster {
     /// Waits for messages published on the channel of the code exchange `fingerprint`
-    /// ([`KeyKind::CodeChannel`]); `None` if Redis did not take the subscription.
-    pub async fn listen(&self, fingerprint: &str) -> Option<Listener<'_>> {
-        let channel = self.key(KeyKind::CodeChannel, fingerprint);
+    /// ([`KeyKind::CodeChannel`], in the slot of `tag`); `None` if Redis did not take the
+    /// subscription.
+    pub async fn listen(&self, tag: &Tag, fingerprint: &str) -> Option<Listener<'_>> {
+        let channel = self.key(KeyKind::CodeChannel, tag, fingerprint);
         let next = self.notices.register(&channel);
-        let mut connection = self.connection.clone();
-        let subscribed = self.run_op(RedisOp::Subscribe, async {
-            connection.subscribe(&channel).await
-        });
+        let subscribed = self.run_op(RedisOp::Subscribe, self.redis.subscribe(&channel));
         subscribed.await?;
         Some(Listener {
             cluster: self,
@@ -90,8 +105,7 @@ impl Cluster {
 
     /// Unsubscribes from `channel` (a failure only leaves a subscription nobody reads).
     async fn unsubscribe(&self, channel: &str) {
-        let mut connection = self.connection.clone();
-        let _ = tokio::time::timeout(self.timeout, connection.unsubscribe(channel)).await;
+        let _ = tokio::time::timeout(self.timeout, self.redis.unsubscribe(channel)).await;
     }
 }
 

@@ -8,20 +8,37 @@
 //! the epoch, which a Lua number (a double) holds exactly; they are written back with `%.0f`,
 //! since Lua's `tostring` would round them.
 //!
-//! # The epoch
-//! The *epoch* is a random value the first replica writes (`SET NX`, in [`Heartbeat`]) into
-//! a key without expiry. A Redis that restarted empty, or was flushed, has another epoch (or
-//! none) than the one the replicas learned. Only the scripts that count quota turns check it
-//! ([`TakeTurn`], and [`ClaimCode`] when a turn rides on the claim): their counters (a
-//! bucket's theoretical arrival time, a pause) are what the quota bound rests on, and a
-//! bucket found empty would hand out a fresh burst on top of the turns already spent in the
-//! window. So they refuse to count under another epoch (`-1`), and the replica degrades, as
-//! for an outage, until the replicas resume together at a window boundary. The other scripts
-//! need no epoch: [`PauseBucket`] only holds calls back; [`Resume`] agrees on a time; a lost
-//! code claim or remembered answer costs what losing the store costs (a replay then goes to
-//! WeChat, as on a replica without Redis), and checking the epoch would not bring it back;
-//! a token entry carries its own issue time and tombstone, and a replica holding a newer copy
-//! stores it again, so nothing there depends on continuity.
+//! # The epochs
+//! An *epoch* is a random value written into a key without expiry; a Redis that restarted
+//! empty, was flushed, or failed over to a replica that had not received the key, has
+//! another epoch (or none) than the one the replicas learned.
+//!
+//! - **The replicas' epoch** (`epoch:{replicas}`), written by the first [`Heartbeat`]: every
+//!   heartbeat reads it, and a replica that finds it changed degrades and resumes shared
+//!   counting at a window boundary agreed with the others. On one Redis this notices a
+//!   restart within a heartbeat.
+//! - **A bucket's epoch** (`qe:{tag}...`, one per quota bucket), which every quota turn
+//!   reads in the bucket's own slot ([`TakeTurn`], and [`ClaimCode`] when a turn rides on
+//!   the claim): on Redis Cluster one shard can fail over and lose its recent writes while
+//!   the replicas' epoch, on another shard, lives on. A replica remembers each bucket's epoch
+//!   it counted under; a turn that finds another (or none) tells it that Redis lost the
+//!   bucket, whose theoretical arrival time is what the quota bound rests on (a bucket found
+//!   empty hands out a fresh burst on top of the turns already spent in the window). The
+//!   script then holds the bucket until the next window boundary, in Redis, for every
+//!   replica: the window of the loss counts as spent, as a degraded replica counts the window
+//!   it degraded in. What stays undetected: a loss that only replicas which never counted in
+//!   that bucket meet (a replica that restarted meanwhile, say) takes fresh turns until a
+//!   replica that knew the bucket takes one; and a failover that keeps the bucket's epoch
+//!   but loses the bucket's last writes (asynchronous replication: those within the
+//!   replication lag) hands those few turns out again. Either overshoots that key's window
+//!   by at most the turns lost, which WeChat's 45011, held until its next window, absorbs.
+//!
+//! The other scripts need no epoch: [`PauseBucket`] only holds calls back; [`Resume`]
+//! agrees on a time; a lost code claim or remembered answer costs what losing the store
+//! costs (a replay then goes to WeChat, as on a replica without Redis), and checking an
+//! epoch would not bring it back; a token entry carries its own issue time and tombstone,
+//! and a replica holding a newer copy stores it again, so nothing there depends on
+//! continuity.
 //!
 //! # What the scripts read back
 //! Anybody who can write to Redis can write these keys, without the cluster secret. What
@@ -37,9 +54,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::ScriptInvocation;
-
-use super::{Cluster, KeyKind, RedisOp};
+use super::{Cluster, Invocation, KeyKind, RedisOp, Tag};
 
 /// A script: its text, the operation it counts as, its keys and arguments in the order its
 /// text reads them, and its reply decoded into a named type.
@@ -53,14 +68,19 @@ pub trait Script {
     const OP: RedisOp;
     /// The script, loaded once per process.
     fn lua() -> &'static redis::Script;
-    /// Appends the script's keys and arguments.
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>);
+    /// Appends the script's keys (all of one [`Tag`]: see [`Cluster::key`]) and arguments.
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation);
     /// The reply, decoded.
     fn decode(&self, raw: Self::Raw) -> Self::Reply;
-    /// Whether the reply says Redis lost the counters (another epoch): the replica then
-    /// degrades.
-    fn epoch_lost(_reply: &Self::Reply) -> bool {
-        false
+    /// For a script that counts quota turns: the key of its bucket's epoch (see "The
+    /// epoch").
+    fn epoch_key(&self, _cluster: &Cluster) -> Option<String> {
+        None
+    }
+    /// The epoch the bucket is under now, as the reply says, and whether the replica's
+    /// known one was lost (the script then held the bucket until the next window boundary).
+    fn epoch_seen(_raw: &Self::Raw) -> Option<(String, bool)> {
+        None
     }
     /// What the script found that no replica wrote, if anything (out of the range replicas
     /// write, or not even a value of the key's type): it has dropped or clamped it, and
@@ -108,12 +128,16 @@ end
 }
 
 /// The GCRA turn of [`TakeTurn`] as a Lua function, so that [`ClaimCode`] takes a turn the
-/// same way: `turn(epoch key, bucket key, pause key, count key, expected epoch, interval µs,
-/// tolerance µs, window µs)` returns `1, 0` (admitted), `0, µs` (not before that long), or
-/// `-1, 0` (epoch lost), and a third value, 1 when it found a state no replica wrote. An
-/// admitted turn is also counted in the count key (a hash: `w` the window's index, `n` its
-/// turns), what a learned limit rests on ([`ReadTurns`]); a count key of another type is
-/// dropped and reported.
+/// same way: `turn(epoch key, bucket key, pause key, count key, expected epoch, fresh epoch,
+/// interval µs, tolerance µs, window µs)` returns `1, 0` (admitted) or `0, µs` (not before
+/// that long), then 1 when it found a state no replica wrote, the bucket's epoch, and 1 when
+/// the expected epoch was lost. An admitted turn is also counted in the count key (a hash:
+/// `w` the window's index, `n` its turns), what a learned limit rests on ([`ReadTurns`]); a
+/// count key of another type is dropped and reported.
+///
+/// The bucket's epoch (see "The epochs"): written with `fresh` when there is none; when it
+/// is not the `expected` one (empty: this replica knows none yet), Redis lost the bucket,
+/// which is then held until the next window boundary.
 ///
 /// What it reads is bounded by what a replica can have written: a pause ends at the next
 /// window boundary, so one further than a window ahead is dropped; a theoretical arrival
@@ -125,9 +149,7 @@ macro_rules! gcra_turn {
         concat!(
             stored_time!(),
             r"
-local function turn(epoch_key, bucket_key, pause_key, count_key, expected, interval, tolerance, window)
-  local epoch = redis.call('GET', epoch_key)
-  if epoch ~= expected then return -1, 0, 0 end
+local function turn(epoch_key, bucket_key, pause_key, count_key, expected, fresh, interval, tolerance, window)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
   interval, tolerance, window = tonumber(interval), tonumber(tolerance), tonumber(window)
@@ -136,7 +158,24 @@ local function turn(epoch_key, bucket_key, pause_key, count_key, expected, inter
     redis.call('DEL', pause_key)
     paused, forged = nil, true
   end
-  if paused and paused > now then return 0, paused - now, forged and 1 or 0 end
+  local epoch = redis.pcall('GET', epoch_key)
+  if type(epoch) ~= 'string' then
+    if epoch then
+      redis.call('DEL', epoch_key)
+      forged = true
+    end
+    epoch = fresh
+    redis.call('SET', epoch_key, epoch)
+  end
+  if expected ~= '' and epoch ~= expected then
+    local boundary = (math.floor(now / window) + 1) * window
+    if paused == nil or paused < boundary then
+      paused = boundary
+      redis.call('SET', pause_key, string.format('%.0f', paused), 'PX', math.floor((paused - now) / 1000) + 1)
+    end
+    return 0, paused - now, forged and 1 or 0, epoch, 1
+  end
+  if paused and paused > now then return 0, paused - now, forged and 1 or 0, epoch, 0 end
   local tat, bad = stored_time(bucket_key)
   forged = forged or bad
   local reach = math.max(tolerance + interval, window)
@@ -148,7 +187,7 @@ local function turn(epoch_key, bucket_key, pause_key, count_key, expected, inter
     if forged then
       redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
     end
-    return 0, allowed_at - now, flag
+    return 0, allowed_at - now, flag, epoch, 0
   end
   tat = tat + interval
   redis.call('SET', bucket_key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
@@ -164,7 +203,7 @@ local function turn(epoch_key, bucket_key, pause_key, count_key, expected, inter
     redis.call('HSET', count_key, 'w', w, 'n', 1)
   end
   redis.call('PEXPIRE', count_key, math.floor(2 * window / 1000) + 1)
-  return 1, 0, flag
+  return 1, 0, flag, epoch, 0
 end
 "
         )
@@ -264,11 +303,11 @@ impl Script for Heartbeat<'_> {
         lua!(HEARTBEAT)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.named("epoch"))
-            .key(cluster.named("replicas"))
-            .key(cluster.named("secret"))
+            .key(cluster.replicas_key(KeyKind::Epoch))
+            .key(cluster.replicas_key(KeyKind::Replicas))
+            .key(cluster.replicas_key(KeyKind::SecretCheck))
             .arg(self.member)
             .arg(millis(self.ttl))
             .arg(self.fresh_epoch)
@@ -332,9 +371,9 @@ impl Script for Resume {
         lua!(RESUME)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.named("resume"))
+            .key(cluster.replicas_key(KeyKind::Resume))
             .arg(micros(self.window))
             .arg(micros(self.margin));
     }
@@ -353,13 +392,13 @@ impl Script for Resume {
 
 /// The shared GCRA of one (appid, API), and its 45011 pause.
 ///
-/// `KEYS`: epoch, bucket (the theoretical arrival time, TAT), pause (its end), count (the
-/// turns of the current window).
-/// `ARGV`: expected epoch, emission interval µs, burst tolerance µs (`(burst − 1) ×
-/// interval`), window µs.
-/// Returns `{1, 0, forged}` (admitted), `{0, µs, forged}` (not before that long), or `{-1,
-/// 0, 0}` (epoch lost); `forged` is 1 when the bucket or its pause held a state no replica
-/// wrote (see [`gcra_turn!`]).
+/// `KEYS`: the bucket's epoch, bucket (the theoretical arrival time, TAT), pause (its end),
+/// count (the turns of the current window).
+/// `ARGV`: expected epoch, a fresh epoch, emission interval µs, burst tolerance µs
+/// (`(burst − 1) × interval`), window µs.
+/// Returns `{1, 0, forged, epoch, lost}` (admitted) or `{0, µs, forged, epoch, lost}` (not
+/// before that long); `forged` is 1 when the bucket or its pause held a state no replica
+/// wrote, `lost` 1 when the expected epoch was lost (see [`gcra_turn!`]).
 ///
 /// GCRA: a call at `now` conforms if `now ≥ TAT − tolerance`; it then moves TAT to
 /// `max(TAT, now) + interval`. This is governor's algorithm, so the single-process bound
@@ -368,16 +407,18 @@ impl Script for Resume {
 const QUOTA: &str = concat!(
     gcra_turn!(),
     r"
-local admitted, wait, forged = turn(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
-return {admitted, wait, forged}
+local admitted, wait, forged, epoch, lost = turn(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5])
+return {admitted, wait, forged, epoch, lost}
 "
 );
 
 /// A GCRA bucket of the shared quota: the fingerprint its keys are named by (`q:` its
-/// theoretical arrival time, `p:` its pause, `qn:` its turns this window), its emission
-/// interval, its burst and its window.
+/// theoretical arrival time, `p:` its pause, `qe:` its epoch, `qn:` its turns this window),
+/// in its appid's slot, its emission interval, its burst and its window.
 #[derive(Debug, Clone)]
 pub struct Bucket {
+    /// The appid's tag: the bucket's slot.
+    pub tag: Tag,
     /// Names the bucket's keys; says nothing of the (appid, API) behind it.
     pub fingerprint: String,
     /// One turn every `interval` once the burst is spent.
@@ -391,19 +432,26 @@ pub struct Bucket {
 }
 
 impl Bucket {
-    /// The four keys and four arguments of a turn ([`gcra_turn!`]), after any the
+    /// The four keys and five arguments of a turn ([`gcra_turn!`]), after any the
     /// invocation has.
-    fn write_turn(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write_turn(&self, cluster: &Cluster, invocation: &mut Invocation) {
         let interval = micros(self.interval).max(1);
+        let epoch_key = self.epoch_key(cluster);
         invocation
-            .key(cluster.named("epoch"))
-            .key(cluster.key(KeyKind::QuotaBucket, &self.fingerprint))
-            .key(cluster.key(KeyKind::QuotaPause, &self.fingerprint))
-            .key(cluster.key(KeyKind::QuotaCount, &self.fingerprint))
-            .arg(cluster.epoch())
+            .arg(cluster.known_epoch(&epoch_key))
+            .arg(super::owner_id())
+            .key(epoch_key)
+            .key(cluster.key(KeyKind::QuotaBucket, &self.tag, &self.fingerprint))
+            .key(cluster.key(KeyKind::QuotaPause, &self.tag, &self.fingerprint))
+            .key(cluster.key(KeyKind::QuotaCount, &self.tag, &self.fingerprint))
             .arg(interval)
             .arg(interval * u64::from(self.burst.max(1) - 1))
             .arg(micros(self.window).max(1));
+    }
+
+    /// The key of the bucket's epoch.
+    fn epoch_key(&self, cluster: &Cluster) -> String {
+        cluster.key(KeyKind::QuotaEpoch, &self.tag, &self.fingerprint)
     }
 }
 
@@ -412,21 +460,24 @@ impl Bucket {
 pub enum TurnReply {
     /// The turn is taken: the call may go.
     Taken,
-    /// No turn before this long.
+    /// No turn before this long (also when Redis lost the bucket: it is held until the
+    /// next window boundary).
     NotBefore(Duration),
-    /// Redis lost the counters (another epoch): nothing was counted, and the replica is
-    /// degraded now.
-    EpochLost,
 }
 
 impl TurnReply {
     fn from_script(admitted: i64, wait: i64) -> TurnReply {
         match admitted {
             1 => TurnReply::Taken,
-            0 => TurnReply::NotBefore(Duration::from_micros(wait.max(1) as u64)),
-            _ => TurnReply::EpochLost,
+            _ => TurnReply::NotBefore(Duration::from_micros(wait.max(1) as u64)),
         }
     }
+}
+
+/// The epoch part of a turn's reply: the bucket's epoch and whether the expected one was
+/// lost (`1`); none when no turn was taken (an empty epoch).
+fn epoch_seen(epoch: &str, lost: i64) -> Option<(String, bool)> {
+    (!epoch.is_empty()).then(|| (epoch.to_owned(), lost == 1))
 }
 
 /// [`QUOTA`]: one turn of a bucket.
@@ -434,23 +485,27 @@ pub struct TakeTurn<'a>(pub &'a Bucket);
 
 impl Script for TakeTurn<'_> {
     type Reply = TurnReply;
-    type Raw = (i64, i64, i64);
+    type Raw = (i64, i64, i64, String, i64);
     const OP: RedisOp = RedisOp::Quota;
 
     fn lua() -> &'static redis::Script {
         lua!(QUOTA)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         self.0.write_turn(cluster, invocation);
     }
 
-    fn decode(&self, (admitted, wait, _): Self::Raw) -> TurnReply {
+    fn decode(&self, (admitted, wait, ..): Self::Raw) -> TurnReply {
         TurnReply::from_script(admitted, wait)
     }
 
-    fn epoch_lost(reply: &TurnReply) -> bool {
-        *reply == TurnReply::EpochLost
+    fn epoch_key(&self, cluster: &Cluster) -> Option<String> {
+        Some(self.0.epoch_key(cluster))
+    }
+
+    fn epoch_seen(raw: &Self::Raw) -> Option<(String, bool)> {
+        epoch_seen(&raw.3, raw.4)
     }
 
     fn forged(raw: &Self::Raw) -> Option<&'static str> {
@@ -485,6 +540,8 @@ return {resume - now, forged and 1 or 0}
 
 /// [`PAUSE`] of the bucket named by `fingerprint`; answers how long the pause lasts.
 pub struct PauseBucket<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The bucket's fingerprint.
     pub fingerprint: &'a str,
     /// WeChat's window: the pause ends at the next boundary.
@@ -500,9 +557,9 @@ impl Script for PauseBucket<'_> {
         lua!(PAUSE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::QuotaPause, self.fingerprint))
+            .key(cluster.key(KeyKind::QuotaPause, self.tag, self.fingerprint))
             .arg(micros(self.window));
     }
 
@@ -516,9 +573,10 @@ impl Script for PauseBucket<'_> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Code exchanges. Per exchange, up to four keys named by its fingerprint: `ca:` the
-// remembered answer, `cl:` the claim, `cw:` a flag that other replicas wait, `cr:` the
-// holder's result for late waiters; and the channel `cn:` its result is published on.
+// Code exchanges. Per exchange, up to four keys named by its fingerprint, in its appid's
+// slot: `ca:` the remembered answer, `cl:` the claim, `cw:` a flag that other replicas wait,
+// `cr:` the holder's result for late waiters; and the channel `cn:` its result is published
+// on (a sharded channel on Redis Cluster, in the same slot).
 
 /// Looks for a remembered answer of a code exchange, or claims the exchange, in one round
 /// trip; when the claim is won and the call's quota turn is given (keys 4 to 6), takes that
@@ -526,20 +584,21 @@ impl Script for PauseBucket<'_> {
 /// own for its first turn. A claim without expiry, or longer than twice a lease (replicas
 /// may differ in `upstream.timeout_ms`), no replica wrote: it is taken over and reported.
 ///
-/// `KEYS`: answer, claim, waiters, and optionally the quota's epoch, bucket, pause and count.
-/// `ARGV`: this claim's owner, lease ms, and with the quota's keys its expected epoch,
-/// interval µs, tolerance µs and window µs.
-/// Returns `{found, sealed answer, admitted, wait µs, forged}`: `{1, sealed, 0, 0, 0}`
-/// (remembered), `{2, '', admitted, wait, forged}` (claimed: call WeChat; the turn as
-/// [`QUOTA`] returns it, or `0, 0` when none was asked for), or `{3, '', 0, 0, forged}`
-/// (another replica holds the claim; this one is now noted as waiting, so that the holder
-/// publishes its answer).
+/// `KEYS`: answer, claim, waiters, and optionally the bucket's epoch, bucket, pause and count
+/// (the code exchange and the quota are of one appid: one slot).
+/// `ARGV`: this claim's owner, lease ms, and with the quota's keys its expected epoch, a
+/// fresh epoch, interval µs, tolerance µs and window µs.
+/// Returns `{found, sealed answer, admitted, wait µs, forged, epoch, lost}`: `{1, sealed, 0,
+/// 0, 0, '', 0}` (remembered), `{2, '', admitted, wait, forged, epoch, lost}` (claimed: call
+/// WeChat; the turn as [`QUOTA`] returns it, or `0, 0, .., '', 0` when none was asked for),
+/// or `{3, '', 0, 0, forged, '', 0}` (another replica holds the claim; this one is now noted
+/// as waiting, so that the holder publishes its answer).
 const CODE_CLAIM: &str = concat!(
     gcra_turn!(),
     r"
 local forged = 0
 local answer = redis.pcall('GET', KEYS[1])
-if type(answer) == 'string' then return {1, answer, 0, 0, 0} end
+if type(answer) == 'string' then return {1, answer, 0, 0, 0, '', 0} end
 if answer then
   redis.call('DEL', KEYS[1])
   forged = 1
@@ -551,16 +610,18 @@ if left == -1 or left > 2 * tonumber(ARGV[2]) then
 end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
-  return {3, '', 0, 0, forged}
+  return {3, '', 0, 0, forged, '', 0}
 end
-if #KEYS < 7 then return {2, '', 0, 0, forged} end
-local admitted, wait, turn_forged = turn(KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
-return {2, '', admitted, wait, math.max(forged, turn_forged)}
+if #KEYS < 7 then return {2, '', 0, 0, forged, '', 0} end
+local admitted, wait, turn_forged, epoch, lost = turn(KEYS[4], KEYS[5], KEYS[6], KEYS[7], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
+return {2, '', admitted, wait, math.max(forged, turn_forged), epoch, lost}
 "
 );
 
 /// [`CODE_CLAIM`].
 pub struct ClaimCode<'a> {
+    /// The appid's tag (the bucket's too).
+    pub tag: &'a Tag,
     /// The exchange's fingerprint.
     pub fingerprint: &'a str,
     /// Who claims (a fresh [`super::owner_id`]).
@@ -588,27 +649,27 @@ pub enum ClaimReply {
 
 impl Script for ClaimCode<'_> {
     type Reply = ClaimReply;
-    type Raw = (i64, Vec<u8>, i64, i64, i64);
+    type Raw = (i64, Vec<u8>, i64, i64, i64, String, i64);
     const OP: RedisOp = RedisOp::CodeClaim;
 
     fn lua() -> &'static redis::Script {
         lua!(CODE_CLAIM)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::CodeAnswer, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeClaim, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeWaiters, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeAnswer, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeClaim, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeWaiters, self.tag, self.fingerprint))
             .arg(self.owner)
             .arg(millis(self.lease));
         if let Some(bucket) = self.turn {
-            // Keys 4 to 7 and arguments 3 to 6.
+            // Keys 4 to 7 and arguments 3 to 7.
             bucket.write_turn(cluster, invocation);
         }
     }
 
-    fn decode(&self, (found, sealed, admitted, wait, _): Self::Raw) -> ClaimReply {
+    fn decode(&self, (found, sealed, admitted, wait, ..): Self::Raw) -> ClaimReply {
         match found {
             1 => ClaimReply::Remembered(sealed),
             // Without a turn given, the script says `0, 0`, which means nothing.
@@ -619,13 +680,12 @@ impl Script for ClaimCode<'_> {
         }
     }
 
-    fn epoch_lost(reply: &ClaimReply) -> bool {
-        matches!(
-            reply,
-            ClaimReply::Claimed {
-                turn: Some(TurnReply::EpochLost)
-            }
-        )
+    fn epoch_key(&self, cluster: &Cluster) -> Option<String> {
+        self.turn.map(|bucket| bucket.epoch_key(cluster))
+    }
+
+    fn epoch_seen(raw: &Self::Raw) -> Option<(String, bool)> {
+        epoch_seen(&raw.5, raw.6)
     }
 
     fn forged(raw: &Self::Raw) -> Option<&'static str> {
@@ -666,6 +726,8 @@ return {0, '', forged}
 
 /// [`CODE_PEEK`].
 pub struct PeekCode<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The exchange's fingerprint.
     pub fingerprint: &'a str,
     /// A claim's lease.
@@ -692,11 +754,11 @@ impl Script for PeekCode<'_> {
         lua!(CODE_PEEK)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::CodeAnswer, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeClaim, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeResult, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeAnswer, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeClaim, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeResult, self.tag, self.fingerprint))
             .arg(millis(self.lease));
     }
 
@@ -725,6 +787,8 @@ return 0
 
 /// [`CODE_RENEW`]; answers whether the claim was extended.
 pub struct RenewClaim<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The exchange's fingerprint.
     pub fingerprint: &'a str,
     /// The claim's owner.
@@ -742,9 +806,9 @@ impl Script for RenewClaim<'_> {
         lua!(CODE_RENEW)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::CodeClaim, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeClaim, self.tag, self.fingerprint))
             .arg(self.owner)
             .arg(millis(self.lease));
     }
@@ -758,8 +822,14 @@ impl Script for RenewClaim<'_> {
 /// (only the owner can), and, if other replicas wait, leaves the result for them a short
 /// while and publishes it.
 ///
+/// The channel is published on with `SPUBLISH` (sharded pub/sub, Redis 7) when `ARGV[6]` is
+/// `1` (Redis Cluster: the channel is in the keys' slot, and only that shard carries the
+/// message), else with `PUBLISH`; a Redis without `SPUBLISH` (6) gets `PUBLISH`, which a
+/// Redis 6 cluster carries to every node.
+///
 /// `KEYS`: answer, claim, waiters, result. `ARGV`: owner, sealed answer, remember ms (0:
-/// not definitive), result ms, channel. Returns the waiting replicas notified.
+/// not definitive), result ms, channel, sharded (`1` or `0`). Returns the waiting replicas
+/// notified.
 const CODE_COMPLETE: &str = r"
 if tonumber(ARGV[3]) > 0 then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -767,6 +837,10 @@ end
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 if redis.call('DEL', KEYS[3]) == 1 then
   redis.call('SET', KEYS[4], ARGV[2], 'PX', ARGV[4])
+  if ARGV[6] == '1' then
+    local told = redis.pcall('SPUBLISH', ARGV[5], ARGV[2])
+    if type(told) == 'number' then return told end
+  end
   return redis.call('PUBLISH', ARGV[5], ARGV[2])
 end
 return 0
@@ -774,6 +848,8 @@ return 0
 
 /// [`CODE_COMPLETE`]; answers how many replicas were told.
 pub struct CompleteClaim<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The exchange's fingerprint.
     pub fingerprint: &'a str,
     /// The claim's owner.
@@ -795,17 +871,18 @@ impl Script for CompleteClaim<'_> {
         lua!(CODE_COMPLETE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::CodeAnswer, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeClaim, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeWaiters, self.fingerprint))
-            .key(cluster.key(KeyKind::CodeResult, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeAnswer, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeClaim, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeWaiters, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::CodeResult, self.tag, self.fingerprint))
             .arg(self.owner)
             .arg(self.sealed)
             .arg(millis(self.remember))
             .arg(millis(self.for_waiters))
-            .arg(cluster.key(KeyKind::CodeChannel, self.fingerprint));
+            .arg(cluster.key(KeyKind::CodeChannel, self.tag, self.fingerprint))
+            .arg(if cluster.sharded_notices() { "1" } else { "0" });
     }
 
     fn decode(&self, notified: u64) -> u64 {
@@ -814,12 +891,14 @@ impl Script for CompleteClaim<'_> {
 }
 
 // ---------------------------------------------------------------------------------------
-// Access tokens. Per (API, appid), named by its fingerprint: `token:` a hash of `i` (when
+// Access tokens. Per (API, appid), named by its fingerprint in the appid's slot: `token:` a
+// hash of `i` (when
 // the fetch that minted the token was sent, µs), `t` (the token's own fingerprint), `m` (the
 // MAC of the key's fingerprint, `i` and `t`), `s` (the entry, sealed) and, once the token
 // was refused, `d` (the MAC that says so, in place of `s`); `token-lease:` the replica
 // fetching it now; `token-day:` the day's fetches. And `token-of:` (by the token's
-// fingerprint) the entry's fingerprint.
+// fingerprint, in a slot of its own: a replica that looks a refused token up knows no appid)
+// the entry's fingerprint and tag, written by its own operation ([`IndexToken`]).
 //
 // The scripts compare `i` and `t` as they are (Lua has no HMAC); the replica checks the MACs
 // and the seal of what they read back ([`TokenRecord`]), and tells [`StoreToken`] to
@@ -904,6 +983,8 @@ return {fields[1], fields[2], fields[3], fields[4], fields[5], forged}
 
 /// [`TOKEN_READ`].
 pub struct ReadToken<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
 }
@@ -917,8 +998,8 @@ impl Script for ReadToken<'_> {
         lua!(TOKEN_READ)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
-        invocation.key(cluster.key(KeyKind::Token, self.fingerprint));
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
+        invocation.key(cluster.key(KeyKind::Token, self.tag, self.fingerprint));
     }
 
     fn decode(&self, (i, s, t, m, d, _): Self::Raw) -> TokenRecord {
@@ -954,6 +1035,8 @@ return {taken and 1 or 0, fields[1], fields[2], fields[3], fields[4], fields[5],
 
 /// [`TOKEN_LEASE`].
 pub struct TakeLease<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
     /// Who takes it (a fresh [`super::owner_id`]).
@@ -980,10 +1063,10 @@ impl Script for TakeLease<'_> {
         lua!(TOKEN_LEASE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::TokenLease, self.fingerprint))
-            .key(cluster.key(KeyKind::Token, self.fingerprint))
+            .key(cluster.key(KeyKind::TokenLease, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::Token, self.tag, self.fingerprint))
             .arg(self.owner)
             .arg(millis(self.ttl));
     }
@@ -1011,6 +1094,8 @@ return 0
 
 /// [`TOKEN_RELEASE`]; answers whether the lease was released.
 pub struct ReleaseLease<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
     /// The lease's owner.
@@ -1026,9 +1111,9 @@ impl Script for ReleaseLease<'_> {
         lua!(TOKEN_RELEASE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::TokenLease, self.fingerprint))
+            .key(cluster.key(KeyKind::TokenLease, self.tag, self.fingerprint))
             .arg(self.owner);
     }
 
@@ -1042,8 +1127,8 @@ impl Script for ReleaseLease<'_> {
 /// forged stores again, replacing the entry if its issue time is still the forged one (so
 /// that a newer entry another replica stored meanwhile stays).
 ///
-/// `KEYS`: entry, token index. `ARGV`: issued µs, token fingerprint, sealed entry, ms to
-/// keep, entry fingerprint, MAC, the issue time of a forged entry to replace (or empty).
+/// `KEYS`: entry. `ARGV`: issued µs, token fingerprint, sealed entry, ms to keep, MAC, the
+/// issue time of a forged entry to replace (or empty).
 /// Returns `{1, '', '', '', '', ''}` if stored, else `{0, i, s, t, m, d}`: what Redis
 /// holds.
 const TOKEN_STORE: &str = concat!(
@@ -1051,19 +1136,20 @@ const TOKEN_STORE: &str = concat!(
     r"
 local fields = entry(KEYS[1])
 local current = tonumber(fields[1])
-if current and current >= tonumber(ARGV[1]) and fields[1] ~= ARGV[7] then
+if current and current >= tonumber(ARGV[1]) and fields[1] ~= ARGV[6] then
   return {0, fields[1], fields[2], fields[3], fields[4], fields[5]}
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'i', ARGV[1], 't', ARGV[2], 's', ARGV[3], 'm', ARGV[6])
+redis.call('HSET', KEYS[1], 'i', ARGV[1], 't', ARGV[2], 's', ARGV[3], 'm', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[4])
 return {1, '', '', '', '', ''}
 "
 );
 
 /// [`TOKEN_STORE`].
 pub struct StoreToken<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
     /// The token's own fingerprint.
@@ -1074,7 +1160,7 @@ pub struct StoreToken<'a> {
     pub sealed: &'a [u8],
     /// The MAC of (fingerprint, issue time, token fingerprint).
     pub mac: &'a str,
-    /// How long Redis keeps the entry and its index.
+    /// How long Redis keeps the entry.
     pub keep: Duration,
     /// The issue time (`i`, as stored) of a forged entry this store replaces.
     pub replacing: Option<&'a str>,
@@ -1098,15 +1184,13 @@ impl Script for StoreToken<'_> {
         lua!(TOKEN_STORE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::Token, self.fingerprint))
-            .key(cluster.key(KeyKind::TokenOf, self.token_fingerprint))
+            .key(cluster.key(KeyKind::Token, self.tag, self.fingerprint))
             .arg(self.issued_micros)
             .arg(self.token_fingerprint)
             .arg(self.sealed)
             .arg(millis(self.keep))
-            .arg(self.fingerprint)
             .arg(self.mac)
             .arg(self.replacing.unwrap_or(""));
     }
@@ -1120,24 +1204,67 @@ impl Script for StoreToken<'_> {
     }
 }
 
+/// Notes which entry holds a token, by the token's fingerprint, for a replica that meets the
+/// token refused without knowing its appid ([`FindToken`]). Its own operation: the index is
+/// in the token's slot, not the appid's.
+///
+/// `KEYS`: token index. `ARGV`: the entry's tag and fingerprint (`{tag}.{fingerprint}`), ms
+/// to keep. Returns `OK`.
+const TOKEN_INDEX: &str = r"
+return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+";
+
+/// [`TOKEN_INDEX`].
+pub struct IndexToken<'a> {
+    /// The token's own fingerprint.
+    pub token_fingerprint: &'a str,
+    /// The appid's tag of the entry holding the token.
+    pub tag: &'a Tag,
+    /// That entry's fingerprint.
+    pub fingerprint: &'a str,
+    /// How long Redis keeps the index (as long as the entry).
+    pub keep: Duration,
+}
+
+impl Script for IndexToken<'_> {
+    type Reply = ();
+    type Raw = ();
+    const OP: RedisOp = RedisOp::TokenStore;
+
+    fn lua() -> &'static redis::Script {
+        lua!(TOKEN_INDEX)
+    }
+
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
+        let own = Tag::own(self.token_fingerprint);
+        invocation
+            .key(cluster.key(KeyKind::TokenOf, &own, self.token_fingerprint))
+            .arg(format!("{}.{}", self.tag.0, self.fingerprint))
+            .arg(millis(self.keep));
+    }
+
+    fn decode(&self, (): ()) {}
+}
+
 /// Finds the entry that holds a token, by the token's fingerprint.
 ///
-/// `KEYS`: token index. Returns the entry's fingerprint, or nil.
+/// `KEYS`: token index. Returns the entry's tag and fingerprint (`{tag}.{fingerprint}`), or
+/// nil.
 const TOKEN_FIND: &str = r"
 local found = redis.pcall('GET', KEYS[1])
 if type(found) == 'string' then return found end
 return false
 ";
 
-/// [`TOKEN_FIND`]; answers the fingerprint of the entry holding the token, if any (the
-/// index is plain text: a wrong one only makes [`DropToken`] compare and find nothing).
+/// [`TOKEN_FIND`]; answers the tag and fingerprint of the entry holding the token, if any
+/// (the index is plain text: a wrong one only makes [`DropToken`] compare and find nothing).
 pub struct FindToken<'a> {
     /// The token's own fingerprint.
     pub token_fingerprint: &'a str,
 }
 
 impl Script for FindToken<'_> {
-    type Reply = Option<String>;
+    type Reply = Option<(Tag, String)>;
     type Raw = Option<String>;
     const OP: RedisOp = RedisOp::TokenDrop;
 
@@ -1145,12 +1272,16 @@ impl Script for FindToken<'_> {
         lua!(TOKEN_FIND)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
-        invocation.key(cluster.key(KeyKind::TokenOf, self.token_fingerprint));
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
+        let own = Tag::own(self.token_fingerprint);
+        invocation.key(cluster.key(KeyKind::TokenOf, &own, self.token_fingerprint));
     }
 
-    fn decode(&self, fingerprint: Option<String>) -> Option<String> {
-        fingerprint
+    fn decode(&self, found: Option<String>) -> Option<(Tag, String)> {
+        let (tag, fingerprint) = found?
+            .split_once('.')
+            .map(|(tag, fingerprint)| (Tag::read(tag), fingerprint.to_owned()))?;
+        Some((tag?, fingerprint))
     }
 }
 
@@ -1170,6 +1301,8 @@ return 0
 
 /// [`TOKEN_DROP`]; answers whether the entry held the token and was dropped.
 pub struct DropToken<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
     /// The refused token's own fingerprint.
@@ -1187,9 +1320,9 @@ impl Script for DropToken<'_> {
         lua!(TOKEN_DROP)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::Token, self.fingerprint))
+            .key(cluster.key(KeyKind::Token, self.tag, self.fingerprint))
             .arg(self.token_fingerprint)
             .arg(self.mac);
     }
@@ -1214,6 +1347,8 @@ return count
 
 /// [`TOKEN_COUNT`]; answers the count of all replicas' fetches that day.
 pub struct CountFetch<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The token key's fingerprint.
     pub fingerprint: &'a str,
     /// The day (days since the epoch, in WeChat's time zone).
@@ -1229,10 +1364,10 @@ impl Script for CountFetch<'_> {
         lua!(TOKEN_COUNT)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         let day = format!("{}:{}", self.fingerprint, self.day);
         invocation
-            .key(cluster.key(KeyKind::TokenDay, &day))
+            .key(cluster.key(KeyKind::TokenDay, self.tag, &day))
             .arg(2 * 86_400_000_u64);
     }
 
@@ -1281,6 +1416,8 @@ return {3, '', forged}
 
 /// [`LIMIT_LEASE`].
 pub struct LeaseLimit<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The key's quota fingerprint.
     pub fingerprint: &'a str,
     /// Who takes the lease (a fresh [`super::owner_id`]).
@@ -1311,10 +1448,10 @@ impl Script for LeaseLimit<'_> {
         lua!(LIMIT_LEASE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::LimitStated, self.fingerprint))
-            .key(cluster.key(KeyKind::LimitLease, self.fingerprint))
+            .key(cluster.key(KeyKind::LimitStated, self.tag, self.fingerprint))
+            .key(cluster.key(KeyKind::LimitLease, self.tag, self.fingerprint))
             .arg(self.owner)
             .arg(millis(self.lease).max(1))
             .arg(if self.take { "1" } else { "0" });
@@ -1365,6 +1502,8 @@ return 1
 pub struct StoreLimit<'a> {
     /// Which record.
     pub record: LimitRecord,
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The key's quota fingerprint.
     pub fingerprint: &'a str,
     /// The record, sealed for `record`'s Redis key.
@@ -1382,9 +1521,9 @@ impl Script for StoreLimit<'_> {
         lua!(LIMIT_STORE)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(self.record.kind(), self.fingerprint))
+            .key(cluster.key(self.record.kind(), self.tag, self.fingerprint))
             .arg(self.sealed)
             .arg(millis(self.keep).max(1));
     }
@@ -1394,11 +1533,16 @@ impl Script for StoreLimit<'_> {
 
 /// The Redis key a record is sealed for (its associated data, so that a record moved to
 /// another key does not open).
-pub fn limit_record_key(cluster: &Cluster, record: LimitRecord, fingerprint: &str) -> String {
-    cluster.key(record.kind(), fingerprint)
+pub fn limit_record_key(
+    cluster: &Cluster,
+    record: LimitRecord,
+    tag: &Tag,
+    fingerprint: &str,
+) -> String {
+    cluster.key(record.kind(), tag, fingerprint)
 }
 
-/// Reads the learned limits of several keys at once.
+/// Reads the learned limits of several keys of one appid at once (one slot).
 ///
 /// `KEYS`: records. Returns their values (`false` for none).
 const LIMIT_READ: &str = r"
@@ -1407,6 +1551,8 @@ return redis.call('MGET', unpack(KEYS))
 
 /// [`LIMIT_READ`], for at most a few hundred keys (Lua's `unpack` takes a few thousand).
 pub struct ReadLearned<'a> {
+    /// The appid's tag, that of every key.
+    pub tag: &'a Tag,
     /// The keys' quota fingerprints.
     pub fingerprints: &'a [String],
 }
@@ -1420,9 +1566,9 @@ impl Script for ReadLearned<'_> {
         lua!(LIMIT_READ)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         for fingerprint in self.fingerprints {
-            invocation.key(cluster.key(KeyKind::LimitLearned, fingerprint));
+            invocation.key(cluster.key(KeyKind::LimitLearned, self.tag, fingerprint));
         }
     }
 
@@ -1449,6 +1595,8 @@ return 0
 /// [`QUOTA_COUNT`]. The count is plain: tampered with, it can only move a learned limit
 /// between its floor and the configured figure, as losing Redis would.
 pub struct ReadTurns<'a> {
+    /// The appid's tag.
+    pub tag: &'a Tag,
     /// The bucket's fingerprint.
     pub fingerprint: &'a str,
     /// Its window.
@@ -1464,9 +1612,9 @@ impl Script for ReadTurns<'_> {
         lua!(QUOTA_COUNT)
     }
 
-    fn write(&self, cluster: &Cluster, invocation: &mut ScriptInvocation<'_>) {
+    fn write(&self, cluster: &Cluster, invocation: &mut Invocation) {
         invocation
-            .key(cluster.key(KeyKind::QuotaCount, self.fingerprint))
+            .key(cluster.key(KeyKind::QuotaCount, self.tag, self.fingerprint))
             .arg(micros(self.window).max(1));
     }
 

@@ -212,14 +212,13 @@ impl CodeCache {
             .filter(|shared| shared.available())
             .and_then(|shared| {
                 let query = call.request.path_and_query.query().unwrap_or("");
-                Some((shared, shared.fingerprint(call.api, query)?))
+                Some((shared, shared.name(call.api, query)?))
             });
         let (answer, status) = match shared {
             // Boxed: the Redis round trips make a large future, which the common path (no
             // `[cluster]`) would otherwise carry and copy on every exchange.
-            Some((shared, fingerprint)) => {
-                Box::pin(self.lead_shared(shared, fingerprint, key, &flight, &call, &dispatcher))
-                    .await
+            Some((shared, name)) => {
+                Box::pin(self.lead_shared(shared, name, key, &flight, &call, &dispatcher)).await
             }
             None => self.call_alone(key, &flight, &call, &dispatcher).await,
         };

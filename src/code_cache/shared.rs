@@ -3,7 +3,7 @@
 //!
 //! A leader with Redis reachable first claims its exchange in Redis under the exchange's
 //! fingerprint (a keyed HMAC of API, appid, credential and `js_code`, so no key names any of
-//! them). The claim and the look-up of a remembered answer are one atomic round trip
+//! them), in the slot of its appid's tag, where its quota bucket is too ([`ExchangeName`]). The claim and the look-up of a remembered answer are one atomic round trip
 //! ([`ClaimCode`]), which also takes the call's first quota turn when the quota can give one
 //! ([`QuotaGate::turn_to_claim`](crate::quota::QuotaGate::turn_to_claim); settled by
 //! [`FirstTurn::after_claim`]). Then:
@@ -42,7 +42,7 @@ use crate::answer::{Answer, LocalAnswer, RememberedAnswer};
 use crate::cluster::scripts::{
     ClaimCode, ClaimReply, CompleteClaim, PeekCode, PeekReply, RenewClaim,
 };
-use crate::cluster::{owner_id, Cluster, RedisOp};
+use crate::cluster::{owner_id, Cluster, RedisOp, Tag};
 use crate::dispatch::{Call, Dispatcher};
 use crate::quota::FirstTurn;
 use crate::wechat::{Api, WechatParams, JSON_CONTENT_TYPE};
@@ -64,9 +64,17 @@ pub struct SharedCodes {
     lease: Duration,
 }
 
+/// What a code exchange is named by in Redis: its appid's tag (the slot of its keys, and of
+/// its quota bucket, so that a claim takes the call's first turn in the same script) and
+/// its fingerprint.
+pub(super) struct ExchangeName {
+    tag: Tag,
+    fingerprint: String,
+}
+
 /// A claim this replica holds.
 struct Ticket {
-    fingerprint: String,
+    name: ExchangeName,
     owner: String,
 }
 
@@ -77,7 +85,7 @@ impl CodeCache {
     pub(super) async fn lead_shared(
         &self,
         shared: &SharedCodes,
-        fingerprint: String,
+        name: ExchangeName,
         key: CodeKey,
         flight: &Arc<CodeFlight>,
         call: &Call,
@@ -90,7 +98,8 @@ impl CodeCache {
             .and_then(|key| dispatcher.quota().turn_to_claim(key));
         let owner = owner_id();
         let claim = ClaimCode {
-            fingerprint: &fingerprint,
+            tag: &name.tag,
+            fingerprint: &name.fingerprint,
             owner: &owner,
             lease: shared.lease,
             turn: turn.as_ref().map(|turn| turn.bucket()),
@@ -98,7 +107,7 @@ impl CodeCache {
         match shared.cluster.eval(&claim).await {
             Some(ClaimReply::Claimed { turn }) => {
                 self.metrics.lookup(Tier::Redis, CacheStatus::Miss);
-                let ticket = Ticket { fingerprint, owner };
+                let ticket = Ticket { name, owner };
                 let call = self.call(key, flight, call, dispatcher, FirstTurn::after_claim(turn));
                 let answer = shared.holding(&ticket, call).await;
                 shared.complete(ticket, &answer).await;
@@ -107,10 +116,10 @@ impl CodeCache {
             Some(ClaimReply::HeldElsewhere) => {
                 self.metrics.lookup(Tier::Redis, CacheStatus::Coalesced);
                 self.forget_flight(key, flight);
-                (shared.wait(&fingerprint).await, CacheStatus::Coalesced)
+                (shared.wait(&name).await, CacheStatus::Coalesced)
             }
             Some(ClaimReply::Remembered(sealed)) => {
-                match shared.open(&fingerprint, &sealed, RedisOp::CodeClaim) {
+                match shared.open(&name.fingerprint, &sealed, RedisOp::CodeClaim) {
                     Some(answer) => {
                         self.metrics.lookup(Tier::Redis, CacheStatus::Hit);
                         (self.remember(key, answer), CacheStatus::Hit)
@@ -160,9 +169,10 @@ impl SharedCodes {
         self.cluster.reachable()
     }
 
-    /// The fingerprint under which the replicas share the exchange of `api` with `query`: a
-    /// keyed HMAC of what makes exchanges identical, the same on every replica.
-    pub fn fingerprint(&self, api: Api, query: &str) -> Option<String> {
+    /// The name under which the replicas share the exchange of `api` with `query`: a keyed
+    /// HMAC of what makes exchanges identical, the same on every replica, in its appid's
+    /// slot.
+    pub(super) fn name(&self, api: Api, query: &str) -> Option<ExchangeName> {
         let params = WechatParams::parse(query);
         let checked = request::check(api, &params).ok()?;
         let (kind, first, second): (&[u8], &[u8], &[u8]) = match checked.credential {
@@ -180,7 +190,10 @@ impl SharedCodes {
             second,
             checked.js_code,
         ];
-        Some(self.cluster.sealing().fingerprint("code", &fields))
+        Some(ExchangeName {
+            tag: self.cluster.appid_tag(checked.appid),
+            fingerprint: self.cluster.sealing().fingerprint("code", &fields),
+        })
     }
 
     /// Runs `call` while renewing `ticket`'s lease, so that other replicas keep waiting for
@@ -195,7 +208,8 @@ impl SharedCodes {
                 output = &mut call => return output,
                 () = tokio::time::sleep_until(next) => {
                     let renew = RenewClaim {
-                        fingerprint: &ticket.fingerprint,
+                        tag: &ticket.name.tag,
+                        fingerprint: &ticket.name.fingerprint,
                         owner: &ticket.owner,
                         lease: self.lease,
                     };
@@ -227,9 +241,13 @@ impl SharedCodes {
         } else {
             Duration::ZERO
         };
-        let sealed = self.cluster.sealing().seal(&ticket.fingerprint, &encoded);
+        let sealed = self
+            .cluster
+            .sealing()
+            .seal(&ticket.name.fingerprint, &encoded);
         let complete = CompleteClaim {
-            fingerprint: &ticket.fingerprint,
+            tag: &ticket.name.tag,
+            fingerprint: &ticket.name.fingerprint,
             owner: &ticket.owner,
             sealed: &sealed,
             remember,
@@ -240,12 +258,14 @@ impl SharedCodes {
 
     /// Waits for the result of the replica holding the claim: one lease at most, whatever
     /// Redis says (a claim kept alive by anyone else than a replica ends there too).
-    async fn wait(&self, fingerprint: &str) -> Answer {
+    async fn wait(&self, name: &ExchangeName) -> Answer {
         let deadline = Instant::now() + self.lease;
-        let Some(mut listener) = self.cluster.listen(fingerprint).await else {
+        let fingerprint = name.fingerprint.as_str();
+        let Some(mut listener) = self.cluster.listen(&name.tag, fingerprint).await else {
             return Answer::Local(LocalAnswer::ClaimUnreachable);
         };
         let peek = PeekCode {
+            tag: &name.tag,
             fingerprint,
             lease: self.lease,
         };

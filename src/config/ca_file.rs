@@ -1,7 +1,8 @@
 //! `upstream.ca_file`: certificate authorities wxgate trusts for HTTPS to its upstream in
 //! addition to the webpki roots (a TLS-inspecting egress proxy's, a private test WeChat's),
 //! read and checked once, at validation, so that a bad file stops wxgate at start rather than
-//! failing every call.
+//! failing every call. `cluster.ca_file` is read the same way: the authorities of Redis's
+//! certificates.
 //!
 //! No message holds the file's contents or its path: a PEM file next to a configuration may
 //! hold a key by mistake, and messages go to CI logs.
@@ -70,6 +71,22 @@ impl CaFile {
     pub fn certificates(&self) -> &[CertificateDer<'static>] {
         &self.certificates
     }
+
+    /// The certificates as PEM (only the certificates: nothing else the file held).
+    pub fn pem(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let mut pem = String::new();
+        for certificate in &self.certificates {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(certificate.as_ref());
+            pem.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in encoded.as_bytes().chunks(64) {
+                pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+                pem.push('\n');
+            }
+            pem.push_str("-----END CERTIFICATE-----\n");
+        }
+        pem.into_bytes()
+    }
 }
 
 impl fmt::Debug for CaFile {
@@ -117,6 +134,7 @@ mod tests {
         let good = TempFile::new("ca.pem", ca.pem().as_bytes());
         let loaded = CaFile::load(&good.0).unwrap();
         assert_eq!(loaded.certificates().len(), 1);
+        assert_eq!(loaded.pem(), ca.pem().replace("\r\n", "\n").into_bytes());
         assert!(format!("{loaded:?}").ends_with("certificates: 1 }"));
         for error in [
             CaFileError::NotPem,

@@ -46,6 +46,7 @@ mod files;
 mod pem;
 mod raw;
 mod read;
+mod redis;
 mod server_tls;
 #[cfg(test)]
 mod test_files;
@@ -61,13 +62,14 @@ use crate::wechat::Api;
 pub use allow::AllowList;
 pub use base_url::BaseUrl;
 pub use ca_file::CaFile;
-pub use cluster::{ClusterSecret, RedisUrl};
+pub use cluster::ClusterSecret;
 pub(crate) use raw::RawConfig;
 use raw::{
     RawCluster, RawCodeCache, RawLimit, RawLog, RawQuota, RawRetry, RawServer, RawServerTls,
     RawTokenCache, RawUpstream, HOLD_BEYOND_WINDOW, MARGIN_AT_A_MINUTE,
 };
 use read::read;
+pub use redis::{Credentials, NodeAddress, NodeSettings, RedisForm, RedisTarget, RedisUrl};
 pub use server_tls::{tls_provider, ServerTlsConfig};
 
 /// `config_key!(server.listen)` is `"server.listen"`: a key path of `config.toml` (a key, or
@@ -274,8 +276,9 @@ pub struct TokenCacheConfig {
 /// `[cluster]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// The Redis every replica shares; its password from the URL or `WXGATE_REDIS_PASSWORD`.
-    pub redis_url: RedisUrl,
+    /// The Redis every replica shares, in one of its forms; its user and password from the
+    /// URL or `WXGATE_REDIS_USERNAME` and `WXGATE_REDIS_PASSWORD`.
+    pub redis: RedisTarget,
     /// Prepended to every key, so that several deployments can share one Redis.
     pub key_prefix: String,
     /// The longest one Redis operation may take before the replica stops waiting for it and

@@ -235,12 +235,29 @@ impl Default for RawTokenCache {
     }
 }
 
-/// `[cluster]`: present only when the replicas share state.
+/// `[cluster]`: present only when the replicas share state. One Redis form:
+/// `redis_url`, or `sentinels` with `sentinel_master`, or `cluster_nodes`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub(crate) struct RawCluster {
-    /// `redis://` or `rediss://`; may carry a password.
+    /// `redis://` or `rediss://`; may carry a user and a password.
+    #[serde(skip_serializing_if = "Secret::is_empty")]
     pub(crate) redis_url: Secret<UrlPassword>,
+    /// `host:port` of each sentinel.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) sentinels: Vec<String>,
+    /// The name the sentinels know the primary by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) sentinel_master: Option<String>,
+    /// `host:port` of Redis Cluster seed nodes.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) cluster_nodes: Vec<String>,
+    /// TLS to the sentinels, the primary and the cluster's nodes (`redis_url` says it with
+    /// its scheme).
+    pub(crate) tls: bool,
+    /// Absent: the webpki roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_file: Option<String>,
     pub(crate) key_prefix: String,
     pub(crate) timeout_ms: i64,
     pub(crate) expected_replicas: i64,
@@ -253,6 +270,11 @@ impl Default for RawCluster {
     fn default() -> Self {
         RawCluster {
             redis_url: Secret::new(""),
+            sentinels: Vec::new(),
+            sentinel_master: None,
+            cluster_nodes: Vec::new(),
+            tls: false,
+            ca_file: None,
             key_prefix: "wxgate:".into(),
             timeout_ms: 50,
             // Production runs two or more replicas.

@@ -201,6 +201,11 @@ impl<M> Secret<M> {
     pub(super) fn expose(&self) -> &str {
         &self.text
     }
+
+    /// Whether the key is empty (absent).
+    pub(super) fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
 }
 
 impl<'de, M> Deserialize<'de> for Secret<M> {

@@ -215,6 +215,58 @@ fn the_configuration_reference_documents_every_key() {
     }
 }
 
+/// Every key of `[cluster]`, each form's included, by key path.
+fn cluster_keys() -> Vec<String> {
+    let raw = super::RawConfig {
+        cluster: Some(super::RawCluster {
+            sentinels: vec!["h:1".into()],
+            sentinel_master: Some("m".into()),
+            cluster_nodes: vec!["h:1".into()],
+            ca_file: Some("ca.pem".into()),
+            secret_file: Some("secret".into()),
+            redis_url: super::read::Secret::new("redis://h"),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let printed = toml::to_string(&raw).unwrap();
+    let mut keys = Vec::new();
+    leaf_paths(
+        &toml::Value::Table(printed.parse().unwrap()),
+        &[],
+        &mut keys,
+    );
+    keys.retain(|key| key.starts_with("cluster."));
+    assert_eq!(keys.len(), 10, "{keys:?}");
+    keys
+}
+
+#[test]
+fn the_configuration_reference_documents_every_cluster_key() {
+    let reference = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ));
+    for key in cluster_keys() {
+        assert!(
+            reference.contains(&format!("| `{key}` |")),
+            "docs/configuration.md's key table has no row for `{key}`"
+        );
+    }
+}
+
+#[test]
+fn the_shipped_config_toml_mentions_every_cluster_key() {
+    let shipped = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"));
+    for key in cluster_keys() {
+        let name = key.trim_start_matches("cluster.");
+        assert!(
+            shipped.contains(&format!("# {name} = ")),
+            "config.toml's commented [cluster] has no {name}"
+        );
+    }
+}
+
 // The checks of `validate.rs`.
 #[test]
 fn dependent_checks_wait_for_valid_inputs() {
@@ -450,4 +502,80 @@ fn files_larger_than_the_limit_are_refused_by_their_key_unread() {
         assert_eq!(errors, [format!("cannot read {file}: {limit}")]);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// `[cluster]`'s Redis forms.
+#[test]
+fn a_cluster_section_names_one_redis_form_and_every_problem_with_its_key() {
+    let secret = crate::config::test_files::TempFile::new("secret", &[b'k'; 32]);
+    let with = |body: &str| {
+        format!(
+            "[cluster]\nsecret_file = \"{}\"\n{body}",
+            secret.0.display()
+        )
+    };
+    assert_eq!(
+        problems(&with("")),
+        ["cluster.redis_url: required when [cluster] is present (or cluster.sentinels, or cluster.cluster_nodes), such as \"redis://127.0.0.1:6379/0\""]
+    );
+    assert_eq!(
+        problems(&with(
+            "redis_url = \"redis://h\"\nsentinels = [\"h:1\"]\ncluster_nodes = [\"h:2\"]\n"
+        )),
+        [
+            "cluster.sentinels: one Redis form at a time: cluster.redis_url, cluster.sentinels (with cluster.sentinel_master) or cluster.cluster_nodes",
+            "cluster.cluster_nodes: one Redis form at a time: cluster.redis_url, cluster.sentinels (with cluster.sentinel_master) or cluster.cluster_nodes",
+        ]
+    );
+    // Every problem at once: a bad entry, no master, a broken prefix, an unreadable CA.
+    assert_eq!(
+        problems(&with(
+            "sentinels = [\"h:1\", \"hunter2\"]\nkey_prefix = \"wx{\"\nca_file = \"/nonexistent/ca.pem\"\n"
+        )),
+        [
+            "cluster.sentinels[1]: must be a host and port such as \"10.0.0.5:6379\" (\"[::1]:6379\" for IPv6)",
+            "cluster.sentinel_master: required with cluster.sentinels: the name the sentinels monitor the primary by (sentinel monitor NAME ...)",
+            "cluster.ca_file: cannot be read (No such file or directory (os error 2))",
+            "cluster.key_prefix: a '{' in it must be closed by a '}' in it, around at least one character (a Redis Cluster hash tag), or every key of a script would not share one slot",
+        ]
+    );
+    assert_eq!(
+        problems(&with("redis_url = \"redis://h\"\ntls = true\nsentinel_master = \"m\"\n")),
+        [
+            "cluster.sentinel_master: only with cluster.sentinels (the sentinels that know this primary)",
+            "cluster.tls: cluster.redis_url says TLS with its scheme: write rediss:// (cluster.tls is for the sentinels and the cluster's nodes)",
+        ]
+    );
+    // A prefix with a whole tag of its own is fine: every key then has that tag.
+    assert!(
+        Config::from_toml_str(&with("redis_url = \"redis://h\"\nkey_prefix = \"{wx}:\"\n")).is_ok()
+    );
+}
+
+#[test]
+fn check_config_says_which_redis_form_is_in_use_and_reads_back() {
+    let secret = crate::config::test_files::TempFile::new("secret", &[b'k'; 32]);
+    let forms = [
+        ("redis_url = \"rediss://wxgate:hunter2@redis:6380/1\"\n", "standalone Redis at rediss://***:***@redis:6380/1"),
+        (
+            "sentinels = [\"10.0.0.1:26379\", \"[::1]:26379\", \"s:26379\"]\nsentinel_master = \"primary\"\ntls = true\n",
+            "Redis Sentinel: the primary of \"primary\" as 3 sentinel(s) name it, TLS",
+        ),
+        ("cluster_nodes = [\"10.0.0.1:6379\", \"10.0.0.2:6379\"]\n", "Redis Cluster: 2 seed node(s)"),
+    ];
+    for (body, described) in forms {
+        let text = format!(
+            "[cluster]\nsecret_file = \"{}\"\n{body}",
+            secret.0.display()
+        );
+        let checked = CheckedConfig::from_toml_str(&text).unwrap();
+        let cluster = checked.config.cluster.as_ref().unwrap();
+        assert_eq!(cluster.redis.describe(), described);
+        let printed = checked.to_toml();
+        assert!(!printed.contains("hunter2"), "{printed}");
+        if !body.contains("hunter2") {
+            let again = Config::from_toml_str(&printed).unwrap();
+            assert_eq!(again.cluster, checked.config.cluster, "{printed}");
+        }
+    }
 }

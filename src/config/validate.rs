@@ -9,7 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::checks::{Checks, Key};
-use super::cluster::{CLUSTER_SECRET_ENV, REDIS_PASSWORD_ENV};
+use super::cluster::CLUSTER_SECRET_ENV;
+use super::redis::{
+    Credentials, NodeAddress, NodeSettings, RedisForm, RedisTarget, RedisUrlError,
+    REDIS_PASSWORD_ENV, REDIS_USERNAME_ENV, SENTINEL_PASSWORD_ENV, SENTINEL_USERNAME_ENV,
+};
 use super::{
     AllowList, BaseUrl, CaFile, ClusterConfig, ClusterSecret, CodeCacheConfig, Config, LogConfig,
     QuotaConfig, QuotaLimit, RawCluster, RawCodeCache, RawConfig, RawLimit, RawLog, RawQuota,
@@ -231,14 +235,20 @@ fn check_upstream(c: &mut Checks, raw: &RawUpstream) -> Option<UpstreamConfig> {
     })
 }
 
-/// `[cluster]`. The environment is read here: `WXGATE_REDIS_PASSWORD` when the URL has no
-/// password, `WXGATE_CLUSTER_SECRET` when there is no `secret_file`.
+/// `[cluster]`. The environment is read here: `WXGATE_REDIS_USERNAME` and
+/// `WXGATE_REDIS_PASSWORD` when the URL has none (and for the Sentinel and Cluster forms),
+/// the sentinels' `WXGATE_SENTINEL_*`, `WXGATE_CLUSTER_SECRET` when there is no
+/// `secret_file`.
 fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
     let env = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-    let redis_url = c.check(
-        name!(raw.redis_url),
-        RedisUrl::parse(raw.redis_url.expose(), env(REDIS_PASSWORD_ENV)),
-    );
+    let credentials = Credentials::new(env(REDIS_USERNAME_ENV), env(REDIS_PASSWORD_ENV));
+    let form = check_redis_form(c, raw, credentials);
+    let ca_file = match &raw.ca_file {
+        None => Some(None),
+        Some(path) => c
+            .check(name!(raw.ca_file), CaFile::load(Path::new(path)))
+            .map(Some),
+    };
     let prefix = &raw.key_prefix;
     let key_prefix =
         if (1..=64).contains(&prefix.len()) && prefix.bytes().all(|b| b.is_ascii_graphic()) {
@@ -250,6 +260,16 @@ fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
             );
             None
         };
+    let key_prefix = key_prefix.filter(|prefix| {
+        let keeps_tags = keeps_hash_tags(prefix);
+        if !keeps_tags {
+            c.problem(
+                name!(raw.key_prefix),
+                "a '{' in it must be closed by a '}' in it, around at least one character (a Redis Cluster hash tag), or every key of a script would not share one slot",
+            );
+        }
+        keeps_tags
+    });
     let timeout = c.millis(key!(raw.timeout_ms), 1..=10_000);
     let expected_replicas = c.int(key!(raw.expected_replicas), 1..=1000);
     let secret = ClusterSecret::load(
@@ -258,12 +278,132 @@ fn check_cluster(c: &mut Checks, raw: &RawCluster) -> Option<ClusterConfig> {
     );
     let secret = c.check(name!(raw.secret_file), secret);
     Some(ClusterConfig {
-        redis_url: redis_url?,
+        redis: RedisTarget {
+            form: form?,
+            ca_file: ca_file?,
+        },
         key_prefix: key_prefix?,
         timeout: timeout?,
         expected_replicas: expected_replicas?,
         secret: secret?,
     })
+}
+
+/// Whether keys that start with `prefix` keep the hash tag wxgate puts after it: a prefix
+/// without braces, or one with a tag of its own (then every key has that tag, which one
+/// slot holds whole).
+fn keeps_hash_tags(prefix: &str) -> bool {
+    match prefix.find('{') {
+        None => true,
+        Some(open) => prefix[open + 1..].find('}').is_some_and(|close| close > 0),
+    }
+}
+
+/// The one Redis form of `[cluster]`, each of its keys checked.
+fn check_redis_form(
+    c: &mut Checks,
+    raw: &RawCluster,
+    credentials: Credentials,
+) -> Option<RedisForm> {
+    let url = !raw.redis_url.is_empty();
+    let sentinels = !raw.sentinels.is_empty();
+    let nodes = !raw.cluster_nodes.is_empty();
+    let forms = [url, sentinels, nodes]
+        .into_iter()
+        .filter(|given| *given)
+        .count();
+    if forms == 0 {
+        c.problem(name!(raw.redis_url), RedisUrlError::Missing);
+        return None;
+    }
+    if forms > 1 {
+        for (given, key) in [
+            (sentinels, name!(raw.sentinels)),
+            (nodes, name!(raw.cluster_nodes)),
+        ] {
+            if given {
+                c.problem(
+                    key,
+                    "one Redis form at a time: cluster.redis_url, cluster.sentinels (with cluster.sentinel_master) or cluster.cluster_nodes",
+                );
+            }
+        }
+        return None;
+    }
+    if !sentinels && raw.sentinel_master.is_some() {
+        c.problem(
+            name!(raw.sentinel_master),
+            "only with cluster.sentinels (the sentinels that know this primary)",
+        );
+    }
+    let settings = NodeSettings {
+        tls: raw.tls,
+        credentials,
+    };
+    if url {
+        let parsed = c.check(
+            name!(raw.redis_url),
+            RedisUrl::parse(raw.redis_url.expose(), settings.credentials),
+        )?;
+        if raw.tls && !parsed.tls() {
+            c.problem(
+                name!(raw.tls),
+                "cluster.redis_url says TLS with its scheme: write rediss:// (cluster.tls is for the sentinels and the cluster's nodes)",
+            );
+            return None;
+        }
+        return Some(RedisForm::Standalone(parsed));
+    }
+    if sentinels {
+        let addresses = check_nodes(c, key!(raw.sentinels));
+        let master = match raw.sentinel_master.as_deref() {
+            Some(master) if !master.is_empty() && master.bytes().all(|b| b.is_ascii_graphic()) => {
+                Some(master.to_owned())
+            }
+            Some(_) => {
+                c.problem(
+                    name!(raw.sentinel_master),
+                    "must be the name the sentinels monitor the primary by (sentinel monitor NAME ...)",
+                );
+                None
+            }
+            None => {
+                c.problem(
+                    name!(raw.sentinel_master),
+                    "required with cluster.sentinels: the name the sentinels monitor the primary by (sentinel monitor NAME ...)",
+                );
+                None
+            }
+        };
+        let env = |name: &str| std::env::var(name).ok();
+        return Some(RedisForm::Sentinel {
+            sentinels: addresses?,
+            master: master?,
+            nodes: settings,
+            sentinel_credentials: Credentials::new(
+                env(SENTINEL_USERNAME_ENV),
+                env(SENTINEL_PASSWORD_ENV),
+            ),
+        });
+    }
+    let nodes = check_nodes(c, key!(raw.cluster_nodes))?;
+    Some(RedisForm::Cluster { nodes, settings })
+}
+
+/// A list of `host:port`, each entry checked and reported by its index.
+fn check_nodes(c: &mut Checks, (key, entries): Key<Vec<String>>) -> Option<Vec<NodeAddress>> {
+    let mut nodes = Vec::with_capacity(entries.len());
+    let mut valid = true;
+    for (index, entry) in entries.iter().enumerate() {
+        match NodeAddress::parse(entry) {
+            Ok(node) => nodes.push(node),
+            Err(problem) => {
+                c.problem(&format!("{key}[{index}]"), problem);
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(nodes)
 }
 
 fn check_log(c: &mut Checks, raw: &RawLog) -> Option<LogConfig> {

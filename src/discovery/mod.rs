@@ -252,7 +252,10 @@ impl Discovery {
         let settings = self.settings.load();
         let deadline = Instant::now() + settings.wait.max(LOOK_AGAIN);
         loop {
-            match shared.find(&fingerprint, can_ask, settings.interval).await {
+            match shared
+                .find(&fingerprint.0, &fingerprint.1, can_ask, settings.interval)
+                .await
+            {
                 Found::Answer(answer, age) => return Some((Some(answer), age)),
                 Found::Ask | Found::Alone if can_ask => return Some((None, Duration::ZERO)),
                 Found::Ask | Found::Alone | Found::Busy => {}
@@ -273,7 +276,12 @@ impl Discovery {
             return;
         };
         shared
-            .store(&fingerprint, result, self.settings.load().interval)
+            .store(
+                &fingerprint.0,
+                &fingerprint.1,
+                result,
+                self.settings.load().interval,
+            )
             .await;
     }
 

@@ -19,7 +19,7 @@ use super::answer::{Daily, Rate, Stated, Unstated};
 use crate::cluster::scripts::{
     limit_record_key, LeaseLimit, LimitLeaseReply, LimitRecord, StoreLimit,
 };
-use crate::cluster::{owner_id, Cluster, RedisOp};
+use crate::cluster::{owner_id, Cluster, RedisOp, Tag};
 
 /// The shared side of discovery.
 pub struct SharedDiscovery {
@@ -56,19 +56,26 @@ impl SharedDiscovery {
 
     /// Looks for an answer about the key named by `fingerprint`, taking the lease to ask
     /// when `can_ask` (this replica holds a token) and none is there.
-    pub async fn find(&self, fingerprint: &str, can_ask: bool, interval: Duration) -> Found {
+    pub async fn find(
+        &self,
+        tag: &Tag,
+        fingerprint: &str,
+        can_ask: bool,
+        interval: Duration,
+    ) -> Found {
         if !self.cluster.counts_in_redis() {
             return Found::Alone;
         }
         let owner = owner_id();
         let lease = LeaseLimit {
+            tag,
             fingerprint,
             owner: &owner,
             lease: interval,
             take: can_ask,
         };
         match self.cluster.eval(&lease).await {
-            Some(LimitLeaseReply::Stated(sealed)) => match self.open(fingerprint, &sealed) {
+            Some(LimitLeaseReply::Stated(sealed)) => match self.open(tag, fingerprint, &sealed) {
                 Some(found) => found,
                 // Unreadable (another secret, tampering): as if Redis had none until it
                 // expires (within an interval: the lease script drops one kept longer).
@@ -87,6 +94,7 @@ impl SharedDiscovery {
     /// Stores the answer this replica got, for the interval.
     pub async fn store(
         &self,
+        tag: &Tag,
         fingerprint: &str,
         answer: &Result<Stated, Unstated>,
         interval: Duration,
@@ -104,10 +112,11 @@ impl SharedDiscovery {
         let Ok(plain) = serde_json::to_vec(&record) else {
             return;
         };
-        let key = limit_record_key(&self.cluster, LimitRecord::Stated, fingerprint);
+        let key = limit_record_key(&self.cluster, LimitRecord::Stated, tag, fingerprint);
         let sealed = self.cluster.sealing().seal(&key, &plain);
         let store = StoreLimit {
             record: LimitRecord::Stated,
+            tag,
             fingerprint,
             sealed: &sealed,
             keep: interval,
@@ -115,8 +124,8 @@ impl SharedDiscovery {
         let _ = self.cluster.eval(&store).await;
     }
 
-    fn open(&self, fingerprint: &str, sealed: &[u8]) -> Option<Found> {
-        let key = limit_record_key(&self.cluster, LimitRecord::Stated, fingerprint);
+    fn open(&self, tag: &Tag, fingerprint: &str, sealed: &[u8]) -> Option<Found> {
+        let key = limit_record_key(&self.cluster, LimitRecord::Stated, tag, fingerprint);
         let plain = self.cluster.sealing().open(&key, sealed).ok()?;
         let record: Record = serde_json::from_slice(&plain).ok()?;
         let answer = match &record.unstated {

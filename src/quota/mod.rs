@@ -157,13 +157,14 @@ impl FirstTurn {
     /// What the turn a claim took along ([`QuotaGate::turn_to_claim`]) came to: taken, so
     /// the call goes upstream without [`QuotaGate::acquire`]; not before a while, so the
     /// call queues at once ([`QuotaGate::acquire_not_before`]) instead of asking Redis
-    /// again first; or not counted (no turn rode on the claim, or Redis lost the counters
-    /// and the replica is degraded now), so the call takes its turn as any call does.
+    /// again first (also when Redis lost the bucket: it is held until the next window
+    /// boundary); or not counted (no turn rode on the claim), so the call takes its turn as
+    /// any call does.
     pub fn after_claim(turn: Option<TurnReply>) -> FirstTurn {
         match turn {
             Some(TurnReply::Taken) => FirstTurn::Taken,
             Some(TurnReply::NotBefore(wait)) => FirstTurn::NotBefore(Instant::now() + wait),
-            Some(TurnReply::EpochLost) | None => FirstTurn::Acquire,
+            None => FirstTurn::Acquire,
         }
     }
 }

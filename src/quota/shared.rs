@@ -41,7 +41,7 @@ use crate::cluster::scripts::{
     limit_record_key, Bucket, LimitRecord, PauseBucket, ReadLearned, ReadTurns, StoreLimit,
     TakeTurn, TurnReply,
 };
-use crate::cluster::{Cluster, ReplicaMode};
+use crate::cluster::{Cluster, ReplicaMode, Tag};
 use crate::config::QuotaLimit;
 
 /// The shared side of a quota gate.
@@ -136,8 +136,8 @@ impl SharedQuota {
                     return Ok(());
                 }
                 Some(TurnReply::NotBefore(wait)) => return Err(wait),
-                // Redis failed or lost the counters: the replica is degraded now.
-                Some(TurnReply::EpochLost) | None => {}
+                // Redis failed: the replica is degraded now.
+                None => {}
             }
         }
         let taken = self.take_locally(key, limit, window);
@@ -191,7 +191,7 @@ impl SharedQuota {
     }
 
     /// The Redis bucket of `key`: named by a fingerprint that names neither the appid nor
-    /// the API.
+    /// the API, in the appid's slot.
     fn bucket(
         &self,
         key: &QuotaKey,
@@ -200,6 +200,7 @@ impl SharedQuota {
         window: Duration,
     ) -> Bucket {
         Bucket {
+            tag: self.cluster.appid_tag(key.appid().as_bytes()),
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
@@ -290,7 +291,9 @@ impl SharedQuota {
             return;
         }
         let fingerprint = self.fingerprint(key);
+        let tag = self.cluster.appid_tag(key.appid().as_bytes());
         let pause = PauseBucket {
+            tag: &tag,
             fingerprint: &fingerprint,
             window,
         };
@@ -333,6 +336,7 @@ impl SharedQuota {
         let fingerprint = self.fingerprint(key);
         self.cluster
             .eval(&ReadTurns {
+                tag: &self.tag(key),
                 fingerprint: &fingerprint,
                 window,
             })
@@ -345,10 +349,12 @@ impl SharedQuota {
             return;
         };
         let fingerprint = self.fingerprint(key);
-        let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, &fingerprint);
+        let tag = self.tag(key);
+        let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, &tag, &fingerprint);
         let sealed = self.cluster.sealing().seal(&sealed_for, &plain);
         let store = StoreLimit {
             record: LimitRecord::Learned,
+            tag: &tag,
             fingerprint: &fingerprint,
             sealed: &sealed,
             keep,
@@ -357,32 +363,53 @@ impl SharedQuota {
     }
 
     /// The limits the replicas learned for `keys` (at most [`READ_AT_ONCE`]); a record that
-    /// does not open is ignored.
+    /// does not open is ignored. One operation per appid (its keys share its slot), all at
+    /// once.
     pub async fn read_learned(&self, keys: &[QuotaKey]) -> Vec<(QuotaKey, LearnedRecord)> {
         if !self.cluster.counts_in_redis() || keys.is_empty() {
             return Vec::new();
         }
         let keys = &keys[..keys.len().min(READ_AT_ONCE)];
-        let fingerprints: Vec<String> = keys.iter().map(|key| self.fingerprint(key)).collect();
-        let Some(records) = self
-            .cluster
-            .eval(&ReadLearned {
-                fingerprints: &fingerprints,
-            })
+        let mut by_appid: Vec<(Tag, Vec<QuotaKey>, Vec<String>)> = Vec::new();
+        for key in keys {
+            let tag = self.tag(key);
+            let fingerprint = self.fingerprint(key);
+            match by_appid.iter_mut().find(|(of, _, _)| *of == tag) {
+                Some((_, keys, fingerprints)) => {
+                    keys.push(*key);
+                    fingerprints.push(fingerprint);
+                }
+                None => by_appid.push((tag, vec![*key], vec![fingerprint])),
+            }
+        }
+        let reads = by_appid.iter().map(|(tag, keys, fingerprints)| async move {
+            let records = self
+                .cluster
+                .eval(&ReadLearned { tag, fingerprints })
+                .await
+                .unwrap_or_default();
+            let sealing = self.cluster.sealing();
+            keys.iter()
+                .zip(fingerprints)
+                .zip(records)
+                .filter_map(|((key, fingerprint), sealed)| {
+                    let sealed_for =
+                        limit_record_key(&self.cluster, LimitRecord::Learned, tag, fingerprint);
+                    let plain = sealing.open(&sealed_for, &sealed?).ok()?;
+                    Some((*key, serde_json::from_slice(&plain).ok()?))
+                })
+                .collect::<Vec<_>>()
+        });
+        futures_util::future::join_all(reads)
             .await
-        else {
-            return Vec::new();
-        };
-        let sealing = self.cluster.sealing();
-        keys.iter()
-            .zip(&fingerprints)
-            .zip(records)
-            .filter_map(|((key, fingerprint), sealed)| {
-                let sealed_for = limit_record_key(&self.cluster, LimitRecord::Learned, fingerprint);
-                let plain = sealing.open(&sealed_for, &sealed?).ok()?;
-                Some((*key, serde_json::from_slice(&plain).ok()?))
-            })
+            .into_iter()
+            .flatten()
             .collect()
+    }
+
+    /// The slot of `key`'s Redis keys: its appid's tag.
+    pub fn tag(&self, key: &QuotaKey) -> Tag {
+        self.cluster.appid_tag(key.appid().as_bytes())
     }
 }
 

@@ -14,6 +14,7 @@ use super::learned::{self, KeyStanding, Refusal};
 use super::metrics::LearnedChange;
 use super::shared::{self, LearnedRecord};
 use super::{buckets, Figure, KeyLimit, LimitSource, QuotaGate, QuotaKey};
+use crate::cluster::Tag;
 use crate::config::QuotaLimit;
 use crate::wechat::Api;
 
@@ -258,8 +259,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
     }
 
     /// With `[cluster]`: the keyed fingerprint `key`'s state is kept under in Redis.
-    pub fn shared_fingerprint(&self, key: &QuotaKey) -> Option<String> {
-        Some(self.shared.as_ref()?.fingerprint(key))
+    pub fn shared_fingerprint(&self, key: &QuotaKey) -> Option<(Tag, String)> {
+        let shared = self.shared.as_ref()?;
+        Some((shared.tag(key), shared.fingerprint(key)))
     }
 
     /// The limit in force for `key`, its window and its source.

@@ -16,13 +16,15 @@
 //! - **Dropping**: a token WeChat refused is dropped in Redis too (compare-and-delete on its
 //!   fingerprint), found through the token index when this replica never served it.
 //!
-//! What Redis holds (every name a keyed fingerprint, no appid, secret or token readable; the
-//! scripts are [`crate::cluster::scripts`]'): per (API, appid) an entry with the sealed
+//! What Redis holds (every name a keyed fingerprint in the appid's slot, no appid, secret or
+//! token readable; the scripts are [`crate::cluster::scripts`]'): per (API, appid) an entry
+//! with the sealed
 //! token, when its fetch was sent (a store only replaces an older entry, and a dropped entry
 //! keeps that time as a tombstone, so that no replica can put the refused token or an older
 //! one back) and the token's own fingerprint (so that a refused token is dropped by
 //! comparing, without opening anything); an index from the token's fingerprint to its
-//! entry; the lease; and the day's fetches, for the budget gauge.
+//! entry (in the token's slot: written alongside the entry, at the same time, by an
+//! operation of its own); the lease; and the day's fetches, for the budget gauge.
 //!
 //! # What Redis says is checked
 //! The issue time and the token's fingerprint are plain text, for the scripts to compare,
@@ -47,10 +49,10 @@ use super::fetch::{Coordinated, FetchMode, Fetched, Job};
 use super::policy::{self, Need, Reconcile, RemoteView};
 use super::{TokenCache, TokenKey};
 use crate::cluster::scripts::{
-    CountFetch, DropToken, FindToken, ReadToken, ReleaseLease, StoreReply, StoreToken, TakeLease,
-    TokenFields, TokenRecord,
+    CountFetch, DropToken, FindToken, IndexToken, ReadToken, ReleaseLease, StoreReply, StoreToken,
+    TakeLease, TokenFields, TokenRecord,
 };
-use crate::cluster::{owner_id, Cluster, RedisOp};
+use crate::cluster::{owner_id, Cluster, RedisOp, Tag};
 
 /// How often a replica waiting for another's fetch looks again.
 pub(super) const LEASE_POLL: Duration = Duration::from_millis(20);
@@ -124,6 +126,11 @@ impl SharedTokens {
             .fingerprint("token", &[api, key.appid.as_bytes()])
     }
 
+    /// The slot of `key`'s entry, lease and counter: its appid's.
+    fn tag(&self, key: &TokenKey) -> Tag {
+        self.cluster.appid_tag(key.appid.as_bytes())
+    }
+
     /// The fingerprint of a token itself.
     fn token_fingerprint(&self, token: &str) -> String {
         self.cluster
@@ -134,7 +141,9 @@ impl SharedTokens {
     /// What Redis holds for `key`; `None` when Redis failed.
     async fn read(&self, key: &TokenKey) -> Option<Remote> {
         let fingerprint = self.fingerprint(key);
+        let tag = self.tag(key);
         let read = ReadToken {
+            tag: &tag,
             fingerprint: &fingerprint,
         };
         let record = self.cluster.eval(&read).await?;
@@ -144,7 +153,9 @@ impl SharedTokens {
     /// Tries to take `key`'s lease for `owner`; `None` when Redis failed.
     async fn lease(&self, key: &TokenKey, owner: &str) -> Option<Lease> {
         let fingerprint = self.fingerprint(key);
+        let tag = self.tag(key);
         let lease = TakeLease {
+            tag: &tag,
             fingerprint: &fingerprint,
             owner,
             ttl: self.lease_ttl,
@@ -159,7 +170,9 @@ impl SharedTokens {
     /// Gives `key`'s lease back, if `owner` still holds it.
     async fn release(&self, key: &TokenKey, owner: &str) {
         let fingerprint = self.fingerprint(key);
+        let tag = self.tag(key);
         let release = ReleaseLease {
+            tag: &tag,
             fingerprint: &fingerprint,
             owner,
         };
@@ -176,6 +189,7 @@ impl SharedTokens {
         replacing: Option<&str>,
     ) -> Option<Stored> {
         let fingerprint = self.fingerprint(key);
+        let tag = self.tag(key);
         let token_fingerprint = self.token_fingerprint(&entry.token);
         let sealing = self.cluster.sealing();
         let sealed = sealing.seal(&fingerprint, &entry.to_record());
@@ -194,16 +208,28 @@ impl SharedTokens {
             .expires_at
             .duration_since(SystemTime::now())
             .unwrap_or_default();
+        let keep = left + KEEP_AFTER_EXPIRY;
         let mut store = StoreToken {
+            tag: &tag,
             fingerprint: &fingerprint,
             token_fingerprint: &token_fingerprint,
             issued_micros,
             sealed: &sealed,
             mac: &mac,
-            keep: left + KEEP_AFTER_EXPIRY,
+            keep,
             replacing,
         };
-        let kept = match self.cluster.eval(&store).await? {
+        let index = IndexToken {
+            token_fingerprint: &token_fingerprint,
+            tag: &tag,
+            fingerprint: &fingerprint,
+            keep,
+        };
+        // The index lives in the token's slot, the entry in the appid's: two operations, sent
+        // at once. An index written for an entry that kept another token only makes a drop
+        // compare and find nothing.
+        let (stored, _) = tokio::join!(self.cluster.eval(&store), self.cluster.eval(&index));
+        let kept = match stored? {
             StoreReply::Stored => return Some(Stored::Yes),
             StoreReply::Kept(record) => self.open(&fingerprint, record, RedisOp::TokenStore),
         };
@@ -229,8 +255,8 @@ impl SharedTokens {
     /// replica knows it, else where the token index says. `Some(true)` if dropped.
     async fn drop_token(&self, key: Option<&TokenKey>, token: &str) -> Option<bool> {
         let token_fingerprint = self.token_fingerprint(token);
-        let fingerprint = match key {
-            Some(key) => self.fingerprint(key),
+        let (tag, fingerprint) = match key {
+            Some(key) => (self.tag(key), self.fingerprint(key)),
             None => {
                 let find = FindToken {
                     token_fingerprint: &token_fingerprint,
@@ -243,6 +269,7 @@ impl SharedTokens {
             &[fingerprint.as_bytes(), token_fingerprint.as_bytes()],
         );
         let drop = DropToken {
+            tag: &tag,
             fingerprint: &fingerprint,
             token_fingerprint: &token_fingerprint,
             mac: &mac,
@@ -253,7 +280,9 @@ impl SharedTokens {
     /// Counts a fetch of `key` on `day`; the count of all replicas, `None` when Redis failed.
     async fn count_fetch(&self, key: &TokenKey, day: u64) -> Option<u64> {
         let fingerprint = self.fingerprint(key);
+        let tag = self.tag(key);
         let count = CountFetch {
+            tag: &tag,
             fingerprint: &fingerprint,
             day,
         };

@@ -409,6 +409,10 @@ async fn a_claim_that_never_ends_holds_a_retry_at_most_a_lease() {
             }
         })
     };
+    // The keeper's first claim is in Redis before the retry is sent.
+    while redis.value(&["GET", &claim]).is_none() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let retry = tokio::time::timeout(2 * LEASE, get(&client, replicas.pick(2).url(&path))).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     keeper.join().unwrap();

@@ -136,7 +136,7 @@ async fn fake_heartbeat_members_are_not_counted() {
     let now = redis.time_ms();
     let (fresh, ahead) = (now.to_string(), (now + 3_600_000).to_string());
     let members: Vec<String> = (0..1000).map(|i| format!("replica-{i:04}")).collect();
-    let mut zadd = vec!["ZADD", "wxgate:replicas"];
+    let mut zadd = vec!["ZADD", "wxgate:replicas:{replicas}"];
     for (i, member) in members.iter().enumerate() {
         zadd.push(if i % 2 == 0 { &fresh } else { &ahead });
         zadd.push(member);

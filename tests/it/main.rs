@@ -9,6 +9,7 @@ mod binary;
 mod cluster_codes;
 mod cluster_forgery;
 mod cluster_quota;
+mod cluster_topologies;
 mod cluster_unusable;
 mod code_exchange;
 mod connections;

@@ -20,10 +20,26 @@ pub fn cluster_config_text(
     secret: &SecretFile,
     extra: &str,
 ) -> String {
+    section_config_text(
+        upstream,
+        &format!("redis_url = \"{redis_url}\"\n"),
+        secret,
+        extra,
+    )
+}
+
+/// As [`cluster_config_text`], with `redis` in `[cluster]` for where Redis is (one of its
+/// forms).
+pub fn section_config_text(
+    upstream: &StandIn,
+    redis: &str,
+    secret: &SecretFile,
+    extra: &str,
+) -> String {
     config_text(
         &upstream.base_url(),
         &format!(
-            "{extra}\n[cluster]\nredis_url = \"{redis_url}\"\nsecret_file = \"{}\"\ntimeout_ms = 300\n",
+            "{extra}\n[cluster]\n{redis}secret_file = \"{}\"\ntimeout_ms = 300\n",
             secret.path.display()
         ),
     )
@@ -38,8 +54,13 @@ pub struct Replicas {
 
 impl Replicas {
     pub async fn start(upstream: &StandIn, redis_url: &str, extra: &str) -> Replicas {
+        Replicas::start_on(upstream, &format!("redis_url = \"{redis_url}\"\n"), extra).await
+    }
+
+    /// Three replicas with `redis` in `[cluster]` for where Redis is (one of its forms).
+    pub async fn start_on(upstream: &StandIn, redis: &str, extra: &str) -> Replicas {
         let secret = SecretFile::new();
-        let text = cluster_config_text(upstream, redis_url, &secret, extra);
+        let text = section_config_text(upstream, redis, &secret, extra);
         let mut proxies = Vec::new();
         for _ in 0..3 {
             proxies.push(spawn_proxy(config(&text)).await);
@@ -78,7 +99,7 @@ impl Replicas {
         sum
     }
 
-    async fn wait_for(&self, within: Duration, done: impl Fn(&str) -> bool) {
+    pub async fn wait_for(&self, within: Duration, done: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + within;
         for proxy in &self.proxies {
             while !done(&proxy.metrics().await) {

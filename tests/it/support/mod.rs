@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod redis;
 pub mod sdk;
 pub mod tls;
+pub mod topology;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -113,6 +113,16 @@ impl RedisServer {
         }
     }
 
+    /// Whether it runs (not stopped).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The server's address.
     pub fn addr(&self) -> SocketAddr {
         ([127, 0, 0, 1], self.port).into()
@@ -217,6 +227,22 @@ pub fn command(addr: SocketAddr, args: &[&str]) -> Option<String> {
     stream.write_all(&encode(args)).ok()?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).ok()?;
+    Some(line.trim_end().to_owned())
+}
+
+/// Runs one command on the Redis at `addr` as the ACL user `user`; the first line of its
+/// answer (`-NOPERM ...` for a command or key the user may not use).
+pub fn command_as(addr: SocketAddr, user: &str, password: &str, args: &[&str]) -> Option<String> {
+    let mut stream = StdStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(&encode(&["AUTH", user, password])).ok()?;
+    stream.write_all(&encode(args)).ok()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    assert_eq!(line.trim_end(), "+OK", "AUTH as {user}");
+    line.clear();
+    reader.read_line(&mut line).ok()?;
     Some(line.trim_end().to_owned())
 }
 
