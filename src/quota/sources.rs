@@ -141,6 +141,21 @@ impl<C: Clock + Clone> QuotaGate<C> {
                     api = key.api().label(),
                     "a limit another replica learned from 45011 adopted"
                 );
+                continue;
+            }
+            // This replica learned later than what Redis holds (another replica's store
+            // landed after its own): it stores its own again, so that all come to one figure.
+            if let Some(own) = self.learner.learned(&key) {
+                if own.base != record.base && own.at > learned.at + Duration::from_millis(1) {
+                    let record = LearnedRecord {
+                        base: own.base,
+                        at_ms: unix_ms(now - own.at.elapsed()),
+                        window_ms: own.window.as_millis() as u64,
+                    };
+                    let settings = **self.learn_settings.load();
+                    let keep = settings.hold + own.window * 64;
+                    shared.publish_learned(&key, record, keep).await;
+                }
             }
         }
     }

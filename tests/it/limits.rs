@@ -724,16 +724,16 @@ async fn three_replicas_apply_a_limit_one_learned() {
                 .map(|row| row["limit"].as_u64().unwrap());
             limits.push(learned);
         }
-        if limits.iter().all(|limit| limit.is_some_and(|l| l < 20)) {
-            assert!(
-                limits.windows(2).all(|pair| pair[0] == pair[1]),
-                "{limits:?}"
-            );
+        // Two replicas may each learn from a 45011 of their own: the figure stored last is
+        // the one they all come to.
+        if limits.iter().all(|limit| limit.is_some_and(|l| l < 20))
+            && limits.windows(2).all(|pair| pair[0] == pair[1])
+        {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "not every replica applies the learned limit: {limits:?}"
+            "not every replica applies the one learned limit: {limits:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
