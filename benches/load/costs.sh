@@ -19,7 +19,9 @@
 # the clean run), and the syscalls of the same round.
 #
 # Settings (environment): WXGATE_BINS, CONTENDERS, WORKLOAD (unique), ROUNDS (3), DURATION
-# (s, 5), WARMUP (s, 1), CONNECTIONS (64), DUP_CODES (100).
+# (s, 5), WARMUP (s, 1), CONNECTIONS (64), DUP_CODES (100), CLUSTER (1: every wxgate with a
+# [cluster] section on a redis-server of its own on CPU 0, emptied before each run; see
+# harness.sh).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -121,6 +123,7 @@ start_contender() {
     local name="$1"
     case "$name" in
     wxgate*)
+        fresh_redis
         RUST_LOG=warn taskset -c 1 "${BINS[${name#wxgate}]}" --config "$work/wxgate.toml" >>"$work/processes.log" 2>&1 &
         stop_pid="$!"
         proxy_pid="$!"
@@ -143,7 +146,10 @@ start_contender() {
 hz="$(getconf CLK_TCK)"
 # The syscalls of a measured run under perf stat: "name count" lines, and context switches,
 # CPU migrations and task-clock (ms).
-perf_events='syscalls:sys_enter_*,raw_syscalls:sys_enter,context-switches,cpu-migrations,task-clock'
+# sched_wakeup and ipi_send_cpu fire in the waker's context: the tasks the proxy woke (wrk or
+# the upstream, on CPU 0) and the inter-processor interrupts it sent to do so (a sleeping CPU
+# must be interrupted; in a VM that is an exit to the hypervisor).
+perf_events='syscalls:sys_enter_*,raw_syscalls:sys_enter,context-switches,cpu-migrations,task-clock,sched:sched_wakeup,ipi:ipi_send_cpu,ipi:ipi_send_cpumask'
 
 printf 'forwarding costs, closed loop, %s codes: wrk -t1 -c%s on CPU 0 with the upstream, the proxy alone on CPU 1, %ss warm-up, %ss measured, %s rounds interleaved\n' \
     "$WORKLOAD" "$CONNECTIONS" "$WARMUP" "$DURATION" "$ROUNDS"
@@ -155,9 +161,12 @@ for round in $(seq 1 "$ROUNDS"); do
         start_contender "$name"
         tag="${name//[^a-z0-9]/}r$round"
         run_wrk "$WORKLOAD" "w$tag" "$WARMUP" >/dev/null
+        trips_before="$(redis_trips)"
         read -r user_before system_before < <(awk '{ print $14, $15 }' "/proc/$proxy_pid/stat")
         read -r requests duration_us non2xx errors p50_us p99_us _ <<<"$(run_wrk "$WORKLOAD" "m$tag" "$DURATION")"
         read -r user_after system_after < <(awk '{ print $14, $15 }' "/proc/$proxy_pid/stat")
+        note=""
+        [[ "$name" != wxgate* ]] || note="$(cluster_note "$requests")"
         perf stat -x, -e "$perf_events" -p "$proxy_pid" -o "$work/perf.$name.$round" &
         perf_pid="$!"
         sleep 0.5
@@ -170,21 +179,23 @@ for round in $(seq 1 "$ROUNDS"); do
         rates[$name/$round]="$rate"
         rows[$name/$round]="$(awk -v w="$name" -v r="$rate" -v p50="$p50_us" -v p99="$p99_us" -v n="$requests" \
             -v u="$((user_after - user_before))" -v s="$((system_after - system_before))" -v hz="$hz" \
-            -v bad="$((non2xx + errors))" 'BEGIN {
-                printf "%-12s %8d %7.2f %7.2f %8.2f %8.2f %8.2f%s", w, r, p50 / 1000, p99 / 1000,
-                    u * 1e6 / hz / n, s * 1e6 / hz / n, (u + s) * 1e6 / hz / n, bad ? "  " bad " errors!" : ""
+            -v bad="$((non2xx + errors))" -v note="$note" 'BEGIN {
+                printf "%-12s %8d %7.2f %7.2f %8.2f %8.2f %8.2f%s%s", w, r, p50 / 1000, p99 / 1000,
+                    u * 1e6 / hz / n, s * 1e6 / hz / n, (u + s) * 1e6 / hz / n, bad ? "  " bad " errors!" : "", note
             }')"
         # perf -x, lines: value,unit,event,...; per traced request, the syscalls seen.
         sys_rows[$name/$round]="$(awk -F, -v n="$traced" '
             $3 == "raw_syscalls:sys_enter" { total = $1 / n; next }
             $3 == "context-switches" { cs = $1 / n; next }
+            $3 == "sched:sched_wakeup" { wakeups = $1 / n; next }
+            $3 ~ /^ipi:/ { ipis += $1 / n; next }
             $3 == "cpu-migrations" { next }
             $3 == "task-clock" { next }
             $3 ~ /^syscalls:sys_enter_/ && $1 + 0 > 0 {
                 name = substr($3, 20); per = $1 / n
                 if (per >= 0.0005) list = list sprintf(" %s %.3f", name, per)
             }
-            END { printf "syscalls %.2f, context switches %.3f;%s", total, cs, list }' "$work/perf.$name.$round")"
+            END { printf "syscalls %.2f, context switches %.3f, wakeups %.3f, IPIs %.3f;%s", total, cs, wakeups, ipis, list }' "$work/perf.$name.$round")"
         printf 'round %d: %s | %s\n' "$round" "${rows[$name/$round]}" "${sys_rows[$name/$round]}" >&2
     done
 done
@@ -202,4 +213,6 @@ for name in "${CONTENDERS[@]}"; do
 done
 printf '\nuser us, sys us, cpu us: the proxy process'"'"'s CPU time per request (/proc/PID/stat, the clean\n'
 printf 'run). syscalls: raw_syscalls:sys_enter per request of the traced run; context switches: the\n'
-printf 'proxy'"'"'s, per request. load average at the end: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf 'proxy'"'"'s; wakeups: tasks the proxy woke (sched_wakeup in its context); IPIs: the\n'
+printf 'inter-processor interrupts it sent (ipi_send_cpu/cpumask); all per request.\n'
+printf 'load average at the end: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
