@@ -10,6 +10,16 @@
 //! ([`Connection::closed_while_idle`]): the runtime records every socket's readiness as the
 //! kernel reports it, so asking costs no system call when nothing came.
 //!
+//! A call writes its request only after the other tasks that were ready when it got there
+//! have run: the calls of one batch of client requests then write their requests one after
+//! the other, and wake the upstream once, rather than each waking it again after it went back
+//! to sleep. Waking a process asleep on another CPU costs the waker an inter-processor
+//! interrupt (in a VM, an exit to the hypervisor): measured on loopback at saturation, writing
+//! at once woke the upstream or the client 0.33-0.49 times per request (0.21-0.34
+//! interrupts), deferred 0.11-0.15 times (0.07-0.10 interrupts), for one more poll of the
+//! caller's task (about 1.6k instructions). The wait is one turn of the queue: with nothing
+//! else ready, the call writes at once.
+//!
 //! A connection keeps its deadline timer from call to call. Each call moves it to the call's
 //! own deadline, later than the last one (every call has the same timeout), and tokio then only
 //! records the later time: no timer is registered and cancelled per call.
@@ -138,7 +148,18 @@ impl Connection {
             answered: false,
             reading: Reading::Head,
         };
-        poll_fn(|cx| self.poll_call(cx, &mut call)).await
+        let mut deferred = false;
+        poll_fn(|cx| {
+            if !deferred {
+                // Once, before writing: the task goes to the back of the runtime's queue, and
+                // writes after the tasks ready now have run (see the module doc).
+                deferred = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.poll_call(cx, &mut call)
+        })
+        .await
     }
 
     /// Whether the server closed (or wrote to) the connection while it was idle: either way it
