@@ -167,7 +167,7 @@ for round in $(seq 1 "$ROUNDS"); do
         read -r user_after system_after < <(awk '{ print $14, $15 }' "/proc/$proxy_pid/stat")
         note=""
         [[ "$name" != wxgate* ]] || note="$(cluster_note "$requests")"
-        perf stat -x, -e "$perf_events" -p "$proxy_pid" -o "$work/perf.$name.$round" &
+        perf stat -x, -e "$perf_events" -p "$proxy_pid" -o "$work/perf.$name.$round" 2>/dev/null &
         perf_pid="$!"
         sleep 0.5
         read -r traced _ <<<"$(run_wrk "$WORKLOAD" "t$tag" "$DURATION")"
