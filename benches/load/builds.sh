@@ -13,7 +13,9 @@
 # The table shows each cell's median round by req/s.
 #
 # Settings (environment): WXGATE_BINS (required), WORKLOADS ("unique duplicate mixed"),
-# ROUNDS (3), DURATION (s, 5), WARMUP (s, 1), CONNECTIONS (64), DUP_CODES (100).
+# ROUNDS (3), DURATION (s, 5), WARMUP (s, 1), CONNECTIONS (64), DUP_CODES (100), CLUSTER (1:
+# with a [cluster] section on a redis-server of its own on CPU 0, emptied before each run;
+# see harness.sh).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -50,25 +52,28 @@ declare -A rows rates
 for round in $(seq 1 "$ROUNDS"); do
     for workload in "${WORKLOADS[@]}"; do
         for i in "${!BINS[@]}"; do
+            fresh_redis
             RUST_LOG=warn taskset -c 1 "${BINS[$i]}" --config "$work/wxgate.toml" >>"$work/processes.log" 2>&1 &
             pid="$!"
             pids+=("$pid")
             wait_ready "$proxy_port" "$pid" || { printf 'FAIL: build %d never answered\n' "$i" >&2; exit 1; }
             run_wrk "$workload" "w$round" "$WARMUP" >/dev/null
+            trips_before="$(redis_trips)"
             read -r user_before system_before < <(awk '{ print $14, $15 }' "/proc/$pid/stat")
             read -r busy_before total_before < <(cpu1)
             read -r requests duration_us non2xx errors p50_us p99_us _ <<<"$(run_wrk "$workload" "m$round" "$DURATION")"
             read -r busy_after total_after < <(cpu1)
             read -r user_after system_after < <(awk '{ print $14, $15 }' "/proc/$pid/stat")
+            note="$(cluster_note "$requests")"
             kill -TERM "$pid" 2>/dev/null || true
             wait "$pid" 2>/dev/null || true
             row="$(awk -v w="$workload" -v b="$i" -v n="$requests" -v d="$duration_us" -v p50="$p50_us" \
                 -v p99="$p99_us" -v u="$((user_after - user_before))" -v s="$((system_after - system_before))" \
                 -v hz="$hz" -v busy="$((busy_after - busy_before))" -v total="$((total_after - total_before))" \
-                -v bad="$((non2xx + errors))" 'BEGIN {
-                    printf "%-10s %5d %8.0f %7.2f %7.2f %9.2f %9.2f %6.0f%% %6.0f%%%s", w, b, n / (d / 1e6),
+                -v bad="$((non2xx + errors))" -v note="$note" 'BEGIN {
+                    printf "%-10s %5d %8.0f %7.2f %7.2f %9.2f %9.2f %6.0f%% %6.0f%%%s%s", w, b, n / (d / 1e6),
                         p50 / 1000, p99 / 1000, u * 1e6 / hz / n, s * 1e6 / hz / n,
-                        100 * (u + s) / hz / (d / 1e6), 100 * busy / total, bad ? "  " bad " errors!" : ""
+                        100 * (u + s) / hz / (d / 1e6), 100 * busy / total, bad ? "  " bad " errors!" : "", note
                 }')"
             printf 'round %d: %s\n' "$round" "$row" >&2
             rows[$workload/$i/$round]="$row"

@@ -15,7 +15,9 @@
 #
 # Settings (environment): WORKLOADS (default "unique duplicate mixed"), CONNECTIONS (16),
 # WARMUP (s, 5), DURATION (s, 10), DUP_CODES (100), WXGATE_BIN, KEEP (a directory: the
-# callgrind files are kept there, for callgrind_annotate).
+# callgrind files are kept there, for callgrind_annotate), CLUSTER (1: with a [cluster]
+# section on a redis-server of its own, emptied before each run; see harness.sh; its
+# cluster.timeout_ms is 1000 here, as wxgate answers slowly under valgrind).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -43,6 +45,12 @@ fi
 
 # wxgate under valgrind answers slowly.
 WRK_TIMEOUT=10
+CLUSTER_TIMEOUT_MS="${CLUSTER_TIMEOUT_MS:-1000}"
+if [ "${CLUSTER:-0}" = 1 ]; then
+    for tool in redis-server redis-cli; do
+        command -v "$tool" >/dev/null 2>&1 || { printf 'FAIL: %s is not on PATH (CLUSTER=1)\n' "$tool" >&2; exit 1; }
+    done
+fi
 . "$here/harness.sh"
 harness_start wxgate-instructions
 
@@ -52,6 +60,7 @@ printf 'valgrind --tool=callgrind on CPU 1, wrk -t1 -c%s on CPU 0, %ss warm-up, 
 printf '%-10s %10s %14s %12s\n' workload requests "Ir" "Ir/request"
 for workload in "${WORKLOADS[@]}"; do
     out="$work/callgrind.$workload"
+    fresh_redis
     RUST_LOG=warn taskset -c 1 valgrind --tool=callgrind --dump-instr=no \
         --callgrind-out-file="$out.%p" "$wxgate_bin" --config "$work/wxgate.toml" \
         >>"$work/processes.log" 2>&1 &
@@ -59,16 +68,18 @@ for workload in "${WORKLOADS[@]}"; do
     pids+=("$pid")
     wait_ready "$proxy_port" "$pid" || { printf 'FAIL: wxgate never answered\n' >&2; tail "$work/processes.log" >&2; exit 1; }
     run_wrk "$workload" "w" "$WARMUP" >/dev/null
+    trips_before="$(redis_trips)"
     callgrind_control -z "$pid" >/dev/null 2>&1
     read -r requests _ non2xx errors _ <<<"$(run_wrk "$workload" "m" "$DURATION")"
     callgrind_control -d "$pid" >/dev/null 2>&1
+    note="$(cluster_note "$requests")"
     # The dump written by -d is the newest file with a part number.
     dump="$(ls -t "$out.$pid".* 2>/dev/null | head -n 1)"
     ir="$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")"
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     [ "$non2xx" = 0 ] && [ "$errors" = 0 ] || printf 'note: %s non-2xx, %s socket errors\n' "$non2xx" "$errors"
-    printf '%-10s %10s %14s %12.0f\n' "$workload" "$requests" "$ir" "$(awk -v i="$ir" -v r="$requests" 'BEGIN { print i / r }')"
+    printf '%-10s %10s %14s %12.0f%s\n' "$workload" "$requests" "$ir" "$(awk -v i="$ir" -v r="$requests" 'BEGIN { print i / r }')" "$note"
     if [ -n "${KEEP:-}" ]; then
         mkdir -p "$KEEP"
         cp "$dump" "$KEEP/callgrind.$workload"

@@ -2,9 +2,6 @@
 //! `wxgate_upstream_transport_errors_total`, the status and errmsg of wxgate's own answer, and
 //! whether the call may have reached WeChat.
 
-use std::error::Error as _;
-use std::io;
-
 use http::StatusCode;
 
 /// Why an upstream call got no answer: the `reason` label of
@@ -110,28 +107,4 @@ impl TransportError {
     pub fn retryable(self) -> bool {
         self == TransportError::Connect
     }
-}
-
-/// Whether hyper's error, for a request written to a reused connection, says the connection
-/// closed or was reset before an answer's head came
-/// ([`TransportError::ReusedConnectionClosed`]). Not a parse error, nor anything that followed
-/// part of an answer (those come from the body, after the head).
-pub(super) fn closed_before_answer(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() || error.is_canceled() {
-        return true;
-    }
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<io::Error>() {
-            return matches!(
-                io.kind(),
-                io::ErrorKind::ConnectionReset
-                    | io::ErrorKind::ConnectionAborted
-                    | io::ErrorKind::BrokenPipe
-                    | io::ErrorKind::UnexpectedEof
-            );
-        }
-        source = cause.source();
-    }
-    false
 }

@@ -74,6 +74,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, also: &[HeaderName]) {
     }
 }
 
+/// Whether `name` is one of [`HOP_BY_HOP`].
+pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_index(name.as_str()).is_some()
+}
+
 /// The position of `name` in [`HOP_BY_HOP`].
 fn hop_by_hop_index(name: &str) -> Option<usize> {
     // In HOP_BY_HOP's order (a test checks it).

@@ -4,50 +4,58 @@
 //! text: the path is never resolved against the base (a path such as `//evil.example/x` stays
 //! a path on WeChat's host), so wxgate cannot be used as an open relay.
 //!
-//! The client is hyper's HTTP/1.1 connection API with a pool of its own: wxgate talks to one
-//! host, so the pool is one list of idle connections (most recently used last), with no
-//! per-host keying, no URL handling and no boxed futures on the way of a call.
+//! The client is an HTTP/1.1 client of wxgate's own, over a pool of its own: wxgate talks to
+//! one host, so the pool is one list of idle connections (most recently used last), with no
+//! per-host keying, no URL handling and no boxed futures on the way of a call; and a call
+//! drives its connection in its own task, with no driver task per connection to hand the
+//! request to and take the answer from (see [`connection`]).
 //!
 //! What one upstream can cost wxgate is bounded: `upstream.max_connections` sockets,
 //! `upstream.max_body_bytes` per answer, `upstream.timeout_ms` per call (waiting for a
 //! connection included).
 //!
 //! # Layout
-//! - `mod.rs`: [`UpstreamClient`]: building a request, sending it, reading the answer.
+//! - `mod.rs`: [`UpstreamClient`]: opening connections, sending a call on one, which failures
+//!   send it on another.
+//! - `connection.rs`: one connection: writing a request, reading its answer, its deadline.
+//! - `request.rs`: a request as it goes on the wire.
+//! - `answer.rs`: an answer's head and body framing, and the chunked decoder.
 //! - `pool.rs`: the cap on open connections, and the idle ones.
 //! - `tls.rs`: the rustls configuration (trusted authorities), refused certificates.
 //! - `error.rs`: [`TransportError`], why a call got no answer.
 //! - `headers.rs`: the hop-by-hop headers a proxy never forwards.
 
+mod answer;
+mod connection;
 mod error;
 mod headers;
 mod pool;
+mod request;
 mod tls;
 
 use std::future::poll_fn;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use http::{HeaderMap, Method, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tower_service::Service;
 
 use crate::config::UpstreamConfig;
+use connection::{Connection, Failure, Stream};
 pub use error::TransportError;
 // Named by the tests of the retry policy and of wxgate's answers; elsewhere it travels inside
 // `TransportError::Certificate`.
 #[cfg(test)]
 pub use error::CertificateProblem;
 pub use headers::strip_hop_by_hop;
-use pool::{Checkout, Pool, Sender, Slot};
+use pool::{Checkout, Pool, Slot};
+use request::RequestWriter;
 
 /// A request as it goes upstream. Built once per client request and sent as many times as
 /// retries need (the body is reference-counted, so a retry copies nothing).
@@ -79,23 +87,22 @@ pub struct UpstreamResponse {
 /// The client towards WeChat: HTTP/1.1 keep-alive connections from a pool, rustls (with the
 /// webpki roots and `upstream.ca_file`'s authorities) for HTTPS.
 ///
-/// Not reqwest, nor hyper-util's pooled client: on a code exchange their layers (URL parsing,
-/// per-host pool keys, redirect and retry services, boxed futures) cost more instructions
-/// than the rest of wxgate together, and wxgate needs none of them: it talks to one host,
-/// follows no redirect, retries by its own rules, and joins a path it already has to a base
-/// it parsed once.
+/// Not reqwest, nor hyper's or hyper-util's clients: on a code exchange their layers (URL
+/// parsing, per-host pool keys, redirect and retry services, boxed futures, a task and a
+/// channel per connection) cost more instructions than the rest of wxgate together, and wxgate
+/// needs none of them: it talks to one host, follows no redirect, retries by its own rules,
+/// and joins a path it already has to a base it parsed once.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    connector: HttpsConnector<HttpConnector>,
+    /// Opens TCP connections (name resolution, connect timeout, `TCP_NODELAY`).
+    connector: HttpConnector,
+    /// For `https://`: the TLS client and the name the certificate must be valid for.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     pool: Arc<Pool>,
     /// `scheme://authority/`, what the connector is asked to connect to.
     origin: Uri,
-    /// The base URL's path, without a trailing slash (usually empty).
-    prefix: String,
-    /// `Host`, built once.
-    host: HeaderValue,
-    /// `Authorization` for a base URL with userinfo.
-    authorization: Option<HeaderValue>,
+    /// The prefix, `Host` and `Authorization` every request gets.
+    writer: RequestWriter,
     timeout: Duration,
     /// `upstream.max_body_bytes`: the largest answer body read.
     max_body_bytes: usize,
@@ -129,16 +136,22 @@ impl UpstreamClient {
     /// Builds the client from `[upstream]`, whose base URL was parsed at validation.
     pub fn new(config: &UpstreamConfig) -> Result<UpstreamClient, InvalidBaseUrl> {
         let base_url = &config.base_url;
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_nodelay(true);
-        // The connector takes https:// and http:// URIs alike; scheme checks are wxgate's.
-        http.enforce_http(false);
-        let connector = HttpsConnectorBuilder::new()
-            .with_tls_config(tls::client_config(config.ca_file.as_ref()))
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        // The connector takes https:// and http:// URIs alike; TLS is added here.
+        connector.enforce_http(false);
+        let tls = match base_url.scheme().as_str() {
+            "https" => {
+                // An IPv6 address is written in brackets in a URL, not in a server name.
+                let host = base_url.authority().host();
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let name = ServerName::try_from(host.to_owned()).map_err(|_| InvalidBaseUrl)?;
+                let client = tls::client_config(config.ca_file.as_ref());
+                Some((tokio_rustls::TlsConnector::from(Arc::new(client)), name))
+            }
+            _ => None,
+        };
         let origin = Uri::builder()
             .scheme(base_url.scheme().clone())
             .authority(base_url.authority().clone())
@@ -147,15 +160,18 @@ impl UpstreamClient {
             .map_err(|_| InvalidBaseUrl)?;
         Ok(UpstreamClient {
             connector,
+            tls,
             pool: Arc::new(Pool::new(
                 config.max_connections,
                 config.pool_max_idle,
                 config.pool_idle_timeout,
             )),
             origin,
-            prefix: base_url.path_prefix().to_owned(),
-            host: base_url.host_header().clone(),
-            authorization: base_url.authorization().cloned(),
+            writer: RequestWriter {
+                prefix: base_url.path_prefix().to_owned(),
+                host: base_url.host_header().clone(),
+                authorization: base_url.authorization().cloned(),
+            },
             timeout: config.timeout,
             max_body_bytes: config.max_body_bytes,
         })
@@ -170,73 +186,22 @@ impl UpstreamClient {
 
     /// Sends one request and reads the whole answer, within `upstream.timeout_ms`, on a
     /// connection `choice` allows.
+    ///
+    /// A connection taken from the pool may be one its server is closing at that moment (its
+    /// keep-alive timeout ran out as the request was written). When writing fails before any
+    /// byte went out, the request goes on the next connection: nothing was sent. When it was
+    /// written and the connection closed or was reset before any answer, the call ends with
+    /// [`TransportError::ReusedConnectionClosed`], and [`crate::retry`] decides whether it
+    /// is sent again (on a new connection, [`ConnectionChoice::New`]).
+    ///
+    /// Waiting for a connection at `upstream.max_connections`, and opening one, end at the
+    /// call's deadline too.
     pub async fn send(
         &self,
         request: &UpstreamRequest,
         choice: ConnectionChoice,
     ) -> Result<UpstreamResponse, TransportError> {
         let deadline = Instant::now() + self.timeout;
-        let exchange = self.exchange(request, choice, deadline);
-        let (parts, body) = tokio::time::timeout_at(deadline, exchange)
-            .await
-            .map_err(|_| TransportError::Timeout)??;
-        let mut headers = parts.headers;
-        // hyper frames the body it sends back itself.
-        strip_hop_by_hop(&mut headers, &[header::CONTENT_LENGTH]);
-        Ok(UpstreamResponse {
-            status: parts.status,
-            headers,
-            body,
-        })
-    }
-
-    /// The request as it goes on the wire: the base URL's prefix, `Host` and `Authorization`
-    /// added.
-    fn outgoing(&self, request: &UpstreamRequest) -> Result<Request<Full<Bytes>>, TransportError> {
-        // Text concatenation, never URL resolution: see the module doc.
-        let path_and_query = if self.prefix.is_empty() {
-            request.path_and_query.clone()
-        } else {
-            PathAndQuery::from_maybe_shared(Bytes::from(format!(
-                "{}{}",
-                self.prefix, request.path_and_query
-            )))
-            // The path came from a request hyper parsed, so this cannot fail; if it did,
-            // nothing was sent.
-            .map_err(|_| TransportError::Connect)?
-        };
-        let mut outgoing = Request::new(Full::new(request.body.clone()));
-        *outgoing.method_mut() = request.method.clone();
-        // Origin-form, as HTTP/1.1 sends it to a server (not a proxy).
-        *outgoing.uri_mut() = Uri::from(path_and_query);
-        *outgoing.headers_mut() = request.headers.clone();
-        let headers = outgoing.headers_mut();
-        // Replaces the client's `Host`, if it sent one: the upstream's is the only one sent.
-        headers.insert(header::HOST, self.host.clone());
-        if let Some(authorization) = &self.authorization {
-            headers.insert(header::AUTHORIZATION, authorization.clone());
-        }
-        Ok(outgoing)
-    }
-
-    /// Sends `request` on an idle connection, or a new one, and reads the answer whole.
-    ///
-    /// A connection taken from the pool may be one its server is closing at that moment (its
-    /// keep-alive timeout ran out as the request was written). When hyper hands the request
-    /// back unsent (the close was seen before it was written), it goes on the next
-    /// connection: nothing was sent. When it was written and the connection closed or was
-    /// reset before any answer, the call ends with
-    /// [`TransportError::ReusedConnectionClosed`], and [`crate::retry`] decides whether it
-    /// is sent again (on a new connection, [`ConnectionChoice::New`]).
-    ///
-    /// Waiting for a connection at `upstream.max_connections` ends at `deadline`, the call's.
-    async fn exchange(
-        &self,
-        request: &UpstreamRequest,
-        choice: ConnectionChoice,
-        deadline: Instant,
-    ) -> Result<(http::response::Parts, Bytes), TransportError> {
-        let mut outgoing = self.outgoing(request)?;
         loop {
             let ready_now = match choice {
                 ConnectionChoice::Any => self.pool.try_checkout(),
@@ -248,117 +213,95 @@ impl UpstreamClient {
                 // here. Boxed, like the other waits off the common path, so that every call
                 // does not carry (and copy) their futures.
                 (ConnectionChoice::Any, None) => {
-                    Box::pin(tokio::time::timeout_at(deadline, self.pool.checkout()))
-                        .await
-                        .map_err(|_| TransportError::ConnectionLimit)?
-                }
-                (ConnectionChoice::New, None) => Checkout::New(
-                    Box::pin(tokio::time::timeout_at(deadline, self.pool.new_slot()))
-                        .await
-                        .map_err(|_| TransportError::ConnectionLimit)?,
-                ),
-            };
-            let (mut sender, reused) = match checkout {
-                Checkout::Idle(sender) => (sender, true),
-                // Boxed: opening a connection (TCP, TLS, handshake) is a large future that
-                // every call would otherwise carry and copy, while few calls open one.
-                Checkout::New(slot) => (Box::pin(self.connect(slot)).await?, false),
-            };
-            if !ready(&mut sender, reused).await {
-                if reused {
-                    continue;
-                }
-                return Err(TransportError::Connect);
-            }
-            let response = match sender.try_send_request(outgoing).await {
-                Ok(response) => response,
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) if reused => {
-                        outgoing = unsent;
-                        continue;
+                    let checkout =
+                        Box::pin(tokio::time::timeout_at(deadline, self.pool.checkout()))
+                            .await
+                            .map_err(|_| TransportError::ConnectionLimit)?;
+                    if Instant::now() >= deadline {
+                        // Came as the call's time ran out (a connection closed at its own
+                        // deadline): the call waited its whole timeout for it.
+                        if let Checkout::Idle(connection) = checkout {
+                            self.pool.put(connection);
+                        }
+                        return Err(TransportError::ConnectionLimit);
                     }
-                    Some(_) => return Err(TransportError::Connect),
-                    None if reused && error::closed_before_answer(error.error()) => {
-                        tracing::debug!(error = %error.error(), "reused upstream connection closed under a request");
-                        return Err(TransportError::ReusedConnectionClosed);
+                    checkout
+                }
+                (ConnectionChoice::New, None) => {
+                    let slot = Box::pin(tokio::time::timeout_at(deadline, self.pool.new_slot()))
+                        .await
+                        .map_err(|_| TransportError::ConnectionLimit)?;
+                    if Instant::now() >= deadline {
+                        return Err(TransportError::ConnectionLimit);
                     }
-                    None => return Err(TransportError::Reset),
-                },
+                    Checkout::New(slot)
+                }
             };
-            let (parts, body) = response.into_parts();
-            // On error the sender is dropped, not pooled: the connection closes with the rest
-            // of the body unread.
-            let body = read_body(body, self.max_body_bytes).await?;
-            // The answer was read to its end: the connection can carry the next request.
-            self.pool.put(sender);
-            return Ok((parts, body));
+            let (mut connection, reused) = match checkout {
+                Checkout::Idle(connection) => (connection, true),
+                // Boxed: opening a connection (TCP, TLS) is a large future that every call
+                // would otherwise carry and copy, while few calls open one.
+                Checkout::New(slot) => {
+                    let connecting = tokio::time::timeout_at(deadline, self.connect(slot));
+                    let connection = Box::pin(connecting)
+                        .await
+                        .map_err(|_| TransportError::Timeout)??;
+                    (connection, false)
+                }
+            };
+            let sent = connection
+                .send(&self.writer, request, self.max_body_bytes, deadline)
+                .await;
+            return match sent {
+                Ok(response) => {
+                    if connection.reusable() {
+                        self.pool.put(connection);
+                    }
+                    Ok(response)
+                }
+                // Nothing was sent on this connection: the next one may be open.
+                Err(Failure::Unsent) if reused => continue,
+                Err(Failure::Unsent) => Err(TransportError::Connect),
+                Err(Failure::ClosedBeforeAnswer) if reused => {
+                    tracing::debug!("reused upstream connection closed under a request");
+                    Err(TransportError::ReusedConnectionClosed)
+                }
+                Err(Failure::ClosedBeforeAnswer | Failure::Broken) => Err(TransportError::Reset),
+                Err(Failure::TooLarge) => Err(TransportError::TooLarge),
+                Err(Failure::Timeout) => Err(TransportError::Timeout),
+            };
         }
     }
 
-    /// Opens a connection (TCP, and TLS for https) and starts its HTTP/1.1 driver task, which
-    /// holds `slot` for as long as the connection is open.
-    async fn connect(&self, slot: Slot) -> Result<Sender, TransportError> {
+    /// Opens a connection (TCP, and TLS for https) holding `slot` for as long as it is open.
+    async fn connect(&self, slot: Slot) -> Result<Connection, TransportError> {
         let mut connector = self.connector.clone();
         poll_fn(|cx| connector.poll_ready(cx))
             .await
             .map_err(|_| TransportError::Connect)?;
-        let stream = connector.call(self.origin.clone()).await.map_err(|error| {
-            match tls::certificate_problem(&*error) {
-                Some(problem) => {
-                    // Once per call while it lasts: an operator must see it, it does not fix
-                    // itself. rustls's words name the certificate's names or dates, no secret.
-                    tracing::warn!(%error, "upstream certificate refused");
-                    TransportError::Certificate(problem)
-                }
-                None => TransportError::Connect,
-            }
-        })?;
-        let (sender, connection) = http1::Builder::new()
-            .handshake(stream)
+        let tcp: TcpStream = connector
+            .call(self.origin.clone())
             .await
-            .map_err(|_| TransportError::Connect)?;
-        // Ends when the connection closes: an error, the server closing it, or the last
-        // sender (in the pool or in a call) dropped.
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended");
+            .map_err(|_| TransportError::Connect)?
+            .into_inner();
+        let stream = match &self.tls {
+            None => Stream::Plain(tcp),
+            Some((tls, name)) => {
+                let stream = tls.connect(name.clone(), tcp).await.map_err(|error| {
+                    match tls::certificate_problem(&error) {
+                        Some(problem) => {
+                            // Once per call while it lasts: an operator must see it, it does
+                            // not fix itself. rustls's words name the certificate's names or
+                            // dates, no secret.
+                            tracing::warn!(%error, "upstream certificate refused");
+                            TransportError::Certificate(problem)
+                        }
+                        None => TransportError::Connect,
+                    }
+                })?;
+                Stream::Tls(Box::new(stream))
             }
-        });
-        Ok(sender)
-    }
-}
-
-/// Reads a whole answer body of at most `limit` bytes. A declared length over it is refused
-/// before any of the body is read; an undeclared one (chunked, or ended by the close) once
-/// more than `limit` bytes came.
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, TransportError> {
-    if body.size_hint().lower() > limit as u64 {
-        return Err(TransportError::TooLarge);
-    }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<LengthLimitError>() => Err(TransportError::TooLarge),
-        Err(_) => Err(TransportError::Reset),
-    }
-}
-
-/// How long a pooled connection may take to become ready, e.g. while it still writes the body
-/// of a request whose answer came early; after that it is set aside (nothing was sent on it).
-const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
-
-/// Whether `sender` can take a request: at once, nearly always; a pooled connection still
-/// busy gets `POOLED_READY_WAIT`, a new one the call's own timeout.
-async fn ready(sender: &mut Sender, pooled: bool) -> bool {
-    match poll_fn(|cx| Poll::Ready(sender.poll_ready(cx))).await {
-        Poll::Ready(result) => result.is_ok(),
-        // Boxed: rare, and its timer would otherwise be part of every call's future.
-        Poll::Pending if pooled => {
-            matches!(
-                Box::pin(tokio::time::timeout(POOLED_READY_WAIT, sender.ready())).await,
-                Ok(Ok(()))
-            )
-        }
-        Poll::Pending => sender.ready().await.is_ok(),
+        };
+        Ok(Connection::new(stream, slot))
     }
 }

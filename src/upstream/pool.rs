@@ -3,37 +3,34 @@
 //! last, with no per-host keying.
 //!
 //! **The cap** (`upstream.max_connections`): every open connection holds a permit of one
-//! semaphore, taken when it is opened and given back when its driver task ends (the server
-//! closed it, or wxgate dropped it). A call that finds no idle connection and no permit waits
-//! for whichever comes first: a connection returned idle by another call, or a permit freed by
-//! a connection that closed. A permit is taken per connection, not per request: a call on a
-//! pooled connection touches nothing but the idle list's lock.
+//! semaphore, taken when it is opened and given back when the connection is dropped (the
+//! server closed it, the call on it failed, or the pool let it go). A call that finds no idle
+//! connection and no permit waits for whichever comes first: a connection returned idle by
+//! another call, or a permit freed by a connection that closed. A permit is taken per
+//! connection, not per request: a call on a pooled connection touches nothing but the idle
+//! list's lock.
 //!
 //! **Idle connections**: one idle for `upstream.pool_idle_timeout_ms` is closed rather than
 //! used: servers close idle connections after their own keep-alive timeout, and a request
 //! written at the moment the server closes its end is lost on the way (see
-//! [`crate::retry`] for the requests that are then sent again, and why not all are).
+//! [`crate::retry`] for the requests that are then sent again, and why not all are). One
+//! its server closed is let go when it is next looked at: taken out, or at housekeeping.
 
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http1;
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// One end of an HTTP/1.1 connection: requests go in, answers come out; its driver task owns
-/// the socket.
-pub(super) type Sender = http1::SendRequest<Full<Bytes>>;
+use super::connection::Connection;
 
 /// What a call gets to send its request on.
 pub(super) enum Checkout {
     /// A kept-alive connection.
-    Idle(Sender),
-    /// Room for a new connection: the permit goes to the connection's driver task.
+    Idle(Connection),
+    /// Room for a new connection: the permit goes to the connection.
     New(Slot),
 }
 
@@ -59,15 +56,16 @@ struct State {
 }
 
 struct Idle {
-    sender: Sender,
+    connection: Connection,
     since: Instant,
 }
 
 impl Idle {
-    /// Whether the connection can take a request at `now`: still open, and not idle for so
-    /// long that its server may be closing it.
-    fn usable(&self, now: Instant, idle_timeout: Duration) -> bool {
-        !self.sender.is_closed() && now.saturating_duration_since(self.since) < idle_timeout
+    /// Whether the connection can take a request at `now`: not idle for so long that its
+    /// server may be closing it, and not closed by its server.
+    fn usable(&mut self, now: Instant, idle_timeout: Duration) -> bool {
+        now.saturating_duration_since(self.since) < idle_timeout
+            && !self.connection.closed_while_idle()
     }
 }
 
@@ -123,7 +121,7 @@ impl Pool {
             let mut state = self.lock();
             (!state.idle.is_empty()).then(|| state.idle.remove(0))
         };
-        // Its driver task ends and frees its permit (or another connection's comes first).
+        // Its permit is freed with it (or another connection's comes first).
         drop(oldest);
         Arc::clone(&self.slots)
             .acquire_owned()
@@ -133,8 +131,8 @@ impl Pool {
 
     /// An idle connection, or room for a new one, if either is there now.
     pub(super) fn try_checkout(&self) -> Option<Checkout> {
-        if let Some(sender) = self.take() {
-            return Some(Checkout::Idle(sender));
+        if let Some(connection) = self.take() {
+            return Some(Checkout::Idle(connection));
         }
         Arc::clone(&self.slots)
             .try_acquire_owned()
@@ -143,16 +141,16 @@ impl Pool {
     }
 
     /// The most recently used connection that is still usable. Those passed over are closed
-    /// (dropping a sender ends its connection).
-    fn take(&self) -> Option<Sender> {
+    /// (dropped).
+    fn take(&self) -> Option<Connection> {
         let mut state = self.lock();
         if state.idle.is_empty() {
             return None;
         }
         let now = Instant::now();
-        while let Some(entry) = state.idle.pop() {
+        while let Some(mut entry) = state.idle.pop() {
             if entry.usable(now, self.idle_timeout) {
-                return Some(entry.sender);
+                return Some(entry.connection);
             }
         }
         None
@@ -160,17 +158,14 @@ impl Pool {
 
     /// Returns a connection whose answer was read to its end, so that it can carry the next
     /// request; a call waiting for a connection is woken to take it.
-    pub(super) fn put(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub(super) fn put(&self, connection: Connection) {
         let since = Instant::now();
         let mut state = self.lock();
         if state.idle.len() >= self.max_idle {
             // Dropped: the connection closes and its permit goes to a waiting call, if any.
             return;
         }
-        state.idle.push(Idle { sender, since });
+        state.idle.push(Idle { connection, since });
         let wake = state.waiting > 0;
         drop(state);
         if wake {
@@ -184,7 +179,7 @@ impl Pool {
         let now = Instant::now();
         self.lock()
             .idle
-            .retain(|entry| entry.usable(now, self.idle_timeout));
+            .retain_mut(|entry| entry.usable(now, self.idle_timeout));
     }
 }
 

@@ -23,6 +23,7 @@ mod reload;
 mod server_tls;
 mod token_cache;
 mod token_cache_cluster;
+mod upstream_answers;
 mod upstream_limits;
 mod upstream_pool;
 mod upstream_tls;
