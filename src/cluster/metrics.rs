@@ -108,8 +108,16 @@ impl RedisOp {
 
 /// Whether `error` says a shard or a primary is failing over: Redis Cluster's `MOVED`,
 /// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, a slot whose node the client does not
-/// know yet, a primary demoted to a replica (`READONLY`) or still loading its data, no
-/// primary named by the sentinels.
+/// know yet, a primary demoted to a replica (`READONLY`) or still loading its data, a
+/// script missing on a newly promoted primary (`NOSCRIPT`), no primary named by the
+/// sentinels.
+///
+/// `NOSCRIPT`: Redis 7 does not replicate its script cache, so a replica promoted by a
+/// failover knows only the scripts loaded on it by hand. redis-rs loads a missing script
+/// once (`SCRIPT LOAD` on the nodes its slot map knows) and runs it again; while the
+/// topology changes, the second run can land on a node the load missed, and the
+/// `NOSCRIPT` reaches the caller. The next run loads it again: nothing was refused (a user
+/// without `SCRIPT LOAD` gets `NOPERM`, an answer).
 fn failing_over(error: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     error.is_cluster_error()
@@ -119,6 +127,7 @@ fn failing_over(error: &redis::RedisError) -> bool {
                 ServerErrorKind::ReadOnly
                     | ServerErrorKind::MasterDown
                     | ServerErrorKind::BusyLoading
+                    | ServerErrorKind::NoScript
             ) | ErrorKind::ClusterConnectionNotFound
                 | ErrorKind::MasterNameNotFoundBySentinel
                 | ErrorKind::NoValidReplicasFoundBySentinel
@@ -252,6 +261,7 @@ mod tests {
             ErrorKind::Server(ServerErrorKind::ReadOnly),
             ErrorKind::Server(ServerErrorKind::MasterDown),
             ErrorKind::Server(ServerErrorKind::BusyLoading),
+            ErrorKind::Server(ServerErrorKind::NoScript),
             ErrorKind::ClusterConnectionNotFound,
             ErrorKind::MasterNameNotFoundBySentinel,
         ] {
@@ -265,8 +275,34 @@ mod tests {
             ErrorKind::Server(ServerErrorKind::CrossSlot),
             ErrorKind::Server(ServerErrorKind::NoPerm),
             ErrorKind::Server(ServerErrorKind::ResponseError),
+            ErrorKind::UnexpectedReturnType,
         ] {
             assert_eq!(kind(refused), RedisErrorKind::Answer, "{refused:?}");
+        }
+    }
+
+    /// Replies as Redis sends them to a script run during a failover, and to scripts it
+    /// refuses.
+    #[test]
+    fn a_script_missing_on_a_promoted_primary_is_a_connection_error() {
+        let kind = |reply: &str| {
+            let error = redis::parse_redis_value(format!("-{reply}\r\n").as_bytes())
+                .and_then(redis::Value::extract_error)
+                .expect_err("an error reply");
+            RedisErrorKind::of(&error)
+        };
+        for failing_over in [
+            "NOSCRIPT No matching script. Please use EVAL.",
+            "READONLY You can't write against a read only replica. script: 9a1f, on @user_script:3.",
+        ] {
+            assert_eq!(kind(failing_over), RedisErrorKind::Connection, "{failing_over}");
+        }
+        for refused in [
+            "NOPERM User wxgate has no permissions to run the 'script|load' command",
+            "WRONGTYPE Operation against a key holding the wrong kind of value script: 9a1f, on @user_script:2.",
+            "ERR user_script:1: Script attempted to access nonexistent global variable 'x' script: 9a1f, on @user_script:1.",
+        ] {
+            assert_eq!(kind(refused), RedisErrorKind::Answer, "{refused}");
         }
     }
 }

@@ -128,6 +128,9 @@ pub struct Cluster {
     /// The operations ([`RedisOp::index`] as a bit) whose forged values were logged already:
     /// a forged value is counted every time, logged once per operation.
     forged_logged: AtomicU32,
+    /// The operations ([`RedisOp::index`] as a bit) whose refusal by Redis was logged
+    /// already.
+    refused_logged: AtomicU32,
     /// Redis's push messages, until [`Cluster::start`] hands them to the router.
     pushes: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>>>,
     metrics: ClusterMetrics,
@@ -287,6 +290,7 @@ impl Cluster {
             bucket_epochs: DashMap::new(),
             notices: Arc::default(),
             forged_logged: AtomicU32::new(0),
+            refused_logged: AtomicU32::new(0),
             pushes: Mutex::new(Some(pushes)),
             metrics,
         })
@@ -384,12 +388,33 @@ impl Cluster {
         self.metrics.observe(op, started.elapsed().as_secs_f64());
         let (kind, cause) = match result {
             Ok(Ok(value)) => return Some(value),
-            Ok(Err(error)) => (RedisErrorKind::of(&error), RedisCause::of(&error)),
+            Ok(Err(error)) => {
+                let kind = RedisErrorKind::of(&error);
+                if kind == RedisErrorKind::Answer {
+                    self.refused(op, &error);
+                }
+                (kind, RedisCause::of(&error))
+            }
             Err(_) => (RedisErrorKind::Timeout, RedisCause::Timeout),
         };
         self.metrics.error(op, kind);
         self.degrade(op, cause.describe());
         None
+    }
+
+    /// Logs what Redis refused an operation with, the first time for each operation: the
+    /// error's kind and code (`NOPERM`, `CROSSSLOT`...), never its text, which can quote a
+    /// script's keys.
+    fn refused(&self, op: RedisOp, error: &RedisError) {
+        let bit = 1 << op.index();
+        if self.refused_logged.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            tracing::warn!(
+                op = op.label(),
+                error = ?error.kind(),
+                code = error.code().unwrap_or("-"),
+                "Redis refused an operation; logged once, counted in wxgate_redis_errors_total{{kind=\"answer\"}}"
+            );
+        }
     }
 
     /// Whether results of code exchanges are published on sharded channels (Redis
