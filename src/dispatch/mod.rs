@@ -140,7 +140,7 @@ impl Dispatcher {
                     Some(Box::pin(self.quota.refused(key)).await)
                 }
                 (Some(key), Attempt::Answered(errcode)) => {
-                    self.quota.answered(key, errcode);
+                    self.quota.answered(key, errcode).await;
                     None
                 }
                 _ => None,

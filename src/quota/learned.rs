@@ -18,7 +18,10 @@
 //! configured figure just above WeChat's overshoots by one or two calls a window): past the
 //! appid's limit WeChat refuses every call of the window, while a user's limit leaves the
 //! other users' calls through, and their successes break the row. Until then only the
-//! refused call is held to the next window; the key is not paused.
+//! refused call is held to the next window; the key is not paused. A window that ended so
+//! teaches at the first answer of the next one, whatever it is ([`Learner::succeeded`]): a
+//! success there is the new window's, and does not break the old window's row, and waiting
+//! for that window's own refusal would send it past the limit too.
 //! A user alone on the appid still forms a row: the floor bounds what that can teach, and the
 //! climb undoes it.
 //!
@@ -98,17 +101,7 @@ pub struct Row {
 impl Evidence {
     /// One more 45011 in window `window`, which has had `turns` turns.
     pub fn refused(&mut self, window: u64, turns: u32) -> Row {
-        let mut clean_before = None;
-        if self.window != window {
-            let clean = self.refused > 0 && self.in_a_row == self.refused;
-            if clean && self.window + 1 == window {
-                clean_before = Some(self.accepted);
-            }
-            *self = Evidence {
-                window,
-                ..Evidence::default()
-            };
-        }
+        let clean_before = self.enter(window);
         self.refused += 1;
         self.in_a_row += 1;
         self.accepted = turns.saturating_sub(self.refused);
@@ -120,9 +113,33 @@ impl Evidence {
         }
     }
 
-    /// A call of the key succeeded: the row is broken.
-    pub fn succeeded(&mut self) {
+    /// A call of the key succeeded, answered in window `window`: that window's row is
+    /// broken. A success of a later window breaks nothing of the earlier one: when it is the
+    /// first answer of the window right after one whose refusals no success followed, what
+    /// WeChat accepted in that one comes back (as [`Row::clean_before`] does).
+    pub fn succeeded(&mut self, window: u64) -> Option<u32> {
+        if window < self.window {
+            // A late answer of a window over: its row no longer matters.
+            return None;
+        }
+        let clean_before = self.enter(window);
         self.in_a_row = 0;
+        clean_before
+    }
+
+    /// Moves the evidence to `window` if it is a later one; what WeChat accepted in the
+    /// window left, if it was the one right before and ended with its refusals unbroken.
+    fn enter(&mut self, window: u64) -> Option<u32> {
+        if self.window == window {
+            return None;
+        }
+        let clean = self.refused > 0 && self.in_a_row == self.refused;
+        let clean_before = (clean && self.window + 1 == window).then_some(self.accepted);
+        *self = Evidence {
+            window,
+            ..Evidence::default()
+        };
+        clean_before
     }
 }
 
@@ -207,6 +224,40 @@ struct KeyLearning {
 /// How long the refusals of a key that learned nothing are kept.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
+impl KeyLearning {
+    /// Learns from a window where WeChat accepted `accepted` calls, if the key's limit is one
+    /// that learns (nobody states it) and it has not learned in this window already.
+    fn learn(
+        &mut self,
+        accepted: u32,
+        at: &KeyStanding,
+        settings: &LearnSettings,
+    ) -> Option<Figure> {
+        let learns = matches!(at.source, LimitSource::Default | LimitSource::Learned);
+        // Learned once per window: the row goes on growing, the evidence does not.
+        let already = self.learned.is_some_and(|learned| {
+            learned.at.elapsed() < at.window.1 && at.source == LimitSource::Learned
+        });
+        if !learns || already {
+            return None;
+        }
+        let floor = floor(at.configured, settings.floor_percent);
+        let figure = learned_figure(
+            accepted,
+            at.window.1,
+            settings.margin,
+            floor,
+            at.limit.per_window.min(at.configured),
+        );
+        self.learned = Some(Learned {
+            base: figure,
+            at: Instant::now(),
+            window: at.window.1,
+        });
+        Some(learned(figure, at.window.1))
+    }
+}
+
 /// What a refusal came to: how to treat the call, and the key's new figure if one was
 /// learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,45 +327,37 @@ impl Learner {
                 }
             }
         };
-        let learns = matches!(at.source, LimitSource::Default | LimitSource::Learned);
-        // Learned once per window: the row goes on growing, the evidence does not.
-        let already = learning.learned.is_some_and(|learned| {
-            learned.at.elapsed() < at.window.1 && at.source == LimitSource::Learned
-        });
-        if !learns || already {
-            return Outcome {
-                refusal: Refusal::Pause,
-                learned: None,
-            };
-        }
-        let floor = floor(at.configured, settings.floor_percent);
-        let figure = learned_figure(
-            accepted,
-            at.window.1,
-            settings.margin,
-            floor,
-            at.limit.per_window.min(at.configured),
-        );
-        learning.learned = Some(Learned {
-            base: figure,
-            at: Instant::now(),
-            window: at.window.1,
-        });
         Outcome {
             refusal: Refusal::Pause,
-            learned: Some(learned(figure, at.window.1)),
+            learned: learning.learn(accepted, &at, settings),
         }
     }
 
-    /// A call of `key` got an answer other than 45011.
+    /// Whether some key is watched: while none is, a success has nothing to tell.
     #[inline]
-    pub(super) fn succeeded(&self, key: &QuotaKey) {
-        if self.count.load(Ordering::Acquire) == 0 {
-            return;
+    pub(super) fn watching(&self) -> bool {
+        self.count.load(Ordering::Acquire) != 0
+    }
+
+    /// A call of `key` got an answer other than 45011, with the key standing as `at` says
+    /// (read only when the key is watched). The figure learned, when this is the first
+    /// answer of a window right after one that ended with its refusals unbroken: WeChat's
+    /// limit, learned before this window goes past it in turn. The key is not paused: its
+    /// window has just begun.
+    pub(super) fn succeeded(
+        &self,
+        key: &QuotaKey,
+        at: impl FnOnce() -> KeyStanding,
+        settings: &LearnSettings,
+    ) -> Option<Figure> {
+        if !self.watching() {
+            return None;
         }
-        if let Some(learning) = self.keys.lock().get_mut(key) {
-            learning.evidence.succeeded();
-        }
+        let mut keys = self.keys.lock();
+        let learning = keys.get_mut(key)?;
+        let at = at();
+        let accepted = learning.evidence.succeeded(at.window.0)?;
+        learning.learn(accepted, &at, settings)
     }
 
     /// The learned figures as they stand at `now`: for each key learning, its figure
@@ -448,7 +491,7 @@ mod tests {
             8,
             "ten turns, two refused"
         );
-        evidence.succeeded();
+        assert_eq!(evidence.succeeded(1), None);
         assert_eq!(counts(evidence.refused(1, 11)), (3, 1, None));
         // A new window starts over; the one before was broken by a success.
         assert_eq!(counts(evidence.refused(2, 5)), (1, 1, None));
@@ -456,16 +499,33 @@ mod tests {
         assert_eq!(evidence.refused(3, 6).clean_before, Some(4));
         // Not when a window lies between.
         assert_eq!(evidence.refused(5, 6).clean_before, None);
+        // The successes a new window starts with are its own: they do not break the row the
+        // window before ended with, and the first of them says what that window accepted.
+        assert_eq!(evidence.refused(5, 21).clean_before, None);
+        assert_eq!(evidence.succeeded(6), Some(19));
+        assert_eq!(evidence.succeeded(6), None, "said once");
+        assert_eq!(counts(evidence.refused(6, 21)), (1, 1, None));
+        // A late answer of a window over changes nothing.
+        assert_eq!(evidence.succeeded(5), None);
+        assert_eq!(counts(evidence.refused(6, 22)), (2, 2, None));
+        // A window that ended with a success after its refusals is not clean.
+        evidence.succeeded(6);
+        assert_eq!(evidence.succeeded(7), None);
+        assert_eq!(evidence.refused(8, 3).clean_before, None);
     }
 
     fn refused(source: LimitSource, turns: u32) -> KeyStanding {
+        in_window(7, source, turns)
+    }
+
+    fn in_window(window: u64, source: LimitSource, turns: u32) -> KeyStanding {
         KeyStanding {
             source,
             limit: QuotaLimit {
                 per_window: 100,
                 burst: 10,
             },
-            window: (7, MINUTE),
+            window: (window, MINUTE),
             turns,
             configured: 100,
         }
@@ -491,7 +551,9 @@ mod tests {
                     learned: None
                 }
             );
-            learner.succeeded(&exchange);
+            let learned =
+                learner.succeeded(&exchange, || refused(LimitSource::Default, 80), &settings);
+            assert_eq!(learned, None);
         }
         // The appid's limit: three in a row.
         learner.refused(&exchange, refused(LimitSource::Default, 80), &settings);
@@ -534,5 +596,35 @@ mod tests {
         let changes = learner.climb(later, settings.hold, |_| 100);
         assert!(changes.contains(&(token, None)), "{changes:?}");
         assert!(learner.learned(&token).is_none());
+    }
+
+    /// A burst that began late in a window: WeChat refuses the last call or two of it, too
+    /// few for a row. The next window's first answer, a success, teaches what that window
+    /// accepted, before this window sends past the limit in its turn.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_that_ended_with_its_refusals_teaches_at_the_next_windows_first_answer() {
+        let settings = LearnSettings {
+            hold: Duration::from_secs(600),
+            floor_percent: 10,
+            margin: Duration::ZERO,
+        };
+        let learner = Learner::default();
+        let exchange =
+            QuotaKey::new(crate::wechat::Api::JsCode2Session, "wx00000000000000a1").unwrap();
+        let at = |window, turns| in_window(window, LimitSource::Default, turns);
+        let outcome = learner.refused(&exchange, at(7, 21), &settings);
+        assert_eq!(outcome.refusal, Refusal::Hold, "one refusal: no row yet");
+        let success = |window| learner.succeeded(&exchange, || at(window, 0), &settings);
+        let figure = success(8).expect("learned at the next window's first answer");
+        assert_eq!(figure.limit.per_window, 20);
+        assert_eq!(figure.source, LimitSource::Learned);
+        assert_eq!(success(8), None, "once");
+
+        // A refusal broken by a success in its own window teaches nothing at the next one.
+        let other =
+            QuotaKey::new(crate::wechat::Api::JsCode2Session, "wx00000000000000b2").unwrap();
+        learner.refused(&other, at(7, 21), &settings);
+        assert_eq!(learner.succeeded(&other, || at(7, 0), &settings), None);
+        assert_eq!(learner.succeeded(&other, || at(8, 0), &settings), None);
     }
 }

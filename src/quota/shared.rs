@@ -276,12 +276,12 @@ impl SharedQuota {
             self.cluster.admitted_locally();
             return Ok(());
         }
-        let next_window = until_next_window(now, window_length);
-        if allowed < share {
-            // Paced: the next turn comes with the pace, if this window has one left.
-            return Err(next_window.min(window_length / share.max(1)));
-        }
-        Err(next_window)
+        let why = match (window == degraded_in, self.cluster.has_shared()) {
+            (false, _) => NoLocalTurn::ShareTaken,
+            (true, false) => NoLocalTurn::Paced,
+            (true, true) => NoLocalTurn::Spent,
+        };
+        Err(why.wait(share, until_next_window(now, window_length), window_length))
     }
 
     /// Pauses `key` in Redis until WeChat's next window (of `window`) by Redis's clock (when
@@ -413,6 +413,36 @@ impl SharedQuota {
     }
 }
 
+/// How often a call waiting out the window its replica degraded in looks again: a replica
+/// that admitted nothing on its own counts in Redis again at its next good heartbeat (a blip),
+/// which ends the wait before the window does. As often as a degraded replica probes Redis.
+const LOOK_AGAIN: Duration = Duration::from_millis(250);
+
+/// Why a replica counting on its own has no turn for a call now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoLocalTurn {
+    /// Started without Redis, in its first window: the share comes with a pace.
+    Paced,
+    /// The window it degraded in: taken as spent.
+    Spent,
+    /// Its share of this window is taken.
+    ShareTaken,
+}
+
+impl NoLocalTurn {
+    /// How long the call waits before asking again, `until_next` being the time to the
+    /// next window, which brings a new share. Never the pace of a share the window does not
+    /// give: the head of a lane waking at a large figure's pace (microseconds) through a
+    /// spent window would spin until it ends.
+    fn wait(self, share: u32, until_next: Duration, window: Duration) -> Duration {
+        match self {
+            NoLocalTurn::Paced => until_next.min(window / share.max(1)),
+            NoLocalTurn::Spent => until_next.min(LOOK_AGAIN),
+            NoLocalTurn::ShareTaken => until_next,
+        }
+    }
+}
+
 /// The turns of `share` a replica may have taken `elapsed` after it started without Redis,
 /// paced over `window`: one every `window / share`, none at once. However often a replica
 /// restarts within a window, its lives together take at most its share of it.
@@ -463,6 +493,29 @@ mod tests {
             window_index(at(9_999), window),
             4,
             "the window before it is local"
+        );
+    }
+
+    #[test]
+    fn a_spent_window_is_waited_out_looking_again_not_at_the_pace_of_its_share() {
+        let minute = Duration::from_secs(60);
+        let until_next = Duration::from_secs(40);
+        // WeChat's "no limit" over three replicas: a pace of 1.8 µs.
+        let share = 100_000_000 / 3;
+        let spent = NoLocalTurn::Spent;
+        assert_eq!(spent.wait(share, until_next, minute), LOOK_AGAIN);
+        let soon = Duration::from_millis(30);
+        assert_eq!(
+            spent.wait(share, soon, minute),
+            soon,
+            "the next window first"
+        );
+        let paced = NoLocalTurn::Paced;
+        assert_eq!(paced.wait(6, until_next, minute), Duration::from_secs(10));
+        assert_eq!(paced.wait(6, soon, minute), soon);
+        assert_eq!(
+            NoLocalTurn::ShareTaken.wait(share, until_next, minute),
+            until_next
         );
     }
 }

@@ -39,8 +39,8 @@ impl<C: Clock + Clone> QuotaGate<C> {
     /// WeChat answered a call of `key` with `errcode`, not 45011 (see
     /// [`QuotaGate::refused`]). A 45009 puts the key's stated figure in doubt (see
     /// [`QuotaGate::take_refused`]) and blocks the key for the day. Any other answer but -1
-    /// shows the call passed WeChat's limits.
-    pub fn answered(&self, key: &QuotaKey, errcode: crate::wechat::Errcode) {
+    /// shows the call passed WeChat's limits, and may teach one (see [`learned`]).
+    pub async fn answered(&self, key: &QuotaKey, errcode: crate::wechat::Errcode) {
         use crate::wechat::{Errcode, DAILY_QUOTA, MINUTE_QUOTA, SYSTEM_BUSY};
         match errcode {
             Errcode::Code(DAILY_QUOTA) => {
@@ -53,7 +53,28 @@ impl<C: Clock + Clone> QuotaGate<C> {
                 );
             }
             Errcode::Code(SYSTEM_BUSY | MINUTE_QUOTA) => {}
-            _ => self.learner.succeeded(key),
+            _ => {
+                let now = SystemTime::now();
+                let settings = **self.learn_settings.load();
+                let at = || self.standing(key, 0, now);
+                if let Some(figure) = self.learner.succeeded(key, at, &settings) {
+                    // Boxed: rare, and large with `[cluster]`.
+                    Box::pin(self.apply_learned(key, figure, now, &settings)).await;
+                }
+            }
+        }
+    }
+
+    /// Where `key` stands at `now`, having taken `turns` turns in its window.
+    fn standing(&self, key: &QuotaKey, turns: u32, now: SystemTime) -> KeyStanding {
+        let (limit, window, source) =
+            self.resolve(key, |class, source| (class.limit, class.window, source));
+        KeyStanding {
+            source,
+            limit,
+            window: (buckets::window_index(now, window), window),
+            turns,
+            configured: self.configured_limit(key).0.per_window,
         }
     }
 
@@ -63,46 +84,50 @@ impl<C: Clock + Clone> QuotaGate<C> {
     pub async fn refused(&self, key: &QuotaKey) -> Refusal {
         self.doubt(key);
         let now = SystemTime::now();
-        let (limit, window, source) =
-            self.resolve(key, |class, source| (class.limit, class.window, source));
         let mut turns = self.turns(key);
         if let Some(shared) = &self.shared {
             // Every replica's turns of the window, not this one's alone.
-            if let Some(total) = shared.total_turns(key, window).await {
+            if let Some(total) = shared.total_turns(key, self.window_of(key)).await {
                 turns = turns.max(total);
             }
         }
-        let standing = KeyStanding {
-            source,
-            limit,
-            window: (buckets::window_index(now, window), window),
-            turns,
-            configured: self.configured_limit(key).0.per_window,
-        };
+        let standing = self.standing(key, turns, now);
         let settings = **self.learn_settings.load();
         let outcome = self.learner.refused(key, standing, &settings);
         if let Some(figure) = outcome.learned {
-            if self.set_figure(key, Some(figure)) {
-                self.count_learned(LearnedChange::Lowered);
-                tracing::warn!(
-                    api = key.api().label(),
-                    per_window = figure.limit.per_window,
-                    window_secs = figure.window.as_secs_f64(),
-                    "WeChat answered 45011 under the configured limit: a lower limit learned"
-                );
-                if let (Some(shared), Some(learned)) = (&self.shared, self.learner.learned(key)) {
-                    let record = LearnedRecord {
-                        base: learned.base,
-                        at_ms: unix_ms(now),
-                        window_ms: window.as_millis() as u64,
-                    };
-                    // Kept for the hold and a climb from the lowest floor.
-                    let keep = settings.hold + window * 64;
-                    shared.publish_learned(key, record, keep).await;
-                }
-            }
+            self.apply_learned(key, figure, now, &settings).await;
         }
         outcome.refusal
+    }
+
+    /// Gives `key` the figure it learned at `now`, and shares it with the replicas.
+    async fn apply_learned(
+        &self,
+        key: &QuotaKey,
+        figure: Figure,
+        now: SystemTime,
+        settings: &learned::LearnSettings,
+    ) {
+        if !self.set_figure(key, Some(figure)) {
+            return;
+        }
+        self.count_learned(LearnedChange::Lowered);
+        tracing::warn!(
+            api = key.api().label(),
+            per_window = figure.limit.per_window,
+            window_secs = figure.window.as_secs_f64(),
+            "WeChat answered 45011 under the configured limit: a lower limit learned"
+        );
+        if let (Some(shared), Some(learned)) = (&self.shared, self.learner.learned(key)) {
+            let record = LearnedRecord {
+                base: learned.base,
+                at_ms: unix_ms(now),
+                window_ms: figure.window.as_millis() as u64,
+            };
+            // Kept for the hold and a climb from the lowest floor.
+            let keep = settings.hold + figure.window * 64;
+            shared.publish_learned(key, record, keep).await;
+        }
     }
 
     /// With `[cluster]`: takes the limits other replicas learned for this replica's keys with

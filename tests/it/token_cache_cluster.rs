@@ -118,6 +118,10 @@ async fn three_replicas_refresh_once_per_lifetime_and_ride_out_redis_stopping() 
     let upstream = stand_in(|c| {
         c.token_lifetime = LIFETIME;
         c.token_overlap = Duration::from_secs(3);
+        // quota/get states its figures per second too (it says "no limit" for the API the
+        // backends call), so that the key's window, which the replicas take from it, is a
+        // second as `EXTRA`'s: the window a replica degrades in counts as spent.
+        c.window = Duration::from_secs(1);
     })
     .await;
     let replicas = Replicas::start(&upstream, &redis.url(), EXTRA).await;
