@@ -116,6 +116,23 @@ fn check_connect(upstream: &StandIn, redis: &str, replicas: &Replicas) -> (Optio
     (output.status.code(), printed)
 }
 
+/// What a burst at five times the quota gets while one shard of a Redis Cluster fails over:
+/// every request answered; the replicas' own keys live on another shard, so a replica may
+/// count in Redis for some keys while it counts the failing shard's on its own, as in a
+/// partition (docs/replicas.md, "Failover"): a window holds at most the quota plus every
+/// replica's share, and WeChat's 45011 past the quota is held and retried, never seen.
+fn assert_within_a_partitions_bound(answers: &[(u16, i64)], upstream: &StandIn, replicas: u32) {
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    let windows: Vec<u64> = calls_per_window(upstream, Duration::from_secs(1))
+        .into_values()
+        .collect();
+    let bound = u64::from(QUOTA + replicas * (QUOTA / replicas));
+    assert!(
+        windows.iter().all(|calls| *calls <= bound),
+        "a window held more than the quota and the shares ({bound}): {windows:?}"
+    );
+}
+
 /// The guarantees of a burst at five times the quota while Redis fails over: every request
 /// answered, WeChat never says 45011, no window holds more than the quota.
 fn assert_within_the_quota(answers: &[(u16, i64)], upstream: &StandIn) {
@@ -386,7 +403,7 @@ async fn redis_cluster_spreads_the_keys_and_survives_a_primary_killed() {
     eprintln!(
         "cluster: the replicas counted in Redis again {back_after:?} after the primary was killed"
     );
-    assert_within_the_quota(&answers, &upstream);
+    assert_within_a_partitions_bound(&answers, &upstream, replicas.proxies.len() as u32);
     assert_eq!(cluster.primaries().len(), 3, "a replica took over");
 
     // Shared counting again, on the promoted replica.
