@@ -20,6 +20,7 @@ use crate::cluster::scripts::{
     limit_record_key, LeaseLimit, LimitLeaseReply, LimitRecord, StoreLimit,
 };
 use crate::cluster::{owner_id, Cluster, RedisOp, Tag};
+use crate::quota::unix_ms;
 
 /// The shared side of discovery.
 pub struct SharedDiscovery {
@@ -158,11 +159,5 @@ fn rate((per_window, secs): (u32, u64)) -> Option<Rate> {
     (per_window > 0 && (1..=86_400).contains(&secs)).then(|| Rate {
         per_window,
         window: Duration::from_secs(secs),
-    })
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
     })
 }

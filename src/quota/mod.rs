@@ -572,6 +572,14 @@ pub fn next_window_start(window: Duration) -> Duration {
     until_next_window(SystemTime::now(), window)
 }
 
+/// Milliseconds since the epoch (0 before it), as limits records and the quota table carry
+/// times.
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
+        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+    })
+}
+
 /// How long from `now` until the next calendar window begins (see [`next_window_start`]).
 pub fn until_next_window(now: SystemTime, window: Duration) -> Duration {
     let since_epoch = now

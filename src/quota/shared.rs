@@ -200,7 +200,7 @@ impl SharedQuota {
         window: Duration,
     ) -> Bucket {
         Bucket {
-            tag: self.cluster.appid_tag(key.appid().as_bytes()),
+            tag: self.tag(key),
             fingerprint: self.fingerprint(key),
             interval,
             burst: limit.burst,
@@ -291,7 +291,7 @@ impl SharedQuota {
             return;
         }
         let fingerprint = self.fingerprint(key);
-        let tag = self.cluster.appid_tag(key.appid().as_bytes());
+        let tag = self.tag(key);
         let pause = PauseBucket {
             tag: &tag,
             fingerprint: &fingerprint,
@@ -343,8 +343,22 @@ impl SharedQuota {
             .await
     }
 
-    /// Stores the limit this replica learned for `key`, sealed, for `keep`.
-    pub async fn publish_learned(&self, key: &QuotaKey, record: LearnedRecord, keep: Duration) {
+    /// Stores the limit this replica learned for `key` (its figure `base`, learned `at`, in
+    /// windows of `window`), sealed, kept for the `hold` and a climb from the lowest floor.
+    pub async fn publish_learned(
+        &self,
+        key: &QuotaKey,
+        base: u32,
+        at: SystemTime,
+        window: Duration,
+        hold: Duration,
+    ) {
+        let record = LearnedRecord {
+            base,
+            at_ms: super::unix_ms(at),
+            window_ms: window.as_millis() as u64,
+        };
+        let keep = hold + window * 64;
         let Ok(plain) = serde_json::to_vec(&record) else {
             return;
         };

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::learned::{self, KeyStanding, Refusal};
 use super::metrics::LearnedChange;
-use super::shared::{self, LearnedRecord};
+use super::shared;
 use super::{buckets, Figure, KeyLimit, LimitSource, QuotaGate, QuotaKey};
 use crate::cluster::Tag;
 use crate::config::QuotaLimit;
@@ -119,14 +119,9 @@ impl<C: Clock + Clone> QuotaGate<C> {
             "WeChat answered 45011 under the configured limit: a lower limit learned"
         );
         if let (Some(shared), Some(learned)) = (&self.shared, self.learner.learned(key)) {
-            let record = LearnedRecord {
-                base: learned.base,
-                at_ms: unix_ms(now),
-                window_ms: figure.window.as_millis() as u64,
-            };
-            // Kept for the hold and a climb from the lowest floor.
-            let keep = settings.hold + figure.window * 64;
-            shared.publish_learned(key, record, keep).await;
+            shared
+                .publish_learned(key, learned.base, now, figure.window, settings.hold)
+                .await;
         }
     }
 
@@ -172,14 +167,11 @@ impl<C: Clock + Clone> QuotaGate<C> {
             // landed after its own): it stores its own again, so that all come to one figure.
             if let Some(own) = self.learner.learned(&key) {
                 if own.base != record.base && own.at > learned.at + Duration::from_millis(1) {
-                    let record = LearnedRecord {
-                        base: own.base,
-                        at_ms: unix_ms(now - own.at.elapsed()),
-                        window_ms: own.window.as_millis() as u64,
-                    };
-                    let settings = **self.learn_settings.load();
-                    let keep = settings.hold + own.window * 64;
-                    shared.publish_learned(&key, record, keep).await;
+                    let hold = self.learn_settings.load().hold;
+                    let at = now - own.at.elapsed();
+                    shared
+                        .publish_learned(&key, own.base, at, own.window, hold)
+                        .await;
                 }
             }
         }
@@ -353,11 +345,4 @@ impl<C: Clock + Clone> QuotaGate<C> {
             api => Arc::from(api.label()),
         }
     }
-}
-
-/// Milliseconds since the epoch.
-fn unix_ms(at: SystemTime) -> u64 {
-    at.duration_since(UNIX_EPOCH).map_or(0, |since| {
-        u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-    })
 }

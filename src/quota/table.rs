@@ -4,12 +4,13 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use governor::clock::Clock;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::unix_ms;
 use super::{QuotaGate, QuotaKey};
 use crate::wechat::beijing_time;
 
@@ -102,9 +103,4 @@ impl<C: Clock + Clone> QuotaGate<C> {
             daily: None,
         }
     }
-}
-
-fn unix_ms(at: SystemTime) -> u64 {
-    let since: Duration = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
 }
