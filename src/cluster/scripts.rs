@@ -107,6 +107,35 @@ fn millis(duration: Duration) -> u64 {
     duration.as_millis() as u64
 }
 
+/// Two checks on keys replicas write with an expiry: `text(key)` reads a string key, and
+/// returns it (false when absent) and 1 when the key held a value of another type, which it
+/// then deletes; `lease_left(key, lease ms)` returns the key's PTTL, and 1 when it had no
+/// expiry or one longer than twice `lease`, which no replica writes: it is then deleted (and
+/// the PTTL is -2, absent).
+macro_rules! kept_keys {
+    () => {
+        r"
+local function text(key)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'string' then return value, 0 end
+  if value then
+    redis.call('DEL', key)
+    return false, 1
+  end
+  return false, 0
+end
+local function lease_left(key, lease)
+  local left = redis.call('PTTL', key)
+  if left == -1 or left > 2 * tonumber(lease) then
+    redis.call('DEL', key)
+    return -2, 1
+  end
+  return left, 0
+end
+"
+    };
+}
+
 /// Reads a time a replica stored (µs) in a string key: `stored_time(key)` returns the time
 /// (nil when the key is absent) and whether the key held something no replica writes (not a
 /// number, or a key of another type), which it then deletes.
@@ -595,19 +624,12 @@ impl Script for PauseBucket<'_> {
 /// as waiting, so that the holder publishes its answer).
 const CODE_CLAIM: &str = concat!(
     gcra_turn!(),
+    kept_keys!(),
     r"
-local forged = 0
-local answer = redis.pcall('GET', KEYS[1])
-if type(answer) == 'string' then return {1, answer, 0, 0, 0, '', 0} end
-if answer then
-  redis.call('DEL', KEYS[1])
-  forged = 1
-end
-local left = redis.call('PTTL', KEYS[2])
-if left == -1 or left > 2 * tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-  forged = 1
-end
+local answer, forged = text(KEYS[1])
+if answer then return {1, answer, 0, 0, 0, '', 0} end
+local _, overheld = lease_left(KEYS[2], ARGV[2])
+forged = math.max(forged, overheld)
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   redis.call('SET', KEYS[3], '1', 'PX', redis.call('PTTL', KEYS[2]) + 1000)
   return {3, '', 0, 0, forged, '', 0}
@@ -700,29 +722,20 @@ impl Script for ClaimCode<'_> {
 /// `KEYS`: answer, claim, result. `ARGV`: lease ms. Returns `{1, sealed, forged}`
 /// (remembered), `{4, sealed, forged}` (the holder's result, not remembered), `{3, '',
 /// forged}` (still claimed), or `{0, '', forged}` (nothing: the holder went away).
-const CODE_PEEK: &str = r"
-local function text(key)
-  local value = redis.pcall('GET', key)
-  if type(value) == 'string' then return value, 0 end
-  if value then
-    redis.call('DEL', key)
-    return false, 1
-  end
-  return false, 0
-end
+const CODE_PEEK: &str = concat!(
+    kept_keys!(),
+    r"
 local answer, forged = text(KEYS[1])
 if answer then return {1, answer, 0} end
 local result, bad = text(KEYS[3])
 forged = math.max(forged, bad)
 if result then return {4, result, forged} end
-local left = redis.call('PTTL', KEYS[2])
-if left == -1 or left > 2 * tonumber(ARGV[1]) then
-  redis.call('DEL', KEYS[2])
-  return {0, '', 1}
-end
+local left, overheld = lease_left(KEYS[2], ARGV[1])
+if overheld == 1 then return {0, '', 1} end
 if left > 0 then return {3, '', forged} end
 return {0, '', forged}
-";
+"
+);
 
 /// [`CODE_PEEK`].
 pub struct PeekCode<'a> {
@@ -1020,13 +1033,9 @@ impl Script for ReadToken<'_> {
 /// forged}`.
 const TOKEN_LEASE: &str = concat!(
     token_entry!(),
+    kept_keys!(),
     r"
-local forged = 0
-local left = redis.call('PTTL', KEYS[1])
-if left == -1 or left > 2 * tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[1])
-  forged = 1
-end
+local _, forged = lease_left(KEYS[1], ARGV[2])
 local taken = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
 local fields, bad = entry(KEYS[2])
 return {taken and 1 or 0, fields[1], fields[2], fields[3], fields[4], fields[5], math.max(forged, bad)}
@@ -1392,27 +1401,20 @@ impl Script for CountFetch<'_> {
 /// `KEYS`: answer, lease. `ARGV`: owner, lease ms, `1` to take the lease (else `0`).
 /// Returns `{1, sealed, forged}` (an answer), `{2, '', forged}` (the lease taken: ask),
 /// `{3, '', forged}` (neither: another replica asks now, or the lease was not to be taken).
-const LIMIT_LEASE: &str = r"
-local forged = 0
-local answer = redis.pcall('GET', KEYS[1])
-if type(answer) == 'string' then
-  local kept = redis.call('PTTL', KEYS[1])
-  if kept ~= -1 and kept <= 2 * tonumber(ARGV[2]) then return {1, answer, 0} end
-end
-if answer then
-  redis.call('DEL', KEYS[1])
-  forged = 1
-end
-local left = redis.call('PTTL', KEYS[2])
-if left == -1 or left > 2 * tonumber(ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-  forged = 1
-end
+const LIMIT_LEASE: &str = concat!(
+    kept_keys!(),
+    r"
+local _, forged = lease_left(KEYS[1], ARGV[2])
+local answer, bad = text(KEYS[1])
+if answer then return {1, answer, forged} end
+local _, overheld = lease_left(KEYS[2], ARGV[2])
+forged = math.max(forged, bad, overheld)
 if ARGV[3] == '1' and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2, '', forged}
 end
 return {3, '', forged}
-";
+"
+);
 
 /// [`LIMIT_LEASE`].
 pub struct LeaseLimit<'a> {
