@@ -116,16 +116,22 @@ fn check_connect(upstream: &StandIn, redis: &str, replicas: &Replicas) -> (Optio
     (output.status.code(), printed)
 }
 
+/// Every request of a burst answered with success; the stand-in's calls per window of a
+/// second.
+fn answered_windows(answers: &[(u16, i64)], upstream: &StandIn) -> Vec<u64> {
+    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
+    calls_per_window(upstream, Duration::from_secs(1))
+        .into_values()
+        .collect()
+}
+
 /// What a burst at five times the quota gets while one shard of a Redis Cluster fails over:
 /// every request answered; the replicas' own keys live on another shard, so a replica may
 /// count in Redis for some keys while it counts the failing shard's on its own, as in a
 /// partition (docs/replicas.md, "Failover"): a window holds at most the quota plus every
 /// replica's share, and WeChat's 45011 past the quota is held and retried, never seen.
 fn assert_within_a_partitions_bound(answers: &[(u16, i64)], upstream: &StandIn, replicas: u32) {
-    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
-    let windows: Vec<u64> = calls_per_window(upstream, Duration::from_secs(1))
-        .into_values()
-        .collect();
+    let windows = answered_windows(answers, upstream);
     let bound = u64::from(QUOTA + replicas * (QUOTA / replicas));
     assert!(
         windows.iter().all(|calls| *calls <= bound),
@@ -136,10 +142,7 @@ fn assert_within_a_partitions_bound(answers: &[(u16, i64)], upstream: &StandIn, 
 /// The guarantees of a burst at five times the quota while Redis fails over: every request
 /// answered, WeChat never says 45011, no window holds more than the quota.
 fn assert_within_the_quota(answers: &[(u16, i64)], upstream: &StandIn) {
-    assert!(answers.iter().all(|a| *a == (200, 0)), "{answers:?}");
-    let windows: Vec<u64> = calls_per_window(upstream, Duration::from_secs(1))
-        .into_values()
-        .collect();
+    let windows = answered_windows(answers, upstream);
     assert_eq!(
         upstream.answers(45011),
         0,
